@@ -1,0 +1,287 @@
+"""Lazy checkpoint reader: names, shapes and dtypes from headers, tensors on demand.
+
+A :class:`Checkpoint` is opened over a folder holding ``model.safetensors`` or
+a sharded ``model.safetensors.index.json`` (or over a single ``.safetensors``
+file). Opening reads only the headers; :meth:`Checkpoint.get` maps the one
+tensor asked for (``mmap``, so the page cache is shared and nothing else of
+the file is loaded). Pickled checkpoints (``*.bin``, ``*.pt``) are refused
+unless the caller opts in, and are then loaded with
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import CheckpointError
+from .header import CODES, Header, dtype_size, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.bin")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+AUX_FILES = ("generation_config.json",)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor; reading it costs nothing."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int  # absolute byte offset in ``file``
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype_code(self) -> str:
+        return CODES[self.dtype]
+
+
+class Checkpoint:
+    """A lazily read model checkpoint. Use :meth:`open`."""
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], config: dict[str, Any] | None,
+                 pickled: dict[str, torch.Tensor] | None = None, label: str | None = None):
+        self.path = path
+        self.label = label or str(path)
+        self._tensors = tensors
+        self.config = config
+        self._pickled = pickled
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    # -- opening ---------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, allow_pickle: bool = False, label: str | None = None) -> "Checkpoint":
+        """Open a checkpoint folder or a single ``.safetensors`` file."""
+        p = Path(path)
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or folder")
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise CheckpointError(f"{p}: not a .safetensors file")
+            return cls(p.parent, _tensors_of(read_header(p)), _read_config(p.parent), label=label)
+        config = _read_config(p)
+        index = p / INDEX_NAME
+        if index.exists():
+            return cls(p, _read_index(index), config, label=label)
+        single = p / SINGLE_NAME
+        files = [single] if single.exists() else sorted(p.glob("*.safetensors"))
+        if files:
+            tensors: dict[str, TensorInfo] = {}
+            for f in files:
+                for name, info in _tensors_of(read_header(f)).items():
+                    if name in tensors:
+                        raise CheckpointError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
+                    tensors[name] = info
+            return cls(p, tensors, config, label=label)
+        pickles = sorted({f for pat in PICKLE_PATTERNS for f in p.glob(pat)})
+        if pickles:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{p}: only pickled weights found ({', '.join(f.name for f in pickles)}); pickle files can run code "
+                    "when loaded, so surgeon refuses them by default. Convert them to safetensors, or pass "
+                    "--allow-pickle (they are then loaded with torch.load(weights_only=True))."
+                )
+            return cls._open_pickled(p, pickles, config, label)
+        raise CheckpointError(f"{p}: no model.safetensors, {INDEX_NAME} or *.safetensors file in this folder")
+
+    @classmethod
+    def _open_pickled(cls, p: Path, files: list[Path], config: dict[str, Any] | None, label: str | None) -> "Checkpoint":
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for bad pickles
+                raise CheckpointError(f"{f}: cannot load with weights_only=True ({exc})") from None
+            if not isinstance(loaded, dict):
+                raise CheckpointError(f"{f}: expected a state dict, found {type(loaded).__name__}")
+            state.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+        tensors = {
+            k: TensorInfo(k, tuple(v.shape), v.dtype, files[0], 0, v.numel() * v.element_size()) for k, v in state.items()
+        }
+        return cls(p, tensors, config, pickled=state, label=label)
+
+    # -- metadata -------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.label}: no tensor {name!r}") from None
+
+    def infos(self) -> Iterator[TensorInfo]:
+        return iter(self._tensors.values())
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self._tensors.values()})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self._tensors.values())
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in self.tokenizer_files)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the config ties the output head to the input embeddings."""
+        cfg = self.config or {}
+        tied = cfg.get("tie_word_embeddings")
+        if tied is None and isinstance(cfg.get("text_config"), dict):
+            tied = cfg["text_config"].get("tie_word_embeddings")
+        if tied is None:
+            tied = "lm_head.weight" not in self._tensors
+        return bool(tied)
+
+    @property
+    def num_layers(self) -> int | None:
+        cfg = self.config or {}
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        from ..merge.registry import layer_index
+
+        idx = [i for i in (layer_index(n) for n in self._tensors) if i is not None]
+        return max(idx) + 1 if idx else None
+
+    # -- reading --------------------------------------------------------------
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+        """Read one tensor (a private copy), optionally cast and moved."""
+        info = self.info(name)
+        if self._pickled is not None:
+            t = self._pickled[name]
+        else:
+            t = self._view(info)
+        if dtype is not None and dtype != t.dtype:
+            t = t.to(dtype)
+        elif t.data_ptr() == 0 or not t.is_contiguous() or self._pickled is None:
+            t = t.clone()
+        if device is not None and torch.device(device) != t.device:
+            t = t.to(device)
+        return t
+
+    def _view(self, info: TensorInfo) -> torch.Tensor:
+        """A zero-copy tensor over the mapped file (never handed out as is)."""
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        mm = self._maps.get(info.file)
+        if mm is None:
+            try:
+                with open(info.file, "rb") as fh:
+                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise CheckpointError(f"{info.file}: cannot map for reading ({exc.strerror or exc})") from None
+            self._maps[info.file] = mm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write through it
+            flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return flat.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view is still alive; the map closes when it dies
+        self._maps.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.label!r}, {len(self)} tensors)"
+
+
+def _tensors_of(header: Header) -> dict[str, TensorInfo]:
+    return {
+        e.name: TensorInfo(e.name, e.shape, e.dtype, header.path, header.data_start + e.start, e.nbytes)
+        for e in header.entries.values()
+    }
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    f = folder / "config.json"
+    if not f.exists():
+        return None
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{f}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    return cfg
+
+
+def _read_index(index: Path) -> dict[str, TensorInfo]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, fname in weight_map.items():
+        shard = (index.parent / str(fname)).resolve()
+        if index.parent.resolve() not in shard.parents:
+            raise CheckpointError(f"{index}: tensor {name!r} points outside the checkpoint folder ({fname!r})")
+        if fname not in headers:
+            if not shard.exists():
+                raise CheckpointError(f"{index}: tensor {name!r} is in shard {fname!r}, which does not exist")
+            headers[fname] = _tensors_of(read_header(shard))
+        if name not in headers[fname]:
+            raise CheckpointError(f"{index}: tensor {name!r} is not in shard {fname!r}")
+        tensors[name] = headers[fname][name]
+    return tensors
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return dtype_size(dtype)

@@ -1,0 +1,154 @@
+"""Bounded, validating reader of safetensors headers.
+
+safetensors files start with an 8-byte little-endian header length and a JSON
+header mapping tensor names to ``{dtype, shape, data_offsets}``. We parse it
+ourselves (rather than only through ``safe_open``) so that every defect gets a
+message naming the file and tensor, and so that a hostile header cannot make us
+allocate without bound: the header length is capped before anything is read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+# safetensors dtype codes -> torch dtypes (fp8 only where this torch has them)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        DTYPES[_code] = getattr(torch, _attr)
+CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # offset in the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    data_start: int  # absolute offset of the data section
+    entries: dict[str, HeaderEntry]
+    metadata: dict[str, str]
+
+
+def parse_header_bytes(raw: bytes, file_size: int, where: str) -> Header:
+    """Validate a complete safetensors prefix (length + JSON) already read."""
+    if len(raw) < 8:
+        raise CheckpointError(f"{where}: not a safetensors file (shorter than 8 bytes)")
+    n = int.from_bytes(raw[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt or hostile file)")
+    if 8 + n > file_size:
+        raise CheckpointError(f"{where}: header length {n} runs past the end of the file ({file_size} bytes): truncated file")
+    body = raw[8 : 8 + n]
+    try:
+        meta = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: header is not a JSON object")
+    data_len = file_size - 8 - n
+    entries: dict[str, HeaderEntry] = {}
+    metadata: dict[str, str] = {}
+    for name, info in meta.items():
+        if name == "__metadata__":
+            if isinstance(info, dict):
+                metadata = {str(k): str(v) for k, v in info.items()}
+            continue
+        entries[name] = _entry(name, info, data_len, where)
+    _check_layout(entries, data_len, where)
+    return Header(Path(where), 8 + n, entries, metadata)
+
+
+def _entry(name: str, info: object, data_len: int, where: str) -> HeaderEntry:
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: tensor {name!r}: header entry is not an object")
+    code = info.get("dtype")
+    if code not in DTYPES:
+        raise CheckpointError(f"{where}: tensor {name!r}: unknown or unsupported dtype {code!r}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: tensor {name!r}: invalid shape {shape!r}")
+    offs = info.get("data_offsets")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        or not 0 <= offs[0] <= offs[1]
+    ):
+        raise CheckpointError(f"{where}: tensor {name!r}: invalid data_offsets {offs!r}")
+    if offs[1] > data_len:
+        raise CheckpointError(
+            f"{where}: tensor {name!r}: data_offsets {offs} run past the end of the file (data section is {data_len} bytes): truncated file"
+        )
+    dtype = DTYPES[code]
+    expected = math.prod(shape) * dtype_size(dtype)
+    if offs[1] - offs[0] != expected:
+        raise CheckpointError(
+            f"{where}: tensor {name!r}: {offs[1] - offs[0]} bytes stored but shape {shape} of {code} needs {expected}"
+        )
+    return HeaderEntry(name, dtype, tuple(shape), offs[0], offs[1])
+
+
+def _check_layout(entries: dict[str, HeaderEntry], data_len: int, where: str) -> None:
+    ordered = sorted(entries.values(), key=lambda e: (e.start, e.end))
+    prev: HeaderEntry | None = None
+    for e in ordered:
+        if prev is not None and e.start < prev.end and e.nbytes and prev.nbytes:
+            raise CheckpointError(f"{where}: tensors {prev.name!r} and {e.name!r} overlap in the file")
+        prev = e if (prev is None or e.end >= prev.end) else prev
+
+
+def read_header(path: Path) -> Header:
+    """Read and validate the header of one safetensors file (bounded read)."""
+    where = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{where}: not a safetensors file (shorter than 8 bytes)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt or hostile file)"
+                )
+            if 8 + n > size:
+                raise CheckpointError(f"{where}: header length {n} runs past the end of the file ({size} bytes): truncated file")
+            body = fh.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    return parse_header_bytes(head + body, size, where)

@@ -1,0 +1,375 @@
+"""Sharded, atomic safetensors writer.
+
+The writer is given the full list of output tensors (name, shape, dtype) up
+front — the engine's plan knows it before any weight is read. That lets it lay
+out every shard and write every header immediately, then place each tensor at
+its final offset with ``pwrite`` as it arrives, in any order. Memory therefore
+never holds more than the tensor being written (no shard buffering), no byte
+is copied twice, and several processes could fill different shards.
+
+Everything happens in a staging folder beside the destination
+(``.NAME.surgeon-partial``); :meth:`CheckpointWriter.commit` renames it into
+place only when every tensor and file is written and synced. A failed run
+removes the staging folder; an interrupted one (Ctrl-C, SIGKILL) leaves it, and
+a new writer with the same layout resumes it, skipping the tensors its journal
+lists as written. The output therefore is either absent, the previous
+version, or complete — never half-written.
+
+The shard naming and index format follow transformers: ``model.safetensors``
+or ``model-00001-of-00003.safetensors`` plus ``model.safetensors.index.json``
+with ``metadata.total_size`` and a sorted ``weight_map``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..errors import InvalidInputError, StepError
+from .header import CODES, dtype_size
+
+DEFAULT_MAX_SHARD = 5 * 10**9
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """``'2GB'`` -> 2_000_000_000; ``'500MiB'``; plain integers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise InvalidInputError(f"size must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise InvalidInputError(f"cannot read size {value!r} (use bytes or units like 500MB, 2GB, 1GiB)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise InvalidInputError(f"size must be positive, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+@dataclass
+class _Slot:
+    file: str
+    offset: int  # absolute offset in the shard file
+    spec: TensorSpec
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Cut the tensors, in order, into shards of at most ``max_shard_size``.
+
+    A tensor larger than the limit gets a shard of its own (as transformers
+    does); shards are never empty.
+    """
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        if current and size + spec.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += spec.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_names(count: int, prefix: str = "model") -> list[str]:
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Header for one shard and each tensor's offset in its data section.
+
+    Tensors are laid out by decreasing element size then name, like the
+    safetensors library, so every tensor starts aligned to its element size.
+    """
+    ordered = sorted(specs, key=lambda s: (-dtype_size(s.dtype), s.name))
+    offsets: dict[str, int] = {}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    pos = 0
+    for s in ordered:
+        header[s.name] = {"dtype": CODES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        offsets[s.name] = pos
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor without an extra copy."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class CheckpointWriter:
+    """Writes one checkpoint folder atomically. Use as a context manager.
+
+    >>> with CheckpointWriter(dest, specs) as w:     # doctest: +SKIP
+    ...     for name, t in results: w.write(name, t)
+    ...     w.write_json("config.json", cfg)
+    ...     w.commit()
+    """
+
+    JOURNAL = ".surgeon-written"
+    LAYOUT = ".surgeon-layout.json"
+
+    def __init__(
+        self,
+        dest: str | os.PathLike[str],
+        specs: Iterable[TensorSpec],
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD,
+        overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
+        resume: bool = True,
+    ):
+        self.dest = Path(dest)
+        self.specs = list(specs)
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise InvalidInputError(f"output tensor {dup!r} is planned twice")
+        self.max_shard_size = parse_size(max_shard_size)
+        self.overwrite = overwrite
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.resume = resume
+        self.staging = self.dest.parent / f".{self.dest.name}.surgeon-partial"
+        self._slots: dict[str, _Slot] = {}
+        self._files: list[str] = []
+        self._fds: dict[str, int] = {}
+        self._written: set[str] = set()
+        self._journal: Any = None
+        self._committed = False
+        self.resumed_tensors = 0
+
+    # -- lifecycle --------------------------------------------------------------
+    def __enter__(self) -> "CheckpointWriter":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None and not self._committed:
+            self.abort()
+            raise StepError(f"{self.dest}: writer closed without commit; nothing was written")
+        if exc_type is not None:
+            keep = issubclass(exc_type, KeyboardInterrupt) and self.resume
+            self.abort(keep_partial=keep)
+
+    def open(self) -> None:
+        if self.dest.exists() and not self.overwrite:
+            raise InvalidInputError(f"{self.dest}: already exists (pass --overwrite to replace it)")
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StepError(f"{self.dest.parent}: cannot create output folder ({exc.strerror or exc})") from None
+        shards = plan_shards(self.specs, self.max_shard_size)
+        self._files = shard_names(len(shards))
+        layout = self._layout_fingerprint(shards)
+        if self.staging.exists():
+            if self.resume and self._same_layout(layout):
+                self._reopen()
+                return
+            shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            self.staging.mkdir(parents=True)
+            for fname, shard in zip(self._files, shards):
+                header, offsets = _header_bytes(shard, self.metadata)
+                path = self.staging / fname
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds[fname] = fd
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
+                for s in shard:
+                    self._slots[s.name] = _Slot(fname, len(header) + offsets[s.name], s)
+            (self.staging / self.LAYOUT).write_text(json.dumps(layout))
+            self._journal = open(self.staging / self.JOURNAL, "a", encoding="utf-8")
+        except OSError as exc:
+            self.abort()
+            raise StepError(f"{self.staging}: cannot prepare output ({exc.strerror or exc})") from None
+
+    def _layout_fingerprint(self, shards: list[list[TensorSpec]]) -> dict[str, Any]:
+        desc = [[(s.name, list(s.shape), CODES[s.dtype]) for s in shard] for shard in shards]
+        digest = hashlib.sha256(json.dumps([desc, self.metadata]).encode()).hexdigest()
+        return {"sha256": digest, "files": self._files}
+
+    def _same_layout(self, layout: dict[str, Any]) -> bool:
+        try:
+            return json.loads((self.staging / self.LAYOUT).read_text()) == layout
+        except (OSError, ValueError):
+            return False
+
+    def _reopen(self) -> None:
+        """Resume an interrupted write with the same layout."""
+        shards = plan_shards(self.specs, self.max_shard_size)
+        for fname, shard in zip(self._files, shards):
+            header, offsets = _header_bytes(shard, self.metadata)
+            self._fds[fname] = os.open(self.staging / fname, os.O_RDWR)
+            for s in shard:
+                self._slots[s.name] = _Slot(fname, len(header) + offsets[s.name], s)
+        journal = self.staging / self.JOURNAL
+        if journal.exists():
+            lines = journal.read_text(encoding="utf-8").split("\n")
+            # the last line may be cut by a kill: only newline-terminated names count
+            self._written = {n for n in lines[:-1] if n in self._slots}
+        self.resumed_tensors = len(self._written)
+        self._journal = open(journal, "a", encoding="utf-8")
+
+    # -- writing ----------------------------------------------------------------
+    @property
+    def pending(self) -> list[str]:
+        """Tensor names still to be written, in plan order."""
+        return [s.name for s in self.specs if s.name not in self._written]
+
+    def is_written(self, name: str) -> bool:
+        return name in self._written
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Place one tensor at its final offset (shape and dtype must match the plan)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise StepError(f"{self.dest}: tensor {name!r} was not planned for this checkpoint")
+        if tuple(tensor.shape) != slot.spec.shape or tensor.dtype != slot.spec.dtype:
+            raise StepError(
+                f"{self.dest}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"planned {slot.spec.shape} {slot.spec.dtype}"
+            )
+        data = tensor_bytes(tensor)
+        fd = self._fds[slot.file]
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], slot.offset + done)
+            self._journal.write(name + "\n")
+            self._journal.flush()
+        except OSError as exc:
+            raise StepError(
+                f"{self.staging / slot.file}: writing tensor {name!r} failed ({exc.strerror or exc})"
+            ) from None
+        self._written.add(name)
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        """Write an auxiliary file (config, tokenizer, card) into the checkpoint."""
+        path = self.staging / relpath
+        if path.resolve().parent != self.staging.resolve() and self.staging.resolve() not in path.resolve().parents:
+            raise StepError(f"{relpath!r}: refusing to write outside the output folder")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as exc:
+            raise StepError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        self.write_bytes(relpath, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+    def write_text(self, relpath: str, text: str) -> None:
+        self.write_bytes(relpath, text.encode("utf-8"))
+
+    def copy_file(self, src: Path, relpath: str | None = None) -> None:
+        try:
+            data = Path(src).read_bytes()
+        except OSError as exc:
+            raise StepError(f"{src}: cannot read ({exc.strerror or exc})") from None
+        self.write_bytes(relpath or Path(src).name, data)
+
+    def has_file(self, relpath: str) -> bool:
+        return (self.staging / relpath).exists()
+
+    # -- finishing --------------------------------------------------------------
+    def commit(self) -> Path:
+        """Check completeness, sync, write the index, and rename into place."""
+        missing = self.pending
+        if missing:
+            self.abort(keep_partial=False)
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise StepError(f"{self.dest}: {len(missing)} planned tensors were never written: {', '.join(missing[:3])}{more}")
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            if len(self._files) > 1:
+                weight_map = {name: slot.file for name, slot in sorted(self._slots.items())}
+                total = sum(s.nbytes for s in self.specs)
+                self.write_json("model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+            for extra in (self.JOURNAL, self.LAYOUT):
+                (self.staging / extra).unlink(missing_ok=True)
+            self._sync_dir(self.staging)
+            self._swap_into_place()
+        except OSError as exc:
+            self.abort(keep_partial=False)
+            raise StepError(f"{self.dest}: finishing the checkpoint failed ({exc.strerror or exc})") from None
+        self._committed = True
+        return self.dest
+
+    def _swap_into_place(self) -> None:
+        old = None
+        if self.dest.exists():
+            if not self.overwrite:
+                raise InvalidInputError(f"{self.dest}: appeared while writing; not replacing it")
+            old = self.dest.parent / f".{self.dest.name}.surgeon-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.dest, old)
+        os.rename(self.staging, self.dest)
+        self._sync_dir(self.dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def abort(self, keep_partial: bool = False) -> None:
+        """Close files; remove the staging folder unless asked to keep it for resuming."""
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        if self._journal is not None:
+            try:
+                self._journal.close()
+            except OSError:
+                pass
+            self._journal = None
+        if not keep_partial:
+            shutil.rmtree(self.staging, ignore_errors=True)

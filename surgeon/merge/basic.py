@@ -1,0 +1,76 @@
+"""Linear averaging and task arithmetic.
+
+- ``linear``: Wortsman et al., 2022, "Model soups: averaging weights of
+  multiple fine-tuned models improves accuracy without increasing inference
+  time" (arXiv 2203.05482).
+- ``task_arithmetic``: Ilharco et al., 2023, "Editing Models with Task
+  Arithmetic" (arXiv 2212.04089).
+"""
+from __future__ import annotations
+
+import torch
+
+from .registry import Param, TensorMerge, merge_method
+
+WEIGHT = Param("weight", float, default=1.0, per_model=True, help="the model's weight")
+
+
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i * t_i in float32, accumulated in place (one extra tensor)."""
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights):
+        out.add_(t, alpha=w)
+    return out
+
+
+@merge_method(
+    "linear",
+    params=[
+        WEIGHT,
+        Param("normalize", bool, default=True, help="divide by the sum of weights"),
+    ],
+    needs_base=False,
+    paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
+    mergekit_name="linear",
+)
+def linear(t: TensorMerge) -> torch.Tensor:
+    """Weighted average of the models (the base, if given, is only a template).
+
+    With ``normalize`` the weights are divided by their sum (mergekit's
+    default); a zero sum is then refused rather than divided by.
+    """
+    tensors = list(t.models)
+    weights = t.weights()
+    out = weighted_sum(tensors, weights)
+    if t.params["normalize"]:
+        total = sum(weights)
+        if total == 0:
+            raise ValueError(f"tensor {t.name!r}: linear weights sum to zero, cannot normalize")
+        out.div_(total)
+    return out
+
+
+@merge_method(
+    "task_arithmetic",
+    params=[
+        WEIGHT,
+        Param("lambda", float, default=1.0, help="scale of the summed task vectors", aliases=("lambda_",)),
+        Param("normalize", bool, default=False, help="divide the summed task vectors by the sum of weights"),
+    ],
+    paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv 2212.04089)",
+    mergekit_name="task_arithmetic",
+)
+def task_arithmetic(t: TensorMerge) -> torch.Tensor:
+    """base + lambda * sum_i w_i (model_i - base)."""
+    assert t.base is not None
+    weights = t.weights()
+    out = torch.zeros_like(t.base)
+    for m, w in zip(t.models, weights):
+        out.add_(m, alpha=w)
+        out.add_(t.base, alpha=-w)
+    if t.params["normalize"]:
+        total = sum(weights)
+        if total == 0:
+            raise ValueError(f"tensor {t.name!r}: task_arithmetic weights sum to zero, cannot normalize")
+        out.div_(total)
+    return out.mul_(t.params["lambda"]).add_(t.base)
