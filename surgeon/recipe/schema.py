@@ -1,0 +1,190 @@
+"""The recipe schema (pydantic v2). Unknown keys are errors everywhere.
+
+A recipe names its input models, lists steps that each produce a checkpoint
+from models or earlier steps, and says which step's result is the output::
+
+    name: demo
+    seed: 0
+    models: {base: ./zoo/bpe-base, poet: ./zoo/bpe-shakespeare}
+    steps:
+      - id: merged
+        merge:
+          method: ties
+          base: base
+          models: [{model: poet, weight: 1.0, density: 0.5}]
+          parameters: {lambda: 1.0}
+    output: {from: merged, path: ./out/demo}
+
+Structural checks live here; checks that need the method registry or the
+checkpoints (parameters, references, shapes) live in
+:mod:`surgeon.recipe.validate`.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(BaseModel):
+    """``{model: id, weight: 0.5, density: 0.7, ...}``: a model and its per-model parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class MergeSpec(_Strict):
+    method: str
+    base: Optional[str] = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    tokenizer_source: Optional[str] = None
+    vocab: Literal["align", "refuse"] = "align"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_ids(cls, v: Any) -> Any:
+        # allow `models: [a, b]` as shorthand for `[{model: a}, {model: b}]`
+        if isinstance(v, list):
+            return [{"model": x} if isinstance(x, str) else x for x in v]
+        return v
+
+
+class TransplantSpec(_Strict):
+    model: str
+    donor: str
+    method: Literal["omp", "mean", "zero", "subword"] = "omp"
+    k: int = Field(default=64, ge=1, le=4096)
+    screen: Optional[int] = Field(default=None, ge=1)
+    batch_size: int = Field(default=512, ge=1)
+
+
+class FuseSource(_Strict):
+    model: str
+    weight: float = Field(default=1.0, ge=0)
+    align: Literal["dp", "transplant"] = "dp"
+
+
+class FuseSpec(_Strict):
+    pivot: str
+    sources: list[FuseSource] = Field(min_length=1)
+    data: str
+    max_length: int = Field(default=256, ge=8)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    epochs: float = Field(default=1.0, gt=0)
+    steps: Optional[int] = Field(default=None, ge=1)
+    top_k: int = Field(default=16, ge=1)
+    lambda_: float = Field(default=0.5, ge=0, le=1, alias="lambda")
+    tokenwise_weight: float = Field(default=1.0, ge=0)
+    gld_weight: float = Field(default=1.0, ge=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _plain_ids(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"model": x} if isinstance(x, str) else x for x in v]
+        return v
+
+
+STEP_KINDS = ("merge", "transplant", "fuse")
+
+
+class Step(_Strict):
+    id: str = Field(pattern=ID_PATTERN)
+    merge: Optional[MergeSpec] = None
+    transplant: Optional[TransplantSpec] = None
+    fuse: Optional[FuseSpec] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Step":
+        given = [k for k in STEP_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"step {self.id!r} must have exactly one of {', '.join(STEP_KINDS)}; has "
+                + (", ".join(given) if given else "none")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STEP_KINDS if getattr(self, k) is not None)
+
+    @property
+    def spec(self) -> MergeSpec | TransplantSpec | FuseSpec:
+        return getattr(self, self.kind)
+
+    def references(self) -> list[str]:
+        """Ids of the models or steps this step reads."""
+        s = self.spec
+        if isinstance(s, MergeSpec):
+            refs = ([s.base] if s.base else []) + [m.model for m in s.models]
+            if s.tokenizer_source and s.tokenizer_source not in ("base", "union"):
+                refs.append(s.tokenizer_source)
+        elif isinstance(s, TransplantSpec):
+            refs = [s.model, s.donor]
+        else:
+            refs = [s.pivot] + [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
+
+
+class PushSpec(_Strict):
+    repo: str
+    private: bool = False
+    revision: Optional[str] = None
+    commit_message: Optional[str] = None
+
+
+class OutputSpec(_Strict):
+    from_: Optional[str] = Field(default=None, alias="from")
+    path: str
+    max_shard_size: str | int = "5GB"
+    push: Optional[PushSpec] = None
+
+
+class EvalSpec(_Strict):
+    """Evaluate the output (and, optionally, every input) on held-out texts."""
+
+    texts: dict[str, str] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=16)
+    inputs: bool = True
+
+
+class Recipe(_Strict):
+    name: str = "surgeon-recipe"
+    seed: int = 0
+    models: dict[str, str] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1)
+    output: OutputSpec
+    eval: Optional[EvalSpec] = None
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for key in v:
+            if not re.match(ID_PATTERN, str(key)):
+                raise ValueError(f"model id {key!r} must start with a letter and use letters, digits, _ . -")
+        return v
+
+    @property
+    def final_step(self) -> str:
+        return self.output.from_ or self.steps[-1].id

@@ -1,0 +1,98 @@
+"""YAML loading that remembers where every key and value came from.
+
+PyYAML's composer gives each node a start mark; we build plain Python objects
+from the node tree ourselves and keep a map from the path of each value
+(``("steps", 0, "merge", "method")``) to its line, so that every validation
+error can say ``recipe.yaml:12``. Duplicate keys, which PyYAML silently
+collapses, are errors here: in a recipe they are always a mistake.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import RecipeError
+
+Path_ = tuple[Any, ...]
+
+
+@dataclass
+class Located:
+    """A parsed YAML document plus the line of every path in it."""
+
+    data: Any
+    file: str
+    lines: dict[Path_, int] = field(default_factory=dict)
+
+    def line(self, path: Path_) -> int | None:
+        """Line of ``path`` or of its closest located ancestor."""
+        p = tuple(path)
+        while True:
+            if p in self.lines:
+                return self.lines[p]
+            if not p:
+                return None
+            p = p[:-1]
+
+    def where(self, path: Path_) -> str:
+        line = self.line(path)
+        return f"{self.file}:{line}" if line else self.file
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str, loader: _Loader) -> Any:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: mapping keys must be plain scalars")
+            if key in out:
+                raise RecipeError(
+                    f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first at line {lines.get(path + (key,), '?')})"
+                )
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = _construct(value_node, path + (key,), lines, file, loader)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, path + (i,), lines, file, loader) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def load_yaml_text(text: str, file: str) -> Located:
+    """Parse one YAML document, keeping the line of every path."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise RecipeError(f"{file}: the file is empty")
+        lines: dict[Path_, int] = {}
+        data = _construct(node, (), lines, file, loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark is not None else file
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+    finally:
+        loader.dispose()
+    return Located(data, file, lines)
+
+
+def load_yaml_file(path: str | Path) -> Located:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{p}: cannot read ({exc})") from None
+    return load_yaml_text(text, str(p))
