@@ -1,0 +1,279 @@
+"""The merge step: plan (headers only) and execute (one tensor at a time).
+
+Planning checks that every model has every tensor the template (the base, or
+the first model) has, with the same shape (vocabulary-sized tensors may differ
+and are aligned, see :mod:`surgeon.merge.vocab`), resolves the method's
+parameters for every tensor — so a bad gradient or range fails before any
+weight is read — and describes the output.
+
+Execution streams: a small thread pool reads and casts the next tensors
+(``prefetch`` deep) while the current one is merged, so memory holds a few
+tensors at a time whatever the model's size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..errors import InvalidInputError, StepError
+from ..io.writer import CheckpointWriter, TensorSpec
+from ..merge.registry import MergeMethod, TensorMerge, get_method, resolve_params
+from ..merge.vocab import RowMap, build_row_map, is_vocab_tensor, tensor_role
+from ..recipe.schema import MergeSpec
+from .virtual import VirtualCheckpoint
+
+log = logging.getLogger("surgeon")
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+
+
+@dataclass
+class TensorTask:
+    name: str
+    spec: TensorSpec
+    merged: bool  # False: copied from the template (non-float buffers)
+    model_params: list[dict[str, Any]]
+    params: dict[str, Any]
+
+
+@dataclass
+class MergePlan:
+    step_id: str
+    method: MergeMethod
+    template_id: str
+    base_id: str | None
+    model_ids: list[str]
+    tasks: list[TensorTask]
+    row_maps: dict[tuple[str, str], RowMap] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    tokenizer_id: str | None = None
+    out_dtype: torch.dtype | None = None
+    bytes_in: int = 0
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [t.spec for t in self.tasks]
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.spec.nbytes for t in self.tasks)
+
+    def peak_bytes(self, prefetch: int) -> int:
+        """Tensors alive at once: inputs of (1 + prefetch) tensors in float32 plus ~3 working copies."""
+        n_in = len(self.model_ids) + (1 if self.base_id else 0)
+        largest = max((math.prod(t.spec.shape) for t in self.tasks), default=0) * 4
+        return largest * (n_in * (1 + prefetch) + 3)
+
+
+def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Callable[..., str]) -> MergePlan:
+    """Validate a merge step against its inputs' headers and lay out its output."""
+    method = get_method(spec.method)
+    model_ids = [m.model for m in spec.models]
+    base_id = spec.base
+    template_id = base_id or model_ids[0]
+    template = inputs[template_id]
+    num_layers = template.num_layers
+    out_dtype = DTYPE_NAMES[spec.dtype] if spec.dtype else None
+    plan = MergePlan(step_id, method, template_id, base_id, model_ids, [], out_dtype=out_dtype)
+    tok_id = spec.tokenizer_source
+    plan.tokenizer_id = template_id if tok_id in (None, "base") else (template_id if tok_id == "union" else tok_id)
+    if tok_id == "union":
+        plan.notes.append("tokenizer_source 'union' is not supported yet; using the base's tokenizer")
+    involved = ([base_id] if base_id else []) + model_ids
+    for mid in involved:
+        plan.bytes_in += inputs[mid].total_bytes
+    for name in template.names:
+        tinfo = template.info(name)
+        for mid in involved:
+            ck = inputs[mid]
+            if name not in ck:
+                raise InvalidInputError(
+                    f"{where('models')}: model {mid!r} ({ck.label}) has no tensor {name!r}, which {template_id!r} has"
+                )
+            info = ck.info(name)
+            if info.shape != tinfo.shape:
+                same_width = info.shape[1:] == tinfo.shape[1:] and len(info.shape) == len(tinfo.shape)
+                if is_vocab_tensor(name) and same_width and info.shape:
+                    if spec.vocab == "refuse":
+                        raise InvalidInputError(
+                            f"{where('models')}: model {mid!r}: tensor {name!r} has {info.shape[0]} rows, "
+                            f"{template_id!r} has {tinfo.shape[0]} (vocab: refuse)"
+                        )
+                    rm = build_row_map(tinfo.shape[0], info.shape[0], template.tokenizer_files, ck.tokenizer_files,
+                                       f"{mid!r} ({ck.label})", name)
+                    plan.row_maps[(mid, name)] = rm
+                    plan.notes.append(
+                        f"{mid}: {name} has {info.shape[0]} rows vs {tinfo.shape[0]}; aligned {rm.how}, "
+                        f"{rm.missing} rows take the base's values"
+                    )
+                    continue
+                raise InvalidInputError(
+                    f"{where('models')}: tensor {name!r} has shape {list(info.shape)} in model {mid!r} "
+                    f"({ck.label}) but {list(tinfo.shape)} in {template_id!r}"
+                )
+        is_float = tinfo.dtype in FLOAT_DTYPES
+        dtype = (out_dtype or tinfo.dtype) if is_float else tinfo.dtype
+        if is_float:
+            try:
+                params = resolve_params(method.global_params, _global_params(spec, method), name, num_layers,
+                                        where("parameters"))
+                model_params = [
+                    resolve_params(method.model_params, {**_step_level_model_defaults(spec, method), **m.params},
+                                   name, num_layers, where("models"))
+                    for m in spec.models
+                ]
+            except InvalidInputError as exc:
+                raise InvalidInputError(str(exc)) from None
+        else:
+            params, model_params = {}, []
+        plan.tasks.append(TensorTask(name, TensorSpec(name, tinfo.shape, dtype), is_float, model_params, params))
+    extra = sorted({n for mid in involved for n in inputs[mid].names} - set(template.names))
+    if extra:
+        plan.notes.append(f"{len(extra)} tensors not in {template_id!r} are left out (e.g. {extra[0]!r})")
+    return plan
+
+
+def _global_params(spec: MergeSpec, method: MergeMethod) -> dict[str, Any]:
+    names = {p.name for p in method.global_params} | {a for p in method.global_params for a in p.aliases}
+    return {k: v for k, v in spec.parameters.items() if k in names}
+
+
+def _step_level_model_defaults(spec: MergeSpec, method: MergeMethod) -> dict[str, Any]:
+    names = {p.name for p in method.model_params} | {a for p in method.model_params for a in p.aliases}
+    return {k: v for k, v in spec.parameters.items() if k in names}
+
+
+def output_checkpoint(plan: MergePlan, inputs: dict[str, Any]) -> VirtualCheckpoint:
+    template = inputs[plan.template_id]
+    tok = inputs[plan.tokenizer_id] if plan.tokenizer_id else template
+    return VirtualCheckpoint(
+        label=f"step {plan.step_id!r}",
+        specs={t.name: t.spec for t in plan.tasks},
+        config=output_config(template.config, plan),
+        tokenizer_dir=tok.tokenizer_files[0].parent if tok.tokenizer_files else None,
+    )
+
+
+def output_config(config: dict[str, Any] | None, plan: MergePlan) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    cfg = dict(config)
+    if plan.out_dtype is not None:
+        name = str(plan.out_dtype).removeprefix("torch.")
+        key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
+        cfg[key] = name
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+@dataclass
+class MergeRuntime:
+    device: torch.device
+    seed: int
+    prefetch: int = 2
+    threads: int = 2
+    allow_nonfinite: bool = False
+    progress: Callable[[int], None] | None = None  # called with bytes written
+
+
+class _Loader:
+    """Reads one tensor's inputs as float32 on the compute device."""
+
+    def __init__(self, plan: MergePlan, inputs: dict[str, Any], device: torch.device):
+        self.plan, self.inputs, self.device = plan, inputs, device
+
+    def _get(self, mid: str, name: str) -> torch.Tensor:
+        t = self.inputs[mid].get(name, dtype=torch.float32)
+        rm = self.plan.row_maps.get((mid, name))
+        if rm is not None:
+            fill_id = self.plan.base_id or self.plan.template_id
+            fill = self.inputs[fill_id].get(name, dtype=torch.float32)
+            t = rm.apply(t, fill)
+        if self.device.type != "cpu":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def __call__(self, task: TensorTask) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        base = self._get(self.plan.base_id, task.name) if self.plan.base_id else None
+        return base, [self._get(mid, task.name) for mid in self.plan.model_ids]
+
+
+def iter_merges(plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime, tasks: list[TensorTask],
+                state: Any = None) -> Iterator[tuple[TensorTask, TensorMerge]]:
+    """Yield (task, TensorMerge) for each task, prefetching the next inputs."""
+    load = _Loader(plan, inputs, rt.device)
+    with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
+        queue: deque[tuple[TensorTask, Future]] = deque()
+        it = iter(tasks)
+        for task in it:
+            queue.append((task, pool.submit(load, task)))
+            if len(queue) > rt.prefetch:
+                break
+        while queue:
+            task, fut = queue.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(load, nxt)))
+            base, models = fut.result()
+            yield task, TensorMerge(task.name, base, models, task.model_params, task.params,
+                                    seed=rt.seed, role=tensor_role(task.name), state=state)
+
+
+class _Restream:
+    """Re-iterable stream of a plan's merges (for whole-model ``prepare`` passes)."""
+
+    def __init__(self, plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime):
+        self.plan, self.inputs, self.rt = plan, inputs, rt
+
+    def __iter__(self) -> Iterator[TensorMerge]:
+        merged = [t for t in self.plan.tasks if t.merged]
+        for _, tm in iter_merges(self.plan, self.inputs, self.rt, merged):
+            yield tm
+
+
+def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWriter, rt: MergeRuntime) -> dict[str, Any]:
+    """Merge every pending tensor into ``writer``; returns timing figures."""
+    t0 = time.perf_counter()
+    state = None
+    if plan.method.prepare is not None:
+        state = plan.method.prepare(_Restream(plan, inputs, rt), plan.tasks[0].params if plan.tasks else {})
+    t_prep = time.perf_counter() - t0
+    pending = [t for t in plan.tasks if not writer.is_written(t.name)]
+    template = inputs[plan.template_id]
+    merged_tasks = [t for t in pending if t.merged]
+    for t in pending:
+        if not t.merged:
+            writer.write(t.name, template.get(t.name))
+            if rt.progress:
+                rt.progress(t.spec.nbytes)
+    compute = 0.0
+    for task, tm in iter_merges(plan, inputs, rt, merged_tasks, state):
+        c0 = time.perf_counter()
+        try:
+            out = plan.method.fn(tm)
+        except (InvalidInputError, StepError):
+            raise
+        except (ValueError, RuntimeError) as exc:
+            raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} failed on tensor {task.name!r}: {exc}") from None
+        if tuple(out.shape) != task.spec.shape:
+            raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} returned shape {tuple(out.shape)} for {task.name!r}, expected {task.spec.shape}")
+        if not rt.allow_nonfinite and not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise StepError(f"step {plan.step_id!r}: tensor {task.name!r} has {bad} NaN/Inf values after merging "
+                            "(check the inputs and parameters; --allow-nonfinite writes it anyway)")
+        out = out.to(task.spec.dtype)
+        compute += time.perf_counter() - c0
+        writer.write(task.name, out.cpu() if out.device.type != "cpu" else out)
+        if rt.progress:
+            rt.progress(task.spec.nbytes)
+    return {"prepare_s": round(t_prep, 3), "compute_s": round(compute, 3), "tensors": len(pending),
+            "resumed_tensors": writer.resumed_tensors}

@@ -1,0 +1,334 @@
+"""Running a recipe: resolve inputs, plan every step, execute, evaluate, report.
+
+Each step writes a complete checkpoint: intermediate steps into the work
+folder (``<work-dir>/<step-id>``), the final step straight to the output path,
+always through the atomic writer. A finished checkpoint carries
+``.surgeon-step.json`` with a fingerprint of the step's definition and of its
+inputs; a rerun skips every step whose fingerprint still matches, so a long
+pipeline resumes after a crash from the last finished step (and the writer's
+journal resumes the step that was running from its last written tensor).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import InvalidInputError, StepError
+from ..io.card import CardInfo, CardInput, render_card
+from ..io.checkpoint import AUX_FILES, Checkpoint
+from ..io.refs import parse_ref
+from ..io.writer import CheckpointWriter, parse_size
+from ..recipe.load import LoadedRecipe
+from ..recipe.schema import MergeSpec, Step
+from . import steps as step_kinds
+from .virtual import VirtualCheckpoint
+
+log = logging.getLogger("surgeon")
+
+STEP_MARKER = ".surgeon-step.json"
+REPORT_SCHEMA = "surgeon.report/1"
+
+
+@dataclass
+class RunOptions:
+    output: str | None = None  # overrides the recipe's output.path
+    overwrite: bool = False
+    work_dir: str | None = None
+    device: str = "cpu"
+    quiet: bool = False
+    threads: int | None = None
+    prefetch: int = 2
+    allow_nonfinite: bool = False
+    allow_pickle: bool = False
+    max_shard_size: str | int | None = None
+    evaluate: bool = True
+    push: bool = True
+    progress: bool | None = None  # None: only on a TTY and not quiet
+
+
+@dataclass
+class StepResult:
+    id: str
+    kind: str
+    path: str
+    skipped: bool
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """A loaded recipe bound to run options. ``plan()`` reads headers only."""
+
+    def __init__(self, loaded: LoadedRecipe, options: RunOptions | None = None):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.opts = options or RunOptions()
+        out = self.opts.output or loaded.resolve_path(self.recipe.output.path)
+        self.output_path = Path(out).resolve()
+        self.work_dir = Path(self.opts.work_dir).resolve() if self.opts.work_dir else \
+            self.output_path.parent / f".{self.output_path.name}.surgeon-work"
+        self.device = torch.device(self.opts.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInputError("--device cuda: no CUDA device is available to torch on this machine")
+        self._models: dict[str, Any] = {}
+        self._resolved: dict[str, dict[str, Any]] = {}
+
+    # -- inputs ---------------------------------------------------------------
+    def open_model(self, model_id: str, *, headers_only: bool = False) -> Any:
+        """Open a recipe model (local or hub) as a lazy checkpoint."""
+        if model_id in self._models:
+            return self._models[model_id]
+        raw = self.recipe.models[model_id]
+        ref = parse_ref(self.loaded.resolve_path(raw))
+        where = self.loaded.where("models", model_id)
+        if ref.is_hub:
+            from ..io import hub
+
+            resolved = hub.resolve(ref, headers_only=headers_only)
+            self._resolved[model_id] = {"ref": raw, "hub_id": ref.repo_id, "revision": resolved.revision}
+            ck = resolved.checkpoint
+        else:
+            try:
+                ck = Checkpoint.open(ref.local, allow_pickle=self.opts.allow_pickle, label=f"{model_id} ({ref.local})")
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{where}: model {model_id!r}: {exc}") from None
+            self._resolved[model_id] = {"ref": raw, "hub_id": None, "revision": None, "path": str(ref.local)}
+        self._models[model_id] = ck
+        return ck
+
+    def _step_where(self, index: int, kind: str) -> Callable[..., str]:
+        return lambda *path: self.loaded.where("steps", index, kind, *path)
+
+    # -- planning -------------------------------------------------------------
+    def plan(self, headers_only: bool = True) -> list[dict[str, Any]]:
+        """Validate every step against headers and describe what it will do."""
+        available: dict[str, Any] = {}
+        summaries = []
+        for i, step in enumerate(self.recipe.steps):
+            inputs = self._inputs_for(step, available, headers_only=headers_only)
+            kind = step_kinds.get_kind(step.kind)
+            sp = kind.plan(step, inputs, self._step_where(i, step.kind), self)
+            available[step.id] = sp.output
+            summaries.append(sp.summary(step, self.opts.prefetch))
+        return summaries
+
+    def _inputs_for(self, step: Step, available: dict[str, Any], headers_only: bool = False) -> dict[str, Any]:
+        out = {}
+        for ref in step.references():
+            out[ref] = available[ref] if ref in available else self.open_model(ref, headers_only=headers_only)
+        return out
+
+    # -- running --------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Execute the recipe; returns the run report (also written by the CLI)."""
+        t_start = time.time()
+        final_id = self.recipe.final_step
+        if self.output_path.exists() and not self.opts.overwrite and not self._finished(self.output_path, None):
+            raise InvalidInputError(f"{self.output_path}: already exists (pass --overwrite to replace it)")
+        # Validate the whole pipeline from headers before any weight is read.
+        self.plan(headers_only=False)
+        available: dict[str, Any] = {}
+        fingerprints: dict[str, str] = {}
+        results: list[StepResult] = []
+        needed = self._needed_steps(final_id)
+        for i, step in enumerate(self.recipe.steps):
+            if step.id not in needed:
+                continue
+            inputs = self._inputs_for(step, available)
+            fp = self._fingerprint(step, fingerprints)
+            fingerprints[step.id] = fp
+            dest = self.output_path if step.id == final_id else self.work_dir / step.id
+            t0 = time.time()
+            if self._finished(dest, fp) and not (step.id == final_id and self.opts.overwrite and not self._finished(dest, fp)):
+                self._say(f"step {step.id}: already done ({dest}), skipping")
+                results.append(StepResult(step.id, step.kind, str(dest), True, 0.0))
+            else:
+                kind = step_kinds.get_kind(step.kind)
+                sp = kind.plan(step, inputs, self._step_where(i, step.kind), self)
+                self._say(f"step {step.id}: {step.kind} -> {dest}")
+                details = kind.execute(step, sp, inputs, dest, self, fp)
+                results.append(StepResult(step.id, step.kind, str(dest), False, round(time.time() - t0, 3), details))
+            available[step.id] = Checkpoint.open(dest, label=f"step {step.id!r} ({dest})")
+        report = self._report(results, t_start)
+        if self.recipe.eval and self.opts.evaluate:
+            report["evaluation"] = self.evaluate(available[final_id])
+            self._rewrite_card(report)
+        if self.recipe.output.push and self.opts.push:
+            from ..io import hub
+
+            push = self.recipe.output.push
+            report["push"] = hub.push(self.output_path, push.repo, private=push.private, revision=push.revision,
+                                      commit_message=push.commit_message)
+        report["seconds"] = round(time.time() - t_start, 3)
+        report["peak_rss_bytes"] = peak_rss_bytes()
+        return report
+
+    def _needed_steps(self, final_id: str) -> set[str]:
+        by_id = {s.id: s for s in self.recipe.steps}
+        need, todo = set(), [final_id]
+        while todo:
+            sid = todo.pop()
+            if sid in need or sid not in by_id:
+                continue
+            need.add(sid)
+            todo += by_id[sid].references()
+        return need
+
+    def _fingerprint(self, step: Step, previous: dict[str, str]) -> str:
+        parts: dict[str, Any] = {"step": step.model_dump(mode="json", by_alias=True), "seed": self.recipe.seed}
+        for ref in step.references():
+            if ref in previous:
+                parts[ref] = previous[ref]
+            else:
+                ck = self.open_model(ref)
+                parts[ref] = self._resolved.get(ref, {}).get("revision") or [
+                    (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in getattr(ck, "files", [])
+                ]
+        if step.kind == "merge":
+            parts["max_shard_size"] = str(self.max_shard_size)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    @staticmethod
+    def _finished(dest: Path, fingerprint: str | None) -> bool:
+        marker = dest / STEP_MARKER
+        if not marker.exists():
+            return False
+        if fingerprint is None:
+            return True
+        try:
+            return json.loads(marker.read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            return False
+
+    @property
+    def max_shard_size(self) -> int:
+        return parse_size(self.opts.max_shard_size or self.recipe.output.max_shard_size)
+
+    @property
+    def show_progress(self) -> bool:
+        if self.opts.progress is not None:
+            return self.opts.progress
+        return not self.opts.quiet and sys.stderr.isatty()
+
+    def _say(self, msg: str) -> None:
+        log.info(msg)
+        if not self.opts.quiet:
+            print(msg, file=sys.stderr)
+
+    # -- shared helpers for step kinds ----------------------------------------
+    def finish_checkpoint(self, writer: CheckpointWriter, step: Step, config: dict[str, Any] | None,
+                          tokenizer_from: Any, aux_from: Any, fingerprint: str, notes: list[str],
+                          extra: dict[str, Any] | None = None) -> None:
+        """Config, tokenizer, generation config, card, recipe and marker, then commit."""
+        if config is not None:
+            writer.write_json("config.json", config)
+        for f in getattr(tokenizer_from, "tokenizer_files", []):
+            writer.copy_file(f)
+        for name in AUX_FILES:
+            src = Path(getattr(aux_from, "path", "")) / name
+            if src.is_file():
+                writer.copy_file(src)
+        writer.write_text("surgeon-recipe.yaml", self.loaded.text)
+        writer.write_text("README.md", render_card(self.card_info([step], notes)))
+        writer.write_json(STEP_MARKER, {"fingerprint": fingerprint, "step": step.id, "kind": step.kind, **(extra or {})})
+        writer.commit()
+
+    def card_info(self, steps: list[Step], notes: list[str], evaluation: dict[str, Any] | None = None) -> CardInfo:
+        used = []
+        for s in self.recipe.steps:
+            used += [r for r in s.references() if r in self.recipe.models]
+        inputs = []
+        for mid in dict.fromkeys(used):
+            r = self._resolved.get(mid, {"ref": self.recipe.models[mid]})
+            inputs.append(CardInput(mid, r.get("ref", ""), r.get("hub_id"), r.get("revision")))
+        return CardInfo(
+            name=self.recipe.name,
+            operations=[{"fuse": "fusion"}.get(s.kind, s.kind) for s in self.recipe.steps],
+            inputs=inputs,
+            steps=[_step_summary(s) for s in self.recipe.steps],
+            recipe_text=self.loaded.text,
+            evaluation=evaluation,
+            notes=notes,
+        )
+
+    def _rewrite_card(self, report: dict[str, Any]) -> None:
+        card = render_card(self.card_info(self.recipe.steps, [], report.get("evaluation")))
+        tmp = self.output_path / ".README.md.tmp"
+        tmp.write_text(card, encoding="utf-8")
+        os.replace(tmp, self.output_path / "README.md")
+
+    # -- evaluation -------------------------------------------------------------
+    def evaluate(self, output: Checkpoint) -> dict[str, dict[str, Any]]:
+        from ..eval.perplexity import evaluate_text
+
+        spec = self.recipe.eval
+        assert spec is not None
+        models: dict[str, Path] = {}
+        if spec.inputs:
+            for mid in self.recipe.models:
+                ck = self.open_model(mid)
+                models[mid] = Path(ck.path)
+        models["output"] = Path(output.path)
+        results: dict[str, dict[str, Any]] = {}
+        for label, path in models.items():
+            results[label] = {}
+            for tname, tpath in spec.texts.items():
+                r = evaluate_text(path, self.loaded.resolve_path(tpath), max_tokens=spec.max_tokens,
+                                  device=self.opts.device, progress=self.show_progress)
+                results[label][tname] = {k: r[k] for k in ("perplexity", "bits_per_byte", "tokens", "bytes") if k in r}
+        return results
+
+    # -- report -----------------------------------------------------------------
+    def _report(self, results: list[StepResult], t_start: float) -> dict[str, Any]:
+        return {
+            "schema": REPORT_SCHEMA,
+            "recipe": {"name": self.recipe.name, "file": self.loaded.file, "seed": self.recipe.seed,
+                       "sha256": hashlib.sha256(self.loaded.text.encode()).hexdigest()},
+            "inputs": {mid: self._resolved.get(mid, {"ref": ref}) for mid, ref in self.recipe.models.items()
+                       if mid in self._resolved},
+            "steps": [
+                {"id": r.id, "kind": r.kind, "path": r.path, "skipped": r.skipped, "seconds": r.seconds,
+                 "parameters": _step_summary(next(s for s in self.recipe.steps if s.id == r.id)), **r.details}
+                for r in results
+            ],
+            "output": {"path": str(self.output_path), "files": shard_hashes(self.output_path)},
+            "started": t_start,
+        }
+
+
+def _step_summary(s: Step) -> dict[str, Any]:
+    d = s.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    d["id"], d["kind"] = s.id, s.kind
+    if isinstance(s.spec, MergeSpec):
+        d["models"] = [m.model for m in s.spec.models]
+        d["model_parameters"] = {m.model: m.params for m in s.spec.models}
+    elif s.kind == "fuse":
+        d["sources"] = [src.model for src in s.spec.sources]  # type: ignore[union-attr]
+    return d
+
+
+def shard_hashes(folder: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        out[f.name] = {"sha256": h.hexdigest(), "bytes": f.stat().st_size}
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -1,0 +1,156 @@
+"""Step kinds: how each recipe step plans (headers only) and executes.
+
+A step kind turns the step's spec and its inputs (checkpoints, or planned
+:class:`VirtualCheckpoint` s of earlier steps) into a :class:`StepPlan`
+describing its output, and later executes that plan into a destination folder
+through the atomic writer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InvalidInputError, StepError
+from ..io.writer import CheckpointWriter, TensorSpec
+from ..recipe.schema import Step
+from .merge_step import MergePlan, MergeRuntime, execute_merge, output_checkpoint, plan_merge
+from .virtual import VirtualCheckpoint
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+@dataclass
+class StepPlan:
+    output: VirtualCheckpoint
+    bytes_in: int
+    tensors: int
+    peak_bytes: int
+    notes: list[str] = field(default_factory=list)
+    detail: Any = None
+
+    @property
+    def bytes_out(self) -> int:
+        return self.output.total_bytes
+
+    def summary(self, step: Step, prefetch: int) -> dict[str, Any]:
+        return {
+            "id": step.id,
+            "kind": step.kind,
+            "reads": step.references(),
+            "tensors": self.tensors,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "peak_bytes_estimate": self.peak_bytes,
+            "notes": self.notes,
+        }
+
+
+class StepKind(Protocol):
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan: ...
+
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
+                fingerprint: str) -> dict[str, Any]: ...
+
+
+class MergeKind:
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
+        mp = plan_merge(step.id, step.merge, inputs, where)  # type: ignore[arg-type]
+        return StepPlan(output_checkpoint(mp, inputs), mp.bytes_in, len(mp.tasks), mp.peak_bytes(pipeline.opts.prefetch),
+                        mp.notes, mp)
+
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
+                fingerprint: str) -> dict[str, Any]:
+        mp: MergePlan = plan.detail
+        for note in mp.notes:
+            pipeline._say(f"step {step.id}: {note}")
+        threads = pipeline.opts.threads or max(1, min(4, torch.get_num_threads()))
+        with CheckpointWriter(dest, mp.specs, max_shard_size=pipeline.max_shard_size, overwrite=True,
+                              metadata={"surgeon.step": step.id}) as writer:
+            bar = tqdm(total=mp.bytes_out, unit="B", unit_scale=True, desc=f"merge {step.id}",
+                       disable=not pipeline.show_progress)
+            bar.update(sum(t.spec.nbytes for t in mp.tasks if writer.is_written(t.name)))
+            rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
+                              allow_nonfinite=pipeline.opts.allow_nonfinite, progress=bar.update)
+            try:
+                details = execute_merge(mp, inputs, writer, rt)
+            finally:
+                bar.close()
+            template = inputs[mp.template_id]
+            tok = inputs[mp.tokenizer_id] if mp.tokenizer_id else template
+            pipeline.finish_checkpoint(writer, step, plan.output.config, tok, template, fingerprint, mp.notes)
+        return details
+
+
+class TransplantKind:
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
+        from ..transplant import plan_transplant
+
+        spec = step.transplant
+        assert spec is not None
+        return plan_transplant(inputs[spec.model], inputs[spec.donor], where=where, step_id=step.id)
+
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
+                fingerprint: str) -> dict[str, Any]:
+        from ..transplant import transplant
+
+        spec = step.transplant
+        assert spec is not None
+        return transplant(
+            inputs[spec.model].path, inputs[spec.donor].path, dest, method=spec.method, k=spec.k,
+            device=pipeline.opts.device, overwrite=True, screen=spec.screen, batch_size=spec.batch_size,
+            progress=pipeline.show_progress,
+            finish=lambda writer, config, notes: pipeline.finish_checkpoint(
+                writer, step, config, inputs[spec.donor], inputs[spec.model], fingerprint, notes),
+        )
+
+
+class FuseKind:
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
+        spec = step.fuse
+        assert spec is not None
+        pivot = inputs[spec.pivot]
+        for src in [spec.pivot] + [s.model for s in spec.sources]:
+            if not inputs[src].has_tokenizer:
+                raise InvalidInputError(f"{where()}: {src!r} has no tokenizer files; fusion needs every model's tokenizer")
+        data = Path(pipeline.loaded.resolve_path(spec.data))
+        if not data.is_file():
+            raise InvalidInputError(f"{where('data')}: {data}: no such data file")
+        out = VirtualCheckpoint(f"step {step.id!r}", {i.name: TensorSpec(i.name, i.shape, i.dtype) for i in pivot.infos()},
+                                pivot.config, pivot.tokenizer_files[0].parent if pivot.tokenizer_files else None)
+        return StepPlan(out, sum(inputs[s].total_bytes for s in step.references()), len(out), 0)
+
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
+                fingerprint: str) -> dict[str, Any]:
+        from ..fusion import fuse
+
+        spec = step.fuse
+        assert spec is not None
+        return fuse(
+            pivot_dir=inputs[spec.pivot].path,
+            sources=[{"path": inputs[s.model].path, "weight": s.weight, "align": s.align, "id": s.model}
+                     for s in spec.sources],
+            dataset_path=pipeline.loaded.resolve_path(spec.data),
+            out_dir=dest,
+            seed=pipeline.recipe.seed,
+            device=pipeline.opts.device,
+            progress=pipeline.show_progress,
+            **{k: v for k, v in spec.model_dump(by_alias=False).items() if k not in ("pivot", "sources", "data")},
+            finish=lambda writer, config, notes: pipeline.finish_checkpoint(
+                writer, step, config, inputs[spec.pivot], inputs[spec.pivot], fingerprint, notes),
+        )
+
+
+_KINDS: dict[str, StepKind] = {"merge": MergeKind(), "transplant": TransplantKind(), "fuse": FuseKind()}
+
+
+def get_kind(name: str) -> StepKind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise InvalidInputError(f"unknown step kind {name!r}") from None
