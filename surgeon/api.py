@@ -1,0 +1,116 @@
+"""The Python API shared by the command line and notebooks.
+
+Every function here is what a ``surgeon`` subcommand does, minus argument
+parsing and printing. The names avoid the subpackages' names (``merge_models``
+rather than ``merge``) so that ``surgeon.merge`` stays the package::
+
+    import surgeon
+    report = surgeon.run("recipes/quickstart.yaml", output="out/qs", overwrite=True)
+    surgeon.validate("recipe.yaml")           # headers only, raises on problems
+    surgeon.merge_models("ties", base="zoo/bpe-base", models=["zoo/bpe-python"], output="out/m",
+                  parameters={"density": 0.5})
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .engine.pipeline import Pipeline, RunOptions
+from .recipe.load import LoadedRecipe, load_recipe, load_recipe_text
+
+__all__ = ["load_recipe", "validate", "plan", "run", "merge_models", "transplant_tokenizer", "fuse_models",
+           "evaluate", "inspect_checkpoint", "diff", "convert", "push"]
+
+
+def _load(recipe: str | Path | LoadedRecipe, output: str | None = None) -> LoadedRecipe:
+    return recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, output_path=output)
+
+
+def validate(recipe: str | Path | LoadedRecipe, **options: Any) -> list[dict[str, Any]]:
+    """Check a recipe from safetensors headers only; returns each step's plan summary."""
+    return Pipeline(_load(recipe), RunOptions(**options)).plan(headers_only=True)
+
+
+def plan(recipe: str | Path | LoadedRecipe, **options: Any) -> list[dict[str, Any]]:
+    """What each step reads and writes (tensor count, bytes, estimated peak memory)."""
+    return validate(recipe, **options)
+
+
+def run(recipe: str | Path | LoadedRecipe, output: str | None = None, **options: Any) -> dict[str, Any]:
+    """Execute a recipe (or a mergekit config); returns the run report."""
+    loaded = _load(recipe, output)
+    return Pipeline(loaded, RunOptions(output=output, **options)).run()
+
+
+def merge_models(method: str, models: Sequence[str | dict[str, Any]], output: str, base: str | None = None,
+          parameters: dict[str, Any] | None = None, dtype: str | None = None, seed: int = 0,
+          **options: Any) -> dict[str, Any]:
+    """One merge without a recipe file. ``models`` are paths or ``{"model": path, **per_model_params}``."""
+    ids: dict[str, str] = {}
+    entries = []
+    for i, m in enumerate(models):
+        entry = {"model": m} if isinstance(m, str) else dict(m)
+        mid = f"model_{i}"
+        ids[mid] = str(Path(entry["model"]).resolve()) if Path(entry["model"]).exists() else entry["model"]
+        entries.append({**entry, "model": mid})
+    step: dict[str, Any] = {"method": method, "models": entries, "parameters": parameters or {}}
+    if base is not None:
+        ids["base"] = str(Path(base).resolve()) if Path(base).exists() else base
+        step["base"] = "base"
+    if dtype:
+        step["dtype"] = dtype
+    recipe = {"name": f"{method}-merge", "seed": seed, "models": ids, "steps": [{"id": "merge", "merge": step}],
+              "output": {"path": str(Path(output).resolve())}}
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    return run(load_recipe_text(text, "<surgeon merge>", "."), output=str(Path(output).resolve()), **options)
+
+
+def transplant_tokenizer(base: str, donor: str, output: str, method: str = "omp", k: int = 64, **options: Any) -> dict[str, Any]:
+    """Give ``base`` the tokenizer of ``donor`` (training-free; OMP by default)."""
+    from .transplant import transplant as _transplant
+
+    return _transplant(base, donor, output, method=method, k=k, **options)
+
+
+def fuse_models(pivot: str, sources: Sequence[str | dict[str, Any]], data: str, output: str, **options: Any) -> dict[str, Any]:
+    """Distil ``sources`` into ``pivot`` on ``data`` (InfiGFusion graph-on-logits loss)."""
+    from .fusion import fuse as _fuse
+
+    srcs = [{"path": s} if isinstance(s, str) else dict(s) for s in sources]
+    return _fuse(pivot_dir=pivot, sources=srcs, dataset_path=data, out_dir=output, **options)
+
+
+def evaluate(model: str, text: str, **options: Any) -> dict[str, Any]:
+    """Perplexity and bits per byte of ``model`` on a text file."""
+    from .eval.perplexity import evaluate_text
+
+    return evaluate_text(model, text, **options)
+
+
+def inspect_checkpoint(path: str, **options: Any) -> dict[str, Any]:
+    """Architecture, parameters, dtypes, shards, tied embeddings, tokenizer of a checkpoint."""
+    from .inspection import inspect_checkpoint as _inspect
+
+    return _inspect(path, **options)
+
+
+def diff(a: str, b: str, atol: float | None = None) -> dict[str, Any]:
+    """Per-tensor comparison of two checkpoints."""
+    from .eval.diff import diff_checkpoints
+
+    return diff_checkpoints(a, b, atol=atol)
+
+
+def convert(mergekit_config: str | Path) -> str:
+    """The surgeon recipe (YAML text) equivalent to a mergekit config."""
+    loaded = load_recipe(mergekit_config)
+    return yaml.safe_dump(loaded.recipe.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=False)
+
+
+def push(folder: str, repo: str, **options: Any) -> dict[str, Any]:
+    """Upload a checkpoint folder to the Hugging Face hub (creates the repo if needed)."""
+    from .io import hub
+
+    return hub.push(Path(folder), repo, **options)

@@ -1,0 +1,344 @@
+"""The ``surgeon`` command. Thin: parses arguments, calls :mod:`surgeon.api`, prints.
+
+Exit codes (stable, for CI): 0 success; 1 a ``diff --atol`` gate failed;
+2 invalid recipe, input or arguments; 3 a step failed; 130 interrupted
+(SIGINT or SIGTERM; finished steps and written tensors are kept, and the same
+command resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_STEP_FAILED, SurgeonError
+
+EPILOG = """exit codes: 0 success, 1 diff gate failed, 2 invalid recipe or input, 3 a step failed, 130 interrupted.
+docs: README.md and docs/ in the surgeon repository."""
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "overwrite": getattr(args, "overwrite", False),
+        "work_dir": getattr(args, "work_dir", None),
+        "device": getattr(args, "device", "cpu"),
+        "quiet": getattr(args, "quiet", False),
+        "threads": getattr(args, "threads", None),
+        "allow_nonfinite": getattr(args, "allow_nonfinite", False),
+        "allow_pickle": getattr(args, "allow_pickle", False),
+        "max_shard_size": getattr(args, "max_shard_size", None),
+    }
+
+
+def _add_run_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
+    if output:
+        p.add_argument("-o", "--output", help="output folder (overrides the recipe's output.path)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--work-dir", help="folder for intermediate steps (default: .OUTPUT.surgeon-work beside the output)")
+    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu (default), cuda, cuda:1")
+    p.add_argument("--threads", type=int, help="reader threads (default: up to 4)")
+    p.add_argument("--max-shard-size", help="largest shard, e.g. 2GB, 500MiB (default 5GB)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write tensors with NaN/Inf instead of failing")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled *.bin checkpoints (loaded with torch.load(weights_only=True))")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or step messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surgeon",
+        description="Model surgery for language-model checkpoints: merge, transplant tokenizers, fuse; "
+        "streaming one tensor at a time.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"surgeon {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="execute a recipe (or a mergekit config)", epilog=EPILOG,
+                       description="Execute a recipe YAML (or a mergekit config: like `mergekit-yaml CONFIG OUT`).")
+    p.add_argument("recipe", help="recipe YAML or mergekit config")
+    p.add_argument("output_positional", nargs="?", metavar="OUT", help="output folder (mergekit-yaml style)")
+    _add_run_flags(p)
+    p.add_argument("--report", help="write a machine-readable JSON report here")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no weights")
+    p.add_argument("--no-eval", action="store_true", help="skip the recipe's eval block")
+    p.add_argument("--no-push", action="store_true", help="skip the recipe's output.push")
+
+    for name, helptext in (("validate", "check a recipe from headers only (no weights read)"),
+                           ("plan", "show what each step reads and writes and its peak memory")):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".", epilog=EPILOG)
+        p.add_argument("recipe")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("merge", help="one merge without a recipe file", epilog=EPILOG,
+                       description="Merge models with one method. Example: surgeon merge ties OUT --base B "
+                       "--model M1 --model M2 --set density=0.5 --set lambda=1.0")
+    p.add_argument("method")
+    p.add_argument("output")
+    p.add_argument("--base", help="base model (for task-vector methods)")
+    p.add_argument("--model", action="append", required=True,
+                   help="model path, optionally with per-model parameters: PATH:weight=0.5,density=0.7")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a step parameter")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", help="write a JSON report here")
+    _add_run_flags(p, output=False)
+
+    p = sub.add_parser("transplant", help="give a model another model's tokenizer (training-free, OMP)", epilog=EPILOG)
+    p.add_argument("base")
+    p.add_argument("donor")
+    p.add_argument("output")
+    p.add_argument("--method", default="omp", choices=["omp", "mean", "zero", "subword"])
+    p.add_argument("--k", type=int, default=64, help="OMP atoms per new token (default 64)")
+    p.add_argument("--screen", type=int, help="restrict each token's dictionary to its N nearest shared tokens")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("fuse", help="distil source models into a pivot (graph-on-logits loss)", epilog=EPILOG)
+    p.add_argument("pivot")
+    p.add_argument("output")
+    p.add_argument("--source", action="append", required=True, help="source model (repeat)")
+    p.add_argument("--data", required=True, help="text file or JSONL (text or chat messages)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="distillation share of the loss")
+    p.add_argument("--gld-weight", type=float, default=1.0)
+    p.add_argument("--tokenwise-weight", type=float, default=1.0)
+    p.add_argument("--align", choices=["dp", "transplant"], default="dp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("eval", help="perplexity and bits per byte on a text file", epilog=EPILOG)
+    p.add_argument("model")
+    p.add_argument("--text", required=True)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="summarise a checkpoint from its headers", epilog=EPILOG)
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true")
+
+    p = sub.add_parser("diff", help="compare two checkpoints tensor by tensor", epilog=EPILOG)
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--atol", type=float, help="exit 1 when any |a-b| exceeds this (a CI gate)")
+    p.add_argument("--top", type=int, default=10, help="rows in the summary table")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face hub", epilog=EPILOG)
+    p.add_argument("folder")
+    p.add_argument("repo", help="org/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--commit-message")
+
+    p = sub.add_parser("convert", help="print the surgeon recipe for a mergekit config", epilog=EPILOG)
+    p.add_argument("config")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _parse_model(arg: str) -> str | dict[str, Any]:
+    path, sep, params = arg.rpartition(":") if ":" in arg and "=" in arg.rpartition(":")[2] else (arg, "", "")
+    if not sep:
+        return arg
+    entry: dict[str, Any] = {"model": path}
+    for item in params.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"surgeon merge: cannot read model parameter {item!r} (use PATH:key=value,key=value)")
+        entry[key.strip()] = _parse_value(value)
+    return entry
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _write_report(path: str | None, report: dict[str, Any]) -> None:
+    if not path:
+        return
+    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _print_plan(summaries: list[dict[str, Any]]) -> None:
+    from .inspection import human_bytes
+
+    print(f"{'step':<16} {'kind':<11} {'tensors':>8} {'bytes in':>10} {'bytes out':>10} {'peak (est.)':>12}  reads")
+    for s in summaries:
+        print(f"{s['id']:<16} {s['kind']:<11} {s['tensors']:>8} {human_bytes(s['bytes_in']):>10} "
+              f"{human_bytes(s['bytes_out']):>10} {human_bytes(s['peak_bytes_estimate']):>12}  {', '.join(s['reads'])}")
+        for note in s.get("notes", []):
+            print(f"  note: {note}")
+
+
+def _print_run(report: dict[str, Any]) -> None:
+    for s in report.get("steps", []):
+        state = "skipped (already done)" if s.get("skipped") else f"{s.get('seconds', 0):.1f}s"
+        print(f"step {s['id']:<16} {s['kind']:<11} {state}")
+    ev = report.get("evaluation")
+    if ev:
+        texts = sorted({t for per in ev.values() for t in per})
+        print()
+        print(f"{'model':<20}" + "".join(f"{t + ' ppl':>18}{t + ' bpb':>14}" for t in texts))
+        for model, per in ev.items():
+            print(f"{model:<20}" + "".join(
+                f"{per[t]['perplexity']:>18.2f}{per[t]['bits_per_byte']:>14.3f}" if t in per else f"{'-':>18}{'-':>14}"
+                for t in texts))
+    print()
+    print(f"output: {report['output']['path']}")
+    if report.get("push"):
+        print(f"pushed: {report['push'].get('url', report['push'])}")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import api
+
+    cmd = args.command
+    if cmd == "run":
+        out = args.output or args.output_positional
+        if args.dry_run:
+            loaded = api.load_recipe(args.recipe, output_path=out)
+            summaries = api.validate(loaded)
+            _print_plan(summaries)
+            _write_report(args.report, {"schema": "surgeon.report/1", "dry_run": True, "steps": summaries})
+            return 0
+        report = api.run(args.recipe, output=out, evaluate=not args.no_eval, push=not args.no_push, **_run_options(args))
+        _write_report(args.report, report)
+        if not args.quiet:
+            _print_run(report)
+        return 0
+    if cmd in ("validate", "plan"):
+        summaries = api.validate(args.recipe)
+        if args.json:
+            _print_json({"valid": True, "steps": summaries})
+        elif cmd == "plan":
+            _print_plan(summaries)
+        else:
+            print(f"{args.recipe}: valid ({len(summaries)} step{'s' if len(summaries) != 1 else ''}, "
+                  f"{sum(s['tensors'] for s in summaries)} tensors planned; no weights read)")
+        return 0
+    if cmd == "merge":
+        params = {}
+        for item in args.set:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise SystemExit(f"surgeon merge: --set expects KEY=VALUE, got {item!r}")
+            params[key.strip()] = _parse_value(value)
+        report = api.merge_models(args.method, [_parse_model(m) for m in args.model], args.output, base=args.base,
+                                  parameters=params, dtype=args.dtype, seed=args.seed, **_run_options(args))
+        _write_report(args.report, report)
+        if not args.quiet:
+            _print_run(report)
+        return 0
+    if cmd == "transplant":
+        report = api.transplant_tokenizer(args.base, args.donor, args.output, method=args.method, k=args.k,
+                                          screen=args.screen, batch_size=args.batch_size, device=args.device,
+                                          overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty())
+        _print_json(report) if args.json else print(f"output: {args.output}")
+        return 0
+    if cmd == "fuse":
+        report = api.fuse_models(
+            args.pivot, [{"path": s, "align": args.align} for s in args.source], args.data, args.output,
+            steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+            top_k=args.top_k, lambda_=args.lambda_, gld_weight=args.gld_weight,
+            tokenwise_weight=args.tokenwise_weight, seed=args.seed, device=args.device, overwrite=args.overwrite,
+            progress=not args.quiet and sys.stderr.isatty())
+        _print_json(report) if args.json else print(f"output: {args.output}")
+        return 0
+    if cmd == "eval":
+        r = api.evaluate(args.model, args.text, max_tokens=args.max_tokens, device=args.device,
+                         progress=not args.quiet and sys.stderr.isatty())
+        if args.json:
+            _print_json(r)
+        else:
+            print(f"perplexity {r['perplexity']:.3f}   bits/byte {r['bits_per_byte']:.4f}   "
+                  f"({r['tokens']} tokens, {r['bytes']} bytes)")
+        return 0
+    if cmd == "inspect":
+        from .inspection import format_inspect
+
+        info = api.inspect_checkpoint(args.path, allow_pickle=args.allow_pickle)
+        _print_json(info) if args.json else print(format_inspect(info))
+        return 0
+    if cmd == "diff":
+        from .eval.diff import format_diff
+
+        r = api.diff(args.a, args.b, atol=args.atol)
+        _print_json(r) if args.json else print(format_diff(r, args.top))
+        return 0 if r.get("within_atol", True) else 1
+    if cmd == "push":
+        r = api.push(args.folder, args.repo, private=args.private, revision=args.revision,
+                     commit_message=args.commit_message)
+        print(f"pushed: {r.get('url', args.repo)}")
+        return 0
+    if cmd == "convert":
+        print(api.convert(args.config), end="")
+        return 0
+    raise AssertionError(cmd)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _dispatch(args)
+    except SurgeonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished steps and written tensors are kept; run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as exc:  # an unexpected failure: one line, traceback only on --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_STEP_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
