@@ -1,0 +1,107 @@
+"""DELLA: magnitude-based random pruning (MagPrune) of task vectors.
+
+Deep, Bhardwaj, Poria, 2024, "DELLA-Merging: Reducing Interference in Model
+Merging through Magnitude-Based Sampling" (arXiv 2406.11617). Semantics of
+mergekit's ``della`` / ``della_linear`` (sparsification ``della_magprune``):
+
+Within each row of a task vector (along dim 1; a 1-D tensor is one row),
+entries are ranked by magnitude; the rank is normalised to ``[0, 1]`` and an
+entry is kept with probability ``density - epsilon + 2 * epsilon * rank``
+(smallest magnitudes ``density - epsilon``, largest ``density + epsilon``).
+``density +- epsilon`` must lie strictly inside ``(0, 1)`` unless
+``density >= 1`` (nothing pruned) or ``density <= 0`` (everything pruned).
+With ``rescale`` (default) the pruned task vector is scaled back to its
+original L1 norm (mergekit; the paper instead divides each survivor by its
+own keep probability). ``della`` then elects signs (mass, a zero sum counts
+as positive) and takes the weighted disjoint mean (``normalize`` true);
+``della_linear`` adds the weighted task vectors (``normalize`` false).
+
+Differences from mergekit: ranks are 0..n-1 from one stable sort (mergekit
+double-argsorts, unstable, so equal magnitudes rank arbitrarily); a row of
+length 1 gets rank 0.5 (keep probability ``density``; mergekit computes 0/0);
+randomness is seeded per tensor and model (``salt = "della:<i>"``, see
+:meth:`TensorMerge.generator`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidInputError
+from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, l1_rescale, normalize_param, rescale_param
+from ._select import stable_ranks
+from .registry import Param, TensorMerge, merge_method
+
+EPSILON = Param("epsilon", float, default=0.15, min=0.0, max=0.5, per_model=True,
+                help="half-width of the keep-probability range around density")
+_RESCALE = rescale_param(True, "rescale each pruned task vector to its original L1 norm (mergekit's rescale)")
+_PAPER = "Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)"
+
+
+def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
+             generator: torch.Generator, where: str) -> torch.Tensor:
+    """MagPrune a task vector (returns a new or the same tensor)."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_()
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise InvalidInputError(
+            f"{where}: della needs density - epsilon > 0 and density + epsilon < 1, "
+            f"got density {density} and epsilon {epsilon}"
+        )
+    shape = delta.shape
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    if n > 1:
+        rank = stable_ranks(rows.abs(), dim=1).to(torch.float32).div_(n - 1)
+    else:
+        rank = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
+    probs = rank.mul_(2 * epsilon).add_(density - epsilon)
+    u = torch.rand(rows.shape, generator=generator, device=rows.device, dtype=torch.float32)
+    keep = u < probs
+    del u, probs
+    pruned = rows * keep
+    if rescale:
+        l1_rescale(rows, pruned)
+    return pruned.reshape(shape)
+
+
+def _pruned(t: TensorMerge) -> list[torch.Tensor]:
+    out = []
+    for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
+        d = m - t.base
+        out.append(magprune(d, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"],
+                            t.generator(f"della:{i}"), f"tensor {t.name!r}, model {i}"))
+    return out
+
+
+@merge_method(
+    "della",
+    params=[WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(True), _RESCALE],
+    needs_base=True,
+    min_models=1,
+    paper=_PAPER,
+    randomized=True,
+    mergekit_name="della",
+)
+def della(t: TensorMerge) -> torch.Tensor:
+    """DELLA: MagPrune each task vector, elect signs, weighted disjoint mean, base + lambda * merged."""
+    check_inputs(t, "della")
+    p = t.params
+    return combine(t, _pruned(t), consensus="sum", normalize=p["normalize"], lam=p["lambda"])
+
+
+@merge_method(
+    "della_linear",
+    params=[WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(False), _RESCALE],
+    needs_base=True,
+    min_models=1,
+    paper=_PAPER,
+    randomized=True,
+    mergekit_name="della_linear",
+)
+def della_linear(t: TensorMerge) -> torch.Tensor:
+    """DELLA without sign election: MagPrune each task vector, then base + lambda * sum w_i delta_i."""
+    check_inputs(t, "della_linear")
+    p = t.params
+    return combine(t, _pruned(t), consensus=None, normalize=p["normalize"], lam=p["lambda"])

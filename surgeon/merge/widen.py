@@ -1,0 +1,143 @@
+"""WIDEN: merging by weight disentanglement (magnitude and direction).
+
+Yu, Yu, Huang, Li, Du, 2024, "Extend Model Merging from Fine-Tuned to
+Pre-Trained Large Language Models via Weight Disentanglement"
+(arXiv 2408.03092); reference code yule-BUAA/MergeLLM
+(model_merging_methods/merging_methods.py, ``widen_merging``).
+
+For a 2-D weight ``W`` (the input embedding, ``role == "embedding"``, is
+first transposed to ``(hidden, vocab)`` and transposed back at the end;
+``lm_head`` is not transposed), per model ``i`` against the base:
+
+1. column magnitudes ``m = ||W[:, j]||_2`` (over dim 0) and directions
+   ``W[:, j] / m_j``;
+2. ``|m_i - m_base|`` and ``1 - cos(direction_i, direction_base)`` per column;
+3. each is ranked within the tensor (stable ascending sort): significance of
+   the column at ascending position ``r`` is ``r / n_columns``;
+4. scores: softmax across models of the significance; then, wherever a
+   significance exceeds its model's mean significance (over the columns)
+   times ``above_average_value_ratio``, the score becomes
+   ``score_calibration_value``;
+5. weight per column = mean of the magnitude and the direction score;
+   ``merged = base + sum_i weight_i * (W_i - W_base)``.
+
+1-D tensors (norms, biases) use the raw ``|delta|`` as significance (no
+ranking), scored the same way, and ``merged = base + sum_i score_i * delta_i``.
+Tensors with more than two dimensions are treated as ``(shape[0], -1)``
+matrices; 0-D tensors as 1-D.
+
+Deliberate difference — the epsilon guard: the reference divides each column
+by its norm, so an all-zero column (padding rows of an embedding, for
+instance) gives 0/0 = NaN directions; its direction change is NaN and
+``argsort`` ranks it above every real column. We compute the cosine as
+``<W_i[:, j], W_base[:, j]> / (m_i m_base)`` only where both norms exceed
+``1e-12`` (no division of the whole matrix); a column that is zero in both
+models has direction change 0 (nothing moved), a column zero in exactly one of
+them has direction change 1 (orthogonal: its magnitude change carries the
+signal). Results therefore equal the reference's whenever no column is zero.
+
+Not idempotent: with the default calibration (``1.0, 1.0``) scores are not
+normalised after calibration, so the weights of a column can sum above 1.
+Merging two identical fine-tuned models gives ``base + c_j * delta`` with
+``c_j`` in {1, 1.5, 2} per column (each model's softmax score is 0.5, the
+calibrated ones 1) — not the model. This is the reference's behaviour and is
+kept. Two identical models with ``score_calibration_value: 0.5``, or a single
+model with the default calibration (softmax score 1), return the model.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import check_inputs
+from .registry import Param, TensorMerge, merge_method
+
+EPS = 1e-12
+
+
+def importance_scores(significance: torch.Tensor, ratio: float, calibration: float) -> torch.Tensor:
+    """Softmax across models (dim 0), then calibration of above-average entries.
+
+    ``significance`` has shape ``(n_models, n)``; the mean is per model.
+    """
+    scores = torch.softmax(significance, dim=0)
+    avg = significance.mean(dim=1, keepdim=True)
+    scores[significance > avg * ratio] = calibration
+    return scores
+
+
+def within_tensor_rank(diff: torch.Tensor) -> torch.Tensor:
+    """``(n_models, n)`` -> stable ascending rank / n, per model (reference's ranking)."""
+    n = diff.shape[1]
+    order = torch.argsort(diff, dim=1, stable=True)
+    sig = torch.empty_like(diff)
+    ranks = (torch.arange(n, device=diff.device, dtype=diff.dtype) / n).expand_as(diff).contiguous()
+    sig.scatter_(1, order, ranks)
+    return sig
+
+
+def _column_stats(w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(w, dim=0)
+
+
+def widen_matrix(base: torch.Tensor, models: list[torch.Tensor], ratio: float, calibration: float) -> torch.Tensor:
+    """WIDEN for one 2-D weight (columns along dim 1)."""
+    mag_b = _column_stats(base)
+    mag_diffs = []
+    dir_diffs = []
+    for m in models:
+        mag_m = _column_stats(m)
+        mag_diffs.append((mag_m - mag_b).abs())
+        dot = (m * base).sum(dim=0)
+        both = (mag_m > EPS) & (mag_b > EPS)
+        neither = (mag_m <= EPS) & (mag_b <= EPS)
+        cos = torch.where(both, dot / torch.where(both, mag_m * mag_b, torch.ones_like(dot)), torch.zeros_like(dot))
+        dir_diff = 1.0 - cos
+        dir_diff = torch.where(neither, torch.zeros_like(dir_diff), dir_diff)
+        dir_diffs.append(dir_diff)
+    mag_rank = within_tensor_rank(torch.stack(mag_diffs))
+    dir_rank = within_tensor_rank(torch.stack(dir_diffs))
+    weights = 0.5 * (importance_scores(mag_rank, ratio, calibration) + importance_scores(dir_rank, ratio, calibration))
+    out = base.clone()
+    for i, m in enumerate(models):
+        out.add_((m - base).mul_(weights[i].unsqueeze(0)))
+    return out
+
+
+def widen_vector(base: torch.Tensor, models: list[torch.Tensor], ratio: float, calibration: float) -> torch.Tensor:
+    """WIDEN for a 1-D parameter: raw |delta| significance."""
+    deltas = torch.stack([m - base for m in models])
+    scores = importance_scores(deltas.abs(), ratio, calibration)
+    return base + (deltas * scores).sum(dim=0)
+
+
+@merge_method(
+    "widen",
+    params=[
+        Param("above_average_value_ratio", float, default=1.0, min=0.0,
+              help="a significance above its model's mean times this ratio is calibrated"),
+        Param("score_calibration_value", float, default=1.0,
+              help="the score given to calibrated (above-average) entries"),
+    ],
+    needs_base=True,
+    min_models=1,
+    paper="Yu et al. 2024, Extend Model Merging from Fine-Tuned to Pre-Trained LLMs via Weight Disentanglement (arXiv 2408.03092)",
+    mergekit_name=None,
+)
+def widen(t: TensorMerge) -> torch.Tensor:
+    """WIDEN: weight each column's task vector by magnitude and direction change ranks (softmax over models, calibrated)."""
+    check_inputs(t, "widen")
+    base = t.base
+    assert base is not None
+    ratio = float(t.params["above_average_value_ratio"])
+    calib = float(t.params["score_calibration_value"])
+    shape = base.shape
+    if base.dim() <= 1:
+        out = widen_vector(base.reshape(-1), [m.reshape(-1) for m in t.models], ratio, calib)
+        return out.reshape(shape)
+    if base.dim() > 2:
+        b2 = base.reshape(shape[0], -1)
+        return widen_matrix(b2, [m.reshape(shape[0], -1) for m in t.models], ratio, calib).reshape(shape)
+    if t.role == "embedding":
+        out = widen_matrix(base.t(), [m.t() for m in t.models], ratio, calib)
+        return out.t().contiguous()
+    return widen_matrix(base, list(t.models), ratio, calib)
