@@ -66,8 +66,8 @@ def task_arithmetic(t: TensorMerge) -> torch.Tensor:
     weights = t.weights()
     out = torch.zeros_like(t.base)
     for m, w in zip(t.models, weights):
-        out.add_(m, alpha=w)
-        out.add_(t.base, alpha=-w)
+        # subtract first: an unchanged entry then contributes exactly zero
+        out.add_(torch.sub(m, t.base), alpha=w)
     if t.params["normalize"]:
         total = sum(weights)
         if total == 0:
