@@ -133,23 +133,25 @@ class Pipeline:
         """Execute the recipe; returns the run report (also written by the CLI)."""
         t_start = time.time()
         final_id = self.recipe.final_step
-        if self.output_path.exists() and not self.opts.overwrite and not self._finished(self.output_path, None):
-            raise InvalidInputError(f"{self.output_path}: already exists (pass --overwrite to replace it)")
         # Validate the whole pipeline from headers before any weight is read.
         self.plan(headers_only=False)
-        available: dict[str, Any] = {}
-        fingerprints: dict[str, str] = {}
-        results: list[StepResult] = []
         needed = self._needed_steps(final_id)
+        fingerprints: dict[str, str] = {}
+        for step in self.recipe.steps:
+            if step.id in needed:
+                fingerprints[step.id] = self._fingerprint(step, fingerprints)
+        if self.output_path.exists() and not self.opts.overwrite and not self._finished(self.output_path, fingerprints[final_id]):
+            raise InvalidInputError(f"{self.output_path}: already exists (pass --overwrite to replace it)")
+        available: dict[str, Any] = {}
+        results: list[StepResult] = []
         for i, step in enumerate(self.recipe.steps):
             if step.id not in needed:
                 continue
             inputs = self._inputs_for(step, available)
-            fp = self._fingerprint(step, fingerprints)
-            fingerprints[step.id] = fp
+            fp = fingerprints[step.id]
             dest = self.output_path if step.id == final_id else self.work_dir / step.id
             t0 = time.time()
-            if self._finished(dest, fp) and not (step.id == final_id and self.opts.overwrite and not self._finished(dest, fp)):
+            if self._finished(dest, fp):
                 self._say(f"step {step.id}: already done ({dest}), skipping")
                 results.append(StepResult(step.id, step.kind, str(dest), True, 0.0))
             else:
@@ -199,12 +201,10 @@ class Pipeline:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     @staticmethod
-    def _finished(dest: Path, fingerprint: str | None) -> bool:
+    def _finished(dest: Path, fingerprint: str) -> bool:
         marker = dest / STEP_MARKER
         if not marker.exists():
             return False
-        if fingerprint is None:
-            return True
         try:
             return json.loads(marker.read_text()).get("fingerprint") == fingerprint
         except (OSError, ValueError):
