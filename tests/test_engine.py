@@ -102,7 +102,7 @@ def test_validate_reads_no_weights_and_reports_each_problem(tmp_path: Path, tiny
     def no_reads(*a, **k):
         raise AssertionError("validate read tensor data")
 
-    monkeypatch.setattr(CheckpointClass, "_view", no_reads)
+    monkeypatch.setattr(CheckpointClass, "_read", no_reads)
     # 1. a shape mismatch
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -120,7 +120,7 @@ def test_validate_reads_no_weights_and_reports_each_problem(tmp_path: Path, tiny
     sd = load_file(tiny_family["ft1"] / "model.safetensors")
     del sd["model.layers.1.self_attn.k_proj.weight"]
     save_file(sd, missing / "model.safetensors")
-    monkeypatch.setattr(CheckpointClass, "_view", no_reads)
+    monkeypatch.setattr(CheckpointClass, "_read", no_reads)
 
     cases = {
         "shape": (TA.replace("model: ft1,", "model: bad,"), "shape [3, 3] in model 'bad'"),

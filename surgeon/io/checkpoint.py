@@ -3,8 +3,8 @@
 A :class:`Checkpoint` is opened over a folder holding ``model.safetensors`` or
 a sharded ``model.safetensors.index.json`` (or over a single ``.safetensors``
 file). Opening reads only the headers; :meth:`Checkpoint.get` maps the one
-tensor asked for (``mmap``, so the page cache is shared and nothing else of
-the file is loaded). Pickled checkpoints (``*.bin``, ``*.pt``) are refused
+tensor asked for (one ``pread`` into the tensor's own memory; nothing else of
+the file is loaded, and nothing stays resident after the tensor is freed). Pickled checkpoints (``*.bin``, ``*.pt``) are refused
 unless the caller opts in, and are then loaded with
 ``torch.load(weights_only=True)``.
 """
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -72,7 +70,7 @@ class Checkpoint:
         self._tensors = tensors
         self.config = config
         self._pickled = pickled
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
 
     # -- opening ---------------------------------------------------------------
     @classmethod
@@ -192,42 +190,53 @@ class Checkpoint:
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
         """Read one tensor (a private copy), optionally cast and moved."""
         info = self.info(name)
-        if self._pickled is not None:
-            t = self._pickled[name]
-        else:
-            t = self._view(info)
+        t = self._pickled[name].clone() if self._pickled is not None else self._read(info)
         if dtype is not None and dtype != t.dtype:
             t = t.to(dtype)
-        elif t.data_ptr() == 0 or not t.is_contiguous() or self._pickled is None:
-            t = t.clone()
         if device is not None and torch.device(device) != t.device:
             t = t.to(device)
         return t
 
-    def _view(self, info: TensorInfo) -> torch.Tensor:
-        """A zero-copy tensor over the mapped file (never handed out as is)."""
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        mm = self._maps.get(info.file)
-        if mm is None:
-            try:
-                with open(info.file, "rb") as fh:
-                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as exc:
-                raise CheckpointError(f"{info.file}: cannot map for reading ({exc.strerror or exc})") from None
-            self._maps[info.file] = mm
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write through it
-            flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        return flat.view(info.dtype).reshape(info.shape)
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        """Read a tensor's bytes straight into a fresh tensor with ``pread``.
+
+        Not ``mmap``: pages touched through a mapping stay in this process's
+        resident set until unmapped, so RSS would grow with every tensor read
+        and a merge's peak memory would grow with the model. ``pread`` into a
+        buffer we own costs the same single copy (page cache -> tensor) and the
+        memory is freed with the tensor.
+        """
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                try:
+                    fd = os.open(info.file, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"{info.file}: cannot open for reading ({exc.strerror or exc})") from None
+                self._fds[info.file] = fd
+            view = memoryview(buf.numpy())
+            done = 0
+            while done < info.nbytes:
+                try:
+                    n = os.preadv(fd, [view[done:]], info.offset + done)
+                except OSError as exc:
+                    raise CheckpointError(f"{info.file}: reading tensor {info.name!r} failed ({exc.strerror or exc})") from None
+                if n == 0:
+                    raise CheckpointError(f"{info.file}: file ended while reading tensor {info.name!r} (truncated?)")
+                done += n
+        return buf.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        for mm in self._maps.values():
+        for fd in self._fds.values():
             try:
-                mm.close()
-            except BufferError:
-                pass  # a view is still alive; the map closes when it dies
-        self._maps.clear()
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> "Checkpoint":
         return self
