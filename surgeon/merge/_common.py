@@ -159,3 +159,44 @@ def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     for x in tensors[1:]:
         out.add_(x)
     return out
+
+
+def build_merge(
+    method: str,
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    model_params: Sequence[dict] | None = None,
+    *,
+    name: str = "tensor",
+    seed: int = 0,
+    role: str = "other",
+    state=None,
+    num_layers: int | None = None,
+    **params,
+) -> TensorMerge:
+    """A :class:`TensorMerge` for calling a method on in-memory tensors.
+
+    Parameters are resolved and range-checked through the method's
+    declarations, as the engine does (defaults filled in, gradients and name
+    filters resolved for ``name``); tensors are converted to float32.
+    """
+    from .registry import get_method, resolve_params
+
+    m = get_method(method)
+
+    def f32(x):
+        return None if x is None else torch.as_tensor(x, dtype=torch.float32)
+
+    tensors = [f32(x) for x in models]
+    mps = [dict(mp) for mp in (model_params or [{} for _ in tensors])]
+    where = f"method {method!r}"
+    resolved_mps = [resolve_params(m.model_params, mp, name, num_layers, where) for mp in mps]
+    resolved = resolve_params(m.global_params, params, name, num_layers, where)
+    return TensorMerge(name, f32(base), tensors, resolved_mps, resolved, seed=seed, role=role, state=state)
+
+
+def merge_tensors(method: str, base, models, model_params=None, **kw) -> torch.Tensor:
+    """Run merge method ``method`` on in-memory tensors (see :func:`build_merge`)."""
+    from .registry import get_method
+
+    return get_method(method).fn(build_merge(method, base, models, model_params, **kw))
