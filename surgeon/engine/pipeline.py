@@ -86,7 +86,7 @@ class Pipeline:
     # -- inputs ---------------------------------------------------------------
     def open_model(self, model_id: str, *, headers_only: bool = False) -> Any:
         """Open a recipe model (local or hub) as a lazy checkpoint."""
-        if model_id in self._models:
+        if model_id in self._models and not (getattr(self._models[model_id], "headers_only", False) and not headers_only):
             return self._models[model_id]
         raw = self.recipe.models[model_id]
         ref = parse_ref(self.loaded.resolve_path(raw))
@@ -94,8 +94,9 @@ class Pipeline:
         if ref.is_hub:
             from ..io import hub
 
-            resolved = hub.resolve(ref, headers_only=headers_only)
-            self._resolved[model_id] = {"ref": raw, "hub_id": ref.repo_id, "revision": resolved.revision}
+            resolved = hub.resolve(ref, headers_only=headers_only, allow_pickle=self.opts.allow_pickle)
+            self._resolved[model_id] = {"ref": raw, "hub_id": ref.repo_id, "revision": resolved.revision,
+                                        "path": str(resolved.path)}
             ck = resolved.checkpoint
         else:
             try:
@@ -133,6 +134,10 @@ class Pipeline:
         """Execute the recipe; returns the run report (also written by the CLI)."""
         t_start = time.time()
         final_id = self.recipe.final_step
+        if self.recipe.output.push and self.opts.push:
+            from ..io import hub
+
+            hub.check_push(self.recipe.output.push.repo)  # offline or no token: fail now, not after the work
         # Validate the whole pipeline from headers before any weight is read.
         self.plan(headers_only=False)
         needed = self._needed_steps(final_id)

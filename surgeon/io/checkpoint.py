@@ -279,8 +279,11 @@ def _read_index(index: Path) -> dict[str, TensorInfo]:
     headers: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
     for name, fname in weight_map.items():
-        shard = (index.parent / str(fname)).resolve()
-        if index.parent.resolve() not in shard.parents:
+        # the name must stay inside the folder; the file itself may be a symlink (huggingface-hub's cache
+        # links every snapshot file to a blob elsewhere), so check the path without resolving links
+        folder = Path(os.path.abspath(index.parent))
+        shard = Path(os.path.normpath(folder / str(fname)))
+        if folder not in shard.parents:
             raise CheckpointError(f"{index}: tensor {name!r} points outside the checkpoint folder ({fname!r})")
         if fname not in headers:
             if not shard.exists():
