@@ -40,16 +40,14 @@ def _boundary_mask(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
     # the k-th largest is the (n - k + 1)-th smallest
     thr = torch.kthvalue(flat, n - k + 1 if largest else k).values
-    inside = flat > thr if largest else flat < thr
-    eq = flat == thr
-    n_inside = int(inside.sum())
-    n_eq = int(eq.sum())
-    if n_inside + n_eq <= k:  # no excess ties: every tied entry fits
-        return inside | eq
-    need = k - n_inside
-    # lowest flat indices among the tied entries
-    keep_eq = eq & (torch.cumsum(eq, 0, dtype=torch.int64) <= need)
-    return inside | keep_eq
+    keep = flat >= thr if largest else flat <= thr
+    excess = int(torch.count_nonzero(keep)) - k
+    if excess > 0:
+        # more entries equal the threshold than fit: drop the tied entries
+        # with the highest flat indices (the lowest ones win)
+        tied = torch.nonzero(flat == thr).squeeze(1)
+        keep[tied[tied.numel() - excess:]] = False
+    return keep
 
 
 def smallest_mask(values: torch.Tensor, k: int) -> torch.Tensor:
