@@ -497,3 +497,72 @@ def point_hf_at(monkeypatch: Any, url: str, home: Path, *, token: str | None = N
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(C, "HF_HUB_DISABLE_PROGRESS_BARS", True)
     return env
+
+
+# -- tiny models -----------------------------------------------------------------
+def build_tiny_model(folder: Path, seed: int, *, hidden: int = 32, vocab: int = 256, layers: int = 2,
+                     shards: int = 1, tokenizer: bool = True, extras: bool = True) -> Path:
+    """A tiny Llama-shaped checkpoint (random float32 weights) with config, tokenizer and junk files.
+
+    ``shards > 1`` writes ``model-0000i-of-0000n.safetensors`` plus an index. ``extras`` adds
+    files a hub repo often carries but surgeon must not download: ``README.md``,
+    ``pytorch_model.bin`` (a pickle), ``training_args.bin`` and ``optimizer.pt``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    inter = hidden * 2
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.1}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{n}.weight"] = torch.randn(hidden, hidden, generator=g) * 0.1
+        sd[p + "mlp.gate_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.1
+        sd[p + "mlp.up_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.1
+        sd[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g) * 0.1
+        sd[p + "input_layernorm.weight"] = torch.ones(hidden)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+    sd["model.norm.weight"] = torch.ones(hidden)
+    sd["lm_head.weight"] = torch.randn(vocab, hidden, generator=g) * 0.1
+    names = sorted(sd)
+    if shards <= 1:
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for k in range(shards):
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            part = names[k * per:(k + 1) * per]
+            save_file({n: sd[n] for n in part}, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in part})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "num_hidden_layers": layers, "vocab_size": vocab, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    if tokenizer:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        vocab_map = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+        tok = Tokenizer(models.WordLevel(vocab=vocab_map, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "model_max_length": 128}))
+    if extras:
+        (folder / "README.md").write_text(f"# tiny model {seed}\n")
+        torch.save({k: v for k, v in list(sd.items())[:2]}, folder / "pytorch_model.bin")
+        (folder / "training_args.bin").write_bytes(b"\x80\x04junk" * 64)
+        (folder / "optimizer.pt").write_bytes(b"\0" * 50_000)
+    return folder

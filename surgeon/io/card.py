@@ -35,16 +35,18 @@ class CardInfo:
 
 
 def render_card(info: CardInfo) -> str:
-    base_models = [i.hub_id for i in info.inputs if i.hub_id] or None
+    base_models = list(dict.fromkeys(i.hub_id for i in info.inputs if i.hub_id)) or None
     front: dict[str, Any] = {"library_name": "transformers"}
     if base_models:
         front["base_model"] = base_models
+        if set(info.operations) == {"merge"}:
+            front["base_model_relation"] = "merge"  # the hub's model tree shows it as a merge of its bases
     front["tags"] = ["surgeon", *sorted(set(info.operations))] + (["mergekit"] if "merge" in info.operations else [])
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {info.name}", ""]
     lines.append(f"This checkpoint was made with [surgeon](https://github.com/) by {', '.join(_describe_step(s) for s in info.steps)}.")
     lines += ["", "## Inputs", "", "| id | reference | revision |", "|---|---|---|"]
     for i in info.inputs:
-        lines.append(f"| {i.id} | {i.hub_id or i.ref} | {i.revision or 'local'} |")
+        lines.append(f"| {i.id} | {i.ref} | {i.revision or 'local'} |")  # as the recipe wrote it
     lines += ["", "## Steps", ""]
     for s in info.steps:
         lines.append(f"- **{s['id']}** ({s['kind']}): {_describe_step(s)}")

@@ -198,7 +198,7 @@ def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str |
         if not snapshot.is_dir():
             raise InvalidInputError(f"{what}: commit {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1 is set; "
                                     "run once online to fill the cache")
-        listing = sorted(p.name for p in snapshot.iterdir() if p.is_file())
+        listing = _cached_listing(repo_id, sha, snapshot)
     else:
         listing = sorted(f.path for f in api.list_repo_tree(repo_id, revision=sha, recursive=False)
                          if type(f).__name__ == "RepoFile" and "/" not in f.path)
@@ -209,6 +209,9 @@ def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str |
     shards = _weight_files(listing, index)
     if not shards:
         pickles = sorted({f for f in listing for pat in PICKLE_PATTERNS if fnmatch.fnmatch(f, pat)})
+        if not pickles and offline:
+            raise InvalidInputError(f"{what}: the weights of commit {sha[:12]} are not in the local cache and "
+                                    "HF_HUB_OFFLINE=1 is set; run once online to fill the cache")
         if not pickles:
             raise CheckpointError(f"{label}: no model.safetensors, {INDEX_NAME} or *.safetensors file in the repository")
         if not allow_pickle:
@@ -238,11 +241,25 @@ def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str |
     return Resolved(repo_id, ref.revision, sha, folder, ck, False, files)
 
 
+def _cached_listing(repo_id: str, sha: str, snapshot: Path) -> list[str]:
+    """Root files of commit ``sha`` as far as the cache knows: huggingface-hub's cached tree
+    listing of the commit when there is one, else the files present in the snapshot folder."""
+    try:
+        from huggingface_hub._tree_cache import read_tree_cache
+
+        entries = read_tree_cache(str(_cache_folder(repo_id)), sha)
+    except Exception:  # an older huggingface-hub without a tree cache
+        entries = None
+    if entries:
+        return sorted(p for p in entries if "/" not in p)
+    return sorted(p.name for p in snapshot.iterdir() if p.is_file())
+
+
 def _resolve_revision(api: Any, repo_id: str, revision: str | None) -> str:
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
     if hasattr(api, "resolve_revision"):  # huggingface-hub >= 1.x: falls back on the cache's refs when offline
-        r = api.resolve_revision(repo_id, revision=revision)
+        r = api.resolve_revision(repo_id, revision=revision, local_files_only=is_offline())
         return str(getattr(r, "resolved", r))
     ref_file = _cache_folder(repo_id) / "refs" / (revision or "main")
     if is_offline() and ref_file.is_file():
