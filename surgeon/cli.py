@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no weights")
     p.add_argument("--no-eval", action="store_true", help="skip the recipe's eval block")
     p.add_argument("--no-push", action="store_true", help="skip the recipe's output.push")
+    p.add_argument("--distributed", action="store_true",
+                   help="split the merge across the processes of `accelerate launch` / torchrun "
+                   "(automatic when WORLD_SIZE > 1)")
 
     for name, helptext in (("validate", "check a recipe from headers only (no weights read)"),
                            ("plan", "show what each step reads and writes and its peak memory")):
@@ -237,7 +240,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             _print_plan(summaries)
             _write_report(args.report, {"schema": "surgeon.report/1", "dry_run": True, "steps": summaries})
             return 0
-        report = api.run(args.recipe, output=out, evaluate=not args.no_eval, push=not args.no_push, **_run_options(args))
+        report = api.run(args.recipe, output=out, evaluate=not args.no_eval, push=not args.no_push,
+                         distributed=args.distributed, **_run_options(args))
+        if "output" not in report:  # a non-main rank of a distributed run: rank 0 reports
+            return 0
         _write_report(args.report, report)
         if not args.quiet:
             _print_run(report)

@@ -31,6 +31,7 @@ from ..io.writer import CheckpointWriter, parse_size
 from ..recipe.load import LoadedRecipe
 from ..recipe.schema import MergeSpec, Step
 from . import steps as step_kinds
+from .distributed import coordinator_from_environment
 from .virtual import VirtualCheckpoint
 
 log = logging.getLogger("surgeon")
@@ -53,6 +54,7 @@ class RunOptions:
     max_shard_size: str | int | None = None
     evaluate: bool = True
     push: bool = True
+    distributed: bool = False  # join the launcher's process group even if WORLD_SIZE is unset
     progress: bool | None = None  # None: only on a TTY and not quiet
 
 
@@ -80,6 +82,9 @@ class Pipeline:
         self.device = torch.device(self.opts.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidInputError("--device cuda: no CUDA device is available to torch on this machine")
+        self.coord = coordinator_from_environment(self.opts.device, force=self.opts.distributed)
+        if self.coord.distributed and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.coord.rank)))
         self._models: dict[str, Any] = {}
         self._resolved: dict[str, dict[str, Any]] = {}
 
@@ -166,7 +171,11 @@ class Pipeline:
                 details = kind.execute(step, sp, inputs, dest, self, fp)
                 results.append(StepResult(step.id, step.kind, str(dest), False, round(time.time() - t0, 3), details))
             available[step.id] = Checkpoint.open(dest, label=f"step {step.id!r} ({dest})")
+        if not self.coord.is_main:
+            return {"schema": REPORT_SCHEMA, "rank": self.coord.rank, "steps": [r.id for r in results]}
         report = self._report(results, t_start)
+        if self.coord.distributed:
+            report["processes"] = self.coord.world
         if self.recipe.eval and self.opts.evaluate:
             report["evaluation"] = self.evaluate(available[final_id])
             self._rewrite_card(report)
@@ -221,13 +230,15 @@ class Pipeline:
 
     @property
     def show_progress(self) -> bool:
+        if not self.coord.is_main:
+            return False
         if self.opts.progress is not None:
             return self.opts.progress
         return not self.opts.quiet and sys.stderr.isatty()
 
     def _say(self, msg: str) -> None:
         log.info(msg)
-        if not self.opts.quiet:
+        if not self.opts.quiet and self.coord.is_main:
             print(msg, file=sys.stderr)
 
     # -- shared helpers for step kinds ----------------------------------------

@@ -71,10 +71,10 @@ class MergeKind:
             pipeline._say(f"step {step.id}: {note}")
         threads = pipeline.opts.threads or max(1, min(4, torch.get_num_threads()))
         with CheckpointWriter(dest, mp.specs, max_shard_size=pipeline.max_shard_size, overwrite=True,
-                              metadata={"surgeon.step": step.id}) as writer:
+                              metadata={"surgeon.step": step.id}, coordinator=pipeline.coord) as writer:
             bar = tqdm(total=mp.bytes_out, unit="B", unit_scale=True, desc=f"merge {step.id}",
                        disable=not pipeline.show_progress)
-            bar.update(sum(t.spec.nbytes for t in mp.tasks if writer.is_written(t.name)))
+            bar.update(sum(t.spec.nbytes for t in mp.tasks if writer.is_written(t.name) or not writer.owns(t.name)))
             rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
                               allow_nonfinite=pipeline.opts.allow_nonfinite, progress=bar.update)
             try:
@@ -85,6 +85,22 @@ class MergeKind:
             tok = inputs[mp.tokenizer_id] if mp.tokenizer_id else template
             pipeline.finish_checkpoint(writer, step, plan.output.config, tok, template, fingerprint, mp.notes)
         return details
+
+
+def _main_only(pipeline: "Pipeline", dest: Path, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a single-process step on rank 0 while the other ranks wait for its output."""
+    if not pipeline.coord.distributed:
+        return work()
+    error, details = None, {}
+    if pipeline.coord.is_main:
+        try:
+            details = work()
+        except Exception as exc:  # re-raised on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    error = pipeline.coord.broadcast_object(error)
+    if error is not None:
+        raise StepError(f"step failed on rank 0: {error}")
+    return details
 
 
 class TransplantKind:
@@ -101,13 +117,13 @@ class TransplantKind:
 
         spec = step.transplant
         assert spec is not None
-        return transplant(
+        return _main_only(pipeline, dest, lambda: transplant(
             inputs[spec.model].path, inputs[spec.donor].path, dest, method=spec.method, k=spec.k,
             device=pipeline.opts.device, overwrite=True, screen=spec.screen, batch_size=spec.batch_size,
             progress=pipeline.show_progress,
             finish=lambda writer, config, notes: pipeline.finish_checkpoint(
                 writer, step, config, inputs[spec.donor], inputs[spec.model], fingerprint, notes),
-        )
+        ))
 
 
 class FuseKind:

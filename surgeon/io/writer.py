@@ -149,6 +149,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
         resume: bool = True,
+        coordinator: Any = None,
     ):
         self.dest = Path(dest)
         self.specs = list(specs)
@@ -161,6 +162,11 @@ class CheckpointWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.resume = resume
         self.staging = self.dest.parent / f".{self.dest.name}.surgeon-partial"
+        from ..engine.distributed import SINGLE, assign_owners
+
+        self.coord = coordinator or SINGLE
+        owners = assign_owners([s.nbytes for s in self.specs], self.coord.world)
+        self._owner = {s.name: r for s, r in zip(self.specs, owners)}
         self._slots: dict[str, _Slot] = {}
         self._files: list[str] = []
         self._fds: dict[str, int] = {}
@@ -183,36 +189,75 @@ class CheckpointWriter:
             self.abort(keep_partial=keep)
 
     def open(self) -> None:
+        """Lay out the shards (rank 0) or join them (other ranks); resume a matching partial write."""
         if self.dest.exists() and not self.overwrite:
             raise InvalidInputError(f"{self.dest}: already exists (pass --overwrite to replace it)")
+        shards = plan_shards(self.specs, self.max_shard_size)
+        self._files = shard_names(len(shards))
+        layout = self._layout_fingerprint(shards)
+        error = None
+        if self.coord.is_main:
+            try:
+                self._prepare_staging(shards, layout)
+            except StepError as exc:
+                error = str(exc)
+        error = self.coord.broadcast_object(error)  # also a barrier: the files exist now
+        if error is not None:
+            self.abort()
+            raise StepError(error)
+        try:
+            self._open_shards(shards)
+            self._written = self._journaled()
+            self.resumed_tensors = len(self._written)
+            self._journal = open(self._journal_path(self.coord.rank), "a", encoding="utf-8")
+        except OSError as exc:
+            self.abort()
+            raise StepError(f"{self.staging}: cannot open the partial output ({exc.strerror or exc})") from None
+
+    def _prepare_staging(self, shards: list[list[TensorSpec]], layout: dict[str, Any]) -> None:
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StepError(f"{self.dest.parent}: cannot create output folder ({exc.strerror or exc})") from None
-        shards = plan_shards(self.specs, self.max_shard_size)
-        self._files = shard_names(len(shards))
-        layout = self._layout_fingerprint(shards)
         if self.staging.exists():
             if self.resume and self._same_layout(layout):
-                self._reopen()
                 return
             shutil.rmtree(self.staging, ignore_errors=True)
+        path = self.staging
         try:
             self.staging.mkdir(parents=True)
             for fname, shard in zip(self._files, shards):
-                header, offsets = _header_bytes(shard, self.metadata)
+                header, _ = _header_bytes(shard, self.metadata)
                 path = self.staging / fname
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds[fname] = fd
-                os.pwrite(fd, header, 0)
-                os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
-                for s in shard:
-                    self._slots[s.name] = _Slot(fname, len(header) + offsets[s.name], s)
-            (self.staging / self.LAYOUT).write_text(json.dumps(layout))
-            self._journal = open(self.staging / self.JOURNAL, "a", encoding="utf-8")
+                try:
+                    os.pwrite(fd, header, 0)
+                    os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
+                finally:
+                    os.close(fd)
+            path = self.staging / self.LAYOUT
+            path.write_text(json.dumps(layout))
         except OSError as exc:
-            self.abort()
-            raise StepError(f"{self.staging}: cannot prepare output ({exc.strerror or exc})") from None
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise StepError(f"{path}: cannot prepare output ({exc.strerror or exc})") from None
+
+    def _open_shards(self, shards: list[list[TensorSpec]]) -> None:
+        for fname, shard in zip(self._files, shards):
+            header, offsets = _header_bytes(shard, self.metadata)
+            self._fds[fname] = os.open(self.staging / fname, os.O_RDWR)
+            for s in shard:
+                self._slots[s.name] = _Slot(fname, len(header) + offsets[s.name], s)
+
+    def _journal_path(self, rank: int) -> Path:
+        return self.staging / (self.JOURNAL if rank == 0 else f"{self.JOURNAL}.{rank}")
+
+    def _journaled(self) -> set[str]:
+        """Tensors every rank's journal lists (a kill can cut the last line: only full lines count)."""
+        done: set[str] = set()
+        for journal in self.staging.glob(self.JOURNAL + "*"):
+            lines = journal.read_text(encoding="utf-8").split("\n")
+            done |= {n for n in lines[:-1] if n in self._slots}
+        return done
 
     def _layout_fingerprint(self, shards: list[list[TensorSpec]]) -> dict[str, Any]:
         desc = [[(s.name, list(s.shape), CODES[s.dtype]) for s in shard] for shard in shards]
@@ -225,27 +270,14 @@ class CheckpointWriter:
         except (OSError, ValueError):
             return False
 
-    def _reopen(self) -> None:
-        """Resume an interrupted write with the same layout."""
-        shards = plan_shards(self.specs, self.max_shard_size)
-        for fname, shard in zip(self._files, shards):
-            header, offsets = _header_bytes(shard, self.metadata)
-            self._fds[fname] = os.open(self.staging / fname, os.O_RDWR)
-            for s in shard:
-                self._slots[s.name] = _Slot(fname, len(header) + offsets[s.name], s)
-        journal = self.staging / self.JOURNAL
-        if journal.exists():
-            lines = journal.read_text(encoding="utf-8").split("\n")
-            # the last line may be cut by a kill: only newline-terminated names count
-            self._written = {n for n in lines[:-1] if n in self._slots}
-        self.resumed_tensors = len(self._written)
-        self._journal = open(journal, "a", encoding="utf-8")
-
     # -- writing ----------------------------------------------------------------
     @property
     def pending(self) -> list[str]:
-        """Tensor names still to be written, in plan order."""
-        return [s.name for s in self.specs if s.name not in self._written]
+        """Tensors this process still has to write, in plan order (its share when distributed)."""
+        return [s.name for s in self.specs if s.name not in self._written and self.owns(s.name)]
+
+    def owns(self, name: str) -> bool:
+        return self._owner.get(name, 0) == self.coord.rank
 
     def is_written(self, name: str) -> bool:
         return name in self._written
@@ -275,7 +307,9 @@ class CheckpointWriter:
         self._written.add(name)
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
-        """Write an auxiliary file (config, tokenizer, card) into the checkpoint."""
+        """Write an auxiliary file (config, tokenizer, card) into the checkpoint (rank 0 only)."""
+        if not self.coord.is_main:
+            return
         path = self.staging / relpath
         if path.resolve().parent != self.staging.resolve() and self.staging.resolve() not in path.resolve().parents:
             raise StepError(f"{relpath!r}: refusing to write outside the output folder")
@@ -303,12 +337,7 @@ class CheckpointWriter:
 
     # -- finishing --------------------------------------------------------------
     def commit(self) -> Path:
-        """Check completeness, sync, write the index, and rename into place."""
-        missing = self.pending
-        if missing:
-            self.abort(keep_partial=False)
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise StepError(f"{self.dest}: {len(missing)} planned tensors were never written: {', '.join(missing[:3])}{more}")
+        """Check completeness, sync, write the index, and rename into place (rank 0, after every rank)."""
         try:
             for fd in self._fds.values():
                 os.fsync(fd)
@@ -317,19 +346,40 @@ class CheckpointWriter:
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
+        except OSError as exc:
+            self.abort()
+            raise StepError(f"{self.staging}: syncing the shards failed ({exc.strerror or exc})") from None
+        self.coord.barrier()
+        error = None
+        if self.coord.is_main:
+            try:
+                self._finish_main()
+            except (StepError, InvalidInputError) as exc:
+                error = str(exc)
+        error = self.coord.broadcast_object(error)
+        if error is not None:
+            self.abort()
+            raise StepError(error)
+        self._committed = True
+        return self.dest
+
+    def _finish_main(self) -> None:
+        written = self._journaled()
+        missing = [s.name for s in self.specs if s.name not in written]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise StepError(f"{self.dest}: {len(missing)} planned tensors were never written: {', '.join(missing[:3])}{more}")
+        try:
             if len(self._files) > 1:
                 weight_map = {name: slot.file for name, slot in sorted(self._slots.items())}
                 total = sum(s.nbytes for s in self.specs)
                 self.write_json("model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-            for extra in (self.JOURNAL, self.LAYOUT):
+            for extra in [self.LAYOUT, *(j.name for j in self.staging.glob(self.JOURNAL + "*"))]:
                 (self.staging / extra).unlink(missing_ok=True)
             self._sync_dir(self.staging)
             self._swap_into_place()
         except OSError as exc:
-            self.abort(keep_partial=False)
             raise StepError(f"{self.dest}: finishing the checkpoint failed ({exc.strerror or exc})") from None
-        self._committed = True
-        return self.dest
 
     def _swap_into_place(self) -> None:
         old = None
@@ -358,7 +408,7 @@ class CheckpointWriter:
             os.close(fd)
 
     def abort(self, keep_partial: bool = False) -> None:
-        """Close files; remove the staging folder unless asked to keep it for resuming."""
+        """Close files; remove the staging folder (rank 0) unless asked to keep it for resuming."""
         for fd in self._fds.values():
             try:
                 os.close(fd)
@@ -371,5 +421,5 @@ class CheckpointWriter:
             except OSError:
                 pass
             self._journal = None
-        if not keep_partial:
+        if not keep_partial and self.coord.is_main and not self._committed:
             shutil.rmtree(self.staging, ignore_errors=True)
