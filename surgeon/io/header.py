@@ -76,8 +76,10 @@ def parse_header_bytes(raw: bytes, file_size: int, where: str) -> Header:
     body = raw[8 : 8 + n]
     try:
         meta = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers of over 4300 digits
         raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: header JSON is nested too deeply (corrupt or hostile file)") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
     data_len = file_size - 8 - n
@@ -97,7 +99,7 @@ def _entry(name: str, info: object, data_len: int, where: str) -> HeaderEntry:
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: tensor {name!r}: header entry is not an object")
     code = info.get("dtype")
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:
         raise CheckpointError(f"{where}: tensor {name!r}: unknown or unsupported dtype {code!r}")
     shape = info.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
