@@ -261,8 +261,10 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         cfg = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{f}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting, huge integers
+        raise CheckpointError(f"{f}: not valid JSON ({exc or 'nested too deeply'})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{f}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f}: expected a JSON object")
     return cfg
@@ -274,11 +276,15 @@ def _read_index(index: Path) -> dict[str, TensorInfo]:
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({exc or 'nested too deeply'})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{index}: cannot read ({exc.strerror or exc})") from None
     headers: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
     for name, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"{index}: tensor {name!r}: shard name must be a string, got {fname!r}")
         # the name must stay inside the folder; the file itself may be a symlink (huggingface-hub's cache
         # links every snapshot file to a blob elsewhere), so check the path without resolving links
         folder = Path(os.path.abspath(index.parent))
