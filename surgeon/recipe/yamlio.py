@@ -46,13 +46,29 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
-def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str, loader: _Loader) -> Any:
+MAX_NODES = 100_000  # a recipe has hundreds; aliases must not expand into millions ("billion laughs")
+MAX_DEPTH = 64
+
+
+def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str, loader: _Loader,
+               budget: list[int] | None = None, active: frozenset[int] = frozenset()) -> Any:
+    budget = budget if budget is not None else [MAX_NODES]
+    budget[0] -= 1
+    where = f"{file}:{node.start_mark.line + 1}"
+    if budget[0] < 0:
+        raise RecipeError(f"{where}: the document expands to more than {MAX_NODES} values (aliases used as a bomb?)")
+    if len(path) > MAX_DEPTH:
+        raise RecipeError(f"{where}: nested more than {MAX_DEPTH} levels deep")
     lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in active:
+            raise RecipeError(f"{where}: an alias refers to a value that contains it (a recursive structure)")
+        active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: mapping keys must be plain scalars")
             if key in out:
@@ -61,10 +77,10 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str,
                     f"(first at line {lines.get(path + (key,), '?')})"
                 )
             lines[path + (key,)] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, path + (key,), lines, file, loader)
+            out[key] = _construct(value_node, path + (key,), lines, file, loader, budget, active)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, path + (i,), lines, file, loader) for i, item in enumerate(node.value)]
+        return [_construct(item, path + (i,), lines, file, loader, budget, active) for i, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 
@@ -82,6 +98,10 @@ def load_yaml_text(text: str, file: str) -> Located:
         where = f"{file}:{mark.line + 1}" if mark is not None else file
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+    except ValueError as exc:  # scalars PyYAML resolves but cannot build: 2020-13-45, !!int abc, 5000-digit ints
+        raise RecipeError(f"{file}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise RecipeError(f"{file}: not valid YAML (nested too deeply)") from None
     finally:
         loader.dispose()
     return Located(data, file, lines)
