@@ -56,10 +56,12 @@ def test_layer_index_and_gradient() -> None:
     assert interpolate_gradient([0.0, 1.0, 0.0], 0.75) == 0.5
     # 5 layers over [0, 1]: layer 2 is the midpoint
     assert resolve_value([0.0, 1.0], "model.layers.2.mlp.weight", 5) == 0.5
-    # outside the stack: embeddings take the first value, the head and final norm the last
+    # outside the stack every tensor takes the first value, as in mergekit
     assert resolve_value([0.2, 0.9], "model.embed_tokens.weight", 5) == 0.2
-    assert resolve_value([0.2, 0.9], "lm_head.weight", 5) == 0.9
-    assert resolve_value([0.2, 0.9], "model.norm.weight", 5) == 0.9
+    assert resolve_value([0.2, 0.9], "lm_head.weight", 5) == 0.2
+    assert resolve_value([0.2, 0.9], "model.norm.weight", 5) == 0.2
+    # a one-layer model takes the last value, as in mergekit
+    assert resolve_value([0.2, 0.9], "model.layers.0.mlp.weight", 1) == 0.9
 
 
 def test_filter_rules_first_match_wins() -> None:
@@ -68,7 +70,7 @@ def test_filter_rules_first_match_wins() -> None:
     assert resolve_value(rules, "model.layers.0.self_attn.q_proj.weight", 3) == 0.1
     assert resolve_value(rules, "model.layers.2.mlp.up_proj.weight", 3) == 1.0
     assert resolve_value(rules, "model.layers.1.input_layernorm.weight", 3) == 0.3
-    assert resolve_value(rules, "lm_head.weight", 3) == 0.9
+    assert resolve_value(rules, "lm_head.weight", 3) == 0.9  # the catch-all
 
 
 def test_resolve_params_checks_ranges_and_defaults() -> None:

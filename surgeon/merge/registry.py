@@ -296,9 +296,10 @@ def resolve_value(value: Any, tensor_name: str, num_layers: int | None) -> Any:
     """Turn a recipe parameter value into the plain value for one tensor.
 
     - scalar: itself;
-    - list of numbers: a gradient over layer index (tensors outside the layer
-      stack, like embeddings, take the first value for names before the
-      layers and the last for the final norm and head, as mergekit does);
+    - list of numbers: a gradient over layer index, layer i of n at position
+      i / (n - 1). As in mergekit, tensors outside the layer stack (embeddings,
+      final norm, head) take the first value (position 0) and a one-layer
+      model takes the last, so a mergekit config means the same here;
     - list of rules ``{filter|glob|regex: pattern, value: v}``: the first rule
       that matches; ``v`` may itself be a gradient.
     """
@@ -310,17 +311,13 @@ def resolve_value(value: Any, tensor_name: str, num_layers: int | None) -> Any:
     if isinstance(value, list):
         idx = layer_index(tensor_name)
         if idx is None:
-            position = 1.0 if _is_after_layers(tensor_name) else 0.0
-        elif num_layers is None or num_layers <= 1:
             position = 0.0
+        elif num_layers is None or num_layers <= 1:
+            position = 1.0
         else:
             position = idx / (num_layers - 1)
         return interpolate_gradient(value, position)
     return value
-
-
-def _is_after_layers(name: str) -> bool:
-    return any(k in name for k in ("lm_head", "model.norm", "final_layer_norm", "ln_f"))
 
 
 def resolve_params(
