@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from surgeon.merge._select import largest_mask, rank_range_mask, smallest_mask, stable_ranks, stream_kth_smallest
+from surgeon.merge._select import kth_smallest, largest_mask, rank_range_mask, smallest_mask, stable_ranks, stream_kth_smallest
 
 
 def _stable_positions(v: torch.Tensor, descending: bool = False) -> torch.Tensor:
@@ -60,3 +60,12 @@ def test_stream_kth_smallest_is_exact():
     # a callable of the lengths, and a skipped series
     got = stream_kth_smallest(lambda: zip(chunks, other), lambda lengths: [None, lengths[1]])
     assert got == [None, float(flat2.max())]
+
+
+def test_kth_smallest_both_ways():
+    g = torch.Generator().manual_seed(3)
+    v = torch.randint(-4, 5, (101,), generator=g).float()
+    for k in [1, 2, 50, 51, 52, 100, 101]:
+        want = float(torch.sort(v).values[k - 1])
+        assert float(kth_smallest(v, k, "kthvalue")) == want
+        assert float(kth_smallest(v, k, "topk")) == want

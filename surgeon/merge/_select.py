@@ -24,12 +24,30 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 __all__ = [
+    "kth_smallest",
     "smallest_mask",
     "largest_mask",
     "rank_range_mask",
     "stable_ranks",
     "stream_kth_smallest",
 ]
+
+
+def kth_smallest(flat: torch.Tensor, k: int, how: str | None = None) -> torch.Tensor:
+    """The k-th smallest (1-based) entry of a 1-D tensor, as a 0-d tensor.
+
+    CPU: ``torch.kthvalue`` (linear-time selection, several times faster than a
+    sort). Other devices: ``torch.topk`` of the smaller side — CUDA's
+    ``kthvalue`` was measured at 0.41 s on 58M floats on an H200, against
+    2.7 ms for ``topk``. ``how`` forces ``"kthvalue"`` or ``"topk"``.
+    """
+    n = flat.numel()
+    how = how or ("kthvalue" if flat.device.type == "cpu" else "topk")
+    if how == "kthvalue":
+        return torch.kthvalue(flat, k).values
+    if k <= n - k + 1:
+        return torch.topk(flat, k, largest=False, sorted=False).values.max()
+    return torch.topk(flat, n - k + 1, largest=True, sorted=False).values.min()
 
 
 def _boundary_mask(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -39,7 +57,7 @@ def _boundary_mask(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
     # the k-th largest is the (n - k + 1)-th smallest
-    thr = torch.kthvalue(flat, n - k + 1 if largest else k).values
+    thr = kth_smallest(flat, n - k + 1 if largest else k)
     keep = flat >= thr if largest else flat <= thr
     excess = int(torch.count_nonzero(keep)) - k
     if excess > 0:
