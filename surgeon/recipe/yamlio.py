@@ -98,10 +98,12 @@ def load_yaml_text(text: str, file: str) -> Located:
         where = f"{file}:{mark.line + 1}" if mark is not None else file
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{where}: not valid YAML ({problem})") from None
-    except ValueError as exc:  # scalars PyYAML resolves but cannot build: 2020-13-45, !!int abc, 5000-digit ints
-        raise RecipeError(f"{file}: not valid YAML ({exc})") from None
+    except RecipeError:
+        raise
     except RecursionError:
         raise RecipeError(f"{file}: not valid YAML (nested too deeply)") from None
+    except Exception as exc:  # scalars PyYAML resolves but cannot build: 2020-13-45, `!!int abc`, `!!int ` (empty)
+        raise RecipeError(f"{file}: not valid YAML ({type(exc).__name__}: {exc})") from None
     finally:
         loader.dispose()
     return Located(data, file, lines)
