@@ -6,6 +6,7 @@ keys or method names, suggests the closest valid one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -65,7 +66,10 @@ def _validate(located: Located, text: str, base_dir: Path, output_path: str | No
     data = located.data
     from_mergekit = is_mergekit_config(data)
     if from_mergekit:
-        data = convert_mergekit(data, located.file, output_path or "./merged")
+        try:
+            data = convert_mergekit(data, located.file, output_path or "./merged")
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a shape the checks above did not foresee
+            raise RecipeError(f"{located.file}: not a valid mergekit config ({type(exc).__name__}: {exc})") from None
         located = Located(data, located.file, {(): 1})
     if not isinstance(data, dict):
         raise RecipeError(f"{located.file}:1: a recipe must be a mapping with models, steps and output")
@@ -225,6 +229,8 @@ def _check_param_value(method: Any, key: str, value: Any, where: str) -> None:
     """Check every concrete value a parameter can take (scalars, gradient points, rules)."""
     param = method.param(key)
     for v in _leaf_values(value, where):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RecipeError(f"{where}: parameter {key!r} must be a finite number, got {v}")
         try:
             param.check(v, where)
         except InvalidInputError as exc:

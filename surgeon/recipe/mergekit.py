@@ -53,6 +53,12 @@ def convert_mergekit(data: dict[str, Any], file: str, output_path: str = "./merg
         raise RecipeError(f"{file}: unknown mergekit key(s) {unknown}")
     if "slices" in data:
         raise RecipeError(f"{file}: mergekit 'slices' (layer stacking) are not supported; use 'models'")
+    for key, kind in (("models", list), ("parameters", dict), ("tokenizer", dict)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise RecipeError(f"{file}: mergekit {key!r} must be a {'list' if kind is list else 'mapping'}, "
+                              f"got {type(data[key]).__name__}")
+    if not isinstance(data.get("seed", 0), int) or isinstance(data.get("seed", 0), bool):
+        raise RecipeError(f"{file}: mergekit 'seed' must be an integer, got {data['seed']!r}")
     method = str(data["merge_method"])
     ids: dict[str, str] = {}
     base = data.get("base_model")
@@ -66,6 +72,8 @@ def convert_mergekit(data: dict[str, Any], file: str, output_path: str = "./merg
         extra = sorted(set(m) - {"model", "parameters"})
         if extra:
             raise RecipeError(f"{file}: models[{i}]: unknown key(s) {extra}")
+        if m.get("parameters") is not None and not isinstance(m["parameters"], dict):
+            raise RecipeError(f"{file}: models[{i}].parameters must be a mapping")
         mid = _model_id(str(m["model"]), ids)
         if mid == base_id and method != "linear":
             continue  # mergekit lists the base among the models; surgeon keeps it apart
