@@ -181,7 +181,7 @@ class Recipe(_Strict):
         import re
 
         for key in v:
-            if not re.match(ID_PATTERN, str(key)):
+            if not re.fullmatch(ID_PATTERN, str(key)):
                 raise ValueError(f"model id {key!r} must start with a letter and use letters, digits, _ . -")
         return v
 
