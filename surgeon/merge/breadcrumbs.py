@@ -12,8 +12,8 @@ ascending magnitude rank is in ``[n_bot, n_bot + target)``. When
 ``target + n_top > n`` fewer outliers are removed so that ``target`` entries
 remain (mergekit's rule). ``density >= 1`` keeps everything (``gamma`` is then
 ignored, as in mergekit). Ranks among equal magnitudes follow the flat index
-(mergekit's sort leaves it unspecified). The selection uses two
-``torch.kthvalue`` calls, not a sort.
+(mergekit's sort leaves it unspecified). The selection uses two k-th value
+selections (:func:`surgeon.merge._select.rank_range_mask`), not a sort.
 
 Defaults as mergekit: ``density`` 1.0, ``gamma`` 0.01, ``weight`` 1.0,
 ``lambda`` 1.0, ``normalize`` false, ``rescale`` false (true: restore each
