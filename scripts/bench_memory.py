@@ -8,14 +8,12 @@ input size side by side. Usage: python scripts/bench_memory.py [--root DIR]
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure  # noqa: E402
 from synthetic import build_family  # noqa: E402
 
 RECIPE = """\
@@ -32,12 +30,10 @@ output: {{path: {out}}}
 
 
 def run_child(cmd: list[str]) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd)}")
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024
+    m = measure(cmd)
+    if m.exit_code != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}\n{m.stderr_tail}")
+    return m.wall_s, m.peak_rss_bytes
 
 
 def main() -> None:

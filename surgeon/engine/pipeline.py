@@ -99,7 +99,8 @@ class Pipeline:
         if ref.is_hub:
             from ..io import hub
 
-            resolved = hub.resolve(ref, headers_only=headers_only, allow_pickle=self.opts.allow_pickle)
+            resolved = hub.resolve(ref, headers_only=headers_only, allow_pickle=self.opts.allow_pickle,
+                                   progress=not self.opts.quiet)
             self._resolved[model_id] = {"ref": raw, "hub_id": ref.repo_id, "revision": resolved.revision,
                                         "path": str(resolved.path)}
             ck = resolved.checkpoint

@@ -1,0 +1,152 @@
+"""surgeon vs mergekit on the same synthetic bf16 Llama checkpoints, side by side in one run.
+
+Builds base + 3 fine-tunes of a chosen size (default ~1.1B parameters, TinyLlama
+shapes), measures the machine's floors on the spot — reading the input files
+(page cache) and one bf16 -> float32 pass over the same number of elements —
+then runs each method through both tools from the same mergekit config:
+
+    surgeon:  python -m surgeon run config.yml OUT   (or torchrun -m surgeon with --processes N)
+    mergekit: mergekit-yaml config.yml OUT
+
+and prints wall time, peak RSS (of the largest process, through GNU time), input
+GB/s, and the ratio of wall time to the arithmetic floor. Methods mergekit lacks
+(widen) show only surgeon.
+
+    python scripts/bench_merge.py [--preset 1b|300m|tiny] [--methods ties linear ...]
+                                  [--device cpu|cuda] [--processes N] [--no-mergekit]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure  # noqa: E402
+from synthetic import build_family  # noqa: E402
+
+PRESETS = {  # layers, hidden, intermediate, vocab
+    "1b": (22, 2048, 5632, 32000),
+    "300m": (16, 1024, 2816, 32000),
+    "tiny": (4, 256, 704, 4096),
+}
+CONFIGS = {
+    "linear": "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: {w}}}}}\n" for k, w in (("ft1", 0.4), ("ft2", 0.3), ("ft3", 0.3))),
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: {w}}}}}\n" for k, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.3))),
+    "ties": "merge_method: ties\nbase_model: {base}\nparameters: {{normalize: true}}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 1.0, density: 0.3}}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "dare_ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 1.0, density: 0.3}}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "widen": "merge_method: widen\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n" for k in ("ft1", "ft2", "ft3")),
+}
+MERGEKIT_HAS = {"linear", "task_arithmetic", "ties", "dare_ties"}
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS (bytes, largest process), exit code."""
+    m = measure(cmd, env)
+    if m.exit_code != 0:
+        print(f"  ! {' '.join(cmd[:4])} ... exited {m.exit_code}: {m.stderr_tail.strip().splitlines()[-1:]}",
+              file=sys.stderr)
+    return m.wall_s, m.peak_rss_bytes, m.exit_code
+
+
+def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
+    """Seconds to read every input byte (page cache) and to cast the same bf16 elements to float32."""
+    import torch
+
+    buf = bytearray(1 << 24)
+    for _ in range(2):  # the first pass warms the page cache
+        t0 = time.perf_counter()
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+        read_s = time.perf_counter() - t0
+    total_elems = sum(f.stat().st_size for f in files) // 2
+    torch.set_num_threads(threads)
+    chunk = 64 * 2**20
+    src = torch.randn(chunk).to(torch.bfloat16)
+    dst = torch.empty(chunk, dtype=torch.float32)
+    t0 = time.perf_counter()
+    done = 0
+    while done < total_elems:
+        dst.copy_(src)
+        done += chunk
+    cast_s = (time.perf_counter() - t0) * total_elems / done
+    return read_s, cast_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "surgeon-bench-merge")
+    ap.add_argument("--methods", nargs="+", default=["linear", "task_arithmetic", "ties", "widen", "dare_ties"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    a = ap.parse_args()
+
+    layers, hidden, inter, vocab = PRESETS[a.preset]
+    fam_root = a.root / a.preset
+    t0 = time.perf_counter()
+    fam = build_family(fam_root, layers, hidden, inter, vocab)
+    files = sorted(f for p in fam.values() for f in p.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    params = size // 2 // len(fam)
+    print(f"inputs: base + {len(fam) - 1} x {params / 1e9:.2f}B params bf16, {size / 1e9:.2f} GB "
+          f"(built or found in {time.perf_counter() - t0:.0f}s) under {fam_root}")
+    threads = os.cpu_count() or 1
+    read_s, cast_s = measure_floors(files, threads)
+    print(f"floors on this machine: read {size / 1e9 / read_s:.2f} GB/s ({read_s:.1f}s), "
+          f"bf16->f32 pass {size / 1e9 / cast_s:.2f} GB/s ({cast_s:.1f}s) with {threads} threads")
+    floor = max(read_s, cast_s)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bindir = Path(sys.executable).parent
+    rows = []
+    for method in a.methods:
+        cfg = fam_root / f"{method}.yml"
+        cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}))
+        tools = [("surgeon", None)]
+        if not a.no_mergekit and method in MERGEKIT_HAS and (bindir / "mergekit-yaml").exists():
+            tools.append(("mergekit", None))
+        for tool, _ in tools:
+            out = fam_root / f"out-{tool}-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            if tool == "surgeon":
+                launcher = [sys.executable, "-m", "surgeon"] if a.processes == 1 else [
+                    str(bindir / "torchrun"), "--nproc_per_node", str(a.processes), "-m", "surgeon"]
+                cmd = [*launcher, "run", str(cfg), str(out), "--overwrite", "-q", "--device", a.device]
+            else:
+                cmd = [str(bindir / "mergekit-yaml"), str(cfg), str(out)] + (["--cuda"] if a.device.startswith("cuda") else [])
+            wall, rss, code = run_measured(cmd, env)
+            rows.append({"method": method, "tool": tool, "wall_s": round(wall, 2), "peak_rss_gb": round(rss / 1e9, 3),
+                         "input_gbps": round(size / 1e9 / wall, 3), "x_floor": round(wall / floor, 2), "exit": code,
+                         "processes": a.processes if tool == "surgeon" else 1, "device": a.device})
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  {method:<16} {tool:<9} {wall:8.1f}s  RSS {rss / 1e9:6.2f} GB", flush=True)
+
+    print()
+    print(f"{'method':<16} {'tool':<9} {'wall s':>8} {'peak RSS GB':>12} {'in GB/s':>8} {'x floor':>8} {'speedup':>8}")
+    for r in rows:
+        mk = next((x for x in rows if x["method"] == r["method"] and x["tool"] == "mergekit"), None)
+        speed = f"{mk['wall_s'] / r['wall_s']:.1f}x" if mk and r["tool"] == "surgeon" else ""
+        print(f"{r['method']:<16} {r['tool']:<9} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>12.2f} {r['input_gbps']:>8.2f} "
+              f"{r['x_floor']:>8.2f} {speed:>8}")
+    if a.json:
+        a.json.write_text(json.dumps({"preset": a.preset, "input_bytes": size, "read_s": read_s, "cast_s": cast_s,
+                                      "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
