@@ -188,11 +188,15 @@ class MergeRuntime:
 class _Loader:
     """Reads one tensor's inputs as float32 on the compute device."""
 
-    def __init__(self, plan: MergePlan, inputs: dict[str, Any], device: torch.device):
-        self.plan, self.inputs, self.device = plan, inputs, device
+    def __init__(self, plan: MergePlan, inputs: dict[str, Any], device: torch.device, check_finite: bool = True):
+        self.plan, self.inputs, self.device, self.check_finite = plan, inputs, device, check_finite
 
     def _get(self, mid: str, name: str) -> torch.Tensor:
         t = self.inputs[mid].get(name, dtype=torch.float32)
+        if self.check_finite and not bool(torch.isfinite(t).all()):  # name the input, not only the result
+            bad = int((~torch.isfinite(t)).sum())
+            raise StepError(f"step {self.plan.step_id!r}: input model {mid!r} ({getattr(self.inputs[mid], 'label', mid)}): tensor {name!r} "
+                            f"has {bad} NaN/Inf values (--allow-nonfinite merges it anyway)")
         rm = self.plan.row_maps.get((mid, name))
         if rm is not None:
             fill_id = self.plan.base_id or self.plan.template_id
@@ -210,7 +214,7 @@ class _Loader:
 def iter_merges(plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime, tasks: list[TensorTask],
                 state: Any = None) -> Iterator[tuple[TensorTask, TensorMerge]]:
     """Yield (task, TensorMerge) for each task, prefetching the next inputs."""
-    load = _Loader(plan, inputs, rt.device)
+    load = _Loader(plan, inputs, rt.device, check_finite=not rt.allow_nonfinite)
     with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
         queue: deque[tuple[TensorTask, Future]] = deque()
         it = iter(tasks)
