@@ -30,6 +30,7 @@ here is scrubbed of it (and of anything that looks like a hub token).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import http
@@ -39,7 +40,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import CheckpointError, InvalidInputError, StepError
 from .checkpoint import AUX_FILES, INDEX_NAME, PICKLE_PATTERNS, SINGLE_NAME, TOKENIZER_FILES, Checkpoint
@@ -169,19 +170,38 @@ def _hub_error(exc: BaseException, what: str, token: str | None = None) -> str:
 
 # -- resolving -----------------------------------------------------------------
 def resolve(ref: ModelRef | str, headers_only: bool = False, *, allow_pickle: bool = False,
-            token: str | None = None) -> Resolved:
-    """Pin a hub reference to a commit and open it (see the module docstring)."""
+            token: str | None = None, progress: bool = True) -> Resolved:
+    """Pin a hub reference to a commit and open it (see the module docstring).
+
+    ``progress=False`` hides huggingface-hub's download bars (``--quiet``); otherwise
+    they follow huggingface-hub's own settings (``HF_HUB_DISABLE_PROGRESS_BARS``).
+    """
     if isinstance(ref, str):
         ref = parse_ref(ref)
     if not ref.is_hub or not ref.repo_id:
         raise InvalidInputError(f"{ref}: not a hub reference (expected org/name, org/name@revision or hf://org/name@rev)")
     what = _describe(ref)
     try:
-        return _resolve(ref, headers_only, allow_pickle, token, what)
+        with _progress_bars(progress):
+            return _resolve(ref, headers_only, allow_pickle, token, what)
     except (InvalidInputError, StepError) as exc:
         raise type(exc)(scrub(str(exc), token)) from None
     except Exception as exc:  # huggingface-hub, httpx/requests and OS errors
         raise InvalidInputError(_hub_error(exc, what, token)) from None
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if show or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str | None, what: str) -> Resolved:
