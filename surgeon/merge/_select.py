@@ -19,7 +19,7 @@ patterns, which order like the values for non-negative floats.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -200,8 +200,3 @@ def stream_kth_smallest(
         out[i] = float(pattern.view(torch.float32)[0])
     return out
 
-
-def iter_chunks(stream: Iterable, fn: Callable) -> Iterator:
-    """Map ``fn`` over ``stream`` lazily (helper for :func:`stream_kth_smallest`)."""
-    for item in stream:
-        yield fn(item)
