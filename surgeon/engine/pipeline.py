@@ -27,7 +27,7 @@ from ..errors import InvalidInputError, StepError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
 from ..io.refs import parse_ref
-from ..io.writer import CheckpointWriter, parse_size
+from ..io.writer import CheckpointWriter, parse_size, resume_key
 from ..recipe.load import LoadedRecipe
 from ..recipe.schema import MergeSpec, Step
 from . import steps as step_kinds
@@ -169,7 +169,8 @@ class Pipeline:
                 kind = step_kinds.get_kind(step.kind)
                 sp = kind.plan(step, inputs, self._step_where(i, step.kind), self)
                 self._say(f"step {step.id}: {step.kind} -> {dest}")
-                details = kind.execute(step, sp, inputs, dest, self, fp)
+                with resume_key(fp):  # a partial output of this step resumes only under the same fingerprint
+                    details = kind.execute(step, sp, inputs, dest, self, fp)
                 results.append(StepResult(step.id, step.kind, str(dest), False, round(time.time() - t0, 3), details))
             available[step.id] = Checkpoint.open(dest, label=f"step {step.id!r} ({dest})")
         if not self.coord.is_main:

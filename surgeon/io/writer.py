@@ -21,6 +21,8 @@ with ``metadata.total_size`` and a sorted ``weight_map``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -29,7 +31,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -54,6 +56,24 @@ def parse_size(value: str | int) -> int:
     if size <= 0:
         raise InvalidInputError(f"size must be positive, got {value!r}")
     return size
+
+
+_RESUME_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("surgeon_resume_key", default=None)
+
+
+@contextlib.contextmanager
+def resume_key(key: str | None) -> Iterator[None]:
+    """Writers opened inside this block resume a partial output only if it was started under ``key``.
+
+    The engine passes each step's fingerprint (its definition and inputs), so a
+    rerun after an interruption never keeps tensors computed with other
+    parameters or inputs, even when the output layout is the same.
+    """
+    token = _RESUME_KEY.set(key)
+    try:
+        yield
+    finally:
+        _RESUME_KEY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,7 @@ class CheckpointWriter:
         metadata: dict[str, str] | None = None,
         resume: bool = True,
         coordinator: Any = None,
+        resume_key: str | None = None,
     ):
         self.dest = Path(dest)
         self.specs = list(specs)
@@ -161,6 +182,7 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
         self.resume = resume
+        self.resume_key = resume_key if resume_key is not None else _RESUME_KEY.get()
         self.staging = self.dest.parent / f".{self.dest.name}.surgeon-partial"
         from ..engine.distributed import SINGLE, assign_owners
 
@@ -261,7 +283,8 @@ class CheckpointWriter:
 
     def _layout_fingerprint(self, shards: list[list[TensorSpec]]) -> dict[str, Any]:
         desc = [[(s.name, list(s.shape), CODES[s.dtype]) for s in shard] for shard in shards]
-        digest = hashlib.sha256(json.dumps([desc, self.metadata]).encode()).hexdigest()
+        key = [desc, self.metadata] + ([self.resume_key] if self.resume_key else [])
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
         return {"sha256": digest, "files": self._files}
 
     def _same_layout(self, layout: dict[str, Any]) -> bool:
