@@ -18,6 +18,7 @@ GB/s, and the ratio of wall time to the arithmetic floor. Methods mergekit lacks
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -118,7 +119,7 @@ def main() -> None:
         cfg = fam_root / f"{method}.yml"
         cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}))
         tools = [("surgeon", None)]
-        if not a.no_mergekit and method in MERGEKIT_HAS and (bindir / "mergekit-yaml").exists():
+        if not a.no_mergekit and method in MERGEKIT_HAS and importlib.util.find_spec("mergekit") is not None:
             tools.append(("mergekit", None))
         for tool, _ in tools:
             out = fam_root / f"out-{tool}-{method}"
@@ -128,7 +129,8 @@ def main() -> None:
                     str(bindir / "torchrun"), "--nproc_per_node", str(a.processes), "-m", "surgeon"]
                 cmd = [*launcher, "run", str(cfg), str(out), "--overwrite", "-q", "--device", a.device]
             else:
-                cmd = [str(bindir / "mergekit-yaml"), str(cfg), str(out)] + (["--cuda"] if a.device.startswith("cuda") else [])
+                cmd = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg), str(out)] + (
+                    ["--cuda"] if a.device.startswith("cuda") else [])
             wall, rss, code = run_measured(cmd, env)
             rows.append({"method": method, "tool": tool, "wall_s": round(wall, 2), "peak_rss_gb": round(rss / 1e9, 3),
                          "input_gbps": round(size / 1e9 / wall, 3), "x_floor": round(wall / floor, 2), "exit": code,

@@ -83,7 +83,8 @@ def convert_mergekit(data: dict[str, Any], file: str, output_path: str = "./merg
     if base_id:
         step["base"] = base_id
     if data.get("parameters"):
-        step["parameters"] = dict(data["parameters"])
+        # int8_mask only saves memory inside mergekit; surgeon's masks are bool already
+        step["parameters"] = {k: v for k, v in dict(data["parameters"]).items() if k != "int8_mask"}
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
         step["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}.get(
