@@ -1,0 +1,752 @@
+"""``fuse``: distil source models into a pivot across tokenizers, trained with accelerate.
+
+Loss (InfiGFusion's objective, with FuseLLM-style token-wise alignment)::
+
+    L = (1 - lambda) * CE(pivot, data)
+        + lambda * sum_s w_s * ( tokenwise_weight * T_s + gld_weight * G_s )
+
+* ``CE``: next-token cross-entropy on the loss tokens (all text, or the assistant
+  turns of chat data);
+* ``T_s``: token-wise term against source s on the position pairs of the
+  alignment: ``"kl"`` (KL to the source's top-k distribution mapped into the
+  pivot vocabulary, FuseLLM), ``"uld"`` (sorted-probability L1, InfiGFusion's
+  token-wise term; needs no vocabulary mapping) or ``"kl+uld"``;
+* ``G_s``: graph-on-logits loss (:func:`surgeon.fusion.gld_loss`) between the
+  pivot's and the source's co-activation graphs over the loss positions (each in
+  its own vocabulary and tokenisation);
+* ``w_s``: the source weights, normalised to sum to 1.
+
+Sources are run once over the data and cached (:mod:`surgeon.fusion.cache`), so
+training holds only the pivot. ``align``: ``"dp"`` aligns each source's own
+tokenisation to the pivot's (:mod:`surgeon.fusion.align`); ``"transplant"`` first
+gives the source the pivot's tokenizer (``surgeon.transplant``, OMP), after which
+positions and ids correspond one to one. A source whose tokenizer is identical to
+the pivot's is aligned by identity either way.
+
+Training runs under ``accelerate.Accelerator`` (CPU, one GPU, or ``accelerate
+launch``/``torchrun`` with several processes; mixed precision; gradient
+accumulation). State is saved every ``save_every`` optimizer steps and a rerun
+with the same arguments resumes from it. The output is written atomically
+(:class:`surgeon.io.CheckpointWriter`) with the pivot's tensor layout, config and
+tokenizer, a model card, the loss log (CSV and JSON) and a loss plot (PNG).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidInputError, StepError
+from .align import TokenSurfaces, VocabMap, align_tokens, pair_positions
+from .cache import TeacherCache, build_teacher_cache, model_fingerprint
+from .data import Encoded, bos_id, encode, fingerprint, load_examples
+from .gld import TopK, gld_loss
+from .tokenwise import kl_loss, uld_loss
+
+__all__ = ["fuse", "FuseOptions"]
+
+TOKENWISE = ("kl", "uld", "kl+uld", "none")
+PAIRING = ("dp", "dp_checked", "offsets")
+
+
+@dataclass
+class FuseOptions:
+    """Settings beyond the common ones (``options:`` in a recipe)."""
+
+    tokenwise: str = "kl"              # "kl" | "uld" | "kl+uld" | "none"
+    pairing: str = "dp_checked"        # "dp" | "dp_checked" | "offsets" (see _pairs_for)
+    temperature: float = 1.0           # for the token-wise terms
+    gld_top_k: Optional[int] = None    # top-k for the graphs (default: top_k)
+    gld: Optional[dict] = None         # extra gld_loss options (values, nodes, feature, p, ...)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    save_every: Optional[int] = None   # optimizer steps between saved states (default: ~10 per run)
+    log_every: int = 1
+    eval_path: Optional[str] = None    # held-out text: perplexity before/after in the report
+    eval_window: int = 128
+    eval_max_chars: Optional[int] = None
+    max_examples: Optional[int] = None
+    dtype: Optional[str] = None        # output dtype (default: the pivot's)
+    work_dir: Optional[str] = None     # caches and training state (default: beside the output)
+    keep_state: bool = False           # keep the accelerate state after success
+    cache_batch_size: int = 8
+    shard_size: int = 256
+    transplant_k: int = 64
+    num_workers: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "FuseOptions":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise InvalidInputError(f"fuse: unknown option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- sources
+@dataclass
+class _Source:
+    id: str
+    path: Path                  # the model actually run (the transplanted one for align="transplant")
+    original: Path
+    weight: float
+    align: str
+    encoded: list[Encoded]
+    cache: TeacherCache
+    pairs: list[torch.Tensor]   # per example: [P, 2] (pivot position, source position)
+    vocab_table: torch.Tensor   # source id -> pivot id (-1: none)
+    identity: bool
+    stats: dict[str, Any]
+
+
+def _tokenizer_digest(tok: Any) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _max_positions(config: Any) -> Optional[int]:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces, how: str) -> torch.Tensor:
+    """Position pairs (pivot t, source t') whose next tokens start at the same character.
+
+    ``dp``: FuseLLM's DP alignment over token edit distance, pairs from the path
+    (:func:`~surgeon.fusion.align.pair_positions`); ``dp_checked`` (default): the
+    same, keeping only pairs whose next tokens' character offsets agree (drops the
+    DP's slips, about 7-18 % of its pairs on the zoo); ``offsets``: pairs read from
+    the character offsets alone (no DP). Only positions predicting a loss token of
+    both sides are kept.
+    """
+    pm, sm = piv.position_mask, src.position_mask
+    if how == "offsets":
+        first: dict[int, int] = {}
+        for v in range(1, len(src)):
+            if src.starts[v] >= 0:
+                first.setdefault(src.starts[v], v)
+        seen: set[int] = set()
+        out = []
+        for u in range(1, len(piv)):
+            s = piv.starts[u]
+            if s >= 0 and s in first and s not in seen:
+                seen.add(s)
+                out.append((u - 1, first[s] - 1))
+    else:
+        _, path = align_tokens(sp.surfaces(piv.ids), ss.surfaces(src.ids))
+        out = pair_positions(path, len(piv), len(src))
+        if how == "dp_checked":
+            out = [(a, b) for a, b in out if piv.starts[a + 1] >= 0 and piv.starts[a + 1] == src.starts[b + 1]]
+    out = [(a, b) for a, b in out if pm[a] and sm[b]]
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
+
+
+def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: Any, examples: list, piv_enc: list[Encoded],
+                    work: Path, top_k: int, opts: FuseOptions, device: str, progress: bool, say: Callable[[str], None]) -> _Source:
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(spec["path"])
+    sid = str(spec.get("id") or path.name)
+    align = spec.get("align", "dp")
+    if align not in ("dp", "transplant"):
+        raise InvalidInputError(f"source {sid}: align must be 'dp' or 'transplant', got {align!r}")
+    weight = float(spec.get("weight", 1.0))
+    if weight < 0:
+        raise InvalidInputError(f"source {sid}: weight must be >= 0")
+    if not path.is_dir():
+        raise InvalidInputError(f"source {sid}: {path}: no such model folder")
+    run_path = path
+    try:
+        src_tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise InvalidInputError(f"source {sid}: cannot load its tokenizer ({exc})") from None
+    same_tok = _tokenizer_digest(src_tok) == _tokenizer_digest(pivot_tok)
+    if align == "transplant" and not same_tok:
+        try:
+            from ..transplant import transplant
+        except ImportError:
+            raise InvalidInputError("align='transplant' needs surgeon.transplant, which is not available") from None
+        key = hashlib.sha256((model_fingerprint(path) + model_fingerprint(pivot_dir) + str(opts.transplant_k)).encode()).hexdigest()[:16]
+        run_path = work / f"transplant-{sid}-{key}"
+        if not run_path.is_dir():
+            say(f"source {sid}: transplanting the pivot's tokenizer (OMP, k={opts.transplant_k})")
+            transplant(path, pivot_dir, run_path, method="omp", k=opts.transplant_k, device=device, progress=progress)
+        src_tok = AutoTokenizer.from_pretrained(str(run_path))
+        same_tok = True
+    cfg = AutoConfig.from_pretrained(str(run_path))
+    limit = _max_positions(cfg)
+    src_bos = bos_id(src_tok, cfg)
+    if same_tok:
+        enc = [Encoded(list(e.ids), list(e.starts), list(e.ends), list(e.target), e.truncated) for e in piv_enc]
+        if limit:
+            for e in enc:
+                if len(e) > limit:
+                    e.ids, e.starts, e.ends, e.target, e.truncated = e.ids[:limit], e.starts[:limit], e.ends[:limit], e.target[:limit], True
+    else:
+        enc = [encode(src_tok, ex, limit, src_bos) for ex in examples]
+    fp = hashlib.sha256((model_fingerprint(run_path) + fingerprint(enc) + f"{top_k}").encode()).hexdigest()[:16]
+    cache_dir = work / f"cache-{sid}-{fp}"
+    t0 = time.time()
+    cache = build_teacher_cache(run_path, enc, cache_dir, top_k=top_k, shard_size=opts.shard_size,
+                                batch_size=opts.cache_batch_size, device=device, progress=progress)
+    stats: dict[str, Any] = {"cache": str(cache_dir), "cache_seconds": round(time.time() - t0, 2),
+                             "cache_resumed_shards": cache.manifest.get("resumed_shards", 0),
+                             "source_tokens": sum(len(e) for e in enc), "identity": same_tok}
+    align_file = cache_dir / f"align-{opts.pairing}-{fingerprint(piv_enc)[:16]}.safetensors"
+    t0 = time.time()
+    if same_tok:
+        pairs = []
+        for pe, se in zip(piv_enc, enc):
+            n = min(len(pe), len(se))
+            pos = [t for t in range(n) if pe.position_mask[t] and se.position_mask[t]]
+            pairs.append(torch.tensor([[t, t] for t in pos], dtype=torch.long).reshape(-1, 2))
+        table = torch.arange(cache.vocab_size, dtype=torch.long)
+        stats["vocab_map"] = {"identity": cache.vocab_size}
+    else:
+        from safetensors.torch import load_file, save_file
+
+        sp_surf, src_surf = TokenSurfaces(pivot_tok), TokenSurfaces(src_tok)
+        if align_file.is_file():
+            d = load_file(str(align_file))
+            flat, counts, table = d["pairs"], d["counts"], d["vocab_table"]
+            pairs = list(torch.split(flat.long(), counts.tolist()))
+            stats["vocab_map"] = json.loads((align_file.with_suffix(".json")).read_text())
+        else:
+            say(f"source {sid}: aligning {len(enc)} sequences ({opts.pairing}) and mapping its vocabulary")
+            pairs = [_pairs_for(pe, se, sp_surf, src_surf, opts.pairing) for pe, se in zip(piv_enc, enc)]
+            vm = VocabMap(src_surf, sp_surf)
+            vm.resolve(cache.used_ids().tolist())
+            table = vm.table.clone()
+            stats["vocab_map"] = dict(vm.how)
+            counts = torch.tensor([p.shape[0] for p in pairs], dtype=torch.long)
+            flat = torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.long)
+            tmp = align_file.with_name(align_file.name + ".tmp")
+            save_file({"pairs": flat.to(torch.int32).contiguous(), "counts": counts, "vocab_table": table}, str(tmp))
+            align_file.with_suffix(".json").write_text(json.dumps(stats["vocab_map"]))
+            os.replace(tmp, align_file)
+    n_targets = sum(sum(e.position_mask) for e in piv_enc)
+    n_pairs = sum(int(p.shape[0]) for p in pairs)
+    stats["align_seconds"] = round(time.time() - t0, 2)
+    stats["paired_positions"] = n_pairs
+    stats["pivot_loss_positions"] = n_targets
+    stats["coverage"] = round(n_pairs / max(1, n_targets), 4)
+    return _Source(sid, run_path, path, weight, align, enc, cache, pairs, table, same_tok, stats)
+
+
+# ----------------------------------------------------------------------------- batches
+class _Collate:
+    def __init__(self, piv_enc: list[Encoded], sources: list[_Source], pad_id: int):
+        self.piv, self.sources, self.pad = piv_enc, sources, pad_id
+
+    def __call__(self, idx: list[int]) -> dict[str, Any]:
+        rows = [self.piv[i] for i in idx]
+        b, t = len(rows), max(len(r) for r in rows)
+        ids = torch.full((b, t), self.pad, dtype=torch.long)
+        att = torch.zeros(b, t, dtype=torch.long)
+        labels = torch.full((b, t), -100, dtype=torch.long)
+        pos = torch.zeros(b, t, dtype=torch.bool)
+        for r, e in enumerate(rows):
+            n = len(e)
+            ids[r, :n] = torch.tensor(e.ids)
+            att[r, :n] = 1
+            tgt = torch.tensor(e.target)
+            labels[r, :n] = torch.where(tgt, ids[r, :n], torch.full_like(ids[r, :n], -100))
+            pos[r, :n] = torch.tensor(e.position_mask)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": att, "labels": labels, "pos_mask": pos,
+                               "index": torch.tensor(idx), "sources": []}
+        for s in self.sources:
+            items = [s.cache.get(i) for i in idx]
+            k = items[0][0].shape[-1]
+            lt = max(x[0].shape[0] for x in items)
+            lg = torch.zeros(b, lt, k)
+            tid = torch.zeros(b, lt, k, dtype=torch.long)
+            lse = torch.zeros(b, lt)
+            tmask = torch.zeros(b, lt, dtype=torch.bool)
+            pairs = []
+            for r, (i, (a, c, d)) in enumerate(zip(idx, items)):
+                n = a.shape[0]
+                lg[r, :n], tid[r, :n], lse[r, :n] = a, c, d
+                pm = s.encoded[i].position_mask
+                tmask[r, :n] = torch.tensor(pm[:n])
+                p = s.pairs[i]
+                pairs.append(torch.cat([torch.full((p.shape[0], 1), r, dtype=torch.long), p], 1))
+            out["sources"].append({"logits": lg, "ids": tid, "mapped": s.vocab_table[tid], "lse": lse, "mask": tmask,
+                                   "pairs": torch.cat(pairs) if pairs else torch.zeros(0, 3, dtype=torch.long)})
+        return out
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "sources"}
+    out["sources"] = [{k: v.to(device) for k, v in s.items()} for s in batch["sources"]]
+    return out
+
+
+# ----------------------------------------------------------------------------- schedule and plot
+def _lr_factor(step: int, total: int, schedule: str, warmup: int, min_ratio: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - prog)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+LOG_FIELDS = ["step", "epoch", "lr", "loss", "sft", "tokenwise", "gld", "tokens", "seconds"]
+
+
+def _plot(rows: list[dict[str, Any]], title: str) -> Optional[bytes]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("sft", "--"), ("tokenwise", ":"), ("gld", "-.")):
+        vals = [r.get(key) for r in rows]
+        if any(v not in (None, 0.0) for v in vals):
+            ax.plot(steps, vals, style, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- fuse
+def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path: str | Path, out_dir: str | Path, *,
+         max_length: int = 256, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-4,
+         schedule: str = "cosine", warmup_steps: int = 0, epochs: float = 1.0, steps: Optional[int] = None,
+         seed: int = 0, lambda_: float = 0.5, tokenwise_weight: float = 1.0, gld_weight: float = 1.0,
+         top_k: int = 16, mixed_precision: str = "no", device: str = "cpu", overwrite: bool = False,
+         progress: bool = True, options: Optional[dict[str, Any]] = None,
+         finish: Optional[Callable[[Any, Optional[dict[str, Any]], list[str]], None]] = None,
+         callback: Optional[Callable[[int, dict[str, Any]], None]] = None, **extra: Any) -> dict[str, Any]:
+    """Distil ``sources`` into the pivot on ``dataset_path``; write ``out_dir``; return a report.
+
+    ``sources``: ``[{"path", "weight" (1.0), "align" ("dp" | "transplant"), "id"}]``.
+    Common settings are keyword arguments; the rest (:class:`FuseOptions`) come in
+    ``options`` or as extra keyword arguments. ``finish(writer, config, notes)``
+    replaces the final writing of config, tokenizer and card and the commit (the
+    recipe engine uses it). ``callback(step, log_row)`` is called after every
+    optimizer step on the main process. The loss is described in the module
+    docstring; the report has the loss log, timings, alignment statistics and, with
+    ``eval_path``, held-out perplexity before and after.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    opts = FuseOptions.from_dict({**(options or {}), **extra})
+    pivot_dir, dataset_path, out_dir = Path(pivot_dir), Path(dataset_path), Path(out_dir)
+    _validate(pivot_dir, sources, out_dir, overwrite, lambda_, tokenwise_weight, gld_weight, schedule, opts,
+              mixed_precision, epochs, steps, batch_size, grad_accum, top_k, finish)
+    if device not in ("cpu", "auto") and not str(device).startswith("cuda"):
+        raise InvalidInputError(f"fuse: device must be 'cpu', 'cuda[:N]' or 'auto', got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError("fuse: device 'cuda' requested but no GPU is available")
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    main = accelerator.is_main_process
+    show = progress and accelerator.is_local_main_process
+
+    def say(msg: str) -> None:
+        if show:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"fuse: {msg}")
+
+    set_seed(seed)
+    work = Path(opts.work_dir) if opts.work_dir else out_dir.parent / f".{out_dir.name}.fuse-work"
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        pivot_tok = AutoTokenizer.from_pretrained(str(pivot_dir))
+    except Exception as exc:
+        raise InvalidInputError(f"pivot {pivot_dir}: cannot load its tokenizer ({exc})") from None
+    from transformers import AutoConfig
+
+    pcfg = AutoConfig.from_pretrained(str(pivot_dir))
+    p_bos = bos_id(pivot_tok, pcfg)
+    limit = _max_positions(pcfg)
+    if limit and max_length > limit:
+        max_length = limit
+    examples = load_examples(dataset_path, pivot_tok, max_length, add_bos=p_bos is not None, limit=opts.max_examples)
+    piv_enc = [encode(pivot_tok, ex, max_length, p_bos) for ex in examples]
+    keep = [i for i, e in enumerate(piv_enc) if any(e.position_mask)]
+    examples, piv_enc = [examples[i] for i in keep], [piv_enc[i] for i in keep]
+    if not piv_enc:
+        raise InvalidInputError(f"{dataset_path}: no example has a token to train on")
+    say(f"{len(piv_enc)} sequences, {sum(len(e) for e in piv_enc)} pivot tokens")
+
+    # the main process builds the caches and alignments; the others then read them
+    dev_name = "cpu" if device == "cpu" else str(accelerator.device)
+    srcs: list[_Source] = []
+    with accelerator.main_process_first():
+        for i, spec in enumerate(sources):
+            srcs.append(_prepare_source(i, dict(spec), pivot_dir, pivot_tok, examples, piv_enc, work, top_k, opts,
+                                        dev_name, show, say))
+    wsum = sum(s.weight for s in srcs)
+    weights = [s.weight / wsum if wsum > 0 else 0.0 for s in srcs]
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(pivot_dir), dtype=torch.float32)
+    except Exception as exc:
+        raise InvalidInputError(f"pivot {pivot_dir}: cannot load the model ({exc})") from None
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad = pivot_tok.pad_token_id if pivot_tok.pad_token_id is not None else (p_bos or 0)
+    collate = _Collate(piv_enc, srcs, pad)
+    n = len(piv_enc)
+    batches_per_epoch = math.ceil(math.ceil(n / batch_size) / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / grad_accum))
+    total_steps = int(steps) if steps else max(1, math.ceil(steps_per_epoch * epochs))
+    warmup = warmup_steps or int(round(opts.warmup_ratio * total_steps))
+    save_every = opts.save_every or max(1, total_steps // 10)
+    gld_opts = dict(opts.gld or {})
+    gld_k = opts.gld_top_k or top_k
+
+    # resumable state: keyed by everything that changes the trajectory
+    run_key = hashlib.sha256(json.dumps({
+        "pivot": model_fingerprint(pivot_dir), "data": fingerprint(piv_enc),
+        "sources": [(s.id, s.cache.manifest["teacher_fingerprint"], s.weight, s.align) for s in srcs],
+        "args": [max_length, batch_size, grad_accum, lr, schedule, warmup, total_steps, seed, lambda_, tokenwise_weight,
+                 gld_weight, top_k, mixed_precision, accelerator.num_processes],
+        "opts": {k: v for k, v in opts.__dict__.items() if k not in ("work_dir", "keep_state", "eval_path", "log_every",
+                                                                      "eval_window", "eval_max_chars", "num_workers",
+                                                                      "save_every", "dtype")},
+    }, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    state_dir = work / f"state-{run_key}"
+    progress_file = state_dir / "progress.json"
+    step, epoch, batch_in_epoch, rows, resumed_from = 0, 0, 0, [], None
+    if progress_file.is_file():
+        try:
+            prog = json.loads(progress_file.read_text())
+            accelerator.load_state(str(state_dir))
+            step, epoch, batch_in_epoch, rows = prog["step"], prog["epoch"], prog["batch_in_epoch"], prog["log"]
+            resumed_from = step
+            say(f"resuming from step {step}/{total_steps} ({state_dir.name})")
+        except Exception as exc:  # a corrupt state: start over
+            say(f"cannot resume from {state_dir} ({exc}); starting over")
+            step, epoch, batch_in_epoch, rows = 0, 0, 0, []
+
+    def save_state() -> None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(state_dir))
+        if main:
+            tmp = progress_file.with_name("progress.json.tmp")
+            tmp.write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "log": rows}))
+            os.replace(tmp, progress_file)
+        accelerator.wait_for_everyone()
+
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="fuse", unit="step", dynamic_ncols=True)
+    t_train = time.time()
+    tokens_seen = sum(r.get("tokens_step", 0) for r in rows)
+    acc = {"loss": 0.0, "sft": 0.0, "tokenwise": 0.0, "gld": 0.0, "n": 0, "tokens": 0}
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    for g, b in zip(optimizer.param_groups, base_lrs):
+        g["lr"] = lr * _lr_factor(step, total_steps, schedule, warmup, opts.min_lr_ratio)
+    while step < total_steps:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        loader = torch.utils.data.DataLoader(order, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                             num_workers=opts.num_workers)
+        loader = accelerator.prepare_data_loader(loader, device_placement=False)
+        if batch_in_epoch:
+            loader = accelerator.skip_first_batches(loader, batch_in_epoch)
+        for batch in loader:
+            batch = _to(batch, accelerator.device)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                parts = _losses(logits.float(), batch, srcs, weights, opts, tokenwise_weight, gld_weight, gld_k, gld_opts,
+                                lambda_)
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients and opts.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), opts.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_in_epoch += 1
+            for k in ("loss", "sft", "tokenwise", "gld"):
+                acc[k] += float(parts[k])
+            acc["n"] += 1
+            acc["tokens"] += int(batch["attention_mask"].sum())
+            if accelerator.sync_gradients:
+                vals = torch.tensor([acc["loss"], acc["sft"], acc["tokenwise"], acc["gld"], acc["n"], acc["tokens"]],
+                                    device=accelerator.device, dtype=torch.float64)
+                vals = accelerator.reduce(vals, reduction="sum")
+                cnt = max(1.0, float(vals[4]))
+                tokens_seen += int(vals[5])
+                row = {"step": step + 1, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                       "loss": float(vals[0]) / cnt, "sft": float(vals[1]) / cnt, "tokenwise": float(vals[2]) / cnt,
+                       "gld": float(vals[3]) / cnt, "tokens": tokens_seen, "tokens_step": int(vals[5]),
+                       "seconds": round(time.time() - t_train, 3)}
+                rows.append(row)
+                acc = {"loss": 0.0, "sft": 0.0, "tokenwise": 0.0, "gld": 0.0, "n": 0, "tokens": 0}
+                step += 1
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * _lr_factor(step, total_steps, schedule, warmup, opts.min_lr_ratio)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", sft=f"{row['sft']:.3f}", tok=f"{row['tokenwise']:.3f}",
+                                    gld=f"{row['gld']:.4f}", refresh=False)
+                if main and callback is not None:
+                    callback(step, row)
+                if step % save_every == 0 and step < total_steps:
+                    save_state()
+                if step >= total_steps:
+                    break
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+            continue
+        break
+    if bar is not None:
+        bar.close()
+    train_seconds = time.time() - t_train
+    accelerator.wait_for_everyone()
+
+    report: dict[str, Any] = {
+        "output": str(out_dir), "pivot": str(pivot_dir), "data": str(dataset_path),
+        "sources": [{"id": s.id, "path": str(s.original), "run": str(s.path), "weight": w, "align": s.align, **s.stats}
+                    for s, w in zip(srcs, weights)],
+        "examples": len(piv_enc), "pivot_tokens": sum(len(e) for e in piv_enc),
+        "steps": total_steps, "resumed_from": resumed_from, "epochs_run": round(step / steps_per_epoch, 3),
+        "processes": accelerator.num_processes, "device": str(accelerator.device), "mixed_precision": mixed_precision,
+        "settings": {"max_length": max_length, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                     "schedule": schedule, "warmup_steps": warmup, "seed": seed, "lambda": lambda_,
+                     "tokenwise_weight": tokenwise_weight, "gld_weight": gld_weight, "top_k": top_k,
+                     "options": {k: v for k, v in opts.__dict__.items()}},
+        "final": {k: rows[-1][k] for k in ("loss", "sft", "tokenwise", "gld")} if rows else {},
+        "train_seconds": round(train_seconds, 2),
+        "log": rows,
+    }
+    if main:
+        unwrapped = accelerator.unwrap_model(model)
+        _write_output(unwrapped, pivot_dir, out_dir, report, overwrite, opts, finish)
+    accelerator.wait_for_everyone()
+    if main and not opts.keep_state and state_dir.exists():
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if opts.eval_path and main:
+        report["eval"] = _evaluate(pivot_dir, out_dir, Path(opts.eval_path), opts, dev_name)
+        _rewrite_report(out_dir, report)
+    report["seconds"] = round(time.time() - t_start, 2)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path, overwrite: bool, lambda_: float,
+              tokenwise_weight: float, gld_weight: float, schedule: str, opts: FuseOptions, mixed_precision: str,
+              epochs: float, steps: Optional[int], batch_size: int, grad_accum: int, top_k: int, finish: Any) -> None:
+    if not pivot_dir.is_dir():
+        raise InvalidInputError(f"pivot {pivot_dir}: no such model folder")
+    if not sources:
+        raise InvalidInputError("fuse: at least one source model is needed")
+    for s in sources:
+        if not isinstance(s, dict) or "path" not in s:
+            raise InvalidInputError(f"fuse: each source must be a dict with 'path', got {s!r}")
+        if Path(s["path"]).resolve() == out_dir.resolve():
+            raise InvalidInputError(f"{out_dir}: the output folder is a source model")
+    if out_dir.resolve() == pivot_dir.resolve():
+        raise InvalidInputError(f"{out_dir}: the output folder is the pivot model")
+    if finish is None and out_dir.exists() and not overwrite:
+        raise InvalidInputError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if not 0.0 <= lambda_ <= 1.0:
+        raise InvalidInputError(f"fuse: lambda must be in [0, 1], got {lambda_}")
+    if tokenwise_weight < 0 or gld_weight < 0:
+        raise InvalidInputError("fuse: loss weights must be >= 0")
+    if schedule not in ("constant", "linear", "cosine"):
+        raise InvalidInputError(f"fuse: schedule must be constant, linear or cosine, got {schedule!r}")
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise InvalidInputError(f"fuse: mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
+    if opts.tokenwise not in TOKENWISE:
+        raise InvalidInputError(f"fuse: tokenwise must be one of {', '.join(TOKENWISE)}, got {opts.tokenwise!r}")
+    if opts.pairing not in PAIRING:
+        raise InvalidInputError(f"fuse: pairing must be one of {', '.join(PAIRING)}, got {opts.pairing!r}")
+    if steps is None and not epochs > 0:
+        raise InvalidInputError("fuse: give steps or a positive number of epochs")
+    if steps is not None and steps < 1:
+        raise InvalidInputError(f"fuse: steps must be >= 1, got {steps}")
+    if batch_size < 1 or grad_accum < 1 or top_k < 1:
+        raise InvalidInputError("fuse: batch_size, grad_accum and top_k must be >= 1")
+    if opts.gld:
+        bad = set(opts.gld) - {"values", "temperature", "normalize", "nodes", "feature", "p", "aggregate",
+                               "node_reduction"}
+        if bad:
+            raise InvalidInputError(f"fuse: unknown gld option(s) {', '.join(sorted(bad))}")
+    if opts.eval_path and not Path(opts.eval_path).is_file():
+        raise InvalidInputError(f"fuse: eval_path {opts.eval_path}: no such file")
+
+
+def _losses(logits: torch.Tensor, batch: dict[str, Any], srcs: list[_Source], weights: list[float], opts: FuseOptions,
+            tokenwise_weight: float, gld_weight: float, gld_k: int, gld_opts: dict, lambda_: float) -> dict[str, torch.Tensor]:
+    v = logits.shape[-1]
+    labels = batch["labels"][:, 1:]
+    sft = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels.reshape(-1), ignore_index=-100)
+    zero = logits.new_zeros(())
+    tok_total, gld_total = zero, zero
+    if lambda_ > 0:
+        for s, w, sb in zip(srcs, weights, batch["sources"]):
+            if w == 0:
+                continue
+            if tokenwise_weight > 0 and opts.tokenwise != "none" and sb["pairs"].shape[0]:
+                b, u, t = sb["pairs"][:, 0], sb["pairs"][:, 1], sb["pairs"][:, 2]
+                rows = logits[b, u]
+                term = zero
+                if opts.tokenwise in ("kl", "kl+uld"):
+                    probs = (sb["logits"][b, t] - sb["lse"][b, t].unsqueeze(-1)).exp()
+                    term = term + kl_loss(rows, probs, target_ids=sb["mapped"][b, t], temperature=opts.temperature)
+                if opts.tokenwise in ("uld", "kl+uld"):
+                    teacher = TopK(sb["logits"][b, t], sb["ids"][b, t], sb["lse"][b, t], s.cache.vocab_size)
+                    term = term + uld_loss(rows, teacher, temperature=opts.temperature)
+                tok_total = tok_total + w * term
+            if gld_weight > 0:
+                teacher = TopK(sb["logits"], sb["ids"], sb["lse"], s.cache.vocab_size)
+                g = gld_loss(logits, teacher, top_k=gld_k, student_mask=batch["pos_mask"], teacher_mask=sb["mask"],
+                             **gld_opts)
+                gld_total = gld_total + w * g
+    loss = (1 - lambda_) * sft + lambda_ * (tokenwise_weight * tok_total + gld_weight * gld_total)
+    return {"loss": loss, "sft": sft.detach(), "tokenwise": tok_total.detach(), "gld": gld_total.detach()}
+
+
+# ----------------------------------------------------------------------------- output
+def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, Any], overwrite: bool,
+                  opts: FuseOptions, finish: Any) -> None:
+    from ..io import Checkpoint, CheckpointWriter, TensorSpec
+    from ..io.checkpoint import AUX_FILES
+
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    with Checkpoint.open(pivot_dir) as ck:
+        infos = list(ck.infos())
+        tok_files = ck.tokenizer_files
+        config = dict(ck.config or {})
+    dtype = getattr(torch, opts.dtype) if opts.dtype else None
+    specs = []
+    for info in infos:
+        if info.name not in state:
+            raise StepError(f"fuse: the trained model has no tensor {info.name!r} of the pivot checkpoint")
+        specs.append(TensorSpec(info.name, info.shape, dtype or info.dtype))
+    if dtype is not None:
+        config["dtype"] = opts.dtype
+        config.pop("torch_dtype", None)
+    rows = report["log"]
+    notes = [f"fused {', '.join(s['id'] for s in report['sources'])} into the pivot "
+             f"({report['steps']} steps, lambda {report['settings']['lambda']}, "
+             f"token-wise {report['settings']['options']['tokenwise']} x{report['settings']['tokenwise_weight']}, "
+             f"GLD x{report['settings']['gld_weight']})"]
+    with CheckpointWriter(out_dir, specs, overwrite=True if finish else overwrite,
+                          metadata={"surgeon.step": "fuse"}) as w:
+        for spec in specs:
+            w.write(spec.name, state[spec.name].to("cpu", spec.dtype).contiguous())
+        w.write_text("fuse_log.csv", _csv(rows))
+        w.write_json("fuse_report.json", {k: v for k, v in report.items()})
+        png = _plot(rows, f"fuse: {', '.join(s['id'] for s in report['sources'])} -> {pivot_dir.name}")
+        if png is not None:
+            w.write_bytes("fuse_loss.png", png)
+        if finish is not None:
+            finish(w, config, notes)
+            return
+        w.write_json("config.json", config)
+        for f in tok_files:
+            w.copy_file(f)
+        for name in AUX_FILES:
+            if (pivot_dir / name).is_file():
+                w.copy_file(pivot_dir / name)
+        w.write_text("README.md", _card(pivot_dir, out_dir, report))
+        w.commit()
+
+
+def _card(pivot_dir: Path, out_dir: Path, report: dict[str, Any]) -> str:
+    from ..io.card import CardInfo, CardInput, render_card
+
+    s = report["settings"]
+    inputs = [CardInput("pivot", str(pivot_dir))] + [CardInput(x["id"], x["path"]) for x in report["sources"]]
+    step = {"id": "fuse", "kind": "fuse", "sources": [x["id"] for x in report["sources"]], "pivot": "pivot"}
+    rows = ["| source | weight | align | coverage of loss positions | vocab map |", "|---|---|---|---|---|"]
+    for x in report["sources"]:
+        rows.append(f"| {x['id']} | {x['weight']:.3g} | {x['align']}{' (identity)' if x.get('identity') else ''} | "
+                    f"{x.get('coverage', 0):.1%} | {x.get('vocab_map')} |")
+    final = report.get("final", {})
+    body = "\n".join([
+        f"Loss: (1 - {s['lambda']}) * SFT + {s['lambda']} * sum_s w_s * ({s['tokenwise_weight']} * "
+        f"{s['options']['tokenwise']} + {s['gld_weight']} * GLD), top-k {s['top_k']}.",
+        "",
+        f"Data: `{report['data']}` ({report['examples']} sequences, {report['pivot_tokens']} pivot tokens, "
+        f"max length {s['max_length']}); {report['steps']} optimizer steps of batch {s['batch_size']} x "
+        f"{s['grad_accum']} accumulation x {report['processes']} process(es), lr {s['lr']} ({s['schedule']}), "
+        f"seed {s['seed']}, mixed precision {report['mixed_precision']}.",
+        "",
+        *rows,
+        "",
+        "Final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
+        "",
+        "The loss log is in `fuse_log.csv`, the plot in `fuse_loss.png`, the full report in `fuse_report.json`.",
+    ])
+    info = CardInfo(name=out_dir.name, operations=["fusion"], inputs=inputs, steps=[step],
+                    extra_sections={"Fusion": body})
+    return render_card(info)
+
+
+def _evaluate(pivot_dir: Path, out_dir: Path, text: Path, opts: FuseOptions, device: str) -> dict[str, Any]:
+    from ..eval.perplexity import evaluate_text
+
+    res = {}
+    for label, path in (("pivot", pivot_dir), ("output", out_dir)):
+        r = evaluate_text(path, text, device=device, window=opts.eval_window, max_chars=opts.eval_max_chars,
+                          progress=False)
+        res[label] = {"perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"], "tokens": r["tokens"]}
+    return res
+
+
+def _rewrite_report(out_dir: Path, report: dict[str, Any]) -> None:
+    f = out_dir / "fuse_report.json"
+    if out_dir.is_dir():
+        tmp = f.with_name(".fuse_report.json.tmp")
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, f)

@@ -1,0 +1,412 @@
+"""Graph-on-Logits Distillation (GLD), after InfiGFusion (Wang et al. 2025, arXiv 2505.13893).
+
+The idea
+--------
+For one sequence, keep the top-k values of each position's output distribution
+(every other vocabulary entry is zero) and aggregate the outer products over the
+positions into a *co-activation graph*
+
+    C = sum_t w_t z_t z_t^T            (nodes = vocabulary channels, C >= 0 for probabilities)
+
+where ``w_t`` weights the valid positions (``1/T`` for ``aggregate="mean"``).
+Two models' graphs are compared with a Gromov-Wasserstein (GW) distance, which
+needs no correspondence between the two vocabularies (nor between the two
+sequences' positions: each graph already sums over its own positions). Exact GW
+is a quadratic assignment problem; the paper replaces it by a closed form: compress
+every node to one scalar feature (its degree), sort, and compare in order,
+
+    GW~(C, D) = sum_i | f_C(i)v - f_D(i)v |          (v: sorted in decreasing order)
+
+which costs O(n log n) for n nodes. Student and teacher keep their own vocabularies;
+graphs of different sizes are compared after padding the smaller one with isolated
+nodes (feature 0), which is what a vocabulary channel the model never ranks in its
+top-k is anyway.
+
+What the paper leaves open, and the options here
+------------------------------------------------
+``values``     what is kept per position: ``"probs"`` (softmax over the full
+               vocabulary, then top-k; default), ``"logprobs"``, or raw ``"logits"``.
+               Raw logits are only defined up to a per-position constant, so they are
+               best used with ``normalize="standardize"`` / ``"minmax"``.
+``normalize``  per-position rescaling of the kept values: ``"none"`` (default),
+               ``"sum"`` (renormalise the kept mass to 1), ``"l2"`` (unit norm),
+               ``"standardize"`` (z-score over the top-k, InfiFusion's logit
+               standardisation; the degree feature is then identically 0, see below,
+               so it is refused with ``feature="degree"``), ``"minmax"`` (to [0, 1]).
+``nodes``      ``"vocab"`` (default; nodes are vocabulary channels, as in the paper's
+               text) or ``"rank"`` (nodes are the k rank slots of the sorted top-k, as
+               the paper's figure draws it: "sort & top-k, view as nodes").
+``feature``    the scalar node feature: ``"degree"`` (row sum; the paper's choice),
+               ``"self"`` (the self-loop C_ii = sum_t w_t z_t(i)^2, purely local), or
+               ``"l2"`` (row L2 norm, the GW_2 eccentricity; costs O(T^2 k) per
+               sequence in vocab mode instead of O(T k)).
+``p``          exponent of the per-node difference (1 = the paper's absolute value; 2).
+``aggregate``  ``"mean"`` over valid positions (default; graphs of sequences of
+               different lengths — different tokenisers — are comparable) or ``"sum"``.
+``node_reduction`` ``"sum"`` over nodes (default, the paper's formula) or ``"mean"``.
+``temperature`` divides the logits before the softmax (``"probs"``/``"logprobs"``).
+
+With the defaults (probabilities, no normalisation, mean over positions, degree,
+p = 1) the loss is bounded: every degree is at most 1 and the degrees sum to at
+most 1, so the loss lies in [0, 2], like a total-variation distance.
+
+How the closed form relates to exact GW (what the tests check)
+-------------------------------------------------------------
+Take graphs C, D with n nodes each and uniform node weights 1/n, and the exact
+GW_p(C, D) = min over couplings pi (marginals 1/n) of sum_{ijkl} |C_ik - D_jl|^p pi_ij pi_kl.
+Let the *normalised* degree be fbar_C(i) = (1/n) sum_k C_ik and define
+
+    GW~_p(C, D) = (1/n) sum_i | fbar_C(i)v - fbar_D(i)v |^p     (= W_p^p of the two degree histograms)
+
+(:func:`sorted_gw`). Then, for every p >= 1:
+
+1. **Lower bound.** GW~_p <= GW_p. For a coupling pi with marginals 1/n,
+   sum_kl pi_kl C_ik = fbar_C(i) and sum_kl pi_kl D_jl = fbar_D(j) (because
+   sum_l pi_kl = 1/n), and sum_kl pi_kl = 1, so by Jensen
+   |fbar_C(i) - fbar_D(j)|^p = |sum_kl pi_kl (C_ik - D_jl)|^p <= sum_kl pi_kl |C_ik - D_jl|^p.
+   Weighting by pi_ij and summing: the cost of moving the degree histogram of C onto
+   that of D along pi is <= the GW cost of pi; the cheapest such move in 1-D is the
+   sorted matching, GW~_p. Hence GW~_p <= GW_p <= GW_p over permutations (the degree
+   version of Memoli's eccentricity lower bound). The L_2(pi) triangle inequality
+   gives the same for ``feature="l2"`` with p = 2 (row RMS sqrt((1/n) sum_k C_ik^2)).
+2. **Zero on relabellings.** D = P C P^T for a permutation P gives GW~ = GW = 0.
+3. **Exact cases.**
+   a. p = 1, degree, *dominated* graphs: if after the sorted matching sigma
+      C_ik >= D_sigma(i)sigma(k) for all i, k (e.g. rank-1 graphs a a^T and b b^T with
+      a, b >= 0 and sorted(a) >= sorted(b) entrywise: the graph of one position whose
+      top-k probabilities dominate the other's), no term of a row cancels, so the
+      permutation sigma costs exactly GW~_1 and GW~_1 = GW_1 (coupling and permutation).
+   b. p = 2, degree, constant shift: D = P C P^T + c 11^T gives GW~_2 = GW_2 = c^2.
+   c. p = 2, l2, proportional rank-1 graphs: C = a a^T, D = s^2 P a a^T P^T gives
+      GW~_2 = GW_2 = (1 - s^2)^2 |a|^4 / n^2.
+   Outside these cases GW~ is a strict lower bound in general.
+
+The loss :func:`gld_loss` uses the same construction with un-normalised degrees
+(row sums) and a sum over nodes, which is the paper's formula; for p = 1 it equals
+n^2 * GW~_1 of the graphs.
+
+Everything is differentiable almost everywhere (top-k and sort pass gradients to
+the selected entries), batched over sequences and device-agnostic. See
+docs/fusion.md for the full derivation and the measured costs.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TopK",
+    "gld_loss",
+    "topk_values",
+    "graph_features",
+    "co_activation_graph",
+    "node_features",
+    "sorted_gw",
+    "sorted_distance",
+    "gw_bruteforce",
+    "gw_cost",
+]
+
+VALUES = ("probs", "logprobs", "logits")
+NORMALIZE = ("none", "sum", "l2", "standardize", "minmax")
+NODES = ("vocab", "rank")
+FEATURES = ("degree", "self", "l2")
+AGGREGATE = ("mean", "sum")
+REDUCTION = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A distribution kept as its top-k per position (what the teacher cache stores).
+
+    ``logits``: [B, T, k] the k largest logits, in decreasing order;
+    ``ids``: [B, T, k] their vocabulary ids; ``lse``: [B, T] logsumexp of the full
+    logits at temperature 1 (so log-probabilities are ``logits - lse``);
+    ``vocab_size``: the model's vocabulary size.
+    """
+
+    logits: Tensor
+    ids: Tensor
+    lse: Optional[Tensor]
+    vocab_size: int
+
+    @property
+    def k(self) -> int:
+        return int(self.logits.shape[-1])
+
+    def to(self, device: Union[str, torch.device]) -> "TopK":
+        return TopK(self.logits.to(device), self.ids.to(device),
+                    None if self.lse is None else self.lse.to(device), self.vocab_size)
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int) -> "TopK":
+        v, i = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+        return cls(v, i, torch.logsumexp(logits.float(), dim=-1).to(logits.dtype), int(logits.shape[-1]))
+
+
+Dist = Union[Tensor, TopK]
+
+
+def _check(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"gld: {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+# ----------------------------------------------------------------------------- top-k values
+def topk_values(dist: Dist, k: int, *, values: str = "probs", temperature: float = 1.0,
+                normalize: str = "none") -> tuple[Tensor, Tensor, int]:
+    """The kept values per position: ``(z [B,T,k], ids [B,T,k], vocab_size)``.
+
+    ``dist`` is full logits [B, T, V] or a :class:`TopK`. Values are sorted in
+    decreasing order of the underlying logit. For a :class:`TopK` at a temperature
+    other than 1 the full normaliser is unknown, so probabilities are renormalised
+    over the kept entries (documented approximation).
+    """
+    _check("values", values, VALUES)
+    _check("normalize", normalize, NORMALIZE)
+    if temperature <= 0:
+        raise ValueError(f"gld: temperature must be positive, got {temperature}")
+    if isinstance(dist, TopK):
+        kk = min(k, dist.k)
+        lg, ids, vocab = dist.logits[..., :kk], dist.ids[..., :kk], dist.vocab_size
+        if values == "logits":
+            z = lg / temperature
+        elif dist.lse is not None and temperature == 1.0:
+            lp = lg - dist.lse.unsqueeze(-1)
+            z = lp if values == "logprobs" else lp.exp()
+        else:
+            lp = torch.log_softmax(lg / temperature, dim=-1)
+            z = lp if values == "logprobs" else lp.exp()
+    else:
+        if dist.dim() != 3:
+            raise ValueError(f"gld: logits must be [batch, seq, vocab], got shape {tuple(dist.shape)}")
+        vocab = int(dist.shape[-1])
+        kk = min(k, vocab)
+        x = dist / temperature if temperature != 1.0 else dist
+        lg, ids = torch.topk(x, kk, dim=-1)
+        if values == "logits":
+            z = lg
+        else:
+            lp = lg - torch.logsumexp(x, dim=-1, keepdim=True)
+            z = lp if values == "logprobs" else lp.exp()
+    return _normalize(z, normalize), ids, vocab
+
+
+def _normalize(z: Tensor, how: str) -> Tensor:
+    if how == "none":
+        return z
+    if how == "sum":
+        return z / z.sum(-1, keepdim=True).clamp_min(1e-12)
+    if how == "l2":
+        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if how == "standardize":
+        mu = z.mean(-1, keepdim=True)
+        sd = z.std(-1, keepdim=True, unbiased=False).clamp_min(1e-6)
+        return (z - mu) / sd
+    lo = z.min(-1, keepdim=True).values
+    hi = z.max(-1, keepdim=True).values
+    return (z - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def _position_weights(z: Tensor, mask: Optional[Tensor], aggregate: str) -> Tensor:
+    """[B, T] weights w_t: the mask, divided by the count of valid positions for "mean"."""
+    b, t = z.shape[0], z.shape[1]
+    w = torch.ones(b, t, dtype=z.dtype, device=z.device) if mask is None else mask.to(z.dtype)
+    if w.shape != (b, t):
+        raise ValueError(f"gld: mask shape {tuple(w.shape)} does not match logits [batch, seq] {(b, t)}")
+    if aggregate == "mean":
+        w = w / w.sum(-1, keepdim=True).clamp_min(1.0)
+    return w
+
+
+# ----------------------------------------------------------------------------- graph features
+def graph_features(z: Tensor, ids: Tensor, vocab_size: int, mask: Optional[Tensor] = None, *,
+                   nodes: str = "vocab", feature: str = "degree", aggregate: str = "mean") -> Tensor:
+    """Node features of each sequence's co-activation graph, without forming the graph.
+
+    Returns [B, n] with n = ``vocab_size`` (vocab nodes) or k (rank nodes). Costs
+    O(T k) per sequence for ``degree``/``self`` and O(T^2 k) for ``l2`` in vocab mode.
+    """
+    _check("nodes", nodes, NODES)
+    _check("feature", feature, FEATURES)
+    _check("aggregate", aggregate, AGGREGATE)
+    w = _position_weights(z, mask, aggregate)  # [B, T]
+    if nodes == "rank":
+        graph = torch.einsum("bt,bti,btj->bij", w, z, z)
+        return node_features(graph, feature)
+    b, t, k = z.shape
+    out = z.new_zeros(b, vocab_size)
+    flat_ids = ids.reshape(b, t * k)
+    if feature == "degree":
+        s = z.sum(-1, keepdim=True)  # [B, T, 1] = sum_j z_t(j)
+        contrib = (w.unsqueeze(-1) * s * z).reshape(b, t * k)
+        return out.scatter_add(1, flat_ids, contrib)
+    if feature == "self":
+        contrib = (w.unsqueeze(-1) * z * z).reshape(b, t * k)
+        return out.scatter_add(1, flat_ids, contrib)
+    # l2: ||C_i||^2 = sum_{t,t'} w_t w_t' z_t(i) z_t'(i) <z_t, z_t'>
+    zw = z * w.clamp_min(0).sqrt().unsqueeze(-1)  # C = sum_t zw_t zw_t^T
+    dense = z.new_zeros(b, t, vocab_size).scatter(2, ids, zw)  # [B, T, V]
+    # x[b, t, a, t'] = dense[b, t', ids[b, t, a]]
+    x = torch.gather(dense.transpose(1, 2), 1, flat_ids.unsqueeze(-1).expand(b, t * k, t)).reshape(b, t, k, t)
+    gram = torch.einsum("bta,btas->bts", zw, x)  # <zw_t, zw_s>
+    q = torch.einsum("bts,btas->bta", gram, x)  # (G zw)_{t, ids[t,a]}
+    r = out.scatter_add(1, flat_ids, (zw * q).reshape(b, t * k))
+    return r.clamp_min(0).add(1e-30).sqrt() * (r > 0)
+
+
+def co_activation_graph(z: Tensor, ids: Optional[Tensor] = None, vocab_size: Optional[int] = None,
+                        mask: Optional[Tensor] = None, *, nodes: str = "vocab", aggregate: str = "mean") -> Tensor:
+    """The dense co-activation graphs [B, n, n] (for inspection and tests; O(n^2) memory)."""
+    _check("nodes", nodes, NODES)
+    w = _position_weights(z, mask, aggregate)
+    if nodes == "vocab":
+        if ids is None or vocab_size is None:
+            raise ValueError("gld: vocab nodes need ids and vocab_size")
+        z = z.new_zeros(*z.shape[:2], vocab_size).scatter(2, ids, z)
+    return torch.einsum("bt,bti,btj->bij", w, z, z)
+
+
+def node_features(graph: Tensor, feature: str = "degree", normalized: bool = False) -> Tensor:
+    """Scalar node features of dense graphs [..., n, n] -> [..., n].
+
+    ``normalized`` uses the uniform node measure 1/n (mean instead of sum, RMS
+    instead of L2 norm), the form in which :func:`sorted_gw` bounds exact GW.
+    """
+    _check("feature", feature, FEATURES)
+    n = graph.shape[-1]
+    if feature == "degree":
+        f = graph.sum(-1)
+        return f / n if normalized else f
+    if feature == "self":
+        return graph.diagonal(dim1=-2, dim2=-1)
+    sq = graph.pow(2).sum(-1)
+    if normalized:
+        sq = sq / n
+    return sq.clamp_min(0).add(1e-30).sqrt() * (sq > 0)
+
+
+# ----------------------------------------------------------------------------- sorted comparison
+def _pad_to(x: Tensor, n: int) -> Tensor:
+    return x if x.shape[-1] >= n else torch.nn.functional.pad(x, (0, n - x.shape[-1]))
+
+
+def sorted_distance(fa: Tensor, fb: Tensor, p: float = 1.0, *, node_reduction: str = "sum",
+                    nonnegative: bool = False, max_nodes: Optional[int] = None) -> Tensor:
+    """sum_i |fa(i)v - fb(i)v|^p over sorted features [..., na], [..., nb] -> [...].
+
+    The shorter vector is padded with zeros (isolated nodes). ``nonnegative`` says
+    both are >= 0 with at most ``max_nodes`` non-zeros, so only the ``max_nodes``
+    largest need sorting (same result, O(n + m log m)). ``node_reduction="mean"``
+    divides by the (padded) node count.
+    """
+    if p < 1:
+        raise ValueError(f"gld: p must be >= 1, got {p}")
+    n = max(fa.shape[-1], fb.shape[-1])
+    if nonnegative and max_nodes is not None and max_nodes < n:
+        m = max_nodes
+        a = torch.topk(_pad_to(fa, m), m, dim=-1).values
+        b = torch.topk(_pad_to(fb, m), m, dim=-1).values
+    else:
+        a = torch.sort(_pad_to(fa, n), dim=-1, descending=True).values
+        b = torch.sort(_pad_to(fb, n), dim=-1, descending=True).values
+    d = (a - b).abs()
+    d = d if p == 1 else d.pow(p)
+    total = d.sum(-1)
+    return total / n if node_reduction == "mean" else total
+
+
+def sorted_gw(c: Tensor, d: Tensor, feature: str = "degree", p: float = 1.0) -> Tensor:
+    """The closed-form GW~_p between dense graphs [..., n, n] (uniform node weights).
+
+    (1/n) sum_i |f_C(i)v - f_D(i)v|^p with normalised features; a lower bound of
+    exact GW_p for ``feature="degree"`` (any p >= 1) and ``feature="l2"`` (p = 2).
+    A smaller graph is padded with isolated nodes.
+    """
+    n = max(c.shape[-1], d.shape[-1])
+    c = _pad_graph(c, n)
+    d = _pad_graph(d, n)
+    fa = node_features(c, feature, normalized=True)
+    fb = node_features(d, feature, normalized=True)
+    return sorted_distance(fa, fb, p, node_reduction="mean")
+
+
+def _pad_graph(g: Tensor, n: int) -> Tensor:
+    m = g.shape[-1]
+    return g if m == n else torch.nn.functional.pad(g, (0, n - m, 0, n - m))
+
+
+# ----------------------------------------------------------------------------- exact references
+def gw_cost(c: Tensor, d: Tensor, plan: Tensor, p: float = 2.0) -> Tensor:
+    """sum_{ijkl} |C_ik - D_jl|^p T_ij T_kl for a coupling T (n x m)."""
+    diff = (c[:, None, :, None] - d[None, :, None, :]).abs().pow(p)  # [i, j, k, l]
+    return torch.einsum("ijkl,ij,kl->", diff, plan, plan)
+
+
+def gw_bruteforce(c: Tensor, d: Tensor, p: float = 2.0) -> tuple[float, tuple[int, ...]]:
+    """Exact min over permutations of (1/n^2) sum_{ik} |C_ik - D_s(i)s(k)|^p (n <= 9).
+
+    Equals exact coupling GW_p for p = 2 when both graphs are positive semidefinite
+    (co-activation graphs are): the objective is then concave in the coupling, so a
+    vertex of the Birkhoff polytope (a permutation) is optimal. For other cases it
+    is an upper bound of coupling GW.
+    """
+    n = c.shape[-1]
+    if d.shape[-1] != n:
+        raise ValueError("gw_bruteforce: graphs must have the same size")
+    if n > 9:
+        raise ValueError(f"gw_bruteforce: n={n} is too large for brute force (n! permutations)")
+    c = c.double()
+    d = d.double()
+    perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
+    best, arg = math.inf, None
+    for chunk in perms.split(4096):
+        dp = d[chunk[:, :, None], chunk[:, None, :]]  # [P, n, n] = D[s(i), s(k)]
+        cost = (c.unsqueeze(0) - dp).abs().pow(p).sum((-1, -2)) / (n * n)
+        v, i = cost.min(0)
+        if float(v) < best:
+            best, arg = float(v), tuple(chunk[i].tolist())
+    return best, arg  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- the loss
+def gld_loss(student_logits: Dist, teacher_logits: Dist, top_k: int = 64, *,
+             student_mask: Optional[Tensor] = None, teacher_mask: Optional[Tensor] = None,
+             values: str = "probs", temperature: float = 1.0, normalize: str = "none",
+             nodes: str = "vocab", feature: str = "degree", p: float = 1.0,
+             aggregate: str = "mean", node_reduction: str = "sum", reduction: str = "mean") -> Tensor:
+    """Graph-on-Logits Distillation loss between a student and a teacher.
+
+    ``student_logits`` [B, Ts, Vs] and ``teacher_logits`` [B, Tt, Vt] (or a
+    :class:`TopK`) are each in their own vocabulary and tokenisation: sequence b of
+    both describes the same text, nothing else needs to correspond. Masks [B, T]
+    select the positions that enter each graph (e.g. the response tokens).
+    Returns a scalar (``reduction`` "mean"/"sum" over the batch) or [B] ("none").
+    The options are described in the module docstring.
+    """
+    _check("reduction", reduction, REDUCTION)
+    _check("node_reduction", node_reduction, ("sum", "mean"))
+    if top_k < 1:
+        raise ValueError(f"gld: top_k must be >= 1, got {top_k}")
+    if feature == "degree" and normalize == "standardize":
+        raise ValueError("gld: normalize='standardize' makes every position's values sum to 0, so every "
+                         "degree is 0; use feature='l2' or 'self', or normalize='minmax'")
+    zs, ids_s, vs = topk_values(student_logits, top_k, values=values, temperature=temperature, normalize=normalize)
+    zt, ids_t, vt = topk_values(teacher_logits, top_k, values=values, temperature=temperature, normalize=normalize)
+    if zs.shape[0] != zt.shape[0]:
+        raise ValueError(f"gld: student batch {zs.shape[0]} != teacher batch {zt.shape[0]}")
+    zt = zt.to(zs.dtype)
+    fs = graph_features(zs, ids_s, vs, student_mask, nodes=nodes, feature=feature, aggregate=aggregate)
+    ft = graph_features(zt, ids_t.to(zs.device), vt, None if teacher_mask is None else teacher_mask.to(zs.device),
+                        nodes=nodes, feature=feature, aggregate=aggregate)
+    nonneg = values == "probs" and normalize != "standardize" or feature in ("self", "l2") or normalize == "minmax"
+    max_nodes = max(zs.shape[1] * zs.shape[2], zt.shape[1] * zt.shape[2]) if nodes == "vocab" else None
+    per_seq = sorted_distance(fs, ft, p, node_reduction=node_reduction, nonnegative=nonneg, max_nodes=max_nodes)
+    if reduction == "none":
+        return per_seq
+    return per_seq.mean() if reduction == "mean" else per_seq.sum()
