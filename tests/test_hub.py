@@ -51,6 +51,7 @@ def _pickled_only(folder: Path) -> Path:
     folder.mkdir(parents=True)
     torch.save({"model.embed_tokens.weight": torch.ones(4, 2)}, folder / "pytorch_model.bin")
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 2}))
+    (folder / "training_args.bin").write_bytes(b"not weights")
     return folder
 
 
@@ -184,6 +185,7 @@ def test_pickles_are_refused_unless_opted_in(hub: FakeHub, hf: dict[str, str]) -
     assert "pytorch_model.bin" not in {s.path for s in hub.served}
     ck = hubio.resolve("org/pickled", allow_pickle=True).checkpoint
     assert ck.get("model.embed_tokens.weight").shape == (4, 2)
+    assert "training_args.bin" not in {s.path for s in hub.served}
 
 
 def test_offline_uses_the_cache(hub: FakeHub, hf: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

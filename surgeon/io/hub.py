@@ -53,6 +53,8 @@ SMALL_FILES = ("config.json", *AUX_FILES, *TOKENIZER_FILES, INDEX_NAME)
 #: Never uploaded by :func:`push`: surgeon's bookkeeping, not part of the model.
 PUSH_IGNORE = (".surgeon-step.json", ".surgeon-*", "**/.surgeon-*", ".*.tmp", "*.surgeon-partial", "*.surgeon-old")
 
+#: Pickles in model repos that are not model weights.
+NOT_WEIGHTS = re.compile(r"(training_args|optimizer|scheduler|scaler|rng_state[\w-]*|trainer_state)\.(bin|pt|pth)")
 _TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"]+")
 
@@ -205,12 +207,11 @@ def _progress_bars(show: bool) -> Iterator[None]:
 
 
 def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str | None, what: str) -> Resolved:
-    hf = _hf()
     repo_id = ref.repo_id
     assert repo_id is not None
     api = _api(token)
     sha = _resolve_revision(api, repo_id, ref.revision)
-    label = f"{what} ({sha[:12]})"
+    label = what if ref.revision == sha else f"{what} ({sha[:12]})"
     offline = is_offline()
     snapshot = _cache_folder(repo_id) / "snapshots" / sha
 
@@ -228,7 +229,7 @@ def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str |
     index = _read_index(folder / INDEX_NAME, label) if INDEX_NAME in listing else None
     shards = _weight_files(listing, index)
     if not shards:
-        pickles = sorted({f for f in listing for pat in PICKLE_PATTERNS if fnmatch.fnmatch(f, pat)})
+        pickles = _pickled_weights(listing)
         if not pickles and offline:
             raise InvalidInputError(f"{what}: the weights of commit {sha[:12]} are not in the local cache and "
                                     "HF_HUB_OFFLINE=1 is set; run once online to fill the cache")
@@ -338,6 +339,15 @@ def _read_index(path: Path, label: str) -> dict[str, str]:
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise CheckpointError(f"{label}: {INDEX_NAME} has no valid weight_map")
     return {str(k): v for k, v in wm.items()}
+
+
+def _pickled_weights(listing: list[str]) -> list[str]:
+    """Pickled weight files (``pytorch_model*.bin`` first), never trainer states like ``optimizer.pt``."""
+    named = [f for f in listing if fnmatch.fnmatch(f, "pytorch_model*.bin")]
+    if named:
+        return sorted(named)
+    return sorted({f for f in listing for pat in PICKLE_PATTERNS if fnmatch.fnmatch(f, pat)
+                   and not NOT_WEIGHTS.fullmatch(f)})
 
 
 def _weight_files(listing: list[str], index: dict[str, str] | None) -> list[str]:
