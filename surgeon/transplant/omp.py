@@ -1,0 +1,244 @@
+"""Batched Orthogonal Matching Pursuit in torch (CPU or CUDA, float32).
+
+Given targets ``Y`` (B x D) and a dictionary ``A`` (N x D, one atom per row),
+OMP picks, for each target, ``k`` atoms one at a time: the atom whose inner
+product with the current residual is largest in absolute value, then refits
+least-squares coefficients on all atoms picked so far and recomputes the
+residual. This is exactly the rule of ``sklearn.linear_model.orthogonal_mp``
+(atoms are not normalised, nothing is centred) and of mergekit's tokensurgeon.
+
+The least-squares refit is kept cheap with an incremental Cholesky factor of
+the picked atoms' Gram matrix (k x k per target, one new row per step), as in
+Rubinstein, Zibulevsky & Elad's Batch-OMP. No N x N Gram matrix is ever
+formed.
+
+Two ways of running:
+
+* exact (``screen=None``): each step correlates the residuals with the whole
+  dictionary, one (B x D) @ (D x N) matrix product per step;
+* screened (``screen=M``): each target first keeps its M nearest atoms by
+  absolute cosine similarity (one product with the whole dictionary, once),
+  then runs OMP inside that candidate set using the candidates' small M x M
+  Gram matrix (formed per target with one batched product). Each step then
+  costs O(M * t) instead of O(N * D): with M = 1024, k = 64 this is many times
+  faster, and picks the same atoms whenever the exact run's atoms are among
+  the M nearest (they nearly always are; ``screen=N`` is exact).
+
+Targets are processed in batches (with a tqdm bar); an atom that is linearly
+dependent on those already picked ends the pursuit for that target (its
+remaining coefficients are 0), as scikit-learn does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import InvalidInputError
+
+_DEP_TOL = 1e-7  # relative; a new atom with less than this share of fresh norm^2 is dependent
+
+
+def _check(targets: torch.Tensor, dictionary: torch.Tensor, k: int) -> None:
+    if targets.ndim != 2 or dictionary.ndim != 2:
+        raise InvalidInputError(f"OMP needs 2-D targets and dictionary, got {tuple(targets.shape)} and {tuple(dictionary.shape)}")
+    if targets.shape[1] != dictionary.shape[1]:
+        raise InvalidInputError(f"OMP: targets have width {targets.shape[1]}, dictionary atoms {dictionary.shape[1]}")
+    if not 1 <= k <= dictionary.shape[0]:
+        raise InvalidInputError(f"OMP: k={k} atoms requested from a dictionary of {dictionary.shape[0]}")
+
+
+def _new_direction(w: torch.Tensor | None, g_jj: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm of the new atom's part orthogonal to the atoms already picked.
+
+    ``w`` (B x t) holds the new atom's coordinates on the orthonormal basis of
+    the picked atoms, ``g_jj`` (B) its squared norm. Returns ``(d, live)``:
+    d = sqrt(|a|^2 - |w|^2), and ``live`` cleared where the atom is
+    (numerically) dependent, which ends the pursuit for that target.
+    """
+    d2 = g_jj if w is None else g_jj - (w * w).sum(-1)
+    ok = live & (g_jj > 0) & (d2 > _DEP_TOL * g_jj.clamp_min(1e-30))
+    return torch.where(ok, d2.clamp_min(1e-30).sqrt(), torch.ones_like(d2)), ok
+
+
+def _coefficients(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Solve L^T x = z (L lower triangular, B x k x k): the atoms' coefficients."""
+    return torch.linalg.solve_triangular(L.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
+
+
+# The pursuit below is Gram-Schmidt on the picked atoms, done in correlation
+# space. With q_0..q_{t-1} the orthonormal directions of the atoms picked so far
+# (a_j = sum_i L[t, i] q_i + L[t, t] q_t), the residual is y - sum_i z_i q_i
+# with z_i = <q_i, y>, and the correlations alpha = A r are updated by one
+# rank-one step per pick: alpha -= (A q_t) z_t. Only the new direction's
+# correlations A q_t are computed per step; earlier ones never change. At the
+# end L^T x = z gives the least-squares coefficients on the picked atoms,
+# exactly the OMP solution (no triangular solve inside the loop).
+
+
+def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP of each row of ``targets`` over all atoms of ``dictionary``.
+
+    Returns ``(indices, coeffs)``, both B x k: the atoms in the order picked and
+    their least-squares coefficients (0 for slots after an early stop).
+    """
+    _check(targets, dictionary, k)
+    y = targets.float()
+    A = dictionary.float()
+    B, D = y.shape
+    dev = y.device
+    ar = torch.arange(B, device=dev)
+    norms2 = (A * A).sum(1)
+    idx = torch.zeros(B, k, dtype=torch.long, device=dev)
+    L = torch.zeros(B, k, k, dtype=y.dtype, device=dev)
+    Q = torch.zeros(B, D, k, dtype=y.dtype, device=dev)
+    z = torch.zeros(B, k, dtype=y.dtype, device=dev)
+    live = torch.ones(B, dtype=torch.bool, device=dev)
+    alpha = y @ A.T  # B x N correlations with the residual
+    for t in range(k):
+        score = alpha.abs()
+        if t:
+            score.scatter_(1, idx[:, :t], -1.0)
+        j = score.argmax(1)
+        del score
+        idx[:, t] = j
+        a = A[j]  # B x D
+        w = torch.bmm(a.unsqueeze(1), Q[:, :, :t]).squeeze(1) if t else None  # B x t
+        d, live = _new_direction(w, norms2[j], live)
+        q = a - torch.bmm(Q[:, :, :t], w.unsqueeze(-1)).squeeze(-1) if t else a
+        q = torch.where(live.unsqueeze(1), q / d.unsqueeze(1), torch.zeros_like(q))
+        Q[:, :, t] = q
+        if t:
+            L[:, t, :t] = torch.where(live.unsqueeze(1), w, torch.zeros_like(w))
+        L[:, t, t] = d
+        zt = torch.where(live, alpha[ar, j] / d, torch.zeros_like(d))
+        z[:, t] = zt
+        if t + 1 < k:
+            alpha.sub_((q * zt.unsqueeze(1)) @ A.T)
+    return idx, _coefficients(L, z)
+
+
+def screen_candidates(targets: torch.Tensor, dictionary: torch.Tensor, m: int,
+                      dict_normed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Indices (B x m) of each target's m atoms with the largest |cosine similarity|."""
+    if dict_normed is None:
+        dict_normed = torch.nn.functional.normalize(dictionary.float(), dim=1)
+    yn = torch.nn.functional.normalize(targets.float(), dim=1)
+    sims = (yn @ dict_normed.T).abs_()
+    return sims.topk(min(m, dictionary.shape[0]), dim=1, sorted=True).indices
+
+
+def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
+                 candidates: torch.Tensor, gram: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP of each target restricted to its own candidate atoms (B x M indices).
+
+    Each step needs the new atom's inner products with the target's M
+    candidates: taken from the candidates' M x M Gram matrix (one batched
+    product up front; ``gram=True``, the default for small M) or computed per
+    step from the gathered candidates (``gram=False``). With candidates covering
+    the whole dictionary this is exact OMP.
+    """
+    _check(targets, dictionary, k)
+    y = targets.float()
+    B, D = y.shape
+    M = candidates.shape[1]
+    if k > M:
+        raise InvalidInputError(f"OMP: k={k} atoms requested from {M} screened candidates; raise screen to at least k")
+    if gram is None:
+        gram = M <= 4 * k
+    dev = y.device
+    ar = torch.arange(B, device=dev)
+    C = dictionary.float()[candidates]  # B x M x D
+    alpha = torch.bmm(C, y.unsqueeze(-1)).squeeze(-1)  # B x M
+    diag = (C * C).sum(-1)  # B x M
+    G = torch.bmm(C, C.transpose(1, 2)) if gram else None  # B x M x M
+    if gram:
+        del C
+    local = torch.zeros(B, k, dtype=torch.long, device=dev)
+    L = torch.zeros(B, k, k, dtype=y.dtype, device=dev)
+    U = torch.zeros(B, M, k, dtype=y.dtype, device=dev)  # candidates' correlations with q_0..q_t
+    z = torch.zeros(B, k, dtype=y.dtype, device=dev)
+    live = torch.ones(B, dtype=torch.bool, device=dev)
+    for t in range(k):
+        score = alpha.abs()
+        if t:
+            score.scatter_(1, local[:, :t], -1.0)
+        j = score.argmax(1)
+        local[:, t] = j
+        w = U[ar, j, :t] if t else None  # new atom's coordinates on q_0..q_{t-1}
+        d, live = _new_direction(w, diag[ar, j], live)
+        col = G[ar, :, j] if gram else torch.bmm(C, C[ar, j].unsqueeze(-1)).squeeze(-1)  # B x M
+        if t:
+            col = col - torch.bmm(U[:, :, :t], w.unsqueeze(-1)).squeeze(-1)
+        u = torch.where(live.unsqueeze(1), col / d.unsqueeze(1), torch.zeros_like(col))
+        U[:, :, t] = u
+        if t:
+            L[:, t, :t] = torch.where(live.unsqueeze(1), w, torch.zeros_like(w))
+        L[:, t, t] = d
+        zt = torch.where(live, alpha[ar, j] / d, torch.zeros_like(d))
+        z[:, t] = zt
+        alpha = alpha - u * zt.unsqueeze(1)
+    return candidates.gather(1, local), _coefficients(L, z)
+
+
+def auto_batch_size(n_atoms: int, dim: int, k: int, screen: Optional[int], budget_bytes: int = 768 << 20) -> int:
+    """A batch size whose working set stays near ``budget_bytes``."""
+    if screen:
+        m = min(screen, n_atoms)
+        per = 4 * (m * m + m * dim + 2 * m + k * k) + 4 * n_atoms  # Gram, gathered atoms, screening row
+    else:
+        per = 4 * (2 * n_atoms + k * dim + k * k + 2 * dim)
+    return int(max(1, min(4096, budget_bytes // per)))
+
+
+def batch_omp(
+    targets: torch.Tensor,
+    dictionary: torch.Tensor,
+    k: int,
+    *,
+    screen: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "OMP",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP for many targets in batches; returns CPU ``(indices, coeffs)`` (B x k each).
+
+    ``screen`` restricts each target's dictionary to its ``screen`` nearest atoms
+    by |cosine| (``None``: the whole dictionary, exact OMP).
+    """
+    from tqdm.auto import tqdm
+
+    _check(targets, dictionary, k)
+    if screen is not None and screen < k:
+        raise InvalidInputError(f"screen={screen} must be at least k={k}")
+    dev = torch.device(device)
+    A = dictionary.to(dev, torch.float32)
+    n = targets.shape[0]
+    use_screen = screen is not None and screen < A.shape[0]
+    bs = batch_size or auto_batch_size(A.shape[0], A.shape[1], k, screen if use_screen else None)
+    An = torch.nn.functional.normalize(A, dim=1) if use_screen else None
+    out_idx = torch.zeros(n, k, dtype=torch.long)
+    out_coef = torch.zeros(n, k, dtype=torch.float32)
+    steps = math.ceil(n / bs) if n else 0
+    with torch.inference_mode():
+        for s in tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False):
+            y = targets[s * bs:(s + 1) * bs].to(dev, torch.float32)
+            if use_screen:
+                cand = screen_candidates(y, A, screen, An)
+                i, c = omp_screened(y, A, k, cand)
+            else:
+                i, c = omp_exact(y, A, k)
+            out_idx[s * bs:s * bs + len(y)] = i.cpu()
+            out_coef[s * bs:s * bs + len(y)] = c.cpu()
+    return out_idx, out_coef
+
+
+def reconstruct(indices: torch.Tensor, coeffs: torch.Tensor, atoms: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    """sum_j coeffs[:, j] * atoms[indices[:, j]] in float32, in batches (B x D)."""
+    out = torch.empty(indices.shape[0], atoms.shape[1], dtype=torch.float32)
+    for s in range(0, indices.shape[0], batch):
+        sel = atoms[indices[s:s + batch]].float()
+        out[s:s + batch] = torch.bmm(coeffs[s:s + batch].unsqueeze(1).float(), sel).squeeze(1)
+    return out

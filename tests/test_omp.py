@@ -1,0 +1,143 @@
+"""Batched OMP agrees with scikit-learn's orthogonal_mp and behaves at the edges."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import orthogonal_mp
+
+from surgeon.errors import InvalidInputError
+from surgeon.transplant.omp import batch_omp, omp_exact, omp_screened, reconstruct, screen_candidates
+
+
+def _dense(idx: torch.Tensor, coef: torch.Tensor, n: int) -> np.ndarray:
+    out = np.zeros((idx.shape[0], n))
+    for b in range(idx.shape[0]):
+        for i, c in zip(idx[b].tolist(), coef[b].tolist()):
+            out[b, i] += c
+    return out
+
+
+def _sklearn(A: torch.Tensor, Y: torch.Tensor, k: int) -> np.ndarray:
+    coef = orthogonal_mp(A.double().numpy().T, Y.double().numpy().T, n_nonzero_coefs=k, precompute=False)
+    return np.asarray(coef).reshape(A.shape[0], -1).T  # B x N
+
+
+@pytest.mark.parametrize("seed,n,d,k", [(0, 300, 64, 12), (1, 80, 40, 20), (2, 500, 32, 8), (3, 50, 64, 50)])
+def test_exact_matches_sklearn(seed, n, d, k):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g).add(0.5)  # atoms of varied norms
+    Y = torch.randn(16, d, generator=g)
+    idx, coef = omp_exact(Y, A, k)
+    ref = _sklearn(A, Y, k)
+    for b in range(Y.shape[0]):
+        assert set(idx[b].tolist()) == set(np.flatnonzero(ref[b]).tolist())
+    np.testing.assert_allclose(_dense(idx, coef, n), ref, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_screened_with_all_candidates_is_exact(gram):
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(120, 48, generator=g)
+    Y = torch.randn(10, 48, generator=g)
+    k = 10
+    cand = torch.stack([torch.randperm(120, generator=g) for _ in range(10)])  # any order of all atoms
+    idx, coef = omp_screened(Y, A, k, cand, gram=gram)
+    ref = _sklearn(A, Y, k)
+    np.testing.assert_allclose(_dense(idx, coef, 120), ref, atol=2e-4, rtol=1e-3)
+    i2, c2 = omp_exact(Y, A, k)
+    assert torch.equal(idx, i2)
+
+
+def test_screened_matches_sklearn_on_the_candidate_subset():
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(400, 32, generator=g)
+    Y = A[:8] @ torch.randn(32, 32, generator=g) * 0.1 + torch.randn(8, 32, generator=g)
+    cand = screen_candidates(Y, A, 60)
+    idx, coef = omp_screened(Y, A, 6, cand)
+    for b in range(8):
+        sub = A[cand[b]]
+        ref = _sklearn(sub, Y[b:b + 1], 6)[0]
+        got = np.zeros(400)
+        got[idx[b].numpy()] = coef[b].numpy()
+        want = np.zeros(400)
+        want[cand[b].numpy()] = ref
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+
+
+def test_screen_candidates_are_nearest_by_abs_cosine():
+    A = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-10.0, 0.1], [0.7, 0.7]])
+    Y = torch.tensor([[1.0, 0.0]])
+    cand = screen_candidates(Y, A, 2)
+    assert set(cand[0].tolist()) == {0, 2}  # |cos| ranks the opposite atom high too
+
+
+def test_batching_and_progress_do_not_change_the_result():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(200, 24, generator=g)
+    Y = torch.randn(37, 24, generator=g)
+    i1, c1 = batch_omp(Y, A, 8, batch_size=5, progress=True)
+    i2, c2 = batch_omp(Y, A, 8, batch_size=64, progress=False)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(c1, c2, atol=1e-5, rtol=1e-4)
+    i3, c3 = batch_omp(Y, A, 8, screen=200, batch_size=7, progress=False)  # screen >= N: exact
+    assert torch.equal(i1, i3)
+
+
+def test_exact_reconstruction_when_target_is_in_span():
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(50, 30, generator=g)
+    true = torch.zeros(4, 50)
+    true[0, [3, 7]] = torch.tensor([1.0, -2.0])
+    true[1, [0, 1, 2]] = torch.tensor([0.5, 0.5, 0.5])
+    true[2, 10] = 3.0
+    true[3, [20, 40, 45]] = torch.tensor([1.0, 1.0, -1.0])
+    Y = true @ A
+    idx, coef = batch_omp(Y, A, 5, progress=False)
+    torch.testing.assert_close(reconstruct(idx, coef, A), Y, atol=1e-4, rtol=1e-4)
+
+
+def test_dependent_and_zero_atoms_give_finite_results():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(6, 16, generator=g)
+    A = torch.cat([base, base, 2 * base, torch.zeros(3, 16)])  # duplicates, multiples, zero rows
+    Y = torch.randn(5, 16, generator=g)
+    for screened in (False, True):
+        if screened:
+            idx, coef = omp_screened(Y, A, 10, torch.arange(len(A)).expand(5, -1))
+        else:
+            idx, coef = omp_exact(Y, A, 10)
+        assert torch.isfinite(coef).all()
+        # the fit is the projection onto span(base): 6 useful atoms, the rest get 0
+        approx = reconstruct(idx, coef, A)
+        proj = Y @ torch.linalg.pinv(base) @ base
+        torch.testing.assert_close(approx, proj, atol=1e-3, rtol=1e-3)
+        assert (coef != 0).sum(1).max() <= 6
+
+
+def test_bad_arguments():
+    A = torch.randn(10, 4)
+    with pytest.raises(InvalidInputError, match="k=11"):
+        omp_exact(torch.randn(2, 4), A, 11)
+    with pytest.raises(InvalidInputError, match="width"):
+        omp_exact(torch.randn(2, 5), A, 2)
+    with pytest.raises(InvalidInputError, match="screen"):
+        batch_omp(torch.randn(2, 4), A, 5, screen=3)
+
+
+def test_empty_targets():
+    idx, coef = batch_omp(torch.zeros(0, 4), torch.randn(10, 4), 3, progress=False)
+    assert idx.shape == (0, 3) and coef.shape == (0, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3000, 64, generator=g)
+    Y = torch.randn(100, 64, generator=g)
+    for screen in (None, 256):
+        i1, c1 = batch_omp(Y, A, 16, screen=screen, progress=False)
+        i2, c2 = batch_omp(Y, A, 16, screen=screen, device="cuda", progress=False)
+        agree = (i1 == i2).all(1).float().mean()
+        assert agree > 0.95
+        torch.testing.assert_close(reconstruct(i1, c1, A), reconstruct(i2, c2, A), atol=1e-3, rtol=1e-3)
