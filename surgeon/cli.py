@@ -331,9 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurgeonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished steps and written tensors are kept; run the same command again to resume",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        kept = "; ".join(getattr(exc, "__notes__", [])) or "finished steps and written tensors"
+        print(f"interrupted: kept {kept}; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit:
         raise

@@ -170,7 +170,12 @@ class Pipeline:
                 sp = kind.plan(step, inputs, self._step_where(i, step.kind), self)
                 self._say(f"step {step.id}: {step.kind} -> {dest}")
                 with resume_key(fp):  # a partial output of this step resumes only under the same fingerprint
-                    details = kind.execute(step, sp, inputs, dest, self, fp)
+                    try:
+                        details = kind.execute(step, sp, inputs, dest, self, fp)
+                    except KeyboardInterrupt as exc:  # the CLI's one-line message says what is kept
+                        if results:
+                            exc.add_note("finished steps " + ", ".join(f"{r.id} ({r.path})" for r in results))
+                        raise
                 results.append(StepResult(step.id, step.kind, str(dest), False, round(time.time() - t0, 3), details))
             available[step.id] = Checkpoint.open(dest, label=f"step {step.id!r} ({dest})")
         if not self.coord.is_main:
