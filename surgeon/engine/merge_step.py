@@ -185,6 +185,18 @@ class MergeRuntime:
     progress: Callable[[int], None] | None = None  # called with bytes written
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite, in one reduction pass.
+
+    A NaN or Inf anywhere makes the float64 sum non-finite; a finite sum proves
+    all entries finite. Only when the sum is not finite do we pay for the exact,
+    allocating check (which also tells the true answer if the sum overflowed).
+    """
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class _Loader:
     """Reads one tensor's inputs as float32 on the compute device."""
 
@@ -192,18 +204,20 @@ class _Loader:
         self.plan, self.inputs, self.device, self.check_finite = plan, inputs, device, check_finite
 
     def _get(self, mid: str, name: str) -> torch.Tensor:
-        t = self.inputs[mid].get(name, dtype=torch.float32)
-        if self.check_finite and not bool(torch.isfinite(t).all()):  # name the input, not only the result
+        # Move the stored dtype (half the bytes of float32 for bf16) and cast on the compute device.
+        t = self.inputs[mid].get(name)
+        if self.device.type != "cpu":
+            t = t.to(self.device)
+        t = t.to(torch.float32)
+        if self.check_finite and not _all_finite(t):  # name the input, not only the result
             bad = int((~torch.isfinite(t)).sum())
             raise StepError(f"step {self.plan.step_id!r}: input model {mid!r} ({getattr(self.inputs[mid], 'label', mid)}): tensor {name!r} "
                             f"has {bad} NaN/Inf values (--allow-nonfinite merges it anyway)")
         rm = self.plan.row_maps.get((mid, name))
         if rm is not None:
             fill_id = self.plan.base_id or self.plan.template_id
-            fill = self.inputs[fill_id].get(name, dtype=torch.float32)
+            fill = self.inputs[fill_id].get(name, dtype=torch.float32, device=self.device)
             t = rm.apply(t, fill)
-        if self.device.type != "cpu":
-            t = t.pin_memory().to(self.device, non_blocking=True)
         return t
 
     def __call__(self, task: TensorTask) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -244,6 +258,44 @@ class _Restream:
             yield tm
 
 
+class _BackgroundWriter:
+    """Writes merged tensors on one background thread while the next is computed.
+
+    At most ``depth`` results wait (bounded memory); a write error is raised
+    in the merging thread at the next ``put`` or when the block ends.
+    """
+
+    def __init__(self, writer: CheckpointWriter, progress: Callable[[int], None] | None, depth: int = 2):
+        self.writer, self.progress = writer, progress
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-write")
+        self.pending: deque[Future] = deque()
+        self.depth = depth
+
+    def _write(self, task: TensorTask, out: torch.Tensor) -> None:
+        self.writer.write(task.name, out.cpu() if out.device.type != "cpu" else out)
+        if self.progress:
+            self.progress(task.spec.nbytes)
+
+    def put(self, task: TensorTask, out: torch.Tensor) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, task, out))
+
+    def __enter__(self) -> "_BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            while self.pending:
+                fut = self.pending.popleft()
+                if exc_type is None:
+                    fut.result()
+                else:
+                    fut.cancel() or fut.exception()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWriter, rt: MergeRuntime) -> dict[str, Any]:
     """Merge every pending tensor into ``writer``; returns timing figures."""
     t0 = time.perf_counter()
@@ -260,24 +312,24 @@ def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWri
             if rt.progress:
                 rt.progress(t.spec.nbytes)
     compute = 0.0
-    for task, tm in iter_merges(plan, inputs, rt, merged_tasks, state):
-        c0 = time.perf_counter()
-        try:
-            out = plan.method.fn(tm)
-        except (InvalidInputError, StepError):
-            raise
-        except (ValueError, RuntimeError) as exc:
-            raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} failed on tensor {task.name!r}: {exc}") from None
-        if tuple(out.shape) != task.spec.shape:
-            raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} returned shape {tuple(out.shape)} for {task.name!r}, expected {task.spec.shape}")
-        if not rt.allow_nonfinite and not bool(torch.isfinite(out).all()):
-            bad = int((~torch.isfinite(out)).sum())
-            raise StepError(f"step {plan.step_id!r}: tensor {task.name!r} has {bad} NaN/Inf values after merging "
-                            "(check the inputs and parameters; --allow-nonfinite writes it anyway)")
-        out = out.to(task.spec.dtype)
-        compute += time.perf_counter() - c0
-        writer.write(task.name, out.cpu() if out.device.type != "cpu" else out)
-        if rt.progress:
-            rt.progress(task.spec.nbytes)
+    with _BackgroundWriter(writer, rt.progress) as out_queue:
+        for task, tm in iter_merges(plan, inputs, rt, merged_tasks, state):
+            c0 = time.perf_counter()
+            try:
+                out = plan.method.fn(tm)
+            except (InvalidInputError, StepError):
+                raise
+            except (ValueError, RuntimeError) as exc:
+                raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} failed on tensor {task.name!r}: {exc}") from None
+            if tuple(out.shape) != task.spec.shape:
+                raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} returned shape {tuple(out.shape)} for {task.name!r}, expected {task.spec.shape}")
+            if not rt.allow_nonfinite and not _all_finite(out):
+                bad = int((~torch.isfinite(out)).sum())
+                raise StepError(f"step {plan.step_id!r}: tensor {task.name!r} has {bad} NaN/Inf values after merging "
+                                "(check the inputs and parameters; --allow-nonfinite writes it anyway)")
+            out = out.to(task.spec.dtype)
+            del tm
+            compute += time.perf_counter() - c0
+            out_queue.put(task, out)
     return {"prepare_s": round(t_prep, 3), "compute_s": round(compute, 3), "tensors": len(pending),
             "resumed_tensors": writer.resumed_tensors}
