@@ -1,4 +1,8 @@
-"""Two CPU processes (torchrun + accelerate's gloo group) write the same bytes as one."""
+"""Two CPU processes (torchrun + accelerate's gloo group) write the same bytes as one.
+
+The recipe ends with a whole-model TIES whose per-model magnitude thresholds
+are reduced across the ranks, each of which streams only its own tensors.
+"""
 from __future__ import annotations
 
 import os
@@ -14,12 +18,18 @@ from surgeon.engine.distributed import assign_owners
 RECIPE = """\
 name: dist
 seed: 3
-models: {{base: {base}, ft1: {ft1}, ft2: {ft2}}}
+models: {{base: {base}, ft1: {ft1}, ft2: {ft2}, ft3: {ft3}}}
 steps:
   - id: a
     merge: {{method: task_arithmetic, base: base, models: [{{model: ft1, weight: 0.6}}, ft2]}}
   - id: b
     merge: {{method: linear, models: [a, ft2]}}
+  - id: c
+    merge:
+      method: ties
+      base: b
+      models: [{{model: ft1, density: 0.3}}, {{model: ft3, density: 0.6, weight: 0.5}}]
+      parameters: {{trim_scope: model}}
 output: {{path: {out}, max_shard_size: 15KB}}
 """
 

@@ -183,6 +183,7 @@ class MergeRuntime:
     threads: int = 2
     allow_nonfinite: bool = False
     progress: Callable[[int], None] | None = None  # called with bytes written
+    coordinator: Any = None  # surgeon.engine.distributed.Coordinator when several processes share the step
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -247,13 +248,23 @@ def iter_merges(plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime, tasks
 
 
 class _Restream:
-    """Re-iterable stream of a plan's merges (for whole-model ``prepare`` passes)."""
+    """Re-iterable stream of a plan's merges (for whole-model ``prepare`` passes).
 
-    def __init__(self, plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime):
-        self.plan, self.inputs, self.rt = plan, inputs, rt
+    In a distributed run each rank streams only the tensors it owns and
+    ``all_reduce_sum`` combines the methods' whole-model statistics.
+    """
+
+    def __init__(self, plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime,
+                 owns: Callable[[str], bool] = lambda name: True):
+        self.plan, self.inputs, self.rt, self.owns = plan, inputs, rt, owns
+        self.num_models = len(plan.model_ids)
+        merged = [t for t in plan.tasks if t.merged]
+        self.densities = [p.get("density", 1.0) for p in merged[0].model_params] if merged else []
+        coord = rt.coordinator
+        self.all_reduce_sum = coord.all_reduce_sum if coord is not None and coord.distributed else None
 
     def __iter__(self) -> Iterator[TensorMerge]:
-        merged = [t for t in self.plan.tasks if t.merged]
+        merged = [t for t in self.plan.tasks if t.merged and self.owns(t.name)]
         for _, tm in iter_merges(self.plan, self.inputs, self.rt, merged):
             yield tm
 
@@ -301,7 +312,7 @@ def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWri
     t0 = time.perf_counter()
     state = None
     if plan.method.prepare is not None:
-        state = plan.method.prepare(_Restream(plan, inputs, rt), plan.tasks[0].params if plan.tasks else {})
+        state = plan.method.prepare(_Restream(plan, inputs, rt, writer.owns), plan.tasks[0].params if plan.tasks else {})
     t_prep = time.perf_counter() - t0
     pending = [t for t in plan.tasks if writer.owns(t.name) and not writer.is_written(t.name)]
     template = inputs[plan.template_id]

@@ -76,7 +76,8 @@ class MergeKind:
                        disable=not pipeline.show_progress)
             bar.update(sum(t.spec.nbytes for t in mp.tasks if writer.is_written(t.name) or not writer.owns(t.name)))
             rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
-                              allow_nonfinite=pipeline.opts.allow_nonfinite, progress=bar.update)
+                              allow_nonfinite=pipeline.opts.allow_nonfinite, progress=bar.update,
+                              coordinator=pipeline.coord)
             try:
                 details = execute_merge(mp, inputs, writer, rt)
             finally:

@@ -128,9 +128,25 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.int32)
 
 
+def _reduce_hists(hists: list[torch.Tensor | None], totals: list[int], n: int, buckets: int,
+                  reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[torch.Tensor | None], list[int]]:
+    """Sum per-series histograms and counts over processes (missing series count as empty)."""
+    stacked = torch.zeros(n + 1, buckets, dtype=torch.int64)
+    for i, h in enumerate(hists[:n]):
+        if h is not None:
+            stacked[i] = h
+    stacked[n, :n] = torch.tensor((list(totals) + [0] * n)[:n], dtype=torch.int64)
+    reduce(stacked)
+    counts = [int(c) for c in stacked[n, :n]]
+    out = [stacked[i] if int(stacked[i].sum()) > 0 else None for i in range(n)]
+    return out, counts
+
+
 def stream_kth_smallest(
     passes: Callable[[], Iterable[Sequence[torch.Tensor | None]]],
     ks: Sequence[int | None] | Callable[[list[int]], Sequence[int | None]],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    n_series: int | None = None,
 ) -> list[float | None]:
     """Exact k-th smallest (1-based) of several non-negative streamed sequences.
 
@@ -142,6 +158,10 @@ def stream_kth_smallest(
     pattern finds the bucket holding the k-th value, then a histogram of the
     low 16 bits inside that bucket pins the exact value. Memory: two small
     histograms per series, whatever the series' length.
+
+    ``reduce`` (with ``n_series``) sums the histograms and counts in place
+    across processes after each pass, so ranks that each stream a part of
+    the model find the same exact whole-model order statistics.
     """
     hists: list[torch.Tensor | None] = []
     totals: list[int] = []
@@ -157,6 +177,8 @@ def stream_kth_smallest(
             h = torch.bincount(hi, minlength=_HI_BUCKETS).cpu()
             hists[i] = h if hists[i] is None else hists[i].add_(h)
             totals[i] += c.numel()
+    if reduce is not None:
+        hists, totals = _reduce_hists(hists, totals, n_series or len(hists), _HI_BUCKETS, reduce)
     ks = list(ks(list(totals))) if callable(ks) else list(ks)
     n = len(ks)
     hists += [None] * (n - len(hists))
@@ -185,6 +207,8 @@ def stream_kth_smallest(
                 continue
             h = torch.bincount(sel, minlength=_LO_BUCKETS).cpu()
             lo_hists[i] = h if lo_hists[i] is None else lo_hists[i].add_(h)
+    if reduce is not None:
+        lo_hists, _ = _reduce_hists(lo_hists, [0] * n, n, _LO_BUCKETS, reduce)
     out: list[float | None] = [None] * n
     for i in range(n):
         if buckets[i] is None:

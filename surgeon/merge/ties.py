@@ -98,6 +98,9 @@ def prepare_ties(stream: ReiterableMerges, params: dict[str, Any]) -> dict[str, 
     """
     if params.get("trim_scope", "tensor") != "model":
         return None
+    # Distributed runs stream each rank's share of the tensors; sums go through this.
+    reduce = getattr(stream, "all_reduce_sum", None)
+    n_series = getattr(stream, "num_models", None)
 
     # Pass 1 (inside stream_kth_smallest) also checks the inputs and that
     # each model's density is the same for every tensor.
@@ -122,10 +125,14 @@ def prepare_ties(stream: ReiterableMerges, params: dict[str, Any]) -> dict[str, 
             seen["total"] = total
 
     def order_statistics(_lengths: list[int]) -> list[int | None]:
+        if reduce is not None:
+            seen["total"] = int(reduce(torch.tensor([seen["total"]], dtype=torch.int64))[0])
+            if seen["densities"] is None and n_series:  # this rank streamed no tensor
+                seen["densities"] = [float(d) for d in stream.densities]
         ks = [model_scope_k(seen["total"], d) for d in seen["densities"] or []]
         return [k if (k is not None and k > 0) else None for k in ks]
 
-    found = stream_kth_smallest(passes, order_statistics)
+    found = stream_kth_smallest(passes, order_statistics, reduce=reduce, n_series=n_series)
     densities = seen["densities"]
     if densities is None:  # empty model
         return {"thresholds": [], "densities": [], "total": 0, "zero_sign": 1.0}
@@ -149,6 +156,8 @@ def prepare_ties(stream: ReiterableMerges, params: dict[str, Any]) -> dict[str, 
             _weight(t, deltas)
             elected = elect_sign(deltas, consensus, 0.0)
             acc += int(elected.sum(dtype=torch.float64))
+        if reduce is not None:
+            acc = int(reduce(torch.tensor([acc], dtype=torch.int64))[0])
         zero_sign = 1.0 if acc > 0 else -1.0  # acc == 0: the reference keeps negatives
     return {"thresholds": thresholds, "densities": densities, "total": total, "zero_sign": zero_sign}
 
