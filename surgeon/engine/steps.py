@@ -74,9 +74,18 @@ class MergeKind:
                               metadata={"surgeon.step": step.id}, coordinator=pipeline.coord) as writer:
             bar = tqdm(total=mp.bytes_out, unit="B", unit_scale=True, desc=f"merge {step.id}",
                        disable=not pipeline.show_progress)
-            bar.update(sum(t.spec.nbytes for t in mp.tasks if writer.is_written(t.name) or not writer.owns(t.name)))
+            done = [t for t in mp.tasks if writer.is_written(t.name) or not writer.owns(t.name)]
+            count = [len(done)]
+
+            def advance(nbytes: int) -> None:
+                count[0] += 1
+                bar.set_postfix_str(f"{count[0]}/{len(mp.tasks)} tensors", refresh=False)
+                bar.update(nbytes)
+
+            advance(sum(t.spec.nbytes for t in done))
+            count[0] -= 1
             rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
-                              allow_nonfinite=pipeline.opts.allow_nonfinite, progress=bar.update,
+                              allow_nonfinite=pipeline.opts.allow_nonfinite, progress=advance,
                               coordinator=pipeline.coord)
             try:
                 details = execute_merge(mp, inputs, writer, rt)
