@@ -61,6 +61,8 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str,
         raise RecipeError(f"{where}: nested more than {MAX_DEPTH} levels deep")
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if node.tag not in (yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG):
+            raise RecipeError(f"{where}: not valid YAML (tag {node.tag!r} is not allowed in a recipe)")
         if id(node) in active:
             raise RecipeError(f"{where}: an alias refers to a value that contains it (a recursive structure)")
         active = active | {id(node)}
