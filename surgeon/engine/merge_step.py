@@ -100,6 +100,12 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
                     f"{where('models')}: model {mid!r} ({ck.label}) has no tensor {name!r}, which {template_id!r} has"
                 )
             info = ck.info(name)
+            if info.dtype.is_floating_point and info.dtype not in FLOAT_DTYPES:
+                raise InvalidInputError(f"{where('models')}: tensor {name!r} is {_dt(info.dtype)} in model {mid!r} "
+                                        f"({ck.label}); float8 weights cannot be merged (dequantize them first)")
+            if (info.dtype in FLOAT_DTYPES) != (tinfo.dtype in FLOAT_DTYPES):  # float16 vs bfloat16 is fine
+                raise InvalidInputError(f"{where('models')}: tensor {name!r} is {_dt(info.dtype)} in model {mid!r} "
+                                        f"({ck.label}) but {_dt(tinfo.dtype)} in {template_id!r}")
             if info.shape != tinfo.shape:
                 same_width = info.shape[1:] == tinfo.shape[1:] and len(info.shape) == len(tinfo.shape)
                 if is_vocab_tensor(name) and same_width and info.shape:
@@ -140,6 +146,10 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
     if extra:
         plan.notes.append(f"{len(extra)} tensors not in {template_id!r} are left out (e.g. {extra[0]!r})")
     return plan
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _global_params(spec: MergeSpec, method: MergeMethod) -> dict[str, Any]:
