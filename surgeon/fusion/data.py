@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -73,7 +73,7 @@ def bos_id(tokenizer: Any, config: Any = None) -> Optional[int]:
 def encode(tokenizer: Any, ex: Example, max_length: Optional[int] = None, add_bos: Optional[int] = None) -> Encoded:
     """Tokenise ``ex.text`` without special tokens, prepend ``add_bos`` (an id) unless the
     text already starts with it, mark loss targets from ``ex.spans``, truncate."""
-    enc = tokenizer(ex.text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(ex.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
     offs = [tuple(o) for o in enc["offset_mapping"]]
     starts = [o[0] for o in offs]
@@ -98,7 +98,7 @@ def text_windows(text: str, tokenizer: Any, max_length: int, add_bos: bool = Tru
     body = max_length - (1 if add_bos else 0)
     if body < 1:
         raise InvalidInputError(f"max_length {max_length} leaves no room for text")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offs = enc["offset_mapping"]
     out: list[Example] = []
     i = 0

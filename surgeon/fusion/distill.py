@@ -421,8 +421,11 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     # the main process builds the caches and alignments; the others then read them
     dev_name = "cpu" if device == "cpu" else str(accelerator.device)
     srcs: list[_Source] = []
+    distil = lambda_ > 0 and (tokenwise_weight > 0 and opts.tokenwise != "none" or gld_weight > 0)
+    if not distil:
+        say("lambda, or both distillation weights, are 0: plain SFT, the sources are not run")
     with accelerator.main_process_first():
-        for i, spec in enumerate(sources):
+        for i, spec in enumerate(sources if distil else []):
             srcs.append(_prepare_source(i, dict(spec), pivot_dir, pivot_tok, examples, piv_enc, work, top_k, opts,
                                         dev_name, show, say))
     wsum = sum(s.weight for s in srcs)
@@ -514,7 +517,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
                 optimizer.zero_grad(set_to_none=True)
             batch_in_epoch += 1
             for k in ("loss", "sft", "tokenwise", "gld"):
-                acc[k] += float(parts[k])
+                acc[k] += float(parts[k].detach())
             acc["n"] += 1
             acc["tokens"] += int(batch["attention_mask"].sum())
             if accelerator.sync_gradients:
@@ -676,7 +679,8 @@ def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, 
         config["dtype"] = opts.dtype
         config.pop("torch_dtype", None)
     rows = report["log"]
-    notes = [f"fused {', '.join(s['id'] for s in report['sources'])} into the pivot "
+    names = ", ".join(s["id"] for s in report["sources"]) or "no source (plain SFT)"
+    notes = [f"fused {names} into the pivot "
              f"({report['steps']} steps, lambda {report['settings']['lambda']}, "
              f"token-wise {report['settings']['options']['tokenwise']} x{report['settings']['tokenwise_weight']}, "
              f"GLD x{report['settings']['gld_weight']})"]
@@ -686,7 +690,7 @@ def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, 
             w.write(spec.name, state[spec.name].to("cpu", spec.dtype).contiguous())
         w.write_text("fuse_log.csv", _csv(rows))
         w.write_json("fuse_report.json", {k: v for k, v in report.items()})
-        png = _plot(rows, f"fuse: {', '.join(s['id'] for s in report['sources'])} -> {pivot_dir.name}")
+        png = _plot(rows, f"fuse: {names} -> {pivot_dir.name}")
         if png is not None:
             w.write_bytes("fuse_loss.png", png)
         if finish is not None:

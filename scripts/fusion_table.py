@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Fusion on the pico zoo: does distilling the Shakespeare teachers beat SFT alone?
+
+    python scripts/fusion_table.py                     # the default table (a few minutes on 2 cores)
+    python scripts/fusion_table.py --steps 60 --json fusion_table.json
+
+Pivot: zoo/bpe-base (byte-level BPE, trained on prose). Sources: zoo/bpe-shakespeare
+(same tokenizer) and zoo/sp-shakespeare (SentencePiece-style tokenizer, another
+architecture). Data: the first ``--chars`` characters of zoo/data/shakespeare/train.txt;
+every run sees the same batches for the same number of steps with the same seed.
+Evaluation: held-out perplexity and bits per byte on zoo/data/shakespeare/heldout.txt
+(the teachers' domain) and zoo/data/prose/heldout.txt (the pivot's own domain).
+
+Rows: the untouched pivot, SFT alone (lambda = 0), fusion with the token-wise term
+only (gld_weight = 0), fusion with token-wise + GLD, GLD alone, and fusion from the
+cross-tokenizer teacher alone (with and without GLD); the teachers themselves for
+reference (their bits per byte are comparable, their perplexities are not: other
+tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def configs(args) -> list[tuple[str, list[str], dict]]:
+    both = ["bpe-shakespeare", "sp-shakespeare"]
+    cross = ["sp-shakespeare"]
+    return [
+        ("SFT only", both, {"lambda_": 0.0}),
+        ("fuse: token-wise (KL)", both, {"gld_weight": 0.0}),
+        ("fuse: token-wise + GLD", both, {}),
+        ("fuse: GLD only", both, {"tokenwise_weight": 0.0}),
+        ("fuse sp only: token-wise", cross, {"gld_weight": 0.0}),
+        ("fuse sp only: token-wise + GLD", cross, {}),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, default=REPO / "zoo")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--chars", type=int, default=60_000, help="training text: this many characters of train.txt")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lambda", dest="lambda_", type=float, default=0.5)
+    ap.add_argument("--gld-weight", type=float, default=1.0)
+    ap.add_argument("--tokenwise", default="kl", choices=["kl", "uld", "kl+uld"])
+    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-chars", type=int, default=None, help="cut the held-out texts (faster)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--work", type=Path, default=None, help="work folder (caches are reused across runs)")
+    ap.add_argument("--only", default=None, help="comma-separated row names to run")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from surgeon.eval.perplexity import evaluate_text
+    from surgeon.fusion import fuse
+
+    zoo = args.zoo
+    pivot = zoo / "bpe-base"
+    for name in ("bpe-base", "bpe-shakespeare", "sp-shakespeare"):
+        if not (zoo / name / "config.json").is_file():
+            print(f"{zoo / name}: missing; build the zoo first (python scripts/build_zoo.py)", file=sys.stderr)
+            return 2
+    work = args.work or Path(tempfile.mkdtemp(prefix="fusion-table-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "shakespeare-train.txt"
+    data.write_text((zoo / "data" / "shakespeare" / "train.txt").read_text(encoding="utf-8")[: args.chars], encoding="utf-8")
+    evals = {"shakespeare": zoo / "data" / "shakespeare" / "heldout.txt", "prose": zoo / "data" / "prose" / "heldout.txt"}
+
+    def evaluate(model_dir: Path) -> dict:
+        out = {}
+        for dom, f in evals.items():
+            r = evaluate_text(model_dir, f, window=128, max_chars=args.eval_chars, progress=False)
+            out[dom] = {"ppl": r["perplexity"], "bpb": r["bits_per_byte"]}
+        return out
+
+    rows = []
+    for label, model in (("pivot bpe-base (no training)", pivot), ("teacher bpe-shakespeare", zoo / "bpe-shakespeare"),
+                         ("teacher sp-shakespeare", zoo / "sp-shakespeare")):
+        rows.append({"run": label, "eval": evaluate(model), "seconds": None})
+        _print_row(rows[-1])
+    wanted = set(args.only.split(",")) if args.only else None
+    for label, sources, kw in configs(args):
+        if wanted and label not in wanted:
+            continue
+        opts = dict(lambda_=args.lambda_, gld_weight=args.gld_weight, tokenwise_weight=1.0)
+        opts.update(kw)
+        out = work / ("out-" + "".join(c if c.isalnum() else "-" for c in label))
+        t = time.time()
+        rep = fuse(pivot, [{"path": str(zoo / s)} for s in sources], data, out, max_length=args.max_length,
+                   batch_size=args.batch_size, lr=args.lr, steps=args.steps, top_k=args.top_k, seed=args.seed,
+                   overwrite=True, progress=False, schedule="cosine",
+                   options={"work_dir": str(work / "fuse-work"), "tokenwise": args.tokenwise}, **opts)
+        rows.append({"run": label, "sources": sources, "settings": opts, "eval": evaluate(out),
+                     "seconds": round(time.time() - t, 1), "final": rep["final"],
+                     "coverage": {s["id"]: s["coverage"] for s in rep["sources"]}})
+        _print_row(rows[-1])
+    print()
+    print(markdown(rows, args))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    return 0
+
+
+def _print_row(r: dict) -> None:
+    e = r["eval"]
+    print(f"{r['run']:<34} shakespeare ppl {e['shakespeare']['ppl']:8.2f} bpb {e['shakespeare']['bpb']:.4f}   "
+          f"prose ppl {e['prose']['ppl']:8.2f}   {'' if r['seconds'] is None else str(r['seconds']) + ' s'}",
+          flush=True)
+
+
+def markdown(rows: list[dict], args) -> str:
+    head = ("| run | Shakespeare held-out ppl | bpb | prose held-out ppl | final SFT CE | time (s) |\n"
+            "|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        e = r["eval"]
+        sft = r.get("final", {}).get("sft")
+        lines.append(f"| {r['run']} | {e['shakespeare']['ppl']:.2f} | {e['shakespeare']['bpb']:.4f} | "
+                     f"{e['prose']['ppl']:.2f} | {'' if sft is None else f'{sft:.3f}'} | "
+                     f"{'' if r['seconds'] is None else r['seconds']} |")
+    lines.append("")
+    lines.append(f"{args.steps} steps x batch {args.batch_size} x {args.max_length} tokens, lr {args.lr} cosine, "
+                 f"lambda {args.lambda_}, token-wise {args.tokenwise}, GLD weight {args.gld_weight}, top-k {args.top_k}, "
+                 f"seed {args.seed}; teacher perplexities use their own tokenizers (compare bpb).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
