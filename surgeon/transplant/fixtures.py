@@ -40,8 +40,8 @@ def corpus(n_sentences: int = 600, seed: int = 0) -> str:
     for _ in range(n_sentences):
         n = rng.randint(5, 16)
         words = [rng.choice(WORDS) for _ in range(n)]
-        if rng.random() < 0.4:
-            words.insert(rng.randint(0, n), str(rng.choice([7, 42, 1984, 2024, 12345, 3, 365, 100])))
+        for _ in range(rng.randint(0, 3)):
+            words.insert(rng.randint(0, n), str(rng.choice([7, 42, 1984, 2024, 12345, 3, 365, 100, 2020, 1900])))
         s = " ".join(words)
         lines.append(s[0].upper() + s[1:] + rng.choice([".", ".", ",", "?", "!", " ;"]))
     return "\n".join(lines) + "\n"
