@@ -88,7 +88,12 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str,
 
 def load_yaml_text(text: str, file: str) -> Located:
     """Parse one YAML document, keeping the line of every path."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # the reader checks every character here
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        raise RecipeError(f"{file}:{line}: not valid YAML (character {char}: {exc.reason})") from None
     try:
         node = loader.get_single_node()
         if node is None:
