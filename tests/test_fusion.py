@@ -1,0 +1,180 @@
+"""fuse(): training with accelerate, outputs, resume, chat data, and the direction on the pico zoo."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgeon.errors import InvalidInputError
+from surgeon.fusion import fuse
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = Path(os.environ.get("SURGEON_TEST_ZOO", REPO / "zoo"))
+HAVE_ZOO = all((ZOO / m / "config.json").is_file() for m in ("bpe-base", "bpe-shakespeare", "sp-shakespeare"))
+TOK = REPO / "zoo" / "tokenizers"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def tiny(make_tiny_llama, tmp_path):
+    """A pivot and two sources: one with the pivot's tokenizer, one with the zoo's SentencePiece one."""
+    pivot = make_tiny_llama("pivot", seed=0, dtype=torch.float32)
+    same = make_tiny_llama("same", seed=1, dtype=torch.float32, tokenizer_from=pivot)
+    out = {"pivot": pivot, "same": same}
+    if (TOK / "sp" / "tokenizer.json").is_file():
+        out["other"] = make_tiny_llama("other", seed=2, dtype=torch.float32, tokenizer_from=TOK / "sp", hidden=48, layers=1)
+    text = ("the quick brown fox jumps over the lazy dog. shall i compare thee to a summer's day?\n"
+            "def add(a, b):\n    return a + b\n") * 12
+    data = tmp_path / "train.txt"
+    data.write_text(text)
+    out["data"] = data
+    return out
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_fuse_writes_a_complete_checkpoint(tiny, tmp_path):
+    sources = [{"path": str(tiny["same"]), "weight": 2.0}]
+    if "other" in tiny:
+        sources.append({"path": str(tiny["other"]), "id": "other"})
+    out = tmp_path / "out"
+    rep = fuse(tiny["pivot"], sources, tiny["data"], out, max_length=32, batch_size=4, steps=3, lr=1e-3, top_k=4,
+               progress=False, options={"eval_path": str(tiny["data"]), "eval_window": 32})
+    files = {f.name for f in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "fuse_log.csv", "fuse_report.json",
+            "fuse_loss.png"} <= files
+    assert not any(p.name.endswith("surgeon-partial") for p in tmp_path.iterdir())
+    pivot_w, out_w = _weights(tiny["pivot"]), _weights(out)
+    assert set(pivot_w) == set(out_w)
+    assert all(out_w[k].dtype == pivot_w[k].dtype and out_w[k].shape == pivot_w[k].shape for k in pivot_w)
+    assert any(not torch.equal(out_w[k], pivot_w[k]) for k in pivot_w)
+    # the output loads and runs
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(out))
+    assert torch.isfinite(m(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    assert len(rep["log"]) == 3 and [r["step"] for r in rep["log"]] == [1, 2, 3]
+    for row in rep["log"]:
+        assert row["gld"] >= 0 and row["tokenwise"] > 0 and row["sft"] > 0
+        assert row["loss"] == pytest.approx(0.5 * row["sft"] + 0.5 * (row["tokenwise"] + row["gld"]), rel=1e-4)
+    assert rep["sources"][0]["weight"] == pytest.approx(2 / 3 if len(sources) == 2 else 1.0)
+    assert rep["sources"][0]["identity"] and rep["sources"][0]["coverage"] == 1.0
+    if "other" in tiny:
+        other = rep["sources"][1]
+        assert not other["identity"] and 0.2 < other["coverage"] <= 1.0
+        assert sum(other["vocab_map"].values()) > 0
+    assert set(rep["eval"]) == {"pivot", "output"}
+    csv_lines = (out / "fuse_log.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,epoch,lr,loss,sft,tokenwise,gld") and len(csv_lines) == 4
+    card = (out / "README.md").read_text()
+    assert "fusion" in card and "GLD" in card
+    saved = json.loads((out / "fuse_report.json").read_text())
+    assert saved["eval"] == rep["eval"]
+    with pytest.raises(InvalidInputError, match="already exists"):
+        fuse(tiny["pivot"], sources, tiny["data"], out, steps=1, progress=False)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny, tmp_path):
+    common = dict(max_length=32, batch_size=4, steps=4, lr=1e-3, top_k=4, progress=False)
+    src = [{"path": str(tiny["same"])}]
+
+    def stop_at_3(step, row):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fuse(tiny["pivot"], src, tiny["data"], tmp_path / "a", callback=stop_at_3,
+             options={"work_dir": str(tmp_path / "wa"), "save_every": 2}, **common)
+    assert not (tmp_path / "a").exists()
+    rep = fuse(tiny["pivot"], src, tiny["data"], tmp_path / "a", options={"work_dir": str(tmp_path / "wa"), "save_every": 2},
+               **common)
+    assert rep["resumed_from"] == 2 and [r["step"] for r in rep["log"]] == [1, 2, 3, 4]
+    assert not any(p.name.startswith("state-") for p in (tmp_path / "wa").iterdir())  # removed after success
+    ref = fuse(tiny["pivot"], src, tiny["data"], tmp_path / "b", options={"work_dir": str(tmp_path / "wb")}, **common)
+    assert ref["resumed_from"] is None
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    assert [r["loss"] for r in rep["log"]] == pytest.approx([r["loss"] for r in ref["log"]], rel=1e-5)
+
+
+def test_sft_only_runs_no_source(tiny, tmp_path):
+    rep = fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "o", lambda_=0.0, max_length=32,
+               batch_size=4, steps=2, progress=False, options={"work_dir": str(tmp_path / "w")})
+    assert rep["sources"] == [] and all(r["tokenwise"] == 0 and r["gld"] == 0 for r in rep["log"])
+    assert not any(p.name.startswith("cache-") for p in (tmp_path / "w").iterdir())
+
+
+@pytest.mark.skipif(not (TOK / "bpe" / "tokenizer.json").is_file(), reason="zoo tokenizers not built")
+def test_chat_data_trains_on_assistant_turns(make_tiny_llama, tmp_path):
+    pivot = make_tiny_llama("cp", tokenizer_from=TOK / "bpe", dtype=torch.float32)
+    src = make_tiny_llama("cs", tokenizer_from=TOK / "sp", dtype=torch.float32, seed=3)
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as f:
+        for i in range(6):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"It is {2 * i}, good sir."}]}) + "\n")
+    rep = fuse(pivot, [{"path": str(src)}], data, tmp_path / "o", max_length=48, batch_size=3, steps=2, top_k=4,
+               progress=False, options={"tokenwise": "kl+uld"})
+    assert rep["examples"] == 6
+    # only assistant tokens are trained on: far fewer loss positions than tokens
+    s = rep["sources"][0]
+    assert 0 < s["pivot_loss_positions"] < rep["pivot_tokens"] / 2
+    assert s["paired_positions"] > 0
+
+
+def test_invalid_arguments(tiny, tmp_path):
+    with pytest.raises(InvalidInputError, match="lambda"):
+        fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "o", lambda_=1.5, progress=False)
+    with pytest.raises(InvalidInputError, match="unknown option"):
+        fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "o", options={"bogus": 1},
+             progress=False)
+    with pytest.raises(InvalidInputError, match="align"):
+        fuse(tiny["pivot"], [{"path": str(tiny["same"]), "align": "magic"}], tiny["data"], tmp_path / "o", steps=1,
+             progress=False)
+    with pytest.raises(InvalidInputError, match="pivot"):
+        fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tiny["pivot"], overwrite=True, progress=False)
+    with pytest.raises(InvalidInputError, match="gld option"):
+        fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "o", options={"gld": {"nodez": 1}},
+             progress=False)
+
+
+# ----------------------------------------------------------------------------- the direction on the zoo
+@pytest.mark.skipif(not HAVE_ZOO, reason="pico zoo not built (scripts/build_zoo.py)")
+def test_distilling_shakespeare_teachers_beats_sft_alone(tmp_path):
+    """bpe-base (pivot, prose) learns Shakespeare from 8 KB of text for a few steps, with
+    and without the two Shakespeare teachers (one with another tokenizer). Same data,
+    steps, seed: fusion must reach a lower held-out perplexity on Shakespeare."""
+    from surgeon.eval.perplexity import evaluate_text
+
+    t0 = time.time()
+    data = tmp_path / "train.txt"
+    data.write_text((ZOO / "data" / "shakespeare" / "train.txt").read_text()[:12_000])
+    heldout = ZOO / "data" / "shakespeare" / "heldout.txt"
+    common = dict(max_length=128, batch_size=8, steps=8, lr=2e-3, top_k=8, seed=0, progress=False,
+                  options={"work_dir": str(tmp_path / "w")})
+    sources = [{"path": str(ZOO / "bpe-shakespeare")}, {"path": str(ZOO / "sp-shakespeare")}]
+    fuse(ZOO / "bpe-base", sources, data, tmp_path / "sft", lambda_=0.0, **common)
+    fuse(ZOO / "bpe-base", sources, data, tmp_path / "fused", lambda_=0.5, **common)
+    ppl = {name: evaluate_text(tmp_path / name, heldout, window=128, max_chars=10_000, progress=False)["perplexity"]
+           for name in ("sft", "fused")}
+    base = evaluate_text(ZOO / "bpe-base", heldout, window=128, max_chars=10_000, progress=False)["perplexity"]
+    assert ppl["sft"] < base
+    assert ppl["fused"] < ppl["sft"], ppl
+    assert time.time() - t0 < 120  # < 60 s when the machine is not shared
