@@ -116,7 +116,13 @@ def evaluate_text(
         tokenizer, model = _load(model_dir, device, dtype)
     dev = next(model.parameters()).device
 
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    saved_max = getattr(tokenizer, "model_max_length", None)
+    try:  # we window the text ourselves: silence the "sequence longer than the model" warning
+        tokenizer.model_max_length = int(1e30)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    finally:
+        if saved_max is not None:
+            tokenizer.model_max_length = saved_max
     ids = list(enc["input_ids"])
     offsets = enc.get("offset_mapping")
     if max_tokens is not None and len(ids) > max_tokens:

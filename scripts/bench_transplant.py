@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""surgeon transplant vs mergekit-tokensurgeon, side by side on the same base/donor/k.
+
+Each tool runs in its own child process (so neither pays for the other's
+imports or caches); wall time and peak RSS come from ``os.wait4`` on that
+child. Afterwards the new embedding rows of both outputs are compared: cosine
+similarity row by row over the tokens surgeon approximated, and how many
+copied rows are identical.
+
+    .venv/bin/python scripts/bench_transplant.py                       # Gemma-3-270M onto SmolLM2's tokenizer
+    .venv/bin/python scripts/bench_transplant.py --base zoo/bpe-base --donor zoo/sp-base
+    .venv/bin/python scripts/bench_transplant.py --screen none --screen 1024 --eval-chars 20000
+
+Defaults use the real models of scripts/get_real_models.py. ``--screen`` may be
+repeated: each value is one surgeon run (``none`` = exact OMP). Results are
+printed as a table and written as JSON (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SURGEON_CHILD = r"""
+import json, sys
+from surgeon.transplant import transplant
+a = json.loads(sys.argv[1])
+rep = transplant(a["base"], a["donor"], a["out"], method="omp", k=a["k"], screen=a["screen"],
+                 batch_size=a["batch_size"], device=a["device"], overwrite=True, progress=False)
+json.dump(rep, open(a["report"], "w"))
+"""
+
+
+def run_child(cmd: list[str], log: Path, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"ok": proc.returncode == 0, "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "log": str(log), "returncode": proc.returncode}
+
+
+def embed_rows(folder: Path):
+    from surgeon.io import Checkpoint
+    from surgeon.transplant import find_embeddings
+
+    with Checkpoint.open(folder) as ck:
+        name, _, _ = find_embeddings(ck)
+        return ck.get(name).float()
+
+
+def compare(a: Path, b: Path, new_ids: list[int]) -> dict:
+    import torch
+
+    ea, eb = embed_rows(a), embed_rows(b)
+    n = min(ea.shape[0], eb.shape[0])
+    ids = torch.tensor([i for i in new_ids if i < n], dtype=torch.long)
+    cos = torch.nn.functional.cosine_similarity(ea[ids], eb[ids], dim=1)
+    other = torch.ones(n, dtype=torch.bool)
+    other[ids] = False
+    same = (ea[:n][other] == eb[:n][other]).all(1)
+    return {
+        "rows": [int(ea.shape[0]), int(eb.shape[0])],
+        "new_rows_compared": int(len(ids)),
+        "cosine_mean": round(float(cos.mean()), 4),
+        "cosine_median": round(float(cos.median()), 4),
+        "cosine_p05": round(float(cos.quantile(0.05)), 4),
+        "frac_cosine_gt_0.99": round(float((cos > 0.99).float().mean()), 4),
+        "copied_rows_identical": f"{int(same.sum())}/{int(other.sum())}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scripts.get_real_models import cache_dir
+
+    real = cache_dir()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", type=Path, default=real / "gemma-3-270m")
+    ap.add_argument("--donor", type=Path, default=real / "smollm2-135m-instruct")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--screen", action="append", default=None,
+                    help="surgeon candidate screening per run ('none' = exact; repeatable; default: none and 1024)")
+    ap.add_argument("--batch-size", type=int, default=512, help="tokens per batch for both tools")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for both children")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--eval-chars", type=int, default=0,
+                    help="also score each output on this many characters of wikitext (bits per byte)")
+    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext2-test.raw")
+    ap.add_argument("--work", type=Path, default=None, help="keep outputs here (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    for p in (args.base, args.donor):
+        if not (p / "config.json").is_file():
+            raise SystemExit(f"{p}: not a model folder (run scripts/get_real_models.py for the default models)")
+    screens = [None if s.lower() == "none" else int(s) for s in (args.screen or ["none", "1024"])]
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-transplant-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"base": str(args.base), "donor": str(args.donor), "k": args.k, "batch_size": args.batch_size,
+                     "device": args.device, "runs": {}}
+    new_ids: list[int] = []
+    for screen in screens:
+        label = "surgeon" + ("" if screen is None else f" screen={screen}")
+        out = work / f"surgeon-{screen or 'exact'}"
+        rep_path = work / f"surgeon-{screen or 'exact'}.json"
+        spec = {"base": str(args.base), "donor": str(args.donor), "out": str(out), "k": args.k, "screen": screen,
+                "batch_size": args.batch_size, "device": args.device, "report": str(rep_path)}
+        print(f"running {label} ...", flush=True)
+        r = run_child([sys.executable, "-c", SURGEON_CHILD, json.dumps(spec)], work / f"{out.name}.log", args.threads)
+        r["out"] = str(out)
+        if r["ok"]:
+            rep = json.loads(rep_path.read_text())
+            r["omp"] = rep["approximation"].get("embed")
+            r["counts"] = {k: rep["counts"][k] for k in ("shared", "new", "output_rows")}
+            if not new_ids:
+                from surgeon.transplant import load_tokenizer_info, match_vocabularies
+
+                m = match_vocabularies(load_tokenizer_info(args.base), load_tokenizer_info(args.donor))
+                shared = {d for d, _ in m.shared}
+                new_ids = [d for d in range(rep["counts"]["output_rows"]) if d not in shared]
+        results["runs"][label] = r
+        print(f"  {r}", flush=True)
+    if not args.skip_mergekit:
+        exe = shutil.which("mergekit-tokensurgeon") or str(Path(sys.executable).parent / "mergekit-tokensurgeon")
+        out = work / "mergekit"
+        cmd = [exe, str(args.base), str(args.donor), str(out), "-k", str(args.k), "-a", "omp",
+               "--batch-size", str(args.batch_size), "--device", args.device, "--no-copy-tokenizer"]
+        print("running mergekit-tokensurgeon ...", flush=True)
+        r = run_child(cmd, work / "mergekit.log", args.threads)
+        r["out"] = str(out)
+        results["runs"]["mergekit-tokensurgeon"] = r
+        print(f"  {r}", flush=True)
+        if r["ok"] and new_ids:
+            for label, sr in results["runs"].items():
+                if label.startswith("surgeon") and sr["ok"]:
+                    sr["vs_mergekit"] = compare(Path(sr["out"]), out, new_ids)
+            mk = r["wall_s"]
+            for label, sr in results["runs"].items():
+                if label.startswith("surgeon") and sr["ok"]:
+                    sr["speedup_vs_mergekit"] = round(mk / sr["wall_s"], 2)
+    exact = results["runs"].get("surgeon")
+    if exact and exact["ok"] and new_ids:
+        for label, sr in results["runs"].items():
+            if label.startswith("surgeon ") and sr["ok"]:
+                sr["vs_surgeon_exact"] = compare(Path(sr["out"]), Path(exact["out"]), new_ids)
+    if args.eval_chars:
+        from surgeon.eval import evaluate_text
+
+        for label, r in results["runs"].items():
+            if r["ok"]:
+                out = Path(r["out"])
+                if not (out / "tokenizer.json").exists():  # mergekit run without tokenizer copy
+                    for f in args.donor.glob("tokenizer*"):
+                        shutil.copy(f, out / f.name)
+                ev = evaluate_text(out, args.text, max_chars=args.eval_chars, progress=False)
+                r["bits_per_byte"] = round(ev["bits_per_byte"], 4)
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\nbase {results['base']}\ndonor {results['donor']}\nk = {results['k']}, batch {results['batch_size']}, "
+          f"device {results['device']}\n")
+    head = f"| {'tool':<26} | {'wall s':>8} | {'cpu s':>8} | {'peak RSS MB':>11} | {'speedup':>7} | {'cos vs mergekit (mean/p05)':>27} | {'bpb':>6} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for label, r in results["runs"].items():
+        vs = r.get("vs_mergekit")
+        cos = f"{vs['cosine_mean']:.3f} / {vs['cosine_p05']:.3f}" if vs else ""
+        sp = f"{r['speedup_vs_mergekit']:.1f}x" if "speedup_vs_mergekit" in r else ""
+        bpb = f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else ""
+        status = "" if r["ok"] else " (FAILED)"
+        print(f"| {label + status:<26} | {r['wall_s']:>8.1f} | {r['cpu_s']:>8.1f} | {r['peak_rss_mb']:>11.0f} | {sp:>7} | "
+              f"{cos:>27} | {bpb:>6} |")
+    for label, r in results["runs"].items():
+        if "vs_surgeon_exact" in r:
+            v = r["vs_surgeon_exact"]
+            print(f"\n{label} vs surgeon exact: cosine mean {v['cosine_mean']}, p05 {v['cosine_p05']}, "
+                  f"share > 0.99: {v['frac_cosine_gt_0.99']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
