@@ -41,7 +41,7 @@ def _add_run_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--work-dir", help="folder for intermediate steps (default: .OUTPUT.surgeon-work beside the output)")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu (default), cuda, cuda:1")
-    p.add_argument("--threads", type=int, help="reader threads (default: up to 4)")
+    p.add_argument("--threads", type=int, help="cap on threads: torch's arithmetic threads and the reader threads (default: all cores; up to 4 readers)")
     p.add_argument("--max-shard-size", help="largest shard, e.g. 2GB, 500MiB (default 5GB)")
     p.add_argument("--allow-nonfinite", action="store_true", help="write tensors with NaN/Inf instead of failing")
     p.add_argument("--allow-pickle", action="store_true",

@@ -82,6 +82,10 @@ class Pipeline:
         self.device = torch.device(self.opts.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidInputError("--device cuda: no CUDA device is available to torch on this machine")
+        if self.opts.threads is not None:
+            if self.opts.threads < 1:
+                raise InvalidInputError(f"--threads must be at least 1, got {self.opts.threads}")
+            torch.set_num_threads(self.opts.threads)  # arithmetic threads; readers use the same cap
         self.coord = coordinator_from_environment(self.opts.device, force=self.opts.distributed)
         if self.coord.distributed and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.coord.rank)))
