@@ -36,18 +36,18 @@ class LoadedRecipe:
 
     def resolve_path(self, value: str) -> str:
         """Local paths are relative to the recipe's folder; hub refs pass through."""
-        if _looks_local(value):
+        if _looks_local(value, self.base_dir):
             return str((self.base_dir / Path(value).expanduser()).resolve())
         return value
 
 
-def _looks_local(ref: str) -> bool:
+def _looks_local(ref: str, base_dir: Path) -> bool:
+    """Paths are local; ``org/name(@rev)`` is a hub id unless a folder of that name sits beside the recipe."""
     if ref.startswith("hf://"):
         return False
     if ref.startswith(("/", "./", "../", "~")) or ref in (".", ".."):
         return True
-    # org/name(@rev) with exactly one slash and no local folder of that name is a hub id
-    return Path(ref).expanduser().exists() or ref.count("/") != 1
+    return (base_dir / Path(ref).expanduser()).exists() or ref.count("/") != 1
 
 
 def load_recipe(path: str | Path, *, output_path: str | None = None) -> LoadedRecipe:
