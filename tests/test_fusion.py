@@ -229,3 +229,18 @@ def test_two_cpu_processes_match_one(tiny, tmp_path):
     da = torch.cat([(wa[k].float() - w0[k].float()).flatten() for k in w0])
     db = torch.cat([(wb[k].float() - w0[k].float()).flatten() for k in w0])
     assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.98
+
+
+def test_transplant_route_gives_identity_alignment(tiny, tmp_path):
+    if "other" not in tiny:
+        pytest.skip("zoo tokenizers not built")
+    rep = fuse(tiny["pivot"], [{"path": str(tiny["other"]), "align": "transplant", "id": "other"}], tiny["data"],
+               tmp_path / "o", max_length=32, batch_size=4, steps=2, top_k=4, progress=False,
+               options={"work_dir": str(tmp_path / "w"), "transplant_k": 8})
+    s = rep["sources"][0]
+    assert s["align"] == "transplant" and s["identity"] and s["coverage"] == 1.0
+    assert Path(s["run"]).name.startswith("transplant-other-")
+    from transformers import AutoTokenizer
+
+    # the transplanted source speaks the pivot's tokenizer
+    assert AutoTokenizer.from_pretrained(s["run"]).get_vocab() == AutoTokenizer.from_pretrained(str(tiny["pivot"])).get_vocab()
