@@ -450,7 +450,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     warmup = warmup_steps or int(round(opts.warmup_ratio * total_steps))
     save_every = opts.save_every or max(1, total_steps // 10)
     gld_opts = dict(opts.gld or {})
-    gld_k = opts.gld_top_k or top_k
+    gld_k = min(opts.gld_top_k or top_k, top_k)  # the caches hold top_k entries per position
 
     # resumable state: keyed by everything that changes the trajectory
     run_key = hashlib.sha256(json.dumps({
