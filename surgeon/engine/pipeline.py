@@ -157,6 +157,7 @@ class Pipeline:
                 fingerprints[step.id] = self._fingerprint(step, fingerprints)
         if self.output_path.exists() and not self.opts.overwrite and not self._finished(self.output_path, fingerprints[final_id]):
             raise InvalidInputError(f"{self.output_path}: already exists (pass --overwrite to replace it)")
+        self._check_destinations(needed, final_id)
         available: dict[str, Any] = {}
         results: list[StepResult] = []
         for i, step in enumerate(self.recipe.steps):
@@ -199,6 +200,23 @@ class Pipeline:
         report["seconds"] = round(time.time() - t_start, 3)
         report["peak_rss_bytes"] = peak_rss_bytes()
         return report
+
+    def _check_destinations(self, needed: set[str], final_id: str) -> None:
+        """Never replace an input model, or a folder surgeon did not write, with a step's output."""
+        for mid, r in self._resolved.items():
+            if r.get("hub_id"):
+                continue
+            src = Path(r["path"]).resolve()
+            for dest in [self.output_path] + [self.work_dir / s for s in needed if s != final_id]:
+                if dest == src or dest in src.parents:
+                    raise InvalidInputError(f"{self.loaded.where('models', mid)}: model {mid!r} ({src}) is inside the "
+                                            f"destination {dest}, which the run would replace; choose another output "
+                                            "or --work-dir")
+        for sid in needed - {final_id}:
+            dest = self.work_dir / sid
+            if dest.exists() and not (dest / STEP_MARKER).exists():
+                raise InvalidInputError(f"{dest}: exists and was not written by surgeon (no {STEP_MARKER}); "
+                                        "choose another --work-dir or remove it")
 
     def _needed_steps(self, final_id: str) -> set[str]:
         by_id = {s.id: s for s in self.recipe.steps}
