@@ -467,3 +467,23 @@ def test_hub_token_never_reaches_reports_cards_or_errors(tmp_path: Path, family:
         assert "org/other" in err and "Traceback" not in err
         texts.append(err)
     assert not any(secret in t or wrong in t for t in texts)
+
+
+def test_a_run_never_replaces_its_inputs_or_foreign_folders(tmp_path: Path, family: dict[str, Path], capsys) -> None:
+    models = tmp_path / "models"
+    fam = build_family(models, names=("base", "ft1", "ft2", "ft3"))
+    before = {k: _files(v) for k, v in fam.items()}
+    recipe = _two_step_recipe(tmp_path, fam)
+    # the output is an input model, or a folder holding them: refused even with --overwrite
+    for out in (fam["ft1"], models):
+        assert main(["run", str(recipe), "-o", str(out), "--overwrite", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"recipe\.yaml:\d+: model '\w+' \(.*\) is inside the destination .*which the run would "
+                         r"replace", err), err
+    # a --work-dir where a step's folder would land on something surgeon did not write
+    (tmp_path / "mine" / "ta").mkdir(parents=True)
+    (tmp_path / "mine" / "ta" / "notes.txt").write_text("keep me")
+    assert main(["run", str(recipe), "--work-dir", str(tmp_path / "mine"), "-q"]) == 2
+    assert "was not written by surgeon" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "ta" / "notes.txt").read_text() == "keep me"
+    assert {k: _files(v) for k, v in fam.items()} == before
