@@ -36,8 +36,11 @@ class LoadedRecipe:
 
     def resolve_path(self, value: str) -> str:
         """Local paths are relative to the recipe's folder; hub refs pass through."""
-        if _looks_local(value, self.base_dir):
-            return str((self.base_dir / Path(value).expanduser()).resolve())
+        try:
+            if _looks_local(value, self.base_dir):
+                return str((self.base_dir / Path(value).expanduser()).resolve())
+        except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser/x, an embedded NUL, a loop of links
+            raise RecipeError(f"{self.file}: path {value!r} cannot be used ({exc})") from None
         return value
 
 
