@@ -225,6 +225,10 @@ RECIPES = {
                               "output: {path: ./o}\n", r"recipe\.yaml:1: models: Value error, model id 'a\\n'"),
     "NaN parameter": ("models: {a: ./a}\nsteps:\n  - id: s\n    merge: {method: linear, models: [{model: a, weight: .nan}]}\n"
                       "output: {path: ./o}\n", r"recipe\.yaml:4: parameter 'weight' must be a finite number, got nan"),
+    "path with NUL": ('models: {a: "./a\\0b"}\nsteps: [{id: s, merge: {method: linear, models: [a]}}]\n'
+                      "output: {path: ./o}\n", r"recipe\.yaml: path './a\\x00b' cannot be used \(embedded null byte\)"),
+    "unknown user's home": ("models: {a: ~nosuchuser_zz/m}\nsteps: [{id: s, merge: {method: linear, models: [a]}}]\n"
+                            "output: {path: ./o}\n", r"recipe\.yaml: path '~nosuchuser_zz/m' cannot be used"),
     "mergekit models not a list": ("merge_method: linear\nmodels: 3\n", r"recipe\.yaml: mergekit 'models' must be a list"),
     "mergekit tokenizer not a mapping": ("merge_method: linear\nmodels: [a]\ntokenizer: x\n",
                                          r"recipe\.yaml: mergekit 'tokenizer' must be a mapping"),
