@@ -237,3 +237,17 @@ def test_more_rows_without_tokenizer_is_refused(tmp_path: Path) -> None:
         surgeon.merge_models("task_arithmetic", [str(tmp_path / "big")], str(tmp_path / "out"),
                              base=str(tmp_path / "base"), quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_config_with_a_stored_head_writes_no_duplicate(tmp_path: Path, make_tiny_llama) -> None:
+    a = make_tiny_llama("a", seed=1)
+    sd = load_file(a / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()  # some exporters store both
+    save_file(sd, a / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    surgeon.merge_models("linear", [str(a), str(a)], str(out), quiet=True)
+    assert "lm_head.weight" not in Checkpoint.open(out)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

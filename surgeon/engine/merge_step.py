@@ -91,8 +91,12 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
     involved = ([base_id] if base_id else []) + model_ids
     for mid in involved:
         plan.bytes_in += inputs[mid].total_bytes
+    tied = bool((template.config or {}).get("tie_word_embeddings"))
     for name in template.names:
         tinfo = template.info(name)
+        if tied and tensor_role(name) == "lm_head" and any(tensor_role(n) == "embedding" for n in template.names):
+            plan.notes.append(f"{name} left out: the config ties it to the input embeddings")
+            continue
         for mid in involved:
             ck = inputs[mid]
             if name not in ck:
