@@ -70,7 +70,7 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str,
         loader.flatten_mapping(node)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+            key = _scalar(key_node, file, loader) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: mapping keys must be plain scalars")
             if key in out:
@@ -83,7 +83,19 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str,
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(item, path + (i,), lines, file, loader, budget, active) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+    return _scalar(node, file, loader)
+
+
+def _scalar(node: yaml.Node, file: str, loader: _Loader) -> Any:
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError:
+        raise
+    except Exception as exc:  # 2020-13-45, `!!int abc`, `!!int ` with no value, 5000-digit integers
+        tag = str(node.tag).removeprefix("tag:yaml.org,2002:")
+        shown = repr(node.value) if len(str(node.value)) <= 40 else repr(str(node.value)[:40]) + "..."
+        raise RecipeError(f"{file}:{node.start_mark.line + 1}: not valid YAML ({shown} is not a valid {tag}: "
+                          f"{str(exc)[:200] or type(exc).__name__})") from None
 
 
 def load_yaml_text(text: str, file: str) -> Located:
