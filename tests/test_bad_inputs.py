@@ -211,8 +211,8 @@ RECIPES = {
     "duplicate nested key": ("models:\n  a: ./a\n  a: ./b\n", r"recipe\.yaml:3: duplicate key 'a' \(first at line 2\)"),
     "empty": ("", r"recipe\.yaml: the file is empty"),
     "not a mapping": ("- a\n- b\n", r"recipe\.yaml:1: a recipe must be a mapping"),
-    "bad date": ("name: 2020-13-45\n", r"recipe\.yaml: not valid YAML \(ValueError: month must be in 1\.\.12\)"),
-    "empty typed scalar": ("seed: !!int\n", r"recipe\.yaml: not valid YAML"),
+    "bad date": ("name: 2020-13-45\n", r"recipe\.yaml:1: not valid YAML \('2020-13-45' is not a valid timestamp: month must be in 1\.\.12\)"),
+    "empty typed scalar": ("seed: !!int\n", r"recipe\.yaml:1: not valid YAML \('' is not a valid int"),
     "python tag": ("name: !!python/object/apply:os.system [echo hi]\n", r"recipe\.yaml:1: not valid YAML"),
     "recursive alias": ("models: &a {x: *a}\n", r"recipe\.yaml:1: an alias refers to a value that contains it"),
     "alias bomb": ("a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
