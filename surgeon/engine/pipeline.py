@@ -179,7 +179,8 @@ class Pipeline:
                         details = kind.execute(step, sp, inputs, dest, self, fp)
                     except KeyboardInterrupt as exc:  # the CLI's one-line message says what is kept
                         if results:
-                            exc.add_note("finished steps " + ", ".join(f"{r.id} ({r.path})" for r in results))
+                            note = "finished steps " + ", ".join(f"{r.id} ({r.path})" for r in results)
+                            exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # add_note() needs 3.11
                         raise
                 results.append(StepResult(step.id, step.kind, str(dest), False, round(time.time() - t0, 3), details))
             available[step.id] = Checkpoint.open(dest, label=f"step {step.id!r} ({dest})")

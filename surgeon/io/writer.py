@@ -210,7 +210,8 @@ class CheckpointWriter:
             keep = issubclass(exc_type, KeyboardInterrupt) and self.resume
             self.abort(keep_partial=keep)
             if keep and exc is not None and self.coord.is_main:
-                exc.add_note(f"{len(self._written)} of {len(self.specs)} tensors of {self.dest.name} ({self.staging})")
+                note = f"{len(self._written)} of {len(self.specs)} tensors of {self.dest.name} ({self.staging})"
+                exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # add_note() needs Python 3.11
 
     def open(self) -> None:
         """Lay out the shards (rank 0) or join them (other ranks); resume a matching partial write."""
