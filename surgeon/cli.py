@@ -215,17 +215,28 @@ def _print_run(report: dict[str, Any]) -> None:
         print(f"step {s['id']:<16} {s['kind']:<11} {state}")
     ev = report.get("evaluation")
     if ev:
-        texts = sorted({t for per in ev.values() for t in per})
         print()
-        print(f"{'model':<20}" + "".join(f"{t + ' ppl':>18}{t + ' bpb':>14}" for t in texts))
-        for model, per in ev.items():
-            print(f"{model:<20}" + "".join(
-                f"{per[t]['perplexity']:>18.2f}{per[t]['bits_per_byte']:>14.3f}" if t in per else f"{'-':>18}{'-':>14}"
-                for t in texts))
+        print(format_evaluation(ev))
     print()
     print(f"output: {report['output']['path']}")
     if report.get("push"):
         print(f"pushed: {report['push'].get('url', report['push'])}")
+
+
+def format_evaluation(ev: dict[str, dict[str, Any]]) -> str:
+    """Perplexity and bits per byte of every model on every text, one row per model."""
+    texts = sorted({t for per in ev.values() for t in per})
+    width = max([len("model"), *(len(m) for m in ev)])
+    cols = [(f"{t} ppl", f"{t} bpb") for t in texts]
+    cw = [max(10, len(a) + 2, len(b) + 2) for a, b in cols]
+    lines = [f"{'model':<{width}}" + "".join(f"{a:>{w}}{b:>{w}}" for (a, b), w in zip(cols, cw))]
+    for model, per in ev.items():
+        cells = []
+        for t, w in zip(texts, cw):
+            r = per.get(t)
+            cells.append(f"{r['perplexity']:>{w}.2f}{r['bits_per_byte']:>{w}.3f}" if r else f"{'-':>{w}}{'-':>{w}}")
+        lines.append(f"{model:<{width}}" + "".join(cells))
+    return "\n".join(lines)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -315,7 +315,11 @@ class Pipeline:
 
     # -- evaluation -------------------------------------------------------------
     def evaluate(self, output: Checkpoint) -> dict[str, dict[str, Any]]:
+        from transformers.utils import logging as hf_logging
+
         from ..eval.perplexity import evaluate_text
+
+        hf_logging.disable_progress_bar()  # one bar per evaluation is ours; no loading bars per model
 
         spec = self.recipe.eval
         assert spec is not None
