@@ -49,6 +49,36 @@ def test_screened_with_all_candidates_is_exact(gram):
     assert torch.equal(idx, i2)
 
 
+@pytest.mark.parametrize("gram", [True, False])
+def test_refreshed_screening_with_all_candidates_is_exact(gram):
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(90, 32, generator=g)
+    Y = torch.randn(9, 32, generator=g)
+    cand = torch.arange(90).expand(9, -1)
+    idx, coef = omp_screened(Y, A, 12, cand, refresh=3, gram=gram)
+    np.testing.assert_allclose(_dense(idx, coef, 90), _sklearn(A, Y, 12), atol=2e-4, rtol=1e-3)
+
+
+def test_refreshed_screening_fits_nearly_as_well_as_exact():
+    # structured targets: sparse combinations of atoms plus noise
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(3000, 48, generator=g) * torch.rand(3000, 1, generator=g).add(0.3)
+    mix = torch.zeros(64, 3000)
+    for b in range(64):
+        mix[b, torch.randperm(3000, generator=g)[:6]] = torch.randn(6, generator=g)
+    Y = mix @ A + 0.05 * torch.randn(64, 48, generator=g)
+    k = 12
+
+    def fit(i, c):
+        return float(torch.nn.functional.cosine_similarity(reconstruct(i, c, A), Y, dim=1).mean())
+
+    exact = fit(*omp_exact(Y, A, k))
+    static = fit(*batch_omp(Y, A, k, screen=40, refresh=0, progress=False))
+    refreshed = fit(*batch_omp(Y, A, k, screen=40, refresh=3, progress=False))
+    assert refreshed >= exact - 0.01
+    assert refreshed >= static
+
+
 def test_screened_matches_sklearn_on_the_candidate_subset():
     g = torch.Generator().manual_seed(7)
     A = torch.randn(400, 32, generator=g)

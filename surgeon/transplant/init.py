@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InvalidInputError
-from .omp import batch_omp, reconstruct
+from .omp import DEFAULT_REFRESH, batch_omp, reconstruct
 from .vocab import TokenizerInfo, _base_index, subword_pieces
 
 METHODS = ("omp", "mean", "zero", "subword")
@@ -37,8 +37,8 @@ def row_mean(w: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
 
 
 def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[int], k: int,
-             *, screen: Optional[int] = None, batch_size: Optional[int] = None, device: str = "cpu",
-             progress: bool = True, desc: str = "OMP") -> tuple[torch.Tensor, dict[str, Any]]:
+             *, screen: Optional[int] = None, refresh: int = DEFAULT_REFRESH, batch_size: Optional[int] = None,
+             device: str = "cpu", progress: bool = True, desc: str = "OMP") -> tuple[torch.Tensor, dict[str, Any]]:
     """OMP rows for ``new_ids`` and statistics of the fit in the donor space."""
     if not shared:
         raise InvalidInputError("OMP needs at least one token shared by both vocabularies; none is")
@@ -50,15 +50,15 @@ def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int
     atoms_donor = donor_w[d_ids].float()
     targets = donor_w[torch.tensor(new_ids, dtype=torch.long)].float()
     scr = None if screen is None or screen >= len(shared) else max(screen, k_eff)
-    idx, coef = batch_omp(targets, atoms_donor, k_eff, screen=scr, batch_size=batch_size, device=device,
-                          progress=progress, desc=desc)
+    idx, coef = batch_omp(targets, atoms_donor, k_eff, screen=scr, refresh=refresh, batch_size=batch_size,
+                          device=device, progress=progress, desc=desc)
     atoms_base = base_w[b_ids]
     rows = reconstruct(idx, coef, atoms_base)
     approx = reconstruct(idx, coef, atoms_donor)
     tn = targets.norm(dim=1).clamp_min(1e-12)
     rel = ((targets - approx).norm(dim=1) / tn)
     cos = torch.nn.functional.cosine_similarity(targets, approx, dim=1)
-    stats = {"k": k_eff, "screen": scr, "targets": len(new_ids), "atoms": len(shared),
+    stats = {"k": k_eff, "screen": scr, "refresh": refresh if scr else None, "targets": len(new_ids), "atoms": len(shared),
              "donor_rel_error_mean": float(rel.mean()), "donor_cosine_mean": float(cos.mean())}
     return rows, stats
 
@@ -80,13 +80,14 @@ def subword_rows(base_w: torch.Tensor, base_tok: TokenizerInfo, donor_tok: Token
 
 
 def new_rows(method: str, base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int, int]],
-             new_ids: list[int], *, k: int = 64, screen: Optional[int] = None, batch_size: Optional[int] = None,
+             new_ids: list[int], *, k: int = 64, screen: Optional[int] = None, refresh: int = DEFAULT_REFRESH,
+             batch_size: Optional[int] = None,
              device: str = "cpu", progress: bool = True, base_tok: TokenizerInfo | None = None,
              donor_tok: TokenizerInfo | None = None, desc: str = "OMP") -> tuple[torch.Tensor, dict[str, Any]]:
     """Rows (float32, len(new_ids) x base width) for new tokens by ``method``."""
     if method == "omp":
-        return omp_rows(base_w, donor_w, shared, new_ids, k, screen=screen, batch_size=batch_size, device=device,
-                        progress=progress, desc=desc)
+        return omp_rows(base_w, donor_w, shared, new_ids, k, screen=screen, refresh=refresh, batch_size=batch_size,
+                        device=device, progress=progress, desc=desc)
     if method == "zero":
         return torch.zeros(len(new_ids), base_w.shape[1]), {"targets": len(new_ids)}
     mean = row_mean(base_w)

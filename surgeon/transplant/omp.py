@@ -37,7 +37,31 @@ import torch
 
 from ..errors import InvalidInputError
 
-_DEP_TOL = 1e-7  # relative; a new atom with less than this share of fresh norm^2 is dependent
+_DEP_TOL = 1e-5  # relative: a new atom whose fresh part has less than this share of its norm^2 is dependent
+
+
+class _threads:
+    """Run small per-step tensor ops on one CPU thread.
+
+    The per-step work of the pursuit is many small element-wise ops; with
+    several intra-op threads each op waits for all of them, which on a busy
+    machine costs 3-10x more than running it on one thread. Big products
+    (refreshes, the exact pursuit's correlations) keep all threads.
+    """
+
+    def __init__(self, n: int, device: torch.device):
+        self.n = n
+        self.active = device.type == "cpu"
+
+    def __enter__(self) -> "_threads":
+        if self.active:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            torch.set_num_threads(self.saved)
 
 
 def _check(targets: torch.Tensor, dictionary: torch.Tensor, k: int) -> None:
@@ -92,30 +116,31 @@ def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[
     norms2 = (A * A).sum(1)
     idx = torch.zeros(B, k, dtype=torch.long, device=dev)
     L = torch.zeros(B, k, k, dtype=y.dtype, device=dev)
-    Q = torch.zeros(B, D, k, dtype=y.dtype, device=dev)
+    Q = torch.zeros(B, k, D, dtype=y.dtype, device=dev)  # orthonormal directions, one row per pick
     z = torch.zeros(B, k, dtype=y.dtype, device=dev)
     live = torch.ones(B, dtype=torch.bool, device=dev)
-    alpha = y @ A.T  # B x N correlations with the residual
+    alpha = y @ A.T  # B x N correlations of the atoms with the residual
+    At = A.T
     for t in range(k):
-        score = alpha.abs()
-        if t:
-            score.scatter_(1, idx[:, :t], -1.0)
-        j = score.argmax(1)
-        del score
+        # argmax |alpha| without materialising |alpha|; picked atoms hold exactly 0
+        hi, j_hi = alpha.max(1)
+        lo, j_lo = alpha.min(1)
+        j = torch.where(hi >= -lo, j_hi, j_lo)
         idx[:, t] = j
         a = A[j]  # B x D
-        w = torch.bmm(a.unsqueeze(1), Q[:, :, :t]).squeeze(1) if t else None  # B x t
+        w = torch.bmm(Q[:, :t], a.unsqueeze(-1)).squeeze(-1) if t else None  # B x t
         d, live = _new_direction(w, norms2[j], live)
-        q = a - torch.bmm(Q[:, :, :t], w.unsqueeze(-1)).squeeze(-1) if t else a
-        q = torch.where(live.unsqueeze(1), q / d.unsqueeze(1), torch.zeros_like(q))
-        Q[:, :, t] = q
+        q = a - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1) if t else a
+        q = q * torch.where(live, 1.0 / d, torch.zeros_like(d)).unsqueeze(1)
+        Q[:, t] = q
         if t:
-            L[:, t, :t] = torch.where(live.unsqueeze(1), w, torch.zeros_like(w))
+            L[:, t, :t] = w * live.unsqueeze(1)
         L[:, t, t] = d
-        zt = torch.where(live, alpha[ar, j] / d, torch.zeros_like(d))
+        zt = alpha[ar, j] / d * live
         z[:, t] = zt
         if t + 1 < k:
-            alpha.sub_((q * zt.unsqueeze(1)) @ A.T)
+            torch.addmm(alpha, q * zt.unsqueeze(1), At, alpha=-1.0, out=alpha)
+            alpha.scatter_(1, idx[:, :t + 1], 0.0)
     return idx, _coefficients(L, z)
 
 
@@ -129,66 +154,99 @@ def screen_candidates(targets: torch.Tensor, dictionary: torch.Tensor, m: int,
     return sims.topk(min(m, dictionary.shape[0]), dim=1, sorted=True).indices
 
 
-def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
-                 candidates: torch.Tensor, gram: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """OMP of each target restricted to its own candidate atoms (B x M indices).
+def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candidates: torch.Tensor, *,
+                 refresh: int = 0, gram: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP of each target restricted to its own M candidate atoms (``candidates``: B x M indices).
 
-    Each step needs the new atom's inner products with the target's M
-    candidates: taken from the candidates' M x M Gram matrix (one batched
-    product up front; ``gram=True``, the default for small M) or computed per
-    step from the gathered candidates (``gram=False``). With candidates covering
-    the whole dictionary this is exact OMP.
+    ``refresh=s`` (> 0) replaces each target's candidates every s steps by the
+    M atoms most correlated with its current residual (one product with the
+    whole dictionary), so the candidate sets follow the pursuit instead of
+    staying near the target; ``refresh=0`` keeps the initial candidates.
+
+    The candidates' correlations with each new direction come from their
+    M x M Gram matrix (``gram=True``, one batched product per candidate set;
+    the default for M <= 512) or from the gathered candidates each step
+    (``gram=False``). With candidates covering the whole dictionary this is
+    exact OMP.
     """
     _check(targets, dictionary, k)
     y = targets.float()
+    A = dictionary.float()
     B, D = y.shape
     M = candidates.shape[1]
     if k > M:
         raise InvalidInputError(f"OMP: k={k} atoms requested from {M} screened candidates; raise screen to at least k")
     if gram is None:
-        gram = M <= 4 * k
+        gram = M <= 512
     dev = y.device
     ar = torch.arange(B, device=dev)
-    C = dictionary.float()[candidates]  # B x M x D
-    alpha = torch.bmm(C, y.unsqueeze(-1)).squeeze(-1)  # B x M
-    diag = (C * C).sum(-1)  # B x M
-    G = torch.bmm(C, C.transpose(1, 2)) if gram else None  # B x M x M
-    if gram:
-        del C
-    local = torch.zeros(B, k, dtype=torch.long, device=dev)
+    norms2 = (A * A).sum(1)
+    idx = torch.zeros(B, k, dtype=torch.long, device=dev)
     L = torch.zeros(B, k, k, dtype=y.dtype, device=dev)
-    U = torch.zeros(B, M, k, dtype=y.dtype, device=dev)  # candidates' correlations with q_0..q_t
+    Q = torch.zeros(B, k, D, dtype=y.dtype, device=dev) if refresh else None
+    U = torch.zeros(B, k, M, dtype=y.dtype, device=dev)  # candidates' correlations with q_0..q_t
     z = torch.zeros(B, k, dtype=y.dtype, device=dev)
     live = torch.ones(B, dtype=torch.bool, device=dev)
+    cand = candidates.to(dev)
+    C = G = alpha = taken = None
+    one = _threads(1, torch.device(dev))
     for t in range(k):
-        score = alpha.abs()
-        if t:
-            score.scatter_(1, local[:, :t], -1.0)
-        j = score.argmax(1)
-        local[:, t] = j
-        w = U[ar, j, :t] if t else None  # new atom's coordinates on q_0..q_{t-1}
-        d, live = _new_direction(w, diag[ar, j], live)
-        col = G[ar, :, j] if gram else torch.bmm(C, C[ar, j].unsqueeze(-1)).squeeze(-1)  # B x M
-        if t:
-            col = col - torch.bmm(U[:, :, :t], w.unsqueeze(-1)).squeeze(-1)
-        u = torch.where(live.unsqueeze(1), col / d.unsqueeze(1), torch.zeros_like(col))
-        U[:, :, t] = u
-        if t:
-            L[:, t, :t] = torch.where(live.unsqueeze(1), w, torch.zeros_like(w))
-        L[:, t, t] = d
-        zt = torch.where(live, alpha[ar, j] / d, torch.zeros_like(d))
-        z[:, t] = zt
-        alpha = alpha - u * zt.unsqueeze(1)
-    return candidates.gather(1, local), _coefficients(L, z)
+        if t == 0 or (refresh and t % refresh == 0):
+            if t:  # re-rank: the M atoms most correlated with the residual
+                r = y - torch.bmm(z[:, :t].unsqueeze(1), Q[:, :t]).squeeze(1)
+                full = r @ A.T
+                full.scatter_(1, idx[:, :t], 0.0)
+                cand = full.abs().topk(M, dim=1, sorted=False).indices
+                alpha = full.gather(1, cand)
+                del full
+            C = A[cand]  # B x M x D
+            if t == 0:
+                alpha = torch.bmm(C, y.unsqueeze(-1)).squeeze(-1)
+            else:
+                U[:, :t] = torch.bmm(Q[:, :t], C.transpose(1, 2))
+            G = torch.bmm(C, C.transpose(1, 2)) if gram else None
+            if gram:
+                C = None
+            taken = torch.zeros(B, M, dtype=torch.bool, device=dev)
+            if t:
+                taken |= (cand.unsqueeze(2) == idx[:, None, :t]).any(2)
+        with one:  # the pick itself: small tensors, one thread
+            score = alpha.abs().masked_fill_(taken, -1.0)
+            jl = score.argmax(1)
+            del score
+            taken[ar, jl] = True
+            j = cand[ar, jl]
+            idx[:, t] = j
+            w = U[:, :t].gather(2, jl.view(B, 1, 1).expand(B, t, 1)).squeeze(2) if t else None  # B x t
+            d, live = _new_direction(w, norms2[j], live)
+            a = A[j]
+            col = G[ar, jl] if gram else torch.bmm(C, a.unsqueeze(-1)).squeeze(-1)  # <candidates, new atom>
+            if t:
+                col = col - torch.bmm(w.unsqueeze(1), U[:, :t]).squeeze(1)
+            inv_d = torch.where(live, 1.0 / d, torch.zeros_like(d))
+            u = col * inv_d.unsqueeze(1)
+            U[:, t] = u
+            if Q is not None:
+                q = a - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1) if t else a
+                Q[:, t] = q * inv_d.unsqueeze(1)
+            if t:
+                L[:, t, :t] = w * live.unsqueeze(1)
+            L[:, t, t] = d
+            zt = alpha[ar, jl] * inv_d
+            z[:, t] = zt
+            alpha.sub_(u * zt.unsqueeze(1))
+    return idx, _coefficients(L, z)
+
+
+DEFAULT_REFRESH = 8
 
 
 def auto_batch_size(n_atoms: int, dim: int, k: int, screen: Optional[int], budget_bytes: int = 768 << 20) -> int:
     """A batch size whose working set stays near ``budget_bytes``."""
+    per = 4 * (2 * n_atoms + k * dim + k * k + 2 * dim)  # correlations with every atom, directions
     if screen:
         m = min(screen, n_atoms)
-        per = 4 * (m * m + m * dim + 2 * m + k * k) + 4 * n_atoms  # Gram, gathered atoms, screening row
-    else:
-        per = 4 * (2 * n_atoms + k * dim + k * k + 2 * dim)
+        per = max(per, 4 * (m * m + m * dim + k * m + 2 * m + k * k + k * dim) + 8 * n_atoms)
     return int(max(1, min(4096, budget_bytes // per)))
 
 
@@ -198,6 +256,7 @@ def batch_omp(
     k: int,
     *,
     screen: Optional[int] = None,
+    refresh: int = DEFAULT_REFRESH,
     batch_size: Optional[int] = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -205,14 +264,18 @@ def batch_omp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP for many targets in batches; returns CPU ``(indices, coeffs)`` (B x k each).
 
-    ``screen`` restricts each target's dictionary to its ``screen`` nearest atoms
-    by |cosine| (``None``: the whole dictionary, exact OMP).
+    ``screen=M`` restricts each target's dictionary to M candidates: first its
+    M nearest atoms by |cosine|, then, every ``refresh`` steps, the M atoms
+    most correlated with its residual (``refresh=0``: the nearest M only).
+    ``screen=None`` (or M >= the dictionary size): exact OMP.
     """
     from tqdm.auto import tqdm
 
     _check(targets, dictionary, k)
     if screen is not None and screen < k:
         raise InvalidInputError(f"screen={screen} must be at least k={k}")
+    if refresh is None or refresh < 0:
+        refresh = 0
     dev = torch.device(device)
     A = dictionary.to(dev, torch.float32)
     n = targets.shape[0]
@@ -227,7 +290,7 @@ def batch_omp(
             y = targets[s * bs:(s + 1) * bs].to(dev, torch.float32)
             if use_screen:
                 cand = screen_candidates(y, A, screen, An)
-                i, c = omp_screened(y, A, k, cand)
+                i, c = omp_screened(y, A, k, cand, refresh=refresh)
             else:
                 i, c = omp_exact(y, A, k)
             out_idx[s * bs:s * bs + len(y)] = i.cpu()

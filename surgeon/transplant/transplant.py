@@ -32,6 +32,7 @@ import torch
 from ..errors import InvalidInputError
 from ..io import Checkpoint, CheckpointWriter, TensorSpec
 from .init import METHODS, new_rows
+from .omp import DEFAULT_REFRESH
 from .vocab import ROLES, TokenizerInfo, VocabMatch, load_tokenizer_info, match_vocabularies, same_tokenizer
 
 EMBED_NAMES = (
@@ -226,6 +227,7 @@ def transplant(
     batch_size: Optional[int] = None,
     progress: bool = True,
     *,
+    refresh: int = DEFAULT_REFRESH,
     max_shard_size: int | str = "5GB",
     finish: Optional[Callable[[CheckpointWriter, dict[str, Any] | None, list[str]], None]] = None,
 ) -> dict[str, Any]:
@@ -233,8 +235,10 @@ def transplant(
 
     ``method``: ``omp`` (default), ``mean``, ``zero`` or ``subword``; ``k``: OMP
     atoms per new token; ``screen``: restrict each new token's OMP dictionary to
-    its ``screen`` nearest shared tokens by |cosine| (faster, nearly the same
-    result; ``None`` = exact); ``batch_size``: new tokens per OMP batch (``None``
+    ``screen`` candidates — its nearest shared tokens by |cosine|, re-ranked
+    every ``refresh`` steps by correlation with the residual (``refresh=0``:
+    never) — several times faster, nearly the same fit; ``None`` = exact OMP
+    over all shared tokens; ``batch_size``: new tokens per OMP batch (``None``
     = sized to ~768 MB of working memory). ``finish(writer, config, notes)``, if
     given, replaces the final writing of config, tokenizer, card and the commit
     (the recipe engine uses it). Returns a report dict.
@@ -257,7 +261,7 @@ def transplant(
     base = Checkpoint.open(base_dir, label=f"base {base_dir}")
     donor = Checkpoint.open(donor_dir, label=f"donor {donor_dir}")
     try:
-        return _transplant(base, donor, out_dir, method, k, device, overwrite, screen, batch_size, progress,
+        return _transplant(base, donor, out_dir, method, k, device, overwrite, screen, refresh, batch_size, progress,
                            max_shard_size, finish, t0)
     finally:
         base.close()
@@ -265,7 +269,7 @@ def transplant(
 
 
 def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str, k: int, device: str, overwrite: bool,
-                screen: Optional[int], batch_size: Optional[int], progress: bool, max_shard_size: int | str,
+                screen: Optional[int], refresh: int, batch_size: Optional[int], progress: bool, max_shard_size: int | str,
                 finish: Any, t0: float) -> dict[str, Any]:
     embed, head, tied, d_embed, d_head = _check_inputs(base, donor, method, k)
     base_tok = load_tokenizer_info(base.path)
@@ -304,7 +308,7 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
             out[d_idx] = bw[b_idx]
         if new_ids:
             rows, st = new_rows(method, bw, dw if dw is not None else bw, shared, new_ids, k=k, screen=screen,
-                                batch_size=batch_size, device=device, progress=progress, base_tok=base_tok,
+                                refresh=refresh, batch_size=batch_size, device=device, progress=progress, base_tok=base_tok,
                                 donor_tok=donor_tok, desc=f"OMP {label}")
             out[torch.tensor(new_ids)] = rows.to(bw.dtype)
             stats[label] = st
@@ -334,6 +338,7 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
         "method": method,
         "k": k if method == "omp" else None,
         "screen": screen if method == "omp" else None,
+        "refresh": refresh if method == "omp" and screen else None,
         "device": str(device),
         "tokenizers": {"base": base_tok.family, "donor": donor_tok.family,
                        "base_splits_digits": base_tok.splits_digits, "donor_splits_digits": donor_tok.splits_digits},
@@ -373,7 +378,8 @@ def model_card(report: dict[str, Any]) -> str:
     c = report["counts"]
     method = report["method"] + (f", k = {report['k']}" if report.get("k") else "")
     if report.get("screen"):
-        method += f", screened to {report['screen']} candidates"
+        method += f", screened to {report['screen']} candidates" + (
+            f" re-ranked every {report['refresh']} steps" if report.get("refresh") else "")
     lines = [
         "---",
         "tags:",
