@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 rep_file.write_text(json.dumps(rep, indent=1))
                 print(f"  transplant {method}: {time.time() - t:.0f}s", flush=True)
             row["counts"] = {k: rep["counts"][k] for k in ("shared", "new", "output_rows", "base_vocab")}
-            row["seconds"][col] = rep["seconds"]["total"]
+            row["seconds"][col] = rep["seconds"] if not isinstance(rep["seconds"], dict) else rep["seconds"]["total"]
             if method == "omp":
                 row.setdefault("omp_fit", {})[col] = rep["approximation"].get("embed")
             row["bpb"][col] = score(out, window)

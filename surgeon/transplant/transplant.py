@@ -290,6 +290,11 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
     padding = sum(1 for d in new_ids if d not in donor_tok.tokens)
     if method == "omp" and not shared:
         raise InvalidInputError(f"base {base.path} and donor {donor.path} share no tokens; OMP needs some")
+    d_width = int(donor.info(d_embed).shape[1])
+    if method == "omp" and k > d_width // 4:
+        match.warnings.append(
+            f"k={k} is large for the donor's embedding width {d_width}: OMP then fits the donor space almost "
+            f"exactly but the coefficients transfer poorly; k around {max(2, d_width // 16)} usually works better")
     t_match = time.time()
 
     # -- compute the new matrices (nothing written yet) --------------------------------
@@ -359,8 +364,8 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
             writer.write(spec.name, t if t is not None else base.get(spec.name))
         if gen is not None:
             writer.write_json("generation_config.json", gen)
-        report["seconds"] = {"match": round(t_match - t0, 3), "compute": round(t_compute - t_match, 3),
-                             "total": round(time.time() - t0, 3)}
+        report["timings"] = {"match": round(t_match - t0, 3), "compute": round(t_compute - t_match, 3)}
+        report["seconds"] = round(time.time() - t0, 3)
         if finish is not None:
             finish(writer, config, notes)
         else:
@@ -370,7 +375,7 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
                 writer.copy_file(f)
             writer.write_text("README.md", model_card(report))
             writer.commit()
-    report["seconds"]["total"] = round(time.time() - t0, 3)
+    report["seconds"] = report["timings"]["total"] = round(time.time() - t0, 3)
     return report
 
 
