@@ -72,7 +72,7 @@ def evaluate_text(
     *,
     window: int = 512,
     stride: Optional[int] = None,
-    batch_size: int = 4,
+    batch_size: Optional[int] = None,
     add_bos: Optional[bool] = None,
     max_chars: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
@@ -86,7 +86,8 @@ def evaluate_text(
     (sum), ``tokens`` (scored), ``bytes`` (UTF-8 bytes covered), ``chars``,
     ``windows``, ``window``, ``stride``, ``bos`` and ``seconds``.
     ``max_chars`` cuts the text before tokenizing (cheap way to bound the work);
-    ``model``/``tokenizer`` may be passed already loaded.
+    ``model``/``tokenizer`` may be passed already loaded. ``batch_size`` (windows
+    per forward pass) defaults to what keeps the logits near 1 GB.
     """
     from tqdm.auto import tqdm
 
@@ -157,6 +158,11 @@ def evaluate_text(
         end = min(start + window, len(ids))
         spans.append((start, end, scored_to - start))
         scored_to = end
+    if batch_size is None:
+        vocab = int(getattr(model.config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
+        batch_size = int(max(1, min(16, 10**9 // max(1, (window + 1) * vocab * 4))))
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
     nll = 0.0
     count = 0
     prefix = [bos] if bos is not None else []
@@ -194,6 +200,7 @@ def evaluate_text(
         "windows": len(spans),
         "window": window,
         "stride": stride,
+        "batch_size": batch_size,
         "bos": bos,
         "seconds": round(time.time() - t0, 3),
     }
