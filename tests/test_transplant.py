@@ -239,3 +239,23 @@ def test_overwrite_replaces_atomically(models, tmp_path):
     rep = transplant(models["bpe"], models["sp"], out, method="omp", k=4, screen=50, overwrite=True, progress=False)
     assert rep["screen"] == 50 and rep["approximation"]["embed"]["screen"] == 50
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_finish_callback_keeps_the_donor_generation_config(models, tmp_path):
+    """The recipe engine passes ``finish`` to write config/tokenizer/card itself; our generation config survives."""
+    out = tmp_path / "out"
+    seen = {}
+
+    def finish(writer, config, notes):
+        seen["config"], seen["notes"] = config, notes
+        writer.write_json("config.json", config)
+        writer.copy_file(Path(models["bpe"]) / "generation_config.json")  # the engine copies the base's aux files
+        writer.copy_file(Path(models["sp"]) / "tokenizer.json")
+        writer.commit()
+
+    transplant(models["bpe"], models["sp"], out, method="mean", progress=False, finish=finish)
+    donor_tok = load_tokenizer_info(models["sp"])
+    assert seen["config"]["vocab_size"] == json.loads((out / "config.json").read_text())["vocab_size"]
+    assert any("new rows by mean" in n for n in seen["notes"])
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == donor_tok.roles["eos"]
+    assert not (out / "README.md").exists()  # the card is the caller's job then

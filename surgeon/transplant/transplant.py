@@ -367,7 +367,8 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
         report["timings"] = {"match": round(t_match - t0, 3), "compute": round(t_compute - t_match, 3)}
         report["seconds"] = round(time.time() - t0, 3)
         if finish is not None:
-            finish(writer, config, notes)
+            # the caller writes config, tokenizer and card; our generation config (donor ids) must survive it
+            finish(_KeepWritten(writer, {"generation_config.json"} if gen is not None else set()), config, notes)
         else:
             if config is not None:
                 writer.write_json("config.json", config)
@@ -377,6 +378,22 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
             writer.commit()
     report["seconds"] = report["timings"]["total"] = round(time.time() - t0, 3)
     return report
+
+
+class _KeepWritten:
+    """A writer whose ``copy_file`` leaves alone the files we already wrote (everything else passes through)."""
+
+    def __init__(self, writer: CheckpointWriter, keep: set[str]):
+        self._writer = writer
+        self._keep = keep
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def copy_file(self, src: Path, relpath: str | None = None) -> None:
+        if (relpath or Path(src).name) in self._keep:
+            return
+        self._writer.copy_file(src, relpath)
 
 
 def model_card(report: dict[str, Any]) -> str:
