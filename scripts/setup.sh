@@ -9,8 +9,9 @@ extras=""
 py=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$py" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+quiet() { grep -v "^WARNING: Location" || true; }  # this machine's pip config lists index folders that may be absent
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  "${pip[@]}" install "torch>=2.1,<2.14"
+  "${pip[@]}" install "torch>=2.1,<2.14" 2>&1 | quiet
 fi
-"${pip[@]}" install -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
+"${pip[@]}" install -e ".${extras}" 2>&1 | quiet
 .venv/bin/python -c "import surgeon, torch; print(f'surgeon {surgeon.__version__} ready (torch {torch.__version__})')"
