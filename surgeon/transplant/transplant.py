@@ -33,7 +33,7 @@ from ..errors import InvalidInputError
 from ..io import Checkpoint, CheckpointWriter, TensorSpec
 from .init import METHODS, new_rows
 from .omp import DEFAULT_REFRESH
-from .vocab import ROLES, TokenizerInfo, VocabMatch, load_tokenizer_info, match_vocabularies, same_tokenizer
+from .vocab import ROLES, TokenizerInfo, load_tokenizer_info, match_vocabularies, same_tokenizer
 
 EMBED_NAMES = (
     "model.embed_tokens.weight",
