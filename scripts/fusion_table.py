@@ -7,7 +7,8 @@
 Pivot: zoo/bpe-base (byte-level BPE, trained on prose). Sources: zoo/bpe-shakespeare
 (same tokenizer) and zoo/sp-shakespeare (SentencePiece-style tokenizer, another
 architecture). Data: the first ``--chars`` characters of zoo/data/shakespeare/train.txt;
-every run sees the same batches for the same number of steps with the same seed.
+every run sees the same batches for the same number of steps with the same seed
+(``--seeds 0,1,2`` averages several).
 Evaluation: held-out perplexity and bits per byte on zoo/data/shakespeare/heldout.txt
 (the teachers' domain) and zoo/data/prose/heldout.txt (the pivot's own domain).
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gld-weight", type=float, default=1.0)
     ap.add_argument("--tokenwise", default="kl", choices=["kl", "uld", "kl+uld"])
     ap.add_argument("--top-k", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; rows show the mean over them")
     ap.add_argument("--eval-chars", type=int, default=None, help="cut the held-out texts (faster)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", type=Path, default=None, help="work folder (caches are reused across runs)")
@@ -95,20 +96,26 @@ def main(argv=None) -> int:
         rows.append({"run": label, "eval": evaluate(model), "seconds": None})
         _print_row(rows[-1])
     wanted = set(args.only.split(",")) if args.only else None
+    seeds = [int(x) for x in args.seeds.split(",")]
     for label, sources, kw in configs(args):
         if wanted and label not in wanted:
             continue
         opts = dict(lambda_=args.lambda_, gld_weight=args.gld_weight, tokenwise_weight=1.0)
         opts.update(kw)
-        out = work / ("out-" + "".join(c if c.isalnum() else "-" for c in label))
-        t = time.time()
-        rep = fuse(pivot, [{"path": str(zoo / s)} for s in sources], data, out, max_length=args.max_length,
-                   batch_size=args.batch_size, lr=args.lr, steps=args.steps, top_k=args.top_k, seed=args.seed,
-                   overwrite=True, progress=False, schedule="cosine",
-                   options={"work_dir": str(work / "fuse-work"), "tokenwise": args.tokenwise}, **opts)
-        rows.append({"run": label, "sources": sources, "settings": opts, "eval": evaluate(out),
-                     "seconds": round(time.time() - t, 1), "final": rep["final"],
-                     "coverage": {s["id"]: s["coverage"] for s in rep["sources"]}})
+        per_seed, t = [], time.time()
+        for seed in seeds:
+            out = work / ("out-" + "".join(c if c.isalnum() else "-" for c in label) + f"-s{seed}")
+            rep = fuse(pivot, [{"path": str(zoo / s)} for s in sources], data, out, max_length=args.max_length,
+                       batch_size=args.batch_size, lr=args.lr, steps=args.steps, top_k=args.top_k, seed=seed,
+                       overwrite=True, progress=False, schedule="cosine",
+                       options={"work_dir": str(work / "fuse-work"), "tokenwise": args.tokenwise}, **opts)
+            per_seed.append({"seed": seed, "eval": evaluate(out), "final": rep["final"],
+                             "coverage": {s["id"]: s["coverage"] for s in rep["sources"]}})
+        mean = {dom: {m: sum(p["eval"][dom][m] for p in per_seed) / len(per_seed) for m in ("ppl", "bpb")}
+                for dom in evals}
+        rows.append({"run": label, "sources": sources, "settings": opts, "eval": mean, "per_seed": per_seed,
+                     "seconds": round((time.time() - t) / len(seeds), 1),
+                     "final": {k: sum(p["final"][k] for p in per_seed) / len(per_seed) for k in per_seed[0]["final"]}})
         _print_row(rows[-1])
     print()
     print(markdown(rows, args))
@@ -137,7 +144,7 @@ def markdown(rows: list[dict], args) -> str:
     lines.append("")
     lines.append(f"{args.steps} steps x batch {args.batch_size} x {args.max_length} tokens, lr {args.lr} cosine, "
                  f"lambda {args.lambda_}, token-wise {args.tokenwise}, GLD weight {args.gld_weight}, top-k {args.top_k}, "
-                 f"seed {args.seed}; teacher perplexities use their own tokenizers (compare bpb).")
+                 f"mean over seeds {args.seeds}; teacher perplexities use their own tokenizers (compare bpb).")
     return "\n".join(lines)
 
 
