@@ -631,6 +631,7 @@ def write_readme(out: Path, results: dict, manifest: dict, build_seconds: float)
     tok_rows = []
     for fam, t in tn.items():
         ids = ", ".join(f"{role} `{t[role][0]}`={t[role][1]}" for role in ("bos", "eos", "pad", "unk"))
+        ids = ids.replace("|", "\\|")          # a `|` splits a table cell even inside backticks
         tok_rows.append(f"| {fam} | {t['kind']} | {t['vocab_size']} | `{t['word_start']}` | {t['digits']} | "
                         f"{ids} | {'yes' if t['adds_bos'] else 'no'} |")
     uniform = ", ".join(f"{fam}: ppl {t['vocab_size']}" for fam, t in tn.items())
