@@ -85,3 +85,16 @@ def test_incomplete_cache_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "surgeon-teacher-cache/1", "complete": False}))
     with pytest.raises(InvalidInputError, match="incomplete"):
         TeacherCache(tmp_path)
+
+
+def test_cache_notices_retrained_weights_of_the_same_shapes(teacher, encoded, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "c"
+    build_teacher_cache(teacher, encoded, out, top_k=4, shard_size=4)
+    sd = load_file(str(teacher / "model.safetensors"))
+    sd = {k: v + 0.01 for k, v in sd.items()}
+    save_file(sd, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    seen = []
+    build_teacher_cache(teacher, encoded, out, top_k=4, shard_size=4, on_shard=lambda s, n: seen.append(s))
+    assert seen == [0, 1]
