@@ -241,7 +241,7 @@ def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candid
 DEFAULT_REFRESH = 8
 
 
-def auto_batch_size(n_atoms: int, dim: int, k: int, screen: Optional[int], budget_bytes: int = 768 << 20) -> int:
+def auto_batch_size(n_atoms: int, dim: int, k: int, screen: Optional[int], budget_bytes: int = 512 << 20) -> int:
     """A batch size whose working set stays near ``budget_bytes``."""
     per = 4 * (2 * n_atoms + k * dim + k * k + 2 * dim)  # correlations with every atom, directions
     if screen:
@@ -298,8 +298,11 @@ def batch_omp(
     return out_idx, out_coef
 
 
-def reconstruct(indices: torch.Tensor, coeffs: torch.Tensor, atoms: torch.Tensor, batch: int = 4096) -> torch.Tensor:
-    """sum_j coeffs[:, j] * atoms[indices[:, j]] in float32, in batches (B x D)."""
+def reconstruct(indices: torch.Tensor, coeffs: torch.Tensor, atoms: torch.Tensor,
+                batch: Optional[int] = None) -> torch.Tensor:
+    """sum_j coeffs[:, j] * atoms[indices[:, j]] in float32, in batches (B x D) of ~64 MB."""
+    if batch is None:
+        batch = max(1, (64 << 20) // max(1, 4 * indices.shape[1] * atoms.shape[1]))
     out = torch.empty(indices.shape[0], atoms.shape[1], dtype=torch.float32)
     for s in range(0, indices.shape[0], batch):
         sel = atoms[indices[s:s + batch]].float()

@@ -21,6 +21,7 @@ card with the match counts.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -207,7 +208,7 @@ def plan_transplant(base: Any, donor: Any, where: Callable[..., str] | None = No
     out = VirtualCheckpoint(label=f"step {step_id!r}", specs=specs, config=cfg, tokenizer_dir=tok_dir)
     e_info, d_info = base.info(embed), donor.info(d_embed)
     bytes_in = base.total_bytes + d_info.nbytes + (donor.info(d_head).nbytes if d_head and not tied else 0)
-    peak = 4 * (e_info.shape[0] * e_info.shape[1] + d_info.shape[0] * d_info.shape[1] + rows * e_info.shape[1]) + (768 << 20)
+    peak = 4 * (e_info.shape[0] * e_info.shape[1] + d_info.shape[0] * d_info.shape[1] + rows * e_info.shape[1]) + (512 << 20)
     notes = [f"new vocabulary: {rows} rows from {donor.label} (was {e_info.shape[0]})",
              "input embeddings" + ("" if tied or head is None else " and output head") + " rebuilt; "
              + ("tied" if tied else "untied")]
@@ -239,7 +240,7 @@ def transplant(
     every ``refresh`` steps by correlation with the residual (``refresh=0``:
     never) — several times faster, nearly the same fit; ``None`` = exact OMP
     over all shared tokens; ``batch_size``: new tokens per OMP batch (``None``
-    = sized to ~768 MB of working memory). ``finish(writer, config, notes)``, if
+    = sized to ~512 MB of working memory). ``finish(writer, config, notes)``, if
     given, replaces the final writing of config, tokenizer, card and the commit
     (the recipe engine uses it). Returns a report dict.
     """
@@ -278,6 +279,9 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
         raise InvalidInputError(
             f"donor {donor.path} has the same tokenizer as the base {base.path}; nothing to transplant")
     match = match_vocabularies(base_tok, donor_tok)
+    if method != "subword":  # the tokenizer objects are large (a 262k vocabulary: ~400 MB); done with them
+        base_tok.backend = donor_tok.backend = None
+        _release_memory()
     rows_out = _rows(donor, d_embed)
     base_rows = _rows(base, embed)
     if donor_tok.size > rows_out:
@@ -378,6 +382,17 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
             writer.commit()
     report["seconds"] = report["timings"]["total"] = round(time.time() - t0, 3)
     return report
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc only; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _KeepWritten:

@@ -146,8 +146,13 @@ def _components(node: Any) -> Iterable[dict[str, Any]]:
             yield from _components(v)
 
 
-def detect_family(spec: dict[str, Any]) -> str:
-    """Guess how a tokenizer.json spells its tokens (see :func:`token_to_bytes`)."""
+def detect_family(spec: dict[str, Any], vocab_sample: Iterable[str] = ()) -> str:
+    """Guess how a tokenizer spells its tokens (see :func:`token_to_bytes`).
+
+    ``spec`` holds the tokenizer.json sections ``pre_tokenizer``, ``decoder``,
+    ``normalizer`` and a ``model`` dict with at least ``type`` (and
+    ``byte_fallback`` for BPE); ``vocab_sample`` a few vocabulary strings.
+    """
     model = spec.get("model") or {}
     parts = [c for key in ("pre_tokenizer", "decoder", "normalizer") for c in _components(spec.get(key))]
     types = {c.get("type") for c in parts}
@@ -160,9 +165,7 @@ def detect_family(spec: dict[str, Any]) -> str:
     for c in parts:
         if c.get("type") == "Replace" and "▁" in json.dumps(c, ensure_ascii=False):
             return "sentencepiece"
-    vocab = model.get("vocab")
-    items = vocab.keys() if isinstance(vocab, dict) else [v[0] for v in vocab or [] if isinstance(v, list) and v]
-    sample = [t for _, t in zip(range(5000), items)]
+    sample = list(vocab_sample)
     if sum(t.startswith("Ġ") for t in sample) > len(sample) // 50:
         return "byte_level"
     if sum(t.startswith("▁") for t in sample) > len(sample) // 50:
@@ -170,19 +173,33 @@ def detect_family(spec: dict[str, Any]) -> str:
     return "plain"
 
 
+def _component_spec(component: Any) -> Any:
+    """A tokenizers component (normalizer, pre-tokenizer, decoder) as its JSON dict, or None."""
+    if component is None:
+        return None
+    try:
+        return json.loads(component.__getstate__())
+    except Exception:
+        return None
+
+
 def load_tokenizer_info(folder: str | Path) -> TokenizerInfo:
-    """Read the tokenizer files of a model folder."""
+    """Read the tokenizer files of a model folder.
+
+    Only the small sections of ``tokenizer.json`` are turned into Python
+    objects (the vocabulary stays in the tokenizers library until asked for),
+    which keeps a 262k-token tokenizer to a few seconds and little memory.
+    """
     from tokenizers import Tokenizer
 
     folder = Path(folder)
     tj = folder / "tokenizer.json"
     if tj.is_file():
-        spec = _read_json(tj)
         try:
             backend = Tokenizer.from_file(str(tj))
         except Exception as exc:  # tokenizers raises plain Exception subclasses
             raise InvalidInputError(f"{tj}: cannot load tokenizer ({exc})") from None
-        fingerprint = tj.read_bytes()
+        fingerprint = _file_digest(tj)
     elif any((folder / f).is_file() for f in ("tokenizer.model", "vocab.json", "vocab.txt")):
         try:
             from transformers import AutoTokenizer
@@ -191,22 +208,28 @@ def load_tokenizer_info(folder: str | Path) -> TokenizerInfo:
             backend = hf.backend_tokenizer
         except Exception as exc:
             raise InvalidInputError(f"{folder}: cannot load tokenizer ({exc})") from None
-        spec = json.loads(backend.to_str())
-        fingerprint = backend.to_str().encode()
+        fingerprint = _digest(backend.to_str().encode())
     else:
         raise InvalidInputError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
 
-    family = detect_family(spec)
-    tokens = {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
+    vocab = backend.get_vocab(with_added_tokens=True)
+    spec = {
+        "pre_tokenizer": _component_spec(backend.pre_tokenizer),
+        "decoder": _component_spec(backend.decoder),
+        "normalizer": _component_spec(backend.normalizer),
+        "model": {"type": type(backend.model).__name__, "byte_fallback": bool(getattr(backend.model, "byte_fallback", False))},
+    }
+    family = detect_family(spec, (t for _, t in zip(range(5000), vocab)))
+    tokens = {i: t for t, i in vocab.items()}
+    del vocab
     special: set[int] = set()
     added: set[int] = set()
-    for a in spec.get("added_tokens") or []:
-        if isinstance(a, dict) and isinstance(a.get("id"), int):
-            added.add(a["id"])
-            tokens[a["id"]] = a.get("content", tokens.get(a["id"], ""))
-            if a.get("special"):
-                special.add(a["id"])
-    by_text = {t: i for i, t in tokens.items()}
+    for tid, tok in backend.get_added_tokens_decoder().items():
+        added.add(tid)
+        tokens[tid] = tok.content
+        if tok.special:
+            special.add(tid)
+    by_text = {tokens[i]: i for i in special | added}
 
     # roles: tokenizer_config / special_tokens_map, then config.json ids
     roles: dict[str, int] = {}
@@ -217,12 +240,15 @@ def load_tokenizer_info(folder: str | Path) -> TokenizerInfo:
         cfg = _read_json(f)
         for r in ROLES:
             text = _special_text(cfg.get(f"{r}_token"))
-            if text is not None and text in by_text and r not in roles:
-                roles[r] = by_text[text]
+            if text is not None and r not in roles:
+                tid = by_text.get(text, backend.token_to_id(text))
+                if tid is not None:
+                    roles[r] = tid
         for extra in cfg.get("additional_special_tokens") or []:
             text = _special_text(extra)
-            if text in by_text:
-                special.add(by_text[text])
+            tid = by_text.get(text) if text is not None else None
+            if tid is not None:
+                special.add(tid)
     cfg_file = folder / "config.json"
     if cfg_file.is_file():
         cfg = _read_json(cfg_file)
@@ -238,11 +264,20 @@ def load_tokenizer_info(folder: str | Path) -> TokenizerInfo:
 
     info = TokenizerInfo(
         path=folder, family=family, size=max(tokens) + 1 if tokens else 0, tokens=tokens, special=special,
-        added=added, roles=roles, byte_fallback=byte_fallback, backend=backend,
-        fingerprint=_digest(fingerprint),
+        added=added, roles=roles, byte_fallback=byte_fallback, backend=backend, fingerprint=fingerprint,
     )
     info.splits_digits = _splits_digits(info)
     return info
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _digest(data: bytes) -> str:
