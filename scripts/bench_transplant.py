@@ -84,6 +84,41 @@ def compare(a: Path, b: Path, new_ids: list[int]) -> dict:
     }
 
 
+def kernel_check(base: Path, donor: Path, k: int, n: int) -> dict:
+    """Both OMP kernels on identical inputs: our dictionary of shared tokens, the first n new tokens."""
+    import torch
+    from mergekit.tokensurgeon import batch_omp as mergekit_omp
+
+    from surgeon.io import Checkpoint
+    from surgeon.transplant import find_embeddings, load_tokenizer_info, match_vocabularies
+    from surgeon.transplant.omp import omp_exact, reconstruct
+
+    m = match_vocabularies(load_tokenizer_info(base), load_tokenizer_info(donor))
+    with Checkpoint.open(base) as b, Checkpoint.open(donor) as d:
+        bw = b.get(find_embeddings(b)[0]).float()
+        dw = d.get(find_embeddings(d)[0]).float()
+    d_ids = torch.tensor([x for x, _ in m.shared])
+    b_ids = torch.tensor([y for _, y in m.shared])
+    new = torch.tensor([x for x in m.new if x < dw.shape[0]][:n])
+    targets, atoms = dw[new], dw[d_ids]
+    t = time.perf_counter()
+    i1, c1 = omp_exact(targets, atoms, k)
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    i2, c2 = mergekit_omp(targets, atoms, k)
+    t2 = time.perf_counter() - t
+    same = sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(i1, i2)) / len(new)
+    first8 = float((i1[:, :8] == i2[:, :8]).all(1).float().mean())
+    r1, r2 = reconstruct(i1, c1, bw[b_ids]), reconstruct(i2, c2.float(), bw[b_ids])
+    cos = torch.nn.functional.cosine_similarity(r1, r2, dim=1)
+    fit = [float(torch.nn.functional.cosine_similarity(reconstruct(i, c.float(), atoms), targets, dim=1).mean())
+           for i, c in ((i1, c1), (i2, c2))]
+    return {"targets": int(len(new)), "surgeon_s": round(t1, 2), "mergekit_s": round(t2, 2),
+            "same_atom_sets": round(same, 4), "same_first_8_picks": round(first8, 4),
+            "row_cosine_mean": round(float(cos.mean()), 5), "row_cosine_min": round(float(cos.min()), 5),
+            "donor_fit_surgeon": round(fit[0], 5), "donor_fit_mergekit": round(fit[1], 5)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from scripts.get_real_models import cache_dir
 
@@ -98,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for both children")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--kernel-sample", type=int, default=256,
+                    help="also run both OMP kernels on the same inputs for this many new tokens (0: skip)")
     ap.add_argument("--eval-chars", type=int, default=0,
                     help="also score each output on this many characters of wikitext (bits per byte)")
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext2-test.raw")
@@ -158,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, sr in results["runs"].items():
             if label.startswith("surgeon ") and sr["ok"]:
                 sr["vs_surgeon_exact"] = compare(Path(sr["out"]), Path(exact["out"]), new_ids)
+    if args.kernel_sample and not args.skip_mergekit:
+        print("kernel check: both OMP implementations on identical inputs ...", flush=True)
+        results["kernel_check"] = kernel_check(args.base, args.donor, args.k, args.kernel_sample)
     if args.eval_chars:
         from surgeon.eval import evaluate_text
 
@@ -191,6 +231,12 @@ def print_table(results: dict) -> None:
         status = "" if r["ok"] else " (FAILED)"
         print(f"| {label + status:<26} | {r['wall_s']:>8.1f} | {r['cpu_s']:>8.1f} | {r['peak_rss_mb']:>11.0f} | {sp:>7} | "
               f"{cos:>27} | {bpb:>6} |")
+    kc = results.get("kernel_check")
+    if kc:
+        print(f"\nOMP kernels on identical inputs ({kc['targets']} new tokens, our shared-token dictionary): "
+              f"same atom sets {kc['same_atom_sets']:.1%}, same first 8 picks {kc['same_first_8_picks']:.1%}, "
+              f"base-row cosine mean {kc['row_cosine_mean']} (min {kc['row_cosine_min']}); donor fit "
+              f"{kc['donor_fit_surgeon']} vs {kc['donor_fit_mergekit']}; time {kc['surgeon_s']} s vs {kc['mergekit_s']} s")
     for label, r in results["runs"].items():
         if "vs_surgeon_exact" in r:
             v = r["vs_surgeon_exact"]
