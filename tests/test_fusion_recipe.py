@@ -13,6 +13,16 @@ RECIPE = REPO / "recipes" / "fusechat.yaml"
 ZOO = REPO / "zoo"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.mark.skipif(not all((ZOO / m / "config.json").is_file() for m in ("bpe-base", "sp-shakespeare", "bpe-python")),
                     reason="pico zoo not built")
 def test_fusechat_recipe_gains_both_domains(tmp_path):

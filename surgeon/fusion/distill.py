@@ -127,7 +127,8 @@ def _max_positions(config: Any) -> Optional[int]:
     return None
 
 
-def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces, how: str) -> torch.Tensor:
+def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces, how: str,
+               memo: Optional[dict] = None) -> torch.Tensor:
     """Position pairs (pivot t, source t') whose next tokens start at the same character.
 
     ``dp``: FuseLLM's DP alignment over token edit distance, pairs from the path
@@ -151,7 +152,7 @@ def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces,
                 seen.add(s)
                 out.append((u - 1, first[s] - 1))
     else:
-        _, path = align_tokens(sp.surfaces(piv.ids), ss.surfaces(src.ids))
+        _, path = align_tokens(sp.surfaces(piv.ids), ss.surfaces(src.ids), memo=memo)
         out = pair_positions(path, len(piv), len(src))
         if how == "dp_checked":
             out = [(a, b) for a, b in out if piv.starts[a + 1] >= 0 and piv.starts[a + 1] == src.starts[b + 1]]
@@ -231,7 +232,8 @@ def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: An
             stats["vocab_map"] = json.loads((align_file.with_suffix(".json")).read_text())
         else:
             say(f"source {sid}: aligning {len(enc)} sequences ({opts.pairing}) and mapping its vocabulary")
-            pairs = [_pairs_for(pe, se, sp_surf, src_surf, opts.pairing) for pe, se in zip(piv_enc, enc)]
+            memo: dict = {}
+            pairs = [_pairs_for(pe, se, sp_surf, src_surf, opts.pairing, memo) for pe, se in zip(piv_enc, enc)]
             vm = VocabMap(src_surf, sp_surf)
             vm.resolve(cache.used_ids().tolist())
             table = vm.table.clone()
