@@ -328,15 +328,21 @@ def _plot(rows: list[dict[str, Any]], title: str) -> Optional[bytes]:
         return None
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("loss", "-"), ("sft", "--"), ("tokenwise", ":"), ("gld", "-.")):
+    handles = []
+    for key, style in (("loss", "-"), ("sft", "--"), ("tokenwise", ":")):
         vals = [r.get(key) for r in rows]
         if any(v not in (None, 0.0) for v in vals):
-            ax.plot(steps, vals, style, label=key)
+            handles += ax.plot(steps, vals, style, label=key)
+    gld = [r.get("gld") for r in rows]
+    if any(v not in (None, 0.0) for v in gld):
+        ax2 = ax.twinx()  # GLD lives on another scale (bounded by 2 with the defaults)
+        handles += ax2.plot(steps, gld, "-.", color="tab:red", label="gld (right axis)")
+        ax2.set_ylabel("GLD")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles=handles, loc="upper right")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
