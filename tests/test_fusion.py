@@ -244,3 +244,17 @@ def test_transplant_route_gives_identity_alignment(tiny, tmp_path):
 
     # the transplanted source speaks the pivot's tokenizer
     assert AutoTokenizer.from_pretrained(s["run"]).get_vocab() == AutoTokenizer.from_pretrained(str(tiny["pivot"])).get_vocab()
+
+
+def test_gradient_accumulation_and_epochs(tiny, tmp_path):
+    src = [{"path": str(tiny["same"])}]
+    acc = fuse(tiny["pivot"], src, tiny["data"], tmp_path / "acc", max_length=32, batch_size=2, grad_accum=2, steps=2,
+               top_k=4, progress=False, schedule="constant", options={"work_dir": str(tmp_path / "w")})
+    big = fuse(tiny["pivot"], src, tiny["data"], tmp_path / "big", max_length=32, batch_size=4, steps=2, top_k=4,
+               progress=False, schedule="constant", options={"work_dir": str(tmp_path / "w")})
+    assert [r["tokens_step"] for r in acc["log"]] == [r["tokens_step"] for r in big["log"]]
+    assert acc["log"][0]["loss"] == pytest.approx(big["log"][0]["loss"], rel=2e-2)
+    # one epoch: ceil(examples / batch) optimizer steps
+    ep = fuse(tiny["pivot"], src, tiny["data"], tmp_path / "ep", max_length=32, batch_size=8, epochs=1.0, top_k=4,
+              progress=False, options={"work_dir": str(tmp_path / "w")})
+    assert ep["steps"] == math.ceil(ep["examples"] / 8) and ep["epochs_run"] == pytest.approx(1.0)
