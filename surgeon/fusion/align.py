@@ -22,12 +22,13 @@ whole batches of token pairs at once in torch (:func:`edit_distance_matrix`).
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..transplant.vocab import byte_decoder as _byte_decoder  # GPT-2's byte alphabet, kept in one place
 
 __all__ = [
     "TokenSurfaces",
@@ -41,20 +42,6 @@ __all__ = [
 ]
 
 SP_MARKER = "\u2581"
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable alphabet for the 256 bytes, inverted (char -> byte)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
