@@ -32,6 +32,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         "allow_nonfinite": getattr(args, "allow_nonfinite", False),
         "allow_pickle": getattr(args, "allow_pickle", False),
         "max_shard_size": getattr(args, "max_shard_size", None),
+        "piece_size": getattr(args, "piece_size", None),
     }
 
 
@@ -43,6 +44,8 @@ def _add_run_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu (default), cuda, cuda:1")
     p.add_argument("--threads", type=int, help="cap on threads: torch's arithmetic threads and the reader threads (default: all cores; up to 4 readers)")
     p.add_argument("--max-shard-size", help="largest shard, e.g. 2GB, 500MiB (default 5GB)")
+    p.add_argument("--piece-size", help="stream tensors in row pieces of at most this many bytes per input, e.g. "
+                   "64MiB (default), 16MiB to use less memory; 0 reads whole tensors")
     p.add_argument("--allow-nonfinite", action="store_true", help="write tensors with NaN/Inf instead of failing")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled *.bin checkpoints (loaded with torch.load(weights_only=True))")

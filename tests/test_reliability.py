@@ -2,7 +2,7 @@
 merges compute in float32, and nothing unsafe (pickle, remote code, tokens, paths) gets through.
 
 The kill tests drive a real ``surgeon run`` in a subprocess. A small harness (``_HARNESS``) wraps
-``CheckpointWriter.write`` to log each written tensor and sleep a little after it, so a signal lands
+``CheckpointWriter.write``/``write_rows`` to log each written tensor and sleep a little after it, so a signal lands
 mid-step at a known point (after N tensors are journaled) on any machine, however loaded.
 """
 from __future__ import annotations
@@ -126,6 +126,13 @@ def write(self, name, tensor):
         f.write(f"{self.dest.name} {name}\n")
     time.sleep(float(os.environ["SURGEON_TEST_DELAY"]))
 W.CheckpointWriter.write = write
+_write_rows = W.CheckpointWriter.write_rows
+def write_rows(self, name, start, rows):
+    _write_rows(self, name, start, rows)
+    with open(os.environ["SURGEON_TEST_LOG"], "a") as f:
+        f.write(f"{self.dest.name} {name}\n")
+    time.sleep(float(os.environ["SURGEON_TEST_DELAY"]))
+W.CheckpointWriter.write_rows = write_rows
 from surgeon.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -198,7 +205,15 @@ def test_killed_and_interrupted_runs_resume_to_identical_output(tmp_path: Path, 
         with open(log, "a") as f:
             f.write(f"{self.dest.name} {name}\n")
 
+    original_rows = CheckpointWriter.write_rows
+
+    def logged_rows(self: CheckpointWriter, name: str, start: int, rows: torch.Tensor) -> None:
+        original_rows(self, name, start, rows)
+        with open(log, "a") as f:
+            f.write(f"{self.dest.name} {name}\n")
+
     monkeypatch.setattr(CheckpointWriter, "write", logged)
+    monkeypatch.setattr(CheckpointWriter, "write_rows", logged_rows)
     assert main(["run", *args[1:], "-q"]) == 0
     assert _files(out) == _files(ref)
     assert _files(work / "ta") == _files(tmp_path / ".ref.surgeon-work" / "ta")

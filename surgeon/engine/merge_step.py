@@ -25,9 +25,11 @@ import torch
 
 from ..errors import InvalidInputError, StepError
 from ..io.writer import CheckpointWriter, TensorSpec
+from ..merge.blocks import TensorMeta
 from ..merge.registry import MergeMethod, TensorMerge, get_method, resolve_params
 from ..merge.vocab import RowMap, build_row_map, is_vocab_tensor, tensor_role
 from ..recipe.schema import MergeSpec
+from .piecewise import PIECE_BYTES, execute_pieces, plan_jobs
 from .virtual import VirtualCheckpoint
 
 log = logging.getLogger("surgeon")
@@ -197,8 +199,9 @@ class MergeRuntime:
     prefetch_bytes: int = 512 * 2**20
     threads: int = 2
     allow_nonfinite: bool = False
-    progress: Callable[[int], None] | None = None  # called with bytes written
+    progress: Callable[..., None] | None = None  # called with bytes written (and whether a tensor is complete)
     coordinator: Any = None  # surgeon.engine.distributed.Coordinator when several processes share the step
+    piece_bytes: int = PIECE_BYTES  # block-wise methods: stored bytes per input per piece (0: whole tensors)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -339,10 +342,20 @@ class _BackgroundWriter:
         if self.progress:
             self.progress(task.spec.nbytes)
 
+    def _write_rows(self, task: TensorTask, start: int, rows: torch.Tensor) -> None:
+        self.writer.write_rows(task.name, start, rows.cpu() if rows.device.type != "cpu" else rows)
+        if self.progress:
+            self.progress(rows.numel() * rows.element_size(), self.writer.is_written(task.name))
+
     def put(self, task: TensorTask, out: torch.Tensor) -> None:
         while len(self.pending) >= self.depth:
             self.pending.popleft().result()
         self.pending.append(self.pool.submit(self._write, task, out))
+
+    def put_rows(self, task: TensorTask, start: int, rows: torch.Tensor) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write_rows, task, start, rows))
 
     def __enter__(self) -> "_BackgroundWriter":
         return self
@@ -357,6 +370,24 @@ class _BackgroundWriter:
                     fut.cancel() or fut.exception()
         finally:
             self.pool.shutdown(wait=True)
+
+
+def _block_jobs(plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime, tasks: list[TensorTask],
+                state: Any) -> tuple[list[Any], list[TensorTask]]:
+    """Split tasks into block-wise jobs (the method has a kernel for them) and whole-tensor ones."""
+    if not plan.method.blockwise or rt.piece_bytes <= 0:
+        return [], tasks
+    kernels, whole = [], []
+    for task in tasks:
+        meta = TensorMeta(task.name, tuple(task.spec.shape), task.model_params, task.params,
+                          plan.base_id is not None, seed=rt.seed, role=tensor_role(task.name), state=state,
+                          device=rt.device)
+        kernel = plan.method.block_kernel(meta)
+        if kernel is None:
+            whole.append(task)
+        else:
+            kernels.append((task, kernel, meta))
+    return plan_jobs(plan, kernels, inputs, rt.piece_bytes), whole
 
 
 def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWriter, rt: MergeRuntime) -> dict[str, Any]:
@@ -374,9 +405,13 @@ def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWri
             writer.write(t.name, template.get(t.name))
             if rt.progress:
                 rt.progress(t.spec.nbytes)
+    jobs, whole_tasks = _block_jobs(plan, inputs, rt, merged_tasks, state)
     compute = 0.0
     with _BackgroundWriter(writer, rt.progress) as out_queue:
-        for task, tm in iter_merges(plan, inputs, rt, merged_tasks, state):
+        if jobs:
+            compute += execute_pieces(plan, inputs, jobs, rt, out_queue, _Loader(plan, inputs, rt.device),
+                                      lambda task, out: _raise_nonfinite(plan, inputs, task, out))
+        for task, tm in iter_merges(plan, inputs, rt, whole_tasks, state):
             c0 = time.perf_counter()
             try:
                 out = plan.method.fn(tm)

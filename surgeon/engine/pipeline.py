@@ -52,6 +52,7 @@ class RunOptions:
     allow_nonfinite: bool = False
     allow_pickle: bool = False
     max_shard_size: str | int | None = None
+    piece_size: str | int | None = None  # row pieces for block-wise merges (None: surgeon.engine.piecewise.PIECE_BYTES)
     evaluate: bool = True
     push: bool = True
     distributed: bool = False  # join the launcher's process group even if WORLD_SIZE is unset

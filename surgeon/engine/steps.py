@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InvalidInputError, StepError
-from ..io.writer import CheckpointWriter, TensorSpec
+from ..io.writer import CheckpointWriter, TensorSpec, parse_size
 from ..recipe.schema import Step
 from .merge_step import MergePlan, MergeRuntime, execute_merge, output_checkpoint, plan_merge
 from .virtual import VirtualCheckpoint
@@ -77,8 +77,8 @@ class MergeKind:
             done = [t for t in mp.tasks if writer.is_written(t.name) or not writer.owns(t.name)]
             count = [len(done)]
 
-            def advance(nbytes: int) -> None:
-                count[0] += 1
+            def advance(nbytes: int, tensor_done: bool = True) -> None:
+                count[0] += int(tensor_done)
                 bar.set_postfix_str(f"{count[0]}/{len(mp.tasks)} tensors", refresh=False)
                 bar.update(nbytes)
 
@@ -87,6 +87,9 @@ class MergeKind:
             rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
                               allow_nonfinite=pipeline.opts.allow_nonfinite, progress=advance,
                               coordinator=pipeline.coord)
+            if pipeline.opts.piece_size is not None:
+                size = pipeline.opts.piece_size
+                rt.piece_bytes = 0 if str(size).strip() == "0" else parse_size(size)
             try:
                 details = execute_merge(mp, inputs, writer, rt)
             finally:

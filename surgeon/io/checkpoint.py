@@ -197,8 +197,27 @@ class Checkpoint:
             t = t.to(device)
         return t
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor along its first dimension, in its
+        stored dtype: one ``pread`` of that contiguous byte range (safetensors
+        stores tensors row-major), so a merge can stream a tensor larger than
+        it wants to hold."""
+        info = self.info(name)
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.label}: rows {start}:{stop} out of range for tensor {name!r} ({rows} rows)")
+        if self._pickled is not None or type(self).get is not Checkpoint.get:
+            t = self.get(name)
+            return t[start:stop].clone() if info.shape else t.reshape(1)[start:stop].reshape(())
+        row_bytes = info.nbytes // rows if rows else 0
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        return self._read_bytes(info, info.offset + start * row_bytes, (stop - start) * row_bytes).view(info.dtype).reshape(shape)
+
     def _read(self, info: TensorInfo) -> torch.Tensor:
-        """Read a tensor's bytes straight into a fresh tensor with ``pread``.
+        return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+        """Read a tensor's bytes straight into a fresh buffer with ``pread``.
 
         Not ``mmap``: pages touched through a mapping stay in this process's
         resident set until unmapped, so RSS would grow with every tensor read
@@ -206,8 +225,8 @@ class Checkpoint:
         buffer we own costs the same single copy (page cache -> tensor) and the
         memory is freed with the tensor.
         """
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
             fd = self._fds.get(info.file)
             if fd is None:
                 try:
@@ -217,15 +236,15 @@ class Checkpoint:
                 self._fds[info.file] = fd
             view = memoryview(buf.numpy())
             done = 0
-            while done < info.nbytes:
+            while done < nbytes:
                 try:
-                    n = os.preadv(fd, [view[done:]], info.offset + done)
+                    n = os.preadv(fd, [view[done:]], offset + done)
                 except OSError as exc:
                     raise CheckpointError(f"{info.file}: reading tensor {info.name!r} failed ({exc.strerror or exc})") from None
                 if n == 0:
                     raise CheckpointError(f"{info.file}: file ended while reading tensor {info.name!r} (truncated?)")
                 done += n
-        return buf.view(info.dtype).reshape(info.shape)
+        return buf
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -193,6 +193,7 @@ class CheckpointWriter:
         self._files: list[str] = []
         self._fds: dict[str, int] = {}
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes placed so far of tensors written in parts
         self._journal: Any = None
         self._committed = False
         self.resumed_tensors = 0
@@ -331,6 +332,42 @@ class CheckpointWriter:
                 f"{self.staging / slot.file}: writing tensor {name!r} failed ({exc.strerror or exc})"
             ) from None
         self._written.add(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Place rows ``[start, start + len(rows))`` of a tensor (first dimension).
+
+        The tensor counts as written (journal, resume) once all its bytes have
+        been placed; parts may come in any order but must not overlap.
+        """
+        slot = self._slots.get(name)
+        if slot is None:
+            raise StepError(f"{self.dest}: tensor {name!r} was not planned for this checkpoint")
+        shape = slot.spec.shape
+        total_rows = shape[0] if shape else 1
+        row_shape = tuple(shape[1:]) if shape else ()
+        if rows.dtype != slot.spec.dtype or (shape and tuple(rows.shape[1:]) != row_shape) \
+                or not 0 <= start <= start + (rows.shape[0] if shape else 1) <= total_rows:
+            raise StepError(f"{self.dest}: rows {start}+{tuple(rows.shape)} {rows.dtype} do not fit tensor {name!r} "
+                            f"planned {shape} {slot.spec.dtype}")
+        data = tensor_bytes(rows)
+        row_bytes = slot.spec.nbytes // total_rows if total_rows else 0
+        fd = self._fds[slot.file]
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], slot.offset + start * row_bytes + done)
+            filled = self._filled.get(name, 0) + len(data)
+            if filled >= slot.spec.nbytes:
+                self._filled.pop(name, None)
+                self._journal.write(name + "\n")
+                self._journal.flush()
+                self._written.add(name)
+            else:
+                self._filled[name] = filled
+        except OSError as exc:
+            raise StepError(
+                f"{self.staging / slot.file}: writing tensor {name!r} failed ({exc.strerror or exc})"
+            ) from None
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         """Write an auxiliary file (config, tokenizer, card) into the checkpoint (rank 0 only)."""

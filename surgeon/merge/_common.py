@@ -137,18 +137,9 @@ def combine(
                 total = 1.0
             mixed.div_(total)
     else:
-        elected = elect_sign(deltas, consensus, zero_sign)
-        mixed = torch.zeros_like(deltas[0])
-        divisor = torch.zeros_like(deltas[0]) if normalize else None
-        for d, w in zip(deltas, weights):
-            agree = torch.sign(d) == elected
-            mixed.add_(torch.where(agree, d, 0.0))
-            if divisor is not None:
-                divisor.add_(agree.to(divisor.dtype), alpha=w)
-            del agree
-        if divisor is not None:
-            divisor[divisor == 0] = 1.0
-            mixed.div_(divisor)
+        from .blocks import consensus_mix
+
+        mixed = consensus_mix(deltas, weights, consensus, normalize, zero_sign)
     if lam != 1.0:
         mixed.mul_(lam)
     return mixed.add_(t.base)
@@ -199,4 +190,6 @@ def merge_tensors(method: str, base, models, model_params=None, **kw) -> torch.T
     """Run merge method ``method`` on in-memory tensors (see :func:`build_merge`)."""
     from .registry import get_method
 
-    return get_method(method).fn(build_merge(method, base, models, model_params, **kw))
+    from .blocks import apply_method
+
+    return apply_method(get_method(method), build_merge(method, base, models, model_params, **kw))

@@ -30,6 +30,7 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
         Param("normalize", bool, default=True, help="divide by the sum of weights"),
     ],
     needs_base=False,
+    elementwise=True,
     paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
     mergekit_name="linear",
 )
@@ -59,6 +60,7 @@ def linear(t: TensorMerge) -> torch.Tensor:
     ],
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv 2212.04089)",
     mergekit_name="task_arithmetic",
+    elementwise=True,
 )
 def task_arithmetic(t: TensorMerge) -> torch.Tensor:
     """base + lambda * sum_i w_i (model_i - base)."""

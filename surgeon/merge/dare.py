@@ -12,10 +12,11 @@ sparse task vector has the original L1 norm (about the same factor, but
 data-dependent); that is the one deliberate difference from mergekit's
 ``dare_linear`` / ``dare_ties``.
 
-Randomness comes from :meth:`TensorMerge.generator`, seeded from the recipe
-seed, the tensor name and the model's position in the step
-(``salt = "dare:<i>"``), so a tensor's masks are the same whichever process
-computes it and in whatever order; ``dare_linear`` and ``dare_ties`` draw the
+Randomness comes from :meth:`TensorMerge.uniform`, seeded from the recipe
+seed, the tensor name, the model's position in the step (``salt =
+"dare:<i>"``) and the entry's fixed segment of the tensor, so a tensor's masks
+are the same whichever process computes it, in whatever order, whole or block
+by block (the methods are elementwise and run in cache-sized blocks); ``dare_linear`` and ``dare_ties`` draw the
 same masks for the same seed. ``density >= 1`` draws nothing and keeps the
 task vector as is; ``density == 0`` drops everything.
 """
@@ -30,14 +31,16 @@ _RESCALE = rescale_param(True, "multiply the surviving entries by 1/density (the
 _PAPER = "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv 2311.03099)"
 
 
-def dare_drop(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
-    """Randomly keep each entry with probability ``density`` (in place)."""
+def dare_drop(delta: torch.Tensor, density: float, rescale: bool, uniform: torch.Tensor) -> torch.Tensor:
+    """Keep each entry where ``uniform < density`` (in place; ``uniform`` is
+    one U[0, 1) draw per entry), then rescale the survivors by ``1/density``."""
     if density >= 1:
         return delta
     if density <= 0:
         return delta.zero_()
-    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    delta.mul_(u < density)
+    # keep = [u < density] as a float: sign(relu(density - u)) (float ops; bool masks are slow on CPU)
+    keep = uniform.neg_().add_(density).relu_().sign_()
+    delta.mul_(keep)
     if rescale:
         delta.div_(density)
     return delta
@@ -47,7 +50,9 @@ def _dropped_deltas(t: TensorMerge) -> list[torch.Tensor]:
     deltas = []
     for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
         d = m - t.base
-        deltas.append(dare_drop(d, float(mp["density"]), t.params["rescale"], t.generator(f"dare:{i}")))
+        density = float(mp["density"])
+        u = t.uniform(f"dare:{i}") if 0 < density < 1 else None
+        deltas.append(dare_drop(d, density, t.params["rescale"], u))
     return deltas
 
 
@@ -59,6 +64,7 @@ def _dropped_deltas(t: TensorMerge) -> list[torch.Tensor]:
     paper=_PAPER,
     randomized=True,
     mergekit_name="dare_linear",
+    elementwise=True,
 )
 def dare_linear(t: TensorMerge) -> torch.Tensor:
     """DARE + task arithmetic: base + lambda * sum_i w_i * drop_rescale(model_i - base)."""
@@ -75,6 +81,7 @@ def dare_linear(t: TensorMerge) -> torch.Tensor:
     paper=_PAPER,
     randomized=True,
     mergekit_name="dare_ties",
+    elementwise=True,
 )
 def dare_ties(t: TensorMerge) -> torch.Tensor:
     """DARE + TIES sign consensus: drop and rescale, elect signs (mass), merge the agreeing entries.

@@ -32,6 +32,9 @@ from ..suggest import did_you_mean
 
 _REQUIRED = object()
 
+#: entries per independently seeded random segment (see TensorMerge.uniform)
+RANDOM_SEGMENT = 1 << 18
+
 
 @dataclass(frozen=True)
 class Param:
@@ -103,6 +106,10 @@ class TensorMerge:
     seed: int = 0
     role: str = "other"  # "embedding" | "lm_head" | "other"
     state: Any = None
+    # A block of a larger tensor (see surgeon.merge.blocks): the flat index of
+    # this block's first entry and the whole tensor's number of entries.
+    offset: int = 0
+    total: int | None = None
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A torch generator seeded from the recipe seed and the tensor name.
@@ -119,6 +126,30 @@ class TensorMerge:
     def device(self) -> torch.device:
         ref = self.base if self.base is not None else self.models[0]
         return ref.device
+
+    def uniform(self, salt: str = "") -> torch.Tensor:
+        """Uniform [0, 1) floats for this tensor's entries, shaped like the inputs.
+
+        The tensor is cut into fixed segments of ``RANDOM_SEGMENT`` flat
+        entries, each drawn from its own generator (recipe seed, tensor name,
+        ``salt``, segment index). A block of the tensor therefore gets exactly
+        the numbers the whole tensor would, however the engine cut it, and a
+        whole-tensor call equals a block-wise one.
+        """
+        ref = self.base if self.base is not None else self.models[0]
+        n, start = ref.numel(), self.offset
+        total = self.total if self.total is not None else n
+        out = torch.empty(n, dtype=torch.float32, device=ref.device)
+        pos = start
+        while pos < start + n:
+            j = pos // RANDOM_SEGMENT
+            seg_start = j * RANDOM_SEGMENT
+            seg_len = min(RANDOM_SEGMENT, total - seg_start)
+            take = min(seg_start + seg_len, start + n) - pos
+            r = torch.rand(seg_len, generator=self.generator(f"{salt}\0{j}"), device=ref.device, dtype=torch.float32)
+            out[pos - start:pos - start + take] = r[pos - seg_start:pos - seg_start + take]
+            pos += take
+        return out.reshape(ref.shape)
 
     def weights(self, key: str = "weight") -> list[float]:
         return [float(p[key]) for p in self.model_params]
@@ -161,6 +192,22 @@ class MergeMethod:
     prepare: Preparer | None = None
     # mergekit's name for the same method, when it differs or exists
     mergekit_name: str | None = None
+    # block-wise kernel factory (surgeon.merge.blocks): TensorMeta -> BlockKernel | None
+    kernel: Callable[[Any], Any] | None = None
+    # each output entry depends only on the same input entries: fn runs block by block
+    elementwise: bool = False
+
+    @property
+    def blockwise(self) -> bool:
+        return self.elementwise or self.kernel is not None
+
+    def block_kernel(self, meta: Any) -> Any:
+        """This tensor's block kernel (surgeon.merge.blocks), or None: use ``fn`` on the whole tensor."""
+        if self.elementwise:
+            from .blocks import Elementwise
+
+            return Elementwise(self.fn)
+        return self.kernel(meta) if self.kernel is not None else None
 
     @property
     def global_params(self) -> tuple[Param, ...]:
@@ -199,10 +246,15 @@ def merge_method(
     randomized: bool = False,
     prepare: Preparer | None = None,
     mergekit_name: str | None = None,
+    kernel: Callable[[Any], Any] | None = None,
+    elementwise: bool = False,
 ) -> Callable[[Callable[[TensorMerge], torch.Tensor]], Callable[[TensorMerge], torch.Tensor]]:
     """Decorator registering ``fn`` as merge method ``name``.
 
     The first line of ``fn``'s docstring becomes the method's summary.
+    ``elementwise=True`` declares that each output entry depends only on the
+    same entry of the inputs (and the parameters), so the engine may run
+    ``fn`` block by block (:class:`surgeon.merge.blocks.Elementwise`).
     """
 
     def deco(fn: Callable[[TensorMerge], torch.Tensor]) -> Callable[[TensorMerge], torch.Tensor]:
@@ -220,6 +272,8 @@ def merge_method(
                 randomized=randomized,
                 prepare=prepare,
                 mergekit_name=mergekit_name,
+                kernel=kernel,
+                elementwise=elementwise,
             )
         )
         return fn

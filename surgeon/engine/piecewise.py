@@ -1,0 +1,177 @@
+"""Streaming execution of block-wise merge methods, in row pieces.
+
+For a method with a block kernel (:mod:`surgeon.merge.blocks`) the engine
+never holds a whole tensor: each tensor is cut along its first dimension into
+*pieces* of at most ``piece_bytes`` stored bytes per input, read with one
+``pread`` each (in the stored dtype, bf16 stays bf16), merged block by block
+into an output piece in the output dtype, and written at its final offset
+(:meth:`CheckpointWriter.write_rows`). Peak memory is therefore a few pieces
+per input, whatever the size of the model or of its largest tensor (the
+embedding matrix of a large vocabulary used to dominate).
+
+Read-ahead: reader threads fetch the next pieces (bounded in count and in
+bytes) while the current one is merged; a background thread writes finished
+pieces. A kernel that needs statistic passes (TIES' exact selection) sees
+each tensor once per pass: a tensor that fits in one piece is read once and
+kept for all its passes, a larger one is re-read per pass (from the page
+cache, at memory speed).
+
+Vocabulary-aligned tensors (row maps) are read whole, aligned and cast to
+float32, as in the whole-tensor path.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..errors import InvalidInputError, StepError
+from ..merge.blocks import BlockKernel, PieceInputs, TensorMeta, merge_piece, observe_piece
+
+#: stored bytes of one input in one piece (64 MiB: a 2048-wide bf16 matrix in 16384-row pieces)
+PIECE_BYTES = 64 * 2**20
+
+
+@dataclass
+class _Job:
+    """One tensor's block-wise merge: its kernel and how it is cut."""
+
+    task: Any  # merge_step.TensorTask
+    kernel: BlockKernel
+    meta: TensorMeta
+    pieces: list[tuple[int, int]]  # row ranges
+    row_elems: int
+    whole_fp32: bool  # read whole through the row-aligning loader
+
+
+@dataclass
+class _Read:
+    job: _Job
+    piece: int
+    passes: tuple[int, ...]
+    nbytes: int
+
+
+def plan_jobs(plan: Any, kernels: list[tuple[Any, BlockKernel, TensorMeta]], inputs: dict[str, Any],
+              piece_bytes: int = PIECE_BYTES) -> list[_Job]:
+    """Cut each (task, kernel, meta) into row pieces of at most ``piece_bytes`` per input."""
+    jobs = []
+    involved = ([plan.base_id] if plan.base_id else []) + plan.model_ids
+    for task, kernel, meta in kernels:
+        shape = task.spec.shape
+        rows = shape[0] if shape else 1
+        numel = math.prod(shape)
+        row_elems = numel // rows if rows else 0
+        aligned = any((mid, task.name) in plan.row_maps for mid in involved)
+        item = max(inputs[mid].info(task.name).dtype.itemsize for mid in involved)
+        if aligned or rows <= 1 or row_elems * item * rows <= piece_bytes:
+            pieces = [(0, rows)]
+        else:
+            per = max(1, piece_bytes // max(1, row_elems * item))
+            pieces = [(r, min(r + per, rows)) for r in range(0, rows, per)]
+        jobs.append(_Job(task, kernel, meta, pieces, row_elems, aligned))
+    return jobs
+
+
+def _reads(jobs: list[_Job], n_in: int, item: Callable[[_Job], int]) -> Iterator[_Read]:
+    for job in jobs:
+        passes = job.kernel.stat_passes + 1
+        if len(job.pieces) == 1:
+            r0, r1 = job.pieces[0]
+            yield _Read(job, 0, tuple(range(passes)), n_in * (r1 - r0) * job.row_elems * item(job))
+            continue
+        for p in range(passes):
+            for i, (r0, r1) in enumerate(job.pieces):
+                yield _Read(job, i, (p,), n_in * (r1 - r0) * job.row_elems * item(job))
+
+
+class _PieceLoader:
+    def __init__(self, plan: Any, inputs: dict[str, Any], device: torch.device, whole_loader: Any):
+        self.plan, self.inputs, self.device, self.whole = plan, inputs, device, whole_loader
+
+    def __call__(self, read: _Read) -> PieceInputs:
+        job = read.job
+        r0, r1 = job.pieces[read.piece]
+        if job.whole_fp32:
+            base, models = self.whole(job.task)
+            return PieceInputs(0, base.reshape(-1) if base is not None else None, [m.reshape(-1) for m in models])
+
+        def get(mid: str) -> torch.Tensor:
+            t = self.inputs[mid].get_rows(job.task.name, r0, r1).reshape(-1)
+            if not t.is_floating_point():
+                raise InvalidInputError(f"tensor {job.task.name!r} of model {mid!r} is {t.dtype}, not a float")
+            return t.to(self.device) if self.device.type != "cpu" else t
+
+        base = get(self.plan.base_id) if self.plan.base_id else None
+        return PieceInputs(r0 * job.row_elems, base, [get(mid) for mid in self.plan.model_ids])
+
+
+def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any, out_queue: Any,
+                   whole_loader: Any, on_nonfinite: Callable[[Any, torch.Tensor], None]) -> float:
+    """Run every job; finished pieces go to ``out_queue.put_rows``. Returns compute seconds."""
+    n_in = len(plan.model_ids) + (1 if plan.base_id else 0)
+    item_size = {job.task.name: max(inputs[m].info(job.task.name).dtype.itemsize
+                                    for m in ([plan.base_id] if plan.base_id else []) + plan.model_ids)
+                 for job in jobs}
+    load = _PieceLoader(plan, inputs, rt.device, whole_loader)
+    compute = 0.0
+    last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
+    with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
+        queue: deque[tuple[_Read, Future]] = deque()
+        todo = _reads(jobs, n_in, lambda j: 4 if j.whole_fp32 else item_size[j.task.name])
+        nxt: list[_Read] = []
+        ahead = 0
+
+        def fill() -> None:
+            nonlocal ahead
+            while len(queue) <= rt.prefetch:
+                if not nxt:
+                    r = next(todo, None)
+                    if r is None:
+                        return
+                    nxt.append(r)
+                r = nxt[0]
+                if queue and ahead + r.nbytes > rt.prefetch_bytes:
+                    return
+                nxt.pop()
+                if queue:
+                    ahead += r.nbytes
+                queue.append((r, pool.submit(load, r)))
+
+        fill()
+        while queue:
+            read, fut = queue.popleft()
+            if queue:
+                ahead -= queue[0][0].nbytes
+            piece = fut.result()
+            fill()
+            job = read.job
+            c0 = time.perf_counter()
+            for p in read.passes:
+                if p < job.kernel.stat_passes:
+                    observe_piece(job.kernel, job.meta, p, piece)
+                    if read.piece == last_piece_of_pass[id(job)]:
+                        job.kernel.end_pass(p)
+                    continue
+                r0, r1 = job.pieces[read.piece]
+                shape = job.task.spec.shape
+                out = torch.empty(piece.numel, dtype=job.task.spec.dtype, device=piece.models[0].device)
+                try:
+                    finite = merge_piece(job.kernel, job.meta, piece, out)
+                except (InvalidInputError, StepError):
+                    raise
+                except (ValueError, RuntimeError) as exc:
+                    raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} failed on tensor "
+                                    f"{job.task.name!r}: {exc}") from None
+                if not finite and not rt.allow_nonfinite:
+                    on_nonfinite(job.task, out)
+                rows_shape = (r1 - r0, *shape[1:]) if shape else ()
+                out_queue.put_rows(job.task, r0, out.reshape(rows_shape))
+            compute += time.perf_counter() - c0
+            del piece
+    return compute

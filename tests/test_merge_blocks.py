@@ -1,0 +1,184 @@
+"""Block-wise merging and row-piece streaming give exactly the whole-tensor results.
+
+The whole-tensor implementations (``MergeMethod.fn``: ``largest_mask`` selection,
+boolean masks) are the reference; the block kernels (histogram selection,
+float-only consensus, per-segment random numbers) must agree bit for bit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import surgeon
+from surgeon.io import Checkpoint
+from surgeon.io.writer import CheckpointWriter, TensorSpec
+from surgeon.merge._common import build_merge
+from surgeon.merge.blocks import BLOCK_ELEMS, apply_method, block_ranges
+from surgeon.merge.registry import RANDOM_SEGMENT, TensorMerge, get_method
+
+
+def _family(shape, quantized: bool, seed: int = 0, n: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = [base + 0.01 * torch.randn(shape, generator=g) for _ in range(n)]
+    if quantized:  # bf16 values: many exactly equal magnitudes, ties at every threshold
+        base = base.bfloat16().float()
+        models = [m.bfloat16().float() for m in models]
+    return base, models
+
+
+TIES_CASES = [
+    dict(mps=[{"density": 0.3}, {"density": 0.5}, {"density": 1.0}]),
+    dict(mps=[{"density": 0.2, "weight": 1.0}, {"density": 0.7, "weight": 0.5}, {"density": 0.0, "weight": 2.0}]),
+    dict(mps=[{"density": 0.4}] * 3, consensus="count", normalize=False),
+    dict(mps=[{"density": 0.9999, "weight": -0.5}, {"density": 0.01}, {"density": 0.5}], mixing="sum"),
+    dict(mps=[{"density": 0.3, "weight": 0.7}] * 3, **{"lambda": 1.5}),
+]
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (600, 1000), (2 * BLOCK_ELEMS + 3,)])
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("case", range(len(TIES_CASES)))
+def test_ties_kernel_equals_whole_tensor_reference(shape, quantized, case) -> None:
+    base, models = _family(shape, quantized, seed=case)
+    kw = dict(TIES_CASES[case])
+    mps = kw.pop("mps")
+    method = get_method("ties")
+    ref = method.fn(build_merge("ties", base, models, mps, **kw))
+    assert method.block_kernel(_meta(build_merge("ties", base, models, mps, **kw))) is not None
+    got = apply_method(method, build_merge("ties", base, models, mps, **kw))
+    assert torch.equal(got, ref)
+
+
+def _meta(tm: TensorMerge):
+    from surgeon.merge.blocks import meta_of
+
+    return meta_of(tm)
+
+
+def test_ties_kernel_keeps_exactly_k_with_ties_across_blocks() -> None:
+    # |delta| = 1 everywhere except a few larger entries; k falls inside the
+    # tied group, whose members span three blocks: the first ones (lowest
+    # flat index) are kept, exactly k in all.
+    n = 3 * BLOCK_ELEMS + 11
+    base = torch.zeros(n)
+    d = torch.ones(n)
+    d[::2] = -1.0
+    big = torch.tensor([5, BLOCK_ELEMS + 7, n - 1])
+    d[big] = 3.0
+    density = 0.6
+    k = int(density * n)
+    out = apply_method(get_method("ties"), build_merge("ties", base, [d], [{"density": density}]))
+    kept = out != 0
+    assert int(kept.sum()) == k
+    assert bool(kept[big].all())
+    tied_kept = torch.nonzero(kept & (d.abs() == 1.0)).squeeze(1)
+    assert tied_kept.tolist() == [i for i in range(n) if i not in set(big.tolist())][: k - 3]
+
+
+def test_ties_model_scope_kernel_equals_reference() -> None:
+    base, models = _family((400, 900), quantized=True, seed=3)
+    thr = [float((m - base).abs().median()) for m in models]
+    for state in ({"thresholds": [thr[0], None, float("inf")], "densities": [0.5, 1.0, 0.0], "zero_sign": -1.0},
+                  {"thresholds": thr, "densities": [0.5] * 3, "zero_sign": 1.0}):
+        mps = [{"density": d} for d in state["densities"]]
+        for zs in ("auto", "positive"):
+            tm = build_merge("ties", base, models, mps, trim_scope="model", zero_sign=zs, state=state)
+            ref = get_method("ties").fn(tm)
+            tm = build_merge("ties", base, models, mps, trim_scope="model", zero_sign=zs, state=state)
+            assert torch.equal(apply_method(get_method("ties"), tm), ref)
+
+
+def test_ties_options_needing_whole_tensor_sums_fall_back_to_fn() -> None:
+    base, models = _family((50, 40), quantized=False)
+    for kw in ({"rescale": True}, {"zero_sign": "majority"}):
+        tm = build_merge("ties", base, models, [{"density": 0.3}] * 3, **kw)
+        assert get_method("ties").block_kernel(_meta(tm)) is None
+
+
+def test_uniform_numbers_do_not_depend_on_how_the_tensor_is_cut() -> None:
+    n = 2 * RANDOM_SEGMENT + 1234
+    x = torch.zeros(n)
+    whole = TensorMerge("w", x, [x], [{}], {}, seed=5).uniform("s")
+    for cut in (1000, RANDOM_SEGMENT, RANDOM_SEGMENT + 17):
+        parts = []
+        for a in range(0, n, cut):
+            b = min(a + cut, n)
+            parts.append(TensorMerge("w", x[a:b], [x[a:b]], [{}], {}, seed=5, offset=a, total=n).uniform("s"))
+        assert torch.equal(torch.cat(parts), whole)
+    other = TensorMerge("w", x, [x], [{}], {}, seed=6).uniform("s")
+    assert not torch.equal(other, whole)
+    assert 0.49 < float(whole.mean()) < 0.51
+
+
+def test_block_ranges_cut_at_global_multiples() -> None:
+    assert list(block_ranges(5, 30, 10)) == [(5, 10), (10, 20), (20, 30)]
+    assert list(block_ranges(10, 10, 4)) == []
+    assert list(block_ranges(3, 9, None)) == [(3, 9)]
+
+
+# --------------------------------------------------------------------------- engine: pieces vs whole tensors
+RECIPE = """\
+name: pieces
+seed: 11
+models:
+  base: {base}
+  ft1: {ft1}
+  ft2: {ft2}
+  ft3: {ft3}
+steps:
+  - id: merged
+    merge:
+      method: {method}
+      base: base
+      models:
+        - {{model: ft1, weight: 0.5{d1}}}
+        - {{model: ft2, weight: 0.3{d2}}}
+        - {{model: ft3, weight: 0.3{d3}}}
+{params}output:
+  path: ./out
+  max_shard_size: 30KB
+"""
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", ""),
+    ("ties", "      parameters: {trim_scope: model}\n"),
+    ("dare_ties", ""),
+    ("dare_linear", ""),
+    ("task_arithmetic", ""),
+])
+def test_row_pieces_give_the_same_bytes_as_whole_tensors(tmp_path: Path, tiny_family: dict[str, Path], method: str,
+                                                         params: str) -> None:
+    recipe = tmp_path / "r.yaml"
+    dens = {f"d{i}": (f", density: {d}" if method != "task_arithmetic" else "") for i, d in ((1, 0.3), (2, 0.6), (3, 0.5))}
+    recipe.write_text(RECIPE.format(method=method, params=params, **dens, **{k: str(v) for k, v in tiny_family.items()}))
+    outs = {}
+    for piece in ("0", "1KB", "64MiB"):  # whole tensors through fn; 1 KB: several pieces per tensor; default
+        out = tmp_path / f"out-{piece}"
+        surgeon.run(recipe, output=str(out), quiet=True, piece_size=piece)
+        outs[piece] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
+    assert outs["0"] == outs["1KB"] == outs["64MiB"]
+
+
+def test_write_rows_in_any_order_and_journal_on_completion(tmp_path: Path) -> None:
+    t = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    specs = [TensorSpec("a", (10, 4), torch.float32), TensorSpec("b", (3,), torch.bfloat16)]
+    with CheckpointWriter(tmp_path / "out", specs) as w:
+        w.write_rows("a", 6, t[6:])
+        assert not w.is_written("a")
+        w.write_rows("a", 0, t[:3])
+        w.write_rows("a", 3, t[3:6])
+        assert w.is_written("a")
+        with pytest.raises(Exception, match="do not fit"):
+            w.write_rows("b", 2, torch.zeros(2, dtype=torch.bfloat16))
+        w.write("b", torch.ones(3, dtype=torch.bfloat16))
+        w.commit()
+    ck = Checkpoint.open(tmp_path / "out")
+    assert torch.equal(ck.get("a"), t)
+    assert torch.equal(ck.get_rows("a", 2, 5), t[2:5])
+    assert ck.get_rows("b", 1, 3).tolist() == [1.0, 1.0]
+    with pytest.raises(Exception, match="out of range"):
+        ck.get_rows("a", 8, 11)
