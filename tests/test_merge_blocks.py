@@ -98,6 +98,18 @@ def test_ties_options_needing_whole_tensor_sums_fall_back_to_fn() -> None:
         assert get_method("ties").block_kernel(_meta(tm)) is None
 
 
+@pytest.mark.parametrize("shape,role", [((300, 1000), "other"), ((1000, 300), "embedding"), ((40, 3, 5), "other"),
+                                        ((3, BLOCK_ELEMS // 2 + 1), "lm_head")])
+def test_widen_row_kernel_equals_whole_matrix(shape, role) -> None:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=g)
+    models = [base + 0.05 * torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) for _ in range(3)]
+    method = get_method("widen")
+    ref = method.fn(build_merge("widen", base, models, role=role))
+    assert method.block_kernel(_meta(build_merge("widen", base, models, role=role))) is not None
+    assert torch.equal(apply_method(method, build_merge("widen", base, models, role=role)), ref)
+
+
 def test_uniform_numbers_do_not_depend_on_how_the_tensor_is_cut() -> None:
     n = 2 * RANDOM_SEGMENT + 1234
     x = torch.zeros(n)
@@ -134,9 +146,9 @@ steps:
       method: {method}
       base: base
       models:
-        - {{model: ft1, weight: 0.5{d1}}}
-        - {{model: ft2, weight: 0.3{d2}}}
-        - {{model: ft3, weight: 0.3{d3}}}
+        - {{model: ft1{d1}}}
+        - {{model: ft2{d2}}}
+        - {{model: ft3{d3}}}
 {params}output:
   path: ./out
   max_shard_size: 30KB
@@ -149,11 +161,17 @@ steps:
     ("dare_ties", ""),
     ("dare_linear", ""),
     ("task_arithmetic", ""),
+    ("widen", ""),
 ])
 def test_row_pieces_give_the_same_bytes_as_whole_tensors(tmp_path: Path, tiny_family: dict[str, Path], method: str,
                                                          params: str) -> None:
     recipe = tmp_path / "r.yaml"
-    dens = {f"d{i}": (f", density: {d}" if method != "task_arithmetic" else "") for i, d in ((1, 0.3), (2, 0.6), (3, 0.5))}
+    def model_params(w: float, d: float) -> str:
+        if method == "widen":
+            return ""
+        return f", weight: {w}" + (f", density: {d}" if method != "task_arithmetic" else "")
+
+    dens = {f"d{i}": model_params(w, d) for i, w, d in ((1, 0.5, 0.3), (2, 0.3, 0.6), (3, 0.3, 0.5))}
     recipe.write_text(RECIPE.format(method=method, params=params, **dens, **{k: str(v) for k, v in tiny_family.items()}))
     outs = {}
     for piece in ("0", "1KB", "64MiB"):  # whole tensors through fn; 1 KB: several pieces per tensor; default

@@ -17,8 +17,10 @@ given a tensor's :class:`TensorMeta` it returns a :class:`BlockKernel` (or
 ``None`` when these parameters need the whole tensor, e.g. TIES' L1
 ``rescale``; the method's whole-tensor ``fn`` then runs instead). A kernel
 may ask for ``stat_passes`` statistic passes over all of the tensor's blocks
-(TIES: two exact selection passes) before the merge pass. Blocks are
-always visited in increasing flat order within a pass.
+(TIES: two exact selection passes; WIDEN: one pass of column statistics)
+before the merge pass. Blocks are always visited in increasing flat order
+within a pass; a kernel with an ``align`` attribute gets blocks whose length
+is a multiple of it (whole rows).
 
 Block boundaries are global multiples of :data:`BLOCK_ELEMS`, whatever the
 piece boundaries, so a kernel's result does not depend on how the engine cut
@@ -66,7 +68,8 @@ class BlockKernel(Protocol):
 
     ``observe(p, blk)`` sees every block of statistic pass ``p`` (``0 <= p <
     stat_passes``), ``end_pass(p)`` closes it; ``merge(blk)`` returns the
-    float32 merged values of one block (same shape as ``blk.base``).
+    float32 merged values of one block (same shape as ``blk.base``). Block
+    tensors are 1-D; ``blk.offset`` is the flat index of their first entry.
     """
 
     stat_passes: int
@@ -109,8 +112,14 @@ def block_ranges(start: int, stop: int, block: int | None) -> Iterator[tuple[int
         a = b
 
 
-def block_size_for(device: torch.device) -> int | None:
-    return BLOCK_ELEMS if device.type == "cpu" else None
+def block_size_for(device: torch.device, align: int = 1) -> int | None:
+    """Block length: ``BLOCK_ELEMS`` rounded to a multiple of ``align`` (a
+    kernel that works on whole rows sets ``align`` to the row length) on CPU;
+    None (whole pieces) elsewhere."""
+    if device.type != "cpu":
+        return None
+    align = max(1, int(align))
+    return max(align, (BLOCK_ELEMS // align) * align)
 
 
 @dataclass
@@ -138,7 +147,7 @@ def _block_merge(meta: TensorMeta, piece: PieceInputs, a: int, b: int) -> Tensor
 
 def observe_piece(kernel: BlockKernel, meta: TensorMeta, pass_no: int, piece: PieceInputs) -> None:
     """Feed one piece's blocks to statistic pass ``pass_no``."""
-    block = block_size_for(piece.models[0].device)
+    block = block_size_for(piece.models[0].device, getattr(kernel, "align", 1))
     for a, b in block_ranges(piece.start, piece.start + piece.numel, block):
         kernel.observe(pass_no, _block_merge(meta, piece, a, b))
 
@@ -149,7 +158,7 @@ def merge_piece(kernel: BlockKernel, meta: TensorMeta, piece: PieceInputs, out: 
     Returns whether every merged value was finite (checked per block on the
     float32 result while it is in cache: one sum, exact test only on doubt).
     """
-    block = block_size_for(piece.models[0].device)
+    block = block_size_for(piece.models[0].device, getattr(kernel, "align", 1))
     finite = True
     for a, b in block_ranges(piece.start, piece.start + piece.numel, block):
         res = kernel.merge(_block_merge(meta, piece, a, b)).reshape(-1)

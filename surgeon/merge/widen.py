@@ -37,10 +37,16 @@ them has direction change 1 (orthogonal: its magnitude change carries the
 signal). Results therefore equal the reference's whenever no column is zero.
 
 Rounding: ranks are discontinuous in the inputs. Columns whose changes differ
-by less than float32 rounding of the column dot products can swap ranks
-between runs that sum in a different order (CPU vs CUDA: on a 256x384 test
-with 0.1-scale task vectors, 47 of 384 columns moved by up to 2e-4). Each
-run is deterministic; the reference has the same sensitivity.
+by less than the rounding of the column sums can swap ranks between runs that
+sum in a different order. With float32 sums (as the reference), CPU vs CUDA
+moved 47 of 384 columns of a 256x384 test by up to 2e-4; hence the float64
+sums below. Each run is deterministic.
+
+Precision: column norms and dot products are summed in float64 (the
+reference sums in the model's dtype). Ranks then no longer depend on
+float32 summation order — a whole-matrix and a row-streamed computation (the
+engine streams tensors in row pieces, :class:`WidenKernel`) rank columns the
+same way — and the rank flips described above shrink to float64 rounding.
 
 Not idempotent: with the default calibration (``1.0, 1.0``) scores are not
 normalised after calibration, so the weights of a column can sum above 1.
@@ -51,6 +57,8 @@ kept. Two identical models with ``score_calibration_value: 0.5``, or a single
 model with the default calibration (softmax score 1), return the model.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -82,18 +90,18 @@ def within_tensor_rank(diff: torch.Tensor) -> torch.Tensor:
 
 
 def _column_stats(w: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(w, dim=0)
+    """Column norms, summed in float64 (see "Precision" above)."""
+    return (w * w).sum(dim=0, dtype=torch.float64).sqrt_()
 
 
-def widen_matrix(base: torch.Tensor, models: list[torch.Tensor], ratio: float, calibration: float) -> torch.Tensor:
-    """WIDEN for one 2-D weight (columns along dim 1)."""
-    mag_b = _column_stats(base)
+def column_weights(mag_b: torch.Tensor, mags: list[torch.Tensor], dots: list[torch.Tensor], ratio: float,
+                   calibration: float) -> torch.Tensor:
+    """Per-model, per-column merge weights ``(n_models, n_columns)`` from the
+    columns' norms (base ``mag_b``, models ``mags``) and base dot products."""
     mag_diffs = []
     dir_diffs = []
-    for m in models:
-        mag_m = _column_stats(m)
+    for mag_m, dot in zip(mags, dots):
         mag_diffs.append((mag_m - mag_b).abs())
-        dot = (m * base).sum(dim=0)
         both = (mag_m > EPS) & (mag_b > EPS)
         neither = (mag_m <= EPS) & (mag_b <= EPS)
         cos = torch.where(both, dot / torch.where(both, mag_m * mag_b, torch.ones_like(dot)), torch.zeros_like(dot))
@@ -103,6 +111,13 @@ def widen_matrix(base: torch.Tensor, models: list[torch.Tensor], ratio: float, c
     mag_rank = within_tensor_rank(torch.stack(mag_diffs))
     dir_rank = within_tensor_rank(torch.stack(dir_diffs))
     weights = 0.5 * (importance_scores(mag_rank, ratio, calibration) + importance_scores(dir_rank, ratio, calibration))
+    return weights.to(torch.float32)
+
+
+def widen_matrix(base: torch.Tensor, models: list[torch.Tensor], ratio: float, calibration: float) -> torch.Tensor:
+    """WIDEN for one 2-D weight (columns along dim 1)."""
+    weights = column_weights(_column_stats(base), [_column_stats(m) for m in models],
+                             [(m * base).sum(dim=0, dtype=torch.float64) for m in models], ratio, calibration)
     out = base.clone()
     for i, m in enumerate(models):
         out.add_((m - base).mul_(weights[i].unsqueeze(0)))
@@ -114,6 +129,65 @@ def widen_vector(base: torch.Tensor, models: list[torch.Tensor], ratio: float, c
     deltas = torch.stack([m - base for m in models])
     scores = importance_scores(deltas.abs(), ratio, calibration)
     return base + (deltas * scores).sum(dim=0)
+
+
+class WidenKernel:
+    """WIDEN on row pieces: one statistic pass accumulates each column's
+    squared norms and base dot products (float64 sums over row blocks; the
+    embedding, whose "columns" are its rows, gets them per row), ``end_pass``
+    turns them into weights with :func:`column_weights` as the whole-matrix
+    path does, and the merge pass adds the weighted deltas. The float64 sums
+    differ from the whole-matrix ones only in float64 rounding."""
+
+    stat_passes = 1
+
+    def __init__(self, meta: Any):
+        self.meta = meta
+        shape = meta.shape
+        self.rows = int(shape[0])
+        self.cols = meta.numel // self.rows if self.rows else 0
+        self.align = max(1, self.cols)
+        self.by_row = meta.role == "embedding" and len(shape) == 2
+        self.ratio = float(meta.params["above_average_value_ratio"])
+        self.calib = float(meta.params["score_calibration_value"])
+        n_models = len(meta.model_params)
+        n = self.rows if self.by_row else self.cols
+        z = lambda: torch.zeros(n, dtype=torch.float64, device=meta.device)  # noqa: E731
+        self.bb, self.mm, self.mb = z(), [z() for _ in range(n_models)], [z() for _ in range(n_models)]
+        self.weights: torch.Tensor | None = None
+
+    def observe(self, pass_no: int, blk: TensorMerge) -> None:
+        b = blk.base.view(-1, self.cols)
+        dim = 1 if self.by_row else 0
+        r0 = blk.offset // self.cols
+        sl = slice(r0, r0 + b.shape[0]) if self.by_row else slice(None)
+        f64 = torch.float64
+        self.bb[sl] += (b * b).sum(dim, dtype=f64)
+        for i, m in enumerate(blk.models):
+            m = m.view(-1, self.cols)
+            self.mm[i][sl] += (m * m).sum(dim, dtype=f64)
+            self.mb[i][sl] += (m * b).sum(dim, dtype=f64)
+
+    def end_pass(self, pass_no: int) -> None:
+        self.weights = column_weights(self.bb.sqrt(), [x.sqrt() for x in self.mm], self.mb, self.ratio, self.calib)
+        self.bb = self.mm = self.mb = None  # type: ignore[assignment]
+
+    def merge(self, blk: TensorMerge) -> torch.Tensor:
+        assert self.weights is not None
+        b = blk.base.view(-1, self.cols)
+        r0 = blk.offset // self.cols
+        out = b.clone()
+        for i, m in enumerate(blk.models):
+            w = self.weights[i, r0:r0 + b.shape[0]].unsqueeze(1) if self.by_row else self.weights[i].unsqueeze(0)
+            out.add_((m.view(-1, self.cols) - b).mul_(w))
+        return out.reshape(-1)
+
+
+def widen_kernel(meta: Any) -> WidenKernel | None:
+    """Row-piece kernel for matrices; vectors (norms, biases: small) use :func:`widen` whole."""
+    if not meta.has_base or len(meta.shape) < 2 or meta.numel == 0 or not meta.model_params:
+        return None
+    return WidenKernel(meta)
 
 
 @merge_method(
@@ -128,6 +202,7 @@ def widen_vector(base: torch.Tensor, models: list[torch.Tensor], ratio: float, c
     min_models=1,
     paper="Yu et al. 2024, Extend Model Merging from Fine-Tuned to Pre-Trained LLMs via Weight Disentanglement (arXiv 2408.03092)",
     mergekit_name=None,
+    kernel=widen_kernel,
 )
 def widen(t: TensorMerge) -> torch.Tensor:
     """WIDEN: weight each column's task vector by magnitude and direction change ranks (softmax over models, calibrated)."""
