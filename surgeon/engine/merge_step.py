@@ -29,7 +29,7 @@ from ..merge.blocks import TensorMeta
 from ..merge.registry import MergeMethod, TensorMerge, get_method, resolve_params
 from ..merge.vocab import RowMap, build_row_map, is_vocab_tensor, tensor_role
 from ..recipe.schema import MergeSpec
-from .piecewise import PIECE_BYTES, execute_pieces, plan_jobs
+from .piecewise import PIECE_BYTES, execute_pieces, iter_pieces, plan_jobs
 from .virtual import VirtualCheckpoint
 
 log = logging.getLogger("surgeon")
@@ -69,10 +69,20 @@ class MergePlan:
     def bytes_out(self) -> int:
         return sum(t.spec.nbytes for t in self.tasks)
 
-    def peak_bytes(self, prefetch: int, prefetch_bytes: int = 512 * 2**20) -> int:
-        """Tensors alive at once: the largest tensor's float32 inputs, ~3 working copies, and the read-ahead."""
+    def peak_bytes(self, prefetch: int, prefetch_bytes: int = 512 * 2**20, piece_bytes: int = PIECE_BYTES) -> int:
+        """Estimated working memory of the merge.
+
+        Block-wise methods: the current piece of every input in its stored
+        dtype, the read-ahead, and two output pieces waiting for the writer —
+        independent of the model's size. Whole-tensor methods: the largest
+        tensor's float32 inputs, ~3 working copies, and the read-ahead.
+        """
         n_in = len(self.model_ids) + (1 if self.base_id else 0)
-        largest = max((math.prod(t.spec.shape) for t in self.tasks), default=0) * 4
+        largest_numel = max((math.prod(t.spec.shape) for t in self.tasks), default=0)
+        if self.method.blockwise and piece_bytes > 0:
+            piece = min(largest_numel * 2, piece_bytes)  # bf16-sized; float32 inputs make pieces of half the rows
+            return n_in * piece + min(prefetch_bytes, n_in * piece * prefetch) + 3 * piece
+        largest = largest_numel * 4
         return largest * (n_in + 3) + min(prefetch_bytes, largest * n_in * prefetch)
 
 
@@ -300,9 +310,15 @@ class _Restream:
         self.all_reduce_sum = coord.all_reduce_sum if coord is not None and coord.distributed else None
 
     def __iter__(self) -> Iterator[TensorMerge]:
+        """One TensorMerge per row piece (float32), so a whole-model pass holds
+        a few pieces, never a whole embedding matrix in float32."""
         merged = [t for t in self.plan.tasks if t.merged and self.owns(t.name)]
-        for _, tm in iter_merges(self.plan, self.inputs, self.rt, merged):
-            yield tm
+        f32 = torch.float32
+        for task, piece in iter_pieces(self.plan, self.inputs, self.rt, merged, _Loader(self.plan, self.inputs, self.rt.device)):
+            base = piece.base.to(f32) if piece.base is not None else None
+            yield TensorMerge(task.name, base, [m.to(f32) for m in piece.models], task.model_params, task.params,
+                              seed=self.rt.seed, role=tensor_role(task.name), offset=piece.start,
+                              total=math.prod(task.spec.shape))
 
 
 def _raise_nonfinite(plan: MergePlan, inputs: dict[str, Any], task: TensorTask, out: torch.Tensor) -> None:

@@ -121,24 +121,56 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
     load = _PieceLoader(plan, inputs, rt.device, whole_loader)
     compute = 0.0
     last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
+    reads = _reads(jobs, n_in, lambda j: 4 if j.whole_fp32 else item_size[j.task.name])
+    for read, piece in _prefetched(reads, load, rt):
+        job = read.job
+        c0 = time.perf_counter()
+        for p in read.passes:
+            if p < job.kernel.stat_passes:
+                observe_piece(job.kernel, job.meta, p, piece)
+                if read.piece == last_piece_of_pass[id(job)]:
+                    job.kernel.end_pass(p)
+                continue
+            r0, r1 = job.pieces[read.piece]
+            shape = job.task.spec.shape
+            out = torch.empty(piece.numel, dtype=job.task.spec.dtype, device=piece.models[0].device)
+            try:
+                finite = merge_piece(job.kernel, job.meta, piece, out)
+            except (InvalidInputError, StepError):
+                raise
+            except (ValueError, RuntimeError) as exc:
+                raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} failed on tensor "
+                                f"{job.task.name!r}: {exc}") from None
+            if not finite and not rt.allow_nonfinite:
+                on_nonfinite(job.task, out)
+            rows_shape = (r1 - r0, *shape[1:]) if shape else ()
+            out_queue.put_rows(job.task, r0, out.reshape(rows_shape))
+        compute += time.perf_counter() - c0
+        del piece
+    return compute
+
+
+def _prefetched(reads: Iterator[_Read], load: Callable[[_Read], PieceInputs],
+                rt: Any) -> Iterator[tuple[_Read, PieceInputs]]:
+    """Yield each read with its data, reading ahead on ``rt.threads`` threads:
+    at most ``rt.prefetch`` reads and ``rt.prefetch_bytes`` beyond the current one."""
     with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
         queue: deque[tuple[_Read, Future]] = deque()
-        todo = _reads(jobs, n_in, lambda j: 4 if j.whole_fp32 else item_size[j.task.name])
-        nxt: list[_Read] = []
+        waiting: list[_Read] = []
         ahead = 0
 
         def fill() -> None:
             nonlocal ahead
             while len(queue) <= rt.prefetch:
-                if not nxt:
-                    r = next(todo, None)
+                if not waiting:
+                    r = next(reads, None)
                     if r is None:
                         return
-                    nxt.append(r)
-                r = nxt[0]
+                    waiting.append(r)
+                r = waiting[0]
                 if queue and ahead + r.nbytes > rt.prefetch_bytes:
                     return
-                nxt.pop()
+                waiting.clear()
                 if queue:
                     ahead += r.nbytes
                 queue.append((r, pool.submit(load, r)))
@@ -150,28 +182,27 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
                 ahead -= queue[0][0].nbytes
             piece = fut.result()
             fill()
-            job = read.job
-            c0 = time.perf_counter()
-            for p in read.passes:
-                if p < job.kernel.stat_passes:
-                    observe_piece(job.kernel, job.meta, p, piece)
-                    if read.piece == last_piece_of_pass[id(job)]:
-                        job.kernel.end_pass(p)
-                    continue
-                r0, r1 = job.pieces[read.piece]
-                shape = job.task.spec.shape
-                out = torch.empty(piece.numel, dtype=job.task.spec.dtype, device=piece.models[0].device)
-                try:
-                    finite = merge_piece(job.kernel, job.meta, piece, out)
-                except (InvalidInputError, StepError):
-                    raise
-                except (ValueError, RuntimeError) as exc:
-                    raise StepError(f"step {plan.step_id!r}: method {plan.method.name!r} failed on tensor "
-                                    f"{job.task.name!r}: {exc}") from None
-                if not finite and not rt.allow_nonfinite:
-                    on_nonfinite(job.task, out)
-                rows_shape = (r1 - r0, *shape[1:]) if shape else ()
-                out_queue.put_rows(job.task, r0, out.reshape(rows_shape))
-            compute += time.perf_counter() - c0
+            yield read, piece
             del piece
-    return compute
+
+
+class _NoKernel:
+    stat_passes = 0
+
+
+def iter_pieces(plan: Any, inputs: dict[str, Any], rt: Any, tasks: list[Any],
+                whole_loader: Any) -> Iterator[tuple[Any, PieceInputs]]:
+    """Each task's row pieces in order, read ahead (for whole-model statistic
+    passes such as TIES' ``trim_scope: model`` pre-pass)."""
+    from ..merge.blocks import TensorMeta as _Meta
+
+    kernels = [(t, _NoKernel(), _Meta(t.name, tuple(t.spec.shape), t.model_params, t.params, plan.base_id is not None))
+               for t in tasks]
+    jobs = plan_jobs(plan, kernels, inputs, rt.piece_bytes or PIECE_BYTES)  # type: ignore[arg-type]
+    n_in = len(plan.model_ids) + (1 if plan.base_id else 0)
+    involved = ([plan.base_id] if plan.base_id else []) + plan.model_ids
+    size = {j.task.name: 4 if j.whole_fp32 else max(inputs[m].info(j.task.name).dtype.itemsize for m in involved)
+            for j in jobs}
+    load = _PieceLoader(plan, inputs, rt.device, whole_loader)
+    for read, piece in _prefetched(_reads(jobs, n_in, lambda j: size[j.task.name]), load, rt):
+        yield read.job.task, piece
