@@ -45,7 +45,7 @@ def _add_run_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--threads", type=int, help="cap on threads: torch's arithmetic threads and the reader threads (default: all cores; up to 4 readers)")
     p.add_argument("--max-shard-size", help="largest shard, e.g. 2GB, 500MiB (default 5GB)")
     p.add_argument("--piece-size", help="stream tensors in row pieces of at most this many bytes per input, e.g. "
-                   "64MiB (default), 16MiB to use less memory; 0 reads whole tensors")
+                   "32MiB (default), 8MiB to use less memory; 0 reads whole tensors")
     p.add_argument("--allow-nonfinite", action="store_true", help="write tensors with NaN/Inf instead of failing")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled *.bin checkpoints (loaded with torch.load(weights_only=True))")

@@ -1,4 +1,4 @@
-"""The merge step: plan (headers only) and execute (one tensor at a time).
+"""The merge step: plan (headers only) and execute (streaming).
 
 Planning checks that every model has every tensor the template (the base, or
 the first model) has, with the same shape (vocabulary-sized tensors may differ
@@ -6,9 +6,12 @@ and are aligned, see :mod:`surgeon.merge.vocab`), resolves the method's
 parameters for every tensor — so a bad gradient or range fails before any
 weight is read — and describes the output.
 
-Execution streams: a small thread pool reads and casts the next tensors
-(``prefetch`` deep) while the current one is merged, so memory holds a few
-tensors at a time whatever the model's size.
+Execution streams. Block-wise methods (:mod:`surgeon.merge.blocks`) go
+through :mod:`surgeon.engine.piecewise`: row pieces in the stored dtype,
+cache-sized float32 blocks, memory bounded by a few pieces. The other
+methods get whole float32 tensors: a small thread pool reads and casts the
+next tensors (``prefetch`` deep, byte-bounded) while the current one is
+merged. Either way a background thread writes finished tensors or pieces.
 """
 from __future__ import annotations
 

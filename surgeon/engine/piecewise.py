@@ -33,8 +33,9 @@ import torch
 from ..errors import InvalidInputError, StepError
 from ..merge.blocks import BlockKernel, PieceInputs, TensorMeta, merge_piece, observe_piece
 
-#: stored bytes of one input in one piece (64 MiB: a 2048-wide bf16 matrix in 16384-row pieces)
-PIECE_BYTES = 64 * 2**20
+#: stored bytes of one input in one piece (32 MiB: a 2048-wide bf16 matrix in 8192-row pieces).
+#: With the default read-ahead (two reads) a merge of four inputs holds ~0.5 GB of pieces.
+PIECE_BYTES = 32 * 2**20
 
 
 @dataclass
