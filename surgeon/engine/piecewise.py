@@ -102,11 +102,15 @@ class _PieceLoader:
             base, models = self.whole(job.task)
             return PieceInputs(0, base.reshape(-1) if base is not None else None, [m.reshape(-1) for m in models])
 
+        cuda = self.device.type == "cuda"
+
         def get(mid: str) -> torch.Tensor:
-            t = self.inputs[mid].get_rows(job.task.name, r0, r1).reshape(-1)
+            # page-locked buffers let the copy to the GPU run asynchronously (the
+            # caching host allocator keeps a buffer until its copy has finished)
+            t = self.inputs[mid].get_rows(job.task.name, r0, r1, pin=cuda).reshape(-1)
             if not t.is_floating_point():
                 raise InvalidInputError(f"tensor {job.task.name!r} of model {mid!r} is {t.dtype}, not a float")
-            return t.to(self.device) if self.device.type != "cpu" else t
+            return t.to(self.device, non_blocking=cuda) if self.device.type != "cpu" else t
 
         base = get(self.plan.base_id) if self.plan.base_id else None
         return PieceInputs(r0 * job.row_elems, base, [get(mid) for mid in self.plan.model_ids])
