@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -215,6 +216,7 @@ class MergeRuntime:
     progress: Callable[..., None] | None = None  # called with bytes written (and whether a tensor is complete)
     coordinator: Any = None  # surgeon.engine.distributed.Coordinator when several processes share the step
     piece_bytes: int = PIECE_BYTES  # block-wise methods: stored bytes per input per piece (0: whole tensors)
+    compute_workers: int = field(default_factory=lambda: int(os.environ.get("SURGEON_COMPUTE_WORKERS", "1")))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -127,9 +127,11 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
     compute = 0.0
     last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
     reads = _reads(jobs, n_in, lambda j: 4 if j.whole_fp32 else item_size[j.task.name])
-    for read, piece in _prefetched(reads, load, rt):
+
+    def process(read: _Read, piece: PieceInputs) -> tuple[float, list[tuple[Any, int, torch.Tensor]]]:
         job = read.job
         c0 = time.perf_counter()
+        done = []
         for p in read.passes:
             if p < job.kernel.stat_passes:
                 observe_piece(job.kernel, job.meta, p, piece)
@@ -148,10 +150,39 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
                                 f"{job.task.name!r}: {exc}") from None
             if not finite and not rt.allow_nonfinite:
                 on_nonfinite(job.task, out)
-            rows_shape = (r1 - r0, *shape[1:]) if shape else ()
-            out_queue.put_rows(job.task, r0, out.reshape(rows_shape))
-        compute += time.perf_counter() - c0
-        del piece
+            done.append((job.task, r0, out.reshape((r1 - r0, *shape[1:]) if shape else ())))
+        return time.perf_counter() - c0, done
+
+    def put(result: tuple[float, list[tuple[Any, int, torch.Tensor]]]) -> None:
+        nonlocal compute
+        compute += result[0]
+        for task, r0, rows in result[1]:
+            out_queue.put_rows(task, r0, rows)
+
+    workers = max(1, int(getattr(rt, "compute_workers", 1)))
+    if workers == 1 or rt.device.type != "cpu":
+        for read, piece in _prefetched(reads, load, rt):
+            put(process(read, piece))
+        return compute
+    # Several compute threads, each single-threaded: whole one-piece tensors run
+    # side by side; a tensor cut into pieces runs on this thread, in order.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgeon-merge") as pool:
+            inflight: deque[Future] = deque()
+            for read, piece in _prefetched(reads, load, rt):
+                if len(read.job.pieces) > 1:
+                    put(process(read, piece))
+                else:
+                    inflight.append(pool.submit(process, read, piece))
+                while inflight and (len(inflight) >= workers or inflight[0].done()):
+                    put(inflight.popleft().result())
+                del piece
+            while inflight:
+                put(inflight.popleft().result())
+    finally:
+        torch.set_num_threads(previous)
     return compute
 
 
