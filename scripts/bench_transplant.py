@@ -30,6 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+DEFAULT_TEXTS = (ROOT / "zoo" / "data" / "prose" / "heldout.txt",
+                 ROOT.parent / "shared" / "data" / "wikitext2-test.raw",
+                 ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
 SURGEON_CHILD = r"""
 import json, sys
 from surgeon.transplant import transplant
@@ -137,13 +148,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run both OMP kernels on the same inputs for this many new tokens (0: skip)")
     ap.add_argument("--eval-chars", type=int, default=0,
                     help="also score each output on this many characters of wikitext (bits per byte)")
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext2-test.raw")
+    ap.add_argument("--text", type=Path, action="append", default=None,
+                    help="score on this text (repeatable; default: zoo/data/prose/heldout.txt, the start of "
+                         "../shared/data/wikitext2-test.raw and ../shared/data/tinyshakespeare.txt)")
     ap.add_argument("--work", type=Path, default=None, help="keep outputs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     for p in (args.base, args.donor):
         if not (p / "config.json").is_file():
             raise SystemExit(f"{p}: not a model folder (run scripts/get_real_models.py for the default models)")
+    texts = args.text or [p for p in DEFAULT_TEXTS if p.is_file()]
     screens = [None if s.lower() == "none" else int(s) for s in (args.screen or ["none", "1024"])]
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-transplant-"))
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel check: both OMP implementations on identical inputs ...", flush=True)
         results["kernel_check"] = kernel_check(args.base, args.donor, args.k, args.kernel_sample)
     if args.eval_chars:
-        from surgeon.eval import evaluate_text
+        from surgeon.eval.perplexity import _load, evaluate_text
 
         for label, r in results["runs"].items():
             if r["ok"]:
@@ -207,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                 if not (out / "tokenizer.json").exists():  # mergekit run without tokenizer copy
                     for f in args.donor.glob("tokenizer*"):
                         shutil.copy(f, out / f.name)
-                ev = evaluate_text(out, args.text, max_chars=args.eval_chars, progress=False)
-                r["bits_per_byte"] = round(ev["bits_per_byte"], 4)
+                tok, model = _load(out, "cpu", torch_float32())
+                r["bits_per_byte"] = {}
+                for text in texts:
+                    ev = evaluate_text(out, text, max_chars=args.eval_chars, progress=False, model=model, tokenizer=tok)
+                    r["bits_per_byte"][text.name] = round(ev["bits_per_byte"], 4)
+                del model, tok
+                print(f"  bits per byte {label}: {r['bits_per_byte']}", flush=True)
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -220,17 +239,23 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(results: dict) -> None:
     print(f"\nbase {results['base']}\ndonor {results['donor']}\nk = {results['k']}, batch {results['batch_size']}, "
           f"device {results['device']}\n")
-    head = f"| {'tool':<26} | {'wall s':>8} | {'cpu s':>8} | {'peak RSS MB':>11} | {'speedup':>7} | {'cos vs mergekit (mean/p05)':>27} | {'bpb':>6} |"
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    texts: list[str] = []
+    for r in results["runs"].values():
+        for t in r.get("bits_per_byte", {}):
+            if t not in texts:
+                texts.append(t)
+    cols = ["tool", "wall s", "cpu s", "peak RSS MB", "speedup (wall)", "row cos vs mergekit (mean / p05)"]
+    cols += [f"bpb {t}" for t in texts]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join(["---"] + ["---:"] * 4 + ["---"] + ["---:"] * len(texts)) + "|")
     for label, r in results["runs"].items():
         vs = r.get("vs_mergekit")
         cos = f"{vs['cosine_mean']:.3f} / {vs['cosine_p05']:.3f}" if vs else ""
         sp = f"{r['speedup_vs_mergekit']:.1f}x" if "speedup_vs_mergekit" in r else ""
-        bpb = f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else ""
+        bpb = [f"{r['bits_per_byte'][t]:.4f}" if t in r.get("bits_per_byte", {}) else "" for t in texts]
         status = "" if r["ok"] else " (FAILED)"
-        print(f"| {label + status:<26} | {r['wall_s']:>8.1f} | {r['cpu_s']:>8.1f} | {r['peak_rss_mb']:>11.0f} | {sp:>7} | "
-              f"{cos:>27} | {bpb:>6} |")
+        print("| " + " | ".join([label + status, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_mb']:.0f}", sp, cos]
+                                + bpb) + " |")
     kc = results.get("kernel_check")
     if kc:
         print(f"\nOMP kernels on identical inputs ({kc['targets']} new tokens, our shared-token dictionary): "

@@ -194,15 +194,14 @@ def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candid
         if t == 0 or (refresh and t % refresh == 0):
             if t:  # re-rank: the M atoms most correlated with the residual
                 r = y - torch.bmm(z[:, :t].unsqueeze(1), Q[:, :t]).squeeze(1)
-                full = r @ A.T
+                full = (r @ A.T).abs_()  # in place: no second vocabulary-wide buffer
                 full.scatter_(1, idx[:, :t], 0.0)
-                cand = full.abs().topk(M, dim=1, sorted=False).indices
-                alpha = full.gather(1, cand)
+                cand = full.topk(M, dim=1, sorted=False).indices
                 del full
             C = A[cand]  # B x M x D
-            if t == 0:
-                alpha = torch.bmm(C, y.unsqueeze(-1)).squeeze(-1)
-            else:
+            # signed correlations of the candidates with the residual (y at t = 0)
+            alpha = torch.bmm(C, (y if t == 0 else r).unsqueeze(-1)).squeeze(-1)
+            if t:
                 U[:, :t] = torch.bmm(Q[:, :t], C.transpose(1, 2))
             G = torch.bmm(C, C.transpose(1, 2)) if gram else None
             if gram:
