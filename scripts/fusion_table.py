@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gld-weight", type=float, default=1.0)
     ap.add_argument("--tokenwise", default="kl", choices=["kl", "uld", "kl+uld"])
     ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--gld", default=None, help='JSON dict of gld_loss options, e.g. \'{"nodes": "rank"}\'')
+    ap.add_argument("--gld-top-k", type=int, default=None, help="top-k of the graphs (default: --top-k)")
+    ap.add_argument("--no-reference", action="store_true", help="skip evaluating the untouched pivot and teachers")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; rows show the mean over them")
     ap.add_argument("--eval-chars", type=int, default=None, help="cut the held-out texts (faster)")
     ap.add_argument("--threads", type=int, default=None)
@@ -91,8 +95,9 @@ def main(argv=None) -> int:
         return out
 
     rows = []
-    for label, model in (("pivot bpe-base (no training)", pivot), ("teacher bpe-shakespeare", zoo / "bpe-shakespeare"),
-                         ("teacher sp-shakespeare", zoo / "sp-shakespeare")):
+    refs = (("pivot bpe-base (no training)", pivot), ("teacher bpe-shakespeare", zoo / "bpe-shakespeare"),
+            ("teacher sp-shakespeare", zoo / "sp-shakespeare"))
+    for label, model in () if args.no_reference else refs:
         rows.append({"run": label, "eval": evaluate(model), "seconds": None})
         _print_row(rows[-1])
     wanted = set(args.only.split(",")) if args.only else None
@@ -108,11 +113,16 @@ def main(argv=None) -> int:
             rep = fuse(pivot, [{"path": str(zoo / s)} for s in sources], data, out, max_length=args.max_length,
                        batch_size=args.batch_size, lr=args.lr, steps=args.steps, top_k=args.top_k, seed=seed,
                        overwrite=True, progress=False, schedule="cosine",
-                       options={"work_dir": str(work / "fuse-work"), "tokenwise": args.tokenwise}, **opts)
+                       options={"work_dir": str(work / "fuse-work"), "tokenwise": args.tokenwise,
+                                "gld": json.loads(args.gld) if args.gld else None, "gld_top_k": args.gld_top_k},
+                       **opts)
             per_seed.append({"seed": seed, "eval": evaluate(out), "final": rep["final"],
                              "coverage": {s["id"]: s["coverage"] for s in rep["sources"]}})
         mean = {dom: {m: sum(p["eval"][dom][m] for p in per_seed) / len(per_seed) for m in ("ppl", "bpb")}
                 for dom in evals}
+        for dom in evals:
+            xs = [p["eval"][dom]["ppl"] for p in per_seed]
+            mean[dom]["ppl_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
         rows.append({"run": label, "sources": sources, "settings": opts, "eval": mean, "per_seed": per_seed,
                      "seconds": round((time.time() - t) / len(seeds), 1),
                      "final": {k: sum(p["final"][k] for p in per_seed) / len(per_seed) for k in per_seed[0]["final"]}})
@@ -126,8 +136,9 @@ def main(argv=None) -> int:
 
 def _print_row(r: dict) -> None:
     e = r["eval"]
-    print(f"{r['run']:<34} shakespeare ppl {e['shakespeare']['ppl']:8.2f} bpb {e['shakespeare']['bpb']:.4f}   "
-          f"prose ppl {e['prose']['ppl']:8.2f}   {'' if r['seconds'] is None else str(r['seconds']) + ' s'}",
+    sd = lambda dom: f" ± {e[dom]['ppl_std']:5.2f}" if "ppl_std" in e[dom] else ""
+    print(f"{r['run']:<34} shakespeare ppl {e['shakespeare']['ppl']:8.2f}{sd('shakespeare')} bpb {e['shakespeare']['bpb']:.4f}   "
+          f"prose ppl {e['prose']['ppl']:8.2f}{sd('prose')}   {'' if r['seconds'] is None else str(r['seconds']) + ' s'}",
           flush=True)
 
 
