@@ -294,3 +294,34 @@ def test_cuda_matches_cpu():
         cpu = gld_loss(xs, xt, top_k=5, **kw)
         gpu = gld_loss(xs.cuda(), xt.cuda(), top_k=5, **kw)
         assert gpu.item() == pytest.approx(cpu.item(), rel=1e-9)
+
+
+def test_gld_rewards_confidence_whatever_the_tokens():
+    """Why GLD can hurt perplexity (docs/fusion.md, "What GLD does on the pico zoo"): the
+    sorted comparison is blind to token identity, so a student flatter than its teacher is
+    pushed to sharpen on its *own* favourite token, even when the teacher favours another.
+    The token-wise KL moves mass to the teacher's token instead."""
+    from surgeon.fusion.tokenwise import kl_loss
+
+    gen = torch.Generator().manual_seed(16)
+    xs = torch.randn(1, 6, 20, generator=gen, dtype=torch.float64) * 0.3
+    xs[..., 3] += 1.0                      # the student mildly prefers token 3
+    xt = torch.randn(1, 6, 20, generator=gen, dtype=torch.float64) * 0.3
+    xt[..., 7] += 4.0                      # the teacher is confident about token 7
+    p0 = xs.softmax(-1)
+
+    def step(loss_fn):
+        x = xs.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(x), x)
+        return (x - 0.5 * g / g.norm()).detach().softmax(-1)
+
+    p_gld = step(lambda x: gld_loss(x, xt, top_k=4))
+    gain3, gain7 = (p_gld[..., 3] - p0[..., 3]).mean(), (p_gld[..., 7] - p0[..., 7]).mean()
+    assert (p_gld[..., 3] > p0[..., 3]).all()           # sharper on the student's own token
+    assert gain3 > 5 * gain7.abs()                      # hardly moved on the teacher's
+    assert p_gld.max(-1).values.mean() > p0.max(-1).values.mean()
+    tk = TopK.from_logits(xt, 4)
+    probs = (tk.logits - tk.lse.unsqueeze(-1)).exp()
+    p_kl = step(lambda x: kl_loss(x.reshape(-1, 20), probs.reshape(-1, 4), target_ids=tk.ids.reshape(-1, 4)))
+    assert (p_kl[..., 7] > p0[..., 7]).all()
+    assert (p_kl[..., 7] - p0[..., 7]).mean() > 5 * (p_kl[..., 3] - p0[..., 3]).mean().clamp_min(0)
