@@ -110,6 +110,21 @@ def test_widen_row_kernel_equals_whole_matrix(shape, role) -> None:
     assert torch.equal(apply_method(method, build_merge("widen", base, models, role=role)), ref)
 
 
+@pytest.mark.parametrize("method,n,params", [
+    ("slerp", 1, {"t": 0.3}), ("slerp", 1, {"t": 0.8}),
+    ("model_stock", 3, {"filter_wise": False}), ("model_stock", 2, {"filter_wise": True}),
+])
+@pytest.mark.parametrize("shape", [(600, 1000), (5, 7, 3), (2 * BLOCK_ELEMS + 5,)])
+def test_streamed_statistics_kernels_equal_whole_tensor(method, n, params, shape) -> None:
+    base, models = _family(shape, quantized=False, seed=4, n=n)
+    m = get_method(method)
+    ref = m.fn(build_merge(method, base, models, **params))
+    assert m.block_kernel(_meta(build_merge(method, base, models, **params))) is not None
+    got = apply_method(m, build_merge(method, base, models, **params))
+    # float64 sums in another order: coefficients agree to ~1e-15, results to float32 rounding
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_uniform_numbers_do_not_depend_on_how_the_tensor_is_cut() -> None:
     n = 2 * RANDOM_SEGMENT + 1234
     x = torch.zeros(n)
@@ -162,12 +177,13 @@ steps:
     ("dare_linear", ""),
     ("task_arithmetic", ""),
     ("widen", ""),
+    ("model_stock", ""),
 ])
 def test_row_pieces_give_the_same_bytes_as_whole_tensors(tmp_path: Path, tiny_family: dict[str, Path], method: str,
                                                          params: str) -> None:
     recipe = tmp_path / "r.yaml"
     def model_params(w: float, d: float) -> str:
-        if method == "widen":
+        if method in ("widen", "model_stock"):
             return ""
         return f", weight: {w}" + (f", density: {d}" if method != "task_arithmetic" else "")
 

@@ -10,7 +10,10 @@ them (each norm below 1e-8 treated as 1, the dot clamped to [-1, 1]), if
 ``|dot| > 0.9995`` (nearly colinear or antipodal) the result is the linear
 interpolation ``(1 - t) v0 + t v1``; otherwise, with ``theta = acos(dot)``,
 ``sin((1 - t) theta) / sin(theta) * v0 + sin(t theta) / sin(theta) * v1``.
-The un-normalised vectors are interpolated, so norms interpolate too.
+The un-normalised vectors are interpolated, so norms interpolate too. Norms
+and the dot product are summed in float64 (mergekit: in the tensor's dtype),
+so the engine's streamed computation (:class:`SlerpKernel`) and a
+whole-tensor one agree to float64 rounding.
 
 Exactly two models: the base and one other (per tensor ``t`` may follow
 layer gradients or name filters, as in mergekit).
@@ -18,6 +21,7 @@ layer gradients or name filters, as in mergekit).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -28,28 +32,69 @@ DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 
 
+def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
+    """``(c0, c1)`` with ``slerp = c0 v0 + c1 v1``, from ``|v0|^2``, ``|v1|^2`` and ``<v0, v1>``.
+
+    The sums come in float64 (no overflow of the raw dot, which mergekit
+    avoids by normalising first; and a streamed, block-wise sum gives the
+    whole-vector coefficients to float64 rounding).
+    """
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na = na if na > NORM_EPS else 1.0
+    nb = nb if nb > NORM_EPS else 1.0
+    dot = min(max(ab / (na * nb), -1.0), 1.0)
+    if abs(dot) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def _sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    f64 = torch.float64
+    return float((a * a).sum(dtype=f64)), float((b * b).sum(dtype=f64)), float((a * b).sum(dtype=f64))
+
+
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """SLERP of two same-shaped float tensors as whole vectors (float32)."""
     a = v0.reshape(-1).float()
     b = v1.reshape(-1).float()
     if a.numel() == 0:
         return v0.float().clone()
-    na = float(torch.linalg.vector_norm(a))
-    nb = float(torch.linalg.vector_norm(b))
-    na = na if na > NORM_EPS else 1.0
-    nb = nb if nb > NORM_EPS else 1.0
-    # normalise before the product (no overflow of the raw dot)
-    dot = float(torch.dot(a / na, b / nb))
-    dot = min(max(dot, -1.0), 1.0)
-    if abs(dot) > DOT_THRESHOLD:
-        ca, cb = 1.0 - t, t
-    else:
-        theta = math.acos(dot)
-        s = math.sin(theta)
-        ca, cb = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+    ca, cb = slerp_coefficients(t, *_sums(a, b))
     out = torch.mul(a, ca)
     out.add_(b, alpha=cb)
     return out.reshape(v0.shape)
+
+
+class SlerpKernel:
+    """SLERP streamed: one pass sums ``|v0|^2, |v1|^2, <v0, v1>`` over the
+    blocks (float64), then each block is ``c0 v0 + c1 v1``."""
+
+    stat_passes = 1
+
+    def __init__(self, meta: Any):
+        self.t = float(meta.params["t"])
+        self.sums = [0.0, 0.0, 0.0]
+        self.coef: tuple[float, float] | None = None
+
+    def observe(self, pass_no: int, blk: TensorMerge) -> None:
+        for i, v in enumerate(_sums(blk.base, blk.models[0])):
+            self.sums[i] += v
+
+    def end_pass(self, pass_no: int) -> None:
+        self.coef = slerp_coefficients(self.t, *self.sums)
+
+    def merge(self, blk: TensorMerge) -> torch.Tensor:
+        assert self.coef is not None
+        out = torch.mul(blk.base, self.coef[0])
+        return out.add_(blk.models[0], alpha=self.coef[1])
+
+
+def slerp_kernel(meta: Any) -> SlerpKernel | None:
+    if not meta.has_base or len(meta.model_params) != 1 or meta.numel == 0:
+        return None  # the whole-tensor path gives the clear error / the empty result
+    return SlerpKernel(meta)
 
 
 @merge_method(
@@ -60,6 +105,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     max_models=1,
     paper="Shoemake 1985, Animating rotation with quaternion curves; mergekit's slerp",
     mergekit_name="slerp",
+    kernel=slerp_kernel,
 )
 def slerp(t: TensorMerge) -> torch.Tensor:
     """Spherical interpolation from the base (t=0) to the one other model (t=1); lerp when nearly colinear."""
