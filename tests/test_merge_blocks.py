@@ -58,6 +58,22 @@ def _meta(tm: TensorMerge):
     return meta_of(tm)
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("shape", [(7,), (600, 1000), (2 * BLOCK_ELEMS + 3,)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_breadcrumbs_kernel_equals_whole_tensor_reference(method, shape, quantized) -> None:
+    base, models = _family(shape, quantized, seed=2)
+    mps = [{"density": 0.3, "gamma": 0.05}, {"density": 0.9, "gamma": 0.2, "weight": 0.5}, {"density": 1.0}]
+    m = get_method(method)
+    ref = m.fn(build_merge(method, base, models, mps, normalize=True))
+    assert m.block_kernel(_meta(build_merge(method, base, models, mps))) is not None
+    assert torch.equal(apply_method(m, build_merge(method, base, models, mps, normalize=True)), ref)
+    # gamma large enough that the kept range starts at 0 (no lower cut), and density 0 (keep none)
+    mps = [{"density": 0.5, "gamma": 0.6}, {"density": 0.0}, {"density": 0.999, "gamma": 0.0}]
+    ref = m.fn(build_merge(method, base, models, mps))
+    assert torch.equal(apply_method(m, build_merge(method, base, models, mps)), ref)
+
+
 def test_ties_kernel_keeps_exactly_k_with_ties_across_blocks() -> None:
     # |delta| = 1 everywhere except a few larger entries; k falls inside the
     # tied group, whose members span three blocks: the first ones (lowest

@@ -13,7 +13,8 @@ ascending magnitude rank is in ``[n_bot, n_bot + target)``. When
 remain (mergekit's rule). ``density >= 1`` keeps everything (``gamma`` is then
 ignored, as in mergekit). Ranks among equal magnitudes follow the flat index
 (mergekit's sort leaves it unspecified). The selection uses two k-th value
-selections (:func:`surgeon.merge._select.rank_range_mask`), not a sort.
+selections (:func:`surgeon.merge._select.rank_range_mask`), not a sort; the
+engine streams it (:class:`BreadcrumbsKernel`: two histogram passes, as TIES).
 
 Defaults as mergekit: ``density`` 1.0, ``gamma`` 0.01, ``weight`` 1.0,
 ``lambda`` 1.0, ``normalize`` false, ``rescale`` false (true: restore each
@@ -21,10 +22,13 @@ sparsified task vector's L1 norm).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, l1_rescale, normalize_param, rescale_param
 from ._select import rank_range_mask
+from ._streamselect import RankCut, StreamSelector
 from .registry import Param, TensorMerge, merge_method
 
 GAMMA = Param("gamma", float, default=0.01, min=0.0, max=1.0, per_model=True,
@@ -58,6 +62,73 @@ def _sparsified(t: TensorMerge) -> list[torch.Tensor]:
     return out
 
 
+class BreadcrumbsKernel:
+    """Breadcrumbs streamed: the two rank boundaries of each task vector
+    (``n_bot`` and ``n_bot + target`` smallest magnitudes) come from the same
+    two histogram passes as TIES' selection; the merge pass keeps the entries
+    between them, ties split by flat index exactly as :func:`breadcrumbs_mask`."""
+
+    def __init__(self, meta: Any, consensus: str | None):
+        self.consensus = consensus
+        self.normalize = bool(meta.params["normalize"])
+        self.lam = float(meta.params["lambda"])
+        n = self.n = meta.numel
+        self.ranges: dict[int, tuple[int, int]] = {}
+        requests: dict[object, int] = {}
+        for i, mp in enumerate(meta.model_params):
+            density, gamma = float(mp["density"]), float(mp["gamma"])
+            if density >= 1:
+                continue
+            target = int(density * n)
+            n_bot = max(0, n - target - int(gamma * n))
+            start, stop = n_bot, min(n_bot + target, n)
+            self.ranges[i] = (start, stop)
+            if 0 < stop < n:
+                requests[(i, "stop")] = stop
+            if 0 < start < stop:
+                requests[(i, "start")] = start
+        self.selector = StreamSelector(requests, n)
+        self.stat_passes = StreamSelector.passes if requests else 0
+        self.cuts: dict[object, RankCut] = {}
+
+    def observe(self, pass_no: int, blk: TensorMerge) -> None:
+        for i in {key[0] for key in self.selector.ks}:  # type: ignore[index]
+            a = (blk.models[i] - blk.base).abs_()
+            for which in ("stop", "start"):
+                self.selector.observe(pass_no, (i, which), a)
+
+    def end_pass(self, pass_no: int) -> None:
+        self.selector.end_pass(pass_no)
+        if pass_no + 1 == StreamSelector.passes:
+            for key, sel in self.selector.result.items():
+                self.cuts[key] = RankCut(sel, self.selector.ks[key], self.n, largest=False)
+
+    def merge(self, blk: TensorMerge) -> torch.Tensor:
+        deltas = []
+        for i, m in enumerate(blk.models):
+            d = m - blk.base
+            if i in self.ranges:
+                start, stop = self.ranges[i]
+                if stop <= start:
+                    d.zero_()
+                else:
+                    a = d.abs()
+                    mask = self.cuts[(i, "stop")].keep(a) if (i, "stop") in self.cuts else torch.ones_like(a)
+                    if (i, "start") in self.cuts:
+                        mask.sub_(self.cuts[(i, "start")].keep(a))
+                    d.mul_(mask)
+            deltas.append(d)
+        return combine(blk, deltas, consensus=self.consensus, normalize=self.normalize, lam=self.lam)
+
+
+def _kernel(consensus: str | None):
+    def factory(meta: Any) -> BreadcrumbsKernel | None:
+        if not meta.has_base or meta.params.get("rescale") or not meta.model_params or meta.numel == 0:
+            return None  # L1 rescale needs whole-tensor sums after trimming
+        return BreadcrumbsKernel(meta, consensus)
+    return factory
+
+
 @merge_method(
     "breadcrumbs",
     params=[WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), _RESCALE],
@@ -65,6 +136,7 @@ def _sparsified(t: TensorMerge) -> list[torch.Tensor]:
     min_models=1,
     paper=_PAPER,
     mergekit_name="breadcrumbs",
+    kernel=_kernel(None),
 )
 def breadcrumbs(t: TensorMerge) -> torch.Tensor:
     """Breadcrumbs + task arithmetic: drop outliers and small entries, then base + lambda * sum w_i delta_i."""
@@ -80,6 +152,7 @@ def breadcrumbs(t: TensorMerge) -> torch.Tensor:
     min_models=1,
     paper=_PAPER,
     mergekit_name="breadcrumbs_ties",
+    kernel=_kernel("sum"),
 )
 def breadcrumbs_ties(t: TensorMerge) -> torch.Tensor:
     """Breadcrumbs + TIES sign consensus (mass election, a zero sum counts as positive)."""

@@ -53,6 +53,7 @@ import torch
 from ..errors import InvalidInputError, StepError
 from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, elect_sign, l1_rescale, normalize_param, rescale_param
 from ._select import largest_mask, stream_kth_smallest
+from ._streamselect import StreamSelector
 from .blocks import TensorMeta, consensus_mix
 from .registry import Param, ReiterableMerges, TensorMerge, merge_method
 
@@ -182,10 +183,6 @@ def _trimmed_model_scope(t: TensorMerge, thresholds: list[float | None]) -> list
 # ---------------------------------------------------------------------------
 # Block-wise kernel (the engine's path; see surgeon.merge.blocks).
 
-_HI = 1 << 15       # buckets of the top 16 bits of a non-negative float32
-_LO = 1 << 16       # entries of one bucket, by their low 16 bits
-
-
 def _below(x: float) -> float:
     """The largest float32 below ``x`` (>= 0): ``hardshrink(d, _below(t))`` keeps ``|d| >= t``."""
     import numpy as np
@@ -196,16 +193,15 @@ def _below(x: float) -> float:
 class TiesKernel:
     """TIES, block by block, with the same trim as :func:`magnitude_trim`.
 
-    Tensor scope: each trimmed model's exact k-th largest ``|delta|`` is found
-    in two statistic passes without sorting or holding the tensor: pass 0
-    counts the top 16 bits of the float32 bit patterns of ``|delta|`` (which
-    order like the values), pass 1 the low 16 bits inside the bucket holding
-    the k-th value; both are ``bincount``s over cache-resident blocks. The
-    merge pass then keeps ``|delta| > t`` (``hardshrink``) and, of the entries
-    equal to ``t``, the first ``k - #(> t)`` in flat order (a running quota;
-    blocks come in flat order) — exactly mergekit's k entries, ties to the
-    lowest indices. Model scope: thresholds come from the whole-model pre-pass
-    and every ``|delta| >= t`` is kept (the reference's rule); no passes.
+    Tensor scope: each trimmed model's exact k-th largest ``|delta|`` comes
+    from two histogram passes over the blocks
+    (:class:`surgeon.merge._streamselect.StreamSelector`), without sorting or
+    holding the tensor. The merge pass keeps ``|delta| > t`` (``hardshrink``)
+    and, of the entries equal to ``t``, the first ``k - #(> t)`` in flat order
+    (a running quota; blocks come in flat order) — exactly mergekit's k
+    entries, ties to the lowest indices. Model scope: thresholds come from the
+    whole-model pre-pass and every ``|delta| >= t`` is kept (the reference's
+    rule); no passes.
     """
 
     def __init__(self, meta: TensorMeta):
@@ -216,68 +212,43 @@ class TiesKernel:
         self.normalize = p["normalize"] and p["mixing"] == "mean"
         self.lam = float(p["lambda"])
         n = meta.numel
-        self.keep_ge: list[float | None] = []   # model scope / resolved: keep |d| >= value (None: keep all)
+        self.keep_ge: list[float | None] = []   # keep |d| >= value (None: keep all)
         self.ks: list[int | None] = []           # tensor scope: entries to keep (None: all, 0: none)
         if p["trim_scope"] == "model":
             st = meta.state
             self.keep_ge = [None if thr is None else float(thr) for thr in st["thresholds"]]
             self.ks = [None] * len(self.keep_ge)
             self.zero_sign = float(st.get("zero_sign", 1.0)) if _resolve_zero_sign(p) == "majority" else 1.0
-            self.stat_passes = 0
         else:
             for mp in meta.model_params:
                 d = float(mp["density"])
                 self.ks.append(None if d >= 1 else (0 if d <= 0 or n == 0 else max(1, int(d * n))))
             self.keep_ge = [None] * len(self.ks)
             self.zero_sign = 1.0
-            self.stat_passes = 2 if any(k for k in self.ks) else 0
-        self._selecting = [i for i, k in enumerate(self.ks) if k]
-        self._hist: dict[int, torch.Tensor] = {}
-        self._bucket: dict[int, int] = {}
-        self._rank: dict[int, int] = {}        # ascending 1-based rank of the k-th largest within its bucket
-        self._above: dict[int, int] = {}       # entries in buckets above it
+        # the k-th largest is the (n - k + 1)-th smallest
+        self.selector = StreamSelector({i: n - k + 1 for i, k in enumerate(self.ks) if k}, n)
+        self.stat_passes = StreamSelector.passes if self.selector.ks else 0
         self._thr: dict[int, float] = {}
-        self._quota: dict[int, int] = {}       # tied entries still to keep (tensor scope, partial ties)
+        self._quota: dict[int, int] = {}       # tied entries still to keep (partial ties)
         self._next = 0
 
     # -- statistic passes -----------------------------------------------------
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
-        for i in self._selecting:
-            bits = (blk.models[i] - blk.base).abs_().reshape(-1).view(torch.int32)
-            if pass_no == 0:
-                h = torch.bincount(bits >> 16, minlength=_HI)
-            else:
-                rel = bits.sub_(self._bucket[i] << 16).clamp_(-1, _LO).add_(1)
-                h = torch.bincount(rel, minlength=_LO + 2)[1:_LO + 1]
-            prev = self._hist.get(i)
-            self._hist[i] = h if prev is None else prev.add_(h)
+        for i in self.selector.ks:
+            self.selector.observe(pass_no, i, (blk.models[i] - blk.base).abs_())
 
     def end_pass(self, pass_no: int) -> None:
+        self.selector.end_pass(pass_no)
+        if pass_no + 1 < StreamSelector.passes:
+            return
         n = self.meta.numel
-        for i in self._selecting:
-            h = self._hist.pop(i, None)
-            h = h.cpu() if h is not None else torch.zeros(_HI if pass_no == 0 else _LO, dtype=torch.int64)
-            cum = torch.cumsum(h, 0)
-            if pass_no == 0:
-                r = n - self.ks[i] + 1  # the k-th largest is the r-th smallest
-                b = int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype)))
-                self._bucket[i] = b
-                self._rank[i] = r - (int(cum[b - 1]) if b > 0 else 0)
-                self._above[i] = n - int(cum[b])  # entries in higher buckets
+        for i, sel in self.selector.result.items():
+            quota = self.ks[i] - (n - sel.below - sel.equal)  # tied entries among the k largest
+            if quota >= sel.equal:
+                self.keep_ge[i] = sel.value
             else:
-                j = int(torch.searchsorted(cum, torch.tensor(self._rank[i], dtype=cum.dtype)))
-                if j >= _LO:
-                    raise RuntimeError(f"tensor {self.meta.name!r}: ties selection passes saw different data")
-                pattern = torch.tensor([(self._bucket[i] << 16) | j], dtype=torch.int32)
-                thr = float(pattern.view(torch.float32)[0])
-                greater = self._above[i] + int(cum[-1]) - int(cum[j])
-                tied = int(h[j])
-                quota = self.ks[i] - greater
-                if quota >= tied:
-                    self.keep_ge[i] = thr
-                else:
-                    self._thr[i] = thr
-                    self._quota[i] = quota
+                self._thr[i] = sel.value
+                self._quota[i] = quota
 
     # -- merge pass -----------------------------------------------------------
     def _trim(self, i: int, d: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""Exact order statistics of a tensor streamed in blocks (two histogram passes).
+
+Block kernels (:mod:`surgeon.merge.blocks`) that trim by magnitude need, per
+model, the exact k-th smallest ``|delta|`` of the whole tensor and how ties at
+that value are split, without sorting and without holding the tensor. For
+non-negative float32 values the IEEE-754 bit patterns order like the values,
+so:
+
+- pass 0: ``bincount`` of the top 16 bits of every value -> the bucket that
+  holds the k-th smallest and its rank inside the bucket;
+- pass 1: ``bincount`` of the low 16 bits of the values inside that bucket ->
+  the exact value ``t``, the number of entries below it and equal to it.
+
+Both are bincounts over cache-resident blocks (~0.5 ms per 2^18 entries on
+this CPU), against ``torch.kthvalue``'s ~4 ms on the same block and a copy of
+the whole tensor. The same "stable order" convention as
+:mod:`surgeon.merge._select` settles ties: among equal values, lower flat
+index first. :class:`RankCut` turns a selection into per-block masks with a
+running quota of tied entries, so blocks must come in flat order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_HI = 1 << 15       # top-16-bit buckets of non-negative float32 (sign bit 0)
+_LO = 1 << 16       # entries of one bucket, by their low 16 bits
+
+
+@dataclass
+class Selected:
+    """The k-th smallest (1-based) value ``value``; ``below`` entries are
+    smaller, ``equal`` entries equal to it."""
+
+    value: float
+    below: int
+    equal: int
+
+
+class StreamSelector:
+    """k-th smallest (1-based, ``1 <= k <= n``) of each series of a streamed tensor.
+
+    ``observe(pass_no, series, values)`` takes one block of one series
+    (non-negative float32, any shape); call ``end_pass(pass_no)`` after each of
+    the two passes; then :attr:`result` maps series to :class:`Selected`.
+    """
+
+    passes = 2
+
+    def __init__(self, ks: dict[object, int], n: int):
+        self.ks, self.n = dict(ks), n
+        self._hist: dict[object, torch.Tensor] = {}
+        self._bucket: dict[object, int] = {}
+        self._rank: dict[object, int] = {}
+        self._below_bucket: dict[object, int] = {}
+        self.result: dict[object, Selected] = {}
+
+    def observe(self, pass_no: int, series: object, values: torch.Tensor) -> None:
+        if series not in self.ks:
+            return
+        bits = values.reshape(-1).view(torch.int32)
+        if pass_no == 0:
+            h = torch.bincount(bits >> 16, minlength=_HI)
+        else:  # the bucket's entries at full resolution; bins 0 and _LO + 1 collect below/above
+            rel = (bits - (self._bucket[series] << 16)).clamp_(-1, _LO).add_(1)
+            h = torch.bincount(rel, minlength=_LO + 2)[1:_LO + 1]
+        prev = self._hist.get(series)
+        self._hist[series] = h if prev is None else prev.add_(h)
+
+    def end_pass(self, pass_no: int) -> None:
+        for series, k in self.ks.items():
+            h = self._hist.pop(series, None)
+            h = h.cpu() if h is not None else torch.zeros(_HI if pass_no == 0 else _LO, dtype=torch.int64)
+            cum = torch.cumsum(h, 0)
+            if pass_no == 0:
+                b = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype)))
+                if b >= _HI:
+                    raise RuntimeError(f"order statistic {k} out of range (saw {int(cum[-1])} values)")
+                self._bucket[series] = b
+                self._below_bucket[series] = int(cum[b - 1]) if b > 0 else 0
+                self._rank[series] = k - self._below_bucket[series]
+            else:
+                j = int(torch.searchsorted(cum, torch.tensor(self._rank[series], dtype=cum.dtype)))
+                if j >= _LO:
+                    raise RuntimeError("selection passes saw different data")
+                pattern = torch.tensor([(self._bucket[series] << 16) | j], dtype=torch.int32)
+                below = self._below_bucket[series] + (int(cum[j - 1]) if j > 0 else 0)
+                self.result[series] = Selected(float(pattern.view(torch.float32)[0]), below, int(h[j]))
+
+
+def _next_float(x: float, toward: float) -> float:
+    import numpy as np
+
+    return float(np.nextafter(np.float32(x), np.float32(toward)))
+
+
+class RankCut:
+    """Mask of the entries of a streamed non-negative tensor whose stable rank
+    is among the ``count`` smallest (``largest=False``) or the ``count``
+    largest (``largest=True``); ties go to lower flat indices either way.
+
+    Built from the :class:`Selected` boundary value; :meth:`keep` returns a
+    float 0/1 mask per block (blocks in flat order: tied entries are counted
+    off a running quota).
+    """
+
+    def __init__(self, sel: Selected, count: int, n: int, largest: bool):
+        self.t = sel.value
+        self.largest = largest
+        strict = (n - sel.below - sel.equal) if largest else sel.below  # entries strictly inside
+        self.quota = count - strict       # tied entries that belong, first in flat order
+        self.all_tied = self.quota >= sel.equal
+
+    def keep(self, values: torch.Tensor) -> torch.Tensor:
+        """Float mask (1 keep, 0 drop) for one block of the series (float ops: no bool tensors)."""
+        t = self.t
+        if self.largest:  # [v > c] with c = t, or just below t when every tied entry belongs
+            c = _next_float(t, 0.0) if self.all_tied and t > 0 else t
+            mask = (values - c).relu_().sign_()
+        else:             # [v < c] with c = t, or just above t when every tied entry belongs
+            c = _next_float(t, float("inf")) if self.all_tied else t
+            mask = (c - values).relu_().sign_()
+        if not self.all_tied and self.quota > 0:
+            idx = torch.nonzero((values == t).reshape(-1)).squeeze(1)
+            if idx.numel():
+                idx = idx[:self.quota]
+                mask.reshape(-1)[idx] = 1.0
+                self.quota -= idx.numel()
+        return mask
