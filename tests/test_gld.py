@@ -325,3 +325,18 @@ def test_gld_rewards_confidence_whatever_the_tokens():
     p_kl = step(lambda x: kl_loss(x.reshape(-1, 20), probs.reshape(-1, 4), target_ids=tk.ids.reshape(-1, 4)))
     assert (p_kl[..., 7] > p0[..., 7]).all()
     assert (p_kl[..., 7] - p0[..., 7]).mean() > 5 * (p_kl[..., 3] - p0[..., 3]).mean().clamp_min(0)
+
+
+def test_gld_tempers_an_overconfident_student():
+    """The other side of the same coin: a student more confident than its teacher (as after
+    several epochs on a small dataset) is flattened by GLD, which regularises it."""
+    gen = torch.Generator().manual_seed(17)
+    xs = torch.randn(1, 6, 20, generator=gen, dtype=torch.float64) * 0.3
+    xs[..., 3] += 6.0                      # the student is nearly certain of token 3
+    xt = torch.randn(1, 6, 20, generator=gen, dtype=torch.float64) * 0.3
+    xt[..., 7] += 1.5                      # the teacher is much less sure of token 7
+    x = xs.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(gld_loss(x, xt, top_k=4), x)
+    p0, p1 = xs.softmax(-1), (xs - 0.5 * g / g.norm()).softmax(-1)
+    assert (p1[..., 3] < p0[..., 3]).all()
+    assert (p1.max(-1).values < p0.max(-1).values).all()
