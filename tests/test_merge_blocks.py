@@ -213,6 +213,20 @@ def test_row_pieces_give_the_same_bytes_as_whole_tensors(tmp_path: Path, tiny_fa
     assert outs["0"] == outs["1KB"] == outs["32MiB"]
 
 
+def test_compute_threads_give_the_same_bytes(tmp_path: Path, tiny_family: dict[str, Path], monkeypatch) -> None:
+    recipe = tmp_path / "r.yaml"
+    mp = lambda w, d: f", weight: {w}, density: {d}"  # noqa: E731
+    recipe.write_text(RECIPE.format(method="ties", params="", d1=mp(0.5, 0.3), d2=mp(0.3, 0.6), d3=mp(0.3, 0.5),
+                                    **{k: str(v) for k, v in tiny_family.items()}))
+    outs = []
+    for workers in ("1", "3"):
+        monkeypatch.setenv("SURGEON_COMPUTE_WORKERS", workers)
+        out = tmp_path / f"out-{workers}"
+        surgeon.run(recipe, output=str(out), quiet=True, piece_size="2KB", threads=2)
+        outs.append({f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))})
+    assert outs[0] == outs[1]
+
+
 def test_write_rows_in_any_order_and_journal_on_completion(tmp_path: Path) -> None:
     t = torch.arange(40, dtype=torch.float32).reshape(10, 4)
     specs = [TensorSpec("a", (10, 4), torch.float32), TensorSpec("b", (3,), torch.bfloat16)]
