@@ -35,21 +35,6 @@ def test_exact_matches_sklearn(seed, n, d, k):
     np.testing.assert_allclose(_dense(idx, coef, n), ref, atol=2e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("chunk", [7, 64, 299])
-def test_exact_in_column_blocks_matches_sklearn(chunk):
-    # the correlations are updated and searched block by block; any block size gives the same pursuit
-    g = torch.Generator().manual_seed(4)
-    A = torch.randn(300, 64, generator=g) * torch.rand(300, 1, generator=g).add(0.5)
-    Y = torch.randn(16, 64, generator=g)
-    idx, coef = omp_exact(Y, A, 20, chunk=chunk)
-    ref = _sklearn(A, Y, 20)
-    for b in range(Y.shape[0]):
-        assert set(idx[b].tolist()) == set(np.flatnonzero(ref[b]).tolist())
-    np.testing.assert_allclose(_dense(idx, coef, 300), ref, atol=2e-4, rtol=1e-3)
-    i1, _ = omp_exact(Y, A, 20, chunk=10**6)
-    assert torch.equal(idx, i1)
-
-
 @pytest.mark.parametrize("gram", [True, False])
 def test_screened_with_all_candidates_is_exact(gram):
     g = torch.Generator().manual_seed(5)

@@ -101,14 +101,6 @@ def _coefficients(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # exactly the OMP solution (no triangular solve inside the loop).
 
 
-_CHUNK_BYTES = 4 << 20  # correlations updated and searched in column blocks of about this size (stays in cache)
-
-
-def _argmax_abs(hi: torch.Tensor, j_hi: torch.Tensor, lo: torch.Tensor, j_lo: torch.Tensor) -> torch.Tensor:
-    """Index of the largest |value| from the row maxima and minima (ties: the maximum)."""
-    return torch.where(hi >= -lo, j_hi, j_lo)
-
-
 def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int, *,
               chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP of each row of ``targets`` over all atoms of ``dictionary``.
