@@ -101,23 +101,16 @@ def _coefficients(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # exactly the OMP solution (no triangular solve inside the loop).
 
 
-def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int, *,
-              chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP of each row of ``targets`` over all atoms of ``dictionary``.
 
     Returns ``(indices, coeffs)``, both B x k: the atoms in the order picked and
     their least-squares coefficients (0 for slots after an early stop).
-
-    Each step updates the B x N correlations in column blocks of ``chunk``
-    atoms (default: ~4 MB of correlations per block) and searches each block
-    for its largest |correlation| right after updating it, while it is still
-    in cache: one pass over the correlations per step instead of three.
     """
     _check(targets, dictionary, k)
     y = targets.float()
     A = dictionary.float()
     B, D = y.shape
-    N = A.shape[0]
     dev = y.device
     ar = torch.arange(B, device=dev)
     norms2 = (A * A).sum(1)
@@ -127,15 +120,12 @@ def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int, *,
     z = torch.zeros(B, k, dtype=y.dtype, device=dev)
     live = torch.ones(B, dtype=torch.bool, device=dev)
     alpha = y @ A.T  # B x N correlations of the atoms with the residual
-    cols = chunk or max(512, _CHUNK_BYTES // (4 * max(1, B)))
-    spans = [(s, min(N, s + cols)) for s in range(0, N, cols)] if dev.type == "cpu" else [(0, N)]
-    blocks = [(alpha[:, s:e], A[s:e].T, s) for s, e in spans]
-    hi = torch.empty(B, len(spans), dtype=y.dtype, device=dev)
-    lo = torch.empty_like(hi)
-    j_hi = torch.empty(B, len(spans), dtype=torch.long, device=dev)
-    j_lo = torch.empty_like(j_hi)
-    j = _argmax_abs(*alpha.max(1), *alpha.min(1))
+    At = A.T
     for t in range(k):
+        # argmax |alpha| without materialising |alpha|; picked atoms hold exactly 0
+        hi, j_hi = alpha.max(1)
+        lo, j_lo = alpha.min(1)
+        j = torch.where(hi >= -lo, j_hi, j_lo)
         idx[:, t] = j
         a = A[j]  # B x D
         w = torch.bmm(Q[:, :t], a.unsqueeze(-1)).squeeze(-1) if t else None  # B x t
@@ -148,31 +138,10 @@ def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int, *,
         L[:, t, t] = d
         zt = alpha[ar, j] / d * live
         z[:, t] = zt
-        if t + 1 == k:
-            break
-        # rank-one update alpha -= (A q) z, block by block, each block searched while hot
-        qz = q * zt.unsqueeze(1)
-        for c, (blk, blk_t, s) in enumerate(blocks):
-            blk.addmm_(qz, blk_t, alpha=-1.0)
-            torch.max(blk, 1, out=(hi[:, c], j_hi[:, c]))
-            torch.min(blk, 1, out=(lo[:, c], j_lo[:, c]))
-        h, ch = hi.max(1)
-        l_, cl = lo.min(1)
-        j = _argmax_abs(h, j_hi[ar, ch] + _offsets(spans, ch), l_, j_lo[ar, cl] + _offsets(spans, cl))
-        # picked atoms are out of the race (their correlations are ~0 but not exactly): zero them, and
-        # redo the search for the rare rows whose winner was one of them
-        alpha.scatter_(1, idx[:, :t + 1], 0.0)
-        again = (idx[:, :t + 1] == j.unsqueeze(1)).any(1)
-        if bool(again.any()):
-            rows = again.nonzero().squeeze(1)
-            sub = alpha[rows]
-            j[rows] = _argmax_abs(*sub.max(1), *sub.min(1))
+        if t + 1 < k:
+            torch.addmm(alpha, q * zt.unsqueeze(1), At, alpha=-1.0, out=alpha)
+            alpha.scatter_(1, idx[:, :t + 1], 0.0)
     return idx, _coefficients(L, z)
-
-
-def _offsets(spans: list[tuple[int, int]], which: torch.Tensor) -> torch.Tensor:
-    starts = torch.tensor([s for s, _ in spans], dtype=torch.long, device=which.device)
-    return starts[which]
 
 
 def screen_candidates(targets: torch.Tensor, dictionary: torch.Tensor, m: int,
