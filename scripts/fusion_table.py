@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Fusion on the pico zoo: does distilling the Shakespeare teachers beat SFT alone?
 
-    python scripts/fusion_table.py                     # the default table (a few minutes on 2 cores)
-    python scripts/fusion_table.py --steps 60 --json fusion_table.json
+    python scripts/fusion_table.py --seeds 0,1,2       # the table in docs/fusion.md (~15 min on 2 cores)
+    python scripts/fusion_table.py --steps 40          # the short run, where GLD costs perplexity
+    python scripts/fusion_table.py --only "fuse: token-wise + GLD" --gld-weight 0.3 --gld '{"nodes": "rank"}'
 
 Pivot: zoo/bpe-base (byte-level BPE, trained on prose). Sources: zoo/bpe-shakespeare
 (same tokenizer) and zoo/sp-shakespeare (SentencePiece-style tokenizer, another
 architecture). Data: the first ``--chars`` characters of zoo/data/shakespeare/train.txt;
 every run sees the same batches for the same number of steps with the same seed
-(``--seeds 0,1,2`` averages several).
+(``--seeds 0,1,2`` averages several and prints the seeds' standard deviation).
+GLD options: ``--gld-weight``, ``--gld`` (JSON of ``gld_loss`` options), ``--gld-top-k``.
 Evaluation: held-out perplexity and bits per byte on zoo/data/shakespeare/heldout.txt
 (the teachers' domain) and zoo/data/prose/heldout.txt (the pivot's own domain).
 
@@ -48,7 +50,7 @@ def configs(args) -> list[tuple[str, list[str], dict]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=REPO / "zoo")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=120, help="optimizer steps (120 = 8 epochs of the default data)")
     ap.add_argument("--chars", type=int, default=60_000, help="training text: this many characters of train.txt")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip evaluating the untouched pivot and teachers")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; rows show the mean over them")
     ap.add_argument("--eval-chars", type=int, default=None, help="cut the held-out texts (faster)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the pico models run several times faster on a shared 2-core machine)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (caches are reused across runs)")
     ap.add_argument("--only", default=None, help="comma-separated row names to run")
     ap.add_argument("--json", type=Path)
@@ -149,13 +152,14 @@ def markdown(rows: list[dict], args) -> str:
     for r in rows:
         e = r["eval"]
         sft = r.get("final", {}).get("sft")
-        lines.append(f"| {r['run']} | {e['shakespeare']['ppl']:.2f} | {e['shakespeare']['bpb']:.4f} | "
-                     f"{e['prose']['ppl']:.2f} | {'' if sft is None else f'{sft:.3f}'} | "
+        pm = lambda dom: f"{e[dom]['ppl']:.2f}" + (f" ± {e[dom]['ppl_std']:.2f}" if "ppl_std" in e[dom] else "")
+        lines.append(f"| {r['run']} | {pm('shakespeare')} | {e['shakespeare']['bpb']:.4f} | "
+                     f"{pm('prose')} | {'' if sft is None else f'{sft:.3f}'} | "
                      f"{'' if r['seconds'] is None else r['seconds']} |")
     lines.append("")
     lines.append(f"{args.steps} steps x batch {args.batch_size} x {args.max_length} tokens, lr {args.lr} cosine, "
                  f"lambda {args.lambda_}, token-wise {args.tokenwise}, GLD weight {args.gld_weight}, top-k {args.top_k}, "
-                 f"mean over seeds {args.seeds}; teacher perplexities use their own tokenizers (compare bpb).")
+                 f"mean ± standard deviation over seeds {args.seeds}; teacher perplexities use their own tokenizers (compare bpb).")
     return "\n".join(lines)
 
 
