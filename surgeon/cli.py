@@ -42,7 +42,7 @@ def _add_run_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--work-dir", help="folder for intermediate steps (default: .OUTPUT.surgeon-work beside the output)")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu (default), cuda, cuda:1")
-    p.add_argument("--threads", type=int, help="cap on threads: torch's arithmetic threads and the reader threads (default: all cores; up to 4 readers)")
+    p.add_argument("--threads", type=int, help="threads for arithmetic (merges: that many tensors at once, each single-threaded) and for reading (default: all cores, up to 4)")
     p.add_argument("--max-shard-size", help="largest shard, e.g. 2GB, 500MiB (default 5GB)")
     p.add_argument("--piece-size", help="stream tensors in row pieces of at most this many bytes per input, e.g. "
                    "32MiB (default), 8MiB to use less memory; 0 reads whole tensors")

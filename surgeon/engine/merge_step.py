@@ -216,6 +216,8 @@ class MergeRuntime:
     progress: Callable[..., None] | None = None  # called with bytes written (and whether a tensor is complete)
     coordinator: Any = None  # surgeon.engine.distributed.Coordinator when several processes share the step
     piece_bytes: int = PIECE_BYTES  # block-wise methods: stored bytes per input per piece (0: whole tensors)
+    # CPU block-wise merges: threads that each merge a whole one-piece tensor with
+    # single-threaded torch ops (see piecewise.execute_pieces); the pipeline sets it to --threads
     compute_workers: int = field(default_factory=lambda: int(os.environ.get("SURGEON_COMPUTE_WORKERS", "1")))
 
 

@@ -166,6 +166,12 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
         return compute
     # Several compute threads, each single-threaded: whole one-piece tensors run
     # side by side; a tensor cut into pieces runs on this thread, in order.
+    # Why not torch's own (OpenMP) threads: a block's ops are small (~30-500 us),
+    # so OpenMP's fork/join per op costs a share of every op, and when the cores
+    # are shared with other processes a descheduled team member stalls every op
+    # (a TIES merge of base + 3 x 1.26B took 61 s with 2 OpenMP threads and 49 s
+    # with 2 compute threads on a quiet 2-core machine; a small merge on a busy
+    # one 27.9 s against 4.8 s). bincount, a third of TIES' time, is serial anyway.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

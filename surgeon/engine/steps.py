@@ -8,6 +8,7 @@ through the atomic writer.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -87,6 +88,7 @@ class MergeKind:
             rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
                               allow_nonfinite=pipeline.opts.allow_nonfinite, progress=advance,
                               coordinator=pipeline.coord)
+            rt.compute_workers = int(os.environ.get("SURGEON_COMPUTE_WORKERS", threads))
             if pipeline.opts.piece_size is not None:
                 size = pipeline.opts.piece_size
                 rt.piece_bytes = 0 if str(size).strip() == "0" else parse_size(size)

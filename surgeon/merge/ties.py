@@ -266,13 +266,17 @@ class TiesKernel:
         out = torch.nn.functional.hardshrink(d, t)  # strictly above the threshold
         quota = self._quota[i]
         if quota > 0:
-            tied = d.abs() == t
-            idx = torch.nonzero(tied.reshape(-1)).squeeze(1)
-            if idx.numel():
-                idx = idx[:quota]
-                flat_out, flat_d = out.reshape(-1), d.reshape(-1)
-                flat_out[idx] = flat_d[idx]
-                self._quota[i] = quota - idx.numel()
+            # the tied entries' values: (|d| >= t) minus (|d| > t), in float ops (t > 0 here)
+            with_ties = torch.nn.functional.hardshrink(d, _below(t))
+            tied_values = with_ties - out
+            tied = int(torch.count_nonzero(tied_values))
+            if tied <= quota:  # every tied entry of this block belongs
+                self._quota[i] = quota - tied
+                return with_ties
+            idx = torch.nonzero(tied_values.reshape(-1)).squeeze(1)[:quota]
+            flat_out, flat_d = out.reshape(-1), d.reshape(-1)
+            flat_out[idx] = flat_d[idx]
+            self._quota[i] = 0
         return out
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
