@@ -236,9 +236,7 @@ def iter_pieces(plan: Any, inputs: dict[str, Any], rt: Any, tasks: list[Any],
                 whole_loader: Any) -> Iterator[tuple[Any, PieceInputs]]:
     """Each task's row pieces in order, read ahead (for whole-model statistic
     passes such as TIES' ``trim_scope: model`` pre-pass)."""
-    from ..merge.blocks import TensorMeta as _Meta
-
-    kernels = [(t, _NoKernel(), _Meta(t.name, tuple(t.spec.shape), t.model_params, t.params, plan.base_id is not None))
+    kernels = [(t, _NoKernel(), TensorMeta(t.name, tuple(t.spec.shape), t.model_params, t.params, plan.base_id is not None))
                for t in tasks]
     jobs = plan_jobs(plan, kernels, inputs, rt.piece_bytes or PIECE_BYTES)  # type: ignore[arg-type]
     n_in = len(plan.model_ids) + (1 if plan.base_id else 0)
