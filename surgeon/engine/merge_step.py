@@ -73,19 +73,23 @@ class MergePlan:
     def bytes_out(self) -> int:
         return sum(t.spec.nbytes for t in self.tasks)
 
-    def peak_bytes(self, prefetch: int, prefetch_bytes: int = 512 * 2**20, piece_bytes: int = PIECE_BYTES) -> int:
-        """Estimated working memory of the merge.
+    def peak_bytes(self, prefetch: int, prefetch_bytes: int = 512 * 2**20, piece_bytes: int = PIECE_BYTES,
+                   workers: int = 1) -> int:
+        """Estimated working memory of the merge (the interpreter and torch, ~0.35 GB, come on top).
 
-        Block-wise methods: the current piece of every input in its stored
-        dtype, the read-ahead, and two output pieces waiting for the writer —
-        independent of the model's size. Whole-tensor methods: the largest
-        tensor's float32 inputs, ~3 working copies, and the read-ahead.
+        Block-wise methods: a piece of every input for each read queued
+        (``prefetch`` + 1) and each compute thread, three output pieces, and
+        the float32 blocks — independent of the model's size. Whole-tensor
+        methods: the largest tensor's float32 inputs, ~3 working copies, and
+        the read-ahead.
         """
         n_in = len(self.model_ids) + (1 if self.base_id else 0)
         largest_numel = max((math.prod(t.spec.shape) for t in self.tasks), default=0)
         if self.method.blockwise and piece_bytes > 0:
             piece = min(largest_numel * 2, piece_bytes)  # bf16-sized; float32 inputs make pieces of half the rows
-            return n_in * piece + min(prefetch_bytes, n_in * piece * prefetch) + 3 * piece
+            queued = min(prefetch + 1, 1 + prefetch_bytes // max(1, n_in * piece))
+            blocks = workers * (n_in + 8) * (1 << 18) * 4
+            return n_in * piece * (queued + workers) + 3 * piece + blocks
         largest = largest_numel * 4
         return largest * (n_in + 3) + min(prefetch_bytes, largest * n_in * prefetch)
 

@@ -20,6 +20,7 @@ from ..errors import InvalidInputError, StepError
 from ..io.writer import CheckpointWriter, TensorSpec, parse_size
 from ..recipe.schema import Step
 from .merge_step import MergePlan, MergeRuntime, execute_merge, output_checkpoint, plan_merge
+from .piecewise import PIECE_BYTES
 from .virtual import VirtualCheckpoint
 
 if TYPE_CHECKING:
@@ -62,8 +63,12 @@ class StepKind(Protocol):
 class MergeKind:
     def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
         mp = plan_merge(step.id, step.merge, inputs, where)  # type: ignore[arg-type]
-        return StepPlan(output_checkpoint(mp, inputs), mp.bytes_in, len(mp.tasks), mp.peak_bytes(pipeline.opts.prefetch),
-                        mp.notes, mp)
+        workers = pipeline.opts.threads or max(1, min(4, torch.get_num_threads()))
+        piece = PIECE_BYTES
+        if pipeline.opts.piece_size is not None:
+            piece = 0 if str(pipeline.opts.piece_size).strip() == "0" else parse_size(pipeline.opts.piece_size)
+        peak = mp.peak_bytes(pipeline.opts.prefetch, piece_bytes=piece, workers=workers)
+        return StepPlan(output_checkpoint(mp, inputs), mp.bytes_in, len(mp.tasks), peak, mp.notes, mp)
 
     def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
                 fingerprint: str) -> dict[str, Any]:
