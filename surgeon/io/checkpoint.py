@@ -197,12 +197,14 @@ class Checkpoint:
             t = t.to(device)
         return t
 
-    def get_rows(self, name: str, start: int, stop: int, pin: bool = False) -> torch.Tensor:
+    def get_rows(self, name: str, start: int, stop: int, pin: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor along its first dimension, in its
         stored dtype: one ``pread`` of that contiguous byte range (safetensors
         stores tensors row-major), so a merge can stream a tensor larger than
         it wants to hold. ``pin`` reads into page-locked memory, for an
-        asynchronous copy to a GPU."""
+        asynchronous copy to a GPU; ``out`` (a uint8 tensor at least that
+        large) is a buffer to read into instead of a fresh one."""
         info = self.info(name)
         rows = info.shape[0] if info.shape else 1
         if not 0 <= start <= stop <= rows:
@@ -212,13 +214,14 @@ class Checkpoint:
             return t[start:stop].clone() if info.shape else t.reshape(1)[start:stop].reshape(())
         row_bytes = info.nbytes // rows if rows else 0
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        buf = self._read_bytes(info, info.offset + start * row_bytes, (stop - start) * row_bytes, pin=pin)
+        buf = self._read_bytes(info, info.offset + start * row_bytes, (stop - start) * row_bytes, pin=pin, out=out)
         return buf.view(info.dtype).reshape(shape)
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
         return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
 
-    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, pin: bool = False) -> torch.Tensor:
+    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, pin: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Read a tensor's bytes straight into a fresh buffer with ``pread``.
 
         Not ``mmap``: pages touched through a mapping stay in this process's
@@ -227,7 +230,10 @@ class Checkpoint:
         buffer we own costs the same single copy (page cache -> tensor) and the
         memory is freed with the tensor.
         """
-        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and nbytes > 0)
+        if out is not None and out.dtype == torch.uint8 and out.numel() >= nbytes and out.is_contiguous():
+            buf = out.reshape(-1)[:nbytes]
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and nbytes > 0)
         if nbytes:
             fd = self._fds.get(info.file)
             if fd is None:

@@ -130,6 +130,8 @@ class PieceInputs:
     start: int
     base: torch.Tensor | None
     models: list[torch.Tensor]
+    # read buffers the data lives in, handed back to their pool once the piece is merged
+    buffers: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
