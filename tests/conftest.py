@@ -92,3 +92,13 @@ def make_tiny_llama(tmp_path: Path) -> Callable[..., Path]:
         return build_tiny_llama(tmp_path / name, **kw)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with torch's intra-op threads set to 1 (small ops on a shared
+    2-core machine are faster and steadier without OpenMP's fork/join)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -22,8 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 TOK = REPO / "zoo" / "tokenizers"
 DATA = REPO / "zoo" / "data"
 
-pytestmark = pytest.mark.skipif(not (TOK / "bpe" / "tokenizer.json").is_file() or not (TOK / "sp" / "tokenizer.json").is_file(),
-                                reason="zoo tokenizers not built (scripts/build_zoo.py)")
+pytestmark = [
+    pytest.mark.skipif(not (TOK / "bpe" / "tokenizer.json").is_file() or not (TOK / "sp" / "tokenizer.json").is_file(),
+                       reason="zoo tokenizers not built (scripts/build_zoo.py)"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 SAMPLE = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
           "def area(r):\n    return 3.14159 * r ** 2  # café, naïve — 12345\n"
@@ -35,14 +38,6 @@ def toks():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(TOK / "bpe")), AutoTokenizer.from_pretrained(str(TOK / "sp"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _text(domain: str, n: int) -> str:

@@ -19,12 +19,7 @@ HAVE_ZOO = all((ZOO / m / "config.json").is_file() for m in ("bpe-base", "bpe-sh
 TOK = REPO / "zoo" / "tokenizers"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -13,14 +13,7 @@ RECIPE = REPO / "recipes" / "fusechat.yaml"
 ZOO = REPO / "zoo"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.skipif(not all((ZOO / m / "config.json").is_file() for m in ("bpe-base", "sp-shakespeare", "bpe-python")),

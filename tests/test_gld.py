@@ -21,12 +21,7 @@ from surgeon.fusion.gld import (co_activation_graph, graph_features, gw_brutefor
 ot = pytest.importorskip("ot")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def psd_graph(n: int, t: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
