@@ -89,7 +89,8 @@ class StreamSelector:
                 self.result[series] = Selected(float(pattern.view(torch.float32)[0]), below, int(h[j]))
 
 
-def _next_float(x: float, toward: float) -> float:
+def next_float(x: float, toward: float) -> float:
+    """The float32 next to ``x`` in the direction of ``toward``."""
     import numpy as np
 
     return float(np.nextafter(np.float32(x), np.float32(toward)))
@@ -97,30 +98,25 @@ def _next_float(x: float, toward: float) -> float:
 
 class RankCut:
     """Mask of the entries of a streamed non-negative tensor whose stable rank
-    is among the ``count`` smallest (``largest=False``) or the ``count``
-    largest (``largest=True``); ties go to lower flat indices either way.
+    is among the ``count`` smallest; ties go to lower flat indices. (TIES'
+    k-largest trim works on the signed deltas with ``hardshrink`` instead.)
 
     Built from the :class:`Selected` boundary value; :meth:`keep` returns a
     float 0/1 mask per block (blocks in flat order: tied entries are counted
     off a running quota).
     """
 
-    def __init__(self, sel: Selected, count: int, n: int, largest: bool):
+    def __init__(self, sel: Selected, count: int):
         self.t = sel.value
-        self.largest = largest
-        strict = (n - sel.below - sel.equal) if largest else sel.below  # entries strictly inside
-        self.quota = count - strict       # tied entries that belong, first in flat order
+        self.quota = count - sel.below    # tied entries that belong, first in flat order
         self.all_tied = self.quota >= sel.equal
 
     def keep(self, values: torch.Tensor) -> torch.Tensor:
         """Float mask (1 keep, 0 drop) for one block of the series (float ops: no bool tensors)."""
         t = self.t
-        if self.largest:  # [v > c] with c = t, or just below t when every tied entry belongs
-            c = _next_float(t, 0.0) if self.all_tied and t > 0 else t
-            mask = (values - c).relu_().sign_()
-        else:             # [v < c] with c = t, or just above t when every tied entry belongs
-            c = _next_float(t, float("inf")) if self.all_tied else t
-            mask = (c - values).relu_().sign_()
+        # [v < c] with c = t, or just above t when every tied entry belongs
+        c = next_float(t, float("inf")) if self.all_tied else t
+        mask = (c - values).relu_().sign_()
         if not self.all_tied and self.quota > 0:
             idx = torch.nonzero((values == t).reshape(-1)).squeeze(1)
             if idx.numel():

@@ -72,7 +72,7 @@ class BreadcrumbsKernel:
         self.consensus = consensus
         self.normalize = bool(meta.params["normalize"])
         self.lam = float(meta.params["lambda"])
-        n = self.n = meta.numel
+        n = meta.numel
         self.ranges: dict[int, tuple[int, int]] = {}
         requests: dict[object, int] = {}
         for i, mp in enumerate(meta.model_params):
@@ -101,7 +101,7 @@ class BreadcrumbsKernel:
         self.selector.end_pass(pass_no)
         if pass_no + 1 == StreamSelector.passes:
             for key, sel in self.selector.result.items():
-                self.cuts[key] = RankCut(sel, self.selector.ks[key], self.n, largest=False)
+                self.cuts[key] = RankCut(sel, self.selector.ks[key])
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         deltas = []

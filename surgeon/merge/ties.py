@@ -53,7 +53,7 @@ import torch
 from ..errors import InvalidInputError, StepError
 from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, elect_sign, l1_rescale, normalize_param, rescale_param
 from ._select import largest_mask, stream_kth_smallest
-from ._streamselect import StreamSelector
+from ._streamselect import StreamSelector, next_float
 from .blocks import TensorMeta, consensus_mix
 from .registry import Param, ReiterableMerges, TensorMerge, merge_method
 
@@ -185,9 +185,7 @@ def _trimmed_model_scope(t: TensorMerge, thresholds: list[float | None]) -> list
 
 def _below(x: float) -> float:
     """The largest float32 below ``x`` (>= 0): ``hardshrink(d, _below(t))`` keeps ``|d| >= t``."""
-    import numpy as np
-
-    return float(np.nextafter(np.float32(x), np.float32(0.0)))
+    return next_float(x, 0.0)
 
 
 class TiesKernel:
