@@ -49,6 +49,13 @@ class _Job:
     pieces: list[tuple[int, int]]  # row ranges
     row_elems: int
     whole_fp32: bool  # read whole through the row-aligning loader
+    n_in: int         # inputs read per piece
+    itemsize: int     # bytes per entry as read: the widest input dtype (float32 when aligned)
+
+    def piece_bytes(self, piece: int) -> int:
+        """Bytes one read of ``piece`` brings in (all inputs)."""
+        r0, r1 = self.pieces[piece]
+        return self.n_in * (r1 - r0) * self.row_elems * self.itemsize
 
 
 @dataclass
@@ -76,20 +83,19 @@ def plan_jobs(plan: Any, kernels: list[tuple[Any, BlockKernel, TensorMeta]], inp
         else:
             per = max(1, piece_bytes // max(1, row_elems * item))
             pieces = [(r, min(r + per, rows)) for r in range(0, rows, per)]
-        jobs.append(_Job(task, kernel, meta, pieces, row_elems, aligned))
+        jobs.append(_Job(task, kernel, meta, pieces, row_elems, aligned, len(involved), 4 if aligned else item))
     return jobs
 
 
-def _reads(jobs: list[_Job], n_in: int, item: Callable[[_Job], int]) -> Iterator[_Read]:
+def _reads(jobs: list[_Job]) -> Iterator[_Read]:
     for job in jobs:
         passes = job.kernel.stat_passes + 1
         if len(job.pieces) == 1:
-            r0, r1 = job.pieces[0]
-            yield _Read(job, 0, tuple(range(passes)), n_in * (r1 - r0) * job.row_elems * item(job))
+            yield _Read(job, 0, tuple(range(passes)), job.piece_bytes(0))
             continue
         for p in range(passes):
-            for i, (r0, r1) in enumerate(job.pieces):
-                yield _Read(job, i, (p,), n_in * (r1 - r0) * job.row_elems * item(job))
+            for i in range(len(job.pieces)):
+                yield _Read(job, i, (p,), job.piece_bytes(i))
 
 
 class _BufferPool:
@@ -157,16 +163,13 @@ class _PieceLoader:
 def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any, out_queue: Any,
                    whole_loader: Any, on_nonfinite: Callable[[Any, torch.Tensor], None]) -> float:
     """Run every job; finished pieces go to ``out_queue.put_rows``. Returns compute seconds."""
-    n_in = len(plan.model_ids) + (1 if plan.base_id else 0)
-    item_size = {job.task.name: max(inputs[m].info(job.task.name).dtype.itemsize
-                                    for m in ([plan.base_id] if plan.base_id else []) + plan.model_ids)
-                 for job in jobs}
-    read_buffers = _BufferPool(max((max(r1 - r0 for r0, r1 in j.pieces) * j.row_elems * item_size[j.task.name]
-                            for j in jobs if not j.whole_fp32), default=0))
+    # one buffer per input per piece in flight, each as large as the largest input piece
+    read_buffers = _BufferPool(max((j.piece_bytes(i) // j.n_in for j in jobs if not j.whole_fp32
+                                    for i in range(len(j.pieces))), default=0))
     load = _PieceLoader(plan, inputs, rt.device, whole_loader, read_buffers)
     compute = 0.0
     last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
-    reads = _reads(jobs, n_in, lambda j: 4 if j.whole_fp32 else item_size[j.task.name])
+    reads = _reads(jobs)
 
     def process(read: _Read, piece: PieceInputs) -> tuple[float, list[tuple[Any, int, torch.Tensor]]]:
         job = read.job
@@ -280,10 +283,6 @@ def iter_pieces(plan: Any, inputs: dict[str, Any], rt: Any, tasks: list[Any],
     kernels = [(t, _NoKernel(), TensorMeta(t.name, tuple(t.spec.shape), t.model_params, t.params, plan.base_id is not None))
                for t in tasks]
     jobs = plan_jobs(plan, kernels, inputs, rt.piece_bytes or PIECE_BYTES)  # type: ignore[arg-type]
-    n_in = len(plan.model_ids) + (1 if plan.base_id else 0)
-    involved = ([plan.base_id] if plan.base_id else []) + plan.model_ids
-    size = {j.task.name: 4 if j.whole_fp32 else max(inputs[m].info(j.task.name).dtype.itemsize for m in involved)
-            for j in jobs}
     load = _PieceLoader(plan, inputs, rt.device, whole_loader)
-    for read, piece in _prefetched(_reads(jobs, n_in, lambda j: size[j.task.name]), load, rt):
+    for read, piece in _prefetched(_reads(jobs), load, rt):
         yield read.job.task, piece
