@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -222,7 +221,8 @@ class MergeRuntime:
     piece_bytes: int = PIECE_BYTES  # block-wise methods: stored bytes per input per piece (0: whole tensors)
     # CPU block-wise merges: threads that each merge a whole one-piece tensor with
     # single-threaded torch ops (see piecewise.execute_pieces); the pipeline sets it to --threads
-    compute_workers: int = field(default_factory=lambda: int(os.environ.get("SURGEON_COMPUTE_WORKERS", "1")))
+    # (or SURGEON_COMPUTE_WORKERS)
+    compute_workers: int = 1
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -60,14 +60,23 @@ class StepKind(Protocol):
                 fingerprint: str) -> dict[str, Any]: ...
 
 
+def _merge_threads(pipeline: "Pipeline") -> int:
+    """Reader and compute threads of a merge: --threads, else the cores torch sees (at most 4)."""
+    return pipeline.opts.threads or max(1, min(4, torch.get_num_threads()))
+
+
+def _piece_bytes(pipeline: "Pipeline") -> int:
+    """--piece-size in bytes (0: whole tensors), default PIECE_BYTES."""
+    size = pipeline.opts.piece_size
+    if size is None:
+        return PIECE_BYTES
+    return 0 if str(size).strip() == "0" else parse_size(size)
+
+
 class MergeKind:
     def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
         mp = plan_merge(step.id, step.merge, inputs, where)  # type: ignore[arg-type]
-        workers = pipeline.opts.threads or max(1, min(4, torch.get_num_threads()))
-        piece = PIECE_BYTES
-        if pipeline.opts.piece_size is not None:
-            piece = 0 if str(pipeline.opts.piece_size).strip() == "0" else parse_size(pipeline.opts.piece_size)
-        peak = mp.peak_bytes(pipeline.opts.prefetch, piece_bytes=piece, workers=workers)
+        peak = mp.peak_bytes(pipeline.opts.prefetch, piece_bytes=_piece_bytes(pipeline), workers=_merge_threads(pipeline))
         return StepPlan(output_checkpoint(mp, inputs), mp.bytes_in, len(mp.tasks), peak, mp.notes, mp)
 
     def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
@@ -75,7 +84,7 @@ class MergeKind:
         mp: MergePlan = plan.detail
         for note in mp.notes:
             pipeline._say(f"step {step.id}: {note}")
-        threads = pipeline.opts.threads or max(1, min(4, torch.get_num_threads()))
+        threads = _merge_threads(pipeline)
         with CheckpointWriter(dest, mp.specs, max_shard_size=pipeline.max_shard_size, overwrite=True,
                               metadata={"surgeon.step": step.id}, coordinator=pipeline.coord) as writer:
             bar = tqdm(total=mp.bytes_out, unit="B", unit_scale=True, desc=f"merge {step.id}",
@@ -92,11 +101,8 @@ class MergeKind:
             count[0] -= 1
             rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
                               allow_nonfinite=pipeline.opts.allow_nonfinite, progress=advance,
-                              coordinator=pipeline.coord)
-            rt.compute_workers = int(os.environ.get("SURGEON_COMPUTE_WORKERS", threads))
-            if pipeline.opts.piece_size is not None:
-                size = pipeline.opts.piece_size
-                rt.piece_bytes = 0 if str(size).strip() == "0" else parse_size(size)
+                              coordinator=pipeline.coord, piece_bytes=_piece_bytes(pipeline),
+                              compute_workers=int(os.environ.get("SURGEON_COMPUTE_WORKERS", threads)))
             try:
                 details = execute_merge(mp, inputs, writer, rt)
             finally:
