@@ -374,15 +374,16 @@ class _BackgroundWriter:
         if self.progress:
             self.progress(rows.numel() * rows.element_size(), self.writer.is_written(task.name))
 
-    def put(self, task: TensorTask, out: torch.Tensor) -> None:
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         while len(self.pending) >= self.depth:
             self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self._write, task, out))
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def put(self, task: TensorTask, out: torch.Tensor) -> None:
+        self._submit(self._write, task, out)
 
     def put_rows(self, task: TensorTask, start: int, rows: torch.Tensor) -> None:
-        while len(self.pending) >= self.depth:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self._write_rows, task, start, rows))
+        self._submit(self._write_rows, task, start, rows)
 
     def __enter__(self) -> "_BackgroundWriter":
         return self

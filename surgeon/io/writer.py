@@ -319,19 +319,7 @@ class CheckpointWriter:
                 f"{self.dest}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"planned {slot.spec.shape} {slot.spec.dtype}"
             )
-        data = tensor_bytes(tensor)
-        fd = self._fds[slot.file]
-        try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], slot.offset + done)
-            self._journal.write(name + "\n")
-            self._journal.flush()
-        except OSError as exc:
-            raise StepError(
-                f"{self.staging / slot.file}: writing tensor {name!r} failed ({exc.strerror or exc})"
-            ) from None
-        self._written.add(name)
+        self._place(slot, name, tensor_bytes(tensor), 0)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Place rows ``[start, start + len(rows))`` of a tensor (first dimension).
@@ -349,16 +337,18 @@ class CheckpointWriter:
                 or not 0 <= start <= start + (rows.shape[0] if shape else 1) <= total_rows:
             raise StepError(f"{self.dest}: rows {start}+{tuple(rows.shape)} {rows.dtype} do not fit tensor {name!r} "
                             f"planned {shape} {slot.spec.dtype}")
-        data = tensor_bytes(rows)
         row_bytes = slot.spec.nbytes // total_rows if total_rows else 0
+        self._place(slot, name, tensor_bytes(rows), start * row_bytes)
+
+    def _place(self, slot: _Slot, name: str, data: memoryview, at: int) -> None:
+        """``pwrite`` bytes ``at`` bytes into a tensor's slot; journal the tensor once all of it is placed."""
         fd = self._fds[slot.file]
         try:
             done = 0
             while done < len(data):
-                done += os.pwrite(fd, data[done:], slot.offset + start * row_bytes + done)
-            filled = self._filled.get(name, 0) + len(data)
+                done += os.pwrite(fd, data[done:], slot.offset + at + done)
+            filled = self._filled.pop(name, 0) + len(data)
             if filled >= slot.spec.nbytes:
-                self._filled.pop(name, None)
                 self._journal.write(name + "\n")
                 self._journal.flush()
                 self._written.add(name)
