@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from .engine.allocator import keep_freed_memory
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_STEP_FAILED, SurgeonError
 
 EPILOG = """exit codes: 0 success, 1 diff gate failed, 2 invalid recipe or input, 3 a step failed, 130 interrupted.
@@ -341,6 +342,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # this process is ours: reuse freed block buffers (see surgeon.engine.allocator)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(args)

@@ -246,3 +246,49 @@ def test_write_rows_in_any_order_and_journal_on_completion(tmp_path: Path) -> No
     assert ck.get_rows("b", 1, 3).tolist() == [1.0, 1.0]
     with pytest.raises(Exception, match="out of range"):
         ck.get_rows("a", 8, 11)
+
+
+# ---------------------------------------------------------------------------
+# The compiled counting loops behind exact selection (numba on CPU) against bincount.
+
+def _adversarial_magnitudes(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    v = (torch.randn(n, generator=g) * 0.02).abs()
+    v[:50] = 0.0
+    v[50:60] = torch.tensor(1e-45)          # subnormals (bucket 0)
+    v[60:70] = float("inf")                  # the largest bucket that non-negative floats reach
+    v[70:80] = torch.finfo(torch.float32).max
+    bits = v.view(torch.int32)
+    bits[100:200] = (bits[100:200] >> 16) << 16   # exactly at bucket starts
+    bits[200:300] |= 0xFFFF                        # bucket ends
+    return v
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, BLOCK_ELEMS + 5])
+def test_compiled_counts_equal_bincount(n: int) -> None:
+    from surgeon.merge import _hist
+
+    if not _hist.compiled_counts_available():
+        pytest.skip("numba unavailable")
+    v = _adversarial_magnitudes(max(n, 300))[:n]
+    bits = v.view(torch.int32)
+    top = torch.zeros(1 << 15, dtype=torch.int64)
+    _hist.count_top16(v, top)
+    _hist.count_top16(v, top)  # counts accumulate
+    assert torch.equal(top, 2 * torch.bincount(bits >> 16, minlength=1 << 15))
+    for bucket in {int(bits[0] >> 16), int(bits[-1] >> 16), int(torch.argmax(top)), 0, (1 << 15) - 1, 0x7F80}:
+        got = torch.zeros(1 << 16, dtype=torch.int64)
+        _hist.count_bucket(v, bucket, got)
+        inside = bits[(bits >> 16) == bucket] & 0xFFFF
+        assert torch.equal(got, torch.bincount(inside, minlength=1 << 16)), bucket
+
+
+def test_ties_kernel_without_compiled_counts_equals_reference(monkeypatch) -> None:
+    from surgeon.merge import _hist
+
+    monkeypatch.setattr(_hist, "_kernels", lambda: None)
+    base, models = _family((2 * BLOCK_ELEMS + 3,), quantized=True, seed=1)
+    mps = [{"density": 0.3}, {"density": 0.55}, {"density": 0.9}]
+    method = get_method("ties")
+    ref = method.fn(build_merge("ties", base, models, mps))
+    assert torch.equal(apply_method(method, build_merge("ties", base, models, mps)), ref)

@@ -1,0 +1,98 @@
+"""Compiled histogram loops for :mod:`surgeon.merge._streamselect` on CPU.
+
+Why not ``torch.bincount``. The exact selection behind the TIES and breadcrumbs
+trims counts the bit patterns of every ``|delta|`` twice per tensor. On CPU,
+``torch.bincount`` scans its input three times (minimum, maximum, then the
+scalar counting loop) into a fresh histogram that must then be added to the
+running one, and the second pass first needs three more elementwise ops to
+clamp the keys; on the 2-core development machine that was ~40 % of a TIES
+merge. The same counts from one numba loop each (``nogil``, so the engine's
+compute threads run them side by side) take 1/2 (top 16 bits) and 1/5 (one
+bucket) of the time: a profile-guided choice, measured in
+``docs/merging.md``.
+
+numba is imported on first use only (CPU merges that trim by magnitude), and
+compiled functions are cached on disk (``cache=True``), so only the very first
+run pays the compilation (~2 s). Set ``SURGEON_NO_NUMBA=1`` to count with
+torch ops instead (same counts; tests check both).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+#: entries scanned per chunk of the bucket count: a chunk with no entry in
+#: the bucket (most of them, the bucket holding well under 1 % of a tensor) is
+#: skipped after one vectorised test
+_CHUNK = 64
+
+
+@lru_cache(maxsize=1)
+def _kernels() -> Any:
+    """Compile (or load from numba's cache) the two counting loops; None
+    when numba is unavailable or switched off."""
+    if os.environ.get("SURGEON_NO_NUMBA", "").strip() not in ("", "0"):
+        return None
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; keep merges working without it
+        return None
+
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+    @jit
+    def top16(bits, hist):  # pragma: no cover - compiled
+        for i in range(bits.shape[0]):
+            hist[bits[i] >> np.uint32(16)] += 1
+
+    @jit
+    def bucket16(bits, bucket, hist):  # pragma: no cover - compiled
+        b = np.uint32(bucket)
+        n = bits.shape[0]
+        for s in range(0, n, _CHUNK):
+            e = min(n, s + _CHUNK)
+            hit = False
+            for i in range(s, e):
+                hit |= (bits[i] >> np.uint32(16)) == b
+            if hit:
+                for i in range(s, e):
+                    v = bits[i]
+                    if (v >> np.uint32(16)) == b:
+                        hist[v & np.uint32(0xFFFF)] += 1
+
+    return SimpleNamespace(top16=top16, bucket16=bucket16)
+
+
+def compiled_counts_available() -> bool:
+    return _kernels() is not None
+
+
+def _bits(values: torch.Tensor) -> np.ndarray:
+    return values.detach().reshape(-1).contiguous().view(torch.int32).numpy().view(np.uint32)
+
+
+def count_top16(values: torch.Tensor, hist: torch.Tensor) -> None:
+    """``hist[v >> 16] += 1`` for the bit pattern ``v`` of each non-negative
+    float32 in ``values`` (``hist``: int64, 2**15 bins, on the values' device)."""
+    k = _kernels()
+    if k is not None and values.device.type == "cpu":
+        k.top16(_bits(values), hist.numpy())
+        return
+    hist.add_(torch.bincount(values.reshape(-1).view(torch.int32) >> 16, minlength=hist.numel()))
+
+
+def count_bucket(values: torch.Tensor, bucket: int, hist: torch.Tensor) -> None:
+    """``hist[v & 0xFFFF] += 1`` for the bit patterns ``v`` of ``values``
+    whose top 16 bits equal ``bucket`` (``hist``: int64, 2**16 bins)."""
+    k = _kernels()
+    if k is not None and values.device.type == "cpu":
+        k.bucket16(_bits(values), bucket, hist.numpy())
+        return
+    n = hist.numel()
+    rel = (values.reshape(-1).view(torch.int32) - (bucket << 16)).clamp_(-1, n).add_(1)
+    hist.add_(torch.bincount(rel, minlength=n + 2)[1:n + 1])
