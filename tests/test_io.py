@@ -209,3 +209,87 @@ def test_config_that_is_not_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         Checkpoint.open(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Shard digests hashed while writing (surgeon.io.stream_hash)
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("order", ["plan", "reversed", "rows_shuffled"])
+def test_streamed_shard_digests_equal_hashing_the_files(tmp_path: Path, order: str) -> None:
+    from surgeon.engine.pipeline import shard_hashes
+    from surgeon.io.stream_hash import known_digest
+
+    tensors = {f"t{i}": _rand((37 + i, 19), torch.bfloat16, i) for i in range(6)}
+    tensors["empty"] = torch.zeros((0, 19), dtype=torch.bfloat16)
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    dest = tmp_path / "out"
+    with CheckpointWriter(dest, specs, max_shard_size=2000) as w:
+        names = list(tensors)
+        if order == "reversed":
+            names.reverse()
+        for n in names:
+            t = tensors[n]
+            if order == "rows_shuffled" and t.shape[0] > 4:
+                for a, b in ((10, t.shape[0]), (0, 3), (3, 10)):  # pieces out of order
+                    w.write_rows(n, a, t[a:b])
+            else:
+                w.write(n, t)
+        w.commit()
+    files = sorted(dest.glob("*.safetensors"))
+    assert len(files) > 1
+    for f in files:
+        assert known_digest(f) == _sha(f)
+    assert {k: v["sha256"] for k, v in shard_hashes(dest).items()} == {f.name: _sha(f) for f in files}
+    # a changed file is hashed again, not reported from memory
+    with open(files[0], "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        fh.write(b"\x01")
+    assert known_digest(files[0]) is None
+    assert shard_hashes(dest)[files[0].name]["sha256"] == _sha(files[0])
+
+
+def test_hash_stream_gives_up_on_bytes_placed_twice(tmp_path: Path) -> None:
+    from surgeon.io.stream_hash import ShardHashStream
+
+    path = tmp_path / "f"
+    path.write_bytes(b"h" + bytes(9))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        s = ShardHashStream(fd, 10, b"h")
+        os.pwrite(fd, b"world", 5)
+        assert s.placed(5, memoryview(b"world")) == 1     # waits: bytes 1-4 are missing
+        os.pwrite(fd, b"ello", 1)
+        assert s.placed(1, memoryview(b"ello")) == 10     # the waiting range is read back
+        assert s.hexdigest() == _sha(path)
+        s.placed(3, memoryview(b"xx"))
+        assert s.hexdigest() is None
+    finally:
+        os.close(fd)
+
+
+def test_resumed_write_digests_are_read_back(tmp_path: Path) -> None:
+    from surgeon.engine.pipeline import shard_hashes
+    from surgeon.io.stream_hash import known_digest
+
+    tensors = {f"t{i}": _rand((8, 8), torch.float32, i) for i in range(3)}
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    dest = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(dest, specs) as w:
+            w.write("t0", tensors["t0"])
+            raise KeyboardInterrupt
+    with CheckpointWriter(dest, specs) as w:
+        assert w.resumed_tensors == 1
+        for n in w.pending:
+            w.write(n, tensors[n])
+        w.commit()
+    f = dest / "model.safetensors"
+    assert known_digest(f) is None
+    assert shard_hashes(dest)["model.safetensors"]["sha256"] == _sha(f)
+    assert load_file(str(f))["t2"].equal(tensors["t2"])

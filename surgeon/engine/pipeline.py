@@ -27,6 +27,7 @@ from ..errors import InvalidInputError, StepError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
 from ..io.refs import parse_ref
+from ..io.stream_hash import known_digest
 from ..io.writer import CheckpointWriter, parse_size, resume_key
 from ..recipe.load import LoadedRecipe
 from ..recipe.schema import MergeSpec, Step
@@ -369,8 +370,14 @@ def _step_summary(s: Step) -> dict[str, Any]:
 
 
 def shard_hashes(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each shard: from the writer when it hashed the
+    shard while writing it (surgeon.io.stream_hash), else read back."""
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
+        known = known_digest(f)
+        if known is not None:
+            out[f.name] = {"sha256": known, "bytes": f.stat().st_size}
+            continue
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):

@@ -21,6 +21,7 @@ with ``metadata.total_size`` and a sorted ``weight_map``.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import hashlib
@@ -37,6 +38,7 @@ import torch
 
 from ..errors import InvalidInputError, StepError
 from .header import CODES, dtype_size
+from .stream_hash import ShardHashStream, remember
 
 DEFAULT_MAX_SHARD = 5 * 10**9
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -139,6 +141,42 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[by
     return len(raw).to_bytes(8, "little") + raw, offsets
 
 
+class DropBehind:
+    """Write back the output early and drop it from the page cache behind us.
+
+    Why. Written bytes sit in the page cache as dirty pages until the final
+    ``fsync``; a multi-GB output therefore takes that much fresh memory from
+    the kernel, evicts the inputs' cached pages, and pays to set up every new
+    page. On the 2-core development VM buffered writes ran at ~0.3 GB/s of
+    system time (``copy_folio_from_iter_atomic``: 7 of a TIES merge's 65 CPU
+    seconds) but at 1.4-1.8 GB/s, ``fsync`` included, with this scheme, which
+    recycles the same few hundred MB of pages. Each range gets
+    ``POSIX_FADV_DONTNEED`` twice: right after its ``pwrite`` (the kernel
+    starts writing it back: dirty pages are not dropped) and again
+    :data:`LAG` writes later, when it is clean and can go. Nothing changes on
+    disk and the final ``fsync`` still makes it durable; platforms without
+    ``posix_fadvise`` write as before.
+    """
+
+    #: writes (pieces or tensors) a range stays cached before it is dropped
+    LAG = 8
+
+    def __init__(self) -> None:
+        self._recent: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._on = hasattr(os, "posix_fadvise") and os.environ.get("SURGEON_KEEP_WRITE_CACHE", "") in ("", "0")
+
+    def wrote(self, fd: int, offset: int, length: int) -> None:
+        if not self._on or length <= 0:
+            return
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            self._recent.append((fd, offset, length))
+            while len(self._recent) > self.LAG:
+                os.posix_fadvise(*self._recent.popleft(), os.POSIX_FADV_DONTNEED)
+        except OSError:  # advice only: a file system that refuses it just keeps its cache
+            self._on = False
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor without an extra copy."""
     t = t.detach()
@@ -195,6 +233,8 @@ class CheckpointWriter:
         self._written: set[str] = set()
         self._filled: dict[str, int] = {}  # bytes placed so far of tensors written in parts
         self._journal: Any = None
+        self._behind = DropBehind()
+        self._streams: dict[str, ShardHashStream] = {}  # sha256 of each shard, hashed as it is written
         self._committed = False
         self.resumed_tensors = 0
 
@@ -235,6 +275,8 @@ class CheckpointWriter:
             self._open_shards(shards)
             self._written = self._journaled()
             self.resumed_tensors = len(self._written)
+            if self._written or self.coord.world > 1:
+                self._streams.clear()  # bytes this process will not place: hash the files at the end instead
             self._journal = open(self._journal_path(self.coord.rank), "a", encoding="utf-8")
         except OSError as exc:
             self.abort()
@@ -271,6 +313,7 @@ class CheckpointWriter:
         for fname, shard in zip(self._files, shards):
             header, offsets = _header_bytes(shard, self.metadata)
             self._fds[fname] = os.open(self.staging / fname, os.O_RDWR)
+            self._streams[fname] = ShardHashStream(self._fds[fname], len(header) + sum(s.nbytes for s in shard), header)
             for s in shard:
                 self._slots[s.name] = _Slot(fname, len(header) + offsets[s.name], s)
 
@@ -347,6 +390,12 @@ class CheckpointWriter:
             done = 0
             while done < len(data):
                 done += os.pwrite(fd, data[done:], slot.offset + at + done)
+            stream = self._streams.get(slot.file)
+            if stream is None:
+                self._behind.wrote(fd, slot.offset + at, len(data))
+            else:  # drop only what is hashed: waiting ranges are read back from the cache
+                before = stream.prefix
+                self._behind.wrote(fd, before, stream.placed(slot.offset + at, data) - before)
             filled = self._filled.pop(name, 0) + len(data)
             if filled >= slot.spec.nbytes:
                 self._journal.write(name + "\n")
@@ -431,6 +480,10 @@ class CheckpointWriter:
                 (self.staging / extra).unlink(missing_ok=True)
             self._sync_dir(self.staging)
             self._swap_into_place()
+            for fname, stream in self._streams.items():
+                digest = stream.hexdigest()
+                if digest is not None:
+                    remember(self.dest / fname, digest)
         except OSError as exc:
             raise StepError(f"{self.dest}: finishing the checkpoint failed ({exc.strerror or exc})") from None
 
