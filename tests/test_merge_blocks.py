@@ -277,10 +277,11 @@ def test_compiled_counts_equal_bincount(n: int) -> None:
     _hist.count_top16(v, top)  # counts accumulate
     assert torch.equal(top, 2 * torch.bincount(bits >> 16, minlength=1 << 15))
     for bucket in {int(bits[0] >> 16), int(bits[-1] >> 16), int(torch.argmax(top)), 0, (1 << 15) - 1, 0x7F80}:
-        got = torch.zeros(1 << 16, dtype=torch.int64)
-        _hist.count_bucket(v, bucket, got)
         inside = bits[(bits >> 16) == bucket] & 0xFFFF
-        assert torch.equal(got, torch.bincount(inside, minlength=1 << 16)), bucket
+        for share in (0.0, 1.0):  # the chunk-skipping and the branch-free loop
+            got = _hist.bucket_hist(v.device)
+            _hist.count_bucket(v, bucket, got, share)
+            assert torch.equal(_hist.bucket_counts(got), torch.bincount(inside, minlength=1 << 16)), (bucket, share)
 
 
 def test_ties_kernel_without_compiled_counts_equals_reference(monkeypatch) -> None:

@@ -30,6 +30,11 @@ import torch
 #: the bucket (most of them, the bucket holding well under 1 % of a tensor) is
 #: skipped after one vectorised test
 _CHUNK = 64
+#: spare bins of the dense bucket count (a power of two)
+_TRASH = 16
+#: bucket share of a tensor above which the branch-free bucket count is faster
+#: (measured: 0.2 % share 100 vs 260 us per 2^18 entries; 11 %: 660 vs 345)
+DENSE_SHARE = 0.01
 
 
 @lru_cache(maxsize=1)
@@ -51,7 +56,8 @@ def _kernels() -> Any:
             hist[bits[i] >> np.uint32(16)] += 1
 
     @jit
-    def bucket16(bits, bucket, hist):  # pragma: no cover - compiled
+    def bucket16_sparse(bits, bucket, hist):  # pragma: no cover - compiled
+        # few entries in the bucket: skip whole chunks after one vectorised test
         b = np.uint32(bucket)
         n = bits.shape[0]
         for s in range(0, n, _CHUNK):
@@ -65,7 +71,21 @@ def _kernels() -> Any:
                     if (v >> np.uint32(16)) == b:
                         hist[v & np.uint32(0xFFFF)] += 1
 
-    return SimpleNamespace(top16=top16, bucket16=bucket16)
+    @jit
+    def bucket16_dense(bits, bucket, hist):  # pragma: no cover - compiled
+        # many entries in the bucket: no branch to mispredict; entries outside
+        # it count into _TRASH spare bins past the end (several, so that
+        # consecutive increments do not wait on each other)
+        b = np.uint32(bucket)
+        for i in range(bits.shape[0]):
+            v = bits[i]
+            if (v >> np.uint32(16)) == b:
+                j = v & np.uint32(0xFFFF)
+            else:
+                j = np.uint32(0x10000) + (np.uint32(i) & np.uint32(_TRASH - 1))
+            hist[j] += 1
+
+    return SimpleNamespace(top16=top16, sparse=bucket16_sparse, dense=bucket16_dense)
 
 
 def compiled_counts_available() -> bool:
@@ -86,13 +106,24 @@ def count_top16(values: torch.Tensor, hist: torch.Tensor) -> None:
     hist.add_(torch.bincount(values.reshape(-1).view(torch.int32) >> 16, minlength=hist.numel()))
 
 
-def count_bucket(values: torch.Tensor, bucket: int, hist: torch.Tensor) -> None:
+def bucket_hist(device: torch.device) -> torch.Tensor:
+    """A zeroed histogram for :func:`count_bucket` (2**16 bins, plus spare
+    bins that :func:`bucket_counts` drops)."""
+    return torch.zeros((1 << 16) + _TRASH, dtype=torch.int64, device=device)
+
+
+def bucket_counts(hist: torch.Tensor) -> torch.Tensor:
+    return hist[:1 << 16]
+
+
+def count_bucket(values: torch.Tensor, bucket: int, hist: torch.Tensor, share: float = 1.0) -> None:
     """``hist[v & 0xFFFF] += 1`` for the bit patterns ``v`` of ``values``
-    whose top 16 bits equal ``bucket`` (``hist``: int64, 2**16 bins)."""
+    whose top 16 bits equal ``bucket`` (``hist`` from :func:`bucket_hist`).
+    ``share``: the fraction of entries expected in the bucket (picks the loop)."""
     k = _kernels()
     if k is not None and values.device.type == "cpu":
-        k.bucket16(_bits(values), bucket, hist.numpy())
+        (k.dense if share > DENSE_SHARE else k.sparse)(_bits(values), bucket, hist.numpy())
         return
-    n = hist.numel()
+    n = 1 << 16
     rel = (values.reshape(-1).view(torch.int32) - (bucket << 16)).clamp_(-1, n).add_(1)
-    hist.add_(torch.bincount(rel, minlength=n + 2)[1:n + 1])
+    hist[:n].add_(torch.bincount(rel, minlength=n + 2)[1:n + 1])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._hist import count_bucket, count_top16
+from ._hist import bucket_counts, bucket_hist, count_bucket, count_top16
 
 _HI = 1 << 15       # top-16-bit buckets of non-negative float32 (sign bit 0)
 _LO = 1 << 16       # entries of one bucket, by their low 16 bits
@@ -55,6 +55,7 @@ class StreamSelector:
         self.ks, self.n = dict(ks), n
         self._hist: dict[object, torch.Tensor] = {}
         self._bucket: dict[object, int] = {}
+        self._share: dict[object, float] = {}  # fraction of the tensor in the bucket
         self._rank: dict[object, int] = {}
         self._below_bucket: dict[object, int] = {}
         self.result: dict[object, Selected] = {}
@@ -64,16 +65,18 @@ class StreamSelector:
             return
         h = self._hist.get(series)
         if h is None:
-            h = self._hist[series] = torch.zeros(_HI if pass_no == 0 else _LO, dtype=torch.int64,
-                                                 device=values.device)
+            h = self._hist[series] = (torch.zeros(_HI, dtype=torch.int64, device=values.device) if pass_no == 0
+                                      else bucket_hist(values.device))
         if pass_no == 0:
             count_top16(values, h)
         else:  # the bucket's entries at full resolution (the counts below it come from pass 0)
-            count_bucket(values, self._bucket[series], h)
+            count_bucket(values, self._bucket[series], h, self._share[series])
 
     def end_pass(self, pass_no: int) -> None:
         for series, k in self.ks.items():
             h = self._hist.pop(series, None)
+            if h is not None and pass_no == 1:
+                h = bucket_counts(h)
             h = h.cpu() if h is not None else torch.zeros(_HI if pass_no == 0 else _LO, dtype=torch.int64)
             cum = torch.cumsum(h, 0)
             if pass_no == 0:
@@ -81,6 +84,7 @@ class StreamSelector:
                 if b >= _HI:
                     raise RuntimeError(f"order statistic {k} out of range (saw {int(cum[-1])} values)")
                 self._bucket[series] = b
+                self._share[series] = float(h[b]) / max(1, self.n)
                 self._below_bucket[series] = int(cum[b - 1]) if b > 0 else 0
                 self._rank[series] = k - self._below_bucket[series]
             else:
