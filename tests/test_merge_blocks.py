@@ -16,7 +16,7 @@ from surgeon.io import Checkpoint
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.merge._common import build_merge
 from surgeon.merge.blocks import BLOCK_ELEMS, apply_method, block_ranges
-from surgeon.merge.registry import RANDOM_SEGMENT, TensorMerge, get_method
+from surgeon.merge.registry import TensorMerge, get_method
 
 
 def _family(shape, quantized: bool, seed: int = 0, n: int = 3):
@@ -142,10 +142,10 @@ def test_streamed_statistics_kernels_equal_whole_tensor(method, n, params, shape
 
 
 def test_uniform_numbers_do_not_depend_on_how_the_tensor_is_cut() -> None:
-    n = 2 * RANDOM_SEGMENT + 1234
+    n = 2 * BLOCK_ELEMS + 1234
     x = torch.zeros(n)
     whole = TensorMerge("w", x, [x], [{}], {}, seed=5).uniform("s")
-    for cut in (1000, RANDOM_SEGMENT, RANDOM_SEGMENT + 17):
+    for cut in (1000, BLOCK_ELEMS, BLOCK_ELEMS + 17):
         parts = []
         for a in range(0, n, cut):
             b = min(a + cut, n)
@@ -293,3 +293,25 @@ def test_ties_kernel_without_compiled_counts_equals_reference(monkeypatch) -> No
     method = get_method("ties")
     ref = method.fn(build_merge("ties", base, models, mps))
     assert torch.equal(apply_method(method, build_merge("ties", base, models, mps)), ref)
+
+
+def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
+    from surgeon.merge import _hist
+    from surgeon.merge._random import uniform_stream
+
+    def splitmix64(key: int, i: int) -> float:  # the published algorithm, in Python integers
+        m = (1 << 64) - 1
+        z = (key + i * 0x9E3779B97F4A7C15) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return ((z ^ (z >> 31)) >> 40) / 2 ** 24
+
+    key, start = 0xDEADBEEFCAFEF00D, (1 << 40) - 3   # counters past 2^32, a key above 2^63
+    ops = uniform_stream(key, start, 5000, compiled=False)
+    assert ops.tolist()[:50] == [splitmix64(key, start + i) for i in range(50)]
+    if _hist._numba() is not None:
+        assert torch.equal(uniform_stream(key, start, 5000), ops)
+    u = uniform_stream(7, 0, 1 << 20)
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 2e-3 and abs(float(u.var()) - 1 / 12) < 2e-3
+    assert float((u[1:] - u[:-1]).abs().mean()) == pytest.approx(1 / 3, abs=2e-3)  # neighbours independent

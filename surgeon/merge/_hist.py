@@ -37,17 +37,24 @@ _TRASH = 16
 DENSE_SHARE = 0.01
 
 
-@lru_cache(maxsize=1)
-def _kernels() -> Any:
-    """Compile (or load from numba's cache) the two counting loops; None
-    when numba is unavailable or switched off."""
+def _numba() -> Any:
+    """The numba module, or None when it is unavailable or switched off
+    (``SURGEON_NO_NUMBA=1``)."""
     if os.environ.get("SURGEON_NO_NUMBA", "").strip() not in ("", "0"):
         return None
     try:
         import numba
     except ImportError:  # pragma: no cover - numba is a dependency; keep merges working without it
         return None
+    return numba
 
+
+@lru_cache(maxsize=1)
+def _kernels() -> Any:
+    """Compile (or load from numba's cache) the counting loops; None without numba."""
+    numba = _numba()
+    if numba is None:
+        return None
     jit = numba.njit(nogil=True, cache=True, boundscheck=False)
 
     @jit

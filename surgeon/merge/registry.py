@@ -32,10 +32,6 @@ from ..suggest import did_you_mean
 
 _REQUIRED = object()
 
-#: entries per independently seeded random segment (see TensorMerge.uniform)
-RANDOM_SEGMENT = 1 << 18
-
-
 @dataclass(frozen=True)
 class Param:
     """One declared parameter of a merge method.
@@ -130,26 +126,18 @@ class TensorMerge:
     def uniform(self, salt: str = "") -> torch.Tensor:
         """Uniform [0, 1) floats for this tensor's entries, shaped like the inputs.
 
-        The tensor is cut into fixed segments of ``RANDOM_SEGMENT`` flat
-        entries, each drawn from its own generator (recipe seed, tensor name,
-        ``salt``, segment index). A block of the tensor therefore gets exactly
-        the numbers the whole tensor would, however the engine cut it, and a
-        whole-tensor call equals a block-wise one.
+        Entry ``i`` of the tensor (flat index ``offset + i``) is a pure
+        function of (recipe seed, tensor name, ``salt``, flat index): see
+        :mod:`surgeon.merge._random`. A block of the tensor therefore gets
+        exactly the numbers the whole tensor would, however the engine cut it,
+        and every device draws the same numbers.
         """
+        from ._random import uniform_stream
+
         ref = self.base if self.base is not None else self.models[0]
-        n, start = ref.numel(), self.offset
-        total = self.total if self.total is not None else n
-        out = torch.empty(n, dtype=torch.float32, device=ref.device)
-        pos = start
-        while pos < start + n:
-            j = pos // RANDOM_SEGMENT
-            seg_start = j * RANDOM_SEGMENT
-            seg_len = min(RANDOM_SEGMENT, total - seg_start)
-            take = min(seg_start + seg_len, start + n) - pos
-            r = torch.rand(seg_len, generator=self.generator(f"{salt}\0{j}"), device=ref.device, dtype=torch.float32)
-            out[pos - start:pos - start + take] = r[pos - seg_start:pos - seg_start + take]
-            pos += take
-        return out.reshape(ref.shape)
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}".encode()).digest()
+        key = int.from_bytes(digest[:8], "little")
+        return uniform_stream(key, self.offset, ref.numel(), ref.device).reshape(ref.shape)
 
     def weights(self, key: str = "weight") -> list[float]:
         return [float(p[key]) for p in self.model_params]
