@@ -47,7 +47,10 @@ def test_ties_kernel_equals_whole_tensor_reference(shape, quantized, case) -> No
     mps = kw.pop("mps")
     method = get_method("ties")
     ref = method.fn(build_merge("ties", base, models, mps, **kw))
-    assert method.block_kernel(_meta(build_merge("ties", base, models, mps, **kw))) is not None
+    kernel = method.block_kernel(_meta(build_merge("ties", base, models, mps, **kw)))
+    from surgeon.merge import _ties_fused
+
+    assert kernel is not None and kernel._fused == _ties_fused.available()
     got = apply_method(method, build_merge("ties", base, models, mps, **kw))
     assert torch.equal(got, ref)
 
@@ -284,14 +287,16 @@ def test_compiled_counts_equal_bincount(n: int) -> None:
             assert torch.equal(_hist.bucket_counts(got), torch.bincount(inside, minlength=1 << 16)), (bucket, share)
 
 
-def test_ties_kernel_without_compiled_counts_equals_reference(monkeypatch) -> None:
-    from surgeon.merge import _hist
+def test_ties_kernel_without_compiled_loops_equals_reference(monkeypatch) -> None:
+    from surgeon.merge import _hist, _ties_fused
 
     monkeypatch.setattr(_hist, "_kernels", lambda: None)
+    monkeypatch.setattr(_ties_fused, "_kernels", lambda: None)
     base, models = _family((2 * BLOCK_ELEMS + 3,), quantized=True, seed=1)
     mps = [{"density": 0.3}, {"density": 0.55}, {"density": 0.9}]
     method = get_method("ties")
     ref = method.fn(build_merge("ties", base, models, mps))
+    assert not method.block_kernel(_meta(build_merge("ties", base, models, mps)))._fused
     assert torch.equal(apply_method(method, build_merge("ties", base, models, mps)), ref)
 
 

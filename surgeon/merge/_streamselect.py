@@ -60,13 +60,17 @@ class StreamSelector:
         self._below_bucket: dict[object, int] = {}
         self.result: dict[object, Selected] = {}
 
+    def _hist_for(self, pass_no: int, series: object, device: torch.device) -> torch.Tensor:
+        h = self._hist.get(series)
+        if h is None:
+            h = self._hist[series] = (torch.zeros(_HI, dtype=torch.int64, device=device) if pass_no == 0
+                                      else bucket_hist(device))
+        return h
+
     def observe(self, pass_no: int, series: object, values: torch.Tensor) -> None:
         if series not in self.ks:
             return
-        h = self._hist.get(series)
-        if h is None:
-            h = self._hist[series] = (torch.zeros(_HI, dtype=torch.int64, device=values.device) if pass_no == 0
-                                      else bucket_hist(values.device))
+        h = self._hist_for(pass_no, series, values.device)
         if pass_no == 0:
             count_top16(values, h)
         else:  # the bucket's entries at full resolution (the counts below it come from pass 0)

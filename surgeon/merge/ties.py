@@ -48,11 +48,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInputError, StepError
 from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, elect_sign, l1_rescale, normalize_param, rescale_param
 from ._select import largest_mask, stream_kth_smallest
+from . import _ties_fused
 from ._streamselect import StreamSelector, next_float
 from .blocks import TensorMeta, consensus_mix
 from .registry import Param, ReiterableMerges, TensorMerge, merge_method
@@ -229,6 +231,8 @@ class TiesKernel:
         self._thr: dict[int, float] = {}
         self._quota: dict[int, int] = {}       # tied entries still to keep (partial ties)
         self._next = 0
+        self._fused = meta.device.type == "cpu" and _ties_fused.available()
+        self._fused_args: tuple | None = None
 
     # -- statistic passes -----------------------------------------------------
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
@@ -277,10 +281,36 @@ class TiesKernel:
             self._quota[i] = 0
         return out
 
+    def _trim_thresholds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per model, :meth:`_trim` as hardshrink thresholds for the compiled
+        merge: (sure keeps, keeps with ties, tied entries still to keep)."""
+        strict, with_ties, quota = [], [], []
+        for i, k in enumerate(self.ks):
+            thr = self.keep_ge[i]
+            if k == 0 or thr == float("inf"):
+                t = tt = float("inf")       # drop everything
+            elif thr is not None:
+                t = tt = -1.0 if thr <= 0 else _below(thr)
+            elif i in self._thr:
+                t, tt = self._thr[i], _below(self._thr[i])
+            else:
+                t = tt = -1.0               # keep everything
+            strict.append(t)
+            with_ties.append(tt)
+            quota.append(self._quota.get(i, 0) if i in self._thr else 0)
+        return (np.array(strict, dtype=np.float32), np.array(with_ties, dtype=np.float32),
+                np.array(quota, dtype=np.int64))
+
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         if blk.offset != self._next:
             raise RuntimeError(f"tensor {self.meta.name!r}: ties blocks out of order ({blk.offset} != {self._next})")
         self._next = blk.offset + blk.base.numel()
+        if self._fused:
+            if self._fused_args is None:
+                strict, with_ties, quota = self._trim_thresholds()
+                self._fused_args = (strict, with_ties, quota, np.array(self.weights, dtype=np.float32),
+                                    self.consensus == "count", self.zero_sign, self.normalize, self.lam)
+            return _ties_fused.merge_block(blk.base, blk.models, *self._fused_args).reshape(blk.base.shape)
         deltas = []
         for i, (m, w) in enumerate(zip(blk.models, self.weights)):
             d = self._trim(i, m - blk.base)
