@@ -8,7 +8,8 @@ scratch row may alias the inputs, so LLVM kept that loop scalar.) Here
 each op is a loop over a 512-entry chunk that stays in L1, and the loops
 vectorise (LLVM turns the keep/drop choices into blends); the trim's tie
 quota — keep the first ``q`` entries equal to the threshold, in flat order —
-is a sequential loop only while some model still has quota.
+is counted per chunk, and only the chunk where a quota runs out takes a
+sequential loop.
 
 Exactness. Every float operation is the one :class:`surgeon.merge.ties.TiesKernel`
 does with torch, in the same order and in float32 (the thresholds and
@@ -41,10 +42,12 @@ def _kernels() -> Any:
     jit = nb.njit(nogil=True, cache=True, boundscheck=False)
 
     @jit
-    def merge(b, ms, strict, with_ties, quota, w, count_mode, zero_sign, normalize, positive_weights, lam, out):
-        # pragma: no cover - compiled
+    def merge(b_all, ms, strict, with_ties, quota, w, count_mode, zero_sign, normalize, positive_weights, lam,
+              out_all):  # pragma: no cover - compiled
+        # Loops index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with
+        # an offset index LLVM kept every loop scalar (6x slower).
         nm = len(ms)
-        n = b.shape[0]
+        n = b_all.shape[0]
         d = np.empty((nm, _CH), np.float32)
         acc = np.empty(_CH, np.float32)
         mixed = np.empty(_CH, np.float32)
@@ -54,62 +57,79 @@ def _kernels() -> Any:
         tiny = np.float32(1.1754944e-38)
         zs = np.float32(zero_sign)
         for s in range(0, n, _CH):
-            k = min(_CH, n - s)
+            e = min(n, s + _CH)
+            k = e - s
+            b = b_all[s:e]
+            out = out_all[s:e]
             # trim (hardshrink: zero where -t <= x <= t) and weight
             for i in range(nm):
-                m = ms[i]
+                m = ms[i][s:e]
                 t = strict[i]
                 row = d[i]
                 q = quota[i]
                 if q > 0:
                     tt = with_ties[i]
+                    tied = 0
                     for j in range(k):
-                        x = m[s + j] - b[s + j]
-                        if x >= -t and x <= t:
-                            if q > 0 and not (x >= -tt and x <= tt):
-                                q -= 1  # a tied entry, still within the quota: kept
-                            else:
-                                x = zero
-                        row[j] = x
+                        x = m[j] - b[j]
+                        tied += 1 if (x >= -t and x <= t) and not (x >= -tt and x <= tt) else 0
+                    if tied <= q:  # every tied entry of the chunk is kept: the with-ties trim
+                        for j in range(k):
+                            x = m[j] - b[j]
+                            row[j] = zero if (x >= -tt and x <= tt) else x
+                        q -= tied
+                    else:  # the chunk where the quota runs out: tied entries in flat order
+                        for j in range(k):
+                            x = m[j] - b[j]
+                            if x >= -t and x <= t:
+                                if q > 0 and not (x >= -tt and x <= tt):
+                                    q -= 1
+                                else:
+                                    x = zero
+                            row[j] = x
                     quota[i] = q
                 else:
                     for j in range(k):
-                        x = m[s + j] - b[s + j]
+                        x = m[j] - b[j]
                         row[j] = zero if (x >= -t and x <= t) else x
                 wi = w[i]
                 if wi != one:
                     for j in range(k):
                         row[j] = row[j] * wi
             # sign election
+            row = d[0]
             if count_mode:
                 for j in range(k):
-                    x = d[0, j]
-                    acc[j] = np.float32((x > zero) - (x < zero))
+                    x = row[j]
+                    acc[j] = one if x > zero else (-one if x < zero else zero)
                 for i in range(1, nm):
+                    row = d[i]
                     for j in range(k):
-                        x = d[i, j]
-                        acc[j] = acc[j] + np.float32((x > zero) - (x < zero))
+                        x = row[j]
+                        acc[j] = acc[j] + (one if x > zero else (-one if x < zero else zero))
             else:
                 for j in range(k):
-                    acc[j] = d[0, j]
+                    acc[j] = row[j]
                 for i in range(1, nm):
+                    row = d[i]
                     for j in range(k):
-                        acc[j] = acc[j] + d[i, j]
-            for j in range(k):
+                        acc[j] = acc[j] + row[j]
+            for j in range(k):  # acc becomes the elected sign (selects, not bool arithmetic: these vectorise)
                 a = acc[j]
-                sg = np.float32((a > zero) - (a < zero))
-                acc[j] = zs if sg == zero else sg   # acc now holds the elected sign
+                acc[j] = one if a > zero else (-one if a < zero else zs)
             # disjoint sum and the agreeing models' summed weights
             w0 = w[0]
+            row = d[0]
             for j in range(k):
-                r = d[0, j] * acc[j]
+                r = row[j] * acc[j]
                 r = r if r > zero else zero
                 mixed[j] = r
                 div[j] = w0 if r > zero else zero
             for i in range(1, nm):
                 wi = w[i]
+                row = d[i]
                 for j in range(k):
-                    r = d[i, j] * acc[j]
+                    r = row[j] * acc[j]
                     r = r if r > zero else zero
                     mixed[j] = mixed[j] + r
                     div[j] = div[j] + (wi if r > zero else zero)
@@ -124,10 +144,10 @@ def _kernels() -> Any:
                         mixed[j] = mixed[j] / (one if dv == zero else dv)
             if lam != one:
                 for j in range(k):
-                    out[s + j] = (mixed[j] * acc[j]) * lam + b[s + j]
+                    out[j] = (mixed[j] * acc[j]) * lam + b[j]
             else:
                 for j in range(k):
-                    out[s + j] = mixed[j] * acc[j] + b[s + j]
+                    out[j] = mixed[j] * acc[j] + b[j]
 
     return SimpleNamespace(merge=merge)
 
