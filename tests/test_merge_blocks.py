@@ -320,3 +320,45 @@ def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 2e-3 and abs(float(u.var()) - 1 / 12) < 2e-3
     assert float((u[1:] - u[:-1]).abs().mean()) == pytest.approx(1 / 3, abs=2e-3)  # neighbours independent
+
+
+DARE_CASES = [
+    dict(mps=[{"density": 0.3}, {"density": 0.5}, {"density": 1.0}]),
+    dict(mps=[{"density": 0.2, "weight": 0.7}, {"density": 0.0, "weight": 2.0}, {"density": 0.9, "weight": -0.5}],
+         normalize=True),
+    dict(mps=[{"density": 0.4}] * 3, rescale=False, **{"lambda": 1.5}),
+    dict(mps=[{"density": 1e-50}, {"density": 0.6, "weight": 0.5}], normalize=True),
+]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("case", range(len(DARE_CASES)))
+def test_dare_compiled_kernel_equals_elementwise_fn(method: str, case: int) -> None:
+    from surgeon.merge import _ties_fused
+    from surgeon.merge.dare import DareKernel
+
+    kw = dict(DARE_CASES[case])
+    mps = kw.pop("mps")
+    base, models = _family((3 * BLOCK_ELEMS // 2 + 5,), quantized=True, seed=case, n=len(mps))
+    m = get_method(method)
+    tm = build_merge(method, base, models, mps, name="model.layers.3.mlp.up_proj.weight", seed=11, **kw)
+    kernel = m.block_kernel(_meta(tm))
+    assert isinstance(kernel, DareKernel) == _ties_fused.available()
+    ref = m.fn(build_merge(method, base, models, mps, name="model.layers.3.mlp.up_proj.weight", seed=11, **kw))
+    got = apply_method(m, build_merge(method, base, models, mps, name="model.layers.3.mlp.up_proj.weight", seed=11, **kw))
+    assert torch.equal(got, ref, ) or torch.equal(got.nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+def test_compiled_kernels_keep_nan_visible(method: str) -> None:
+    # a NaN input entry must give a NaN output entry (the engine's non-finite
+    # check then stops the merge), as the torch reference does
+    base, models = _family((1000,), quantized=False, seed=4)
+    models[1][17] = float("nan")
+    mps = [{"density": 0.5}] * 3
+    m = get_method(method)
+    ref = m.fn(build_merge(method, base, models, mps))
+    got = apply_method(m, build_merge(method, base, models, mps))
+    assert bool(torch.isnan(ref[17])) and bool(torch.isnan(got[17]))
+    keep = ~torch.isnan(ref)
+    assert torch.equal(got[keep], ref[keep])

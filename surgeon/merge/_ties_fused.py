@@ -15,9 +15,9 @@ Exactness. Every float operation is the one :class:`surgeon.merge.ties.TiesKerne
 does with torch, in the same order and in float32 (the thresholds and
 weights are passed as float32, as torch casts its scalars), so the result is
 bit-identical to the torch kernel and to the whole-tensor ``ties`` for finite
-inputs (tests/test_merge_blocks.py). With NaN inputs the two may differ in
-where the NaN shows; the engine rejects non-finite results unless
-``--allow-nonfinite``.
+inputs (tests/test_merge_blocks.py). A NaN delta makes the entry NaN, as
+with torch (the relu keeps NaN), so the engine's non-finite check still
+catches it; which NaN or sign of zero shows may differ.
 """
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ def _kernels() -> Any:
         return None
     from types import SimpleNamespace
 
-    jit = nb.njit(nogil=True, cache=True, boundscheck=False)
+    # error_model numpy: IEEE results (x / 0 = inf), no Python-style checks in the loops
+    jit = nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 
     @jit
-    def merge(b_all, ms, strict, with_ties, quota, w, count_mode, zero_sign, normalize, positive_weights, lam,
-              out_all):  # pragma: no cover - compiled
+    def merge(b_all, ms, us, strict, with_ties, quota, kinds, dens, rescale, w, mode, zero_sign, normalize,
+              positive_weights, total, lam, out_all):  # pragma: no cover - compiled
         # Loops index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with
         # an offset index LLVM kept every loop scalar (6x slower).
         nm = len(ms)
@@ -61,44 +62,78 @@ def _kernels() -> Any:
             k = e - s
             b = b_all[s:e]
             out = out_all[s:e]
-            # trim (hardshrink: zero where -t <= x <= t) and weight
+            # trim (TIES: hardshrink, zero where -t <= x <= t) or drop (DARE: keep where u < density)
             for i in range(nm):
                 m = ms[i][s:e]
-                t = strict[i]
                 row = d[i]
-                q = quota[i]
-                if q > 0:
-                    tt = with_ties[i]
-                    tied = 0
-                    for j in range(k):
-                        x = m[j] - b[j]
-                        tied += 1 if (x >= -t and x <= t) and not (x >= -tt and x <= tt) else 0
-                    if tied <= q:  # every tied entry of the chunk is kept: the with-ties trim
+                if len(us) > 0:  # kinds: 0 keep all, 1 drop all, 2 draw (decided on the exact density)
+                    dn = dens[i]
+                    if kinds[i] == 0:
                         for j in range(k):
-                            x = m[j] - b[j]
-                            row[j] = zero if (x >= -tt and x <= tt) else x
-                        q -= tied
-                    else:  # the chunk where the quota runs out: tied entries in flat order
+                            row[j] = m[j] - b[j]
+                    elif kinds[i] == 1:
                         for j in range(k):
-                            x = m[j] - b[j]
-                            if x >= -t and x <= t:
-                                if q > 0 and not (x >= -tt and x <= tt):
-                                    q -= 1
-                                else:
-                                    x = zero
-                            row[j] = x
-                    quota[i] = q
+                            row[j] = zero
+                    else:
+                        u = us[i][s:e]
+                        for j in range(k):
+                            row[j] = (m[j] - b[j]) * (one if u[j] < dn else zero)
+                        if rescale:
+                            for j in range(k):
+                                row[j] = row[j] / dn
                 else:
-                    for j in range(k):
-                        x = m[j] - b[j]
-                        row[j] = zero if (x >= -t and x <= t) else x
+                    t = strict[i]
+                    q = quota[i]
+                    if q > 0:
+                        tt = with_ties[i]
+                        tied = 0
+                        for j in range(k):
+                            x = m[j] - b[j]
+                            tied += 1 if (x >= -t and x <= t) and not (x >= -tt and x <= tt) else 0
+                        if tied <= q:  # every tied entry of the chunk is kept: the with-ties trim
+                            for j in range(k):
+                                x = m[j] - b[j]
+                                row[j] = zero if (x >= -tt and x <= tt) else x
+                            q -= tied
+                        else:  # the chunk where the quota runs out: tied entries in flat order
+                            for j in range(k):
+                                x = m[j] - b[j]
+                                if x >= -t and x <= t:
+                                    if q > 0 and not (x >= -tt and x <= tt):
+                                        q -= 1
+                                    else:
+                                        x = zero
+                                row[j] = x
+                        quota[i] = q
+                    else:
+                        for j in range(k):
+                            x = m[j] - b[j]
+                            row[j] = zero if (x >= -t and x <= t) else x
                 wi = w[i]
                 if wi != one:
                     for j in range(k):
                         row[j] = row[j] * wi
+            if mode == 2:  # no consensus: the weighted sum, divided by the summed weights
+                row = d[0]
+                for j in range(k):
+                    mixed[j] = row[j]
+                for i in range(1, nm):
+                    row = d[i]
+                    for j in range(k):
+                        mixed[j] = mixed[j] + row[j]
+                if normalize:
+                    for j in range(k):
+                        mixed[j] = mixed[j] / total
+                if lam != one:
+                    for j in range(k):
+                        out[j] = mixed[j] * lam + b[j]
+                else:
+                    for j in range(k):
+                        out[j] = mixed[j] + b[j]
+                continue
             # sign election
             row = d[0]
-            if count_mode:
+            if mode == 1:  # consensus: count
                 for j in range(k):
                     x = row[j]
                     acc[j] = one if x > zero else (-one if x < zero else zero)
@@ -122,7 +157,7 @@ def _kernels() -> Any:
             row = d[0]
             for j in range(k):
                 r = row[j] * acc[j]
-                r = r if r > zero else zero
+                r = zero if r <= zero else r  # relu that keeps NaN, as torch's does
                 mixed[j] = r
                 div[j] = w0 if r > zero else zero
             for i in range(1, nm):
@@ -130,7 +165,7 @@ def _kernels() -> Any:
                 row = d[i]
                 for j in range(k):
                     r = row[j] * acc[j]
-                    r = r if r > zero else zero
+                    r = zero if r <= zero else r  # relu that keeps NaN, as torch's does
                     mixed[j] = mixed[j] + r
                     div[j] = div[j] + (wi if r > zero else zero)
             if normalize:
@@ -167,6 +202,26 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], strict: np.n
     per model, the hardshrink thresholds without and with the tied entries;
     ``quota`` (int64, updated in place): tied entries each model still keeps."""
     out = torch.empty(base.numel(), dtype=torch.float32)
-    _kernels().merge(_np(base), tuple(_np(m) for m in models), strict, with_ties, quota, weights,
-                     count_mode, float(zero_sign), normalize, bool((weights > 0).all()), np.float32(lam), out.numpy())
+    none = np.zeros(0, dtype=np.float32)
+    _kernels().merge(_np(base), tuple(_np(m) for m in models), (), strict, with_ties, quota, none.astype(np.int8),
+                     none, False, weights,
+                     1 if count_mode else 0, float(zero_sign), normalize, bool((weights > 0).all()), np.float32(1.0),
+                     np.float32(lam), out.numpy())
+    return out
+
+
+def dare_block(base: torch.Tensor, models: Sequence[torch.Tensor], uniforms: Sequence[torch.Tensor],
+               kinds: np.ndarray, densities: np.ndarray, rescale: bool, weights: np.ndarray, consensus: bool, normalize: bool,
+               total: float, lam: float) -> torch.Tensor:
+    """One block of DARE (``dare_ties`` with ``consensus``, else ``dare_linear``):
+    model i keeps everything (``kinds[i] == 0``), nothing (1), or the entries
+    where ``uniforms[i] < densities[i]`` (2; other models' uniforms are not read), divided by
+    the density with ``rescale``; ``total``: the weights' sum for ``dare_linear``'s
+    ``normalize``."""
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    n = len(models)
+    _kernels().merge(_np(base), tuple(_np(m) for m in models), tuple(_np(u) for u in uniforms),
+                     np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32), np.zeros(n, np.int64),
+                     kinds, densities, rescale, weights, 0 if consensus else 2, 1.0, normalize,
+                     bool((weights > 0).all()), np.float32(total), np.float32(lam), out.numpy())
     return out

@@ -22,9 +22,12 @@ task vector as is; ``density == 0`` drops everything.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from . import _ties_fused
 from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, normalize_param, rescale_param
+from .blocks import TensorMeta
 from .registry import TensorMerge, merge_method
 
 _RESCALE = rescale_param(True, "multiply the surviving entries by 1/density (the paper's rescale)")
@@ -46,6 +49,49 @@ def dare_drop(delta: torch.Tensor, density: float, rescale: bool, uniform: torch
     return delta
 
 
+class DareKernel:
+    """``dare_linear`` / ``dare_ties`` on CPU blocks through the compiled merge
+    (:mod:`surgeon.merge._ties_fused`): drop, rescale, weight, elect and mix in
+    one call per block instead of ~30 torch ops. Same numbers (the same
+    uniforms, float32 operations in the same order) as ``fn``."""
+
+    stat_passes = 0
+
+    def __init__(self, meta: TensorMeta, consensus: bool):
+        p = meta.params
+        dens = [float(mp["density"]) for mp in meta.model_params]
+        self.draw = [0 < d < 1 for d in dens]
+        self.kinds = np.array([0 if d >= 1 else (1 if d <= 0 else 2) for d in dens], dtype=np.int8)
+        self.dens = np.array(dens, dtype=np.float32)
+        weights = [float(mp["weight"]) for mp in meta.model_params]
+        self.weights = np.array(weights, dtype=np.float32)
+        total = sum(weights)
+        self.total = 1.0 if abs(total) < 1e-8 else total
+        self.consensus, self.rescale = consensus, bool(p["rescale"])
+        self.normalize, self.lam = bool(p["normalize"]), float(p["lambda"])
+
+    def observe(self, pass_no: int, blk: TensorMerge) -> None:  # pragma: no cover - no passes
+        raise AssertionError("dare has no statistic passes")
+
+    def end_pass(self, pass_no: int) -> None:  # pragma: no cover - no passes
+        raise AssertionError("dare has no statistic passes")
+
+    def merge(self, blk: TensorMerge) -> torch.Tensor:
+        uniforms = [blk.uniform(f"dare:{i}") if draw else blk.base for i, draw in enumerate(self.draw)]
+        out = _ties_fused.dare_block(blk.base, blk.models, uniforms, self.kinds, self.dens, self.rescale,
+                                     self.weights, self.consensus, self.normalize, self.total, self.lam)
+        return out.reshape(blk.base.shape)
+
+
+def _dare_kernel(consensus: bool):
+    def factory(meta: TensorMeta) -> DareKernel | None:
+        if meta.device.type != "cpu" or not meta.has_base or not _ties_fused.available():
+            return None  # the elementwise fn serves the blocks
+        return DareKernel(meta, consensus)
+
+    return factory
+
+
 def _dropped_deltas(t: TensorMerge) -> list[torch.Tensor]:
     deltas = []
     for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
@@ -65,6 +111,7 @@ def _dropped_deltas(t: TensorMerge) -> list[torch.Tensor]:
     randomized=True,
     mergekit_name="dare_linear",
     elementwise=True,
+    kernel=_dare_kernel(consensus=False),
 )
 def dare_linear(t: TensorMerge) -> torch.Tensor:
     """DARE + task arithmetic: base + lambda * sum_i w_i * drop_rescale(model_i - base)."""
@@ -82,6 +129,7 @@ def dare_linear(t: TensorMerge) -> torch.Tensor:
     randomized=True,
     mergekit_name="dare_ties",
     elementwise=True,
+    kernel=_dare_kernel(consensus=True),
 )
 def dare_ties(t: TensorMerge) -> torch.Tensor:
     """DARE + TIES sign consensus: drop and rescale, elect signs (mass), merge the agreeing entries.

@@ -190,12 +190,15 @@ class MergeMethod:
         return self.elementwise or self.kernel is not None
 
     def block_kernel(self, meta: Any) -> Any:
-        """This tensor's block kernel (surgeon.merge.blocks), or None: use ``fn`` on the whole tensor."""
-        if self.elementwise:
+        """This tensor's block kernel (surgeon.merge.blocks), or None: use ``fn`` on the whole tensor.
+        A registered kernel factory comes first; an elementwise method's ``fn``
+        serves blocks when the factory declines (returns None)."""
+        kernel = self.kernel(meta) if self.kernel is not None else None
+        if kernel is None and self.elementwise:
             from .blocks import Elementwise
 
             return Elementwise(self.fn)
-        return self.kernel(meta) if self.kernel is not None else None
+        return kernel
 
     @property
     def global_params(self) -> tuple[Param, ...]:
