@@ -8,10 +8,11 @@ of its heaps back to the kernel once more than a few MiB are free there
 zeroes the pages again. On the 2-core development VM, where a fresh page is
 expensive, that was 4 of a TIES merge's 65 CPU seconds (``clear_page_erms``
 under the bf16 -> float32 casts, from ``perf``); raising both thresholds cut
-its system time from 23 s to 15 s. Each malloc heap keeps at most
-:data:`TRIM_THRESHOLD` free (a 1 GiB threshold let a DARE merge's peak RSS
-grow from 1.2 to 1.5 GB; 64 MiB holds a compute thread's block temporaries
-and kept the speed).
+its system time from 23 s to 15 s. Each malloc heap (one per thread that
+allocates) keeps at most :data:`TRIM_THRESHOLD` free: 1 GiB let a DARE
+merge's peak RSS grow from 1.2 to 1.5 GB, 64 MiB left TIES at 1.39 GB, and
+16 MiB — still more than a compute thread's block temporaries — gave 1.17 GB
+at the same speed and page-fault count.
 
 The command line calls :func:`keep_freed_memory` once, since the process is
 its own; library users may call it themselves. Other C libraries (musl,
@@ -29,7 +30,7 @@ _M_MMAP_THRESHOLD = -3
 #: mmaps; 32 MiB is the most glibc accepts on 64-bit (half its heap size)
 MMAP_THRESHOLD = 32 << 20
 #: free memory a heap keeps at its top before giving any back
-TRIM_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 16 << 20
 
 _done = False
 
