@@ -59,8 +59,10 @@ def _kernels() -> Any:
 
     @jit
     def top16(bits, hist):  # pragma: no cover - compiled
+        # the mask keeps a caller's negative value (sign bit set) inside the
+        # histogram: no bounds checks here, and a stray write would corrupt memory
         for i in range(bits.shape[0]):
-            hist[bits[i] >> np.uint32(16)] += 1
+            hist[(bits[i] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
 
     @jit
     def bucket16_sparse(bits, bucket, hist):  # pragma: no cover - compiled

@@ -6,14 +6,15 @@ that value are split, without sorting and without holding the tensor. For
 non-negative float32 values the IEEE-754 bit patterns order like the values,
 so:
 
-- pass 0: ``bincount`` of the top 16 bits of every value -> the bucket that
+- pass 0: a histogram of the top 16 bits of every value -> the bucket that
   holds the k-th smallest and its rank inside the bucket;
-- pass 1: ``bincount`` of the low 16 bits of the values inside that bucket ->
+- pass 1: a histogram of the low 16 bits of the values inside that bucket ->
   the exact value ``t``, the number of entries below it and equal to it.
 
 Both are counting loops over cache-resident blocks (:mod:`surgeon.merge._hist`:
-compiled with numba on CPU, ``bincount`` elsewhere; ~0.2 and ~0.1 ms per 2^18
-entries on the development CPU), against ``torch.kthvalue``'s ~4 ms on the
+compiled with numba on CPU, ``bincount`` elsewhere; ~0.1-0.2 and 0.1-0.35 ms
+per 2^18 entries on the development CPU, the second depending on how crowded
+the bucket is), against ``torch.kthvalue``'s ~4 ms on the
 same block and a copy of the whole tensor. The same "stable order" convention as
 :mod:`surgeon.merge._select` settles ties: among equal values, lower flat
 index first. :class:`RankCut` turns a selection into per-block masks with a
