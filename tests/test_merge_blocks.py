@@ -119,13 +119,20 @@ def test_ties_options_needing_whole_tensor_sums_fall_back_to_fn() -> None:
 
 @pytest.mark.parametrize("shape,role", [((300, 1000), "other"), ((1000, 300), "embedding"), ((40, 3, 5), "other"),
                                         ((3, BLOCK_ELEMS // 2 + 1), "lm_head")])
-def test_widen_row_kernel_equals_whole_matrix(shape, role) -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_widen_row_kernel_equals_whole_matrix(shape, role, compiled, monkeypatch) -> None:
+    from surgeon.merge import _widen_fused
+
+    if not compiled:
+        monkeypatch.setattr(_widen_fused, "_kernels", lambda: None)
     g = torch.Generator().manual_seed(1)
     base = torch.randn(shape, generator=g)
     models = [base + 0.05 * torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) for _ in range(3)]
     method = get_method("widen")
     ref = method.fn(build_merge("widen", base, models, role=role))
-    assert method.block_kernel(_meta(build_merge("widen", base, models, role=role))) is not None
+    kernel = method.block_kernel(_meta(build_merge("widen", base, models, role=role)))
+    assert kernel is not None
+    assert kernel.fused == (compiled and role != "embedding" and _widen_fused.available())
     assert torch.equal(apply_method(method, build_merge("widen", base, models, role=role)), ref)
 
 

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from . import _widen_fused
 from ._common import check_inputs
 from .registry import Param, TensorMerge, merge_method
 
@@ -152,11 +153,17 @@ class WidenKernel:
         self.calib = float(meta.params["score_calibration_value"])
         n_models = len(meta.model_params)
         n = self.rows if self.by_row else self.cols
-        z = lambda: torch.zeros(n, dtype=torch.float64, device=meta.device)  # noqa: E731
-        self.bb, self.mm, self.mb = z(), [z() for _ in range(n_models)], [z() for _ in range(n_models)]
+        # compiled loops for the column orientation on CPU (surgeon.merge._widen_fused)
+        self.fused = not self.by_row and meta.device.type == "cpu" and _widen_fused.available()
+        f64 = dict(dtype=torch.float64, device=meta.device)
+        self.bb = torch.zeros(n, **f64)
+        self.mm, self.mb = torch.zeros((n_models, n), **f64), torch.zeros((n_models, n), **f64)
         self.weights: torch.Tensor | None = None
 
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
+        if self.fused:
+            _widen_fused.add_column_sums(blk.base, blk.models, self.cols, self.bb, self.mm, self.mb)
+            return
         b = blk.base.view(-1, self.cols)
         dim = 1 if self.by_row else 0
         r0 = blk.offset // self.cols
@@ -165,15 +172,17 @@ class WidenKernel:
         self.bb[sl] += (b * b).sum(dim, dtype=f64)
         for i, m in enumerate(blk.models):
             m = m.view(-1, self.cols)
-            self.mm[i][sl] += (m * m).sum(dim, dtype=f64)
-            self.mb[i][sl] += (m * b).sum(dim, dtype=f64)
+            self.mm[i, sl] += (m * m).sum(dim, dtype=f64)
+            self.mb[i, sl] += (m * b).sum(dim, dtype=f64)
 
     def end_pass(self, pass_no: int) -> None:
-        self.weights = column_weights(self.bb.sqrt(), [x.sqrt() for x in self.mm], self.mb, self.ratio, self.calib)
+        self.weights = column_weights(self.bb.sqrt(), list(self.mm.sqrt()), list(self.mb), self.ratio, self.calib)
         self.bb = self.mm = self.mb = None  # type: ignore[assignment]
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.weights is not None
+        if self.fused:
+            return _widen_fused.merge_rows(blk.base, blk.models, self.weights.contiguous(), self.cols)
         b = blk.base.view(-1, self.cols)
         r0 = blk.offset // self.cols
         out = b.clone()
