@@ -35,6 +35,7 @@ class ShardHashStream:
         self.prefix = len(head)           # bytes [0, prefix) are hashed
         self._waiting: dict[int, int] = {}  # start -> end of placed, not yet hashed ranges
         self._lock = threading.Lock()
+        self._buf: bytearray | None = None
         self.valid = True
 
     def placed(self, offset: int, data: memoryview) -> int:
@@ -59,13 +60,18 @@ class ShardHashStream:
             return self.prefix
 
     def _hash_back(self, start: int, stop: int) -> None:
+        # one reused buffer: a fresh bytes object per read faulted in new pages
+        # every time (the bulk of a WIDEN merge's page faults before this)
+        if self._buf is None:
+            self._buf = bytearray(_READ)
+        view = memoryview(self._buf)
         at = start
         while at < stop:
-            chunk = os.pread(self.fd, min(_READ, stop - at), at)
-            if not chunk:
+            n = os.preadv(self.fd, [view[:min(_READ, stop - at)]], at)
+            if n <= 0:
                 raise OSError(f"short read at byte {at} while hashing the output")
-            self._h.update(chunk)
-            at += len(chunk)
+            self._h.update(view[:n])
+            at += n
 
     def hexdigest(self) -> str | None:
         """The shard's sha256 once every byte is hashed, else None."""
