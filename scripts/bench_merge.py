@@ -13,7 +13,10 @@ GB/s, and the ratio of wall time to the arithmetic floor. Methods mergekit lacks
 (widen) show only surgeon.
 
     python scripts/bench_merge.py [--preset 1b|300m|tiny] [--methods ties linear ...]
-                                  [--device cpu|cuda] [--processes N] [--no-mergekit]
+                                  [--device cpu|cuda] [--processes N] [--no-mergekit] [--no-warmup]
+
+Before timing, each surgeon method runs once on the tiny family so that numba's
+one-time kernel compilation is not timed (see warm_kernels).
 """
 from __future__ import annotations
 
@@ -86,6 +89,23 @@ def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
     return read_s, cast_s
 
 
+def warm_kernels(root: Path, methods: list[str], device: str, env: dict[str, str]) -> None:
+    """Run each surgeon method once, untimed, on the tiny family: the first run
+    after installing compiles surgeon's numba kernels (seconds, and a higher
+    peak RSS), a one-time cost that this bench leaves out as it leaves out a
+    cold page cache."""
+    import subprocess
+
+    fam = build_family(root / "tiny", *PRESETS["tiny"])
+    for method in methods:
+        cfg = root / "tiny" / f"{method}.yml"
+        cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}))
+        out = root / "tiny" / f"out-warm-{method}"
+        subprocess.run([sys.executable, "-m", "surgeon", "run", str(cfg), str(out), "--overwrite", "-q",
+                        "--device", device], env=env, check=False, stdout=subprocess.DEVNULL)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
@@ -94,6 +114,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-warmup", action="store_true", help="do not compile surgeon's kernels before timing")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
 
@@ -113,6 +134,8 @@ def main() -> None:
     floor = max(read_s, cast_s)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not a.no_warmup:
+        warm_kernels(a.root, a.methods, a.device, env)
     bindir = Path(sys.executable).parent
     rows = []
     for method in a.methods:
