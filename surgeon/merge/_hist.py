@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,13 +49,34 @@ def _numba() -> Any:
     return numba
 
 
-@lru_cache(maxsize=1)
-def _kernels() -> Any:
-    """Compile (or load from numba's cache) the counting loops; None without numba."""
-    numba = _numba()
-    if numba is None:
+def jit_options() -> Any:
+    """numba's ``njit`` with the options every compiled loop of surgeon uses,
+    or None without numba: ``nogil`` (the engine's compute threads run them
+    side by side), ``cache`` (compiled once per machine), no bounds checks,
+    and numpy's error model (IEEE results such as x / 0 = inf instead of
+    Python exceptions, and no checks inside the loops)."""
+    nb = _numba()
+    if nb is None:
         return None
-    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    return nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+
+def compiled(build: Callable[[Any], Any]) -> Callable[[], Any]:
+    """Decorator: ``build(jit)`` defines a module's compiled loops; the
+    decorated name becomes a cached getter returning them (compiled, or loaded
+    from numba's cache, on first use), or None without numba."""
+    @lru_cache(maxsize=1)
+    def get() -> Any:
+        jit = jit_options()
+        return None if jit is None else build(jit)
+
+    get.__doc__ = build.__doc__
+    return get
+
+
+@compiled
+def _kernels(jit: Any) -> Any:
+    """The counting loops."""
 
     @jit
     def top16(bits, hist):  # pragma: no cover - compiled

@@ -15,9 +15,11 @@ stream: a block of a tensor gets the numbers the whole tensor would.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ._hist import _numba
+from ._hist import compiled
 
 _GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -32,13 +34,12 @@ def _signed(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
-def _compiled():
-    nb = _numba()
-    if nb is None:
-        return None
+@compiled
+def _compiled_fill(jit: Any) -> Any:
+    """The compiled stream filler."""
     import numpy as np
 
-    @nb.njit(nogil=True, cache=True, boundscheck=False)
+    @jit
     def fill(key, start, out):  # pragma: no cover - compiled
         g, m1, m2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
         k = np.uint64(key)
@@ -53,10 +54,6 @@ def _compiled():
     return fill
 
 
-_fill = None
-_tried = False
-
-
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 patterns (torch's ``>>`` is arithmetic)."""
     return (z >> k) & ((1 << (64 - k)) - 1)
@@ -65,15 +62,12 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
 def uniform_stream(key: int, start: int, n: int, device: torch.device | str = "cpu",
                    compiled: bool = True) -> torch.Tensor:
     """Entries ``[start, start + n)`` of the uniform [0, 1) float32 stream ``key``."""
-    global _fill, _tried
     device = torch.device(device)
-    if compiled and device.type == "cpu":
-        if not _tried:
-            _fill, _tried = _compiled(), True
-        if _fill is not None:
-            out = torch.empty(n, dtype=torch.float32)
-            _fill(_signed(key), start, out.numpy())  # one int64 signature; the loop reads it as uint64
-            return out
+    fill = _compiled_fill() if compiled and device.type == "cpu" else None
+    if fill is not None:
+        out = torch.empty(n, dtype=torch.float32)
+        fill(_signed(key), start, out.numpy())  # one int64 signature; the loop reads it as uint64
+        return out
     z = torch.arange(start, start + n, dtype=torch.int64, device=device)
     z = z * _signed(_GAMMA) + _signed(key)        # int64 products wrap modulo 2^64
     z = (z ^ _shr(z, 30)) * _signed(_MIX1)

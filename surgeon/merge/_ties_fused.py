@@ -21,26 +21,20 @@ catches it; which NaN or sign of zero shows may differ.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ._hist import _numba
+from ._hist import compiled
 
 _CH = 512  # entries per chunk: every scratch row of a chunk stays in L1
 
 
-@lru_cache(maxsize=1)
-def _kernels() -> Any:
-    nb = _numba()
-    if nb is None:
-        return None
-    from types import SimpleNamespace
-
-    # error_model numpy: IEEE results (x / 0 = inf), no Python-style checks in the loops
-    jit = nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+@compiled
+def _kernels(jit: Any) -> Any:
+    """The TIES/DARE block merge."""
 
     @jit
     def merge(b_all, ms, us, strict, with_ties, quota, kinds, dens, rescale, w, mode, zero_sign, normalize,

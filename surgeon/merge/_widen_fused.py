@@ -19,22 +19,18 @@ row) keeps the torch path.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ._hist import _numba
+from ._hist import compiled
 
 
-@lru_cache(maxsize=1)
-def _kernels() -> Any:
-    nb = _numba()
-    if nb is None:
-        return None
-    jit = nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+@compiled
+def _kernels(jit: Any) -> Any:
+    """WIDEN's row-block loops."""
 
     @jit
     def column_sums(b, ms, cols, bb, mm, mb):  # pragma: no cover - compiled
