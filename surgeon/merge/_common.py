@@ -132,10 +132,7 @@ def combine(
     if consensus is None:
         mixed = _sum(deltas)
         if normalize:
-            total = sum(weights)
-            if abs(total) < 1e-8:
-                total = 1.0
-            mixed.div_(total)
+            mixed.div_(weight_total(weights))
     else:
         from .blocks import consensus_mix
 
@@ -143,6 +140,13 @@ def combine(
     if lam != 1.0:
         mixed.mul_(lam)
     return mixed.add_(t.base)
+
+
+def weight_total(weights: Sequence[float]) -> float:
+    """The divisor of a normalized weighted sum: the weights' sum, 1 when it
+    is below 1e-8 in magnitude (as mergekit)."""
+    total = sum(weights)
+    return 1.0 if abs(total) < 1e-8 else total
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:

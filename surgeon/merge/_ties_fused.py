@@ -21,6 +21,7 @@ catches it; which NaN or sign of zero shows may differ.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -107,27 +108,9 @@ def _kernels(jit: Any) -> Any:
                 if wi != one:
                     for j in range(k):
                         row[j] = row[j] * wi
-            if mode == 2:  # no consensus: the weighted sum, divided by the summed weights
-                row = d[0]
-                for j in range(k):
-                    mixed[j] = row[j]
-                for i in range(1, nm):
-                    row = d[i]
-                    for j in range(k):
-                        mixed[j] = mixed[j] + row[j]
-                if normalize:
-                    for j in range(k):
-                        mixed[j] = mixed[j] / total
-                if lam != one:
-                    for j in range(k):
-                        out[j] = mixed[j] * lam + b[j]
-                else:
-                    for j in range(k):
-                        out[j] = mixed[j] + b[j]
-                continue
-            # sign election
+            # acc: the weighted sum (modes 0 and 2) or the sum of signs (mode 1)
             row = d[0]
-            if mode == 1:  # consensus: count
+            if mode == 1:
                 for j in range(k):
                     x = row[j]
                     acc[j] = one if x > zero else (-one if x < zero else zero)
@@ -143,6 +126,17 @@ def _kernels(jit: Any) -> Any:
                     row = d[i]
                     for j in range(k):
                         acc[j] = acc[j] + row[j]
+            if mode == 2:  # no consensus: the sum, divided by the summed weights
+                if normalize:
+                    for j in range(k):
+                        acc[j] = acc[j] / total
+                if lam != one:
+                    for j in range(k):
+                        out[j] = acc[j] * lam + b[j]
+                else:
+                    for j in range(k):
+                        out[j] = acc[j] + b[j]
+                continue
             for j in range(k):  # acc becomes the elected sign (selects, not bool arithmetic: these vectorise)
                 a = acc[j]
                 acc[j] = one if a > zero else (-one if a < zero else zs)
@@ -189,33 +183,57 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).numpy()
 
 
-def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], strict: np.ndarray, with_ties: np.ndarray,
-                quota: np.ndarray, weights: np.ndarray, count_mode: bool, zero_sign: float, normalize: bool,
-                lam: float) -> torch.Tensor:
-    """One block of TIES (float32, contiguous, CPU). ``strict``/``with_ties``:
-    per model, the hardshrink thresholds without and with the tied entries;
-    ``quota`` (int64, updated in place): tied entries each model still keeps."""
-    out = torch.empty(base.numel(), dtype=torch.float32)
+@dataclass
+class BlockArgs:
+    """A tensor's constant arguments of the compiled merge, built once per
+    tensor (:func:`ties_args`, :func:`dare_args`); ``quota`` changes as blocks
+    are merged."""
+
+    strict: np.ndarray       # per model, TIES hardshrink threshold of the sure keeps
+    with_ties: np.ndarray    # ... and the threshold that also keeps the tied entries
+    quota: np.ndarray        # int64: tied entries each model still keeps (updated in place)
+    kinds: np.ndarray        # int8, DARE: 0 keep all, 1 drop all, 2 draw
+    dens: np.ndarray         # float32, DARE densities
+    rescale: bool
+    weights: np.ndarray      # float32
+    mode: int                # 0 consensus by sum, 1 by count, 2 none (dare_linear)
+    zero_sign: float
+    normalize: bool
+    total: np.float32        # dare_linear's divisor
+    lam: np.float32
+    drop: bool               # DARE (read the uniforms) rather than TIES' trim
+    positive_weights: bool   # the disjoint mean may clamp its divisor instead of mapping 0 to 1
+
+
+def ties_args(strict: np.ndarray, with_ties: np.ndarray, quota: np.ndarray, weights: np.ndarray, count_mode: bool,
+              zero_sign: float, normalize: bool, lam: float) -> BlockArgs:
+    """TIES: per model, the hardshrink thresholds without and with the tied
+    entries, and how many tied entries each still keeps."""
     none = np.zeros(0, dtype=np.float32)
-    _kernels().merge(_np(base), tuple(_np(m) for m in models), (), strict, with_ties, quota, none.astype(np.int8),
-                     none, False, weights,
-                     1 if count_mode else 0, float(zero_sign), normalize, bool((weights > 0).all()), np.float32(1.0),
-                     np.float32(lam), out.numpy())
-    return out
+    return BlockArgs(strict, with_ties, quota, none.astype(np.int8), none, False, weights, 1 if count_mode else 0,
+                     float(zero_sign), normalize, np.float32(1.0), np.float32(lam), drop=False,
+                     positive_weights=bool((weights > 0).all()))
 
 
-def dare_block(base: torch.Tensor, models: Sequence[torch.Tensor], uniforms: Sequence[torch.Tensor],
-               kinds: np.ndarray, densities: np.ndarray, rescale: bool, weights: np.ndarray, consensus: bool, normalize: bool,
-               total: float, lam: float) -> torch.Tensor:
-    """One block of DARE (``dare_ties`` with ``consensus``, else ``dare_linear``):
-    model i keeps everything (``kinds[i] == 0``), nothing (1), or the entries
-    where ``uniforms[i] < densities[i]`` (2; other models' uniforms are not read), divided by
-    the density with ``rescale``; ``total``: the weights' sum for ``dare_linear``'s
-    ``normalize``."""
+def dare_args(kinds: np.ndarray, densities: np.ndarray, rescale: bool, weights: np.ndarray, consensus: bool,
+              normalize: bool, total: float, lam: float) -> BlockArgs:
+    """DARE (``dare_ties`` with ``consensus``, else ``dare_linear``): model i
+    keeps everything (``kinds[i] == 0``), nothing (1), or the entries where its
+    uniform is below its density (2), divided by the density with ``rescale``;
+    ``total``: the weights' sum for ``dare_linear``'s ``normalize``."""
+    n = len(weights)
+    return BlockArgs(np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32), np.zeros(n, np.int64), kinds,
+                     densities, rescale, weights, 0 if consensus else 2, 1.0, normalize, np.float32(total),
+                     np.float32(lam), drop=True, positive_weights=bool((weights > 0).all()))
+
+
+def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockArgs,
+                uniforms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """One block (float32, contiguous, CPU); ``uniforms``: DARE's, one per model
+    (those of models that do not draw are not read)."""
     out = torch.empty(base.numel(), dtype=torch.float32)
-    n = len(models)
-    _kernels().merge(_np(base), tuple(_np(m) for m in models), tuple(_np(u) for u in uniforms),
-                     np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32), np.zeros(n, np.int64),
-                     kinds, densities, rescale, weights, 0 if consensus else 2, 1.0, normalize,
-                     bool((weights > 0).all()), np.float32(total), np.float32(lam), out.numpy())
+    us = tuple(_np(u) for u in uniforms) if args.drop else ()
+    _kernels().merge(_np(base), tuple(_np(m) for m in models), us, args.strict, args.with_ties, args.quota,
+                     args.kinds, args.dens, args.rescale, args.weights, args.mode, args.zero_sign, args.normalize,
+                     args.positive_weights, args.total, args.lam, out.numpy())
     return out

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from . import _ties_fused
-from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, normalize_param, rescale_param
+from ._common import (DENSITY, LAMBDA, WEIGHT, check_inputs, combine, normalize_param, rescale_param,
+                      weight_total)
 from .blocks import TensorMeta
 from .registry import TensorMerge, merge_method
 
@@ -61,14 +62,11 @@ class DareKernel:
         p = meta.params
         dens = [float(mp["density"]) for mp in meta.model_params]
         self.draw = [0 < d < 1 for d in dens]
-        self.kinds = np.array([0 if d >= 1 else (1 if d <= 0 else 2) for d in dens], dtype=np.int8)
-        self.dens = np.array(dens, dtype=np.float32)
         weights = [float(mp["weight"]) for mp in meta.model_params]
-        self.weights = np.array(weights, dtype=np.float32)
-        total = sum(weights)
-        self.total = 1.0 if abs(total) < 1e-8 else total
-        self.consensus, self.rescale = consensus, bool(p["rescale"])
-        self.normalize, self.lam = bool(p["normalize"]), float(p["lambda"])
+        self.args = _ties_fused.dare_args(
+            np.array([0 if d >= 1 else (1 if d <= 0 else 2) for d in dens], dtype=np.int8),
+            np.array(dens, dtype=np.float32), bool(p["rescale"]), np.array(weights, dtype=np.float32), consensus,
+            bool(p["normalize"]), weight_total(weights), float(p["lambda"]))
 
     def observe(self, pass_no: int, blk: TensorMerge) -> None:  # pragma: no cover - no passes
         raise AssertionError("dare has no statistic passes")
@@ -78,9 +76,7 @@ class DareKernel:
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         uniforms = [blk.uniform(f"dare:{i}") if draw else blk.base for i, draw in enumerate(self.draw)]
-        out = _ties_fused.dare_block(blk.base, blk.models, uniforms, self.kinds, self.dens, self.rescale,
-                                     self.weights, self.consensus, self.normalize, self.total, self.lam)
-        return out.reshape(blk.base.shape)
+        return _ties_fused.merge_block(blk.base, blk.models, self.args, uniforms).reshape(blk.base.shape)
 
 
 def _dare_kernel(consensus: bool):

@@ -232,7 +232,7 @@ class TiesKernel:
         self._quota: dict[int, int] = {}       # tied entries still to keep (partial ties)
         self._next = 0
         self._fused = meta.device.type == "cpu" and _ties_fused.available()
-        self._fused_args: tuple | None = None
+        self._fused_args: _ties_fused.BlockArgs | None = None
 
     # -- statistic passes -----------------------------------------------------
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
@@ -306,11 +306,12 @@ class TiesKernel:
             raise RuntimeError(f"tensor {self.meta.name!r}: ties blocks out of order ({blk.offset} != {self._next})")
         self._next = blk.offset + blk.base.numel()
         if self._fused:
-            if self._fused_args is None:
-                strict, with_ties, quota = self._trim_thresholds()
-                self._fused_args = (strict, with_ties, quota, np.array(self.weights, dtype=np.float32),
-                                    self.consensus == "count", self.zero_sign, self.normalize, self.lam)
-            return _ties_fused.merge_block(blk.base, blk.models, *self._fused_args).reshape(blk.base.shape)
+            if self._fused_args is None:  # thresholds are final once the passes are done
+                self._fused_args = _ties_fused.ties_args(*self._trim_thresholds(),
+                                                         np.array(self.weights, dtype=np.float32),
+                                                         self.consensus == "count", self.zero_sign, self.normalize,
+                                                         self.lam)
+            return _ties_fused.merge_block(blk.base, blk.models, self._fused_args).reshape(blk.base.shape)
         deltas = []
         for i, (m, w) in enumerate(zip(blk.models, self.weights)):
             d = self._trim(i, m - blk.base)
