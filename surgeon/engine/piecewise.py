@@ -215,7 +215,7 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
     # are shared with other processes a descheduled team member stalls every op
     # (a TIES merge of base + 3 x 1.26B took 61 s with 2 OpenMP threads and 49 s
     # with 2 compute threads on a quiet 2-core machine; a small merge on a busy
-    # one 27.9 s against 4.8 s). bincount, a third of TIES' time, is serial anyway.
+    # one 27.9 s against 4.8 s).
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

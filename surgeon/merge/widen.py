@@ -176,13 +176,14 @@ class WidenKernel:
             self.mb[i, sl] += (m * b).sum(dim, dtype=f64)
 
     def end_pass(self, pass_no: int) -> None:
-        self.weights = column_weights(self.bb.sqrt(), list(self.mm.sqrt()), list(self.mb), self.ratio, self.calib)
+        self.weights = column_weights(self.bb.sqrt(), list(self.mm.sqrt()), list(self.mb), self.ratio,
+                                      self.calib).contiguous()
         self.bb = self.mm = self.mb = None  # type: ignore[assignment]
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.weights is not None
         if self.fused:
-            return _widen_fused.merge_rows(blk.base, blk.models, self.weights.contiguous(), self.cols)
+            return _widen_fused.merge_rows(blk.base, blk.models, self.weights, self.cols)
         b = blk.base.view(-1, self.cols)
         r0 = blk.offset // self.cols
         out = b.clone()
