@@ -159,7 +159,7 @@ def test_uniform_numbers_do_not_depend_on_how_the_tensor_is_cut() -> None:
         parts = []
         for a in range(0, n, cut):
             b = min(a + cut, n)
-            parts.append(TensorMerge("w", x[a:b], [x[a:b]], [{}], {}, seed=5, offset=a, total=n).uniform("s"))
+            parts.append(TensorMerge("w", x[a:b], [x[a:b]], [{}], {}, seed=5, offset=a).uniform("s"))
         assert torch.equal(torch.cat(parts), whole)
     other = TensorMerge("w", x, [x], [{}], {}, seed=6).uniform("s")
     assert not torch.equal(other, whole)

@@ -328,8 +328,7 @@ class _Restream:
         for task, piece in iter_pieces(self.plan, self.inputs, self.rt, merged, _Loader(self.plan, self.inputs, self.rt.device)):
             base = piece.base.to(f32) if piece.base is not None else None
             yield TensorMerge(task.name, base, [m.to(f32) for m in piece.models], task.model_params, task.params,
-                              seed=self.rt.seed, role=tensor_role(task.name), offset=piece.start,
-                              total=math.prod(task.spec.shape))
+                              seed=self.rt.seed, role=tensor_role(task.name), offset=piece.start)
 
 
 def _raise_nonfinite(plan: MergePlan, inputs: dict[str, Any], task: TensorTask, out: torch.Tensor) -> None:

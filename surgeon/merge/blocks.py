@@ -144,7 +144,7 @@ def _block_merge(meta: TensorMeta, piece: PieceInputs, a: int, b: int) -> Tensor
     base = piece.base[lo:hi].to(torch.float32) if piece.base is not None else None
     models = [m[lo:hi].to(torch.float32) for m in piece.models]
     return TensorMerge(meta.name, base, models, meta.model_params, meta.params, seed=meta.seed, role=meta.role,
-                       state=meta.state, offset=a, total=meta.numel)
+                       state=meta.state, offset=a)
 
 
 def observe_piece(kernel: BlockKernel, meta: TensorMeta, pass_no: int, piece: PieceInputs) -> None:

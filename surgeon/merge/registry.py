@@ -103,9 +103,8 @@ class TensorMerge:
     role: str = "other"  # "embedding" | "lm_head" | "other"
     state: Any = None
     # A block of a larger tensor (see surgeon.merge.blocks): the flat index of
-    # this block's first entry and the whole tensor's number of entries.
+    # this block's first entry.
     offset: int = 0
-    total: int | None = None
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A torch generator seeded from the recipe seed and the tensor name.
