@@ -15,11 +15,13 @@ stream: a block of a tensor gets the numbers the whole tensor would.
 """
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
 from typing import Any
 
 import torch
 
-from ._hist import compiled
+from ._hist import _numba, compiled
 
 _GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -34,22 +36,46 @@ def _signed(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
+def fill_uniform(key: Any, start: Any, out: Any) -> None:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: ``out[i]`` = entry ``start + i`` of stream ``key``
+    (``key`` as int64 bits, ``start`` an integer, ``out`` float32)."""
+    raise NotImplementedError("fill_uniform is only callable from compiled loops")
+
+
+@lru_cache(maxsize=1)
+def register() -> bool:
+    """Teach numba :func:`fill_uniform` (once; False without numba), so that
+    compiled merges draw their uniforms in-line, chunk by chunk."""
+    if _numba() is None:
+        return False
+    import numpy as np
+    from numba.extending import overload
+
+    @overload(fill_uniform, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _fill(key, start, out):  # pragma: no cover - compiled
+        def fill(key, start, out):
+            g, m1, m2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
+            k = np.uint64(key)
+            s = np.uint64(start)
+            for i in range(out.shape[0]):
+                z = k + (s + np.uint64(i)) * g
+                z = (z ^ (z >> np.uint64(30))) * m1
+                z = (z ^ (z >> np.uint64(27))) * m2
+                z = z ^ (z >> np.uint64(31))
+                out[i] = np.float32(np.int64(z >> np.uint64(40))) * np.float32(_SCALE)
+        return fill
+
+    return True
+
+
 @compiled
 def _compiled_fill(jit: Any) -> Any:
     """The compiled stream filler."""
-    import numpy as np
+    register()
 
     @jit
     def fill(key, start, out):  # pragma: no cover - compiled
-        g, m1, m2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
-        k = np.uint64(key)
-        s = np.uint64(start)
-        for i in range(out.shape[0]):
-            z = k + (s + np.uint64(i)) * g
-            z = (z ^ (z >> np.uint64(30))) * m1
-            z = (z ^ (z >> np.uint64(27))) * m2
-            z = z ^ (z >> np.uint64(31))
-            out[i] = np.float32(np.int64(z >> np.uint64(40))) * np.float32(_SCALE)
+        fill_uniform(key, start, out)
 
     return fill
 
@@ -57,6 +83,17 @@ def _compiled_fill(jit: Any) -> Any:
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 patterns (torch's ``>>`` is arithmetic)."""
     return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def stream_key(seed: int, name: str, salt: str) -> int:
+    """The stream key of (recipe seed, tensor name, salt): 64 bits of their sha256."""
+    digest = hashlib.sha256(f"{seed}\0{name}\0{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def signed_key(key: int) -> int:
+    """``key`` as the int64 the compiled loops take."""
+    return _signed(key)
 
 
 def uniform_stream(key: int, start: int, n: int, device: torch.device | str = "cpu",

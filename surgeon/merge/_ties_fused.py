@@ -28,26 +28,36 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import _random, _raw
 from ._hist import compiled
 
-_CH = 512  # entries per chunk: every scratch row of a chunk stays in L1
+_CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 
 
 @compiled
 def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
+    _raw.register()
+    _random.register()
 
     @jit
-    def merge(b_all, ms, us, strict, with_ties, quota, kinds, dens, rescale, w, mode, zero_sign, normalize,
-              positive_weights, total, lam, out_all):  # pragma: no cover - compiled
-        # Loops index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with
-        # an offset index LLVM kept every loop scalar (6x slower).
+    def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, w, mode, zero_sign,
+              normalize, positive_weights, total, lam, out_all):  # pragma: no cover - compiled
+        # Inputs and output in their stored dtype (float32, or bf16 bits as
+        # uint16: see surgeon.merge._raw), widened one chunk at a time. Loops
+        # index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with an
+        # offset index LLVM kept every loop scalar (6x slower).
+        # Returns whether every result was finite.
         nm = len(ms)
         n = b_all.shape[0]
         d = np.empty((nm, _CH), np.float32)
+        b = np.empty(_CH, np.float32)
+        m = np.empty(_CH, np.float32)
+        u = np.empty(_CH, np.float32)
         acc = np.empty(_CH, np.float32)
         mixed = np.empty(_CH, np.float32)
         div = np.empty(_CH, np.float32)
+        chk = np.zeros(_CH, np.float32)  # accumulates r - r: NaN once any result is inf or NaN
         zero = np.float32(0.0)
         one = np.float32(1.0)
         tiny = np.float32(1.1754944e-38)
@@ -55,13 +65,12 @@ def _kernels(jit: Any) -> Any:
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
-            b = b_all[s:e]
-            out = out_all[s:e]
+            _raw.load(b_all[s:e], b)
             # trim (TIES: hardshrink, zero where -t <= x <= t) or drop (DARE: keep where u < density)
             for i in range(nm):
-                m = ms[i][s:e]
+                _raw.load(ms[i][s:e], m)
                 row = d[i]
-                if len(us) > 0:  # kinds: 0 keep all, 1 drop all, 2 draw (decided on the exact density)
+                if len(keys) > 0:  # kinds: 0 keep all, 1 drop all, 2 draw (decided on the exact density)
                     dn = dens[i]
                     if kinds[i] == 0:
                         for j in range(k):
@@ -70,7 +79,7 @@ def _kernels(jit: Any) -> Any:
                         for j in range(k):
                             row[j] = zero
                     else:
-                        u = us[i][s:e]
+                        _random.fill_uniform(keys[i], start + s, u[:k])
                         for j in range(k):
                             row[j] = (m[j] - b[j]) * (one if u[j] < dn else zero)
                         if rescale:
@@ -132,10 +141,13 @@ def _kernels(jit: Any) -> Any:
                         acc[j] = acc[j] / total
                 if lam != one:
                     for j in range(k):
-                        out[j] = acc[j] * lam + b[j]
+                        acc[j] = acc[j] * lam + b[j]
                 else:
                     for j in range(k):
-                        out[j] = acc[j] + b[j]
+                        acc[j] = acc[j] + b[j]
+                for j in range(k):
+                    chk[j] = chk[j] + (acc[j] - acc[j])
+                _raw.store(acc, out_all[s:e])
                 continue
             for j in range(k):  # acc becomes the elected sign (selects, not bool arithmetic: these vectorise)
                 a = acc[j]
@@ -167,10 +179,17 @@ def _kernels(jit: Any) -> Any:
                         mixed[j] = mixed[j] / (one if dv == zero else dv)
             if lam != one:
                 for j in range(k):
-                    out[j] = (mixed[j] * acc[j]) * lam + b[j]
+                    mixed[j] = (mixed[j] * acc[j]) * lam + b[j]
             else:
                 for j in range(k):
-                    out[j] = mixed[j] * acc[j] + b[j]
+                    mixed[j] = mixed[j] * acc[j] + b[j]
+            for j in range(k):
+                chk[j] = chk[j] + (mixed[j] - mixed[j])
+            _raw.store(mixed, out_all[s:e])
+        bad = zero
+        for j in range(_CH):
+            bad += chk[j]
+        return bad == zero
 
     return SimpleNamespace(merge=merge)
 
@@ -227,13 +246,23 @@ def dare_args(kinds: np.ndarray, densities: np.ndarray, rescale: bool, weights: 
                      np.float32(lam), drop=True, positive_weights=bool((weights > 0).all()))
 
 
-def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockArgs,
-                uniforms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """One block (float32, contiguous, CPU); ``uniforms``: DARE's, one per model
-    (those of models that do not draw are not read)."""
+def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockArgs, keys: Sequence[int] = (),
+                offset: int = 0) -> torch.Tensor:
+    """One block (float32, contiguous, CPU) merged into a new float32 tensor;
+    DARE: ``keys`` are the models' uniform stream keys
+    (:func:`surgeon.merge._random.stream_key`), ``offset`` the block's flat
+    index in the tensor."""
     out = torch.empty(base.numel(), dtype=torch.float32)
-    us = tuple(_np(u) for u in uniforms) if args.drop else ()
-    _kernels().merge(_np(base), tuple(_np(m) for m in models), us, args.strict, args.with_ties, args.quota,
-                     args.kinds, args.dens, args.rescale, args.weights, args.mode, args.zero_sign, args.normalize,
-                     args.positive_weights, args.total, args.lam, out.numpy())
+    merge_raw(_np(base), tuple(_np(m) for m in models), args, out.numpy(), keys, offset)
     return out
+
+
+def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs, out: np.ndarray,
+              keys: Sequence[int] = (), offset: int = 0) -> bool:
+    """Merge flat stored-dtype arrays (:func:`surgeon.merge._raw.raw_inputs`)
+    into ``out`` (float32, or uint16 for bf16); returns whether every result
+    was finite."""
+    ks = np.array([_random.signed_key(k) for k in keys] if args.drop else [], dtype=np.int64)
+    return bool(_kernels().merge(base, models, ks, offset, args.strict, args.with_ties, args.quota, args.kinds,
+                                 args.dens, args.rescale, args.weights, args.mode, args.zero_sign, args.normalize,
+                                 args.positive_weights, args.total, args.lam, out))

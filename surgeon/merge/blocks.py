@@ -11,6 +11,10 @@ their stored dtype (bf16: half of float32) and only one block at a time is
 float32, so the engine can stream row *pieces* of a tensor from disk and the
 peak no longer grows with the largest tensor.
 
+Compiled kernels (TIES, DARE) go further: ``observe_raw``/``merge_raw``
+take a whole piece in its stored dtype and widen it chunk by chunk inside the
+loop (:mod:`surgeon.merge._raw`), so no float32 copy of a block is made.
+
 A method opts in by declaring itself ``elementwise`` (its ``fn`` then runs on
 blocks as it is) or by registering a kernel factory (``MergeMethod.kernel``):
 given a tensor's :class:`TensorMeta` it returns a :class:`BlockKernel` (or
@@ -148,7 +152,11 @@ def _block_merge(meta: TensorMeta, piece: PieceInputs, a: int, b: int) -> Tensor
 
 
 def observe_piece(kernel: BlockKernel, meta: TensorMeta, pass_no: int, piece: PieceInputs) -> None:
-    """Feed one piece's blocks to statistic pass ``pass_no``."""
+    """Feed one piece to statistic pass ``pass_no``: whole, in its stored
+    dtype, to a kernel whose ``observe_raw`` takes it, else block by block."""
+    raw = getattr(kernel, "observe_raw", None)
+    if raw is not None and raw(pass_no, piece):
+        return
     block = block_size_for(piece.models[0].device, getattr(kernel, "align", 1))
     for a, b in block_ranges(piece.start, piece.start + piece.numel, block):
         kernel.observe(pass_no, _block_merge(meta, piece, a, b))
@@ -159,7 +167,15 @@ def merge_piece(kernel: BlockKernel, meta: TensorMeta, piece: PieceInputs, out: 
 
     Returns whether every merged value was finite (checked per block on the
     float32 result while it is in cache: one sum, exact test only on doubt).
+    A kernel with ``merge_raw(piece, out)`` may merge the whole piece from
+    its stored dtype straight into ``out`` (it returns the finiteness, or
+    None when these inputs need the float32 blocks).
     """
+    raw = getattr(kernel, "merge_raw", None)
+    if raw is not None:
+        finite = raw(piece, out)
+        if finite is not None:
+            return bool(finite)
     block = block_size_for(piece.models[0].device, getattr(kernel, "align", 1))
     finite = True
     for a, b in block_ranges(piece.start, piece.start + piece.numel, block):

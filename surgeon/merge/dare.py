@@ -28,7 +28,9 @@ import torch
 from . import _ties_fused
 from ._common import (DENSITY, LAMBDA, WEIGHT, check_inputs, combine, normalize_param, rescale_param,
                       weight_total)
-from .blocks import TensorMeta
+from ._random import stream_key
+from ._raw import raw_inputs, raw_view
+from .blocks import PieceInputs, TensorMeta
 from .registry import TensorMerge, merge_method
 
 _RESCALE = rescale_param(True, "multiply the surviving entries by 1/density (the paper's rescale)")
@@ -61,7 +63,8 @@ class DareKernel:
     def __init__(self, meta: TensorMeta, consensus: bool):
         p = meta.params
         dens = [float(mp["density"]) for mp in meta.model_params]
-        self.draw = [0 < d < 1 for d in dens]
+        # the streams TensorMerge.uniform(f"dare:{i}") draws from (read only for models that draw)
+        self.keys = [stream_key(meta.seed, meta.name, f"dare:{i}") for i in range(len(dens))]
         weights = [float(mp["weight"]) for mp in meta.model_params]
         self.args = _ties_fused.dare_args(
             np.array([0 if d >= 1 else (1 if d <= 0 else 2) for d in dens], dtype=np.int8),
@@ -74,9 +77,16 @@ class DareKernel:
     def end_pass(self, pass_no: int) -> None:  # pragma: no cover - no passes
         raise AssertionError("dare has no statistic passes")
 
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        """The whole piece from and to its stored dtypes, uniforms drawn in-line
+        (None: these inputs need float32 blocks)."""
+        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
+        if raw is None or raw[0] is None or o is None:
+            return None
+        return _ties_fused.merge_raw(raw[0], raw[1], self.args, o, self.keys, piece.start)
+
     def merge(self, blk: TensorMerge) -> torch.Tensor:
-        uniforms = [blk.uniform(f"dare:{i}") if draw else blk.base for i, draw in enumerate(self.draw)]
-        return _ties_fused.merge_block(blk.base, blk.models, self.args, uniforms).reshape(blk.base.shape)
+        return _ties_fused.merge_block(blk.base, blk.models, self.args, self.keys, blk.offset).reshape(blk.base.shape)
 
 
 def _dare_kernel(consensus: bool):

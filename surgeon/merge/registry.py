@@ -131,12 +131,11 @@ class TensorMerge:
         exactly the numbers the whole tensor would, however the engine cut it,
         and every device draws the same numbers.
         """
-        from ._random import uniform_stream
+        from ._random import stream_key, uniform_stream
 
         ref = self.base if self.base is not None else self.models[0]
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}".encode()).digest()
-        key = int.from_bytes(digest[:8], "little")
-        return uniform_stream(key, self.offset, ref.numel(), ref.device).reshape(ref.shape)
+        return uniform_stream(stream_key(self.seed, self.name, salt), self.offset, ref.numel(),
+                              ref.device).reshape(ref.shape)
 
     def weights(self, key: str = "weight") -> list[float]:
         return [float(p[key]) for p in self.model_params]

@@ -56,7 +56,8 @@ from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, elect_sign,
 from ._select import largest_mask, stream_kth_smallest
 from . import _ties_fused
 from ._streamselect import StreamSelector, next_float
-from .blocks import TensorMeta, consensus_mix
+from ._raw import raw_inputs, raw_view
+from .blocks import PieceInputs, TensorMeta, consensus_mix
 from .registry import Param, ReiterableMerges, TensorMerge, merge_method
 
 
@@ -301,17 +302,33 @@ class TiesKernel:
         return (np.array(strict, dtype=np.float32), np.array(with_ties, dtype=np.float32),
                 np.array(quota, dtype=np.int64))
 
+    def _in_order(self, offset: int, numel: int) -> None:
+        if offset != self._next:
+            raise RuntimeError(f"tensor {self.meta.name!r}: ties blocks out of order ({offset} != {self._next})")
+        self._next = offset + numel
+
+    def _compiled_args(self) -> _ties_fused.BlockArgs:
+        if self._fused_args is None:  # thresholds are final once the passes are done
+            self._fused_args = _ties_fused.ties_args(*self._trim_thresholds(), np.array(self.weights, dtype=np.float32),
+                                                     self.consensus == "count", self.zero_sign, self.normalize,
+                                                     self.lam)
+        return self._fused_args
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        """The whole piece through the compiled merge, from and to the stored
+        dtypes (None: these inputs need float32 blocks)."""
+        if not self._fused:
+            return None
+        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
+        if raw is None or raw[0] is None or o is None:
+            return None
+        self._in_order(piece.start, piece.numel)
+        return _ties_fused.merge_raw(raw[0], raw[1], self._compiled_args(), o)
+
     def merge(self, blk: TensorMerge) -> torch.Tensor:
-        if blk.offset != self._next:
-            raise RuntimeError(f"tensor {self.meta.name!r}: ties blocks out of order ({blk.offset} != {self._next})")
-        self._next = blk.offset + blk.base.numel()
+        self._in_order(blk.offset, blk.base.numel())
         if self._fused:
-            if self._fused_args is None:  # thresholds are final once the passes are done
-                self._fused_args = _ties_fused.ties_args(*self._trim_thresholds(),
-                                                         np.array(self.weights, dtype=np.float32),
-                                                         self.consensus == "count", self.zero_sign, self.normalize,
-                                                         self.lam)
-            return _ties_fused.merge_block(blk.base, blk.models, self._fused_args).reshape(blk.base.shape)
+            return _ties_fused.merge_block(blk.base, blk.models, self._compiled_args()).reshape(blk.base.shape)
         deltas = []
         for i, (m, w) in enumerate(zip(blk.models, self.weights)):
             d = self._trim(i, m - blk.base)

@@ -1,0 +1,119 @@
+"""Stored-dtype inputs for the compiled loops: bf16 decoded and encoded chunk by chunk.
+
+Why. The block engine used to cast every block of every input to float32
+with torch before a kernel saw it (``blk.base.to(float32)``) and to cast the
+float32 result back to the output dtype: on a TIES merge of three bf16
+models that is 14 casts per block of 2^18 entries over the three passes,
+each writing a fresh 1 MiB temporary (~40 % of the arithmetic on the
+development CPU). A compiled kernel can instead read the stored bf16 bits and
+widen one 512-entry chunk at a time into a float32 scratch row that stays in
+L1 (bf16 is the top half of a float32: a 16-bit shift), and round its
+float32 results to bf16 the same way when it writes them.
+
+Exactness. Widening bf16 is exact. Narrowing rounds to nearest, ties to
+even, as torch's ``float -> bfloat16`` conversion, so outputs are the bytes a
+torch cast of a float32 block writes (tests/test_merge_raw.py compares them).
+A NaN becomes 0xFFFF, as in torch's vectorised CPU conversion (its scalar
+path, used for the last few entries of a tensor, writes 0x7FC0).
+
+``load(src, dst)`` and ``store(src, dst)`` are numba overloads usable inside
+any compiled loop: ``src``/``dst`` are either float32 arrays or uint16 arrays
+holding bf16 bits. numba's on-disk cache keys each kernel on its own source
+file only, so after editing this file clear the kernels' cache
+(``surgeon/merge/__pycache__/*.nb[ci]``); installs get fresh files and so a
+fresh cache.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._hist import _numba
+
+#: entries per chunk: the scratch rows of a chunk stay in L1
+CHUNK = 512
+
+
+def load(src: np.ndarray, dst: np.ndarray) -> None:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: ``dst[:len(src)] = float32(src)``."""
+    raise NotImplementedError("load is only callable from compiled loops")
+
+
+def store(src: np.ndarray, dst: np.ndarray) -> None:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: ``dst[:] = src[:len(dst)]`` in dst's dtype (bf16: round to nearest even)."""
+    raise NotImplementedError("store is only callable from compiled loops")
+
+
+@lru_cache(maxsize=1)
+def register() -> bool:
+    """Teach numba ``load`` and ``store`` (once; False without numba).
+    Kernel builders call this before they define loops that use them."""
+    nb = _numba()
+    if nb is None:
+        return False
+    from numba import types
+    from numba.extending import overload
+
+    @overload(load, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _load(src, dst):  # pragma: no cover - compiled
+        if isinstance(src.dtype, types.Integer):  # bf16 bits
+            def widen(src, dst):
+                du = dst.view(np.uint32)
+                for j in range(src.shape[0]):
+                    du[j] = np.uint32(src[j]) << np.uint32(16)
+            return widen
+
+        def copy(src, dst):
+            for j in range(src.shape[0]):
+                dst[j] = src[j]
+        return copy
+
+    @overload(store, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _store(src, dst):  # pragma: no cover - compiled
+        if isinstance(dst.dtype, types.Integer):  # bf16 bits, rounded as torch's vectorised cast
+            def narrow(src, dst):
+                su = src.view(np.uint32)
+                for j in range(dst.shape[0]):
+                    u = su[j]
+                    r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+                    x = src[j]
+                    dst[j] = np.uint16(0xFFFF) if x != x else np.uint16(r)
+            return narrow
+
+        def copy(src, dst):
+            for j in range(dst.shape[0]):
+                dst[j] = src[j]
+        return copy
+
+    return True
+
+
+def raw_view(t: torch.Tensor) -> np.ndarray | None:
+    """A flat numpy view of ``t``'s stored values that the compiled loops read
+    or write: bf16 as uint16 bits, float32 as is; None for other dtypes, for
+    tensors off the CPU and for non-contiguous ones (the caller falls back to
+    torch casts)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    if t.dtype == torch.bfloat16:
+        return t.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float32:
+        return t.reshape(-1).numpy()
+    return None
+
+
+def raw_inputs(base: torch.Tensor | None, models: list[torch.Tensor]) -> tuple[Any, tuple[np.ndarray, ...]] | None:
+    """Views of a piece's inputs for a compiled loop, or None when they do not
+    qualify: the models must share one raw dtype (numba indexes a tuple of
+    arrays by a runtime index only when its arrays have one type); the base
+    may have either."""
+    ms = tuple(raw_view(m) for m in models)
+    if not ms or any(m is None for m in ms) or len({m.dtype for m in ms}) != 1:  # type: ignore[union-attr]
+        return None
+    if base is None:
+        return None, ms  # type: ignore[return-value]
+    b = raw_view(base)
+    return None if b is None else (b, ms)  # type: ignore[return-value]
