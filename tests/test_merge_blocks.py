@@ -275,23 +275,65 @@ def _adversarial_magnitudes(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, BLOCK_ELEMS + 5])
-def test_compiled_counts_equal_bincount(n: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_counts_equal_bincount(n: int, dtype: torch.dtype) -> None:
+    """The compiled counting loop against ``bincount`` of the bit patterns of
+    ``|m - b|``, and against the torch-ops path, for top-bit and window
+    counts (windows at 0, across bucket edges, at the top of the range)."""
+    import numpy as np
+
     from surgeon.merge import _hist
 
     if not _hist.compiled_counts_available():
         pytest.skip("numba unavailable")
-    v = _adversarial_magnitudes(max(n, 300))[:n]
-    bits = v.view(torch.int32)
-    top = torch.zeros(1 << 15, dtype=torch.int64)
-    _hist.count_top16(v, top)
-    _hist.count_top16(v, top)  # counts accumulate
-    assert torch.equal(top, 2 * torch.bincount(bits >> 16, minlength=1 << 15))
-    for bucket in {int(bits[0] >> 16), int(bits[-1] >> 16), int(torch.argmax(top)), 0, (1 << 15) - 1, 0x7F80}:
-        inside = bits[(bits >> 16) == bucket] & 0xFFFF
-        for share in (0.0, 1.0):  # the chunk-skipping and the branch-free loop
-            got = _hist.bucket_hist(v.device)
-            _hist.count_bucket(v, bucket, got, share)
-            assert torch.equal(_hist.bucket_counts(got), torch.bincount(inside, minlength=1 << 16)), (bucket, share)
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(dtype)
+    mag = _adversarial_magnitudes(max(n, 300))[:n]
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    models = [(base.float() + sign * mag).to(dtype), (base.float() * 1.5).to(dtype)]
+    bits = [(m.float() - base.float()).abs().view(torch.int32).to(torch.int64) for m in models]
+    med = int(bits[0].median())
+    windows = [(0, 1 << 18), (max(0, med - 70_000), 140_000), ((med >> 16) << 16, 1 << 16), (0x7F7F0000, 0x20000)]
+    from surgeon.merge._raw import raw_inputs
+
+    b, ms = raw_inputs(base, models)
+    for lo, width in windows:
+        sel = [0, 1, 0, 1, 0]
+        kind = [_hist.TOP16, _hist.WINDOW, _hist.WINDOW, _hist.COLLECT, _hist.COLLECT]
+        los, widths = [0, lo, max(0, lo - 5), lo, 0], [0, width, width, width, 0x7F800001]
+        below = torch.zeros(5, dtype=torch.int64)
+        inside = torch.zeros(5, dtype=torch.int64)
+        top = torch.zeros(5, _hist.TOP_BINS, dtype=torch.int64)
+        fine = torch.zeros(5, width, dtype=torch.int32)
+        kept = torch.zeros(5, 2 * n, dtype=torch.int32)
+        for _ in range(2):  # counts accumulate
+            _hist.count_deltas_compiled(b, ms, np.array(sel), np.array(kind, dtype=np.int8),
+                                        np.array(los, dtype=np.uint32), np.array(widths, dtype=np.uint32),
+                                        below.numpy(), top.numpy(), fine.numpy(), inside.numpy(),
+                                        kept.numpy().view(np.uint32))
+        assert torch.equal(top[0], 2 * torch.bincount(bits[0] >> 16, minlength=1 << 15))
+        for t in (1, 2, 3, 4):
+            v = bits[sel[t]] - los[t]
+            assert int(below[t]) == 2 * int((v < 0).sum())
+            inw = (v >= 0) & (v < widths[t])
+            if kind[t] == _hist.WINDOW:
+                want = 2 * torch.bincount(v[inw], minlength=widths[t])
+                assert torch.equal(fine[t].to(torch.int64), want), (lo, width, t)
+            else:  # the patterns in flat order, twice
+                assert int(inside[t]) == 2 * int(inw.sum())
+                once = bits[sel[t]][inw]
+                assert torch.equal(kept[t, :int(inside[t])].to(torch.int64), torch.cat([once, once]))
+        below_t = torch.zeros(5, dtype=torch.int64)
+        inside_t = torch.zeros(5, dtype=torch.int64)
+        top_t = torch.zeros(5, _hist.TOP_BINS, dtype=torch.int64)
+        fine_t = torch.zeros(5, width, dtype=torch.int32)
+        parts: list[list[torch.Tensor]] = [[] for _ in sel]
+        for _ in range(2):
+            _hist.count_deltas_torch(base, models, sel, kind, los, widths, below_t, top_t, fine_t, inside_t, parts)
+        assert torch.equal(below_t, below) and torch.equal(top_t, top) and torch.equal(fine_t, fine)
+        assert torch.equal(inside_t, inside)
+        for t in (3, 4):
+            assert torch.equal(torch.cat(parts[t]), kept[t, :int(inside[t])].to(torch.int64))
 
 
 def test_ties_kernel_without_compiled_loops_equals_reference(monkeypatch) -> None:
@@ -369,3 +411,42 @@ def test_compiled_kernels_keep_nan_visible(method: str) -> None:
     assert bool(torch.isnan(ref[17])) and bool(torch.isnan(got[17]))
     keep = ~torch.isnan(ref)
     assert torch.equal(got[keep], ref[keep])
+
+
+def test_passes_a_selection_does_not_need_are_not_read(tmp_path: Path, tiny_family: dict[str, Path],
+                                                       monkeypatch) -> None:
+    """TIES' selection usually settles in its first pass: a tensor cut into
+    pieces is then read twice (that pass and the merge), not once per planned
+    pass; the output is still the whole-tensor result."""
+    from surgeon.engine import merge_step, piecewise
+
+    jobs_seen: list = []
+    reads: list = []
+    plan_jobs, loader_call = piecewise.plan_jobs, piecewise._PieceLoader.__call__
+
+    def record_jobs(*a, **kw):
+        jobs = plan_jobs(*a, **kw)
+        jobs_seen.extend(jobs)
+        return jobs
+
+    def record_read(self, read):
+        reads.append((read.job.task.name, read.passes))
+        return loader_call(self, read)
+
+    monkeypatch.setattr(merge_step, "plan_jobs", record_jobs)
+    monkeypatch.setattr(piecewise._PieceLoader, "__call__", record_read)
+    recipe = tmp_path / "r.yaml"
+    mp = lambda w, d: f", weight: {w}, density: {d}"  # noqa: E731
+    recipe.write_text(RECIPE.format(method="ties", params="", d1=mp(0.5, 0.3), d2=mp(0.3, 0.6), d3=mp(0.3, 0.5),
+                                    **{k: str(v) for k, v in tiny_family.items()}))
+    surgeon.run(recipe, output=str(tmp_path / "pieces"), quiet=True, piece_size="4KB")
+    surgeon.run(recipe, output=str(tmp_path / "whole"), quiet=True, piece_size="0")
+    assert [f.read_bytes() for f in sorted((tmp_path / "pieces").glob("*.safetensors"))] == \
+        [f.read_bytes() for f in sorted((tmp_path / "whole").glob("*.safetensors"))]
+    multi = [j for j in jobs_seen if len(j.pieces) > 1 and j.kernel.stat_passes]
+    assert multi and any(j.kernel.selector._ended == 1 for j in multi)
+    for job in multi:
+        closed = job.kernel.selector._ended
+        assert 1 <= closed < job.kernel.stat_passes or job.kernel.selector.misses
+        n_reads = sum(1 for name, _ in reads if name == job.task.name)
+        assert n_reads == len(job.pieces) * (closed + 1), job.task.name

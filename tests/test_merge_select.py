@@ -69,3 +69,128 @@ def test_kth_smallest_both_ways():
         want = float(torch.sort(v).values[k - 1])
         assert float(kth_smallest(v, k, "kthvalue")) == want
         assert float(kth_smallest(v, k, "topk")) == want
+
+
+def _selector_case(seed: int, n: int, quantized: bool = False):
+    """Deltas with a run of zeros; ``quantized``: bf16 values, so the deltas
+    take a few discrete values with many exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    model = base + 0.01 * torch.randn(n, generator=g)
+    if quantized:
+        base, model = base.bfloat16(), model.bfloat16()
+    model[: n // 10] = base[: n // 10]
+    return base, model, (model.float() - base.float()).abs()
+
+
+def _check(sel, mag: torch.Tensor, ks: dict) -> None:
+    for s, k in ks.items():
+        r = sel.result[s]
+        assert r.value == float(torch.kthvalue(mag, k).values), (s, k)
+        assert r.below == int((mag < r.value).sum()) and r.equal == int((mag == r.value).sum())
+
+
+def _run(sel, base, models, sample_from=None, row=1000, piece=None):
+    from surgeon.merge.blocks import block_ranges
+
+    sel.sample(*(sample_from or (base, models)), row)
+    passes = 0
+    for p in range(sel.passes):
+        if not sel.pass_needed(p):
+            continue
+        passes += 1
+        for a, b in block_ranges(0, base.numel(), piece):
+            sel.observe(p, base[a:b], [m[a:b] for m in models])
+        sel.end_pass(p)
+    assert sel.done
+    return passes
+
+
+def test_stream_selector_settles_in_one_pass_when_the_sample_brackets_the_kth() -> None:
+    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+
+    n = 3 * SAMPLE + 17
+    base, model, mag = _selector_case(0, n)
+    ks = {"a": 1, "b": n // 10, "c": n // 10 + 1, "d": n // 2, "e": int(0.7 * n), "f": n - 500}
+    sel = StreamSelector(ks, n, {s: 0 for s in ks})
+    passes = _run(sel, base, [model], piece=100_000)
+    _check(sel, mag, ks)
+    assert passes == 1 and sel.misses == 0
+    # discrete deltas: a bracket between two far-apart values is too wide to
+    # histogram, so some selections take the top-bits and bucket passes
+    base, model, mag = _selector_case(0, n, quantized=True)
+    sel = StreamSelector(ks, n, {s: 0 for s in ks})
+    assert _run(sel, base, [model], piece=100_000) <= 2
+    _check(sel, mag, ks)
+    # a tensor no larger than the sample is selected exactly from the sample
+    small = 1000
+    sel = StreamSelector({0: 700}, small)
+    assert _run(sel, base[:small], [model[:small]]) == 1
+    _check(sel, mag[:small], {0: 700})
+
+
+def test_stream_selector_falls_back_when_the_sample_misleads() -> None:
+    """A sample of other data (3x larger deltas) misses: the top-bits and
+    bucket passes still find the exact values (three passes)."""
+    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+
+    n = 2 * SAMPLE + 5
+    base, model, mag = _selector_case(1, n)
+    decoy = (base.float() + 3 * (model.float() - base.float())).bfloat16()
+    ks = {0: int(0.7 * n)}
+    sel = StreamSelector(ks, n)
+    passes = _run(sel, base, [model], sample_from=(base, [decoy]))
+    _check(sel, mag, ks)
+    assert passes == 3 and sel.misses == 1
+
+
+def test_stream_selector_without_a_usable_sample_counts_top_bits() -> None:
+    from surgeon.merge._streamselect import StreamSelector
+
+    n = 5000
+    g = torch.Generator().manual_seed(2)
+    base = torch.zeros(n)
+    model = torch.exp(20 * torch.randn(n, generator=g))  # magnitudes over ~17 octaves: no narrow bracket
+    ks = {0: 2500, 1: 4000}
+    sel = StreamSelector(ks, n, {0: 0, 1: 0})
+    sel.sampled = True  # no sample at all
+    assert _run(sel, base, [model]) == 2
+    _check(sel, model, ks)
+    sel = StreamSelector({0: 4999}, n)
+    _run(sel, base, [model], sample_from=(base[:100], [model[:100]]))  # a 100-entry sample is too wide
+    _check(sel, model, {0: 4999})
+
+
+def test_stream_selector_torch_ops_equal_compiled(monkeypatch) -> None:
+    from surgeon.merge import _hist, _streamselect
+    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+
+    n = SAMPLE + 3
+    base, model, mag = _selector_case(3, n)
+    ks = {0: n // 3}
+    monkeypatch.setattr(_streamselect, "compiled_counts_available", lambda: False)
+    sel = StreamSelector(ks, n)
+    assert _run(sel, base, [model], piece=50_000) == 1
+    _check(sel, mag, ks)
+    assert _hist._numba() is None or _hist.compiled_counts_available()
+
+
+def test_stream_selector_treats_an_overflowing_bracket_as_a_miss(monkeypatch) -> None:
+    """More entries inside a wide bracket than the sample promised: the
+    kept patterns overflow, and the fallback passes still give exact values
+    (compiled loop and torch ops alike)."""
+    from surgeon.merge import _streamselect
+    from surgeon.merge._hist import COLLECT
+    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+
+    n = 2 * SAMPLE + 9
+    base, model, mag = _selector_case(4, n)
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(_streamselect, "compiled_counts_available", lambda: False)
+        sel = StreamSelector({0: n // 2}, n)
+        sel.sample(base, [model], 1000)
+        assert sel._kind[0] == COLLECT
+        sel._cap[0] = 10
+        assert _run(sel, base, [model]) == 3 and sel.misses == 1
+        _check(sel, mag, {0: n // 2})

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import InvalidInputError, StepError
-from ..merge.blocks import BlockKernel, PieceInputs, TensorMeta, merge_piece, observe_piece
+from ..merge.blocks import BlockKernel, PieceInputs, TensorMeta, merge_piece, observe_piece, pass_needed
 
 #: stored bytes of one input in one piece (32 MiB: a 2048-wide bf16 matrix in 8192-row pieces).
 #: With the default read-ahead (two reads) a merge of four inputs holds ~0.5 GB of pieces.
@@ -51,6 +51,11 @@ class _Job:
     whole_fp32: bool  # read whole through the row-aligning loader
     n_in: int         # inputs read per piece
     itemsize: int     # bytes per entry as read: the widest input dtype (float32 when aligned)
+
+    def out_piece_bytes(self, piece: int) -> int:
+        """Bytes of ``piece``'s merged output."""
+        r0, r1 = self.pieces[piece]
+        return (r1 - r0) * self.row_elems * self.task.spec.dtype.itemsize
 
     def piece_bytes(self, piece: int) -> int:
         """Bytes one read of ``piece`` brings in (all inputs)."""
@@ -87,13 +92,29 @@ def plan_jobs(plan: Any, kernels: list[tuple[Any, BlockKernel, TensorMeta]], inp
     return jobs
 
 
-def _reads(jobs: list[_Job]) -> Iterator[_Read]:
+_END = object()
+#: merged pieces at least this large are written from pooled buffers
+_POOLED_OUTPUT = 1 << 20
+#: in the read sequence: read nothing further until every read before it has been processed
+_SETTLE = None
+
+
+def _reads(jobs: list[_Job]) -> Iterator[_Read | None]:
+    """Every read the jobs need, in order. A tensor in several pieces is read
+    once per pass; before each statistic pass after the first comes a
+    :data:`_SETTLE` mark, so that the kernel has closed the previous pass
+    when it is asked whether it needs this one (TIES' selection usually
+    settles in its first pass: the rest are neither read nor computed)."""
     for job in jobs:
         passes = job.kernel.stat_passes + 1
         if len(job.pieces) == 1:
             yield _Read(job, 0, tuple(range(passes)), job.piece_bytes(0))
             continue
         for p in range(passes):
+            if 0 < p < job.kernel.stat_passes:
+                yield _SETTLE
+                if not pass_needed(job.kernel, p):
+                    continue
             for i in range(len(job.pieces)):
                 yield _Read(job, i, (p,), job.piece_bytes(i))
 
@@ -167,23 +188,37 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
     read_buffers = _BufferPool(max((j.piece_bytes(i) // j.n_in for j in jobs if not j.whole_fp32
                                     for i in range(len(j.pieces))), default=0))
     load = _PieceLoader(plan, inputs, rt.device, whole_loader, read_buffers)
+    # merged pieces go to the writer thread in buffers that come back once written: a fresh
+    # output buffer per piece page-faulted (and zeroed) every output byte again
+    out_buffers = _BufferPool(max((j.out_piece_bytes(i) for j in jobs for i in range(len(j.pieces))), default=0))
     compute = 0.0
     last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
     reads = _reads(jobs)
 
-    def process(read: _Read, piece: PieceInputs) -> tuple[float, list[tuple[Any, int, torch.Tensor]]]:
+    def new_output(job: _Job, numel: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        dtype = job.task.spec.dtype
+        nbytes = numel * dtype.itemsize
+        # small outputs (norms, biases) come from malloc's heaps, which reuse them anyway
+        buf = out_buffers.take(nbytes) if device.type == "cpu" and nbytes >= _POOLED_OUTPUT else None
+        if buf is None:
+            return torch.empty(numel, dtype=dtype, device=device), []
+        return buf[:nbytes].view(dtype), [buf]
+
+    def process(read: _Read, piece: PieceInputs) -> tuple[float, list[tuple[Any, int, torch.Tensor, list]]]:
         job = read.job
         c0 = time.perf_counter()
         done = []
         for p in read.passes:
             if p < job.kernel.stat_passes:
+                if not pass_needed(job.kernel, p):
+                    continue  # the kernel's statistics settled in an earlier pass
                 observe_piece(job.kernel, job.meta, p, piece)
                 if read.piece == last_piece_of_pass[id(job)]:
                     job.kernel.end_pass(p)
                 continue
             r0, r1 = job.pieces[read.piece]
             shape = job.task.spec.shape
-            out = torch.empty(piece.numel, dtype=job.task.spec.dtype, device=piece.models[0].device)
+            out, held = new_output(job, piece.numel, piece.models[0].device)
             try:
                 finite = merge_piece(job.kernel, job.meta, piece, out)
             except (InvalidInputError, StepError):
@@ -193,15 +228,15 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
                                 f"{job.task.name!r}: {exc}") from None
             if not finite and not rt.allow_nonfinite:
                 on_nonfinite(job.task, out)
-            done.append((job.task, r0, out.reshape((r1 - r0, *shape[1:]) if shape else ())))
-        read_buffers.give(piece.buffers)  # nothing reads the piece any more (outputs are new tensors)
+            done.append((job.task, r0, out.reshape((r1 - r0, *shape[1:]) if shape else ()), held))
+        read_buffers.give(piece.buffers)  # nothing reads the piece any more (outputs are other buffers)
         return time.perf_counter() - c0, done
 
-    def put(result: tuple[float, list[tuple[Any, int, torch.Tensor]]]) -> None:
+    def put(result: tuple[float, list[tuple[Any, int, torch.Tensor, list]]]) -> None:
         nonlocal compute
         compute += result[0]
-        for task, r0, rows in result[1]:
-            out_queue.put_rows(task, r0, rows)
+        for task, r0, rows, held in result[1]:
+            out_queue.put_rows(task, r0, rows, (lambda held=held: out_buffers.give(held)) if held else None)
 
     workers = max(1, int(getattr(rt, "compute_workers", 1)))
     if workers == 1 or rt.device.type != "cpu":
@@ -236,24 +271,35 @@ def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any,
     return compute
 
 
-def _prefetched(reads: Iterator[_Read], load: Callable[[_Read], PieceInputs],
+def _prefetched(reads: Iterator[_Read | None], load: Callable[[_Read], PieceInputs],
                 rt: Any) -> Iterator[tuple[_Read, PieceInputs]]:
     """Yield each read with its data, reading ahead on ``rt.threads`` threads:
-    at most ``rt.prefetch`` reads and ``rt.prefetch_bytes`` beyond the current one."""
+    at most ``rt.prefetch`` reads and ``rt.prefetch_bytes`` beyond the current
+    one, and nothing past a :data:`_SETTLE` mark until the consumer has
+    processed every read before it (the consumer processes a read before it
+    asks for the next, except on compute threads, which only one-piece
+    tensors use, and those have no mark)."""
     with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
         queue: deque[tuple[_Read, Future]] = deque()
-        waiting: list[_Read] = []
+        waiting: list[_Read | None] = []
         ahead = 0
+        exhausted = False
 
-        def fill() -> None:
-            nonlocal ahead
+        def fill(settled: bool) -> None:
+            nonlocal ahead, exhausted
             while len(queue) <= rt.prefetch:
                 if not waiting:
-                    r = next(reads, None)
-                    if r is None:
+                    r = next(reads, _END)
+                    if r is _END:
+                        exhausted = True
                         return
                     waiting.append(r)
                 r = waiting[0]
+                if r is _SETTLE:
+                    if queue or not settled:
+                        return
+                    waiting.clear()
+                    continue
                 if queue and ahead + r.nbytes > rt.prefetch_bytes:
                     return
                 waiting.clear()
@@ -261,15 +307,17 @@ def _prefetched(reads: Iterator[_Read], load: Callable[[_Read], PieceInputs],
                     ahead += r.nbytes
                 queue.append((r, pool.submit(load, r)))
 
-        fill()
+        fill(True)
         while queue:
             read, fut = queue.popleft()
             if queue:
                 ahead -= queue[0][0].nbytes
             piece = fut.result()
-            fill()
+            fill(False)
             yield read, piece
             del piece
+            if not queue and not exhausted:
+                fill(True)  # everything yielded so far is processed: past a settle mark
 
 
 class _NoKernel:

@@ -1,15 +1,16 @@
-"""Compiled histogram loops for :mod:`surgeon.merge._streamselect` on CPU.
+"""The counting loop behind :mod:`surgeon.merge._streamselect`, compiled for CPU.
 
-Why not ``torch.bincount``. The exact selection behind the TIES and breadcrumbs
-trims counts the bit patterns of every ``|delta|`` twice per tensor. On CPU,
+Why not ``torch.bincount``. The exact selection behind the TIES and
+breadcrumbs trims counts the bit patterns of every ``|delta|``. On CPU,
 ``torch.bincount`` scans its input three times (minimum, maximum, then the
 scalar counting loop) into a fresh histogram that must then be added to the
-running one, and the second pass first needs three more elementwise ops to
-clamp the keys; on the 2-core development machine that was ~40 % of a TIES
-merge. The same counts from one numba loop each (``nogil``, so the engine's
-compute threads run them side by side) take 1/2 (top 16 bits) and 1/5 (one
-bucket) of the time: a profile-guided choice, measured in
-``docs/merging.md``.
+running one, after ``|m - b|`` has been computed into a fresh float32 block
+from float32 copies of the bf16 inputs; on the 2-core development machine
+that was ~40 % of a TIES merge. One numba loop (``nogil``, so the engine's
+compute threads run it side by side) reads the stored inputs, widens them
+chunk by chunk (:mod:`surgeon.merge._raw`), and counts each series' deltas
+either by their top 16 bits or inside a window of bit patterns (plus how
+many fall below it): measured in ``docs/merging.md``.
 
 numba is imported on first use only (CPU merges that trim by magnitude), and
 compiled functions are cached on disk (``cache=True``), so only the very first
@@ -25,17 +26,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
-#: entries scanned per chunk of the bucket count: a chunk with no entry in
-#: the bucket (most of them, the bucket holding well under 1 % of a tensor) is
-#: skipped after one vectorised test
-_CHUNK = 64
-#: spare bins of the dense bucket count (a power of two)
-_TRASH = 16
-#: bucket share of a tensor above which the branch-free bucket count is faster
-#: (measured: 0.2 % share 100 vs 260 us per 2^18 entries; 11 %: 660 vs 345)
-DENSE_SHARE = 0.01
-
 
 def _numba() -> Any:
     """The numba module, or None when it is unavailable or switched off
@@ -74,86 +64,118 @@ def compiled(build: Callable[[Any], Any]) -> Callable[[], Any]:
     return get
 
 
+#: top-16-bit buckets of non-negative float32 (sign bit 0)
+TOP_BINS = 1 << 15
+#: count kinds of the counting loop, per series
+SKIP, TOP16, WINDOW, COLLECT = 0, 1, 2, 3
+
+
 @compiled
 def _kernels(jit: Any) -> Any:
-    """The counting loops."""
+    """The counting loop."""
+    from . import _raw
+
+    _raw.register()
+    ch = _raw.CHUNK
 
     @jit
-    def top16(bits, hist):  # pragma: no cover - compiled
-        # the mask keeps a caller's negative value (sign bit set) inside the
-        # histogram: no bounds checks here, and a stray write would corrupt memory
-        for i in range(bits.shape[0]):
-            hist[(bits[i] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+    def delta_counts(b_all, ms, sel, kind, lo, width, below, top, fine, inside, kept):  # pragma: no cover - compiled
+        # Per chunk: widen the base once, then per series |m - b| into a
+        # scratch row and its bit patterns counted. Loops index chunk slices
+        # from 0 so that LLVM vectorises them (see surgeon.merge._ties_fused).
+        n = b_all.shape[0]
+        b = np.empty(ch, np.float32)
+        m = np.empty(ch, np.float32)
+        d = np.empty(ch, np.float32)
+        du = d.view(np.uint32)
+        for s in range(0, n, ch):
+            e = min(n, s + ch)
+            k = e - s
+            _raw.load(b_all[s:e], b)
+            for t in range(sel.shape[0]):
+                if kind[t] == 0:
+                    continue
+                _raw.load(ms[sel[t]][s:e], m)
+                for j in range(k):
+                    d[j] = abs(m[j] - b[j])
+                if kind[t] == 1:
+                    h = top[t]
+                    for j in range(k):
+                        # the mask keeps a NaN's pattern inside the histogram (no bounds checks here)
+                        h[(du[j] >> np.uint32(16)) & np.uint32(0x7FFF)] += 1
+                    continue
+                lo_t = lo[t]
+                w_t = width[t]
+                cnt = 0
+                hit = False
+                for j in range(k):
+                    x = du[j]
+                    cnt += 1 if x < lo_t else 0
+                    hit |= np.uint32(x - lo_t) < w_t   # modulo 2^32: also false below lo_t
+                below[t] += cnt
+                if not hit:  # a window holds a few % of the entries: many chunks skip the loops below
+                    continue
+                if kind[t] == 2:
+                    f = fine[t]
+                    for j in range(k):
+                        r = np.uint32(du[j] - lo_t)
+                        if r < w_t:
+                            f[r] += 1
+                    continue
+                # COLLECT: keep the patterns themselves while there is room, count them all
+                keep = kept[t]
+                c = inside[t]
+                cap = keep.shape[0]
+                for j in range(k):
+                    x = du[j]
+                    if np.uint32(x - lo_t) < w_t:
+                        if c < cap:
+                            keep[c] = x
+                        c += 1
+                inside[t] = c
 
-    @jit
-    def bucket16_sparse(bits, bucket, hist):  # pragma: no cover - compiled
-        # few entries in the bucket: skip whole chunks after one vectorised test
-        b = np.uint32(bucket)
-        n = bits.shape[0]
-        for s in range(0, n, _CHUNK):
-            e = min(n, s + _CHUNK)
-            hit = False
-            for i in range(s, e):
-                hit |= (bits[i] >> np.uint32(16)) == b
-            if hit:
-                for i in range(s, e):
-                    v = bits[i]
-                    if (v >> np.uint32(16)) == b:
-                        hist[v & np.uint32(0xFFFF)] += 1
-
-    @jit
-    def bucket16_dense(bits, bucket, hist):  # pragma: no cover - compiled
-        # many entries in the bucket: no branch to mispredict; entries outside
-        # it count into _TRASH spare bins past the end (several, so that
-        # consecutive increments do not wait on each other)
-        b = np.uint32(bucket)
-        for i in range(bits.shape[0]):
-            v = bits[i]
-            if (v >> np.uint32(16)) == b:
-                j = v & np.uint32(0xFFFF)
-            else:
-                j = np.uint32(0x10000) + (np.uint32(i) & np.uint32(_TRASH - 1))
-            hist[j] += 1
-
-    return SimpleNamespace(top16=top16, sparse=bucket16_sparse, dense=bucket16_dense)
+    return SimpleNamespace(delta_counts=delta_counts)
 
 
 def compiled_counts_available() -> bool:
     return _kernels() is not None
 
 
-def _bits(values: torch.Tensor) -> np.ndarray:
-    return values.detach().reshape(-1).contiguous().view(torch.int32).numpy().view(np.uint32)
+def count_deltas_compiled(base: np.ndarray, models: tuple[np.ndarray, ...], sel: np.ndarray, kind: np.ndarray,
+                          lo: np.ndarray, width: np.ndarray, below: np.ndarray, top: np.ndarray,
+                          fine: np.ndarray, inside: np.ndarray, kept: np.ndarray) -> None:
+    """The compiled :func:`count_deltas_torch` on stored-dtype arrays
+    (:func:`surgeon.merge._raw.raw_inputs`); ``lo``/``width`` uint32,
+    ``below``/``inside`` int64, ``top`` int64 ``[series, TOP_BINS]`` (or
+    ``[series, 0]`` when no series counts top bits), ``fine``
+    ``[series, >= max WINDOW width]``, ``kept`` uint32 ``[series, capacity]``."""
+    _kernels().delta_counts(base, models, sel, kind, lo, width, below, top, fine, inside, kept)
 
 
-def count_top16(values: torch.Tensor, hist: torch.Tensor) -> None:
-    """``hist[v >> 16] += 1`` for the bit pattern ``v`` of each non-negative
-    float32 in ``values`` (``hist``: int64, 2**15 bins, on the values' device)."""
-    k = _kernels()
-    if k is not None and values.device.type == "cpu":
-        k.top16(_bits(values), hist.numpy())
-        return
-    hist.add_(torch.bincount(values.reshape(-1).view(torch.int32) >> 16, minlength=hist.numel()))
-
-
-def bucket_hist(device: torch.device) -> torch.Tensor:
-    """A zeroed histogram for :func:`count_bucket` (2**16 bins, plus spare
-    bins that :func:`bucket_counts` drops)."""
-    return torch.zeros((1 << 16) + _TRASH, dtype=torch.int64, device=device)
-
-
-def bucket_counts(hist: torch.Tensor) -> torch.Tensor:
-    return hist[:1 << 16]
-
-
-def count_bucket(values: torch.Tensor, bucket: int, hist: torch.Tensor, share: float = 1.0) -> None:
-    """``hist[v & 0xFFFF] += 1`` for the bit patterns ``v`` of ``values``
-    whose top 16 bits equal ``bucket`` (``hist`` from :func:`bucket_hist`).
-    ``share``: the fraction of entries expected in the bucket (picks the loop)."""
-    k = _kernels()
-    if k is not None and values.device.type == "cpu":
-        (k.dense if share > DENSE_SHARE else k.sparse)(_bits(values), bucket, hist.numpy())
-        return
-    n = 1 << 16
-    rel = (values.reshape(-1).view(torch.int32) - (bucket << 16)).clamp_(-1, n).add_(1)
-    hist[:n].add_(torch.bincount(rel, minlength=n + 2)[1:n + 1])
+def count_deltas_torch(base: torch.Tensor, models: list[torch.Tensor], sel: list[int], kind: list[int],
+                       lo: list[int], width: list[int], below: torch.Tensor, top: torch.Tensor,
+                       fine: torch.Tensor, inside: torch.Tensor, kept: list[list[torch.Tensor]]) -> None:
+    """For each series ``t`` with ``kind[t] != SKIP``, the bit patterns ``v``
+    of ``|models[sel[t]] - base|`` (float32): ``TOP16`` adds ``v >> 16`` to
+    ``top[t]``; ``WINDOW`` and ``COLLECT`` add ``#(v < lo[t])`` to
+    ``below[t]``; of the entries with ``lo[t] <= v < lo[t] + width[t]``,
+    ``WINDOW`` histograms ``v - lo[t]`` into ``fine[t]``, ``COLLECT`` counts
+    them into ``inside[t]`` and appends their patterns to ``kept[t]`` (the
+    compiled loop keeps them up to its capacity). Torch ops, any device (the
+    compiled loop's reference)."""
+    b = base.reshape(-1).to(torch.float32)
+    for t, (i, kd) in enumerate(zip(sel, kind)):
+        if kd == SKIP:
+            continue
+        v = (models[i].reshape(-1).to(torch.float32) - b).abs_().view(torch.int32)
+        if kd == TOP16:
+            top[t].add_(torch.bincount(v >> 16, minlength=TOP_BINS))
+            continue
+        r = v.to(torch.int64) - lo[t]
+        below[t] += int((r < 0).sum())
+        mask = (r >= 0) & (r < width[t])
+        if kd == WINDOW:
+            fine[t, :width[t]].add_(torch.bincount(r[mask], minlength=width[t]).to(fine.dtype))
+        else:
+            inside[t] += int(mask.sum())
+            kept[t].append(v[mask].to(torch.int64))

@@ -1,35 +1,60 @@
-"""Exact order statistics of a tensor streamed in blocks (two histogram passes).
+"""Exact order statistics of a tensor streamed in pieces: usually one counting pass.
 
 Block kernels (:mod:`surgeon.merge.blocks`) that trim by magnitude need, per
 model, the exact k-th smallest ``|delta|`` of the whole tensor and how ties at
 that value are split, without sorting and without holding the tensor. For
 non-negative float32 values the IEEE-754 bit patterns order like the values,
-so:
+so counting patterns finds it:
 
-- pass 0: a histogram of the top 16 bits of every value -> the bucket that
-  holds the k-th smallest and its rank inside the bucket;
-- pass 1: a histogram of the low 16 bits of the values inside that bucket ->
-  the exact value ``t``, the number of entries below it and equal to it.
+- pass 0, *sampled window*: before the pass, an evenly spread sample of the
+  tensor's ``|delta|`` (2^16 entries) brackets the k-th smallest by the
+  sample's order statistics ``k/n * m -+ 3.5`` standard deviations; the pass
+  counts the entries below the bracket and histograms the bit patterns inside
+  it (at most 2^18 patterns). When the k-th smallest falls inside — always,
+  unless the sample misrepresents the tensor — it is exact after this one pass.
+- otherwise (a miss, or a bracket too wide to histogram): a pass counting the
+  top 16 bits of every value finds the bucket that holds it, and a pass over
+  that bucket's 2^16 patterns finds the value: the two-pass method this
+  module used before (at most three passes in all).
 
-Both are counting loops over cache-resident blocks (:mod:`surgeon.merge._hist`:
-compiled with numba on CPU, ``bincount`` elsewhere; ~0.1-0.2 and 0.1-0.35 ms
-per 2^18 entries on the development CPU, the second depending on how crowded
-the bucket is), against ``torch.kthvalue``'s ~4 ms on the
-same block and a copy of the whole tensor. The same "stable order" convention as
-:mod:`surgeon.merge._select` settles ties: among equal values, lower flat
-index first. :class:`RankCut` turns a selection into per-block masks with a
-running quota of tied entries, so blocks must come in flat order.
+Why the sample. Counting every value's top bits costs a scatter per entry
+that cannot vectorise, and the second pass re-reads every input: the
+bracket's pass counts "below" with a vectorised compare and scatters only the
+few per cent of entries inside it (on the development CPU, one pass instead
+of two cut TIES' selection by more than half; ``docs/merging.md``). The
+result is exact whatever the sample: a bad sample only costs passes.
+
+The counting loop is compiled for CPU (:mod:`surgeon.merge._hist`, reading bf16
+inputs directly) and torch ops elsewhere. The same "stable order"
+convention as :mod:`surgeon.merge._select` settles ties: among equal values,
+lower flat index first. :class:`RankCut` turns a selection into per-block
+masks with a running quota of tied entries, so blocks must come in flat order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
-from ._hist import bucket_counts, bucket_hist, count_bucket, count_top16
+from ._hist import (COLLECT, SKIP, TOP16, TOP_BINS, WINDOW, compiled_counts_available, count_deltas_compiled,
+                    count_deltas_torch)
+from ._raw import raw_inputs
 
-_HI = 1 << 15       # top-16-bit buckets of non-negative float32 (sign bit 0)
-_LO = 1 << 16       # entries of one bucket, by their low 16 bits
+_LO = 1 << 16        # patterns of one top-16 bucket
+#: sampled entries per tensor (evenly spread) that bracket the k-th smallest
+SAMPLE = 1 << 16
+#: half-width of the bracket, in standard deviations of the sample's order
+#: statistic (a miss, ~5e-4 for a random sample and less for an evenly
+#: spread one, costs two more passes)
+Z = 3.5
+#: widest bracket, in bit patterns, that the first pass histograms
+MAX_WINDOW = 1 << 18
+#: most entries of a wider bracket that the first pass keeps (per series; 16 MB)
+MAX_KEPT = 1 << 22
+_DONE = -1
 
 
 @dataclass
@@ -42,63 +67,245 @@ class Selected:
     equal: int
 
 
-class StreamSelector:
-    """k-th smallest (1-based, ``1 <= k <= n``) of each series of a streamed tensor.
+@dataclass
+class _Counts:
+    """One pass's accumulators for the series still open."""
 
-    ``observe(pass_no, series, values)`` takes one block of one series
-    (non-negative float32, any shape); call ``end_pass(pass_no)`` after each of
-    the two passes; then :attr:`result` maps series to :class:`Selected`.
+    series: list[object]
+    kind: list[int]
+    lo: list[int]
+    width: list[int]
+    below: torch.Tensor
+    top: torch.Tensor
+    fine: torch.Tensor
+    inside: torch.Tensor
+    kept: torch.Tensor                                   # the compiled loop's COLLECT buffers (int32 bits)
+    kept_parts: list[list[torch.Tensor]] = field(default_factory=list)  # the torch path's
+    compiled: bool | None = None
+
+
+def _float(bits: int) -> float:
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def sample_stride(numel: int, row: int, size: int = SAMPLE) -> int:
+    """The step of an evenly spread sample of ``size`` entries out of
+    ``numel`` (1: take everything), coprime to the row length so that the
+    sample visits every column, not a few."""
+    stride = max(1, numel // size)
+    while stride > 1 and math.gcd(stride, max(1, row)) != 1:
+        stride -= 1
+    return stride
+
+
+class StreamSelector:
+    """k-th smallest (1-based, ``1 <= k <= n``) of ``|models[i] - base|`` for each series.
+
+    ``ks`` maps each series to its k; ``model_of`` maps it to the model whose
+    deltas it ranks (default: the series itself is the model index). Before
+    the first pass, :meth:`sample` (optional) brackets each series; then
+    ``observe(pass_no, base, models)`` sees every piece or block of the pass
+    in any dtype, and ``end_pass(pass_no)`` closes it, while
+    :meth:`pass_needed` says so. Then :attr:`result` maps series to :class:`Selected`.
     """
 
-    passes = 2
+    passes = 3
 
-    def __init__(self, ks: dict[object, int], n: int):
+    def __init__(self, ks: dict[object, int], n: int, model_of: dict[object, int] | None = None):
         self.ks, self.n = dict(ks), n
-        self._hist: dict[object, torch.Tensor] = {}
-        self._bucket: dict[object, int] = {}
-        self._share: dict[object, float] = {}  # fraction of the tensor in the bucket
-        self._rank: dict[object, int] = {}
-        self._below_bucket: dict[object, int] = {}
+        self.model_of = dict(model_of) if model_of is not None else {s: int(s) for s in ks}  # type: ignore[call-overload]
+        self._kind: dict[object, int] = {s: TOP16 for s in self.ks}
+        self._lo: dict[object, int] = {}
+        self._width: dict[object, int] = {}
+        self._cap: dict[object, int] = {}     # COLLECT: entries the compiled loop keeps
+        self._from_top: set[object] = set()   # windows that are a top-16 bucket: they must hold the k-th
+        self._counts: _Counts | None = None
+        self._ended = 0                       # passes closed so far
+        self.sampled = False
+        self.misses = 0                       # sampled brackets that missed (statistics for tests and docs)
         self.result: dict[object, Selected] = {}
 
-    def _hist_for(self, pass_no: int, series: object, device: torch.device) -> torch.Tensor:
-        h = self._hist.get(series)
-        if h is None:
-            h = self._hist[series] = (torch.zeros(_HI, dtype=torch.int64, device=device) if pass_no == 0
-                                      else bucket_hist(device))
-        return h
+    @property
+    def done(self) -> bool:
+        return len(self.result) == len(self.ks)
 
-    def observe(self, pass_no: int, series: object, values: torch.Tensor) -> None:
-        if series not in self.ks:
+    def pass_needed(self, pass_no: int) -> bool | None:
+        """Whether statistic pass ``pass_no`` must run: None while it cannot
+        be known yet (the previous pass is still open)."""
+        if pass_no < self._ended:
+            return False
+        if pass_no > self._ended:
+            return None
+        return not self.done
+
+    # -- the sampled bracket ----------------------------------------------------
+    def sample(self, base: torch.Tensor, models: list[torch.Tensor], row: int) -> None:
+        """Bracket each series' k-th smallest from an evenly spread sample of
+        these inputs (flat, any dtype and device): the tensor, or its first
+        piece. Only before the first pass; later calls are ignored."""
+        if self.sampled or self._ended or self._counts is not None:
             return
-        h = self._hist_for(pass_no, series, values.device)
-        if pass_no == 0:
-            count_top16(values, h)
-        else:  # the bucket's entries at full resolution (the counts below it come from pass 0)
-            count_bucket(values, self._bucket[series], h, self._share[series])
+        self.sampled = True
+        stride = sample_stride(base.numel(), row)
+
+        def strided(t: torch.Tensor) -> torch.Tensor:  # a strided view: no index tensor, no gather
+            return t.reshape(-1)[stride // 2::stride][:SAMPLE].to(torch.float32)
+
+        b = strided(base)
+        seen: dict[int, np.ndarray] = {}
+        for s, k in self.ks.items():
+            i = self.model_of[s]
+            if i not in seen:
+                seen[i] = (strided(models[i]) - b).abs_().cpu().numpy()
+            self._bracket(s, k, seen[i])
+
+    def _bracket(self, series: object, k: int, values: np.ndarray) -> None:
+        m = values.shape[0]
+        if m == 0:
+            return
+        if m == self.n:  # the whole tensor: its k-th smallest itself
+            lo_i = hi_i = k - 1
+        else:
+            p = (k - 0.5) / self.n
+            spread = Z * math.sqrt(m * p * (1 - p)) + 2
+            lo_i, hi_i = math.floor(p * m - spread), math.ceil(p * m + spread)
+        if hi_i >= m:
+            return  # the k-th smallest may lie above every sampled value
+        ranks = [hi_i] if lo_i < 0 else [lo_i, hi_i]
+        part = np.partition(values, ranks)
+        lo_bits = 0 if lo_i < 0 else int(part[lo_i:lo_i + 1].view(np.uint32)[0])
+        hi_bits = int(part[hi_i:hi_i + 1].view(np.uint32)[0])
+        width = hi_bits - lo_bits + 1
+        kind = WINDOW
+        if width > MAX_WINDOW:  # too wide to histogram: keep the entries inside, if they are few enough
+            vb = values.view(np.uint32)
+            share = float(((vb >= lo_bits) & (vb <= hi_bits)).sum()) / m
+            cap = min(self.n, int(1.5 * share * self.n) + 4096)
+            if cap > MAX_KEPT:
+                return  # count top bits instead
+            kind = COLLECT
+            self._cap[series] = cap
+        self._kind[series] = kind
+        self._lo[series], self._width[series] = lo_bits, width
+
+    # -- counting ---------------------------------------------------------------
+    def _counts_for(self, device: torch.device) -> _Counts:
+        c = self._counts
+        if c is None:
+            series = [s for s in self.ks if self._kind[s] != _DONE]
+            kind = [self._kind[s] for s in series]
+            lo = [self._lo.get(s, 0) if kd != TOP16 else 0 for s, kd in zip(series, kind)]
+            width = [self._width.get(s, 0) if kd != TOP16 else 0 for s, kd in zip(series, kind)]
+            ns = len(series)
+            fine_width = max((w for w, kd in zip(width, kind) if kd == WINDOW), default=0)
+            cap = max((self._cap[s] for s, kd in zip(series, kind) if kd == COLLECT), default=0)
+            c = self._counts = _Counts(
+                series, kind, lo, width,
+                below=torch.zeros(ns, dtype=torch.int64, device=device),
+                top=torch.zeros((ns, TOP_BINS if TOP16 in kind else 0), dtype=torch.int64, device=device),
+                fine=torch.zeros((ns, fine_width), dtype=torch.int32 if self.n < 2**31 else torch.int64, device=device),
+                inside=torch.zeros(ns, dtype=torch.int64, device=device),
+                kept=torch.empty((ns, cap), dtype=torch.int32), kept_parts=[[] for _ in series])
+        return c
+
+    def observe(self, pass_no: int, base: torch.Tensor, models: list[torch.Tensor]) -> None:
+        """Count one piece or block (flat, the same range of every input)."""
+        if pass_no != self._ended:
+            raise RuntimeError(f"selection pass {pass_no} observed while pass {self._ended} is open")
+        c = self._counts_for(base.device)
+        if not c.series:
+            return
+        sel = [self.model_of[s] for s in c.series]
+        raw = raw_inputs(base, list(models)) if base.device.type == "cpu" and compiled_counts_available() else None
+        compiled = raw is not None and raw[0] is not None
+        if c.compiled is not None and c.compiled != compiled:  # pragma: no cover - device and numba are fixed per run
+            raise RuntimeError("a selection pass mixed compiled and torch counting")
+        c.compiled = compiled
+        if compiled:
+            count_deltas_compiled(raw[0], raw[1], np.array(sel, dtype=np.int64),  # type: ignore[index]
+                                  np.array(c.kind, dtype=np.int8), np.array(c.lo, dtype=np.uint32),
+                                  np.array(c.width, dtype=np.uint32), c.below.numpy(), c.top.numpy(), c.fine.numpy(),
+                                  c.inside.numpy(), c.kept.numpy().view(np.uint32))
+        else:
+            count_deltas_torch(base, list(models), sel, c.kind, c.lo, c.width, c.below, c.top, c.fine, c.inside,
+                               c.kept_parts)
+
+    def _kept(self, c: _Counts, t: int) -> np.ndarray | None:
+        """A COLLECT series' kept patterns (uint32), or None when they overflowed."""
+        total = int(c.inside[t])
+        if total > c.kept.shape[1]:  # more than the sample promised: as the compiled loop, treat as a miss
+            return None
+        if c.compiled:
+            return c.kept[t, :total].numpy().view(np.uint32)
+        parts = c.kept_parts[t]
+        return torch.cat(parts).cpu().numpy().astype(np.uint32) if parts else np.zeros(0, dtype=np.uint32)
 
     def end_pass(self, pass_no: int) -> None:
-        for series, k in self.ks.items():
-            h = self._hist.pop(series, None)
-            if h is not None and pass_no == 1:
-                h = bucket_counts(h)
-            h = h.cpu() if h is not None else torch.zeros(_HI if pass_no == 0 else _LO, dtype=torch.int64)
-            cum = torch.cumsum(h, 0)
-            if pass_no == 0:
+        if pass_no != self._ended:
+            raise RuntimeError(f"selection pass {pass_no} closed while pass {self._ended} is open")
+        self._ended += 1
+        c = self._counts if self._counts is not None else self._counts_for(torch.device("cpu"))
+        self._counts = None
+        below_all = c.below.cpu()
+        for t, s in enumerate(c.series):
+            k = self.ks[s]
+            if c.kind[t] == TOP16:
+                cum = torch.cumsum(c.top[t].cpu(), 0)
                 b = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype)))
-                if b >= _HI:
+                if b >= TOP_BINS:
                     raise RuntimeError(f"order statistic {k} out of range (saw {int(cum[-1])} values)")
-                self._bucket[series] = b
-                self._share[series] = float(h[b]) / max(1, self.n)
-                self._below_bucket[series] = int(cum[b - 1]) if b > 0 else 0
-                self._rank[series] = k - self._below_bucket[series]
+                self._kind[s], self._lo[s], self._width[s] = WINDOW, b << 16, _LO
+                self._from_top.add(s)
+                continue
+            below = int(below_all[t])
+            rank = k - below
+            if c.kind[t] == WINDOW:
+                fine = c.fine[t, :c.width[t]].cpu().to(torch.int64)
+                cum = torch.cumsum(fine, 0)
+                if 1 <= rank <= (int(cum[-1]) if cum.numel() else 0):
+                    j = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype)))
+                    self.result[s] = Selected(_float(c.lo[t] + j), below + (int(cum[j - 1]) if j > 0 else 0),
+                                              int(fine[j]))
+                    self._kind[s] = _DONE
+                    continue
             else:
-                j = int(torch.searchsorted(cum, torch.tensor(self._rank[series], dtype=cum.dtype)))
-                if j >= _LO:
-                    raise RuntimeError("selection passes saw different data")
-                pattern = torch.tensor([(self._bucket[series] << 16) | j], dtype=torch.int32)
-                below = self._below_bucket[series] + (int(cum[j - 1]) if j > 0 else 0)
-                self.result[series] = Selected(float(pattern.view(torch.float32)[0]), below, int(h[j]))
+                kept = self._kept(c, t)
+                if kept is not None and 1 <= rank <= kept.shape[0]:
+                    v = np.partition(kept, rank - 1)[rank - 1]
+                    self.result[s] = Selected(_float(int(v)), below + int((kept < v).sum()), int((kept == v).sum()))
+                    self._kind[s] = _DONE
+                    continue
+            if s in self._from_top:
+                raise RuntimeError("selection passes saw different data")
+            self.misses += 1  # the sampled bracket missed (or overflowed): count top bits next
+            self._kind[s] = TOP16
+
+
+class SelectionPasses:
+    """Mixin for block kernels whose statistic passes are a :class:`StreamSelector`'s
+    (``self.selector``; ``self.row``: the tensor's row length, for the sample).
+
+    The engine offers each piece first to ``observe_raw``: the first piece of
+    pass 0 is sampled to bracket the selections, and on CPU with the compiled
+    loop the whole piece is counted from its stored dtype; otherwise the
+    engine falls back to float32 blocks through ``observe``."""
+
+    selector: StreamSelector
+    row: int
+
+    def pass_needed(self, pass_no: int) -> bool | None:
+        return self.selector.pass_needed(pass_no)
+
+    def observe_raw(self, pass_no: int, piece: Any) -> bool:
+        if pass_no == 0 and piece.start == 0:
+            self.selector.sample(piece.base, piece.models, self.row)
+        if piece.models[0].device.type == "cpu" and not compiled_counts_available():
+            return False  # torch ops on a whole piece would need piece-sized temporaries: go block by block
+        self.selector.observe(pass_no, piece.base, piece.models)
+        return True
+
+    def observe(self, pass_no: int, blk: Any) -> None:
+        self.selector.observe(pass_no, blk.base, blk.models)
 
 
 def next_float(x: float, toward: float) -> float:

@@ -71,7 +71,9 @@ class BlockKernel(Protocol):
     """Per-tensor state of a block-wise method.
 
     ``observe(p, blk)`` sees every block of statistic pass ``p`` (``0 <= p <
-    stat_passes``), ``end_pass(p)`` closes it; ``merge(blk)`` returns the
+    stat_passes``), ``end_pass(p)`` closes it; a kernel may define
+    ``pass_needed(p)`` to skip passes it turns out not to need (see
+    :func:`pass_needed`); ``merge(blk)`` returns the
     float32 merged values of one block (same shape as ``blk.base``). Block
     tensors are 1-D; ``blk.offset`` is the flat index of their first entry.
     """
@@ -151,6 +153,14 @@ def _block_merge(meta: TensorMeta, piece: PieceInputs, a: int, b: int) -> Tensor
                        state=meta.state, offset=a)
 
 
+def pass_needed(kernel: BlockKernel, pass_no: int) -> bool | None:
+    """Whether the kernel wants statistic pass ``pass_no``: a kernel with
+    ``pass_needed`` may skip passes (TIES' selection usually settles in its
+    first) and answers None while it cannot tell yet; others want them all."""
+    ask = getattr(kernel, "pass_needed", None)
+    return True if ask is None else ask(pass_no)
+
+
 def observe_piece(kernel: BlockKernel, meta: TensorMeta, pass_no: int, piece: PieceInputs) -> None:
     """Feed one piece to statistic pass ``pass_no``: whole, in its stored
     dtype, to a kernel whose ``observe_raw`` takes it, else block by block."""
@@ -191,8 +201,9 @@ def run_in_memory(kernel: BlockKernel, meta: TensorMeta, base: torch.Tensor | No
     """Run a kernel over whole in-memory tensors (the API's and tests' path)."""
     flat = PieceInputs(0, base.reshape(-1) if base is not None else None, [m.reshape(-1) for m in models])
     for p in range(kernel.stat_passes):
-        observe_piece(kernel, meta, p, flat)
-        kernel.end_pass(p)
+        if pass_needed(kernel, p):
+            observe_piece(kernel, meta, p, flat)
+            kernel.end_pass(p)
     out = torch.empty(meta.numel, dtype=torch.float32, device=flat.models[0].device)
     merge_piece(kernel, meta, flat, out)
     return out.reshape(meta.shape)

@@ -14,7 +14,7 @@ remain (mergekit's rule). ``density >= 1`` keeps everything (``gamma`` is then
 ignored, as in mergekit). Ranks among equal magnitudes follow the flat index
 (mergekit's sort leaves it unspecified). The selection uses two k-th value
 selections (:func:`surgeon.merge._select.rank_range_mask`), not a sort; the
-engine streams it (:class:`BreadcrumbsKernel`: two histogram passes, as TIES).
+engine streams it (:class:`BreadcrumbsKernel`: counting passes, as TIES).
 
 Defaults as mergekit: ``density`` 1.0, ``gamma`` 0.01, ``weight`` 1.0,
 ``lambda`` 1.0, ``normalize`` false, ``rescale`` false (true: restore each
@@ -28,7 +28,7 @@ import torch
 
 from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, l1_rescale, normalize_param, rescale_param
 from ._select import rank_range_mask
-from ._streamselect import RankCut, StreamSelector
+from ._streamselect import RankCut, SelectionPasses, StreamSelector
 from .registry import Param, TensorMerge, merge_method
 
 GAMMA = Param("gamma", float, default=0.01, min=0.0, max=1.0, per_model=True,
@@ -62,10 +62,10 @@ def _sparsified(t: TensorMerge) -> list[torch.Tensor]:
     return out
 
 
-class BreadcrumbsKernel:
+class BreadcrumbsKernel(SelectionPasses):
     """Breadcrumbs streamed: the two rank boundaries of each task vector
     (``n_bot`` and ``n_bot + target`` smallest magnitudes) come from the same
-    two histogram passes as TIES' selection; the merge pass keeps the entries
+    counting passes as TIES' selection; the merge pass keeps the entries
     between them, ties split by flat index exactly as :func:`breadcrumbs_mask`."""
 
     def __init__(self, meta: Any, consensus: str | None):
@@ -87,19 +87,14 @@ class BreadcrumbsKernel:
                 requests[(i, "stop")] = stop
             if 0 < start < stop:
                 requests[(i, "start")] = start
-        self.selector = StreamSelector(requests, n)
+        self.selector = StreamSelector(requests, n, {key: key[0] for key in requests})  # type: ignore[index]
         self.stat_passes = StreamSelector.passes if requests else 0
+        self.row = n // meta.shape[0] if meta.shape and meta.shape[0] else 1
         self.cuts: dict[object, RankCut] = {}
-
-    def observe(self, pass_no: int, blk: TensorMerge) -> None:
-        for i in {key[0] for key in self.selector.ks}:  # type: ignore[index]
-            a = (blk.models[i] - blk.base).abs_()
-            for which in ("stop", "start"):
-                self.selector.observe(pass_no, (i, which), a)
 
     def end_pass(self, pass_no: int) -> None:
         self.selector.end_pass(pass_no)
-        if pass_no + 1 == StreamSelector.passes:
+        if self.selector.done:
             for key, sel in self.selector.result.items():
                 self.cuts[key] = RankCut(sel, self.selector.ks[key])
 

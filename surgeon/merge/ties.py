@@ -55,7 +55,7 @@ from ..errors import InvalidInputError, StepError
 from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, elect_sign, l1_rescale, normalize_param, rescale_param
 from ._select import largest_mask, stream_kth_smallest
 from . import _ties_fused
-from ._streamselect import StreamSelector, next_float
+from ._streamselect import SelectionPasses, StreamSelector, next_float
 from ._raw import raw_inputs, raw_view
 from .blocks import PieceInputs, TensorMeta, consensus_mix
 from .registry import Param, ReiterableMerges, TensorMerge, merge_method
@@ -191,13 +191,13 @@ def _below(x: float) -> float:
     return next_float(x, 0.0)
 
 
-class TiesKernel:
+class TiesKernel(SelectionPasses):
     """TIES, block by block, with the same trim as :func:`magnitude_trim`.
 
     Tensor scope: each trimmed model's exact k-th largest ``|delta|`` comes
-    from two histogram passes over the blocks
-    (:class:`surgeon.merge._streamselect.StreamSelector`), without sorting or
-    holding the tensor. The merge pass keeps ``|delta| > t`` (``hardshrink``)
+    from counting passes over the tensor (one, unless a sampled bracket
+    misses: :class:`surgeon.merge._streamselect.StreamSelector`), without
+    sorting or holding the tensor. The merge pass keeps ``|delta| > t`` (``hardshrink``)
     and, of the entries equal to ``t``, the first ``k - #(> t)`` in flat order
     (a running quota; blocks come in flat order) — exactly mergekit's k
     entries, ties to the lowest indices. Model scope: thresholds come from the
@@ -229,20 +229,17 @@ class TiesKernel:
         # the k-th largest is the (n - k + 1)-th smallest
         self.selector = StreamSelector({i: n - k + 1 for i, k in enumerate(self.ks) if k}, n)
         self.stat_passes = StreamSelector.passes if self.selector.ks else 0
+        self.row = n // meta.shape[0] if meta.shape and meta.shape[0] else 1
         self._thr: dict[int, float] = {}
         self._quota: dict[int, int] = {}       # tied entries still to keep (partial ties)
         self._next = 0
         self._fused = meta.device.type == "cpu" and _ties_fused.available()
         self._fused_args: _ties_fused.BlockArgs | None = None
 
-    # -- statistic passes -----------------------------------------------------
-    def observe(self, pass_no: int, blk: TensorMerge) -> None:
-        for i in self.selector.ks:
-            self.selector.observe(pass_no, i, (blk.models[i] - blk.base).abs_())
-
+    # -- statistic passes (observe, observe_raw, pass_needed: SelectionPasses) --
     def end_pass(self, pass_no: int) -> None:
         self.selector.end_pass(pass_no)
-        if pass_no + 1 < StreamSelector.passes:
+        if not self.selector.done:
             return
         n = self.meta.numel
         for i, sel in self.selector.result.items():
