@@ -368,8 +368,13 @@ class _BackgroundWriter:
         if self.progress:
             self.progress(task.spec.nbytes)
 
-    def _write_rows(self, task: TensorTask, start: int, rows: torch.Tensor) -> None:
-        self.writer.write_rows(task.name, start, rows.cpu() if rows.device.type != "cpu" else rows)
+    def _write_rows(self, task: TensorTask, start: int, rows: torch.Tensor,
+                    release: Callable[[], None] | None = None) -> None:
+        try:
+            self.writer.write_rows(task.name, start, rows.cpu() if rows.device.type != "cpu" else rows)
+        finally:
+            if release is not None:
+                release()  # the rows' buffer may be reused: the bytes are in the file
         if self.progress:
             self.progress(rows.numel() * rows.element_size(), self.writer.is_written(task.name))
 
@@ -381,8 +386,10 @@ class _BackgroundWriter:
     def put(self, task: TensorTask, out: torch.Tensor) -> None:
         self._submit(self._write, task, out)
 
-    def put_rows(self, task: TensorTask, start: int, rows: torch.Tensor) -> None:
-        self._submit(self._write_rows, task, start, rows)
+    def put_rows(self, task: TensorTask, start: int, rows: torch.Tensor,
+                 release: Callable[[], None] | None = None) -> None:
+        """Write rows of a tensor; ``release`` is called once their buffer is no longer needed."""
+        self._submit(self._write_rows, task, start, rows, release)
 
     def __enter__(self) -> "_BackgroundWriter":
         return self
