@@ -145,3 +145,23 @@ def test_mixed_model_dtypes_take_the_float32_blocks() -> None:
     out = torch.empty(n, dtype=torch.float32)
     assert merge_piece(kernel, meta_of(tm()), piece, out)
     assert torch.equal(out, method.fn(tm()))
+
+
+def test_widen_piece_from_bf16_into_bf16_equals_whole_matrix_then_cast() -> None:
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(300, 1000, generator=g).bfloat16()
+    models = [(base.float() + 0.02 * torch.randn(300, 1000, generator=g)).bfloat16() for _ in range(3)]
+    method = get_method("widen")
+
+    def tm():
+        return build_merge("widen", base.float(), [m.float() for m in models], [{}] * 3, name="w")
+
+    ref = method.fn(tm()).to(torch.bfloat16)
+    meta = meta_of(tm())
+    kernel = method.block_kernel(meta)
+    piece = PieceInputs(0, base.reshape(-1), [m.reshape(-1) for m in models])
+    observe_piece(kernel, meta, 0, piece)
+    kernel.end_pass(0)
+    out = torch.empty(base.numel(), dtype=torch.bfloat16)
+    assert merge_piece(kernel, meta, piece, out)
+    assert torch.equal(out.view(torch.int16), ref.reshape(-1).view(torch.int16))

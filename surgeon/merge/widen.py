@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from . import _widen_fused
+from ._raw import raw_inputs, raw_view
 from ._common import check_inputs
 from .registry import Param, TensorMerge, merge_method
 
@@ -174,6 +175,23 @@ class WidenKernel:
             m = m.view(-1, self.cols)
             self.mm[i, sl] += (m * m).sum(dim, dtype=f64)
             self.mb[i, sl] += (m * b).sum(dim, dtype=f64)
+
+    def observe_raw(self, pass_no: int, piece: Any) -> bool:
+        """Column sums of a whole piece from its stored dtype (compiled column orientation only)."""
+        raw = raw_inputs(piece.base, piece.models) if self.fused else None
+        if raw is None or raw[0] is None:
+            return False
+        _widen_fused.add_column_sums(raw[0], raw[1], self.cols, self.bb, self.mm, self.mb)
+        return True
+
+    def merge_raw(self, piece: Any, out: torch.Tensor) -> bool | None:
+        """A whole piece merged from and to its stored dtypes (None: float32 blocks needed)."""
+        raw = raw_inputs(piece.base, piece.models) if self.fused else None
+        o = raw_view(out)
+        if raw is None or raw[0] is None or o is None:
+            return None
+        assert self.weights is not None
+        return _widen_fused.merge_raw(raw[0], raw[1], self.weights, self.cols, o)
 
     def end_pass(self, pass_no: int) -> None:
         self.weights = column_weights(self.bb.sqrt(), list(self.mm.sqrt()), list(self.mb), self.ratio,
