@@ -355,16 +355,19 @@ def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
 
     def splitmix64(key: int, i: int) -> float:  # the published algorithm, in Python integers
         m = (1 << 64) - 1
-        z = (key + i * 0x9E3779B97F4A7C15) & m
+        z = (key + (i >> 1) * 0x9E3779B97F4A7C15) & m
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-        return ((z ^ (z >> 31)) >> 40) / 2 ** 24
+        z ^= z >> 31
+        return ((z >> 40) if i % 2 == 0 else ((z >> 8) & 0xFFFFFF)) / 2 ** 24  # two numbers per output
 
-    key, start = 0xDEADBEEFCAFEF00D, (1 << 40) - 3   # counters past 2^32, a key above 2^63
-    ops = uniform_stream(key, start, 5000, compiled=False)
-    assert ops.tolist()[:50] == [splitmix64(key, start + i) for i in range(50)]
-    if _hist._numba() is not None:
-        assert torch.equal(uniform_stream(key, start, 5000), ops)
+    key = 0xDEADBEEFCAFEF00D   # a key above 2^63
+    for start in ((1 << 40) - 3, (1 << 40) - 2):  # counters past 2^32; odd and even first entries
+        ops = uniform_stream(key, start, 5001, compiled=False)
+        assert ops.tolist()[:50] + ops.tolist()[-3:] == [splitmix64(key, start + i) for i in [*range(50), 4998, 4999, 5000]]
+        if _hist._numba() is not None:
+            assert torch.equal(uniform_stream(key, start, 5001), ops)
+            assert torch.equal(uniform_stream(key, start + 1, 5000), ops[1:])  # any slice of the stream
     u = uniform_stream(7, 0, 1 << 20)
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 2e-3 and abs(float(u.var()) - 1 / 12) < 2e-3

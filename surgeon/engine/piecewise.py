@@ -21,6 +21,8 @@ float32, as in the whole-tensor path.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import threading
 import time
@@ -181,9 +183,30 @@ class _PieceLoader:
         return PieceInputs(r0 * job.row_elems, base, [get(mid) for mid in self.plan.model_ids], buffers)
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector: the piece loop makes a few objects per
+    block and frees them by reference counting, but the allocation counts
+    still triggered full collections that walked every object of torch and
+    numba (~2 % of a TIES merge's CPU time)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any, out_queue: Any,
                    whole_loader: Any, on_nonfinite: Callable[[Any, torch.Tensor], None]) -> float:
     """Run every job; finished pieces go to ``out_queue.put_rows``. Returns compute seconds."""
+    with _collector_paused():
+        return _execute_pieces(plan, inputs, jobs, rt, out_queue, whole_loader, on_nonfinite)
+
+
+def _execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any, out_queue: Any,
+                    whole_loader: Any, on_nonfinite: Callable[[Any, torch.Tensor], None]) -> float:
     # one buffer per input per piece in flight, each as large as the largest input piece
     read_buffers = _BufferPool(max((j.piece_bytes(i) // j.n_in for j in jobs if not j.whole_fp32
                                     for i in range(len(j.pieces))), default=0))
