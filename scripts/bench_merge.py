@@ -9,8 +9,10 @@ then runs each method through both tools from the same mergekit config:
     mergekit: mergekit-yaml config.yml OUT
 
 and prints wall time, peak RSS (of the largest process, through GNU time), input
-GB/s, and the ratio of wall time to the arithmetic floor. Methods mergekit lacks
-(widen) show only surgeon.
+GB/s, the ratio of wall time to the floor (the slower of the read and the cast)
+and to the floor plus a torch process's start-up (measured too: every tool pays
+it), and surgeon's own run time from its report. Methods mergekit lacks (widen)
+show only surgeon.
 
     python scripts/bench_merge.py [--preset 1b|300m|tiny] [--methods ties linear ...]
                                   [--device cpu|cuda] [--processes N] [--no-mergekit] [--no-warmup]
@@ -67,7 +69,11 @@ def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
     """Seconds to read every input byte (page cache) and to cast the same bf16 elements to float32."""
     import torch
 
-    buf = bytearray(1 << 24)
+
+    # The buffer must be 64-byte aligned, as a tool's read buffers are (torch allocates so):
+    # into a bytearray (16 bytes past a 64-byte boundary) the kernel's copy ran at ~2 GB/s on
+    # the development VM instead of ~6, which made this floor (sessions 2-3) 3x too slow.
+    buf = memoryview(torch.empty(1 << 25, dtype=torch.uint8).numpy())
     for _ in range(2):  # the first pass warms the page cache
         t0 = time.perf_counter()
         for f in files:
@@ -87,6 +93,20 @@ def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
         done += chunk
     cast_s = (time.perf_counter() - t0) * total_elems / done
     return read_s, cast_s
+
+
+def measure_startup(repeats: int = 3) -> float:
+    """Seconds for a fresh Python process to import torch (the best of a few): every tool
+    here pays it before it reads a byte, so the table also shows the wall time over
+    floor + start-up."""
+    import subprocess
+
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def warm_kernels(root: Path, methods: list[str], device: str, env: dict[str, str]) -> None:
@@ -132,6 +152,9 @@ def main() -> None:
     print(f"floors on this machine: read {size / 1e9 / read_s:.2f} GB/s ({read_s:.1f}s), "
           f"bf16->f32 pass {size / 1e9 / cast_s:.2f} GB/s ({cast_s:.1f}s) with {threads} threads")
     floor = max(read_s, cast_s)
+    startup_s = measure_startup()
+    print(f"start-up of a torch process (python -c 'import torch'): {startup_s:.1f}s; "
+          f"floor {floor:.1f}s, floor + start-up {floor + startup_s:.1f}s")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if not a.no_warmup:
@@ -150,27 +173,37 @@ def main() -> None:
             if tool == "surgeon":
                 launcher = [sys.executable, "-m", "surgeon"] if a.processes == 1 else [
                     str(bindir / "torchrun"), "--nproc_per_node", str(a.processes), "-m", "surgeon"]
-                cmd = [*launcher, "run", str(cfg), str(out), "--overwrite", "-q", "--device", a.device]
+                report = fam_root / f"report-{method}.json"
+                report.unlink(missing_ok=True)
+                cmd = [*launcher, "run", str(cfg), str(out), "--overwrite", "-q", "--device", a.device,
+                       "--report", str(report)]
             else:
                 cmd = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg), str(out)] + (
                     ["--cuda"] if a.device.startswith("cuda") else [])
             wall, rss, code = run_measured(cmd, env)
+            merge_s = None  # surgeon's own timing of its run, from process start-up's end to the last byte
+            if tool == "surgeon" and report.exists():
+                merge_s = json.loads(report.read_text()).get("seconds")
             rows.append({"method": method, "tool": tool, "wall_s": round(wall, 2), "peak_rss_gb": round(rss / 1e9, 3),
-                         "input_gbps": round(size / 1e9 / wall, 3), "x_floor": round(wall / floor, 2), "exit": code,
+                         "input_gbps": round(size / 1e9 / wall, 3), "x_floor": round(wall / floor, 2),
+                         "x_floor_startup": round(wall / (floor + startup_s), 2), "run_s": merge_s, "exit": code,
                          "processes": a.processes if tool == "surgeon" else 1, "device": a.device})
             shutil.rmtree(out, ignore_errors=True)
             print(f"  {method:<16} {tool:<9} {wall:8.1f}s  RSS {rss / 1e9:6.2f} GB", flush=True)
 
     print()
-    print(f"{'method':<16} {'tool':<9} {'wall s':>8} {'peak RSS GB':>12} {'in GB/s':>8} {'x floor':>8} {'speedup':>8}")
+    print(f"{'method':<16} {'tool':<9} {'wall s':>8} {'run s':>6} {'peak RSS GB':>12} {'in GB/s':>8} "
+          f"{'x floor':>8} {'x fl+st':>8} {'speedup':>8}")
     for r in rows:
         mk = next((x for x in rows if x["method"] == r["method"] and x["tool"] == "mergekit"), None)
         speed = f"{mk['wall_s'] / r['wall_s']:.1f}x" if mk and r["tool"] == "surgeon" else ""
-        print(f"{r['method']:<16} {r['tool']:<9} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>12.2f} {r['input_gbps']:>8.2f} "
-              f"{r['x_floor']:>8.2f} {speed:>8}")
+        run_s = f"{r['run_s']:.1f}" if r["run_s"] is not None else ""
+        print(f"{r['method']:<16} {r['tool']:<9} {r['wall_s']:>8.1f} {run_s:>6} {r['peak_rss_gb']:>12.2f} "
+              f"{r['input_gbps']:>8.2f} {r['x_floor']:>8.2f} {r['x_floor_startup']:>8.2f} {speed:>8}")
+    print("run s: surgeon's own run time from its report (after start-up); x fl+st: wall / (floor + start-up)")
     if a.json:
         a.json.write_text(json.dumps({"preset": a.preset, "input_bytes": size, "read_s": read_s, "cast_s": cast_s,
-                                      "rows": rows}, indent=2))
+                                      "startup_s": startup_s, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
