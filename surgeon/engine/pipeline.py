@@ -27,7 +27,7 @@ from ..errors import InvalidInputError, StepError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
 from ..io.refs import parse_ref
-from ..io.stream_hash import known_digest
+from ..io.stream_hash import file_sha256, known_digest
 from ..io.writer import CheckpointWriter, parse_size, resume_key
 from ..recipe.load import LoadedRecipe
 from ..recipe.schema import MergeSpec, Step
@@ -380,11 +380,7 @@ def shard_hashes(folder: Path) -> dict[str, dict[str, Any]]:
         if known is not None:
             out[f.name] = {"sha256": known, "bytes": f.stat().st_size}
             continue
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        out[f.name] = {"sha256": h.hexdigest(), "bytes": f.stat().st_size}
+        out[f.name] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
     return out
 
 

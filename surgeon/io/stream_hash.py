@@ -19,11 +19,35 @@ finished digest with the file's identity (inode, size, mtime), and
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 from pathlib import Path
 
 _READ = 8 << 20
+
+
+def read_buffer(size: int = _READ) -> mmap.mmap:
+    """A page-aligned, writable buffer for ``readinto``/``preadv``. Alignment
+    matters: into a ``bytearray`` (its data 16 bytes past a 64-byte boundary)
+    the kernel's copy from the page cache ran at ~2 GB/s on the development
+    VM against ~6 GB/s into an aligned buffer."""
+    return mmap.mmap(-1, size)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file, read through one aligned buffer."""
+    h = hashlib.sha256()
+    buf = read_buffer()
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                h.update(view[:n])
+    finally:
+        view.release()
+        buf.close()
+    return h.hexdigest()
 
 
 class ShardHashStream:
@@ -35,7 +59,7 @@ class ShardHashStream:
         self.prefix = len(head)           # bytes [0, prefix) are hashed
         self._waiting: dict[int, int] = {}  # start -> end of placed, not yet hashed ranges
         self._lock = threading.Lock()
-        self._buf: bytearray | None = None
+        self._buf: mmap.mmap | None = None
         self.valid = True
 
     def placed(self, offset: int, data: memoryview) -> int:
@@ -60,10 +84,10 @@ class ShardHashStream:
             return self.prefix
 
     def _hash_back(self, start: int, stop: int) -> None:
-        # one reused buffer: a fresh bytes object per read faulted in new pages
-        # every time (the bulk of a WIDEN merge's page faults before this)
+        # one reused, aligned buffer: a fresh bytes object per read faulted in new
+        # pages every time (the bulk of a WIDEN merge's page faults before this)
         if self._buf is None:
-            self._buf = bytearray(_READ)
+            self._buf = read_buffer()
         view = memoryview(self._buf)
         at = start
         while at < stop:
