@@ -132,11 +132,9 @@ class StreamSelector:
     def pass_needed(self, pass_no: int) -> bool | None:
         """Whether statistic pass ``pass_no`` must run: None while it cannot
         be known yet (the previous pass is still open)."""
-        if pass_no < self._ended:
+        if self.done or pass_no < self._ended:
             return False
-        if pass_no > self._ended:
-            return None
-        return not self.done
+        return True if pass_no == self._ended else None
 
     # -- the sampled bracket ----------------------------------------------------
     def sample(self, base: torch.Tensor, models: list[torch.Tensor], row: int) -> None:
