@@ -13,7 +13,7 @@ import torch
 
 from surgeon.merge import _hist, _raw
 from surgeon.merge._common import build_merge
-from surgeon.merge.blocks import BLOCK_ELEMS, PieceInputs, merge_piece, meta_of, observe_piece
+from surgeon.merge.blocks import BLOCK_ELEMS, PieceInputs, merge_piece, meta_of, observe_piece, pass_needed
 from surgeon.merge.registry import get_method
 
 CHUNK = _raw.CHUNK
@@ -74,6 +74,16 @@ def test_raw_views_only_for_cpu_contiguous_bf16_and_float32() -> None:
     assert b.dtype.name == "uint16" and all(m.dtype.name == "float32" for m in ms)
 
 
+def _run_piece(kernel, meta, piece: PieceInputs, out: torch.Tensor) -> bool:
+    """The engine's order for one whole piece: the statistic passes the kernel
+    needs, then the merge into ``out``; returns the finiteness."""
+    for p in range(kernel.stat_passes):
+        if pass_needed(kernel, p):
+            observe_piece(kernel, meta, p, piece)
+            kernel.end_pass(p)
+    return merge_piece(kernel, meta, piece, out)
+
+
 CASES = [
     ("ties", [{"density": 0.3}, {"density": 0.55, "weight": 0.5}, {"density": 1.0}], {}),
     ("ties", [{"density": 0.4}] * 3, {"consensus": "count", "lambda": 1.3}),
@@ -96,13 +106,8 @@ def test_piece_merged_from_bf16_into_bf16_equals_fn_then_cast(case: int, base_dt
         return build_merge(method_name, base.float(), [m.float() for m in models], mps, name="w", seed=5, **kw)
 
     ref = method.fn(tm()).to(torch.bfloat16)
-    kernel = method.block_kernel(meta_of(tm()))
-    piece = PieceInputs(0, base, models)
-    for p in range(kernel.stat_passes):
-        observe_piece(kernel, meta_of(tm()), p, piece)
-        kernel.end_pass(p)
     out = torch.empty(n, dtype=torch.bfloat16)
-    assert merge_piece(kernel, meta_of(tm()), piece, out)
+    assert _run_piece(method.block_kernel(meta_of(tm())), meta_of(tm()), PieceInputs(0, base, models), out)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 
@@ -114,14 +119,9 @@ def test_raw_merge_reports_non_finite_results(method_name: str) -> None:
     models[1][n - 3] = float("inf")
     mps = [{"density": 0.5}, {"density": 0.5}]
     tm = build_merge(method_name, base.float(), [m.float() for m in models], mps, name="w")
-    method = get_method(method_name)
-    kernel = method.block_kernel(meta_of(tm))
-    piece = PieceInputs(0, base, models)
-    for p in range(kernel.stat_passes):
-        observe_piece(kernel, meta_of(tm), p, piece)
-        kernel.end_pass(p)
+    kernel = get_method(method_name).block_kernel(meta_of(tm))
     out = torch.empty(n, dtype=torch.bfloat16)
-    assert not merge_piece(kernel, meta_of(tm), piece, out)
+    assert not _run_piece(kernel, meta_of(tm), PieceInputs(0, base, models), out)
 
 
 def test_mixed_model_dtypes_take_the_float32_blocks() -> None:
@@ -137,13 +137,8 @@ def test_mixed_model_dtypes_take_the_float32_blocks() -> None:
     def tm():
         return build_merge("ties", base, [m.float() for m in models], mps, name="w")
 
-    kernel = method.block_kernel(meta_of(tm()))
-    piece = PieceInputs(0, base, models)
-    for p in range(kernel.stat_passes):
-        observe_piece(kernel, meta_of(tm()), p, piece)
-        kernel.end_pass(p)
     out = torch.empty(n, dtype=torch.float32)
-    assert merge_piece(kernel, meta_of(tm()), piece, out)
+    assert _run_piece(method.block_kernel(meta_of(tm())), meta_of(tm()), PieceInputs(0, base, models), out)
     assert torch.equal(out, method.fn(tm()))
 
 
@@ -158,10 +153,7 @@ def test_widen_piece_from_bf16_into_bf16_equals_whole_matrix_then_cast() -> None
 
     ref = method.fn(tm()).to(torch.bfloat16)
     meta = meta_of(tm())
-    kernel = method.block_kernel(meta)
-    piece = PieceInputs(0, base.reshape(-1), [m.reshape(-1) for m in models])
-    observe_piece(kernel, meta, 0, piece)
-    kernel.end_pass(0)
     out = torch.empty(base.numel(), dtype=torch.bfloat16)
-    assert merge_piece(kernel, meta, piece, out)
+    assert _run_piece(method.block_kernel(meta), meta, PieceInputs(0, base.reshape(-1), [m.reshape(-1) for m in models]),
+                      out)
     assert torch.equal(out.view(torch.int16), ref.reshape(-1).view(torch.int16))
