@@ -16,9 +16,9 @@ torch cast of a float32 block writes (tests/test_merge_raw.py compares them).
 A NaN becomes 0xFFFF, as in torch's vectorised CPU conversion (its scalar
 path, used for the last few entries of a tensor, writes 0x7FC0).
 
-``load(src, dst)`` and ``store(src, dst)`` are numba overloads usable inside
-any compiled loop: ``src``/``dst`` are either float32 arrays or uint16 arrays
-holding bf16 bits. numba's on-disk cache keys each kernel on its own source
+``load(src, dst)``, ``store(src, dst)`` and ``fma(a, b, c)`` are numba
+overloads usable inside any compiled loop; for the first two ``src`` and
+``dst`` are either float32 arrays or uint16 arrays holding bf16 bits. numba's on-disk cache keys each kernel on its own source
 file only, so after editing this file clear the kernels' cache
 (``surgeon/merge/__pycache__/*.nb[ci]``); installs get fresh files and so a
 fresh cache.
@@ -47,6 +47,13 @@ def store(src: np.ndarray, dst: np.ndarray) -> None:  # pragma: no cover - repla
     raise NotImplementedError("store is only callable from compiled loops")
 
 
+def fma(a: float, b: float, c: float) -> float:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: ``a * b + c`` in float32 with one rounding, as
+    torch's CPU ``add_(x, alpha=w)`` computes (its vectorised kernel fuses the
+    multiply and the add; numba never fuses them on its own)."""
+    raise NotImplementedError("fma is only callable from compiled loops")
+
+
 @lru_cache(maxsize=1)
 def register() -> bool:
     """Teach numba ``load`` and ``store`` (once; False without numba).
@@ -55,7 +62,7 @@ def register() -> bool:
     if nb is None:
         return False
     from numba import types
-    from numba.extending import overload
+    from numba.extending import intrinsic, overload
 
     @overload(load, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
     def _load(src, dst):  # pragma: no cover - compiled
@@ -87,6 +94,18 @@ def register() -> bool:
             for j in range(dst.shape[0]):
                 dst[j] = src[j]
         return copy
+
+    @intrinsic
+    def _fma32(typingctx, a, b, c):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
+    @overload(fma, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _fma(a, b, c):  # pragma: no cover - compiled
+        def fused(a, b, c):
+            return _fma32(a, b, c)
+        return fused
 
     return True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._linear_fused import weighted_sum_kernel
 from .registry import Param, TensorMerge, merge_method
 
 WEIGHT = Param("weight", float, default=1.0, per_model=True, help="the model's weight")
@@ -33,6 +34,7 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
     elementwise=True,
     paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
     mergekit_name="linear",
+    kernel=weighted_sum_kernel(task=False),
 )
 def linear(t: TensorMerge) -> torch.Tensor:
     """Weighted average of the models (the base, if given, is only a template).
@@ -61,6 +63,7 @@ def linear(t: TensorMerge) -> torch.Tensor:
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv 2212.04089)",
     mergekit_name="task_arithmetic",
     elementwise=True,
+    kernel=weighted_sum_kernel(task=True),
 )
 def task_arithmetic(t: TensorMerge) -> torch.Tensor:
     """base + lambda * sum_i w_i (model_i - base)."""

@@ -1,0 +1,137 @@
+"""``linear`` and ``task_arithmetic`` compiled: weighted sums from and to stored dtypes.
+
+Why. Through torch, a block of these methods is a float32 cast per input, a
+zero-filled accumulator, one ``add_(x, alpha=w)`` per model (plus a
+subtraction for task arithmetic), the scaling ops and a cast back: ~10 passes
+over 1 MiB operands per block. Here one numba loop per piece widens each
+input a 512-entry chunk at a time (:mod:`surgeon.merge._raw`) and writes the
+result in the output's dtype.
+
+Exactness. The float32 operations are torch's, in torch's order: the
+accumulator starts at +0 and each model adds ``w * x`` with one rounding
+(torch's vectorised CPU ``add_`` with ``alpha`` is a fused multiply-add; the
+compiled loop uses the same instruction), then ``/ total`` and, for task
+arithmetic, ``* lambda`` and ``+ base`` as separate roundings. So the bytes
+equal :func:`surgeon.merge.basic.linear` / ``task_arithmetic`` on the same
+machine (tests/test_merge_raw.py). (A CPU without FMA instructions would run
+torch's unfused path; the compiled loop stays fused, slowly emulated there.)
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _raw
+from ._hist import compiled
+from ._raw import raw_inputs, raw_view
+from .blocks import PieceInputs, TensorMeta
+
+_CH = _raw.CHUNK
+
+
+@compiled
+def _kernels(jit: Any) -> Any:
+    """The weighted-sum loop."""
+    _raw.register()
+
+    @jit
+    def weighted_sum(b_all, ms, w, has_base, normalize, total, lam, out_all):  # pragma: no cover - compiled
+        # linear: o = sum_i w_i m_i (from +0), / total; task arithmetic:
+        # o = sum_i w_i (m_i - b), / total, * lam, + b. Returns whether every result was finite.
+        n = out_all.shape[0]
+        b = np.empty(_CH, np.float32)
+        m = np.empty(_CH, np.float32)
+        o = np.empty(_CH, np.float32)
+        chk = np.zeros(_CH, np.float32)
+        zero = np.float32(0.0)
+        for s in range(0, n, _CH):
+            e = min(n, s + _CH)
+            k = e - s
+            if has_base:
+                _raw.load(b_all[s:e], b)
+            for j in range(k):
+                o[j] = zero
+            for i in range(len(ms)):
+                _raw.load(ms[i][s:e], m)
+                wi = w[i]
+                if has_base:
+                    for j in range(k):
+                        o[j] = _raw.fma(wi, m[j] - b[j], o[j])
+                else:
+                    for j in range(k):
+                        o[j] = _raw.fma(wi, m[j], o[j])
+            if normalize:
+                for j in range(k):
+                    o[j] = o[j] / total
+            if has_base:
+                for j in range(k):
+                    o[j] = o[j] * lam + b[j]
+            for j in range(k):
+                chk[j] = chk[j] + (o[j] - o[j])
+            _raw.store(o, out_all[s:e])
+        bad = zero
+        for j in range(_CH):
+            bad += chk[j]
+        return bad == zero
+
+    return SimpleNamespace(weighted_sum=weighted_sum)
+
+
+class WeightedSumKernel:
+    """``linear`` (``task=False``) or ``task_arithmetic`` (``task=True``) on CPU,
+    whole pieces from their stored dtype, or float32 blocks."""
+
+    stat_passes = 0
+
+    def __init__(self, meta: TensorMeta, task: bool):
+        p = meta.params
+        weights = [float(mp["weight"]) for mp in meta.model_params]
+        self.task = task
+        self.w = np.array(weights, dtype=np.float32)   # torch casts alpha to the tensor's float32
+        self.normalize = bool(p["normalize"])
+        self.total = np.float32(sum(weights))
+        self.lam = np.float32(float(p["lambda"]) if task else 1.0)
+
+    def observe(self, pass_no: int, blk: Any) -> None:  # pragma: no cover - no passes
+        raise AssertionError("a weighted sum has no statistic passes")
+
+    def end_pass(self, pass_no: int) -> None:  # pragma: no cover - no passes
+        raise AssertionError("a weighted sum has no statistic passes")
+
+    def _run(self, base: Any, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
+        b = base if self.task else models[0]  # linear reads no base; any array of the right type will do
+        return bool(_kernels().weighted_sum(b, models, self.w, self.task, self.normalize, self.total, self.lam,
+                                            out))
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw = raw_inputs(piece.base if self.task else None, piece.models)
+        o = raw_view(out)
+        if raw is None or o is None or (self.task and raw[0] is None):
+            return None
+        return self._run(raw[0], raw[1], o)
+
+    def merge(self, blk: Any) -> torch.Tensor:
+        ref = blk.models[0]
+        out = torch.empty(ref.numel(), dtype=torch.float32)
+        base = blk.base.reshape(-1).numpy() if self.task else None
+        self._run(base, tuple(m.reshape(-1).numpy() for m in blk.models), out.numpy())
+        return out.reshape(ref.shape)
+
+
+def weighted_sum_kernel(task: bool):
+    """Kernel factory: the compiled weighted sum on CPU with numba; None (the
+    method's elementwise ``fn`` serves the blocks) elsewhere, and where ``fn``
+    must raise its clear error (weights summing to zero with ``normalize``)."""
+    def factory(meta: TensorMeta) -> WeightedSumKernel | None:
+        if meta.device.type != "cpu" or _kernels() is None or not meta.model_params:
+            return None
+        if task and not meta.has_base:
+            return None
+        if meta.params.get("normalize") and sum(float(mp["weight"]) for mp in meta.model_params) == 0:
+            return None
+        return WeightedSumKernel(meta, task)
+
+    return factory
