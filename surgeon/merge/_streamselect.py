@@ -297,8 +297,10 @@ class SelectionPasses:
     def observe_raw(self, pass_no: int, piece: Any) -> bool:
         if pass_no == 0 and piece.start == 0:
             self.selector.sample(piece.base, piece.models, self.row)
-        if piece.models[0].device.type == "cpu" and not compiled_counts_available():
-            return False  # torch ops on a whole piece would need piece-sized temporaries: go block by block
+        if piece.models[0].device.type == "cpu":
+            raw = raw_inputs(piece.base, piece.models) if compiled_counts_available() else None
+            if raw is None or raw[0] is None:
+                return False  # torch ops on a whole piece would need piece-sized temporaries: go block by block
         self.selector.observe(pass_no, piece.base, piece.models)
         return True
 

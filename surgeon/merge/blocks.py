@@ -11,9 +11,10 @@ their stored dtype (bf16: half of float32) and only one block at a time is
 float32, so the engine can stream row *pieces* of a tensor from disk and the
 peak no longer grows with the largest tensor.
 
-Compiled kernels (TIES, DARE) go further: ``observe_raw``/``merge_raw``
-take a whole piece in its stored dtype and widen it chunk by chunk inside the
-loop (:mod:`surgeon.merge._raw`), so no float32 copy of a block is made.
+Compiled kernels (TIES, DARE, WIDEN, linear, task arithmetic) go further:
+``observe_raw``/``merge_raw`` take a whole piece in its stored dtype and
+widen it chunk by chunk inside the loop (:mod:`surgeon.merge._raw`), so no
+float32 copy of a block is made.
 
 A method opts in by declaring itself ``elementwise`` (its ``fn`` then runs on
 blocks as it is) or by registering a kernel factory (``MergeMethod.kernel``):
