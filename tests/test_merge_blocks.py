@@ -132,7 +132,7 @@ def test_widen_row_kernel_equals_whole_matrix(shape, role, compiled, monkeypatch
     ref = method.fn(build_merge("widen", base, models, role=role))
     kernel = method.block_kernel(_meta(build_merge("widen", base, models, role=role)))
     assert kernel is not None
-    assert kernel.fused == (compiled and role != "embedding" and _widen_fused.available())
+    assert kernel.fused == (compiled and _widen_fused.available())
     assert torch.equal(apply_method(method, build_merge("widen", base, models, role=role)), ref)
 
 

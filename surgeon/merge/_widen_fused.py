@@ -14,8 +14,9 @@ additions differs, which moves the sums by float64 rounding and cannot
 change the column ranks the weights come from except between columns equal
 to ~1e-16. The merge does torch's float32 operations in torch's order
 (``out + (m - b) * w`` per model), so with equal weights it is bit-identical.
-Only the column orientation is compiled; the input embedding (statistics per
-row) keeps the torch path. The engine hands whole pieces in their stored
+The input embedding's statistics are per row: ``row_sums`` walks each row
+once into one float64 sum per row (again in a different order than torch's
+reduction), and the merge takes one weight per row. The engine hands whole pieces in their stored
 dtype (``WidenKernel.observe_raw``/``merge_raw``): rows are widened from bf16
 into a float32 scratch row and the merged row is rounded back to bf16 as
 torch would (:mod:`surgeon.merge._raw`), so no float32 copy of a block is made.
@@ -57,7 +58,31 @@ def _kernels(jit: Any) -> Any:
                     mbi[j] += np.float64(y * b[j])
 
     @jit
-    def merge(b_all, ms, w, cols, out_all):  # pragma: no cover - compiled
+    def row_sums(b_all, ms, cols, r0, bb, mm, mb):  # pragma: no cover - compiled
+        # the embedding's orientation: one float64 sum per row (rows r0.. of the tensor)
+        rows = b_all.shape[0] // cols
+        b = np.empty(cols, np.float32)
+        m = np.empty(cols, np.float32)
+        for r in range(rows):
+            _raw.load(b_all[r * cols:(r + 1) * cols], b)
+            acc = np.float64(0.0)
+            for j in range(cols):
+                x = b[j]
+                acc += np.float64(x * x)
+            bb[r0 + r] += acc
+            for i in range(len(ms)):
+                _raw.load(ms[i][r * cols:(r + 1) * cols], m)
+                am = np.float64(0.0)
+                ab = np.float64(0.0)
+                for j in range(cols):
+                    y = m[j]
+                    am += np.float64(y * y)
+                    ab += np.float64(y * b[j])
+                mm[i, r0 + r] += am
+                mb[i, r0 + r] += ab
+
+    @jit
+    def merge(b_all, ms, w, cols, per_row, r0, out_all):  # pragma: no cover - compiled
         # returns whether every result was finite (chk accumulates o - o: NaN once one is inf or NaN)
         rows = b_all.shape[0] // cols
         b = np.empty(cols, np.float32)
@@ -71,8 +96,13 @@ def _kernels(jit: Any) -> Any:
             for i in range(len(ms)):
                 _raw.load(ms[i][r * cols:(r + 1) * cols], m)
                 wi = w[i]
-                for j in range(cols):
-                    o[j] = o[j] + (m[j] - b[j]) * wi[j]
+                if per_row:  # one weight per row (the embedding)
+                    wr = wi[r0 + r]
+                    for j in range(cols):
+                        o[j] = o[j] + (m[j] - b[j]) * wr
+                else:        # one weight per column
+                    for j in range(cols):
+                        o[j] = o[j] + (m[j] - b[j]) * wi[j]
             for j in range(cols):
                 chk[j] = chk[j] + (o[j] - o[j])
             _raw.store(o, out_all[r * cols:(r + 1) * cols])
@@ -81,7 +111,7 @@ def _kernels(jit: Any) -> Any:
             bad += chk[j]
         return bad == np.float32(0.0)
 
-    return SimpleNamespace(column_sums=column_sums, merge=merge)
+    return SimpleNamespace(column_sums=column_sums, row_sums=row_sums, merge=merge)
 
 
 def available() -> bool:
@@ -92,24 +122,32 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).numpy()
 
 
-def add_column_sums(base: Any, models: Sequence[Any], cols: int, bb: torch.Tensor, mm: torch.Tensor,
-                    mb: torch.Tensor) -> None:
-    """``bb += sum_rows b*b``, ``mm[i] += sum_rows m_i*m_i``, ``mb[i] += sum_rows m_i*b``
-    (float64 accumulators; whole rows of ``cols`` columns). Inputs: float32
-    CPU tensors, or the stored-dtype arrays of :func:`surgeon.merge._raw.raw_inputs`."""
+def add_sums(base: Any, models: Sequence[Any], cols: int, by_row: bool, r0: int, bb: torch.Tensor,
+             mm: torch.Tensor, mb: torch.Tensor) -> None:
+    """Column orientation: ``bb += sum_rows b*b``, ``mm[i] += sum_rows m_i*m_i``,
+    ``mb[i] += sum_rows m_i*b``; row orientation (``by_row``): the same sums
+    along each row, into entries ``r0..`` (float64 accumulators; whole rows
+    of ``cols`` columns). Inputs: float32 CPU tensors, or the stored-dtype
+    arrays of :func:`surgeon.merge._raw.raw_inputs`."""
     if isinstance(base, torch.Tensor):
         base, models = _np(base), tuple(_np(m) for m in models)
-    _kernels().column_sums(base, tuple(models), cols, bb.numpy(), mm.numpy(), mb.numpy())
+    k = _kernels()
+    if by_row:
+        k.row_sums(base, tuple(models), cols, r0, bb.numpy(), mm.numpy(), mb.numpy())
+    else:
+        k.column_sums(base, tuple(models), cols, bb.numpy(), mm.numpy(), mb.numpy())
 
 
-def merge_rows(base: torch.Tensor, models: Sequence[torch.Tensor], weights: torch.Tensor, cols: int) -> torch.Tensor:
-    """``base + sum_i (m_i - base) * weights[i]`` per row (float32, column weights)."""
+def merge_rows(base: torch.Tensor, models: Sequence[torch.Tensor], weights: torch.Tensor, cols: int,
+               by_row: bool = False, r0: int = 0) -> torch.Tensor:
+    """``base + sum_i (m_i - base) * weights[i]`` per row (float32; column
+    weights, or with ``by_row`` one weight per row from row ``r0``)."""
     out = torch.empty(base.numel(), dtype=torch.float32)
-    merge_raw(_np(base), tuple(_np(m) for m in models), weights, cols, out.numpy())
+    merge_raw(_np(base), tuple(_np(m) for m in models), weights, cols, out.numpy(), by_row, r0)
     return out
 
 
 def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], weights: torch.Tensor, cols: int,
-              out: np.ndarray) -> bool:
+              out: np.ndarray, by_row: bool = False, r0: int = 0) -> bool:
     """:func:`merge_rows` from and to stored-dtype arrays; returns whether every result was finite."""
-    return bool(_kernels().merge(base, tuple(models), weights.numpy(), cols, out))
+    return bool(_kernels().merge(base, tuple(models), weights.numpy(), cols, by_row, r0, out))

@@ -154,8 +154,8 @@ class WidenKernel:
         self.calib = float(meta.params["score_calibration_value"])
         n_models = len(meta.model_params)
         n = self.rows if self.by_row else self.cols
-        # compiled loops for the column orientation on CPU (surgeon.merge._widen_fused)
-        self.fused = not self.by_row and meta.device.type == "cpu" and _widen_fused.available()
+        # compiled loops on CPU (surgeon.merge._widen_fused)
+        self.fused = meta.device.type == "cpu" and _widen_fused.available()
         f64 = dict(dtype=torch.float64, device=meta.device)
         self.bb = torch.zeros(n, **f64)
         self.mm, self.mb = torch.zeros((n_models, n), **f64), torch.zeros((n_models, n), **f64)
@@ -163,7 +163,8 @@ class WidenKernel:
 
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
         if self.fused:
-            _widen_fused.add_column_sums(blk.base, blk.models, self.cols, self.bb, self.mm, self.mb)
+            _widen_fused.add_sums(blk.base, blk.models, self.cols, self.by_row, blk.offset // max(1, self.cols),
+                                  self.bb, self.mm, self.mb)
             return
         b = blk.base.view(-1, self.cols)
         dim = 1 if self.by_row else 0
@@ -177,11 +178,12 @@ class WidenKernel:
             self.mb[i, sl] += (m * b).sum(dim, dtype=f64)
 
     def observe_raw(self, pass_no: int, piece: Any) -> bool:
-        """Column sums of a whole piece from its stored dtype (compiled column orientation only)."""
+        """Column (or, for the embedding, row) sums of a whole piece from its stored dtype."""
         raw = raw_inputs(piece.base, piece.models) if self.fused else None
         if raw is None or raw[0] is None:
             return False
-        _widen_fused.add_column_sums(raw[0], raw[1], self.cols, self.bb, self.mm, self.mb)
+        _widen_fused.add_sums(raw[0], raw[1], self.cols, self.by_row, piece.start // max(1, self.cols),
+                              self.bb, self.mm, self.mb)
         return True
 
     def merge_raw(self, piece: Any, out: torch.Tensor) -> bool | None:
@@ -191,7 +193,8 @@ class WidenKernel:
         if raw is None or raw[0] is None or o is None:
             return None
         assert self.weights is not None
-        return _widen_fused.merge_raw(raw[0], raw[1], self.weights, self.cols, o)
+        return _widen_fused.merge_raw(raw[0], raw[1], self.weights, self.cols, o, self.by_row,
+                                      piece.start // max(1, self.cols))
 
     def end_pass(self, pass_no: int) -> None:
         self.weights = column_weights(self.bb.sqrt(), list(self.mm.sqrt()), list(self.mb), self.ratio,
@@ -201,7 +204,8 @@ class WidenKernel:
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.weights is not None
         if self.fused:
-            return _widen_fused.merge_rows(blk.base, blk.models, self.weights, self.cols)
+            return _widen_fused.merge_rows(blk.base, blk.models, self.weights, self.cols, self.by_row,
+                                           blk.offset // max(1, self.cols))
         b = blk.base.view(-1, self.cols)
         r0 = blk.offset // self.cols
         out = b.clone()
