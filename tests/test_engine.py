@@ -181,7 +181,8 @@ def test_failed_step_leaves_no_output(tmp_path: Path, tiny_family: dict[str, Pat
 
     import surgeon.merge.registry as reg
 
-    monkeypatch.setitem(reg._METHODS, "task_arithmetic", dataclasses.replace(method, fn=flaky))
+    # without its compiled kernel, so that every tensor goes through ``fn``
+    monkeypatch.setitem(reg._METHODS, "task_arithmetic", dataclasses.replace(method, fn=flaky, kernel=None))
     p = _recipe(tmp_path, tiny_family, TA)
     assert main(["run", str(p), "-q"]) == 3
     assert "simulated failure" in capsys.readouterr().err

@@ -237,7 +237,8 @@ def _interrupt_after(monkeypatch, method: str, calls: int, exc: BaseException) -
             raise exc
         return m.fn(t)
 
-    monkeypatch.setitem(registry._METHODS, method, dataclasses.replace(m, fn=fn))
+    # without its compiled kernel, so that every tensor goes through ``fn``
+    monkeypatch.setitem(registry._METHODS, method, dataclasses.replace(m, fn=fn, kernel=None))
 
 
 def test_changed_recipe_after_interruption_does_not_reuse_stale_tensors(tmp_path: Path, family: dict[str, Path],
