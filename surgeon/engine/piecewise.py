@@ -3,7 +3,8 @@
 For a method with a block kernel (:mod:`surgeon.merge.blocks`) the engine
 never holds a whole tensor: each tensor is cut along its first dimension into
 *pieces* of at most ``piece_bytes`` stored bytes per input, read with one
-``pread`` each (in the stored dtype, bf16 stays bf16), merged block by block
+``pread`` each (in the stored dtype, bf16 stays bf16), merged (whole, by a
+compiled kernel that reads the stored dtype, or block by block in float32)
 into an output piece in the output dtype, and written at its final offset
 (:meth:`CheckpointWriter.write_rows`). Peak memory is therefore a few pieces
 per input, whatever the size of the model or of its largest tensor (the
@@ -11,10 +12,11 @@ embedding matrix of a large vocabulary used to dominate).
 
 Read-ahead: reader threads fetch the next pieces (bounded in count and in
 bytes) while the current one is merged; a background thread writes finished
-pieces. A kernel that needs statistic passes (TIES' exact selection) sees
-each tensor once per pass: a tensor that fits in one piece is read once and
-kept for all its passes, a larger one is re-read per pass (from the page
-cache, at memory speed).
+pieces (from a pool of output buffers the writer hands back). A kernel that
+needs statistic passes (TIES' exact selection) sees each tensor once per
+pass it needs: a tensor that fits in one piece is read once and kept for all
+its passes, a larger one is re-read per pass (from the page cache, at memory
+speed), and passes the kernel turns out not to need are skipped.
 
 Vocabulary-aligned tensors (row maps) are read whole, aligned and cast to
 float32, as in the whole-tensor path.

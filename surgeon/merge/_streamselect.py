@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._hist import (COLLECT, SKIP, TOP16, TOP_BINS, WINDOW, compiled_counts_available, count_deltas_compiled,
+from ._hist import (COLLECT, TOP16, TOP_BINS, WINDOW, compiled_counts_available, count_deltas_compiled,
                     count_deltas_torch)
 from ._raw import raw_inputs
 

@@ -1,15 +1,14 @@
-"""TIES' block kernel compiled: trim, sign election and disjoint mean in one numba call.
+"""TIES' and DARE's merge compiled: trim or drop, sign election and disjoint mean in one numba call.
 
 Why. With torch ops a TIES block (2^18 entries, three models) costs ~25 op
 dispatches over 1 MiB operands: 2.4 ms of merge pass on the development CPU.
-(Fusing ``|m - b|`` into the selection counts the same way was slower than
-torch's two vectorised ops plus :mod:`surgeon.merge._hist`'s count: the
-scratch row may alias the inputs, so LLVM kept that loop scalar.) Here
-each op is a loop over a 512-entry chunk that stays in L1, and the loops
+Here each op is a loop over a 512-entry chunk that stays in L1, and the loops
 vectorise (LLVM turns the keep/drop choices into blends); the trim's tie
 quota — keep the first ``q`` entries equal to the threshold, in flat order —
 is counted per chunk, and only the chunk where a quota runs out takes a
-sequential loop.
+sequential loop. Inputs and output stay in their stored dtype (bf16 widened
+and rounded per chunk: :mod:`surgeon.merge._raw`), and DARE's uniforms are
+drawn per chunk (:mod:`surgeon.merge._random`), so a whole piece is one call.
 
 Exactness. Every float operation is the one :class:`surgeon.merge.ties.TiesKernel`
 does with torch, in the same order and in float32 (the thresholds and
