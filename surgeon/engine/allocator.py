@@ -46,8 +46,9 @@ _done = False
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc malloc's trim and mmap thresholds (once per process).
-    Returns whether they were set (False off glibc)."""
+    """Raise glibc malloc's trim and mmap thresholds and turn transparent
+    huge pages off for this process (once per process). Returns whether the
+    thresholds were set (False off glibc)."""
     global _done
     if _done:
         return True

@@ -113,7 +113,7 @@ def _kernels(jit: Any) -> Any:
                     cnt += 1 if x < lo_t else 0
                     hit |= np.uint32(x - lo_t) < w_t   # modulo 2^32: also false below lo_t
                 below[t] += cnt
-                if not hit:  # a window holds a few % of the entries: many chunks skip the loops below
+                if not hit:  # no entry of this chunk in the bracket (narrow brackets, skewed chunks): done
                     continue
                 if kind[t] == 2:
                     f = fine[t]
