@@ -69,13 +69,8 @@ def _kernels(jit: Any) -> Any:
             if has_base:
                 for j in range(k):
                     o[j] = o[j] * lam + b[j]
-            for j in range(k):
-                chk[j] = chk[j] + (o[j] - o[j])
-            _raw.store(o, out_all[s:e])
-        bad = zero
-        for j in range(_CH):
-            bad += chk[j]
-        return bad == zero
+            _raw.store_checked(o, out_all[s:e], chk)
+        return _raw.all_finite(chk)
 
     return SimpleNamespace(weighted_sum=weighted_sum)
 
@@ -116,8 +111,8 @@ class WeightedSumKernel:
     def merge(self, blk: Any) -> torch.Tensor:
         ref = blk.models[0]
         out = torch.empty(ref.numel(), dtype=torch.float32)
-        base = blk.base.reshape(-1).numpy() if self.task else None
-        self._run(base, tuple(m.reshape(-1).numpy() for m in blk.models), out.numpy())
+        base = _raw.flat_array(blk.base) if self.task else None
+        self._run(base, tuple(_raw.flat_array(m) for m in blk.models), out.numpy())
         return out.reshape(ref.shape)
 
 

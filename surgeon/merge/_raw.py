@@ -16,9 +16,10 @@ torch cast of a float32 block writes (tests/test_merge_raw.py compares them).
 A NaN becomes 0xFFFF, as in torch's vectorised CPU conversion (its scalar
 path, used for the last few entries of a tensor, writes 0x7FC0).
 
-``load(src, dst)``, ``store(src, dst)`` and ``fma(a, b, c)`` are numba
-overloads usable inside any compiled loop; for the first two ``src`` and
-``dst`` are either float32 arrays or uint16 arrays holding bf16 bits. numba's on-disk cache keys each kernel on its own source
+``load(src, dst)``, ``store(src, dst)`` (and ``store_checked`` with
+``all_finite``, the output check every merge kernel makes) and ``fma(a, b, c)``
+are numba overloads usable inside any compiled loop; ``src``/``dst`` of the
+loads and stores are either float32 arrays or uint16 arrays holding bf16 bits. numba's on-disk cache keys each kernel on its own source
 file only, so after editing this file clear the kernels' cache
 (``surgeon/merge/__pycache__/*.nb[ci]``); installs get fresh files and so a
 fresh cache.
@@ -45,6 +46,18 @@ def load(src: np.ndarray, dst: np.ndarray) -> None:  # pragma: no cover - replac
 def store(src: np.ndarray, dst: np.ndarray) -> None:  # pragma: no cover - replaced in compiled code
     """Inside compiled loops: ``dst[:] = src[:len(dst)]`` in dst's dtype (bf16: round to nearest even)."""
     raise NotImplementedError("store is only callable from compiled loops")
+
+
+def store_checked(src: np.ndarray, dst: np.ndarray, chk: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Inside compiled loops: :func:`store`, after adding ``x - x`` of each
+    stored value to ``chk`` (float32 scratch as long as a chunk): ``chk``
+    turns NaN once any result is inf or NaN (see :func:`all_finite`)."""
+    raise NotImplementedError("store_checked is only callable from compiled loops")
+
+
+def all_finite(chk: np.ndarray) -> bool:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: whether every value :func:`store_checked` saw was finite."""
+    raise NotImplementedError("all_finite is only callable from compiled loops")
 
 
 def fma(a: float, b: float, c: float) -> float:  # pragma: no cover - replaced in compiled code
@@ -95,6 +108,23 @@ def register() -> bool:
                 dst[j] = src[j]
         return copy
 
+    @overload(store_checked, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _store_checked(src, dst, chk):  # pragma: no cover - compiled
+        def checked(src, dst, chk):
+            for j in range(dst.shape[0]):
+                chk[j] = chk[j] + (src[j] - src[j])
+            store(src, dst)
+        return checked
+
+    @overload(all_finite, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _all_finite(chk):  # pragma: no cover - compiled
+        def finite(chk):
+            bad = np.float32(0.0)
+            for j in range(chk.shape[0]):
+                bad += chk[j]
+            return bad == np.float32(0.0)
+        return finite
+
     @intrinsic
     def _fma32(typingctx, a, b, c):  # pragma: no cover - compiled
         def codegen(context, builder, signature, args):
@@ -122,6 +152,11 @@ def raw_view(t: torch.Tensor) -> np.ndarray | None:
     if t.dtype == torch.float32:
         return t.reshape(-1).numpy()
     return None
+
+
+def flat_array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy array of a CPU float32 block (a copy only if ``t`` is not contiguous)."""
+    return t.detach().reshape(-1).numpy()
 
 
 def raw_inputs(base: torch.Tensor | None, models: list[torch.Tensor]) -> tuple[Any, tuple[np.ndarray, ...]] | None:

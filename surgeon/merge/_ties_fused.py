@@ -56,7 +56,7 @@ def _kernels(jit: Any) -> Any:
         acc = np.empty(_CH, np.float32)
         mixed = np.empty(_CH, np.float32)
         div = np.empty(_CH, np.float32)
-        chk = np.zeros(_CH, np.float32)  # accumulates r - r: NaN once any result is inf or NaN
+        chk = np.zeros(_CH, np.float32)  # the output check (_raw.store_checked)
         zero = np.float32(0.0)
         one = np.float32(1.0)
         tiny = np.float32(1.1754944e-38)
@@ -144,9 +144,7 @@ def _kernels(jit: Any) -> Any:
                 else:
                     for j in range(k):
                         acc[j] = acc[j] + b[j]
-                for j in range(k):
-                    chk[j] = chk[j] + (acc[j] - acc[j])
-                _raw.store(acc, out_all[s:e])
+                _raw.store_checked(acc, out_all[s:e], chk)
                 continue
             for j in range(k):  # acc becomes the elected sign (selects, not bool arithmetic: these vectorise)
                 a = acc[j]
@@ -182,23 +180,14 @@ def _kernels(jit: Any) -> Any:
             else:
                 for j in range(k):
                     mixed[j] = mixed[j] * acc[j] + b[j]
-            for j in range(k):
-                chk[j] = chk[j] + (mixed[j] - mixed[j])
-            _raw.store(mixed, out_all[s:e])
-        bad = zero
-        for j in range(_CH):
-            bad += chk[j]
-        return bad == zero
+            _raw.store_checked(mixed, out_all[s:e], chk)
+        return _raw.all_finite(chk)
 
     return SimpleNamespace(merge=merge)
 
 
 def available() -> bool:
     return _kernels() is not None
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().reshape(-1).numpy()
 
 
 @dataclass
@@ -252,7 +241,7 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockA
     (:func:`surgeon.merge._random.stream_key`), ``offset`` the block's flat
     index in the tensor."""
     out = torch.empty(base.numel(), dtype=torch.float32)
-    merge_raw(_np(base), tuple(_np(m) for m in models), args, out.numpy(), keys, offset)
+    merge_raw(_raw.flat_array(base), tuple(_raw.flat_array(m) for m in models), args, out.numpy(), keys, offset)
     return out
 
 

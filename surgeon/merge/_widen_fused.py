@@ -83,7 +83,7 @@ def _kernels(jit: Any) -> Any:
 
     @jit
     def merge(b_all, ms, w, cols, per_row, r0, out_all):  # pragma: no cover - compiled
-        # returns whether every result was finite (chk accumulates o - o: NaN once one is inf or NaN)
+        # returns whether every result was finite (_raw.store_checked)
         rows = b_all.shape[0] // cols
         b = np.empty(cols, np.float32)
         m = np.empty(cols, np.float32)
@@ -103,23 +103,14 @@ def _kernels(jit: Any) -> Any:
                 else:        # one weight per column
                     for j in range(cols):
                         o[j] = o[j] + (m[j] - b[j]) * wi[j]
-            for j in range(cols):
-                chk[j] = chk[j] + (o[j] - o[j])
-            _raw.store(o, out_all[r * cols:(r + 1) * cols])
-        bad = np.float32(0.0)
-        for j in range(cols):
-            bad += chk[j]
-        return bad == np.float32(0.0)
+            _raw.store_checked(o, out_all[r * cols:(r + 1) * cols], chk)
+        return _raw.all_finite(chk)
 
     return SimpleNamespace(column_sums=column_sums, row_sums=row_sums, merge=merge)
 
 
 def available() -> bool:
     return _kernels() is not None
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().reshape(-1).numpy()
 
 
 def add_sums(base: Any, models: Sequence[Any], cols: int, by_row: bool, r0: int, bb: torch.Tensor,
@@ -130,7 +121,7 @@ def add_sums(base: Any, models: Sequence[Any], cols: int, by_row: bool, r0: int,
     of ``cols`` columns). Inputs: float32 CPU tensors, or the stored-dtype
     arrays of :func:`surgeon.merge._raw.raw_inputs`."""
     if isinstance(base, torch.Tensor):
-        base, models = _np(base), tuple(_np(m) for m in models)
+        base, models = _raw.flat_array(base), tuple(_raw.flat_array(m) for m in models)
     k = _kernels()
     if by_row:
         k.row_sums(base, tuple(models), cols, r0, bb.numpy(), mm.numpy(), mb.numpy())
@@ -143,7 +134,7 @@ def merge_rows(base: torch.Tensor, models: Sequence[torch.Tensor], weights: torc
     """``base + sum_i (m_i - base) * weights[i]`` per row (float32; column
     weights, or with ``by_row`` one weight per row from row ``r0``)."""
     out = torch.empty(base.numel(), dtype=torch.float32)
-    merge_raw(_np(base), tuple(_np(m) for m in models), weights, cols, out.numpy(), by_row, r0)
+    merge_raw(_raw.flat_array(base), tuple(_raw.flat_array(m) for m in models), weights, cols, out.numpy(), by_row, r0)
     return out
 
 
