@@ -20,7 +20,6 @@ each call as ``TensorMerge.state``.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -112,9 +111,10 @@ class TensorMerge:
         Seeding per tensor (not per run) makes random methods reproducible
         whatever order or process computes the tensors.
         """
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}".encode()).digest()
+        from ._random import stream_key
+
         gen = torch.Generator(device=self.device if self.device.type != "mps" else "cpu")
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        gen.manual_seed(stream_key(self.seed, self.name, salt) & ((1 << 63) - 1))
         return gen
 
     @property
