@@ -156,7 +156,7 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
                 params = resolve_params(method.global_params, _global_params(spec, method), name, num_layers,
                                         where("parameters"))
                 model_params = [
-                    resolve_params(method.model_params, {**_step_level_model_defaults(spec, method), **m.params},
+                    resolve_params(method.model_params, [m.params, _step_level_model_defaults(spec, method)],
                                    name, num_layers, where("models"))
                     for m in spec.models
                 ]

@@ -320,14 +320,17 @@ def interpolate_gradient(values: Sequence[float], position: float) -> float:
 def filter_matches(rule: dict[str, Any], tensor_name: str) -> bool:
     """Whether a ``{filter|glob|regex: ..., value: ...}`` rule applies.
 
-    ``filter`` is a substring test (mergekit's semantics), ``glob`` an
-    fnmatch pattern over the whole name, ``regex`` a Python regular expression
-    searched in the name. A rule without a matcher is the catch-all.
+    ``filter`` is mergekit's test: ``"*"`` (or ``null``) matches every
+    tensor, anything else is a substring of the name (no other wildcards:
+    ``"*proj"`` is the literal text). ``glob`` is an fnmatch pattern over the
+    whole name, ``regex`` a Python regular expression searched in the name. A
+    rule without a matcher is the catch-all.
     """
     import fnmatch
 
     if "filter" in rule:
-        return str(rule["filter"]) in tensor_name
+        pattern = rule["filter"]
+        return pattern is None or pattern == "*" or (bool(tensor_name) and str(pattern) in tensor_name)
     if "glob" in rule:
         return fnmatch.fnmatchcase(tensor_name, str(rule["glob"]))
     if "regex" in rule:
@@ -335,7 +338,7 @@ def filter_matches(rule: dict[str, Any], tensor_name: str) -> bool:
     return True
 
 
-def resolve_value(value: Any, tensor_name: str, num_layers: int | None) -> Any:
+def resolve_value(value: Any, tensor_name: str, num_layers: int | None, position: float | None = None) -> Any:
     """Turn a recipe parameter value into the plain value for one tensor.
 
     - scalar: itself;
@@ -344,42 +347,65 @@ def resolve_value(value: Any, tensor_name: str, num_layers: int | None) -> Any:
       final norm, head) take the first value (position 0) and a one-layer
       model takes the last, so a mergekit config means the same here;
     - list of rules ``{filter|glob|regex: pattern, value: v}``: the first rule
-      that matches; ``v`` may itself be a gradient.
+      that matches; ``v`` may itself be a gradient. No match gives ``None``
+      (the caller falls back to the next scope, as mergekit does);
+    - a list holding a boolean or a string is stepped, not interpolated:
+      mergekit takes entry ``int(position * (len - 1))``.
+
+    ``position`` overrides the position in the layer stack (a mergekit
+    ``slices:`` entry counts its own layers from 0 to 1).
     """
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for rule in value:
             if filter_matches(rule, tensor_name):
-                return resolve_value(rule["value"], tensor_name, num_layers)
+                return resolve_value(rule["value"], tensor_name, num_layers, position)
         return None
     if isinstance(value, list):
-        idx = layer_index(tensor_name)
-        if idx is None:
-            position = 0.0
-        elif num_layers is None or num_layers <= 1:
-            position = 1.0
-        else:
-            position = idx / (num_layers - 1)
+        if position is None:
+            idx = layer_index(tensor_name)
+            if idx is None:
+                position = 0.0
+            elif num_layers is None or num_layers <= 1:
+                position = 1.0
+            else:
+                position = idx / (num_layers - 1)
+        if any(isinstance(v, (bool, str)) for v in value):
+            return value[int(min(max(position, 0.0), 1.0) * (len(value) - 1))]
         return interpolate_gradient(value, position)
     return value
 
 
 def resolve_params(
     declared: Iterable[Param],
-    given: dict[str, Any],
+    given: dict[str, Any] | Sequence[dict[str, Any]],
     tensor_name: str,
     num_layers: int | None,
     where: str,
+    position: float | None = None,
 ) -> dict[str, Any]:
-    """Resolve and check every declared parameter for one tensor."""
+    """Resolve and check every declared parameter for one tensor.
+
+    ``given`` is one mapping or a sequence of scopes, highest precedence first
+    (a model's own parameters, then the step's): as in mergekit, a scope whose
+    rules match nothing for this tensor falls through to the next one, then to
+    the parameter's default.
+    """
+    scopes = [given] if isinstance(given, dict) else list(given)
     out: dict[str, Any] = {}
     for p in declared:
-        raw = given.get(p.name, _REQUIRED)
-        if raw is _REQUIRED:
-            for alias in p.aliases:
-                if alias in given:
-                    raw = given[alias]
-                    break
-        value = _REQUIRED if raw is _REQUIRED else resolve_value(raw, tensor_name, num_layers)
+        value: Any = _REQUIRED
+        for scope in scopes:
+            raw = scope.get(p.name, _REQUIRED)
+            if raw is _REQUIRED:
+                for alias in p.aliases:
+                    if alias in scope:
+                        raw = scope[alias]
+                        break
+            if raw is _REQUIRED:
+                continue
+            value = resolve_value(raw, tensor_name, num_layers, position)
+            if value is not None:
+                break
         if value is _REQUIRED or value is None:
             if p.required:
                 raise InvalidInputError(f"{where}: parameter {p.name!r} is required (tensor {tensor_name!r})")
