@@ -32,14 +32,19 @@ LN2 = math.log(2.0)
 
 
 def _load(model_dir: Path, device: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..io.hf_load import RemoteCodeError, load_causal_lm, load_tokenizer, refuse_remote_code
 
+    refuse_remote_code(model_dir)  # before anything is loaded: surgeon never runs a model folder's code
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = load_tokenizer(model_dir)
+    except RemoteCodeError:
+        raise
     except Exception as exc:
         raise InvalidInputError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model = load_causal_lm(model_dir, dtype=dtype)
+    except RemoteCodeError:
+        raise
     except Exception as exc:
         raise InvalidInputError(f"{model_dir}: cannot load the model ({exc})") from None
     model.to(device).eval()

@@ -177,10 +177,12 @@ def build_teacher_cache(teacher_dir: str | Path, encoded: Sequence[Encoded], out
     manifest["resumed_shards"] = len(done)
     if todo:
         if model is None:
-            from transformers import AutoModelForCausalLM
+            from ..io.hf_load import RemoteCodeError, load_causal_lm
 
             try:
-                model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
+                model = load_causal_lm(teacher_dir, dtype=dtype)
+            except RemoteCodeError:
+                raise
             except Exception as exc:  # transformers raises many kinds
                 raise InvalidInputError(f"{teacher_dir}: cannot load the teacher model ({exc})") from None
             model.to(device).eval()

@@ -162,7 +162,7 @@ def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces,
 
 def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: Any, examples: list, piv_enc: list[Encoded],
                     work: Path, top_k: int, opts: FuseOptions, device: str, progress: bool, say: Callable[[str], None]) -> _Source:
-    from transformers import AutoConfig, AutoTokenizer
+    from ..io.hf_load import load_config, load_tokenizer
 
     path = Path(spec["path"])
     sid = str(spec.get("id") or path.name)
@@ -176,7 +176,7 @@ def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: An
         raise InvalidInputError(f"source {sid}: {path}: no such model folder")
     run_path = path
     try:
-        src_tok = AutoTokenizer.from_pretrained(str(path))
+        src_tok = load_tokenizer(path)
     except Exception as exc:
         raise InvalidInputError(f"source {sid}: cannot load its tokenizer ({exc})") from None
     same_tok = _tokenizer_digest(src_tok) == _tokenizer_digest(pivot_tok)
@@ -190,9 +190,9 @@ def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: An
         if not run_path.is_dir():
             say(f"source {sid}: transplanting the pivot's tokenizer (OMP, k={opts.transplant_k})")
             transplant(path, pivot_dir, run_path, method="omp", k=opts.transplant_k, device=device, progress=progress)
-        src_tok = AutoTokenizer.from_pretrained(str(run_path))
+        src_tok = load_tokenizer(run_path)
         same_tok = True
-    cfg = AutoConfig.from_pretrained(str(run_path))
+    cfg = load_config(run_path)
     limit = _max_positions(cfg)
     src_bos = bos_id(src_tok, cfg)
     if same_tok:
@@ -381,7 +381,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..io.hf_load import load_causal_lm, load_config, load_tokenizer, refuse_remote_code
 
     t_start = time.time()
     opts = FuseOptions.from_dict({**(options or {}), **extra})
@@ -392,6 +392,9 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         raise InvalidInputError(f"fuse: device must be 'cpu', 'cuda[:N]' or 'auto', got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInputError("fuse: device 'cuda' requested but no GPU is available")
+    for folder in [pivot_dir, *(Path(src["path"]) for src in sources if isinstance(src, dict) and src.get("path"))]:
+        if folder.is_dir():
+            refuse_remote_code(folder)  # before any training: surgeon never runs a model folder's code
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
     main = accelerator.is_main_process
     show = progress and accelerator.is_local_main_process
@@ -408,12 +411,10 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         work.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
-        pivot_tok = AutoTokenizer.from_pretrained(str(pivot_dir))
+        pivot_tok = load_tokenizer(pivot_dir)
     except Exception as exc:
         raise InvalidInputError(f"pivot {pivot_dir}: cannot load its tokenizer ({exc})") from None
-    from transformers import AutoConfig
-
-    pcfg = AutoConfig.from_pretrained(str(pivot_dir))
+    pcfg = load_config(pivot_dir)
     p_bos = bos_id(pivot_tok, pcfg)
     limit = _max_positions(pcfg)
     if limit and max_length > limit:
@@ -440,7 +441,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     weights = [s.weight / wsum if wsum > 0 else 0.0 for s in srcs]
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(pivot_dir), dtype=torch.float32)
+        model = load_causal_lm(pivot_dir, dtype=torch.float32)
     except Exception as exc:
         raise InvalidInputError(f"pivot {pivot_dir}: cannot load the model ({exc})") from None
     model.train()

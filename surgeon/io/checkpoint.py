@@ -21,6 +21,7 @@ import torch
 
 from ..errors import CheckpointError
 from .header import CODES, Header, dtype_size, read_header
+from .safe_files import check_inside, check_regular, open_regular, read_regular
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -38,6 +39,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 AUX_FILES = ("generation_config.json",)
+MAX_JSON_BYTES = 256 * 2**20  # config.json / index: far above any real one, bounded against a hostile file
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,12 @@ class Checkpoint:
         p = Path(path)
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or folder")
-        if p.is_file():
+        if not p.is_dir():
+            check_regular(p)  # a FIFO, device or socket is refused by name, never opened
             if p.suffix != ".safetensors":
                 raise CheckpointError(f"{p}: not a .safetensors file")
             return cls(p.parent, _tensors_of(read_header(p)), _read_config(p.parent), label=label)
+        check_folder_files(p)
         config = _read_config(p)
         index = p / INDEX_NAME
         if index.exists():
@@ -92,6 +96,7 @@ class Checkpoint:
         if files:
             tensors: dict[str, TensorInfo] = {}
             for f in files:
+                check_inside(f, p)
                 for name, info in _tensors_of(read_header(f)).items():
                     if name in tensors:
                         raise CheckpointError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
@@ -112,6 +117,8 @@ class Checkpoint:
     def _open_pickled(cls, p: Path, files: list[Path], config: dict[str, Any] | None, label: str | None) -> "Checkpoint":
         state: dict[str, torch.Tensor] = {}
         for f in files:
+            check_inside(f, p)
+            check_regular(f)
             try:
                 loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for bad pickles
@@ -237,10 +244,7 @@ class Checkpoint:
         if nbytes:
             fd = self._fds.get(info.file)
             if fd is None:
-                try:
-                    fd = os.open(info.file, os.O_RDONLY)
-                except OSError as exc:
-                    raise CheckpointError(f"{info.file}: cannot open for reading ({exc.strerror or exc})") from None
+                fd = open_regular(info.file)
                 self._fds[info.file] = fd
             view = memoryview(buf.numpy())
             done = 0
@@ -282,31 +286,39 @@ def _tensors_of(header: Header) -> dict[str, TensorInfo]:
     }
 
 
+def check_folder_files(folder: Path) -> None:
+    """Refuse a model folder whose config, index, tokenizer or auxiliary file is not a regular file
+    inside it (a FIFO, a device, a symlink to a file elsewhere): see surgeon.io.safe_files."""
+    for name in ("config.json", INDEX_NAME, SINGLE_NAME, *TOKENIZER_FILES, *AUX_FILES):
+        f = folder / name
+        if os.path.lexists(f):
+            check_inside(f, folder)
+            check_regular(f)
+
+
 def _read_config(folder: Path) -> dict[str, Any] | None:
     f = folder / "config.json"
     if not f.exists():
         return None
+    check_inside(f, folder)
     try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
+        cfg = json.loads(read_regular(f, limit=MAX_JSON_BYTES).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting, huge integers
         raise CheckpointError(f"{f}: not valid JSON ({exc or 'nested too deeply'})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{f}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f}: expected a JSON object")
     return cfg
 
 
 def _read_index(index: Path) -> dict[str, TensorInfo]:
+    raw = read_regular(index, limit=MAX_JSON_BYTES)
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (ValueError, RecursionError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: not a valid safetensors index ({exc or 'nested too deeply'})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{index}: cannot read ({exc.strerror or exc})") from None
     headers: dict[str, dict[str, TensorInfo]] = {}
     tensors: dict[str, TensorInfo] = {}
     for name, fname in weight_map.items():
@@ -321,6 +333,7 @@ def _read_index(index: Path) -> dict[str, TensorInfo]:
         if fname not in headers:
             if not shard.exists():
                 raise CheckpointError(f"{index}: tensor {name!r} is in shard {fname!r}, which does not exist")
+            check_inside(shard, folder)  # a link may lead into the hub cache's blobs, nowhere else
             headers[fname] = _tensors_of(read_header(shard))
         if name not in headers[fname]:
             raise CheckpointError(f"{index}: tensor {name!r} is not in shard {fname!r}")

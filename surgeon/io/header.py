@@ -137,9 +137,12 @@ def _check_layout(entries: dict[str, HeaderEntry], data_len: int, where: str) ->
 def read_header(path: Path) -> Header:
     """Read and validate the header of one safetensors file (bounded read)."""
     where = str(path)
+    from .safe_files import open_regular
+
+    fd = open_regular(path)  # regular files only: a FIFO or device is refused by name, never blocks
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
+        size = os.fstat(fd).st_size
+        with open(fd, "rb", closefd=False) as fh:
             head = fh.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{where}: not a safetensors file (shorter than 8 bytes)")
@@ -153,4 +156,6 @@ def read_header(path: Path) -> Header:
             body = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
     return parse_header_bytes(head + body, size, where)

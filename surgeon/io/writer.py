@@ -38,9 +38,12 @@ import torch
 
 from ..errors import InvalidInputError, StepError
 from .header import CODES, dtype_size
+from .safe_files import check_inside, read_regular
 from .stream_hash import ShardHashStream, remember
 
 DEFAULT_MAX_SHARD = 5 * 10**9
+#: files whose ``auto_map`` points at Python code; outputs never carry that code, so never the map
+_CODE_MAP_FILES = ("config.json", "tokenizer_config.json")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -422,17 +425,34 @@ class CheckpointWriter:
             raise StepError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
     def write_json(self, relpath: str, obj: Any) -> None:
+        if relpath in _CODE_MAP_FILES and isinstance(obj, dict) and "auto_map" in obj:
+            obj = {k: v for k, v in obj.items() if k != "auto_map"}  # it points at code no output contains
         self.write_bytes(relpath, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
     def write_text(self, relpath: str, text: str) -> None:
         self.write_bytes(relpath, text.encode("utf-8"))
 
-    def copy_file(self, src: Path, relpath: str | None = None) -> None:
-        try:
-            data = Path(src).read_bytes()
-        except OSError as exc:
-            raise StepError(f"{src}: cannot read ({exc.strerror or exc})") from None
-        self.write_bytes(relpath or Path(src).name, data)
+    def copy_file(self, src: Path, relpath: str | None = None, folder: Path | None = None) -> None:
+        """Copy an input's auxiliary file (tokenizer, generation config) into the checkpoint.
+
+        ``src`` must be a regular file inside ``folder`` (default: its own
+        folder): a symlink leading out of the model folder, a FIFO or a device
+        is refused by name (see surgeon.io.safe_files). ``auto_map`` is dropped
+        from a copied ``tokenizer_config.json`` / ``config.json``.
+        """
+        src = Path(src)
+        check_inside(src, folder if folder is not None else src.parent)
+        data = read_regular(src)
+        name = relpath or src.name
+        if Path(name).name in _CODE_MAP_FILES and b"auto_map" in data:
+            try:
+                obj = json.loads(data.decode("utf-8"))
+            except (ValueError, RecursionError):
+                obj = None
+            if isinstance(obj, dict) and "auto_map" in obj:
+                self.write_json(name, obj)
+                return
+        self.write_bytes(name, data)
 
     def has_file(self, relpath: str) -> bool:
         return (self.staging / relpath).exists()

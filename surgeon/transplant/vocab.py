@@ -202,10 +202,12 @@ def load_tokenizer_info(folder: str | Path) -> TokenizerInfo:
         fingerprint = _file_digest(tj)
     elif any((folder / f).is_file() for f in ("tokenizer.model", "vocab.json", "vocab.txt")):
         try:
-            from transformers import AutoTokenizer
+            from ..io.hf_load import RemoteCodeError, load_tokenizer
 
-            hf = AutoTokenizer.from_pretrained(str(folder))
+            hf = load_tokenizer(folder)
             backend = hf.backend_tokenizer
+        except RemoteCodeError:
+            raise
         except Exception as exc:
             raise InvalidInputError(f"{folder}: cannot load tokenizer ({exc})") from None
         fingerprint = _digest(backend.to_str().encode())

@@ -1,0 +1,175 @@
+"""Safety (issue 15): nothing outside the run is touched. Inputs, user folders, secrets and code stay safe.
+
+One test per finding; each failed on the code before the fix. docs/reliability.md lists them (test `S`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / "zoo"
+
+
+def tiny(folder: Path, seed: int = 0, *, dtype: torch.dtype = torch.bfloat16, scale: float = 0.02,
+         extra: dict[str, torch.Tensor] | None = None, config: dict | None = None) -> Path:
+    """A Llama-named checkpoint of a few tensors, written with safetensors directly (milliseconds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"model.embed_tokens.weight": torch.randn(16, 8, generator=g) * scale,
+               "model.layers.0.mlp.up_proj.weight": torch.randn(8, 8, generator=g) * scale,
+               "model.norm.weight": torch.ones(8)}
+    tensors = {k: v.to(dtype) for k, v in tensors.items()} | (extra or {})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8,
+           "num_hidden_layers": 1, "vocab_size": 16, "tie_word_embeddings": True}
+    (folder / "config.json").write_text(json.dumps(cfg | (config or {})))
+    return folder
+
+
+def cli(*args: str, cwd: Path | None = None, stdin: str | None = None, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``surgeon ARGS`` in a subprocess (a real process: signals, stdin, exit codes)."""
+    e = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "surgeon", *args], check=False, cwd=cwd, input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=e)
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- 1. foreign code
+def evil_model(root: Path, marker: Path) -> Path:
+    """A zoo model whose config asks for its own code; importing that code would create ``marker``."""
+    folder = root / "evil"
+    shutil.copytree(ZOO / "bpe-base", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "evil_llama"
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                       "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    tc["tokenizer_class"] = "EvilTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    payload = f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+    for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
+        (folder / name).write_text(payload)
+    return folder
+
+
+def test_eval_never_runs_a_model_folders_code_even_with_stdin_answering_yes(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    folder = evil_model(tmp_path, marker)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    r = cli("eval", str(folder), "--text", str(text), stdin="y\ny\ny\n")
+    assert r.returncode == 2, r.stderr
+    line = one_error_line(r.stderr)  # no prompt, nothing printed twice
+    assert str(folder) in line and "auto_map" in line and "modeling_evil.EvilForCausalLM" in line
+    assert "Do you wish" not in r.stdout + r.stderr
+    assert not marker.exists()
+
+
+def test_every_loader_refuses_remote_code(tmp_path: Path) -> None:
+    """The library paths (tokenizer for transplant, fusion's pivot) refuse it too, and no code runs."""
+    from surgeon import api
+    from surgeon.errors import InvalidInputError
+    from surgeon.io.hf_load import load_causal_lm, load_config, load_tokenizer
+    from surgeon.transplant.vocab import load_tokenizer_info
+
+    marker = tmp_path / "PWNED"
+    folder = evil_model(tmp_path, marker)
+    for load in (load_tokenizer, load_config, load_causal_lm):
+        with pytest.raises(InvalidInputError, match="auto_map"):
+            load(folder)
+    (folder / "tokenizer.json").rename(folder / "vocab.json")  # transplant's AutoTokenizer path
+    with pytest.raises(InvalidInputError, match="auto_map"):
+        load_tokenizer_info(folder)
+    data = tmp_path / "d.txt"
+    data.write_text("hello world\n" * 8)
+    with pytest.raises(InvalidInputError, match="auto_map"):
+        api.fuse_models(str(folder), [str(ZOO / "bpe-base")], str(data), str(tmp_path / "out"), steps=1)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_no_module_calls_from_pretrained_outside_the_safe_loader() -> None:
+    offenders = []
+    for f in sorted((REPO / "surgeon").rglob("*.py")):
+        if f.name == "hf_load.py":
+            continue
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if ".from_pretrained(" in line:
+                offenders.append(f"{f.relative_to(REPO)}:{i}")
+    assert offenders == []
+
+
+def test_outputs_carry_no_auto_map(tmp_path: Path) -> None:
+    from surgeon import api
+
+    amap = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    for name, seed in (("a", 0), ("b", 1)):
+        f = tiny(tmp_path / name, seed, config={"auto_map": amap})
+        (f / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["t.T", None]},
+                                                             "tokenizer_class": "PreTrainedTokenizerFast"}))
+        shutil.copy(ZOO / "bpe-base" / "tokenizer.json", f / "tokenizer.json")
+        (f / "modeling_x.py").write_text("raise SystemExit('never imported')\n")
+    out = tmp_path / "out"
+    api.merge_models("linear", [str(tmp_path / "a"), str(tmp_path / "b")], str(out), quiet=True)
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert not list(out.glob("*.py"))
+
+
+# --------------------------------------------------------------------------- 2. symlinks
+@pytest.mark.parametrize("name", ["special_tokens_map.json", "merges.txt", "chat_template.jinja",
+                                  "generation_config.json", "config.json", "model.safetensors"])
+def test_a_symlink_out_of_the_model_folder_is_refused(tmp_path: Path, name: str) -> None:
+    from surgeon import api
+    from surgeon.errors import InvalidInputError
+
+    secret = tmp_path / "secrets" / "token.json"
+    secret.parent.mkdir()
+    tiny(tmp_path / "elsewhere")
+    if name == "model.safetensors":
+        secret = tmp_path / "elsewhere" / "model.safetensors"
+    else:
+        secret.write_text(json.dumps({"hf_token": "hf_SECRETSECRET"}))
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    (a / name).unlink(missing_ok=True)
+    (a / name).symlink_to(secret)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidInputError) as exc:
+        api.merge_models("linear", [str(a), str(b)], str(out), quiet=True)
+    msg = str(exc.value)
+    assert name in msg and "outside its model folder" in msg
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_hub_cache_links_into_the_same_repos_blobs_are_fine(tmp_path: Path) -> None:
+    from surgeon import api
+
+    src = tiny(tmp_path / "src", 0)
+    (src / "special_tokens_map.json").write_text('{"bos_token": "<s>"}')
+    repo = tmp_path / "hub" / "models--org--m"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        blob = blobs / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    out = tmp_path / "out"
+    api.merge_models("linear", [str(snap), str(tiny(tmp_path / "b", 1))], str(out), quiet=True)
+    assert (out / "special_tokens_map.json").read_text() == '{"bos_token": "<s>"}'
