@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from .engine.allocator import keep_freed_memory
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_STEP_FAILED, SurgeonError
+from .recipe.mergekit_flags import add_mergekit_flags, apply_mergekit_flags
 
 EPILOG = """exit codes: 0 success, 1 diff gate failed, 2 invalid recipe or input, 3 a step failed, 130 interrupted.
 docs: README.md and docs/ in the surgeon repository."""
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML or mergekit config")
     p.add_argument("output_positional", nargs="?", metavar="OUT", help="output folder (mergekit-yaml style)")
     _add_run_flags(p)
+    add_mergekit_flags(p)  # mergekit-yaml's flags: mapped, noted or refused
     p.add_argument("--report", help="write a machine-readable JSON report here")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no weights")
     p.add_argument("--no-eval", action="store_true", help="skip the recipe's eval block")
@@ -251,6 +253,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     cmd = args.command
     if cmd == "run":
+        apply_mergekit_flags(args)
         out = args.output or args.output_positional
         if args.dry_run:
             loaded = api.load_recipe(args.recipe, output_path=out)

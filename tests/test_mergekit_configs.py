@@ -6,6 +6,7 @@ Semantics are checked against mergekit's own code where it is installed
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,73 @@ parameters:
         wa, wb = ca.get(name), cb.get(name)
         want = 0.2 * wa + (0.0 if "o_proj" in name else 0.8) * wb
         torch.testing.assert_close(ck.get(name), want, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# mergekit-yaml's flags on `surgeon run`
+@pytest.fixture
+def linear_config(tmp_path: Path, make_tiny_llama) -> Path:
+    a, b = make_tiny_llama("a", seed=1), make_tiny_llama("b", seed=2)
+    return _write_config(tmp_path, f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                                   f"  - model: {b}\n    parameters: {{weight: 0.5}}\n")
+
+
+def test_mergekit_flags_are_accepted_with_notes_that_survive_quiet(linear_config: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    flags = ["--allow-crimes", "--lazy-unpickle", "--no-copy-tokenizer", "--clone-tensors", "--low-cpu-memory",
+             "--write-model-card", "--safe-serialization", "--random-seed", "7", "-v", "--out-shard-size", "1M",
+             "-j", "1", "--no-async-write"]
+    assert main(["run", str(linear_config), str(out), "-q", *flags]) == 0
+    err = capsys.readouterr().err
+    for flag in ("--allow-crimes", "--lazy-unpickle", "--no-copy-tokenizer", "--clone-tensors", "--low-cpu-memory",
+                 "--write-model-card", "--safe-serialization", "--random-seed 7", "-v", "--no-async-write"):
+        assert f"note: {flag}" in err, flag
+    assert "--out-shard-size" not in err  # mapped, not noted
+    assert (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
+
+
+def test_out_shard_size_maps_to_max_shard_size(linear_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["run", str(linear_config), "-o", str(out), "-q", "--out-shard-size", "20k"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+
+
+def test_trust_remote_code_is_refused(linear_config: Path, tmp_path: Path, capsys) -> None:
+    assert main(["run", str(linear_config), str(tmp_path / "out"), "--trust-remote-code"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trust-remote-code" in err[0] and "refused" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_flag_maps_to_device() -> None:
+    import argparse
+
+    from surgeon.cli import build_parser
+    from surgeon.recipe.mergekit_flags import apply_mergekit_flags, parse_kmb
+
+    args = build_parser().parse_args(["run", "c.yml", "out", "--cuda", "-j", "3", "--out-shard-size", "5B"])
+    apply_mergekit_flags(args)
+    assert (args.device, args.threads, args.max_shard_size) == ("cuda", 3, str(5 * 10**9))
+    assert parse_kmb("500M") == 500 * 10**6
+    assert isinstance(args, argparse.Namespace)
+
+
+@pytest.mark.mergekit
+def test_every_mergekit_option_is_accepted() -> None:
+    """Each field of mergekit's MergeOptions has a flag on `surgeon run` (both spellings of booleans)."""
+    pytest.importorskip("mergekit")
+    from mergekit.options import MergeOptions
+
+    from surgeon.cli import build_parser
+
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
+    known = {s for a in run._actions for s in a.option_strings}
+    for name, info in MergeOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "verbosity":
+            flag = "-v"
+        assert flag in known, flag
+        if info.annotation is bool and name not in ("gpu_rich",):
+            assert "--no-" + name.replace("_", "-") in known or name in ("quiet",), name
