@@ -14,15 +14,62 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .engine.allocator import keep_freed_memory
-from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_STEP_FAILED, SurgeonError
+from .errors import EXIT_INTERRUPTED, EXIT_STEP_FAILED, SurgeonError
+from .eval.protocol import DEFAULT_MAX_TOKENS
 from .recipe.mergekit_flags import add_mergekit_flags, apply_mergekit_flags
 
 EPILOG = """exit codes: 0 success, 1 diff gate failed, 2 invalid recipe or input, 3 a step failed, 130 interrupted.
-docs: README.md and docs/ in the surgeon repository."""
+docs: README.md and docs/*.md of the surgeon source (merging.md, transplant.md, fusion.md, hub.md, report.md)."""
+
+# One line of purpose and one example per subcommand: the first thing `surgeon CMD --help` shows.
+ABOUT: dict[str, tuple[str, str]] = {
+    "run": (("Execute a recipe YAML (or a mergekit config, like `mergekit-yaml CONFIG OUT`); finished steps "
+            "are skipped when the same command runs again."),
+            "surgeon run recipes/quickstart.yaml --overwrite"),
+    "validate": (("Check a recipe from safetensors headers only (schema, references, every tensor's shape and "
+                 "dtype); no weights are read. Reports every problem at once."),
+                 "surgeon validate recipes/quickstart.yaml"),
+    "plan": ("Show what each step reads and writes, and an estimate of its peak memory.",
+             "surgeon plan recipes/quickstart.yaml"),
+    "merge": ("Merge models with one method, without writing a recipe file.",
+              ("surgeon merge ties out/m --base zoo/bpe-base --model zoo/bpe-shakespeare --model "
+              "zoo/bpe-python:density=0.5 --set lambda=1.0")),
+    "transplant": (("Give a model another model's tokenizer, training-free: each new token's embedding is "
+                   "built from shared tokens' embeddings (OMP by default)."),
+                   "surgeon transplant zoo/bpe-base zoo/sp-base out/bpe-with-sp-tokenizer --k 8"),
+    "fuse": (("Distil one or more source models into a pivot model on a text file (graph-on-logits loss, "
+             "works across tokenizers)."),
+             ("surgeon fuse zoo/bpe-base out/fused --source zoo/sp-shakespeare "
+             "--data zoo/data/shakespeare/train.txt --steps 10")),
+    "eval": ("Perplexity and bits per byte of a model folder on one or more text files.",
+             "surgeon eval zoo/bpe-base --text zoo/data/prose/heldout.txt --text zoo/data/python/heldout.txt"),
+    "inspect": ("Summarise a checkpoint from its headers: architecture, parameters, dtypes, shards, tokenizer.",
+                "surgeon inspect zoo/bpe-base"),
+    "diff": (("Compare two checkpoints tensor by tensor (max |a-b|, relative norm, cosine); with --atol a CI "
+             "gate, with --plot a per-layer picture of the change."),
+             "surgeon diff zoo/bpe-base zoo/bpe-python --plot diff.png"),
+    "push": ("Upload a checkpoint folder (with its model card) to the Hugging Face hub.",
+             "surgeon push out/quickstart org/pico-merge --private"),
+    "convert": ("Print the surgeon recipe equivalent to a mergekit config.",
+                "surgeon convert mergekit.yml > recipe.yaml"),
+}
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and appends each option's default to its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == []
+                or default is argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: {default})"
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,89 +131,127 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("validate", "check a recipe from headers only (no weights read)"),
                            ("plan", "show what each step reads and writes and its peak memory")):
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".", epilog=EPILOG)
-        p.add_argument("recipe")
+        p.add_argument("recipe", help="recipe YAML or mergekit config")
         p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("merge", help="one merge without a recipe file", epilog=EPILOG,
                        description="Merge models with one method. Example: surgeon merge ties OUT --base B "
                        "--model M1 --model M2 --set density=0.5 --set lambda=1.0")
-    p.add_argument("method")
-    p.add_argument("output")
+    p.add_argument("method", help="merge method (listed below)")
+    p.add_argument("output", help="output folder")
     p.add_argument("--base", help="base model (for task-vector methods)")
     p.add_argument("--model", action="append", required=True,
                    help="model path, optionally with per-model parameters: PATH:weight=0.5,density=0.7")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a step parameter")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the output (default: the base's, else the first model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of randomised methods (dare_*, della*)")
     p.add_argument("--report", help="write a JSON report here")
     _add_run_flags(p, output=False)
 
     p = sub.add_parser("transplant", help="give a model another model's tokenizer (training-free, OMP)", epilog=EPILOG)
-    p.add_argument("base")
-    p.add_argument("donor")
-    p.add_argument("output")
-    p.add_argument("--method", default="omp", choices=["omp", "mean", "zero", "subword"])
+    p.add_argument("base", help="model whose weights are kept")
+    p.add_argument("donor", help="model (or folder) whose tokenizer the output gets")
+    p.add_argument("output", help="output folder")
+    p.add_argument("--method", default="omp", choices=["omp", "mean", "zero", "subword"],
+                   help="how new tokens' embeddings are built: omp (sparse combination of shared tokens), "
+                   "mean of all rows, zero, or subword (mean of the base pieces spelling the token)")
     p.add_argument("--k", type=int, default=64, help="OMP atoms per new token (default 64)")
     p.add_argument("--screen", type=int, help="restrict each token's dictionary to its N nearest shared tokens "
                    "(default: exact OMP over all of them; 256 measured the same bits per byte ~4x faster, "
                    "see docs/transplant.md)")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--batch-size", type=int, default=512, help="new tokens solved at once")
+    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, notes or summary")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("fuse", help="distil source models into a pivot (graph-on-logits loss)", epilog=EPILOG)
-    p.add_argument("pivot")
-    p.add_argument("output")
+    p.add_argument("pivot", help="model that is trained (its tokenizer and architecture are kept)")
+    p.add_argument("output", help="output folder")
     p.add_argument("--source", action="append", required=True, help="source model (repeat)")
     p.add_argument("--data", required=True, help="text file or JSONL (text or chat messages)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per training sequence (longer ones are cut)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--top-k", type=int, default=16, help="teacher logits kept per position for the graph loss")
     p.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="distillation share of the loss")
-    p.add_argument("--gld-weight", type=float, default=1.0)
-    p.add_argument("--tokenwise-weight", type=float, default=1.0)
-    p.add_argument("--align", choices=["dp", "transplant"], default="dp")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--gld-weight", type=float, default=1.0, help="weight of the graph-on-logits loss")
+    p.add_argument("--tokenwise-weight", type=float, default=1.0, help="weight of the token-wise distillation loss")
+    p.add_argument("--align", choices=["dp", "transplant"], default="dp",
+                   help="how tokens of different tokenizers are matched: dp (dynamic programming on the "
+                   "text) or transplant (map the sources' vocabularies)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
+    p.add_argument("--device", default="cpu", help="where training runs: cpu, cuda, cuda:1")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("eval", help="perplexity and bits per byte on a text file", epilog=EPILOG)
-    p.add_argument("model")
-    p.add_argument("--text", required=True)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("model", help="model folder (config, weights and tokenizer)")
+    p.add_argument("--text", action="append", required=True,
+                   help="UTF-8 text file to score; repeat for several (one row each)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="score the first N tokens of each text; 0 scores the whole text")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print JSON: one object per text, in a list")
 
     p = sub.add_parser("inspect", help="summarise a checkpoint from its headers", epilog=EPILOG)
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("path", help="checkpoint folder or .safetensors file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="also read pickled *.bin checkpoints")
 
     p = sub.add_parser("diff", help="compare two checkpoints tensor by tensor", epilog=EPILOG)
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="first checkpoint (the reference: relative norms are against it)")
+    p.add_argument("b", help="second checkpoint")
     p.add_argument("--atol", type=float, help="exit 1 when any |a-b| exceeds this (a CI gate)")
     p.add_argument("--top", type=int, default=10, help="rows in the summary table")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face hub", epilog=EPILOG)
-    p.add_argument("folder")
+    p.add_argument("folder", help="checkpoint folder written by surgeon")
     p.add_argument("repo", help="org/name")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--revision", help="branch to push to")
-    p.add_argument("--commit-message")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.add_argument("--commit-message", help="commit message (default: one naming surgeon)")
 
     p = sub.add_parser("convert", help="print the surgeon recipe for a mergekit config", epilog=EPILOG)
-    p.add_argument("config")
+    p.add_argument("config", help="mergekit YAML config")
+    _teach(sub)
     return parser
+
+
+def _teach(sub: Any) -> None:
+    """Every subcommand: its purpose and an example first, option defaults shown, the docs named."""
+    for name, sp in sub.choices.items():
+        purpose, example = ABOUT.get(name, (sp.description or "", ""))
+        sp.description = purpose + (f"\n\nexample:\n  {example}" if example else "")
+        sp.formatter_class = _Help
+        sp.epilog = sp.epilog or EPILOG
+    merge = sub.choices.get("merge")
+    if merge is not None:  # the method list needs the registry: built only when the help is shown
+        plain = merge.format_help
+        merge.format_help = lambda: plain().rstrip("\n") + "\n\n" + methods_help() + "\n"
+
+
+def methods_help() -> str:
+    """Every registered merge method with its summary and parameters (name=default, or required)."""
+    from .merge import all_methods
+
+    lines = ["methods (set step parameters with --set KEY=VALUE, per-model ones with --model PATH:KEY=VALUE):"]
+    for name, m in all_methods().items():
+        needs = "base + " if m.needs_base else ""
+        count = (f"{m.min_models}" if m.max_models == m.min_models else
+                 f"{m.min_models}-{m.max_models}" if m.max_models else f"{m.min_models}+")
+        lines.append(f"  {name:<18} {m.summary.rstrip('.')} ({needs}{count} model{'s' if count != '1' else ''})")
+        for label, params in (("step", m.global_params), ("per model", m.model_params)):
+            if params:
+                shown = ", ".join(p.name + ("" if p.required else f"={p.default}") for p in params)
+                lines.append(f"  {'':<18}   {label}: {shown}")
+    return "\n".join(lines)
 
 
 def _version() -> str:
@@ -232,6 +317,20 @@ def _print_run(report: dict[str, Any]) -> None:
         print(f"pushed: {report['push'].get('url', report['push'])}")
 
 
+def format_transplant(report: dict[str, Any]) -> str:
+    """What a transplant did, in three lines: rows copied and approximated, the fit, where it went."""
+    c = report.get("counts", {})
+    how = report.get("method", "?") + (f", k={report['k']}" if report.get("k") else "")
+    lines = [f"tokens: {c.get('shared', '?')} shared (rows copied), {c.get('new', '?')} new ({how}); "
+             f"{c.get('output_rows', '?')} rows in the output"]
+    for label, st in (report.get("approximation") or {}).items():
+        if "donor_cosine_mean" in st:
+            lines.append(f"fit of {label} in the donor space: mean cosine {st['donor_cosine_mean']:.3f}, "
+                         f"mean relative error {st['donor_rel_error_mean']:.3f}")
+    lines.append(f"output: {report.get('output')}")
+    return "\n".join(lines)
+
+
 def format_evaluation(ev: dict[str, dict[str, Any]]) -> str:
     """Perplexity and bits per byte of every model on every text, one row per model."""
     texts = sorted({t for per in ev.values() for t in per})
@@ -293,10 +392,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             _print_run(report)
         return 0
     if cmd == "transplant":
-        report = api.transplant_tokenizer(args.base, args.donor, args.output, method=args.method, k=args.k,
-                                          screen=args.screen, batch_size=args.batch_size, device=args.device,
-                                          overwrite=args.overwrite, progress=not args.quiet and sys.stderr.isatty())
-        _print_json(report) if args.json else print(f"output: {args.output}")
+        import warnings
+
+        with warnings.catch_warnings():  # its advice is in the report: shown once below, as a note
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"surgeon\.")
+            report = api.transplant_tokenizer(args.base, args.donor, args.output, method=args.method, k=args.k,
+                                              screen=args.screen, batch_size=args.batch_size, device=args.device,
+                                              overwrite=args.overwrite,
+                                              progress=not args.quiet and sys.stderr.isatty())
+        if not args.quiet:
+            for w in report.get("warnings", []):
+                print(f"note: {w}", file=sys.stderr)
+        _print_json(report) if args.json else (None if args.quiet else print(format_transplant(report)))
         return 0
     if cmd == "fuse":
         report = api.fuse_models(
@@ -308,13 +415,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_json(report) if args.json else print(f"output: {args.output}")
         return 0
     if cmd == "eval":
-        r = api.evaluate(args.model, args.text, max_tokens=args.max_tokens, device=args.device,
-                         progress=not args.quiet and sys.stderr.isatty())
-        if args.json:
-            _print_json(r)
-        else:
-            print(f"perplexity {r['perplexity']:.3f}   bits/byte {r['bits_per_byte']:.4f}   "
-                  f"({r['tokens']} tokens, {r['bytes']} bytes)")
+        from .eval.report import evaluate_texts, format_texts
+
+        rows = evaluate_texts(args.model, args.text, max_tokens=args.max_tokens, device=args.device,
+                              progress=not args.quiet and sys.stderr.isatty())
+        _print_json(rows) if args.json else print(format_texts(rows))
         return 0
     if cmd == "inspect":
         from .inspection import format_inspect
@@ -339,6 +444,32 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(cmd)
 
 
+def _quiet_libraries() -> None:
+    """-q: no loading or download bars and no advisory messages from transformers / huggingface-hub."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests, notebooks)
+        pass
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -346,6 +477,8 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
     keep_freed_memory()  # this process is ours: reuse freed block buffers (see surgeon.engine.allocator)
     # The hundreds of thousands of objects that importing torch created live as long as the
     # process: out of the collector's sight, its full collections no longer walk them (~4 % of a
@@ -354,6 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(args)
+    except BrokenPipeError:  # `surgeon ... | head`: the reader left; stop quietly
+        _silence_stdout()
+        return 0
     except SurgeonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,157 @@
+"""The first hour of a new user (issue 18): errors that point at the right thing,
+help that teaches, output that agrees with itself."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from surgeon.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / "zoo"
+
+
+# -- diff ---------------------------------------------------------------------
+def _copy_with(src: Path, dst: Path, change: dict[str, torch.Tensor]) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    sd = load_file(src / "model.safetensors")
+    sd.update(change)
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_diff_identical_tensors_are_exact_and_shapes_are_named(tiny_family, tmp_path, capsys):
+    from surgeon.eval.diff import diff_checkpoints
+
+    base = tiny_family["base"]
+    sd = load_file(base / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    other = _copy_with(base, tmp_path / "b", {
+        name: (sd[name].float() + 0.01 * torch.randn(sd[name].shape)).to(sd[name].dtype),
+        "model.norm.weight": torch.ones(7, dtype=sd["model.norm.weight"].dtype)})
+    r = diff_checkpoints(base, other)
+    same = r["tensors"]["model.layers.0.self_attn.q_proj.weight"]
+    assert same["cosine"] == 1.0 and same["rel_norm"] == 0.0 and same["max_abs_diff"] == 0.0
+    assert r["tensors"][name]["cosine"] < 1.0 and r["tensors"][name]["rel_norm"] > 0
+    assert r["tensors"]["model.norm.weight"]["status"] == "shape mismatch"
+    assert r["shape_mismatch"] == ["model.norm.weight"] and not r["identical"]
+    assert math.isfinite(r["max_abs_diff"])
+    assert main(["diff", str(base), str(other), "--atol", "1"]) == 1  # a shape mismatch never passes the gate
+    out = capsys.readouterr().out
+    assert "shape mismatch" in out and "inf" not in out and "nan" not in out
+    assert main(["diff", str(base), str(base), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["identical"] and all(t["cosine"] == 1.0 for t in whole["tensors"].values())
+
+
+def test_diff_statistics_match_float64(tmp_path):
+    from surgeon.eval.diff import tensor_stats
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 70, generator=g), torch.randn(300, 70, generator=g)
+    s = tensor_stats(a, b)
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    assert s["cosine"] == pytest.approx(float(a64 @ b64 / a64.norm() / b64.norm()), abs=1e-12)
+    assert s["rel_norm"] == pytest.approx(float((a64 - b64).norm() / a64.norm()), abs=1e-12)
+    assert s["max_abs_diff"] == float((a64 - b64).abs().max())
+
+
+def test_json_output_into_a_closed_pipe_exits_quietly(tiny_family):
+    base = str(tiny_family["base"])
+    proc = subprocess.Popen([sys.executable, "-m", "surgeon", "diff", base, base, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()  # like `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "BrokenPipe" not in err and "Traceback" not in err and "error" not in err, err
+
+
+# -- help ---------------------------------------------------------------------
+def test_every_subcommand_and_option_teaches(capsys):
+    import argparse
+
+    from surgeon.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"run", "validate", "plan", "merge", "transplant", "fuse", "eval", "inspect",
+                                "diff", "push", "convert"}
+    for name, sp in sub.choices.items():
+        text = sp.format_help()
+        assert "example:\n  surgeon " + name in text, name
+        assert "docs/" in text, name  # the epilogue names where the docs are
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            d = action.default
+            if action.option_strings and d not in (None, False, argparse.SUPPRESS) and d != []:
+                assert "default" in sp._get_formatter()._get_help_string(action), (name, action.dest)
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = capsys.readouterr().out
+    from surgeon.merge import all_methods
+
+    for mname, method in all_methods().items():
+        assert f"\n  {mname} " in out, mname
+        for p in method.params:
+            assert p.name in out, (mname, p.name)
+    assert "density=" in out or "density" in out
+
+
+# -- eval ---------------------------------------------------------------------
+def test_eval_scores_every_text_with_the_cap_printed(capsys):
+    texts = [str(ZOO / "data" / d / "heldout.txt") for d in ("prose", "python")]
+    args = ["eval", str(ZOO / "bpe-base"), "--text", texts[0], "--text", texts[1], "--max-tokens", "64", "-q"]
+    assert main(args + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in rows] == texts
+    assert all(r["tokens"] == 64 and r["max_tokens"] == 64 for r in rows)  # bpe-base has a bos: 64 scored
+    assert rows[0]["bits_per_byte"] != rows[1]["bits_per_byte"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert texts[0] in table and texts[1] in table and table.count("first 64 tokens") == 2
+
+
+def test_eval_default_cap_is_the_documented_one():
+    import argparse
+
+    from surgeon.cli import build_parser
+    from surgeon.eval.protocol import DEFAULT_MAX_TOKENS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sub.choices["eval"].parse_args(["m", "--text", "t"]).max_tokens == DEFAULT_MAX_TOKENS
+
+
+def test_eval_of_a_folder_of_models_says_so(capsys):
+    assert main(["eval", str(ZOO), "--text", str(ZOO / "data" / "prose" / "heldout.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "not a model folder" in err and "bpe-base" in err
+    assert "sentencepiece" not in err.lower() and "tiktoken" not in err.lower()
+
+
+# -- transplant ---------------------------------------------------------------
+def test_transplant_cli_shows_its_advice_and_counts(tmp_path, capsys):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["transplant", str(ZOO / "bpe-base"), str(ZOO / "sp-base"), str(tmp_path / "t"), "--k", "64"]) == 0
+    assert not [w for w in caught if "surgeon" in str(w.filename)], [str(w.message) for w in caught]
+    cap = capsys.readouterr()
+    assert "note: k=64 is large for the donor's embedding width 96" in cap.err
+    assert "note: digit splitting differs" in cap.err
+    card = (tmp_path / "t" / "README.md").read_text()
+    assert "k=64 is large" in card
+    assert "2437 shared" in cap.out and "563 new" in cap.out and f"output: {tmp_path / 't'}" in cap.out
