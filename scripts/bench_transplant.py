@@ -12,13 +12,21 @@ copied rows are identical.
     .venv/bin/python scripts/bench_transplant.py --screen none --screen 256 --eval-chars 0
 
 Defaults use the real models of scripts/get_real_models.py. ``--screen`` may be
-repeated: each value is one surgeon run (``none`` = exact OMP). Results are
-printed as a table and written as JSON (``--json``). Every output is scored in
-bits per byte on the first ``--eval-chars`` characters of each ``--text`` (default:
-the zoo's held-out WikiText-2 slice, the start of WikiText-2 test, tinyshakespeare):
-the texts differ in how they write newlines, which matters (docs/transplant.md).
-Wall time depends on what else the machine runs; CPU time (user + system of the
-child) is the steadier comparison on a shared machine.
+repeated: each value is one surgeon run (``auto`` = the default, ``none`` = exact
+OMP, or a candidate count); default: ``auto`` and ``none``. Results are printed
+as a table and written as JSON (``--json``). Every output is scored in bits per
+byte on the first ``--eval-chars`` characters of each ``--text`` (default: the
+zoo's held-out WikiText-2 slice, tinyshakespeare, and Python source from this
+interpreter's standard library): the texts differ in how they write newlines,
+which matters (docs/transplant.md). Wall time depends on what else the machine
+runs; CPU time (user + system of the child) is the steadier comparison on a
+shared machine.
+
+The FLOP floor: the pursuit's matrix products (:func:`surgeon.transplant.omp.omp_flops`;
+exact OMP and mergekit do k vocabulary-wide products per new token, the default
+screened pursuit 8 plus its small candidate products) divided by the float32
+GEMM rate measured on the spot with one product of the same shape; each run's
+CPU time over that floor says how far from the hardware's pace it ran.
 """
 from __future__ import annotations
 
@@ -36,8 +44,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_TEXTS = (ROOT / "zoo" / "data" / "prose" / "heldout.txt",
-                 ROOT.parent / "shared" / "data" / "wikitext2-test.raw",
                  ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+#: standard-library modules whose source makes the code text (in this order)
+STDLIB_SOURCES = ("textwrap", "json.decoder", "json.encoder", "argparse")
+
+
+def stdlib_text(folder: Path) -> Path:
+    """Python source from this interpreter's standard library, one text file (its version in the name)."""
+    import importlib.util
+
+    out = folder / f"python{sys.version_info[0]}.{sys.version_info[1]}-stdlib.py.txt"
+    parts = [Path(importlib.util.find_spec(m).origin).read_text(encoding="utf-8") for m in STDLIB_SOURCES]
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def gemm_rate(n_atoms: int, dim: int, rows: int = 512, repeats: int = 3) -> float:
+    """float32 FLOP/s of one (rows x dim) @ (dim x n_atoms) product, best of ``repeats`` (this process's threads)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, dim, generator=g), torch.randn(n_atoms, dim, generator=g)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _ = a @ b.T
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * rows * dim * n_atoms / best
 
 
 def torch_float32():
@@ -144,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--donor", type=Path, default=real / "smollm2-135m-instruct")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--screen", action="append", default=None,
-                    help="surgeon candidate screening per run ('none' = exact; repeatable; default: none, 128 and 256)")
+                    help="surgeon candidate screening per run ('auto' = the default, 'none' = exact, or N; "
+                         "repeatable; default: auto and none)")
     ap.add_argument("--batch-size", type=int, default=512, help="tokens per batch for both tools")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for both children")
@@ -163,15 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         if not (p / "config.json").is_file():
             raise SystemExit(f"{p}: not a model folder (run scripts/get_real_models.py for the default models)")
     texts = args.text or [p for p in DEFAULT_TEXTS if p.is_file()]
-    screens = [None if s.lower() == "none" else int(s) for s in (args.screen or ["none", "128", "256"])]
+    screens = [None if s.lower() == "none" else ("auto" if s.lower() == "auto" else int(s))
+               for s in (args.screen or ["auto", "none"])]
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-transplant-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"base": str(args.base), "donor": str(args.donor), "k": args.k, "batch_size": args.batch_size,
                      "device": args.device, "runs": {}}
     new_ids: list[int] = []
+    if not args.text and args.eval_chars:
+        texts.append(stdlib_text(work))
     for screen in screens:
-        label = "surgeon" + ("" if screen is None else f" screen={screen}")
+        label = "surgeon" + (" exact" if screen is None else " default" if screen == "auto" else f" screen={screen}")
         out = work / f"surgeon-{screen or 'exact'}"
         rep_path = work / f"surgeon-{screen or 'exact'}.json"
         spec = {"base": str(args.base), "donor": str(args.donor), "out": str(out), "k": args.k, "screen": screen,
@@ -183,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             rep = json.loads(rep_path.read_text())
             r["omp"] = rep["approximation"].get("embed")
             r["counts"] = {k: rep["counts"][k] for k in ("shared", "new", "output_rows")}
+            r["screen_used"] = rep.get("screen")
+            r["pursuits"] = len(rep["approximation"])
+            r["refresh"] = rep.get("refresh")
             if not new_ids:
                 from surgeon.transplant import load_tokenizer_info, match_vocabularies
 
@@ -210,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
                 if label.startswith("surgeon") and sr["ok"]:
                     sr["speedup_vs_mergekit"] = round(mk / sr["wall_s"], 2)
                     sr["cpu_speedup_vs_mergekit"] = round(r["cpu_s"] / max(sr["cpu_s"], 1e-9), 2)
-    exact = results["runs"].get("surgeon")
+    exact = results["runs"].get("surgeon exact")
     if exact and exact["ok"] and new_ids:
         for label, sr in results["runs"].items():
-            if label.startswith("surgeon ") and sr["ok"]:
+            if label.startswith("surgeon ") and label != "surgeon exact" and sr["ok"]:
                 sr["vs_surgeon_exact"] = compare(Path(sr["out"]), Path(exact["out"]), new_ids)
+    flop_floor(results, args.donor, args.k)
     if args.kernel_sample and not args.skip_mergekit:
         print("kernel check: both OMP implementations on identical inputs ...", flush=True)
         results["kernel_check"] = kernel_check(args.base, args.donor, args.k, args.kernel_sample)
@@ -242,6 +283,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def flop_floor(results: dict, donor: Path, k: int) -> None:
+    """Add each run's FLOPs, the float32 GEMM rate measured now, and floor seconds (see the module docstring)."""
+    from surgeon.io import Checkpoint
+    from surgeon.transplant import find_embeddings
+    from surgeon.transplant.omp import omp_flops
+
+    counts = next((r["counts"] for r in results["runs"].values() if r.get("counts")), None)
+    if counts is None:
+        return
+    with Checkpoint.open(donor) as d:
+        dim = int(d.info(find_embeddings(d)[0]).shape[1])
+    # each embedding matrix the tool rebuilds costs one pursuit (tied models: one)
+    pursuits = next((r["pursuits"] for r in results["runs"].values() if r.get("pursuits")), 1)
+    rate = gemm_rate(counts["shared"], dim)
+    results["gemm_gflops"] = round(rate / 1e9, 1)
+    results["width"] = dim
+    for label, r in results["runs"].items():
+        if not r["ok"]:
+            continue
+        screen = r.get("screen_used") if label.startswith("surgeon") else None
+        refresh = r.get("refresh") or 0
+        f = omp_flops(counts["new"], counts["shared"], dim, k, screen, refresh)["total"] * pursuits
+        r["tflop"] = round(f / 1e12, 3)
+        r["floor_s"] = round(f / rate, 1)
+        r["cpu_over_floor"] = round(r["cpu_s"] / max(r["floor_s"], 1e-9), 2)
+        r["wall_over_floor"] = round(r["wall_s"] / max(r["floor_s"], 1e-9), 2)
+
+
 def print_table(results: dict) -> None:
     print(f"\nbase {results['base']}\ndonor {results['donor']}\nk = {results['k']}, batch {results['batch_size']}, "
           f"device {results['device']}\n")
@@ -250,10 +319,14 @@ def print_table(results: dict) -> None:
         for t in r.get("bits_per_byte", {}):
             if t not in texts:
                 texts.append(t)
-    cols = ["tool", "wall s", "cpu s", "peak RSS MB", "speed-up wall / cpu", "row cos vs mergekit (mean / p05)"]
+    if results.get("gemm_gflops"):
+        print(f"FLOP floor at the float32 GEMM rate measured now: {results['gemm_gflops']} GFLOP/s "
+              f"(donor width {results['width']})\n")
+    cols = ["tool", "OMP", "wall s", "cpu s", "peak RSS MB", "speed-up wall / cpu", "TFLOP", "floor s", "cpu / floor",
+            "row cos vs mergekit (mean / p05)"]
     cols += [f"bpb {t}" for t in texts]
     print("| " + " | ".join(cols) + " |")
-    print("|" + "|".join(["---"] + ["---:"] * 4 + ["---"] + ["---:"] * len(texts)) + "|")
+    print("|" + "|".join(["---", "---"] + ["---:"] * 7 + ["---"] + ["---:"] * len(texts)) + "|")
     for label, r in results["runs"].items():
         vs = r.get("vs_mergekit")
         cos = f"{vs['cosine_mean']:.3f} / {vs['cosine_p05']:.3f}" if vs else ""
@@ -262,8 +335,11 @@ def print_table(results: dict) -> None:
             sp += f" / {r['cpu_speedup_vs_mergekit']:.1f}x"
         bpb = [f"{r['bits_per_byte'][t]:.4f}" if t in r.get("bits_per_byte", {}) else "" for t in texts]
         status = "" if r["ok"] else " (FAILED)"
-        print("| " + " | ".join([label + status, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_mb']:.0f}", sp, cos]
-                                + bpb) + " |")
+        omp = ("exact" if not r.get("screen_used") else f"screen {r['screen_used']}/{r.get('refresh') or 0}") \
+            if label.startswith("surgeon") else "exact"
+        fl = [f"{r['tflop']:.2f}", f"{r['floor_s']:.1f}", f"{r['cpu_over_floor']:.1f}x"] if "tflop" in r else ["", "", ""]
+        print("| " + " | ".join([label + status, omp, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                                 sp, *fl, cos] + bpb) + " |")
     kc = results.get("kernel_check")
     if kc:
         print(f"\nOMP kernels on identical inputs ({kc['targets']} new tokens, our shared-token dictionary): "

@@ -157,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how new tokens' embeddings are built: omp (sparse combination of shared tokens), "
                    "mean of all rows, zero, or subword (mean of the base pieces spelling the token)")
     p.add_argument("--k", type=int, default=64, help="OMP atoms per new token (default 64)")
-    p.add_argument("--screen", type=int, help="restrict each token's dictionary to its N nearest shared tokens "
-                   "(default: exact OMP over all of them; 256 measured the same bits per byte ~4x faster, "
-                   "see docs/transplant.md)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--screen", type=_screen_arg, default="auto",
+                   help="OMP candidates per new token: N (its N nearest shared tokens, re-ranked every 8 picks), "
+                   "'auto' (default: exact when cheap, else 128 - several times faster than exact at the same "
+                   "bits per byte, see docs/transplant.md) or 'none' (exact OMP over all shared tokens)")
+    g.add_argument("--exact", action="store_true", help="exact OMP over all shared tokens (same as --screen none)")
     p.add_argument("--batch-size", type=int, default=512, help="new tokens solved at once")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -292,6 +295,20 @@ def _write_report(path: str | None, report: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _screen_arg(text: str) -> int | str | None:
+    """``--screen``: a positive integer, ``auto`` or ``none`` (exact OMP)."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        n = int(low)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'none', got {text!r}")
+    return n
+
+
 def _print_plan(summaries: list[dict[str, Any]]) -> None:
     from .inspection import human_bytes
 
@@ -397,7 +414,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():  # its advice is in the report: shown once below, as a note
             warnings.filterwarnings("ignore", category=UserWarning, module=r"surgeon\.")
             report = api.transplant_tokenizer(args.base, args.donor, args.output, method=args.method, k=args.k,
-                                              screen=args.screen, batch_size=args.batch_size, device=args.device,
+                                              screen=None if args.exact else args.screen, batch_size=args.batch_size, device=args.device,
                                               overwrite=args.overwrite,
                                               progress=not args.quiet and sys.stderr.isatty())
         if not args.quiet:

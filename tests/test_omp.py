@@ -171,3 +171,80 @@ def test_cuda_matches_cpu():
         agree = (i1 == i2).all(1).float().mean()
         assert agree > 0.95
         torch.testing.assert_close(reconstruct(i1, c1, A), reconstruct(i2, c2, A), atol=1e-3, rtol=1e-3)
+
+
+# -- the default (automatic screening) -------------------------------------------------------------------------------
+def test_flop_floor_counts_the_products():
+    from surgeon.transplant.omp import omp_flops
+
+    # exact: k vocabulary-wide products of 2 * targets * atoms * width each
+    f = omp_flops(3004, 46148, 576, 64)
+    assert f["products"] == 64 and f["total"] == 64 * 2.0 * 3004 * 46148 * 576
+    # screened, refresh 8, k 64: candidate sets at t = 0, 8, ..., 56 (1 screen + 7 re-rankings)
+    s = omp_flops(3004, 46148, 576, 64, screen=128, refresh=8)
+    assert s["products"] == 8 and s["vocab_products"] == 8 * 2.0 * 3004 * 46148 * 576
+    sets = range(0, 64, 8)
+    assert s["candidate_products"] == sum(2.0 * 3004 * (128 * 128 * 576 + t * 128 * 576) for t in sets)
+    assert omp_flops(10, 100, 8, 4, screen=50, refresh=0)["products"] == 1  # static: the screen only
+    assert omp_flops(10, 100, 8, 4, screen=100)["products"] == 4  # screen >= atoms: exact
+
+
+def test_auto_screen_is_exact_when_cheap_and_screened_when_not():
+    from surgeon.transplant.omp import DEFAULT_SCREEN, choose_screen
+
+    assert choose_screen(1757, 2339, 96, 8) is None  # a zoo pair: seconds exact
+    assert choose_screen(3004, 46148, 576, 64) == DEFAULT_SCREEN  # Gemma-3 -> SmolLM2: ~10 TFLOP exact
+    assert choose_screen(3004, 46148, 576, 200) == 200  # never fewer candidates than k
+    assert choose_screen(3004, 46148, 576, 64, None) is None
+    assert choose_screen(3004, 46148, 576, 64, 256) == 256
+    assert choose_screen(3004, 46148, 576, 64, 50_000) is None  # covers the dictionary: exact
+    for bad in (0, -3, "fast", 2.5, True):
+        with pytest.raises(InvalidInputError, match="screen"):
+            choose_screen(10, 100, 8, 4, bad)
+
+
+def test_default_screened_pursuit_fits_as_well_as_sklearn():
+    # embedding-like dictionary: many atoms of varied norms in few dimensions, targets that are
+    # sparse combinations of atoms plus noise; the default screening (128 candidates, re-ranked
+    # every 8 picks) against scikit-learn's exact orthogonal_mp, measured by the fit of the targets
+    from surgeon.transplant.omp import DEFAULT_REFRESH, DEFAULT_SCREEN
+
+    g = torch.Generator().manual_seed(21)
+    A = torch.randn(6000, 64, generator=g) * torch.rand(6000, 1, generator=g).add(0.3)
+    mix = torch.zeros(48, 6000)
+    for b in range(48):
+        mix[b, torch.randperm(6000, generator=g)[:10]] = torch.randn(10, generator=g)
+    Y = mix @ A + 0.1 * torch.randn(48, 64, generator=g)
+    k = 24
+    ref = torch.from_numpy(_sklearn(A, Y, k)).float()  # B x N dense coefficients
+
+    def fit(approx):
+        return float(torch.nn.functional.cosine_similarity(approx, Y, dim=1).mean())
+
+    exact_fit = fit(ref @ A)
+    idx, coef = batch_omp(Y, A, k, screen=DEFAULT_SCREEN, refresh=DEFAULT_REFRESH, progress=False)
+    screened_fit = fit(reconstruct(idx, coef, A))
+    assert screened_fit >= exact_fit - 0.002, (screened_fit, exact_fit)  # static screening: -0.01
+    # and the coefficients are the least-squares fit on the atoms it picked (OMP's refit)
+    for b in range(0, 48, 7):
+        sub = A[idx[b]].double()
+        ls = torch.linalg.lstsq(sub.T, Y[b].double().unsqueeze(1)).solution.squeeze(1)
+        torch.testing.assert_close(coef[b].double(), ls, atol=1e-3, rtol=1e-3)
+
+
+def test_cli_screen_flag():
+    from surgeon.cli import _screen_arg, build_parser
+
+    assert _screen_arg("auto") == "auto" and _screen_arg("None") is None and _screen_arg("256") == 256
+    import argparse
+
+    for bad in ("0", "-1", "fast"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _screen_arg(bad)
+    p = build_parser()
+    a = p.parse_args(["transplant", "b", "d", "o"])
+    assert a.screen == "auto" and not a.exact
+    assert p.parse_args(["transplant", "b", "d", "o", "--exact"]).exact
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["transplant", "b", "d", "o", "--exact", "--screen", "64"])
+    assert e.value.code == 2

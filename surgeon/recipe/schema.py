@@ -21,7 +21,7 @@ checkpoints (parameters, references, shapes) live in
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -67,7 +67,8 @@ class TransplantSpec(_Strict):
     donor: str
     method: Literal["omp", "mean", "zero", "subword"] = "omp"
     k: int = Field(default=64, ge=1, le=4096)
-    screen: Optional[int] = Field(default=None, ge=1)
+    # OMP candidates per new token: "auto" (exact when cheap, else 128), an integer, or null (exact OMP)
+    screen: Union[Annotated[int, Field(ge=1)], Literal["auto"], None] = "auto"
     batch_size: int = Field(default=512, ge=1)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InvalidInputError
-from .omp import DEFAULT_REFRESH, batch_omp, reconstruct
+from .omp import DEFAULT_REFRESH, batch_omp, choose_screen, reconstruct
 from .vocab import TokenizerInfo, _base_index, subword_pieces
 
 METHODS = ("omp", "mean", "zero", "subword")
@@ -37,9 +37,13 @@ def row_mean(w: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
 
 
 def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[int], k: int,
-             *, screen: Optional[int] = None, refresh: int = DEFAULT_REFRESH, batch_size: Optional[int] = None,
+             *, screen: Optional[int] | str = "auto", refresh: int = DEFAULT_REFRESH, batch_size: Optional[int] = None,
              device: str = "cpu", progress: bool = True, desc: str = "OMP") -> tuple[torch.Tensor, dict[str, Any]]:
-    """OMP rows for ``new_ids`` and statistics of the fit in the donor space."""
+    """OMP rows for ``new_ids`` and statistics of the fit in the donor space.
+
+    ``screen``: ``"auto"`` (exact when cheap, else screened; see
+    :func:`surgeon.transplant.omp.choose_screen`), an integer, or ``None`` (exact).
+    """
     if not shared:
         raise InvalidInputError("OMP needs at least one token shared by both vocabularies; none is")
     if not new_ids:
@@ -49,7 +53,7 @@ def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int
     b_ids = torch.tensor([b for _, b in shared], dtype=torch.long)
     atoms_donor = donor_w[d_ids].float()
     targets = donor_w[torch.tensor(new_ids, dtype=torch.long)].float()
-    scr = None if screen is None or screen >= len(shared) else max(screen, k_eff)
+    scr = choose_screen(len(new_ids), len(shared), int(donor_w.shape[1]), k_eff, screen, refresh)
     idx, coef = batch_omp(targets, atoms_donor, k_eff, screen=scr, refresh=refresh, batch_size=batch_size,
                           device=device, progress=progress, desc=desc)
     atoms_base = base_w[b_ids]
@@ -80,7 +84,7 @@ def subword_rows(base_w: torch.Tensor, base_tok: TokenizerInfo, donor_tok: Token
 
 
 def new_rows(method: str, base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int, int]],
-             new_ids: list[int], *, k: int = 64, screen: Optional[int] = None, refresh: int = DEFAULT_REFRESH,
+             new_ids: list[int], *, k: int = 64, screen: Optional[int] | str = "auto", refresh: int = DEFAULT_REFRESH,
              batch_size: Optional[int] = None,
              device: str = "cpu", progress: bool = True, base_tok: TokenizerInfo | None = None,
              donor_tok: TokenizerInfo | None = None, desc: str = "OMP") -> tuple[torch.Tensor, dict[str, Any]]:

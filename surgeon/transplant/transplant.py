@@ -224,7 +224,7 @@ def transplant(
     k: int = 64,
     device: str = "cpu",
     overwrite: bool = False,
-    screen: Optional[int] = None,
+    screen: Optional[int] | str = "auto",
     batch_size: Optional[int] = None,
     progress: bool = True,
     *,
@@ -238,8 +238,11 @@ def transplant(
     atoms per new token; ``screen``: restrict each new token's OMP dictionary to
     ``screen`` candidates — its nearest shared tokens by |cosine|, re-ranked
     every ``refresh`` steps by correlation with the residual (``refresh=0``:
-    never) — several times faster, nearly the same fit; ``None`` = exact OMP
-    over all shared tokens; ``batch_size``: new tokens per OMP batch (``None``
+    never) — several times faster, nearly the same fit; ``"auto"`` (default):
+    exact OMP when it is cheap (small vocabularies), else 128 candidates
+    re-ranked every 8 picks (:func:`surgeon.transplant.omp.choose_screen`);
+    ``None`` = exact OMP over all shared tokens (what mergekit computes);
+    ``batch_size``: new tokens per OMP batch (``None``
     = sized to ~512 MB of working memory). ``finish(writer, config, notes)``, if
     given, replaces the final writing of config, tokenizer, card and the commit
     (the recipe engine uses it). Returns a report dict.
@@ -251,8 +254,8 @@ def transplant(
             raise InvalidInputError(f"{out_dir}: the output folder is the {what} model; choose another output folder")
     if out_dir.exists() and not overwrite:
         raise InvalidInputError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
-    if screen is not None and (not isinstance(screen, int) or screen < 1):
-        raise InvalidInputError(f"screen must be a positive integer or None, got {screen!r}")
+    if screen is not None and screen != "auto" and (not isinstance(screen, int) or isinstance(screen, bool) or screen < 1):
+        raise InvalidInputError(f"screen must be a positive integer, 'auto' or None (exact OMP), got {screen!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InvalidInputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     try:
@@ -270,7 +273,7 @@ def transplant(
 
 
 def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str, k: int, device: str, overwrite: bool,
-                screen: Optional[int], refresh: int, batch_size: Optional[int], progress: bool, max_shard_size: int | str,
+                screen: Optional[int] | str, refresh: int, batch_size: Optional[int], progress: bool, max_shard_size: int | str,
                 finish: Any, t0: float) -> dict[str, Any]:
     embed, head, tied, d_embed, d_head = _check_inputs(base, donor, method, k)
     base_tok = load_tokenizer_info(base.path)
@@ -346,8 +349,10 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
         "output": str(out_dir),
         "method": method,
         "k": k if method == "omp" else None,
-        "screen": screen if method == "omp" else None,
-        "refresh": refresh if method == "omp" and screen else None,
+        # the candidate count the pursuit used (None: exact), and what was asked for
+        "screen": stats.get("embed", {}).get("screen") if method == "omp" else None,
+        "screen_requested": screen if method == "omp" else None,
+        "refresh": refresh if method == "omp" and stats.get("embed", {}).get("screen") else None,
         "device": str(device),
         "tokenizers": {"base": base_tok.family, "donor": donor_tok.family,
                        "base_splits_digits": base_tok.splits_digits, "donor_splits_digits": donor_tok.splits_digits},
