@@ -23,6 +23,9 @@ ot = pytest.importorskip("ot")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# the probability / vocabulary-node form of the loss (the paper's default form uses top-k logits on k rank nodes)
+PROBS = {"values": "probs", "normalize": "none", "nodes": "vocab"}
+
 
 def psd_graph(n: int, t: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     z = torch.rand(t, n, generator=gen, dtype=torch.float64) * scale
@@ -198,16 +201,17 @@ def test_loss_is_the_paper_formula_on_dense_graphs():
     gen = torch.Generator().manual_seed(10)
     xs = torch.randn(1, 7, 30, generator=gen, dtype=torch.float64)
     xt = torch.randn(1, 9, 40, generator=gen, dtype=torch.float64)
-    zs, ids_s, _ = topk_values(xs, 4)
-    zt, ids_t, _ = topk_values(xt, 4)
+    zs, ids_s, _ = topk_values(xs, 4, values="probs", normalize="none")
+    zt, ids_t, _ = topk_values(xt, 4, values="probs", normalize="none")
     c = co_activation_graph(zs, ids_s, 30)[0]
     d = co_activation_graph(zt, ids_t, 40)[0]
     d_pad = torch.sort(d.sum(-1), descending=True).values
     c_pad = torch.nn.functional.pad(torch.sort(c.sum(-1), descending=True).values, (0, 10))
     expected = (c_pad - d_pad).abs().sum()
-    assert gld_loss(xs, xt, top_k=4).item() == pytest.approx(expected.item(), rel=1e-12)
+    assert gld_loss(xs, xt, top_k=4, **PROBS).item() == pytest.approx(expected.item(), rel=1e-12)
     # and n^2 * GW~_1 of the padded graphs
-    assert gld_loss(xs, xt, top_k=4).item() == pytest.approx(40**2 * sorted_gw(c, d, "degree", 1).item(), rel=1e-10)
+    assert gld_loss(xs, xt, top_k=4, **PROBS).item() == pytest.approx(40**2 * sorted_gw(c, d, "degree", 1).item(),
+                                                                      rel=1e-10)
 
 
 def test_topk_cache_matches_full_logits():
@@ -235,12 +239,12 @@ def test_masks_and_batching():
     assert gld_loss(xs, xt, top_k=4, student_mask=ms, teacher_mask=mt).item() == pytest.approx(per.mean().item())
 
 
-def test_default_loss_is_bounded_by_two():
+def test_probability_loss_is_bounded_by_two():
     gen = torch.Generator().manual_seed(13)
     for _ in range(10):
         xs = torch.randn(2, 10, 64, generator=gen) * 5
         xt = torch.randn(2, 12, 50, generator=gen) * 5
-        val = gld_loss(xs, xt, top_k=16).item()
+        val = gld_loss(xs, xt, top_k=16, **PROBS).item()
         assert 0.0 <= val <= 2.0
 
 
@@ -310,14 +314,15 @@ def test_gld_rewards_confidence_whatever_the_tokens():
         (g,) = torch.autograd.grad(loss_fn(x), x)
         return (x - 0.5 * g / g.norm()).detach().softmax(-1)
 
-    p_gld = step(lambda x: gld_loss(x, xt, top_k=4))
+    p_gld = step(lambda x: gld_loss(x, xt, top_k=4, **PROBS))
     gain3, gain7 = (p_gld[..., 3] - p0[..., 3]).mean(), (p_gld[..., 7] - p0[..., 7]).mean()
     assert (p_gld[..., 3] > p0[..., 3]).all()           # sharper on the student's own token
     assert gain3 > 5 * gain7.abs()                      # hardly moved on the teacher's
     assert p_gld.max(-1).values.mean() > p0.max(-1).values.mean()
     tk = TopK.from_logits(xt, 4)
     probs = (tk.logits - tk.lse.unsqueeze(-1)).exp()
-    p_kl = step(lambda x: kl_loss(x.reshape(-1, 20), probs.reshape(-1, 4), target_ids=tk.ids.reshape(-1, 4)))
+    p_kl = step(lambda x: kl_loss(x.reshape(-1, 20), probs.reshape(-1, 4), target_ids=tk.ids.reshape(-1, 4),
+                                  sparse="fusellm"))
     assert (p_kl[..., 7] > p0[..., 7]).all()
     assert (p_kl[..., 7] - p0[..., 7]).mean() > 5 * (p_kl[..., 3] - p0[..., 3]).mean().clamp_min(0)
 
@@ -331,7 +336,81 @@ def test_gld_tempers_an_overconfident_student():
     xt = torch.randn(1, 6, 20, generator=gen, dtype=torch.float64) * 0.3
     xt[..., 7] += 1.5                      # the teacher is much less sure of token 7
     x = xs.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(gld_loss(x, xt, top_k=4), x)
+    (g,) = torch.autograd.grad(gld_loss(x, xt, top_k=4, **PROBS), x)
     p0, p1 = xs.softmax(-1), (xs - 0.5 * g / g.norm()).softmax(-1)
     assert (p1[..., 3] < p0[..., 3]).all()
     assert (p1.max(-1).values < p0.max(-1).values).all()
+
+
+# ----------------------------------------------------------------------------- temperature and caches
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("kw", [
+    {},                                                            # the defaults: top-k logits, minmax, rank nodes
+    PROBS,
+    {"values": "probs", "nodes": "rank"},
+    {"values": "logprobs", "normalize": "sum"},
+    {"values": "probs", "normalize": "l2", "feature": "l2"},
+])
+def test_identical_models_give_zero_at_every_temperature_full_and_cached(temperature, kw):
+    # issue 17: a cached teacher's top-k at T != 1 used to be renormalised over k while the
+    # student's was not (V=4000, k=16, T=2 gave 0.985); now both sides make the same choice
+    gen = torch.Generator().manual_seed(20)
+    x = torch.randn(2, 9, 4000, generator=gen, dtype=torch.float64) * 3
+    teachers = {"full": x, "cache at T=1": TopK.from_logits(x, 16),
+                "cache at T": TopK.from_logits(x, 16, temperature=temperature),
+                "cache without lse": TopK(*TopK.from_logits(x, 16).__dict__.values())}
+    teachers["cache without lse"] = TopK(teachers["cache at T=1"].logits, teachers["cache at T=1"].ids, None, 4000)
+    for name, t in teachers.items():
+        val = gld_loss(x, t, top_k=16, temperature=temperature, **kw).item()
+        assert val == pytest.approx(0.0, abs=1e-9), (name, val)
+    # and the cached teacher at its own temperature is exactly the full one for a different student
+    y = torch.randn(2, 7, 3000, generator=gen, dtype=torch.float64)
+    full = gld_loss(y, x, top_k=16, temperature=temperature, **kw).item()
+    cached = gld_loss(y, teachers["cache at T"], top_k=16, temperature=temperature, **kw).item()
+    assert cached == pytest.approx(full, rel=1e-9, abs=1e-12)
+
+
+def test_temperature_changes_the_probability_loss_and_a_foreign_cache_is_renormalised():
+    gen = torch.Generator().manual_seed(21)
+    xs = torch.randn(1, 8, 300, generator=gen, dtype=torch.float64) * 2
+    xt = torch.randn(1, 8, 200, generator=gen, dtype=torch.float64) * 2
+    kw = dict(top_k=8, **PROBS)
+    assert gld_loss(xs, xt, temperature=2.0, **kw).item() != pytest.approx(gld_loss(xs, xt, **kw).item(), rel=1e-3)
+    # cache at T=1 used at T=2: both sides renormalised over their top-8 at T=2
+    zs, ids_s, _ = topk_values(xs, 8, values="probs", normalize="none", temperature=2.0, renormalize=True)
+    zt, ids_t, _ = topk_values(xt, 8, values="probs", normalize="none", temperature=2.0, renormalize=True)
+    torch.testing.assert_close(zs.sum(-1), torch.ones(1, 8, dtype=torch.float64))
+    c = co_activation_graph(zs, ids_s, 300)[0]
+    d = co_activation_graph(zt, ids_t, 200)[0]
+    expected = 300**2 * sorted_gw(c, d, "degree", 1).item()
+    got = gld_loss(xs, TopK.from_logits(xt, 8), temperature=2.0, **kw).item()
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_minmax_keeps_every_one_of_the_top_k():
+    # issue 17: (z - min) / (max - min) zeroed the k-th value, so top-k acted as top-(k-1)
+    z = torch.tensor([[[4.0, 3.0, 2.0, 1.0]]], dtype=torch.float64)
+    out, _, _ = topk_values(z, 4, values="logits", normalize="minmax")
+    torch.testing.assert_close(out, torch.tensor([[[1.0, 0.75, 0.5, 0.25]]], dtype=torch.float64))
+    assert (out > 0).all()
+    # the k-th logit matters: changing it changes the loss (it did not before)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(1, 5, 50, generator=gen, dtype=torch.float64)
+    lg, ids = torch.topk(x, 4, dim=-1)
+    a = TopK(lg, ids, None, 50)
+    lg2 = lg.clone()
+    lg2[..., 3] -= 0.5
+    b = TopK(lg2, ids, None, 50)
+    assert gld_loss(a, b, top_k=4, values="logits", normalize="minmax").item() > 1e-3
+    # invariant to shifting and scaling each position's logits (temperature has no effect on it)
+    y = x * 3.0 + torch.randn(1, 5, 1, generator=gen, dtype=torch.float64)
+    assert gld_loss(x, y, top_k=4, values="logits", normalize="minmax").item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_from_logits_keeps_float64():
+    # issue 17: logsumexp was computed in float32 for float64 inputs
+    x = torch.randn(3, 5000, dtype=torch.float64) * 10
+    tk = TopK.from_logits(x, 4)
+    assert tk.lse.dtype == torch.float64
+    assert (tk.lse - torch.logsumexp(x, -1)).abs().max().item() < 1e-12
+    assert TopK.from_logits(x.half(), 4).lse.dtype == torch.float16

@@ -86,6 +86,7 @@ class TeacherCache:
         self.shard_size = int(self.manifest["shard_size"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.top_k = int(self.manifest["top_k"])
+        self.temperature = float(self.manifest.get("temperature", 1.0))  # of the stored logsumexp
         self._loaded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._max = max_shards_in_memory
 
@@ -116,7 +117,7 @@ class TeacherCache:
 
     def topk(self, i: int) -> TopK:
         lg, ids, lse = self.get(i)
-        return TopK(lg, ids, lse, self.vocab_size)
+        return TopK(lg, ids, lse, self.vocab_size, self.temperature)
 
     def used_ids(self) -> torch.Tensor:
         """Every teacher id that appears in the cache (sorted, unique)."""

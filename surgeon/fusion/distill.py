@@ -66,7 +66,8 @@ class FuseOptions:
 
     tokenwise: str = "kl"              # "kl" | "uld" | "kl+uld" | "none"
     pairing: str = "dp_checked"        # "dp" | "dp_checked" | "offsets" (see _pairs_for)
-    temperature: float = 1.0           # for the token-wise terms
+    temperature: float = 1.0           # for the token-wise terms (both sides tempered)
+    kl_sparse: str = "rest"            # KL to a sparse teacher: "rest" | "topk" | "fusellm" (tokenwise.kl_loss)
     gld_top_k: Optional[int] = None    # top-k for the graphs (default: top_k)
     gld: Optional[dict] = None         # extra gld_loss options (values, nodes, feature, p, ...)
     weight_decay: float = 0.0
@@ -619,6 +620,10 @@ def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path,
         raise InvalidInputError(f"fuse: mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
     if opts.tokenwise not in TOKENWISE:
         raise InvalidInputError(f"fuse: tokenwise must be one of {', '.join(TOKENWISE)}, got {opts.tokenwise!r}")
+    if opts.kl_sparse not in ("rest", "topk", "fusellm"):
+        raise InvalidInputError(f"fuse: kl_sparse must be rest, topk or fusellm, got {opts.kl_sparse!r}")
+    if not opts.temperature > 0:
+        raise InvalidInputError(f"fuse: temperature must be positive, got {opts.temperature}")
     if opts.pairing not in PAIRING:
         raise InvalidInputError(f"fuse: pairing must be one of {', '.join(PAIRING)}, got {opts.pairing!r}")
     if steps is None and not epochs > 0:
@@ -652,14 +657,17 @@ def _losses(logits: torch.Tensor, batch: dict[str, Any], srcs: list[_Source], we
                 rows = logits[b, u]
                 term = zero
                 if opts.tokenwise in ("kl", "kl+uld"):
-                    probs = (sb["logits"][b, t] - sb["lse"][b, t].unsqueeze(-1)).exp()
-                    term = term + kl_loss(rows, probs, target_ids=sb["mapped"][b, t], temperature=opts.temperature)
+                    # the teacher's top-k with its ids mapped into the pivot's vocabulary (-1: none)
+                    mapped = TopK(sb["logits"][b, t], sb["mapped"][b, t], sb["lse"][b, t], logits.shape[-1],
+                                  s.cache.temperature)
+                    term = term + kl_loss(rows, mapped, temperature=opts.temperature, sparse=opts.kl_sparse)
                 if opts.tokenwise in ("uld", "kl+uld"):
-                    teacher = TopK(sb["logits"][b, t], sb["ids"][b, t], sb["lse"][b, t], s.cache.vocab_size)
+                    teacher = TopK(sb["logits"][b, t], sb["ids"][b, t], sb["lse"][b, t], s.cache.vocab_size,
+                                   s.cache.temperature)
                     term = term + uld_loss(rows, teacher, temperature=opts.temperature)
                 tok_total = tok_total + w * term
             if gld_weight > 0:
-                teacher = TopK(sb["logits"], sb["ids"], sb["lse"], s.cache.vocab_size)
+                teacher = TopK(sb["logits"], sb["ids"], sb["lse"], s.cache.vocab_size, s.cache.temperature)
                 g = gld_loss(logits, teacher, top_k=gld_k, student_mask=batch["pos_mask"], teacher_mask=sb["mask"],
                              **gld_opts)
                 gld_total = gld_total + w * g

@@ -101,6 +101,7 @@ from torch import Tensor
 
 __all__ = [
     "TopK",
+    "exact_at",
     "gld_loss",
     "topk_values",
     "graph_features",
@@ -125,15 +126,21 @@ class TopK:
     """A distribution kept as its top-k per position (what the teacher cache stores).
 
     ``logits``: [B, T, k] the k largest logits, in decreasing order;
-    ``ids``: [B, T, k] their vocabulary ids; ``lse``: [B, T] logsumexp of the full
-    logits at temperature 1 (so log-probabilities are ``logits - lse``);
+    ``ids``: [B, T, k] their vocabulary ids; ``lse``: [B, T] the logsumexp of the
+    *full* logits divided by ``lse_temperature`` (so the log-probabilities at that
+    temperature are ``logits / lse_temperature - lse``), or None;
     ``vocab_size``: the model's vocabulary size.
+
+    At a temperature other than ``lse_temperature`` the full normaliser is unknown:
+    the losses then compare *both* sides renormalised over their kept entries
+    (:func:`exact_at`), so that identical models still give 0.
     """
 
     logits: Tensor
     ids: Tensor
     lse: Optional[Tensor]
     vocab_size: int
+    lse_temperature: float = 1.0
 
     @property
     def k(self) -> int:
@@ -141,12 +148,29 @@ class TopK:
 
     def to(self, device: Union[str, torch.device]) -> "TopK":
         return TopK(self.logits.to(device), self.ids.to(device),
-                    None if self.lse is None else self.lse.to(device), self.vocab_size)
+                    None if self.lse is None else self.lse.to(device), self.vocab_size, self.lse_temperature)
 
     @classmethod
-    def from_logits(cls, logits: Tensor, k: int) -> "TopK":
+    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> "TopK":
+        """Top-k of full logits [..., V], with the logsumexp of ``logits / temperature``.
+
+        The logsumexp is computed in float32 or the logits' own dtype, whichever is wider.
+        """
         v, i = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
-        return cls(v, i, torch.logsumexp(logits.float(), dim=-1).to(logits.dtype), int(logits.shape[-1]))
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.logsumexp(logits.to(wide) / temperature, dim=-1).to(logits.dtype)
+        return cls(v, i, lse, int(logits.shape[-1]), float(temperature))
+
+
+def exact_at(dist: "Dist", temperature: float) -> bool:
+    """Whether the full-vocabulary probabilities of ``dist`` at ``temperature`` are known.
+
+    Full logits: always. A :class:`TopK`: only when it carries the logsumexp at
+    that temperature (``lse_temperature``).
+    """
+    if not isinstance(dist, TopK):
+        return True
+    return dist.lse is not None and math.isclose(dist.lse_temperature, temperature, rel_tol=1e-9, abs_tol=1e-12)
 
 
 Dist = Union[Tensor, TopK]
@@ -159,28 +183,36 @@ def _check(name: str, value: object, allowed: tuple) -> None:
 
 # ----------------------------------------------------------------------------- top-k values
 def topk_values(dist: Dist, k: int, *, values: str = "probs", temperature: float = 1.0,
-                normalize: str = "none") -> tuple[Tensor, Tensor, int]:
+                normalize: str = "none", renormalize: Optional[bool] = None) -> tuple[Tensor, Tensor, int]:
     """The kept values per position: ``(z [B,T,k], ids [B,T,k], vocab_size)``.
 
     ``dist`` is full logits [B, T, V] or a :class:`TopK`. Values are sorted in
-    decreasing order of the underlying logit. For a :class:`TopK` at a temperature
-    other than 1 the full normaliser is unknown, so probabilities are renormalised
-    over the kept entries (documented approximation).
+    decreasing order of the underlying logit; logits are divided by ``temperature``
+    first. ``renormalize`` (for ``"probs"``/``"logprobs"``): normalise the
+    probabilities over the kept k entries instead of the full vocabulary; by
+    default only when the full normaliser at ``temperature`` is unknown
+    (:func:`exact_at`). A loss comparing two distributions must make the same
+    choice for both (:func:`gld_loss` does), or identical models differ.
     """
     _check("values", values, VALUES)
     _check("normalize", normalize, NORMALIZE)
     if temperature <= 0:
         raise ValueError(f"gld: temperature must be positive, got {temperature}")
+    if renormalize is None:
+        renormalize = not exact_at(dist, temperature)
     if isinstance(dist, TopK):
         kk = min(k, dist.k)
-        lg, ids, vocab = dist.logits[..., :kk], dist.ids[..., :kk], dist.vocab_size
+        lg, ids, vocab = dist.logits[..., :kk] / temperature, dist.ids[..., :kk], dist.vocab_size
         if values == "logits":
-            z = lg / temperature
-        elif dist.lse is not None and temperature == 1.0:
-            lp = lg - dist.lse.unsqueeze(-1)
-            z = lp if values == "logprobs" else lp.exp()
+            z = lg
         else:
-            lp = torch.log_softmax(lg / temperature, dim=-1)
+            if renormalize:
+                lp = torch.log_softmax(lg.to(torch.promote_types(lg.dtype, torch.float32)), dim=-1).to(lg.dtype)
+            elif exact_at(dist, temperature):
+                lp = lg - dist.lse.to(lg.dtype).unsqueeze(-1)  # type: ignore[union-attr]
+            else:
+                raise ValueError(f"gld: the cached top-k has no normaliser at temperature {temperature} "
+                                 f"(it has one at {dist.lse_temperature}); pass renormalize=True")
             z = lp if values == "logprobs" else lp.exp()
     else:
         if dist.dim() != 3:
@@ -192,25 +224,37 @@ def topk_values(dist: Dist, k: int, *, values: str = "probs", temperature: float
         if values == "logits":
             z = lg
         else:
-            lp = lg - torch.logsumexp(x, dim=-1, keepdim=True)
+            norm = torch.logsumexp(lg if renormalize else x, dim=-1, keepdim=True)
+            lp = lg - norm
             z = lp if values == "logprobs" else lp.exp()
     return _normalize(z, normalize), ids, vocab
 
 
 def _normalize(z: Tensor, how: str) -> Tensor:
+    """Per-position rescaling of the kept values [..., k] (sorted in decreasing order).
+
+    ``minmax`` maps the kept values affinely so that the largest is 1 and the
+    smallest 1/k (the floor is placed one mean gap below the smallest kept value),
+    so no kept entry becomes 0 (a plain (z - min)/(max - min) would zero the k-th
+    and make top-k act as top-(k-1)); evenly spaced values become 1/k, 2/k, ..., 1.
+    """
     if how == "none":
         return z
     if how == "sum":
-        return z / z.sum(-1, keepdim=True).clamp_min(1e-12)
+        return z / z.sum(-1, keepdim=True).abs().clamp_min(1e-12)
     if how == "l2":
         return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     if how == "standardize":
         mu = z.mean(-1, keepdim=True)
         sd = z.std(-1, keepdim=True, unbiased=False).clamp_min(1e-6)
         return (z - mu) / sd
+    k = z.shape[-1]
+    if k == 1:
+        return torch.ones_like(z)
     lo = z.min(-1, keepdim=True).values
     hi = z.max(-1, keepdim=True).values
-    return (z - lo) / (hi - lo).clamp_min(1e-12)
+    span = (hi - lo) * (k / (k - 1))  # hi - floor, floor = lo - (hi - lo) / (k - 1)
+    return 1.0 - (hi - z) / span.clamp_min(1e-12)
 
 
 def _position_weights(z: Tensor, mask: Optional[Tensor], aggregate: str) -> Tensor:
@@ -387,7 +431,9 @@ def gld_loss(student_logits: Dist, teacher_logits: Dist, top_k: int = 64, *,
     both describes the same text, nothing else needs to correspond. Masks [B, T]
     select the positions that enter each graph (e.g. the response tokens).
     Returns a scalar (``reduction`` "mean"/"sum" over the batch) or [B] ("none").
-    The options are described in the module docstring.
+    The options are described in the module docstring. For probabilities at a
+    temperature where a cached teacher's full normaliser is unknown, both sides are
+    renormalised over their kept top-k (identical models give 0 at every temperature).
     """
     _check("reduction", reduction, REDUCTION)
     _check("node_reduction", node_reduction, ("sum", "mean"))
@@ -396,8 +442,11 @@ def gld_loss(student_logits: Dist, teacher_logits: Dist, top_k: int = 64, *,
     if feature == "degree" and normalize == "standardize":
         raise ValueError("gld: normalize='standardize' makes every position's values sum to 0, so every "
                          "degree is 0; use feature='l2' or 'self', or normalize='minmax'")
-    zs, ids_s, vs = topk_values(student_logits, top_k, values=values, temperature=temperature, normalize=normalize)
-    zt, ids_t, vt = topk_values(teacher_logits, top_k, values=values, temperature=temperature, normalize=normalize)
+    renorm = not (exact_at(student_logits, temperature) and exact_at(teacher_logits, temperature))
+    zs, ids_s, vs = topk_values(student_logits, top_k, values=values, temperature=temperature, normalize=normalize,
+                                renormalize=renorm)
+    zt, ids_t, vt = topk_values(teacher_logits, top_k, values=values, temperature=temperature, normalize=normalize,
+                                renormalize=renorm)
     if zs.shape[0] != zt.shape[0]:
         raise ValueError(f"gld: student batch {zs.shape[0]} != teacher batch {zt.shape[0]}")
     zt = zt.to(zs.dtype)
