@@ -69,17 +69,34 @@ def merge_models(method: str, models: Sequence[str | dict[str, Any]], output: st
 
 def transplant_tokenizer(base: str, donor: str, output: str, method: str = "omp", k: int = 64, **options: Any) -> dict[str, Any]:
     """Give ``base`` the tokenizer of ``donor`` (training-free; OMP by default)."""
+    from .io.destination import check_destination, destination_lock
     from .transplant import transplant as _transplant
 
-    return _transplant(base, donor, output, method=method, k=k, **options)
+    check_destination(output, _local([("base model", base), ("donor model", donor)]),
+                      overwrite=bool(options.get("overwrite")))
+    with destination_lock(output):
+        return _transplant(base, donor, output, method=method, k=k, **options)
 
 
 def fuse_models(pivot: str, sources: Sequence[str | dict[str, Any]], data: str, output: str, **options: Any) -> dict[str, Any]:
     """Distil ``sources`` into ``pivot`` on ``data`` (InfiGFusion graph-on-logits loss)."""
     from .fusion import fuse as _fuse
+    from .io.destination import check_destination, destination_lock
 
     srcs = [{"path": s} if isinstance(s, str) else dict(s) for s in sources]
-    return _fuse(pivot_dir=pivot, sources=srcs, dataset_path=data, out_dir=output, **options)
+    work = options.get("work_dir") or (options.get("options") or {}).get("work_dir") \
+        or Path(output).parent / f".{Path(output).name}.fuse-work"
+    inputs = _local([("pivot model", pivot), *((f"source {s.get('path')}", s.get("path")) for s in srcs),
+                     ("training data", data), ("the work folder", str(work))])
+    check_destination(output, inputs, overwrite=bool(options.get("overwrite")))
+    with destination_lock(output):
+        return _fuse(pivot_dir=pivot, sources=srcs, dataset_path=data, out_dir=output, **options)
+
+
+def _local(inputs: Sequence[tuple[str, Any]]) -> list[tuple[str, str | None]]:
+    """The inputs that are local paths (a hub id is not a folder the output could replace)."""
+    return [(label, str(p)) for label, p in inputs if isinstance(p, (str, Path)) and Path(p).exists()
+            or label == "the work folder"]
 
 
 def evaluate(model: str, text: str, **options: Any) -> dict[str, Any]:
@@ -112,5 +129,8 @@ def convert(mergekit_config: str | Path) -> str:
 def push(folder: str, repo: str, **options: Any) -> dict[str, Any]:
     """Upload a checkpoint folder to the Hugging Face hub (creates the repo if needed)."""
     from .io import hub
+    from .io.destination import check_push_folder, destination_lock
 
-    return hub.push(Path(folder), repo, **options)
+    check_push_folder(Path(folder))
+    with destination_lock(Path(folder)):  # no run may replace the folder while it is uploaded
+        return hub.push(Path(folder), repo, **options)

@@ -99,6 +99,10 @@ def test_existing_destination_refused_without_overwrite(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="already exists"):
         _write(dest, {"a": torch.ones(2)})
     assert (dest / "keep.txt").read_text() == "old"
+    with pytest.raises(InvalidInputError, match="was not written by surgeon"):  # --overwrite: only surgeon's own
+        _write(dest, {"a": torch.ones(2)}, overwrite=True)
+    assert (dest / "keep.txt").read_text() == "old"
+    (dest / ".surgeon-output.json").write_text("{}")
     _write(dest, {"a": torch.ones(2)}, overwrite=True)
     assert not (dest / "keep.txt").exists() and Checkpoint.open(dest).names == ["a"]
 

@@ -173,3 +173,130 @@ def test_hub_cache_links_into_the_same_repos_blobs_are_fine(tmp_path: Path) -> N
     out = tmp_path / "out"
     api.merge_models("linear", [str(snap), str(tiny(tmp_path / "b", 1))], str(out), quiet=True)
     assert (out / "special_tokens_map.json").read_text() == '{"bos_token": "<s>"}'
+
+
+# --------------------------------------------------------------------------- 3. destinations
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def project(root: Path) -> Path:
+    """A user's project folder: two models, training data, notes."""
+    proj = root / "proj"
+    shutil.copytree(ZOO / "bpe-base", proj / "models" / "a")
+    shutil.copytree(ZOO / "bpe-python", proj / "models" / "b")
+    (proj / "data.txt").write_text("def f(x):\n    return x\n" * 20)
+    (proj / "notes.md").write_text("my notes")
+    return proj
+
+
+def test_transplant_overwrite_never_replaces_the_folder_holding_its_inputs(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    proj = project(tmp_path)
+    before = snapshot(proj)
+    assert main(["transplant", str(proj / "models/a"), str(proj / "models/b"), str(proj), "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "is inside the destination" in err and "base model" in err
+    assert snapshot(proj) == before
+
+
+def test_fuse_overwrite_never_replaces_the_folder_holding_its_inputs(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    proj = project(tmp_path)
+    before = snapshot(proj)
+    assert main(["fuse", str(proj / "models/a"), str(proj), "--source", str(proj / "models/b"),
+                 "--data", str(proj / "data.txt"), "--steps", "1", "--overwrite", "-q"]) == 2
+    assert "is inside the destination" in capsys.readouterr().err
+    assert snapshot(proj) == before
+
+
+def test_output_path_dot_never_replaces_the_recipe_folder(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    a, b = tiny(tmp_path / "models" / "a", 0), tiny(tmp_path / "models" / "b", 1)
+    rdir = tmp_path / "recipes"
+    rdir.mkdir()
+    (rdir / "eval.txt").write_text("hello")
+    recipe = rdir / "r.yaml"
+    recipe.write_text(f"models: {{a: {a}, b: {b}}}\nsteps:\n  - id: m\n    merge: {{method: linear, models: [a, b]}}\n"
+                      "output: {path: .}\n")
+    before = snapshot(rdir)
+    assert main(["run", str(recipe), "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "the recipe file" in err and "is inside the destination" in err
+    assert snapshot(rdir) == before
+
+
+def test_overwrite_replaces_only_folders_surgeon_wrote(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("\\documentclass{article}")
+    args = ["merge", "linear", "--model", str(a), "--model", str(b), "-q", "--overwrite"]
+    assert main([*args[:2], str(thesis), *args[2:]]) == 2
+    assert "was not written by surgeon" in capsys.readouterr().err
+    assert snapshot(thesis) == {"thesis.tex": b"\\documentclass{article}"}
+    out = tmp_path / "out"
+    assert main([*args[:2], str(out), *args[2:]]) == 0  # a new output, then replacing surgeon's own: fine
+    assert main([*args[:2], str(out), *args[2:]]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out", "thesis"]  # no lock, staging or old
+
+
+def test_a_second_writer_to_the_same_output_fails_at_once(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from surgeon.io.destination import destination_lock\n"
+        "with destination_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)"), str(out), str(REPO)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert main(["merge", "linear", str(out), "--model", str(a), "--model", str(b), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert f"process {holder.pid}" in err and "another surgeon run is writing this output" in err
+        assert not out.exists() and not (tmp_path / ".out.surgeon-partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["merge", "linear", str(out), "--model", str(a), "--model", str(b), "-q"]) == 0
+
+
+def test_output_that_is_a_regular_file_is_refused_up_front(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    f = tmp_path / "out.txt"
+    f.write_text("keep")
+    assert main(["merge", "linear", str(f), "--model", str(a), "--model", str(b), "-q", "--overwrite"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert f.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out.txt"]
+
+
+def test_output_name_too_long_for_the_staging_name_fails_before_work(tmp_path: Path, capsys, monkeypatch) -> None:
+    from surgeon.cli import main
+    from surgeon.engine import pipeline
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    monkeypatch.setattr(pipeline.Pipeline, "plan", lambda *a, **k: pytest.fail("planned before the check"))
+    out = tmp_path / ("x" * 245)
+    assert main(["merge", "linear", str(out), "--model", str(a), "--model", str(b), "-q"]) == 2
+    assert "exceeds this file system's 255-byte limit" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_push_refuses_a_symlink_leading_out_of_the_folder(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    folder = tiny(tmp_path / "out", 0)
+    secret = tmp_path / "token"
+    secret.write_text("hf_SECRETSECRET")
+    (folder / "tokenizer_config.json").symlink_to(secret)
+    assert main(["push", str(folder), "org/name"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer_config.json is a symlink" in err and "SECRET" not in err

@@ -26,6 +26,7 @@ import torch
 from ..errors import InvalidInputError, StepError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
+from ..io.destination import check_destination, destination_lock
 from ..io.refs import parse_ref
 from ..io.stream_hash import file_sha256, known_digest
 from ..io.writer import CheckpointWriter, parse_size, resume_key
@@ -145,7 +146,38 @@ class Pipeline:
 
     # -- running --------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Execute the recipe; returns the run report (also written by the CLI)."""
+        """Execute the recipe; returns the run report (also written by the CLI).
+
+        The main process holds the output's lock (surgeon.io.destination) from the destination check to
+        the end of the report and push, so a second run to the same output fails at once and the
+        report's hashes describe the files on disk.
+        """
+        if not self.coord.is_main:
+            return self._run()
+        check_destination(self.output_path, exists_ok=True)  # a file, a long name: before the lock
+        with destination_lock(self.output_path):
+            return self._run()
+
+    def run_inputs(self) -> list[tuple[str, str | None]]:
+        """Everything the run reads that an output must never replace: local models, the recipe file,
+        eval texts, training data and the work folder (``(label, path)`` pairs)."""
+        out: list[tuple[str, str | None]] = []
+        for mid, r in self._resolved.items():
+            if not r.get("hub_id"):
+                out.append((f"{self.loaded.where('models', mid)}: model {mid!r}", r["path"]))
+        if Path(self.loaded.file).is_file():
+            out.append(("the recipe file", self.loaded.file))
+        if self.recipe.eval is not None:
+            for tname, tpath in self.recipe.eval.texts.items():
+                out.append((f"eval text {tname!r}", self.loaded.resolve_path(tpath)))
+        for step in self.recipe.steps:
+            data = getattr(step.spec, "data", None)
+            if isinstance(data, str):
+                out.append((f"step {step.id!r}: training data", self.loaded.resolve_path(data)))
+        out.append(("the work folder", str(self.work_dir)))
+        return out
+
+    def _run(self) -> dict[str, Any]:
         t_start = time.time()
         final_id = self.recipe.final_step
         if self.recipe.output.push and self.opts.push:
@@ -159,8 +191,9 @@ class Pipeline:
         for step in self.recipe.steps:
             if step.id in needed:
                 fingerprints[step.id] = self._fingerprint(step, fingerprints)
-        if self.output_path.exists() and not self.opts.overwrite and not self._finished(self.output_path, fingerprints[final_id]):
-            raise InvalidInputError(f"{self.output_path}: already exists (pass --overwrite to replace it)")
+        if self.coord.is_main:
+            check_destination(self.output_path, self.run_inputs(), overwrite=self.opts.overwrite,
+                              exists_ok=self._finished(self.output_path, fingerprints[final_id]))
         self._check_destinations(needed, final_id)
         available: dict[str, Any] = {}
         results: list[StepResult] = []
@@ -217,8 +250,10 @@ class Pipeline:
                     raise InvalidInputError(f"{self.loaded.where('models', mid)}: model {mid!r} ({src}) is inside the "
                                             f"destination {dest}, which the run would replace; choose another output "
                                             "or --work-dir")
+        inputs = [i for i in self.run_inputs() if i[0] != "the work folder"]
         for sid in needed - {final_id}:
             dest = self.work_dir / sid
+            check_destination(dest, inputs, exists_ok=True)
             if dest.exists() and not (dest / STEP_MARKER).exists():
                 raise InvalidInputError(f"{dest}: exists and was not written by surgeon (no {STEP_MARKER}); "
                                         "choose another --work-dir or remove it")

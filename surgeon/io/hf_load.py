@@ -90,7 +90,7 @@ def refuse_remote_code(folder: str | Path) -> None:
 
 def _call(loader: Any, folder: str | Path, kwargs: dict[str, Any]) -> Any:
     if kwargs.pop("trust_remote_code", False):
-        raise ValueError("surgeon never loads models with trust_remote_code=True")
+        raise ValueError("surgeon never lets transformers run remote code")
     refuse_remote_code(folder)
     try:
         return loader.from_pretrained(str(folder), trust_remote_code=False, **kwargs)

@@ -37,9 +37,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import InvalidInputError, StepError
+from .destination import MARKER, check_destination, destination_lock, written_by_surgeon
 from .header import CODES, dtype_size
 from .safe_files import check_inside, read_regular
 from .stream_hash import ShardHashStream, remember
+from .vocab_check import check_tokenizer_fits
 
 DEFAULT_MAX_SHARD = 5 * 10**9
 #: files whose ``auto_map`` points at Python code; outputs never carry that code, so never the map
@@ -239,6 +241,7 @@ class CheckpointWriter:
         self._behind = DropBehind()
         self._streams: dict[str, ShardHashStream] = {}  # sha256 of each shard, hashed as it is written
         self._committed = False
+        self._lock: contextlib.ExitStack | None = None
         self.resumed_tensors = 0
 
     # -- lifecycle --------------------------------------------------------------
@@ -258,8 +261,20 @@ class CheckpointWriter:
                 exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # add_note() needs Python 3.11
 
     def open(self) -> None:
-        """Lay out the shards (rank 0) or join them (other ranks); resume a matching partial write."""
-        if self.dest.exists() and not self.overwrite:
+        """Lay out the shards (rank 0) or join them (other ranks); resume a matching partial write.
+
+        Rank 0 first checks the destination (surgeon.io.destination: a folder, surgeon's own if it is to
+        be replaced) and takes its lock, held until commit or abort: one writer per destination.
+        """
+        if self.coord.is_main:
+            check_destination(self.dest, overwrite=self.overwrite)
+            self._lock = contextlib.ExitStack()
+            try:
+                self._lock.enter_context(destination_lock(self.dest))
+            except BaseException:
+                self._lock = None
+                raise
+        elif self.dest.exists() and not self.overwrite:
             raise InvalidInputError(f"{self.dest}: already exists (pass --overwrite to replace it)")
         shards = plan_shards(self.specs, self.max_shard_size)
         self._files = shard_names(len(shards))
@@ -483,7 +498,13 @@ class CheckpointWriter:
             self.abort()
             raise StepError(error)
         self._committed = True
+        self._unlock()
         return self.dest
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _finish_main(self) -> None:
         written = self._journaled()
@@ -491,6 +512,7 @@ class CheckpointWriter:
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise StepError(f"{self.dest}: {len(missing)} planned tensors were never written: {', '.join(missing[:3])}{more}")
+        check_tokenizer_fits(self.staging, self.specs, self.dest)  # a tokenizer beyond the embedding rows
         try:
             if len(self._files) > 1:
                 weight_map = {name: slot.file for name, slot in sorted(self._slots.items())}
@@ -498,6 +520,7 @@ class CheckpointWriter:
                 self.write_json("model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
             for extra in [self.LAYOUT, *(j.name for j in self.staging.glob(self.JOURNAL + "*"))]:
                 (self.staging / extra).unlink(missing_ok=True)
+            (self.staging / MARKER).write_text('{"written_by": "surgeon"}\n')  # --overwrite may replace it later
             self._sync_dir(self.staging)
             self._swap_into_place()
             for fname, stream in self._streams.items():
@@ -512,13 +535,16 @@ class CheckpointWriter:
         if self.dest.exists():
             if not self.overwrite:
                 raise InvalidInputError(f"{self.dest}: appeared while writing; not replacing it")
+            if not self.dest.is_dir() or not written_by_surgeon(self.dest):
+                raise InvalidInputError(f"{self.dest}: appeared while writing and was not written by surgeon; "
+                                        "not replacing it")
             old = self.dest.parent / f".{self.dest.name}.surgeon-old"
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_tree(old)
             os.rename(self.dest, old)
         os.rename(self.staging, self.dest)
         self._sync_dir(self.dest.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_tree(old)
 
     @staticmethod
     def _sync_dir(path: Path) -> None:
@@ -549,3 +575,19 @@ class CheckpointWriter:
             self._journal = None
         if not keep_partial and self.coord.is_main and not self._committed:
             shutil.rmtree(self.staging, ignore_errors=True)
+        self._unlock()
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a folder surgeon wrote, read-only parts included (a previous output made read-only)."""
+    def writable_then_retry(func: Any, p: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o755)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o755)
+            func(p)
+
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, onerror=writable_then_retry)
