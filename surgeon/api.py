@@ -50,21 +50,31 @@ def merge_models(method: str, models: Sequence[str | dict[str, Any]], output: st
     """One merge without a recipe file. ``models`` are paths or ``{"model": path, **per_model_params}``."""
     ids: dict[str, str] = {}
     entries = []
+    # errors name the flag the user typed, not a line of this generated recipe
+    at: tuple[Any, ...] = ("steps", 0, "merge")
+    labels: dict[tuple[Any, ...], str] = {(): f"surgeon merge {method}", at + ("method",): f"surgeon merge {method}",
+                                          at + ("dtype",): "--dtype"}
+    for key in parameters or {}:
+        labels[at + ("parameters", key)] = f"--set {key}"
     for i, m in enumerate(models):
         entry = {"model": m} if isinstance(m, str) else dict(m)
         mid = f"model_{i}"
         ids[mid] = str(Path(entry["model"]).resolve()) if Path(entry["model"]).exists() else entry["model"]
         entries.append({**entry, "model": mid})
+        labels[("models", mid)] = labels[at + ("models", i)] = f"--model {entry['model']}"
+    labels[at + ("models",)] = "--model"
     step: dict[str, Any] = {"method": method, "models": entries, "parameters": parameters or {}}
     if base is not None:
         ids["base"] = str(Path(base).resolve()) if Path(base).exists() else base
         step["base"] = "base"
+        labels[("models", "base")] = labels[at + ("base",)] = f"--base {base}"
     if dtype:
         step["dtype"] = dtype
     recipe = {"name": f"{method}-merge", "seed": seed, "models": ids, "steps": [{"id": "merge", "merge": step}],
               "output": {"path": str(Path(output).resolve())}}
     text = yaml.safe_dump(recipe, sort_keys=False)
-    return run(load_recipe_text(text, "<surgeon merge>", "."), output=str(Path(output).resolve()), **options)
+    loaded = load_recipe_text(text, f"surgeon merge {method}", ".", labels=labels)
+    return run(loaded, output=str(Path(output).resolve()), **options)
 
 
 def transplant_tokenizer(base: str, donor: str, output: str, method: str = "omp", k: int = 64, **options: Any) -> dict[str, Any]:

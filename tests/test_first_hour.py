@@ -155,3 +155,80 @@ def test_transplant_cli_shows_its_advice_and_counts(tmp_path, capsys):
     card = (tmp_path / "t" / "README.md").read_text()
     assert "k=64 is large" in card
     assert "2437 shared" in cap.out and "563 new" in cap.out and f"output: {tmp_path / 't'}" in cap.out
+
+
+# -- errors that point at the right thing ---------------------------------------
+def test_typo_in_a_local_path_is_named_with_its_line(tmp_path, capsys):
+    (tmp_path / "zoo").symlink_to(ZOO)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodels:\n  base: zoo/bpe-bse\n  coder: zoo/bpe-python\nsteps:\n  - id: m\n"
+                      "    merge: {method: ties, base: base, models: [{model: coder}]}\noutput: {path: out}\n")
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}:3: no local folder 'zoo/bpe-bse' (did you mean 'zoo/bpe-base'?), and no hub repo of that name" \
+        in err, err
+
+
+def test_merge_cli_errors_name_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = str(tmp_path / "m")
+    assert main(["merge", "ties", out, "--base", "zoo/bpe-base", "--model", "zoo/bpe-pythn"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model zoo/bpe-pythn: no local folder 'zoo/bpe-pythn' "
+                          "(did you mean 'zoo/bpe-python'?), and no hub repo of that name"), err
+    assert main(["merge", "tie", out, "--base", "zoo/bpe-base", "--model", "zoo/bpe-python"]) == 2
+    err = capsys.readouterr().err
+    assert "surgeon merge tie: unknown merge method 'tie' (did you mean 'ties'?)" in err and "<surgeon" not in err
+    assert main(["merge", "slerp", out, "--base", "zoo/bpe-base", "--model", "zoo/bpe-python",
+                 "--model", "zoo/bpe-shakespeare", "--set", "t=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--model: method 'slerp' takes 1 model besides the base, got 2" in err, err
+    assert main(["merge", "ties", out, "--base", "zoo/bpe-base", "--model", "zoo/bpe-python:densty=0.5",
+                 "--set", "lamda=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set lamda: method 'ties' has no parameter 'lamda' (did you mean 'lambda'?)" in err, err
+    assert "--model zoo/bpe-python: method 'ties' has no per-model parameter 'densty'" in err, err
+
+
+def test_a_missing_tensor_names_the_model_once(tiny_family, tmp_path, capsys):
+    base = tiny_family["base"]
+    short = tmp_path / "short"
+    short.mkdir()
+    for f in base.iterdir():
+        if f.name != "model.safetensors":
+            (short / f.name).write_bytes(f.read_bytes())
+    sd = load_file(base / "model.safetensors")
+    del sd["model.norm.weight"]
+    save_file(sd, short / "model.safetensors", metadata={"format": "pt"})
+    assert main(["merge", "ties", str(tmp_path / "o"), "--base", str(base), "--model", str(short)]) == 2
+    err = capsys.readouterr().err
+    assert "has no tensor 'model.norm.weight'" in err and "(model_0 (" not in err, err
+
+
+def test_validation_reports_every_problem_in_file_order(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    zoo = ZOO.as_posix()
+    recipe.write_text(f"name: t\nmodels:\n  base: {zoo}/bpe-base\n  poet: {zoo}/bpe-shakespeare\n"
+                      f"  coder: {zoo}/bpe-python\nsteps:\n"
+                      "  - id: a\n    merge:\n      method: tie\n      base: base\n      models: [{model: poet}]\n"
+                      "  - id: b\n    merge:\n      method: ties\n      base: base\n"
+                      "      models:\n        - {model: coder, densty: 0.5}\n        - {model: poett}\n"
+                      "      parameters: {lamda: 1.0}\noutput: {from: b, path: out}\n")
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    import re
+
+    lines = [int(m.group(1)) for e in err for m in [re.search(r"r\.yaml:(\d+): ", e)] if m]
+    assert len(lines) == 4 and lines == sorted(lines), err
+    joined = "\n".join(err)
+    for needle in ("'tie'", "'densty'", "'poett'", "'lamda'"):
+        assert needle in joined, (needle, joined)
+    assert "(4 problems)" in joined
+
+
+def test_problem_list_is_capped():
+    from surgeon.recipe.load import MAX_PROBLEMS, report_problems
+
+    text = report_problems([f"r.yaml:{n}: p{n}" for n in range(50, 0, -1)])
+    shown = text.splitlines()
+    assert shown[0] == "r.yaml:1: p1" and len(shown) == MAX_PROBLEMS + 1 and "30 more problems" in shown[-1]

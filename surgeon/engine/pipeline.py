@@ -108,14 +108,21 @@ class Pipeline:
         if ref.is_hub:
             from ..io import hub
 
-            resolved = hub.resolve(ref, headers_only=headers_only, allow_pickle=self.opts.allow_pickle,
-                                   progress=not self.opts.quiet)
+            try:
+                resolved = hub.resolve(ref, headers_only=headers_only, allow_pickle=self.opts.allow_pickle,
+                                       progress=not self.opts.quiet)
+            except InvalidInputError as exc:  # a misspelt local path reads as a hub id: say which it was
+                typo = self.loaded.local_typo(raw)
+                if typo is None:
+                    raise type(exc)(f"{where}: model {model_id!r}: {exc}") from None
+                reason = str(exc).removeprefix(f"{ref.repo_id}: ")
+                raise type(exc)(f"{where}: {typo}, and no hub repo of that name ({reason})") from None
             self._resolved[model_id] = {"ref": raw, "hub_id": ref.repo_id, "revision": resolved.revision,
                                         "path": str(resolved.path)}
             ck = resolved.checkpoint
         else:
             try:
-                ck = Checkpoint.open(ref.local, allow_pickle=self.opts.allow_pickle, label=f"{model_id} ({ref.local})")
+                ck = Checkpoint.open(ref.local, allow_pickle=self.opts.allow_pickle, label=str(ref.local))
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{where}: model {model_id!r}: {exc}") from None
             self._resolved[model_id] = {"ref": raw, "hub_id": None, "revision": None, "path": str(ref.local)}

@@ -7,14 +7,15 @@ keys or method names, suggests the closest valid one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
 from ..errors import InvalidInputError, RecipeError
-from ..suggest import did_you_mean
+from ..suggest import closest, did_you_mean
 from .mergekit import convert_mergekit, is_mergekit_config
 from .schema import MergeSpec, Recipe, Step
 from .yamlio import Located, load_yaml_file, load_yaml_text
@@ -44,6 +45,41 @@ class LoadedRecipe:
         return value
 
 
+    def local_typo(self, ref: str) -> str | None:
+        """For a reference taken as a hub id (``org/name``) whose ``org`` is a local folder: the
+        message for a misspelt local path, e.g. ``no local folder 'zoo/bpe-pythn' (did you mean
+        'zoo/bpe-python'?)``; None when the reference does not look like a local path."""
+        if ref.startswith("hf://") or ref.count("/") != 1:
+            return None
+        rel = Path(ref.partition("@")[0])
+        parent = self.base_dir / rel.parent
+        if (self.base_dir / rel).exists() or not parent.is_dir():
+            return None
+        try:
+            siblings = [c.name for c in parent.iterdir() if c.is_dir()]
+        except OSError:
+            siblings = []
+        best = closest(rel.name, siblings)
+        hint = f" (did you mean {str(rel.parent / best)!r}?)" if best else ""
+        return f"no local folder {ref!r}{hint}"
+
+
+@dataclass
+class FlagLocated(Located):
+    """Positions of a recipe built from command-line flags: errors name the flag, not a line."""
+
+    labels: dict[tuple[Any, ...], str] = field(default_factory=dict)
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        p = tuple(path)
+        while True:
+            if p in self.labels:
+                return self.labels[p]
+            if not p:
+                return self.file
+            p = p[:-1]
+
+
 def _looks_local(ref: str, base_dir: Path) -> bool:
     """Paths are local; ``org/name(@rev)`` is a hub id unless a folder of that name sits beside the recipe."""
     if ref.startswith("hf://"):
@@ -61,8 +97,15 @@ def load_recipe(path: str | Path, *, output_path: str | None = None) -> LoadedRe
     return _validate(located, text, p.parent.resolve(), output_path)
 
 
-def load_recipe_text(text: str, file: str = "<recipe>", base_dir: str | Path = ".", output_path: str | None = None) -> LoadedRecipe:
-    return _validate(load_yaml_text(text, file), text, Path(base_dir).resolve(), output_path)
+def load_recipe_text(text: str, file: str = "<recipe>", base_dir: str | Path = ".", output_path: str | None = None,
+                     labels: dict[tuple[Any, ...], str] | None = None) -> LoadedRecipe:
+    """Load a recipe from text. ``labels`` (recipes built from command-line flags) map recipe paths
+    such as ``("steps", 0, "merge", "method")`` to what the user typed; errors then start with
+    that label (``file`` for anything unlabelled) instead of a line the user never wrote."""
+    located = load_yaml_text(text, file)
+    if labels is not None:
+        located = FlagLocated(located.data, file, located.lines, labels)
+    return _validate(located, text, Path(base_dir).resolve(), output_path)
 
 
 def _validate(located: Located, text: str, base_dir: Path, output_path: str | None) -> LoadedRecipe:
@@ -79,11 +122,36 @@ def _validate(located: Located, text: str, base_dir: Path, output_path: str | No
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_errors(exc, located)) from None
+        raise RecipeError(report_problems(_format_errors(exc, located).splitlines())) from None
     loaded = LoadedRecipe(recipe, located.file, base_dir, located, text, from_mergekit)
-    check_references(loaded)
-    check_methods(loaded)
+    problems: list[str] = []
+    check_references(loaded, problems)
+    check_methods(loaded, problems)
+    if problems:
+        raise RecipeError(report_problems(problems))
     return loaded
+
+
+MAX_PROBLEMS = 20  # like a compiler: enough to fix a recipe in one pass, never a wall of text
+
+_LINE = re.compile(r"^[^\n]*?:(\d+):")
+
+
+def report_problems(problems: list[str], limit: int = MAX_PROBLEMS) -> str:
+    """Every problem once, in file order (by the ``file:line`` each starts with), at most ``limit``."""
+    unique = list(dict.fromkeys(problems))
+
+    def line(msg: str) -> int:
+        m = _LINE.match(msg)
+        return int(m.group(1)) if m else 0
+
+    ordered = sorted(unique, key=line)  # stable: problems on one line keep their order
+    shown = ordered[:limit]
+    if len(ordered) > limit:
+        shown.append(f"... and {len(ordered) - limit} more problem{'s' if len(ordered) - limit > 1 else ''}")
+    elif len(ordered) > 1:
+        shown.append(f"({len(ordered)} problems)")
+    return "\n".join(shown)
 
 
 # ---------------------------------------------------------------------------
@@ -136,15 +204,20 @@ def _unwrap(tp: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------
-def check_references(loaded: LoadedRecipe) -> None:
-    """Ids unique; every reference names a model or an EARLIER step; no cycles."""
+def check_references(loaded: LoadedRecipe, problems: list[str] | None = None) -> None:
+    """Ids unique; every reference names a model or an EARLIER step; no cycles.
+
+    With ``problems`` every problem is appended there; without, the first one is raised.
+    """
+    collect: list[str] = [] if problems is None else problems
     r = loaded.recipe
     seen: dict[str, int] = {}
     for i, step in enumerate(r.steps):
         if step.id in r.models:
-            raise RecipeError(f"{loaded.where('steps', i, 'id')}: step id {step.id!r} is also a model id")
+            collect.append(f"{loaded.where('steps', i, 'id')}: step id {step.id!r} is also a model id")
         if step.id in seen:
-            raise RecipeError(f"{loaded.where('steps', i, 'id')}: step id {step.id!r} is used twice")
+            collect.append(f"{loaded.where('steps', i, 'id')}: step id {step.id!r} is used twice")
+            continue
         seen[step.id] = i
     known_later = set(seen)
     for i, step in enumerate(r.steps):
@@ -155,16 +228,19 @@ def check_references(loaded: LoadedRecipe) -> None:
                 continue
             where = loaded.where("steps", i, step.kind, *ref_path)
             if ref == step.id or (ref in known_later and seen[ref] >= i):
-                raise RecipeError(
+                collect.append(
                     f"{where}: step {step.id!r} reads {ref!r}, which is "
                     + ("itself" if ref == step.id else "a later step")
                     + " (a cycle): a step can only read models and earlier steps"
                 )
+                continue
             valid = list(r.models) + [s.id for s in r.steps[:i]]
-            raise RecipeError(f"{where}: {ref!r} is not a model or an earlier step{did_you_mean(ref, valid)}")
+            collect.append(f"{where}: {ref!r} is not a model or an earlier step{did_you_mean(ref, valid)}")
     final = r.final_step
     if final not in seen:
-        raise RecipeError(f"{loaded.where('output', 'from')}: output.from {final!r} is not a step{did_you_mean(final, seen)}")
+        collect.append(f"{loaded.where('output', 'from')}: output.from {final!r} is not a step{did_you_mean(final, seen)}")
+    if problems is None and collect:
+        raise RecipeError(collect[0])
 
 
 def _reference_paths(step: Step) -> list[tuple[tuple[Any, ...], str]]:
@@ -184,10 +260,14 @@ def _reference_paths(step: Step) -> list[tuple[tuple[Any, ...], str]]:
     return out
 
 
-def check_methods(loaded: LoadedRecipe) -> None:
-    """Merge methods exist; parameters are declared, typed and in range."""
-    from ..merge.registry import get_method, resolve_value
+def check_methods(loaded: LoadedRecipe, problems: list[str] | None = None) -> None:
+    """Merge methods exist; parameters are declared, typed and in range.
 
+    With ``problems`` every problem is appended there; without, the first one is raised.
+    """
+    from ..merge import get_method
+
+    collect: list[str] = [] if problems is None else problems
     for i, step in enumerate(loaded.recipe.steps):
         if not isinstance(step.spec, MergeSpec):
             continue
@@ -195,37 +275,47 @@ def check_methods(loaded: LoadedRecipe) -> None:
         try:
             method = get_method(spec.method)
         except InvalidInputError as exc:
-            raise RecipeError(f"{loaded.where('steps', i, 'merge', 'method')}: {exc}") from None
+            collect.append(f"{loaded.where('steps', i, 'merge', 'method')}: {exc}")
+            continue
         if method.needs_base and not spec.base:
-            raise RecipeError(f"{loaded.where('steps', i, 'merge')}: method {method.name!r} needs a 'base' model")
+            collect.append(f"{loaded.where('steps', i, 'merge')}: method {method.name!r} needs a 'base' model")
         n = len(spec.models)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
             want = f"{method.min_models}" + ("" if method.max_models == method.min_models else
                                               f" to {method.max_models}" if method.max_models else " or more")
-            raise RecipeError(f"{loaded.where('steps', i, 'merge', 'models')}: method {method.name!r} takes {want} models besides the base, got {n}")
+            plural = "model" if want == "1" else "models"
+            collect.append(f"{loaded.where('steps', i, 'merge', 'models')}: method {method.name!r} takes {want} "
+                           f"{plural} besides the base, got {n}")
         global_names = {p.name for p in method.global_params} | {a for p in method.global_params for a in p.aliases}
         model_names = {p.name for p in method.model_params} | {a for p in method.model_params for a in p.aliases}
         for key, value in spec.parameters.items():
             where = loaded.where("steps", i, "merge", "parameters", key)
-            if key not in global_names:
-                if key in model_names:
-                    # mergekit allows per-model parameters at step level as defaults
-                    p = method.param(key)
-                else:
-                    raise RecipeError(
-                        f"{where}: method {method.name!r} has no parameter {key!r}"
-                        f"{did_you_mean(key, global_names | model_names)}; parameters: {', '.join(sorted(global_names | model_names)) or 'none'}"
-                    )
-            _check_param_value(method, key, value, where)
+            if key not in global_names and key not in model_names:  # per-model names are step-level defaults
+                collect.append(
+                    f"{where}: method {method.name!r} has no parameter {key!r}"
+                    f"{did_you_mean(key, global_names | model_names)}; parameters: {', '.join(sorted(global_names | model_names)) or 'none'}"
+                )
+                continue
+            _collect(collect, _check_param_value, method, key, value, where)
         for j, entry in enumerate(spec.models):
             for key, value in entry.params.items():
                 where = loaded.where("steps", i, "merge", "models", j, key)
                 if key not in model_names:
-                    raise RecipeError(
+                    collect.append(
                         f"{where}: method {method.name!r} has no per-model parameter {key!r}"
                         f"{did_you_mean(key, model_names | global_names)}; per-model parameters: {', '.join(sorted(model_names)) or 'none'}"
                     )
-                _check_param_value(method, key, value, where)
+                    continue
+                _collect(collect, _check_param_value, method, key, value, where)
+    if problems is None and collect:
+        raise RecipeError(collect[0])
+
+
+def _collect(problems: list[str], check: Any, *args: Any) -> None:
+    try:
+        check(*args)
+    except InvalidInputError as exc:
+        problems.append(str(exc))
 
 
 def _check_param_value(method: Any, key: str, value: Any, where: str) -> None:
