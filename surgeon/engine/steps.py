@@ -109,6 +109,8 @@ class MergeKind:
                 bar.close()
             template = inputs[mp.template_id]
             tok = inputs[mp.tokenizer_id] if mp.tokenizer_id else template
+            if mp.tokenizer_dir is not None:  # a built tokenizer (tokenizer_source, tokenizer:, chat_template)
+                tok = plan.output
             pipeline.finish_checkpoint(writer, step, plan.output.config, tok, template, fingerprint, mp.notes)
         return details
 

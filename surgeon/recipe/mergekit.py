@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from ..errors import RecipeError
+from .mergekit_tokenizer import tokenizer_keys
 
 # mergekit method name -> surgeon method name (identical where absent)
 METHOD_ALIASES = {
@@ -90,9 +91,7 @@ def convert_mergekit(data: dict[str, Any], file: str, output_path: str = "./merg
         step["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}.get(
             str(dtype), str(dtype)
         )
-    tok = data.get("tokenizer_source") or (data.get("tokenizer") or {}).get("source")
-    if tok:
-        step["tokenizer_source"] = "base" if tok == "base" else ("union" if tok == "union" else _model_id(str(tok), ids))
+    step.update(tokenizer_keys(data, lambda path: _model_id(str(path), ids), file))
     return {
         "name": str(data.get("name", "mergekit-config")),
         "seed": int(data.get("seed", 0)),

@@ -44,6 +44,49 @@ class ModelEntry(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TokenSourceSpec(_Strict):
+    """``{kind: model_token, model: id, token: str | token_id: int}`` or ``{kind: zero}``."""
+
+    kind: Literal["model_token", "zero"]
+    model: Optional[str] = None
+    token: Optional[str] = None
+    token_id: Optional[int] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _fields(self) -> "TokenSourceSpec":
+        if self.kind == "zero":
+            if self.model is not None or self.token is not None or self.token_id is not None:
+                raise ValueError("kind: zero takes no model, token or token_id")
+        elif self.model is None or (self.token is None) == (self.token_id is None):
+            raise ValueError("kind: model_token needs a model and exactly one of token, token_id")
+        return self
+
+
+class TokenSpec(_Strict):
+    """One ``tokenizer.tokens`` entry: where the token's embedding rows come from."""
+
+    source: Optional[str | TokenSourceSpec] = None
+    force: bool = False
+
+
+class TokenizerSpec(_Strict):
+    """mergekit's ``tokenizer:`` section (docs/merging.md, "Tokenizers")."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = Field(default=None, ge=1)
+
+    def models(self) -> list[str]:
+        """Model ids this section names."""
+        refs = [self.source] if self.source not in ("base", "union") else []
+        for t in self.tokens.values():
+            if isinstance(t.source, str):
+                refs.append(t.source)
+            elif t.source is not None and t.source.model is not None:
+                refs.append(t.source.model)
+        return refs
+
+
 class MergeSpec(_Strict):
     method: str
     base: Optional[str] = None
@@ -51,7 +94,15 @@ class MergeSpec(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSpec] = None
+    chat_template: Optional[str] = None
     vocab: Literal["align", "refuse"] = "align"
+
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> "MergeSpec":
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or a tokenizer section, not both")
+        return self
 
     @field_validator("models", mode="before")
     @classmethod
@@ -139,6 +190,8 @@ class Step(_Strict):
             refs = ([s.base] if s.base else []) + [m.model for m in s.models]
             if s.tokenizer_source and s.tokenizer_source not in ("base", "union"):
                 refs.append(s.tokenizer_source)
+            if s.tokenizer is not None:
+                refs += s.tokenizer.models()
         elif isinstance(s, TransplantSpec):
             refs = [s.model, s.donor]
         else:
