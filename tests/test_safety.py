@@ -123,7 +123,6 @@ def test_outputs_carry_no_auto_map(tmp_path: Path) -> None:
         f = tiny(tmp_path / name, seed, config={"auto_map": amap})
         (f / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["t.T", None]},
                                                              "tokenizer_class": "PreTrainedTokenizerFast"}))
-        shutil.copy(ZOO / "bpe-base" / "tokenizer.json", f / "tokenizer.json")
         (f / "modeling_x.py").write_text("raise SystemExit('never imported')\n")
     out = tmp_path / "out"
     api.merge_models("linear", [str(tmp_path / "a"), str(tmp_path / "b")], str(out), quiet=True)
@@ -300,3 +299,23 @@ def test_push_refuses_a_symlink_leading_out_of_the_folder(tmp_path: Path, capsys
     assert main(["push", str(folder), "org/name"]) == 2
     err = capsys.readouterr().err
     assert "tokenizer_config.json is a symlink" in err and "SECRET" not in err
+
+
+# --------------------------------------------------------------------------- 4. final cast
+def test_overflow_on_the_final_cast_to_float16_is_refused_by_name(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    big = {"model.layers.0.mlp.down_proj.weight": (torch.rand(64, 8) * 2e4 + 6e4).to(torch.bfloat16)}
+    a = tiny(tmp_path / "a", 0, extra=big)
+    b = tiny(tmp_path / "b", 1, extra={k: v * 1.1 for k, v in big.items()})
+    out = tmp_path / "out"
+    args = ["merge", "linear", str(out), "--model", str(a), "--model", str(b), "--dtype", "float16", "-q"]
+    assert main(args) == 3
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.layers.0.mlp.down_proj.weight" in line and "float16" in line and "dtype: bfloat16" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing half-written
+    assert main([*args, "--allow-nonfinite"]) == 0
+    from surgeon.io import Checkpoint
+
+    with Checkpoint.open(out) as ck:
+        assert torch.isinf(ck.get("model.layers.0.mlp.down_proj.weight")).any()

@@ -29,7 +29,7 @@ from ..io.checkpoint import AUX_FILES, Checkpoint
 from ..io.destination import check_destination, destination_lock
 from ..io.refs import parse_ref
 from ..io.stream_hash import file_sha256, known_digest
-from ..io.writer import CheckpointWriter, parse_size, resume_key
+from ..io.writer import CheckpointWriter, allow_nonfinite, parse_size, resume_key
 from ..recipe.load import LoadedRecipe
 from ..recipe.schema import MergeSpec, Step
 from . import steps as step_kinds
@@ -218,7 +218,8 @@ class Pipeline:
                 kind = step_kinds.get_kind(step.kind)
                 sp = kind.plan(step, inputs, self._step_where(i, step.kind), self)
                 self._say(f"step {step.id}: {step.kind} -> {dest}")
-                with resume_key(fp):  # a partial output of this step resumes only under the same fingerprint
+                # a partial output of this step resumes only under the same fingerprint
+                with resume_key(fp), allow_nonfinite(self.opts.allow_nonfinite):
                     try:
                         details = kind.execute(step, sp, inputs, dest, self, fp)
                     except KeyboardInterrupt as exc:  # the CLI's one-line message says what is kept

@@ -66,6 +66,19 @@ def parse_size(value: str | int) -> int:
 
 
 _RESUME_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("surgeon_resume_key", default=None)
+_ALLOW_NONFINITE: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_allow_nonfinite", default=False)
+#: stored dtypes narrower in range than float32: a finite float32 result can overflow when cast to them
+_NARROW = tuple(getattr(torch, n) for n in ("float16", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+@contextlib.contextmanager
+def allow_nonfinite(flag: bool) -> Iterator[None]:
+    """Writers opened inside this block write NaN/Inf values (``--allow-nonfinite``) instead of refusing them."""
+    token = _ALLOW_NONFINITE.set(bool(flag))
+    try:
+        yield
+    finally:
+        _ALLOW_NONFINITE.reset(token)
 
 
 @contextlib.contextmanager
@@ -242,6 +255,7 @@ class CheckpointWriter:
         self._streams: dict[str, ShardHashStream] = {}  # sha256 of each shard, hashed as it is written
         self._committed = False
         self._lock: contextlib.ExitStack | None = None
+        self.allow_nonfinite = _ALLOW_NONFINITE.get()  # read here: the writer may run on another thread
         self.resumed_tensors = 0
 
     # -- lifecycle --------------------------------------------------------------
@@ -380,6 +394,7 @@ class CheckpointWriter:
                 f"{self.dest}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"planned {slot.spec.shape} {slot.spec.dtype}"
             )
+        self._check_stored(name, tensor)
         self._place(slot, name, tensor_bytes(tensor), 0)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
@@ -399,7 +414,25 @@ class CheckpointWriter:
             raise StepError(f"{self.dest}: rows {start}+{tuple(rows.shape)} {rows.dtype} do not fit tensor {name!r} "
                             f"planned {shape} {slot.spec.dtype}")
         row_bytes = slot.spec.nbytes // total_rows if total_rows else 0
+        self._check_stored(name, rows)
         self._place(slot, name, tensor_bytes(rows), start * row_bytes)
+
+    def _check_stored(self, name: str, t: torch.Tensor) -> None:
+        """Refuse Inf/NaN in the stored values of a narrow float dtype (float16, float8).
+
+        Merges check their float32 results; the cast to a narrower dtype can still overflow
+        (float16 holds at most 65504), so the values are checked again as they will be stored.
+        """
+        if self.allow_nonfinite or t.dtype not in _NARROW or t.numel() == 0:
+            return
+        finite = torch.isfinite(t) if t.dtype == torch.float16 else torch.isfinite(t.float())
+        if bool(finite.all()):
+            return
+        bad = int((~finite).sum())
+        dtype = str(t.dtype).removeprefix("torch.")
+        raise StepError(f"{self.dest}: tensor {name!r} has {bad} Inf/NaN values when stored as {dtype} "
+                        f"(its range is +-{torch.finfo(t.dtype).max:g}): the values overflow on the final cast; "
+                        "use `dtype: bfloat16` (or --dtype bfloat16), or --allow-nonfinite to write it anyway")
 
     def _place(self, slot: _Slot, name: str, data: memoryview, at: int) -> None:
         """``pwrite`` bytes ``at`` bytes into a tensor's slot; journal the tensor once all of it is placed."""

@@ -69,13 +69,17 @@ def tokenizer_folder(ck: Any) -> Path | None:
 
 def load_tokenizer(folder: Path, label: str) -> Any:
     """A transformers fast tokenizer from a local folder (no remote code)."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from ..io.hf_load import RemoteCodeError
+    from ..io.hf_load import load_tokenizer as load_without_code
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
+        return load_without_code(folder, use_fast=True)
+    except RemoteCodeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
         raise InvalidInputError(f"{label}: cannot load its tokenizer from {folder} ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -256,7 +260,7 @@ def plan_output_tokenizer(
         ck = inputs[template_id]
         folder = tokenizer_folder(ck)
         if folder is None:
-            notes.append(f"chat_template given but {template_id!r} has no tokenizer; no chat template is written")
+            notes.append(f"warning: chat_template given but {template_id!r} has no tokenizer; no chat template is written")
             return None, None, notes
         tok = load_tokenizer(folder, f"model {template_id!r}")
         template = resolve_chat_template(chat_template, [inputs[m] for m in [template_id] + involved], where, notes)
@@ -283,7 +287,7 @@ def plan_output_tokenizer(
             continue
         folder = tokenizer_folder(inputs[m])
         if folder is None:
-            notes.append(f"{m!r} has no tokenizer files; its vocabulary is taken to be {template_id!r}'s")
+            notes.append(f"warning: {m!r} has no tokenizer files; its vocabulary is taken to be {template_id!r}'s")
             continue
         toks[m] = load_tokenizer(folder, f"model {m!r}")
 
@@ -371,7 +375,7 @@ def plan_output_tokenizer(
         key = (rule.kind, rule.model, rule.row)
         fills_by_rule.setdefault(key, (rule, []))[1].append(i)
     if missing_everywhere:
-        notes.append(f"{len(missing_everywhere)} output tokens are in no input (e.g. {missing_everywhere[0]!r}); "
+        notes.append(f"warning: {len(missing_everywhere)} output tokens are in no input (e.g. {missing_everywhere[0]!r}); "
                      "their rows are zeros")
     own = {m: torch.nonzero((perm[m] >= 0) & ~forced).flatten() for m in involved}
     fills = [(rule, torch.tensor(ids, dtype=torch.long)) for rule, ids in fills_by_rule.values()]
