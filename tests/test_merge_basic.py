@@ -6,7 +6,7 @@ import torch
 
 from surgeon.errors import InvalidInputError
 from surgeon.merge import TensorMerge, get_method
-from surgeon.merge.registry import interpolate_gradient, layer_index, resolve_params, resolve_value
+from surgeon.merge.params import interpolate_gradient, layer_index, resolve_params, resolve_value
 
 
 def _tm(base, models, model_params, params, name="model.layers.0.mlp.up_proj.weight") -> TensorMerge:

@@ -14,8 +14,9 @@ import torch
 import surgeon
 from surgeon.io import Checkpoint
 from surgeon.io.writer import CheckpointWriter, TensorSpec
-from surgeon.merge._common import build_merge
-from surgeon.merge.blocks import BLOCK_ELEMS, apply_method, block_ranges
+from surgeon.merge import build_merge
+from surgeon.merge.apply import apply_method
+from surgeon.merge.kernels.base import BLOCK_ELEMS, block_ranges
 from surgeon.merge.registry import TensorMerge, get_method
 
 
@@ -48,7 +49,7 @@ def test_ties_kernel_equals_whole_tensor_reference(shape, quantized, case) -> No
     method = get_method("ties")
     ref = method.fn(build_merge("ties", base, models, mps, **kw))
     kernel = method.block_kernel(_meta(build_merge("ties", base, models, mps, **kw)))
-    from surgeon.merge import _ties_fused
+    from surgeon.merge.kernels import ties_compiled as _ties_fused
 
     assert kernel is not None and kernel._fused == _ties_fused.available()
     got = apply_method(method, build_merge("ties", base, models, mps, **kw))
@@ -56,9 +57,8 @@ def test_ties_kernel_equals_whole_tensor_reference(shape, quantized, case) -> No
 
 
 def _meta(tm: TensorMerge):
-    from surgeon.merge.blocks import meta_of
 
-    return meta_of(tm)
+    return tm
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
@@ -121,7 +121,7 @@ def test_ties_options_needing_whole_tensor_sums_fall_back_to_fn() -> None:
                                         ((3, BLOCK_ELEMS // 2 + 1), "lm_head")])
 @pytest.mark.parametrize("compiled", [True, False])
 def test_widen_row_kernel_equals_whole_matrix(shape, role, compiled, monkeypatch) -> None:
-    from surgeon.merge import _widen_fused
+    from surgeon.merge.kernels import widen_compiled as _widen_fused
 
     if not compiled:
         monkeypatch.setattr(_widen_fused, "_kernels", lambda: None)
@@ -282,7 +282,7 @@ def test_compiled_counts_equal_bincount(n: int, dtype: torch.dtype) -> None:
     counts (windows at 0, across bucket edges, at the top of the range)."""
     import numpy as np
 
-    from surgeon.merge import _hist
+    from surgeon.merge.select import counting as _hist
 
     if not _hist.compiled_counts_available():
         pytest.skip("numba unavailable")
@@ -294,7 +294,7 @@ def test_compiled_counts_equal_bincount(n: int, dtype: torch.dtype) -> None:
     bits = [(m.float() - base.float()).abs().view(torch.int32).to(torch.int64) for m in models]
     med = int(bits[0].median())
     windows = [(0, 1 << 18), (max(0, med - 70_000), 140_000), ((med >> 16) << 16, 1 << 16), (0x7F7F0000, 0x20000)]
-    from surgeon.merge._raw import raw_inputs
+    from surgeon.merge.kernels._raw import raw_inputs
 
     b, ms = raw_inputs(base, models)
     for lo, width in windows:
@@ -337,7 +337,8 @@ def test_compiled_counts_equal_bincount(n: int, dtype: torch.dtype) -> None:
 
 
 def test_ties_kernel_without_compiled_loops_equals_reference(monkeypatch) -> None:
-    from surgeon.merge import _hist, _ties_fused
+    from surgeon.merge.kernels import ties_compiled as _ties_fused
+    from surgeon.merge.select import counting as _hist
 
     monkeypatch.setattr(_hist, "_kernels", lambda: None)
     monkeypatch.setattr(_ties_fused, "_kernels", lambda: None)
@@ -350,8 +351,8 @@ def test_ties_kernel_without_compiled_loops_equals_reference(monkeypatch) -> Non
 
 
 def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
-    from surgeon.merge import _hist
-    from surgeon.merge._random import uniform_stream
+    from surgeon.merge.select import counting as _hist
+    from surgeon.merge.rng import uniform_stream
 
     def splitmix64(key: int, i: int) -> float:  # the published algorithm, in Python integers
         m = (1 << 64) - 1
@@ -365,7 +366,7 @@ def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
     for start in ((1 << 40) - 3, (1 << 40) - 2):  # counters past 2^32; odd and even first entries
         ops = uniform_stream(key, start, 5001, compiled=False)
         assert ops.tolist()[:50] + ops.tolist()[-3:] == [splitmix64(key, start + i) for i in [*range(50), 4998, 4999, 5000]]
-        if _hist._numba() is not None:
+        if __import__("surgeon.merge.kernels._jit", fromlist=["x"]).numba_module() is not None:
             assert torch.equal(uniform_stream(key, start, 5001), ops)
             assert torch.equal(uniform_stream(key, start + 1, 5000), ops[1:])  # any slice of the stream
     u = uniform_stream(7, 0, 1 << 20)
@@ -386,8 +387,8 @@ DARE_CASES = [
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 @pytest.mark.parametrize("case", range(len(DARE_CASES)))
 def test_dare_compiled_kernel_equals_elementwise_fn(method: str, case: int) -> None:
-    from surgeon.merge import _ties_fused
-    from surgeon.merge.dare import DareKernel
+    from surgeon.merge.kernels import ties_compiled as _ties_fused
+    from surgeon.merge.kernels.dare import DareKernel
 
     kw = dict(DARE_CASES[case])
     mps = kw.pop("mps")

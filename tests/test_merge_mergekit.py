@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.merge._common import merge_tensors as ours
+from surgeon.merge import merge_tensors as ours
 
 mk_api = pytest.importorskip("mergekit.merge_methods.api", reason="mergekit is not installed")
 

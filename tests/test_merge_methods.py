@@ -9,7 +9,7 @@ import torch
 
 from surgeon.errors import InvalidInputError
 from surgeon.merge import all_methods, get_method
-from surgeon.merge._common import build_merge, merge_tensors
+from surgeon.merge import build_merge, merge_tensors
 
 
 def rnd(*shape, seed=0):
@@ -110,7 +110,7 @@ def test_seeded_randomness(method, params):
 def test_dare_models_get_different_masks():
     base = torch.zeros(1000)
     out = build_merge("dare_linear", base, [torch.ones(1000), torch.ones(1000)], [{"density": 0.5}] * 2)
-    from surgeon.merge.dare import _dropped_deltas
+    from surgeon.merge.methods.dare import _dropped_deltas
 
     d1, d2 = _dropped_deltas(out)
     assert not torch.equal(d1 != 0, d2 != 0)

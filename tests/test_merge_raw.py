@@ -1,4 +1,4 @@
-"""Compiled kernels reading and writing stored dtypes (surgeon.merge._raw).
+"""Compiled kernels reading and writing stored dtypes (surgeon.merge.kernels._raw).
 
 The references are torch's own conversions (bf16 -> float32 is exact;
 float32 -> bf16 rounds to nearest even, NaN to 0xFFFF) and the methods'
@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from surgeon.merge import _hist, _raw
-from surgeon.merge._common import build_merge
-from surgeon.merge.blocks import BLOCK_ELEMS, PieceInputs, merge_piece, meta_of, observe_piece, pass_needed
+from surgeon.merge.kernels import _jit, _raw
+from surgeon.merge import build_merge
+from surgeon.merge.kernels.base import BLOCK_ELEMS, PieceInputs, merge_piece, observe_piece
 from surgeon.merge.registry import get_method
 
 CHUNK = _raw.CHUNK
-needs_numba = pytest.mark.skipif(_hist._numba() is None, reason="numba switched off")
+needs_numba = pytest.mark.skipif(_jit.numba_module() is None, reason="numba switched off")
 
 
 @pytest.fixture(scope="module")
 def roundtrip():
     """A compiled ``store(load(src))`` from float32 into a bf16 array, and the reverse."""
     _raw.register()
-    jit = _hist.jit_options()
+    jit = _jit.jit_options()
 
     @jit
     def narrow(src, dst):  # pragma: no cover - compiled
@@ -78,7 +78,7 @@ def _run_piece(kernel, meta, piece: PieceInputs, out: torch.Tensor) -> bool:
     """The engine's order for one whole piece: the statistic passes the kernel
     needs, then the merge into ``out``; returns the finiteness."""
     for p in range(kernel.stat_passes):
-        if pass_needed(kernel, p):
+        if kernel.pass_needed(p):
             observe_piece(kernel, meta, p, piece)
             kernel.end_pass(p)
     return merge_piece(kernel, meta, piece, out)
@@ -111,7 +111,7 @@ def test_piece_merged_from_bf16_into_bf16_equals_fn_then_cast(case: int, base_dt
 
     ref = method.fn(tm()).to(torch.bfloat16)
     out = torch.empty(n, dtype=torch.bfloat16)
-    assert _run_piece(method.block_kernel(meta_of(tm())), meta_of(tm()), PieceInputs(0, base, models), out)
+    assert _run_piece(method.block_kernel(tm()), tm(), PieceInputs(0, base, models), out)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 
@@ -123,9 +123,9 @@ def test_raw_merge_reports_non_finite_results(method_name: str) -> None:
     models[1][n - 3] = float("inf")
     mps = [{"density": 0.5}, {"density": 0.5}]
     tm = build_merge(method_name, base.float(), [m.float() for m in models], mps, name="w")
-    kernel = get_method(method_name).block_kernel(meta_of(tm))
+    kernel = get_method(method_name).block_kernel(tm)
     out = torch.empty(n, dtype=torch.bfloat16)
-    assert not _run_piece(kernel, meta_of(tm), PieceInputs(0, base, models), out)
+    assert not _run_piece(kernel, tm, PieceInputs(0, base, models), out)
 
 
 def test_mixed_model_dtypes_take_the_float32_blocks() -> None:
@@ -142,7 +142,7 @@ def test_mixed_model_dtypes_take_the_float32_blocks() -> None:
         return build_merge("ties", base, [m.float() for m in models], mps, name="w")
 
     out = torch.empty(n, dtype=torch.float32)
-    assert _run_piece(method.block_kernel(meta_of(tm())), meta_of(tm()), PieceInputs(0, base, models), out)
+    assert _run_piece(method.block_kernel(tm()), tm(), PieceInputs(0, base, models), out)
     assert torch.equal(out, method.fn(tm()))
 
 
@@ -156,7 +156,7 @@ def test_widen_piece_from_bf16_into_bf16_equals_whole_matrix_then_cast() -> None
         return build_merge("widen", base.float(), [m.float() for m in models], [{}] * 3, name="w")
 
     ref = method.fn(tm()).to(torch.bfloat16)
-    meta = meta_of(tm())
+    meta = tm()
     out = torch.empty(base.numel(), dtype=torch.bfloat16)
     assert _run_piece(method.block_kernel(meta), meta, PieceInputs(0, base.reshape(-1), [m.reshape(-1) for m in models]),
                       out)
@@ -169,7 +169,7 @@ def test_weighted_sums_use_the_compiled_kernel_with_torch_rounding(method_name: 
     """torch's ``add_(x, alpha=w)`` rounds ``w * x + acc`` once (a fused
     multiply-add): the compiled kernel must too, or about a fifth of the
     entries would differ in the last bit (checked on float32 outputs)."""
-    from surgeon.merge._linear_fused import WeightedSumKernel
+    from surgeon.merge.kernels.linear import WeightedSumKernel
 
     n = BLOCK_ELEMS + 333
     g = torch.Generator().manual_seed(11)
@@ -178,13 +178,13 @@ def test_weighted_sums_use_the_compiled_kernel_with_torch_rounding(method_name: 
     mps = [{"weight": 0.3}, {"weight": 0.7}, {"weight": 0.11}]
     tm = build_merge(method_name, base, models, mps, name="w")
     method = get_method(method_name)
-    kernel = method.block_kernel(meta_of(tm))
+    kernel = method.block_kernel(tm)
     assert isinstance(kernel, WeightedSumKernel)
     out = torch.empty(n)
-    assert _run_piece(kernel, meta_of(tm), PieceInputs(0, base, models), out)
+    assert _run_piece(kernel, tm, PieceInputs(0, base, models), out)
     assert torch.equal(out, method.fn(build_merge(method_name, base, models, mps, name="w")))
 
 
 def test_weights_summing_to_zero_still_get_the_clear_error() -> None:
     tm = build_merge("linear", None, [torch.ones(4), torch.ones(4)], [{"weight": 1.0}, {"weight": -1.0}], name="w")
-    assert get_method("linear").block_kernel(meta_of(tm)).__class__.__name__ == "Elementwise"
+    assert get_method("linear").block_kernel(tm).__class__.__name__ == "Elementwise"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from surgeon.merge._select import kth_smallest, largest_mask, rank_range_mask, smallest_mask, stable_ranks, stream_kth_smallest
+from surgeon.merge.select.exact import kth_smallest, largest_mask, rank_range_mask, smallest_mask, stable_ranks, stream_kth_smallest
 
 
 def _stable_positions(v: torch.Tensor, descending: bool = False) -> torch.Tensor:
@@ -91,7 +91,7 @@ def _check(sel, mag: torch.Tensor, ks: dict) -> None:
 
 
 def _run(sel, base, models, sample_from=None, row=1000, piece=None):
-    from surgeon.merge.blocks import block_ranges
+    from surgeon.merge.kernels.base import block_ranges
 
     sel.sample(*(sample_from or (base, models)), row)
     passes = 0
@@ -107,7 +107,7 @@ def _run(sel, base, models, sample_from=None, row=1000, piece=None):
 
 
 def test_stream_selector_settles_in_one_pass_when_the_sample_brackets_the_kth() -> None:
-    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+    from surgeon.merge.select.stream import SAMPLE, StreamSelector
 
     n = 3 * SAMPLE + 17
     base, model, mag = _selector_case(0, n)
@@ -132,7 +132,7 @@ def test_stream_selector_settles_in_one_pass_when_the_sample_brackets_the_kth() 
 def test_stream_selector_falls_back_when_the_sample_misleads() -> None:
     """A sample of other data (3x larger deltas) misses: the top-bits and
     bucket passes still find the exact values (three passes)."""
-    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+    from surgeon.merge.select.stream import SAMPLE, StreamSelector
 
     n = 2 * SAMPLE + 5
     base, model, mag = _selector_case(1, n)
@@ -145,7 +145,7 @@ def test_stream_selector_falls_back_when_the_sample_misleads() -> None:
 
 
 def test_stream_selector_without_a_usable_sample_counts_top_bits() -> None:
-    from surgeon.merge._streamselect import StreamSelector
+    from surgeon.merge.select.stream import StreamSelector
 
     n = 5000
     g = torch.Generator().manual_seed(2)
@@ -162,8 +162,9 @@ def test_stream_selector_without_a_usable_sample_counts_top_bits() -> None:
 
 
 def test_stream_selector_torch_ops_equal_compiled(monkeypatch) -> None:
-    from surgeon.merge import _hist, _streamselect
-    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+    from surgeon.merge.select import counting as _hist
+    from surgeon.merge.select import stream as _streamselect
+    from surgeon.merge.select.stream import SAMPLE, StreamSelector
 
     n = SAMPLE + 3
     base, model, mag = _selector_case(3, n)
@@ -172,16 +173,16 @@ def test_stream_selector_torch_ops_equal_compiled(monkeypatch) -> None:
     sel = StreamSelector(ks, n)
     assert _run(sel, base, [model], piece=50_000) == 1
     _check(sel, mag, ks)
-    assert _hist._numba() is None or _hist.compiled_counts_available()
+    assert __import__("surgeon.merge.kernels._jit", fromlist=["x"]).numba_module() is None or _hist.compiled_counts_available()
 
 
 def test_stream_selector_treats_an_overflowing_bracket_as_a_miss(monkeypatch) -> None:
     """More entries inside a wide bracket than the sample promised: the
     kept patterns overflow, and the fallback passes still give exact values
     (compiled loop and torch ops alike)."""
-    from surgeon.merge import _streamselect
-    from surgeon.merge._hist import COLLECT
-    from surgeon.merge._streamselect import SAMPLE, StreamSelector
+    from surgeon.merge.select import stream as _streamselect
+    from surgeon.merge.select.counting import COLLECT
+    from surgeon.merge.select.stream import SAMPLE, StreamSelector
 
     n = 2 * SAMPLE + 9
     base, model, mag = _selector_case(4, n)

@@ -6,8 +6,8 @@ import torch
 
 from surgeon.errors import InvalidInputError, StepError
 from surgeon.merge import get_method
-from surgeon.merge._common import build_merge, merge_tensors
-from surgeon.merge.ties import prepare_ties
+from surgeon.merge import build_merge, merge_tensors
+from surgeon.merge.methods.ties import prepare_ties
 
 Z4 = [0.0, 0.0, 0.0, 0.0]
 

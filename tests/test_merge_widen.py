@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from surgeon.merge._common import merge_tensors
+from surgeon.merge import merge_tensors
 
 
 def sig(x: float) -> float:

@@ -1,6 +1,6 @@
 """Streaming execution of block-wise merge methods, in row pieces.
 
-For a method with a block kernel (:mod:`surgeon.merge.blocks`) the engine
+For a method with a block kernel (:mod:`surgeon.merge.kernels.base`) the engine
 never holds a whole tensor: each tensor is cut along its first dimension into
 *pieces* of at most ``piece_bytes`` stored bytes per input, read with one
 ``pread`` each (in the stored dtype, bf16 stays bf16), merged (whole, by a
@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import InvalidInputError, StepError
-from ..merge.blocks import BlockKernel, PieceInputs, TensorMeta, merge_piece, observe_piece, pass_needed
+from ..merge.kernels.base import Kernel, PieceInputs, merge_piece, observe_piece
+from ..merge.tensor import TensorMerge
 
 #: stored bytes of one input in one piece (32 MiB: a 2048-wide bf16 matrix in 8192-row pieces).
 #: With the default read-ahead (two reads) a merge of four inputs holds ~0.5 GB of pieces.
@@ -48,8 +49,8 @@ class _Job:
     """One tensor's block-wise merge: its kernel and how it is cut."""
 
     task: Any  # merge_step.TensorTask
-    kernel: BlockKernel
-    meta: TensorMeta
+    kernel: Kernel
+    meta: TensorMerge  # header only (no tensors)
     pieces: list[tuple[int, int]]  # row ranges
     row_elems: int
     whole_fp32: bool  # read whole through the row-aligning loader
@@ -75,7 +76,7 @@ class _Read:
     nbytes: int
 
 
-def plan_jobs(plan: Any, kernels: list[tuple[Any, BlockKernel, TensorMeta]], inputs: dict[str, Any],
+def plan_jobs(plan: Any, kernels: list[tuple[Any, Kernel, TensorMerge]], inputs: dict[str, Any],
               piece_bytes: int = PIECE_BYTES) -> list[_Job]:
     """Cut each (task, kernel, meta) into row pieces of at most ``piece_bytes`` per input."""
     jobs = []
@@ -85,8 +86,7 @@ def plan_jobs(plan: Any, kernels: list[tuple[Any, BlockKernel, TensorMeta]], inp
         rows = shape[0] if shape else 1
         numel = math.prod(shape)
         row_elems = numel // rows if rows else 0
-        aligned = any((mid, task.name) in plan.row_maps for mid in involved) or (
-            plan.vocab_layout is not None and task.name in plan.vocab_layout.tensors)
+        aligned = any((mid, task.name) in plan.row_maps for mid in involved)
         item = max(inputs[mid].info(task.name).dtype.itemsize for mid in involved)
         if aligned or rows <= 1 or row_elems * item * rows <= piece_bytes:
             pieces = [(0, rows)]
@@ -118,7 +118,7 @@ def _reads(jobs: list[_Job]) -> Iterator[_Read | None]:
         for p in range(passes):
             if 0 < p < job.kernel.stat_passes:
                 yield _SETTLE
-                if not pass_needed(job.kernel, p):
+                if not job.kernel.pass_needed(p):
                     continue
             for i in range(len(job.pieces)):
                 yield _Read(job, i, (p,), job.piece_bytes(i))
@@ -236,7 +236,7 @@ def _execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any
         done = []
         for p in read.passes:
             if p < job.kernel.stat_passes:
-                if not pass_needed(job.kernel, p):
+                if not job.kernel.pass_needed(p):
                     continue  # the kernel's statistics settled in an earlier pass
                 observe_piece(job.kernel, job.meta, p, piece)
                 if read.piece == last_piece_of_pass[id(job)]:
@@ -346,17 +346,13 @@ def _prefetched(reads: Iterator[_Read | None], load: Callable[[_Read], PieceInpu
                 fill(True)  # everything yielded so far is processed: past a settle mark
 
 
-class _NoKernel:
-    stat_passes = 0
-
-
 def iter_pieces(plan: Any, inputs: dict[str, Any], rt: Any, tasks: list[Any],
                 whole_loader: Any) -> Iterator[tuple[Any, PieceInputs]]:
     """Each task's row pieces in order, read ahead (for whole-model statistic
     passes such as TIES' ``trim_scope: model`` pre-pass)."""
-    kernels = [(t, _NoKernel(), TensorMeta(t.name, tuple(t.spec.shape), t.model_params, t.params, plan.base_id is not None))
-               for t in tasks]
-    jobs = plan_jobs(plan, kernels, inputs, rt.piece_bytes or PIECE_BYTES)  # type: ignore[arg-type]
+    kernels = [(t, Kernel(), TensorMerge.header(t.name, tuple(t.spec.shape), t.model_params, t.params,
+                                                plan.base_id is not None)) for t in tasks]
+    jobs = plan_jobs(plan, kernels, inputs, rt.piece_bytes or PIECE_BYTES)
     load = _PieceLoader(plan, inputs, rt.device, whole_loader)
     for read, piece in _prefetched(_reads(jobs), load, rt):
         yield read.job.task, piece

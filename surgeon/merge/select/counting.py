@@ -1,4 +1,4 @@
-"""The counting loop behind :mod:`surgeon.merge._streamselect`, compiled for CPU.
+"""The counting loop behind :mod:`surgeon.merge.select.stream`, compiled for CPU.
 
 Why not ``torch.bincount``. The exact selection behind the TIES and
 breadcrumbs trims counts the bit patterns of every ``|delta|``. On CPU,
@@ -8,7 +8,7 @@ running one, after ``|m - b|`` has been computed into a fresh float32 block
 from float32 copies of the bf16 inputs; on the 2-core development machine
 that was ~40 % of a TIES merge. One numba loop (``nogil``, so the engine's
 compute threads run it side by side) reads the stored inputs, widens them
-chunk by chunk (:mod:`surgeon.merge._raw`), and counts each series' deltas
+chunk by chunk (:mod:`surgeon.merge.kernels._raw`), and counts each series' deltas
 either by their top 16 bits or inside a window of bit patterns (plus how
 many fall below it): measured in ``docs/merging.md``.
 
@@ -19,50 +19,14 @@ torch ops instead (same counts; tests check both).
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-def _numba() -> Any:
-    """The numba module, or None when it is unavailable or switched off
-    (``SURGEON_NO_NUMBA=1``)."""
-    if os.environ.get("SURGEON_NO_NUMBA", "").strip() not in ("", "0"):
-        return None
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is a dependency; keep merges working without it
-        return None
-    return numba
-
-
-def jit_options() -> Any:
-    """numba's ``njit`` with the options every compiled loop of surgeon uses,
-    or None without numba: ``nogil`` (the engine's compute threads run them
-    side by side), ``cache`` (compiled once per machine), no bounds checks,
-    and numpy's error model (IEEE results such as x / 0 = inf instead of
-    Python exceptions, and no checks inside the loops)."""
-    nb = _numba()
-    if nb is None:
-        return None
-    return nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-
-
-def compiled(build: Callable[[Any], Any]) -> Callable[[], Any]:
-    """Decorator: ``build(jit)`` defines a module's compiled loops; the
-    decorated name becomes a cached getter returning them (compiled, or loaded
-    from numba's cache, on first use), or None without numba."""
-    @lru_cache(maxsize=1)
-    def get() -> Any:
-        jit = jit_options()
-        return None if jit is None else build(jit)
-
-    get.__doc__ = build.__doc__
-    return get
-
+from ..kernels import _raw
+from ..kernels._jit import compiled
 
 #: top-16-bit buckets of non-negative float32 (sign bit 0)
 TOP_BINS = 1 << 15
@@ -73,8 +37,6 @@ SKIP, TOP16, WINDOW, COLLECT = 0, 1, 2, 3
 @compiled
 def _kernels(jit: Any) -> Any:
     """The counting loop."""
-    from . import _raw
-
     _raw.register()
     ch = _raw.CHUNK
 
@@ -82,7 +44,7 @@ def _kernels(jit: Any) -> Any:
     def delta_counts(b_all, ms, sel, kind, lo, width, below, top, fine, inside, kept):  # pragma: no cover - compiled
         # Per chunk: widen the base once, then per series |m - b| into a
         # scratch row and its bit patterns counted. Loops index chunk slices
-        # from 0 so that LLVM vectorises them (see surgeon.merge._ties_fused).
+        # from 0 so that LLVM vectorises them (see surgeon.merge.kernels.ties_compiled).
         n = b_all.shape[0]
         b = np.empty(ch, np.float32)
         m = np.empty(ch, np.float32)
@@ -145,7 +107,7 @@ def count_deltas_compiled(base: np.ndarray, models: tuple[np.ndarray, ...], sel:
                           lo: np.ndarray, width: np.ndarray, below: np.ndarray, top: np.ndarray,
                           fine: np.ndarray, inside: np.ndarray, kept: np.ndarray) -> None:
     """The compiled :func:`count_deltas_torch` on stored-dtype arrays
-    (:func:`surgeon.merge._raw.raw_inputs`); ``lo``/``width`` uint32,
+    (:func:`surgeon.merge.kernels._raw.raw_inputs`); ``lo``/``width`` uint32,
     ``below``/``inside`` int64, ``top`` int64 ``[series, TOP_BINS]`` (or
     ``[series, 0]`` when no series counts top bits), ``fine``
     ``[series, >= max WINDOW width]``, ``kept`` uint32 ``[series, capacity]``."""

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ._hist import _numba, compiled
+from .kernels._jit import compiled
+from .kernels._jit import numba_module as _numba
 
 _GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ._linear_fused import weighted_sum_kernel
-from .registry import Param, TensorMerge, merge_method
+from ..kernels import linear as linear_kernels
+from ..method import merge_method
+from ..params import Param
+from ..tensor import TensorMerge
 
 WEIGHT = Param("weight", float, default=1.0, per_model=True, help="the model's weight")
 
@@ -22,6 +24,22 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
     for t, w in zip(tensors, weights):
         out.add_(t, alpha=w)
     return out
+
+
+def weighted_sum_kernel(task: bool):
+    """Kernel factory: the compiled weighted sum on CPU with numba; None (the
+    method's elementwise ``fn`` serves the blocks) elsewhere, and where ``fn``
+    must raise its clear error (weights summing to zero with ``normalize``)."""
+    def factory(meta: TensorMerge) -> linear_kernels.WeightedSumKernel | None:
+        if meta.device.type != "cpu" or not linear_kernels.available() or not meta.model_params:
+            return None
+        if task and not meta.has_base:
+            return None
+        if meta.params.get("normalize") and sum(float(mp["weight"]) for mp in meta.model_params) == 0:
+            return None
+        return linear_kernels.WeightedSumKernel(meta, task)
+
+    return factory
 
 
 @merge_method(
@@ -79,3 +97,6 @@ def task_arithmetic(t: TensorMerge) -> torch.Tensor:
             raise ValueError(f"tensor {t.name!r}: task_arithmetic weights sum to zero, cannot normalize")
         out.div_(total)
     return out.mul_(t.params["lambda"]).add_(t.base)
+
+
+METHODS = (linear, task_arithmetic)

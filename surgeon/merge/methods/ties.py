@@ -17,7 +17,7 @@ Two trim scopes:
   (so ties at the threshold are all kept and slightly more than ``d * K``
   entries may survive). The threshold is exact: :func:`prepare_ties` streams
   the model twice through 16-bit histograms of the float32 bit patterns of
-  ``|tau|`` (see :func:`surgeon.merge._select.stream_kth_smallest`), holding
+  ``|tau|`` (see :func:`surgeon.merge.select.exact.stream_kth_smallest`), holding
   no more than one tensor at a time. A model's ``density`` must then be the
   same for every tensor.
 
@@ -48,17 +48,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..errors import InvalidInputError, StepError
-from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, elect_sign, l1_rescale, normalize_param, rescale_param
-from ._select import largest_mask, stream_kth_smallest
-from . import _ties_fused
-from ._streamselect import SelectionPasses, StreamSelector, next_float
-from ._raw import raw_inputs, raw_view
-from .blocks import PieceInputs, TensorMeta, consensus_mix
-from .registry import Param, ReiterableMerges, TensorMerge, merge_method
+from ...errors import InvalidInputError, StepError
+from ..arith import combine, elect_sign, l1_rescale
+from ..kernels.ties import TiesKernel, resolve_zero_sign
+from ..method import ReiterableMerges, merge_method
+from ..params import Param
+from ..select.exact import largest_mask, stream_kth_smallest
+from ..tensor import TensorMerge
+from .common import (
+    DENSITY,
+    LAMBDA,
+    WEIGHT,
+    check_inputs,
+    normalize_param,
+    rescale_param,
+)
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -84,13 +90,6 @@ def model_scope_k(total: int, density: float) -> int | None:
     if density <= 0:
         return -1  # keep nothing
     return total - int(total * density)
-
-
-def _resolve_zero_sign(params: dict[str, Any]) -> str:
-    z = params.get("zero_sign", "auto")
-    if z == "auto":
-        return "majority" if params.get("trim_scope", "tensor") == "model" else "positive"
-    return z
 
 
 def prepare_ties(stream: ReiterableMerges, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -153,7 +152,7 @@ def prepare_ties(stream: ReiterableMerges, params: dict[str, Any]) -> dict[str, 
             thresholds.append(found[i] if i < len(found) else None)
 
     zero_sign = 1.0
-    if _resolve_zero_sign(params) == "majority":
+    if resolve_zero_sign(params) == "majority":
         consensus = params.get("consensus", "sum")
         acc = 0
         for t in stream:
@@ -186,159 +185,7 @@ def _trimmed_model_scope(t: TensorMerge, thresholds: list[float | None]) -> list
 # ---------------------------------------------------------------------------
 # Block-wise kernel (the engine's path; see surgeon.merge.blocks).
 
-def _below(x: float) -> float:
-    """The largest float32 below ``x`` (>= 0): ``hardshrink(d, _below(t))`` keeps ``|d| >= t``."""
-    return next_float(x, 0.0)
-
-
-class TiesKernel(SelectionPasses):
-    """TIES, block by block, with the same trim as :func:`magnitude_trim`.
-
-    Tensor scope: each trimmed model's exact k-th largest ``|delta|`` comes
-    from counting passes over the tensor (one, unless a sampled bracket
-    misses: :class:`surgeon.merge._streamselect.StreamSelector`), without
-    sorting or holding the tensor. The merge pass keeps ``|delta| > t`` (``hardshrink``)
-    and, of the entries equal to ``t``, the first ``k - #(> t)`` in flat order
-    (a running quota; blocks come in flat order) — exactly mergekit's k
-    entries, ties to the lowest indices. Model scope: thresholds come from the
-    whole-model pre-pass and every ``|delta| >= t`` is kept (the reference's
-    rule); no passes.
-    """
-
-    def __init__(self, meta: TensorMeta):
-        p = meta.params
-        self.meta = meta
-        self.weights = [float(mp["weight"]) for mp in meta.model_params]
-        self.consensus = p["consensus"]
-        self.normalize = p["normalize"] and p["mixing"] == "mean"
-        self.lam = float(p["lambda"])
-        n = meta.numel
-        self.keep_ge: list[float | None] = []   # keep |d| >= value (None: keep all)
-        self.ks: list[int | None] = []           # tensor scope: entries to keep (None: all, 0: none)
-        if p["trim_scope"] == "model":
-            st = meta.state
-            self.keep_ge = [None if thr is None else float(thr) for thr in st["thresholds"]]
-            self.ks = [None] * len(self.keep_ge)
-            self.zero_sign = float(st.get("zero_sign", 1.0)) if _resolve_zero_sign(p) == "majority" else 1.0
-        else:
-            for mp in meta.model_params:
-                d = float(mp["density"])
-                self.ks.append(None if d >= 1 else (0 if d <= 0 or n == 0 else max(1, int(d * n))))
-            self.keep_ge = [None] * len(self.ks)
-            self.zero_sign = 1.0
-        # the k-th largest is the (n - k + 1)-th smallest
-        self.selector = StreamSelector({i: n - k + 1 for i, k in enumerate(self.ks) if k}, n)
-        self.stat_passes = StreamSelector.passes if self.selector.ks else 0
-        self.row = n // meta.shape[0] if meta.shape and meta.shape[0] else 1
-        self._thr: dict[int, float] = {}
-        self._quota: dict[int, int] = {}       # tied entries still to keep (partial ties)
-        self._next = 0
-        self._fused = meta.device.type == "cpu" and _ties_fused.available()
-        self._fused_args: _ties_fused.BlockArgs | None = None
-
-    # -- statistic passes (observe, observe_raw, pass_needed: SelectionPasses) --
-    def end_pass(self, pass_no: int) -> None:
-        self.selector.end_pass(pass_no)
-        if not self.selector.done:
-            return
-        n = self.meta.numel
-        for i, sel in self.selector.result.items():
-            quota = self.ks[i] - (n - sel.below - sel.equal)  # tied entries among the k largest
-            if quota >= sel.equal:
-                self.keep_ge[i] = sel.value
-            else:
-                self._thr[i] = sel.value
-                self._quota[i] = quota
-
-    # -- merge pass -----------------------------------------------------------
-    def _trim(self, i: int, d: torch.Tensor) -> torch.Tensor:
-        k = self.ks[i]
-        if k == 0:
-            return d.zero_()
-        thr = self.keep_ge[i]
-        if thr is not None:
-            if thr == float("inf"):
-                return d.zero_()
-            return d if thr <= 0 else torch.nn.functional.hardshrink(d, _below(thr))
-        if i not in self._thr:
-            return d  # keep all
-        t = self._thr[i]
-        out = torch.nn.functional.hardshrink(d, t)  # strictly above the threshold
-        quota = self._quota[i]
-        if quota > 0:
-            # the tied entries' values: (|d| >= t) minus (|d| > t), in float ops (t > 0 here)
-            with_ties = torch.nn.functional.hardshrink(d, _below(t))
-            tied_values = with_ties - out
-            tied = int(torch.count_nonzero(tied_values))
-            if tied <= quota:  # every tied entry of this block belongs
-                self._quota[i] = quota - tied
-                return with_ties
-            idx = torch.nonzero(tied_values.reshape(-1)).squeeze(1)[:quota]
-            flat_out, flat_d = out.reshape(-1), d.reshape(-1)
-            flat_out[idx] = flat_d[idx]
-            self._quota[i] = 0
-        return out
-
-    def _trim_thresholds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per model, :meth:`_trim` as hardshrink thresholds for the compiled
-        merge: (sure keeps, keeps with ties, tied entries still to keep)."""
-        strict, with_ties, quota = [], [], []
-        for i, k in enumerate(self.ks):
-            thr = self.keep_ge[i]
-            if k == 0 or thr == float("inf"):
-                t = tt = float("inf")       # drop everything
-            elif thr is not None:
-                t = tt = -1.0 if thr <= 0 else _below(thr)
-            elif i in self._thr:
-                t, tt = self._thr[i], _below(self._thr[i])
-            else:
-                t = tt = -1.0               # keep everything
-            strict.append(t)
-            with_ties.append(tt)
-            quota.append(self._quota.get(i, 0) if i in self._thr else 0)
-        return (np.array(strict, dtype=np.float32), np.array(with_ties, dtype=np.float32),
-                np.array(quota, dtype=np.int64))
-
-    def _in_order(self, offset: int, numel: int) -> None:
-        if offset != self._next:
-            raise RuntimeError(f"tensor {self.meta.name!r}: ties blocks out of order ({offset} != {self._next})")
-        self._next = offset + numel
-
-    def _compiled_args(self) -> _ties_fused.BlockArgs:
-        if self._fused_args is None:  # thresholds are final once the passes are done
-            self._fused_args = _ties_fused.ties_args(*self._trim_thresholds(), np.array(self.weights, dtype=np.float32),
-                                                     self.consensus == "count", self.zero_sign, self.normalize,
-                                                     self.lam)
-        return self._fused_args
-
-    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
-        """The whole piece through the compiled merge, from and to the stored
-        dtypes (None: these inputs need float32 blocks)."""
-        if not self._fused:
-            return None
-        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
-        if raw is None or raw[0] is None or o is None:
-            return None
-        self._in_order(piece.start, piece.numel)
-        return _ties_fused.merge_raw(raw[0], raw[1], self._compiled_args(), o)
-
-    def merge(self, blk: TensorMerge) -> torch.Tensor:
-        self._in_order(blk.offset, blk.base.numel())
-        if self._fused:
-            return _ties_fused.merge_block(blk.base, blk.models, self._compiled_args()).reshape(blk.base.shape)
-        deltas = []
-        for i, (m, w) in enumerate(zip(blk.models, self.weights)):
-            d = self._trim(i, m - blk.base)
-            if w != 1.0:
-                d.mul_(w)
-            deltas.append(d)
-        mixed = consensus_mix(deltas, self.weights, self.consensus, self.normalize, self.zero_sign)
-        if self.lam != 1.0:
-            mixed.mul_(self.lam)
-        return mixed.add_(blk.base)
-
-
-def ties_kernel(meta: TensorMeta) -> TiesKernel | None:
+def ties_kernel(meta: TensorMerge) -> TiesKernel | None:
     """The block kernel, or None where the whole tensor is needed: L1
     ``rescale`` and tensor-scope ``zero_sign: majority`` need whole-tensor sums
     after trimming (the whole-tensor :func:`ties` handles them)."""
@@ -352,7 +199,7 @@ def ties_kernel(meta: TensorMeta) -> TiesKernel | None:
         dens = st.get("densities")
         if dens is not None and [float(mp["density"]) for mp in meta.model_params] != list(dens):
             return None
-    elif _resolve_zero_sign(p) == "majority":
+    elif resolve_zero_sign(p) == "majority":
         return None
     return TiesKernel(meta)
 
@@ -389,7 +236,7 @@ def ties(t: TensorMerge) -> torch.Tensor:
     check_inputs(t, "ties", needs_base=True, min_models=1)
     p = t.params
     scope = p["trim_scope"]
-    zero_mode = _resolve_zero_sign(p)
+    zero_mode = resolve_zero_sign(p)
     if scope == "model":
         if t.state is None:
             raise StepError(
@@ -434,3 +281,6 @@ def ties(t: TensorMerge) -> torch.Tensor:
             del weighted, elected
     normalize = p["normalize"] and p["mixing"] == "mean"
     return combine(t, deltas, consensus=p["consensus"], normalize=normalize, lam=p["lambda"], zero_sign=zero_sign)
+
+
+METHODS = (ties,)

@@ -4,7 +4,7 @@ Why. Through torch, a block of these methods is a float32 cast per input, a
 zero-filled accumulator, one ``add_(x, alpha=w)`` per model (plus a
 subtraction for task arithmetic), the scaling ops and a cast back: ~10 passes
 over 1 MiB operands per block. Here one numba loop per piece widens each
-input a 512-entry chunk at a time (:mod:`surgeon.merge._raw`) and writes the
+input a 512-entry chunk at a time (:mod:`surgeon.merge.kernels._raw`) and writes the
 result in the output's dtype.
 
 Exactness. The float32 operations are torch's, in torch's order: the
@@ -12,7 +12,7 @@ accumulator starts at +0 and each model adds ``w * x`` with one rounding
 (torch's vectorised CPU ``add_`` with ``alpha`` is a fused multiply-add; the
 compiled loop uses the same instruction), then ``/ total`` and, for task
 arithmetic, ``* lambda`` and ``+ base`` as separate roundings. So the bytes
-equal :func:`surgeon.merge.basic.linear` / ``task_arithmetic`` on the same
+equal :func:`surgeon.merge.methods.basic.linear` / ``task_arithmetic`` on the same
 machine (tests/test_merge_raw.py). (A CPU without FMA instructions would run
 torch's unfused path; the compiled loop stays fused, slowly emulated there.)
 """
@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..tensor import TensorMerge
 from . import _raw
-from ._hist import compiled
+from ._jit import compiled
 from ._raw import raw_inputs, raw_view
-from .blocks import PieceInputs, TensorMeta
+from .base import Kernel, PieceInputs
 
 _CH = _raw.CHUNK
 
@@ -75,13 +76,16 @@ def _kernels(jit: Any) -> Any:
     return SimpleNamespace(weighted_sum=weighted_sum)
 
 
-class WeightedSumKernel:
+def available() -> bool:
+    """Whether the compiled weighted sum can run (numba present and on)."""
+    return _kernels() is not None
+
+
+class WeightedSumKernel(Kernel):
     """``linear`` (``task=False``) or ``task_arithmetic`` (``task=True``) on CPU,
     whole pieces from their stored dtype, or float32 blocks."""
 
-    stat_passes = 0
-
-    def __init__(self, meta: TensorMeta, task: bool):
+    def __init__(self, meta: TensorMerge, task: bool):
         p = meta.params
         weights = [float(mp["weight"]) for mp in meta.model_params]
         self.task = task
@@ -90,11 +94,7 @@ class WeightedSumKernel:
         self.total = np.float32(sum(weights))
         self.lam = np.float32(float(p["lambda"]) if task else 1.0)
 
-    def observe(self, pass_no: int, blk: Any) -> None:  # pragma: no cover - no passes
-        raise AssertionError("a weighted sum has no statistic passes")
 
-    def end_pass(self, pass_no: int) -> None:  # pragma: no cover - no passes
-        raise AssertionError("a weighted sum has no statistic passes")
 
     def _run(self, base: Any, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
         b = base if self.task else models[0]  # linear reads no base; any array of the right type will do
@@ -108,7 +108,7 @@ class WeightedSumKernel:
             return None
         return self._run(raw[0], raw[1], o)
 
-    def merge(self, blk: Any) -> torch.Tensor:
+    def merge(self, blk: TensorMerge) -> torch.Tensor:
         ref = blk.models[0]
         out = torch.empty(ref.numel(), dtype=torch.float32)
         base = _raw.flat_array(blk.base) if self.task else None
@@ -116,17 +116,3 @@ class WeightedSumKernel:
         return out.reshape(ref.shape)
 
 
-def weighted_sum_kernel(task: bool):
-    """Kernel factory: the compiled weighted sum on CPU with numba; None (the
-    method's elementwise ``fn`` serves the blocks) elsewhere, and where ``fn``
-    must raise its clear error (weights summing to zero with ``normalize``)."""
-    def factory(meta: TensorMeta) -> WeightedSumKernel | None:
-        if meta.device.type != "cpu" or _kernels() is None or not meta.model_params:
-            return None
-        if task and not meta.has_base:
-            return None
-        if meta.params.get("normalize") and sum(float(mp["weight"]) for mp in meta.model_params) == 0:
-            return None
-        return WeightedSumKernel(meta, task)
-
-    return factory

@@ -26,10 +26,20 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidInputError
-from ._common import DENSITY, LAMBDA, WEIGHT, check_inputs, combine, l1_rescale, normalize_param, rescale_param
-from ._select import stable_ranks
-from .registry import Param, TensorMerge, merge_method
+from ...errors import InvalidInputError
+from ..arith import combine, l1_rescale
+from ..method import merge_method
+from ..params import Param
+from ..select.exact import stable_ranks
+from ..tensor import TensorMerge
+from .common import (
+    DENSITY,
+    LAMBDA,
+    WEIGHT,
+    check_inputs,
+    normalize_param,
+    rescale_param,
+)
 
 EPSILON = Param("epsilon", float, default=0.15, min=0.0, max=0.5, per_model=True,
                 help="half-width of the keep-probability range around density")
@@ -105,3 +115,6 @@ def della_linear(t: TensorMerge) -> torch.Tensor:
     check_inputs(t, "della_linear")
     p = t.params
     return combine(t, _pruned(t), consensus=None, normalize=p["normalize"], lam=p["lambda"])
+
+
+METHODS = (della, della_linear)

@@ -19,10 +19,9 @@ path, used for the last few entries of a tensor, writes 0x7FC0).
 ``load(src, dst)``, ``store(src, dst)`` (and ``store_checked`` with
 ``all_finite``, the output check every merge kernel makes) and ``fma(a, b, c)``
 are numba overloads usable inside any compiled loop; ``src``/``dst`` of the
-loads and stores are either float32 arrays or uint16 arrays holding bf16 bits. numba's on-disk cache keys each kernel on its own source
-file only, so after editing this file clear the kernels' cache
-(``surgeon/merge/__pycache__/*.nb[ci]``); installs get fresh files and so a
-fresh cache.
+loads and stores are either float32 arrays or uint16 arrays holding bf16
+bits. Editing this file recompiles every loop that inlines it on next use
+(the cache is stamped with all kernel sources: :mod:`surgeon.merge.kernels._jit`).
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._hist import _numba
+from ._jit import numba_module as _numba
 
 #: entries per chunk: the scratch rows of a chunk stay in L1
 CHUNK = 512

@@ -1,6 +1,6 @@
 """Exact order statistics of a tensor streamed in pieces: usually one counting pass.
 
-Block kernels (:mod:`surgeon.merge.blocks`) that trim by magnitude need, per
+Kernels (:mod:`surgeon.merge.kernels`) that trim by magnitude need, per
 model, the exact k-th smallest ``|delta|`` of the whole tensor and how ties at
 that value are split, without sorting and without holding the tensor. For
 non-negative float32 values the IEEE-754 bit patterns order like the values,
@@ -24,9 +24,9 @@ few per cent of entries inside it (on the development CPU, one pass instead
 of two cut TIES' selection by more than half; ``docs/merging.md``). The
 result is exact whatever the sample: a bad sample only costs passes.
 
-The counting loop is compiled for CPU (:mod:`surgeon.merge._hist`, reading bf16
+The counting loop is compiled for CPU (:mod:`surgeon.merge.select.counting`, reading bf16
 inputs directly) and torch ops elsewhere. The same "stable order"
-convention as :mod:`surgeon.merge._select` settles ties: among equal values,
+convention as :mod:`surgeon.merge.select.exact` settles ties: among equal values,
 lower flat index first. :class:`RankCut` turns a selection into per-block
 masks with a running quota of tied entries, so blocks must come in flat order.
 """
@@ -34,14 +34,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from ._hist import (COLLECT, TOP16, TOP_BINS, WINDOW, compiled_counts_available, count_deltas_compiled,
-                    count_deltas_torch)
-from ._raw import raw_inputs
+from ..kernels._raw import raw_inputs
+from ..kernels.base import Kernel, PieceInputs
+from ..tensor import TensorMerge
+from .counting import (
+    COLLECT,
+    TOP16,
+    TOP_BINS,
+    WINDOW,
+    compiled_counts_available,
+    count_deltas_compiled,
+    count_deltas_torch,
+)
 
 _LO = 1 << 16        # patterns of one top-16 bucket
 #: sampled entries per tensor (evenly spread) that bracket the k-th smallest
@@ -279,8 +287,8 @@ class StreamSelector:
             self._kind[s] = TOP16
 
 
-class SelectionPasses:
-    """Mixin for block kernels whose statistic passes are a :class:`StreamSelector`'s
+class SelectionPasses(Kernel):
+    """Base of kernels whose statistic passes are a :class:`StreamSelector`'s
     (``self.selector``; ``self.row``: the tensor's row length, for the sample).
 
     The engine offers each piece first to ``observe_raw``: the first piece of
@@ -294,7 +302,7 @@ class SelectionPasses:
     def pass_needed(self, pass_no: int) -> bool | None:
         return self.selector.pass_needed(pass_no)
 
-    def observe_raw(self, pass_no: int, piece: Any) -> bool:
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
         if pass_no == 0 and piece.start == 0:
             self.selector.sample(piece.base, piece.models, self.row)
         if piece.models[0].device.type == "cpu":
@@ -304,7 +312,7 @@ class SelectionPasses:
         self.selector.observe(pass_no, piece.base, piece.models)
         return True
 
-    def observe(self, pass_no: int, blk: Any) -> None:
+    def observe(self, pass_no: int, blk: TensorMerge) -> None:
         self.selector.observe(pass_no, blk.base, blk.models)
 
 

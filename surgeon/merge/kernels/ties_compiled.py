@@ -7,10 +7,10 @@ vectorise (LLVM turns the keep/drop choices into blends); the trim's tie
 quota — keep the first ``q`` entries equal to the threshold, in flat order —
 is counted per chunk, and only the chunk where a quota runs out takes a
 sequential loop. Inputs and output stay in their stored dtype (bf16 widened
-and rounded per chunk: :mod:`surgeon.merge._raw`), and DARE's uniforms are
-drawn per chunk (:mod:`surgeon.merge._random`), so a whole piece is one call.
+and rounded per chunk: :mod:`surgeon.merge.kernels._raw`), and DARE's uniforms are
+drawn per chunk (:mod:`surgeon.merge.rng`), so a whole piece is one call.
 
-Exactness. Every float operation is the one :class:`surgeon.merge.ties.TiesKernel`
+Exactness. Every float operation is the one :class:`surgeon.merge.kernels.ties.TiesKernel`
 does with torch, in the same order and in float32 (the thresholds and
 weights are passed as float32, as torch casts its scalars), so the result is
 bit-identical to the torch kernel and to the whole-tensor ``ties`` for finite
@@ -20,15 +20,17 @@ catches it; which NaN or sign of zero shows may differ.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import _random, _raw
-from ._hist import compiled
+from .. import rng as _random
+from . import _raw
+from ._jit import compiled
 
 _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 
@@ -43,7 +45,7 @@ def _kernels(jit: Any) -> Any:
     def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, w, mode, zero_sign,
               normalize, positive_weights, total, lam, out_all):  # pragma: no cover - compiled
         # Inputs and output in their stored dtype (float32, or bf16 bits as
-        # uint16: see surgeon.merge._raw), widened one chunk at a time. Loops
+        # uint16: see surgeon.merge.kernels._raw), widened one chunk at a time. Loops
         # index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with an
         # offset index LLVM kept every loop scalar (6x slower).
         # Returns whether every result was finite.
@@ -154,7 +156,7 @@ def _kernels(jit: Any) -> Any:
             row = d[0]
             for j in range(k):
                 r = row[j] * acc[j]
-                r = zero if r <= zero else r  # relu that keeps NaN, as torch's does
+                r = max(zero, r)  # relu that keeps NaN, as torch's does
                 mixed[j] = r
                 div[j] = w0 if r > zero else zero
             for i in range(1, nm):
@@ -162,14 +164,14 @@ def _kernels(jit: Any) -> Any:
                 row = d[i]
                 for j in range(k):
                     r = row[j] * acc[j]
-                    r = zero if r <= zero else r  # relu that keeps NaN, as torch's does
+                    r = max(zero, r)  # relu that keeps NaN, as torch's does
                     mixed[j] = mixed[j] + r
                     div[j] = div[j] + (wi if r > zero else zero)
             if normalize:
                 if positive_weights:
                     for j in range(k):
                         dv = div[j]
-                        mixed[j] = mixed[j] / (dv if dv > tiny else tiny)
+                        mixed[j] = mixed[j] / (max(tiny, dv))
                 else:
                     for j in range(k):
                         dv = div[j]
@@ -238,7 +240,7 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockA
                 offset: int = 0) -> torch.Tensor:
     """One block (float32, contiguous, CPU) merged into a new float32 tensor;
     DARE: ``keys`` are the models' uniform stream keys
-    (:func:`surgeon.merge._random.stream_key`), ``offset`` the block's flat
+    (:func:`surgeon.merge.rng.stream_key`), ``offset`` the block's flat
     index in the tensor."""
     out = torch.empty(base.numel(), dtype=torch.float32)
     merge_raw(_raw.flat_array(base), tuple(_raw.flat_array(m) for m in models), args, out.numpy(), keys, offset)
@@ -247,7 +249,7 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockA
 
 def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs, out: np.ndarray,
               keys: Sequence[int] = (), offset: int = 0) -> bool:
-    """Merge flat stored-dtype arrays (:func:`surgeon.merge._raw.raw_inputs`)
+    """Merge flat stored-dtype arrays (:func:`surgeon.merge.kernels._raw.raw_inputs`)
     into ``out`` (float32, or uint16 for bf16); returns whether every result
     was finite."""
     ks = np.array([_random.signed_key(k) for k in keys] if args.drop else [], dtype=np.int64)

@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_inputs, elect_sign
-from ._select import largest_mask
-from .registry import Param, TensorMerge, merge_method
+from ..arith import elect_sign
+from ..method import merge_method
+from ..params import Param
+from ..select.exact import largest_mask
+from ..tensor import TensorMerge
+from .common import check_inputs
 
 
 def variance_mask(deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor | None:
@@ -87,3 +90,6 @@ def sce(t: TensorMerge) -> torch.Tensor:
         merged.add_(d * agree, alpha=w)
         wsum.add_(agree, alpha=w)
     return merged.div_(wsum.clamp_(min=1e-6)).add_(base)
+
+
+METHODS = (sce,)

@@ -1,6 +1,6 @@
 """WIDEN's row-block loops compiled: column statistics and the weighted merge.
 
-Why. :class:`surgeon.merge.widen.WidenKernel` spends, per block of 2^18
+Why. :class:`surgeon.merge.kernels.widen.WidenKernel` spends, per block of 2^18
 entries and three models, ~2.2 ms in seven ``(x * y).sum(0, dtype=float64)``
 reductions (each a strided float64 reduction over rows plus a float32
 product temporary) and ~1.4 ms in the merge's nine elementwise ops, on the
@@ -19,23 +19,24 @@ once into one float64 sum per row (again in a different order than torch's
 reduction), and the merge takes one weight per row. The engine hands whole pieces in their stored
 dtype (``WidenKernel.observe_raw``/``merge_raw``): rows are widened from bf16
 into a float32 scratch row and the merged row is rounded back to bf16 as
-torch would (:mod:`surgeon.merge._raw`), so no float32 copy of a block is made.
+torch would (:mod:`surgeon.merge.kernels._raw`), so no float32 copy of a block is made.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import _raw
-from ._hist import compiled
+from ._jit import compiled
 
 
 @compiled
 def _kernels(jit: Any) -> Any:
-    """WIDEN's row loops, on stored-dtype rows (float32 or bf16 bits: :mod:`surgeon.merge._raw`)."""
+    """WIDEN's row loops, on stored-dtype rows (float32 or bf16 bits: :mod:`surgeon.merge.kernels._raw`)."""
     _raw.register()
 
     @jit
@@ -119,7 +120,7 @@ def add_sums(base: Any, models: Sequence[Any], cols: int, by_row: bool, r0: int,
     ``mb[i] += sum_rows m_i*b``; row orientation (``by_row``): the same sums
     along each row, into entries ``r0..`` (float64 accumulators; whole rows
     of ``cols`` columns). Inputs: float32 CPU tensors, or the stored-dtype
-    arrays of :func:`surgeon.merge._raw.raw_inputs`."""
+    arrays of :func:`surgeon.merge.kernels._raw.raw_inputs`."""
     if isinstance(base, torch.Tensor):
         base, models = _raw.flat_array(base), tuple(_raw.flat_array(m) for m in models)
     k = _kernels()

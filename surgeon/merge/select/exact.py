@@ -19,15 +19,15 @@ patterns, which order like the values for non-negative floats.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 __all__ = [
     "kth_smallest",
-    "smallest_mask",
     "largest_mask",
     "rank_range_mask",
+    "smallest_mask",
     "stable_ranks",
     "stream_kth_smallest",
 ]

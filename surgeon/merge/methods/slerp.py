@@ -20,39 +20,14 @@ layer gradients or name filters, as in mergekit).
 """
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 
-from ..errors import InvalidInputError
-from .registry import Param, TensorMerge, merge_method
-
-DOT_THRESHOLD = 0.9995
-NORM_EPS = 1e-8
-
-
-def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
-    """``(c0, c1)`` with ``slerp = c0 v0 + c1 v1``, from ``|v0|^2``, ``|v1|^2`` and ``<v0, v1>``.
-
-    The sums come in float64 (no overflow of the raw dot, which mergekit
-    avoids by normalising first; and a streamed, block-wise sum gives the
-    whole-vector coefficients to float64 rounding).
-    """
-    na, nb = math.sqrt(aa), math.sqrt(bb)
-    na = na if na > NORM_EPS else 1.0
-    nb = nb if nb > NORM_EPS else 1.0
-    dot = min(max(ab / (na * nb), -1.0), 1.0)
-    if abs(dot) > DOT_THRESHOLD:
-        return 1.0 - t, t
-    theta = math.acos(dot)
-    s = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
-
-
-def _sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    f64 = torch.float64
-    return float((a * a).sum(dtype=f64)), float((b * b).sum(dtype=f64)), float((a * b).sum(dtype=f64))
+from ...errors import InvalidInputError
+from ..arith import slerp_coefficients, slerp_sums
+from ..kernels.slerp import SlerpKernel
+from ..method import merge_method
+from ..params import Param
+from ..tensor import TensorMerge
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -61,37 +36,13 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     b = v1.reshape(-1).float()
     if a.numel() == 0:
         return v0.float().clone()
-    ca, cb = slerp_coefficients(t, *_sums(a, b))
+    ca, cb = slerp_coefficients(t, *slerp_sums(a, b))
     out = torch.mul(a, ca)
     out.add_(b, alpha=cb)
     return out.reshape(v0.shape)
 
 
-class SlerpKernel:
-    """SLERP streamed: one pass sums ``|v0|^2, |v1|^2, <v0, v1>`` over the
-    blocks (float64), then each block is ``c0 v0 + c1 v1``."""
-
-    stat_passes = 1
-
-    def __init__(self, meta: Any):
-        self.t = float(meta.params["t"])
-        self.sums = [0.0, 0.0, 0.0]
-        self.coef: tuple[float, float] | None = None
-
-    def observe(self, pass_no: int, blk: TensorMerge) -> None:
-        for i, v in enumerate(_sums(blk.base, blk.models[0])):
-            self.sums[i] += v
-
-    def end_pass(self, pass_no: int) -> None:
-        self.coef = slerp_coefficients(self.t, *self.sums)
-
-    def merge(self, blk: TensorMerge) -> torch.Tensor:
-        assert self.coef is not None
-        out = torch.mul(blk.base, self.coef[0])
-        return out.add_(blk.models[0], alpha=self.coef[1])
-
-
-def slerp_kernel(meta: Any) -> SlerpKernel | None:
+def slerp_kernel(meta: TensorMerge) -> SlerpKernel | None:
     if not meta.has_base or len(meta.model_params) != 1 or meta.numel == 0:
         return None  # the whole-tensor path gives the clear error / the empty result
     return SlerpKernel(meta)
@@ -120,3 +71,6 @@ def slerp(t: TensorMerge) -> torch.Tensor:
             f"tensor {t.name!r}: slerp: shapes differ: {tuple(t.base.shape)} vs {tuple(t.models[0].shape)}"
         )
     return slerp_tensors(float(t.params["t"]), t.base, t.models[0])
+
+
+METHODS = (slerp,)

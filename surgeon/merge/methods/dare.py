@@ -22,16 +22,21 @@ task vector as is; ``density == 0`` drops everything.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from . import _ties_fused
-from ._common import (DENSITY, LAMBDA, WEIGHT, check_inputs, combine, normalize_param, rescale_param,
-                      weight_total)
-from ._random import stream_key
-from ._raw import raw_inputs, raw_view
-from .blocks import PieceInputs, TensorMeta
-from .registry import TensorMerge, merge_method
+from ..arith import combine
+from ..kernels import ties_compiled
+from ..kernels.dare import DareKernel
+from ..method import merge_method
+from ..tensor import TensorMerge
+from .common import (
+    DENSITY,
+    LAMBDA,
+    WEIGHT,
+    check_inputs,
+    normalize_param,
+    rescale_param,
+)
 
 _RESCALE = rescale_param(True, "multiply the surviving entries by 1/density (the paper's rescale)")
 _PAPER = "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv 2311.03099)"
@@ -52,46 +57,9 @@ def dare_drop(delta: torch.Tensor, density: float, rescale: bool, uniform: torch
     return delta
 
 
-class DareKernel:
-    """``dare_linear`` / ``dare_ties`` on CPU blocks through the compiled merge
-    (:mod:`surgeon.merge._ties_fused`): drop, rescale, weight, elect and mix in
-    one call per block instead of ~30 torch ops. Same numbers (the same
-    uniforms, float32 operations in the same order) as ``fn``."""
-
-    stat_passes = 0
-
-    def __init__(self, meta: TensorMeta, consensus: bool):
-        p = meta.params
-        dens = [float(mp["density"]) for mp in meta.model_params]
-        # the streams TensorMerge.uniform(f"dare:{i}") draws from (read only for models that draw)
-        self.keys = [stream_key(meta.seed, meta.name, f"dare:{i}") for i in range(len(dens))]
-        weights = [float(mp["weight"]) for mp in meta.model_params]
-        self.args = _ties_fused.dare_args(
-            np.array([0 if d >= 1 else (1 if d <= 0 else 2) for d in dens], dtype=np.int8),
-            np.array(dens, dtype=np.float32), bool(p["rescale"]), np.array(weights, dtype=np.float32), consensus,
-            bool(p["normalize"]), weight_total(weights), float(p["lambda"]))
-
-    def observe(self, pass_no: int, blk: TensorMerge) -> None:  # pragma: no cover - no passes
-        raise AssertionError("dare has no statistic passes")
-
-    def end_pass(self, pass_no: int) -> None:  # pragma: no cover - no passes
-        raise AssertionError("dare has no statistic passes")
-
-    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
-        """The whole piece from and to its stored dtypes, uniforms drawn in-line
-        (None: these inputs need float32 blocks)."""
-        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
-        if raw is None or raw[0] is None or o is None:
-            return None
-        return _ties_fused.merge_raw(raw[0], raw[1], self.args, o, self.keys, piece.start)
-
-    def merge(self, blk: TensorMerge) -> torch.Tensor:
-        return _ties_fused.merge_block(blk.base, blk.models, self.args, self.keys, blk.offset).reshape(blk.base.shape)
-
-
 def _dare_kernel(consensus: bool):
-    def factory(meta: TensorMeta) -> DareKernel | None:
-        if meta.device.type != "cpu" or not meta.has_base or not _ties_fused.available():
+    def factory(meta: TensorMerge) -> DareKernel | None:
+        if meta.device.type != "cpu" or not meta.has_base or not ties_compiled.available():
             return None  # the elementwise fn serves the blocks
         return DareKernel(meta, consensus)
 
@@ -146,3 +114,6 @@ def dare_ties(t: TensorMerge) -> torch.Tensor:
     check_inputs(t, "dare_ties")
     p = t.params
     return combine(t, _dropped_deltas(t), consensus="sum", normalize=p["normalize"], lam=p["lambda"])
+
+
+METHODS = (dare_linear, dare_ties)

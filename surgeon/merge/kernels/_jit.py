@@ -1,0 +1,132 @@
+"""numba set-up shared by every compiled loop of :mod:`surgeon.merge`.
+
+- :func:`numba_module`: numba, or None when it is missing or switched off
+  (``SURGEON_NO_NUMBA=1``, read through :mod:`surgeon.settings`).
+- :func:`jit_options`: ``njit`` with the options every loop uses.
+- :func:`compiled`: decorator turning a module's ``build(jit)`` into a cached
+  getter of its compiled loops.
+
+Cache invalidation. numba's on-disk cache (``cache=True``) keys each
+function on the content of the file that defines it, but the loops inline
+helpers from other files (``_raw.load``/``store``, ``rng.fill_uniform``):
+editing ``_raw.py`` used to leave stale machine code behind until the cache
+files were deleted by hand. :func:`_install_locator` registers a cache locator
+for surgeon's kernel files whose freshness stamp is the hash of *all* of them
+(:data:`KERNEL_SOURCES`), so a change to any kernel source recompiles every
+loop on next use. See docs/architecture.md ("Compiled kernels").
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ... import settings
+
+_MERGE = Path(__file__).resolve().parent.parent
+#: every source file whose code ends up inside a compiled loop
+KERNEL_SOURCES: tuple[Path, ...] = (
+    _MERGE / "kernels" / "_jit.py",
+    _MERGE / "kernels" / "_raw.py",
+    _MERGE / "kernels" / "ties_compiled.py",
+    _MERGE / "kernels" / "linear.py",
+    _MERGE / "kernels" / "widen_compiled.py",
+    _MERGE / "rng.py",
+    _MERGE / "select" / "counting.py",
+)
+
+
+def numba_module() -> Any:
+    """The numba module, or None when it is unavailable or switched off
+    (``SURGEON_NO_NUMBA=1``)."""
+    if settings.current().no_numba:
+        return None
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; keep merges working without it
+        return None
+    return numba
+
+
+@lru_cache(maxsize=1)
+def sources_stamp() -> bytes:
+    """sha256 over the contents of :data:`KERNEL_SOURCES` (the cache's freshness stamp)."""
+    h = hashlib.sha256()
+    for p in KERNEL_SOURCES:
+        h.update(p.name.encode())
+        try:
+            h.update(p.read_bytes())
+        except OSError:  # pragma: no cover - a zipped install: fall back to numba's per-file stamp
+            pass
+    return h.digest()
+
+
+@lru_cache(maxsize=1)
+def _install_locator() -> bool:
+    """Put a cache locator for surgeon's kernel files first in numba's list
+    (once). Files outside :mod:`surgeon.merge` are left to numba's own
+    locators. Returns False when numba's caching internals differ from the
+    ones this was written against (numba 0.6x): the per-file stamps then apply."""
+    try:
+        from numba.core import caching
+    except ImportError:  # pragma: no cover
+        return False
+    base = getattr(caching, "InTreeCacheLocator", getattr(caching, "_InTreeCacheLocator", None))
+    impl = getattr(caching, "CacheImpl", getattr(caching, "_CacheImpl", None))
+    if base is None or impl is None or not isinstance(getattr(impl, "_locator_classes", None), list):
+        return False  # pragma: no cover - other numba versions
+    mine = {str(p) for p in KERNEL_SOURCES}
+
+    class KernelSourcesLocator(base):  # type: ignore[misc, valid-type]
+        """numba's in-tree ``__pycache__`` locator, stamped by all kernel sources."""
+
+        def get_source_stamp(self) -> Any:
+            return sources_stamp()
+
+        @classmethod
+        def from_function(cls, py_func: Any, py_file: str) -> Any:
+            if str(Path(py_file).resolve()) not in mine:
+                return None
+            return super().from_function(py_func, py_file)
+
+    if not any(getattr(c, "__name__", "") == "KernelSourcesLocator" for c in impl._locator_classes):
+        impl._locator_classes.insert(0, KernelSourcesLocator)
+    return True
+
+
+def jit_options() -> Any:
+    """numba's ``njit`` with the options every compiled loop of surgeon uses,
+    or None without numba: ``nogil`` (the engine's compute threads run them
+    side by side), ``cache`` (compiled once per machine, recompiled when any
+    kernel source changes), no bounds checks, and numpy's error model (IEEE
+    results such as x / 0 = inf instead of Python exceptions, and no checks
+    inside the loops)."""
+    nb = numba_module()
+    if nb is None:
+        return None
+    _install_locator()
+    return nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+
+#: options of the ``@overload`` helpers inlined into the loops
+OVERLOAD_OPTIONS = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
+
+
+def compiled(build: Callable[[Any], Any]) -> Callable[[], Any]:
+    """Decorator: ``build(jit)`` defines a module's compiled loops; the
+    decorated name becomes a cached getter returning them (compiled, or loaded
+    from numba's cache, on first use), or None without numba."""
+    @lru_cache(maxsize=1)
+    def build_once() -> Any:
+        jit = jit_options()
+        return None if jit is None else build(jit)
+
+    def get() -> Any:
+        # SURGEON_NO_NUMBA is honoured on every call, not only before the first
+        # compilation (tests switch backends with monkeypatch.setenv)
+        return None if settings.current().no_numba else build_once()
+
+    get.__doc__ = build.__doc__
+    return get

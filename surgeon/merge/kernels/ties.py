@@ -1,0 +1,177 @@
+"""TIES' kernel: the exact per-tensor trim streamed, then the compiled (or torch) merge.
+
+The definition is :func:`surgeon.merge.methods.ties.ties`; this kernel is
+proven equal to it by tests/test_merge_conformance.py.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..arith import consensus_mix
+from ..select.stream import SelectionPasses, StreamSelector, next_float
+from ..tensor import TensorMerge
+from . import ties_compiled
+from ._raw import raw_inputs, raw_view
+from .base import PieceInputs
+
+
+def resolve_zero_sign(params: dict[str, Any]) -> str:
+    z = params.get("zero_sign", "auto")
+    if z == "auto":
+        return "majority" if params.get("trim_scope", "tensor") == "model" else "positive"
+    return z
+
+
+def _below(x: float) -> float:
+    """The largest float32 below ``x`` (>= 0): ``hardshrink(d, _below(t))`` keeps ``|d| >= t``."""
+    return next_float(x, 0.0)
+
+
+class TiesKernel(SelectionPasses):
+    """TIES, block by block, with the same trim as :func:`surgeon.merge.methods.ties.magnitude_trim`.
+
+    Tensor scope: each trimmed model's exact k-th largest ``|delta|`` comes
+    from counting passes over the tensor (one, unless a sampled bracket
+    misses: :class:`surgeon.merge.select.stream.StreamSelector`), without
+    sorting or holding the tensor. The merge pass keeps ``|delta| > t`` (``hardshrink``)
+    and, of the entries equal to ``t``, the first ``k - #(> t)`` in flat order
+    (a running quota; blocks come in flat order) — exactly mergekit's k
+    entries, ties to the lowest indices. Model scope: thresholds come from the
+    whole-model pre-pass and every ``|delta| >= t`` is kept (the reference's
+    rule); no passes.
+    """
+
+    def __init__(self, meta: TensorMerge):
+        p = meta.params
+        self.meta = meta
+        self.weights = [float(mp["weight"]) for mp in meta.model_params]
+        self.consensus = p["consensus"]
+        self.normalize = p["normalize"] and p["mixing"] == "mean"
+        self.lam = float(p["lambda"])
+        n = meta.numel
+        self.keep_ge: list[float | None] = []   # keep |d| >= value (None: keep all)
+        self.ks: list[int | None] = []           # tensor scope: entries to keep (None: all, 0: none)
+        if p["trim_scope"] == "model":
+            st = meta.state
+            self.keep_ge = [None if thr is None else float(thr) for thr in st["thresholds"]]
+            self.ks = [None] * len(self.keep_ge)
+            self.zero_sign = float(st.get("zero_sign", 1.0)) if resolve_zero_sign(p) == "majority" else 1.0
+        else:
+            for mp in meta.model_params:
+                d = float(mp["density"])
+                self.ks.append(None if d >= 1 else (0 if d <= 0 or n == 0 else max(1, int(d * n))))
+            self.keep_ge = [None] * len(self.ks)
+            self.zero_sign = 1.0
+        # the k-th largest is the (n - k + 1)-th smallest
+        self.selector = StreamSelector({i: n - k + 1 for i, k in enumerate(self.ks) if k}, n)
+        self.stat_passes = StreamSelector.passes if self.selector.ks else 0
+        self.row = n // meta.shape[0] if meta.shape and meta.shape[0] else 1
+        self._thr: dict[int, float] = {}
+        self._quota: dict[int, int] = {}       # tied entries still to keep (partial ties)
+        self._next = 0
+        self._fused = meta.device.type == "cpu" and ties_compiled.available()
+        self._fused_args: ties_compiled.BlockArgs | None = None
+
+    # -- statistic passes (observe, observe_raw, pass_needed: SelectionPasses) --
+    def end_pass(self, pass_no: int) -> None:
+        self.selector.end_pass(pass_no)
+        if not self.selector.done:
+            return
+        n = self.meta.numel
+        for i, sel in self.selector.result.items():
+            quota = self.ks[i] - (n - sel.below - sel.equal)  # tied entries among the k largest
+            if quota >= sel.equal:
+                self.keep_ge[i] = sel.value
+            else:
+                self._thr[i] = sel.value
+                self._quota[i] = quota
+
+    # -- merge pass -----------------------------------------------------------
+    def _trim(self, i: int, d: torch.Tensor) -> torch.Tensor:
+        k = self.ks[i]
+        if k == 0:
+            return d.zero_()
+        thr = self.keep_ge[i]
+        if thr is not None:
+            if thr == float("inf"):
+                return d.zero_()
+            return d if thr <= 0 else torch.nn.functional.hardshrink(d, _below(thr))
+        if i not in self._thr:
+            return d  # keep all
+        t = self._thr[i]
+        out = torch.nn.functional.hardshrink(d, t)  # strictly above the threshold
+        quota = self._quota[i]
+        if quota > 0:
+            # the tied entries' values: (|d| >= t) minus (|d| > t), in float ops (t > 0 here)
+            with_ties = torch.nn.functional.hardshrink(d, _below(t))
+            tied_values = with_ties - out
+            tied = int(torch.count_nonzero(tied_values))
+            if tied <= quota:  # every tied entry of this block belongs
+                self._quota[i] = quota - tied
+                return with_ties
+            idx = torch.nonzero(tied_values.reshape(-1)).squeeze(1)[:quota]
+            flat_out, flat_d = out.reshape(-1), d.reshape(-1)
+            flat_out[idx] = flat_d[idx]
+            self._quota[i] = 0
+        return out
+
+    def _trim_thresholds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per model, :meth:`_trim` as hardshrink thresholds for the compiled
+        merge: (sure keeps, keeps with ties, tied entries still to keep)."""
+        strict, with_ties, quota = [], [], []
+        for i, k in enumerate(self.ks):
+            thr = self.keep_ge[i]
+            if k == 0 or thr == float("inf"):
+                t = tt = float("inf")       # drop everything
+            elif thr is not None:
+                t = tt = -1.0 if thr <= 0 else _below(thr)
+            elif i in self._thr:
+                t, tt = self._thr[i], _below(self._thr[i])
+            else:
+                t = tt = -1.0               # keep everything
+            strict.append(t)
+            with_ties.append(tt)
+            quota.append(self._quota.get(i, 0) if i in self._thr else 0)
+        return (np.array(strict, dtype=np.float32), np.array(with_ties, dtype=np.float32),
+                np.array(quota, dtype=np.int64))
+
+    def _in_order(self, offset: int, numel: int) -> None:
+        if offset != self._next:
+            raise RuntimeError(f"tensor {self.meta.name!r}: ties blocks out of order ({offset} != {self._next})")
+        self._next = offset + numel
+
+    def _compiled_args(self) -> ties_compiled.BlockArgs:
+        if self._fused_args is None:  # thresholds are final once the passes are done
+            self._fused_args = ties_compiled.ties_args(*self._trim_thresholds(), np.array(self.weights, dtype=np.float32),
+                                                     self.consensus == "count", self.zero_sign, self.normalize,
+                                                     self.lam)
+        return self._fused_args
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        """The whole piece through the compiled merge, from and to the stored
+        dtypes (None: these inputs need float32 blocks)."""
+        if not self._fused:
+            return None
+        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
+        if raw is None or raw[0] is None or o is None:
+            return None
+        self._in_order(piece.start, piece.numel)
+        return ties_compiled.merge_raw(raw[0], raw[1], self._compiled_args(), o)
+
+    def merge(self, blk: TensorMerge) -> torch.Tensor:
+        self._in_order(blk.offset, blk.base.numel())
+        if self._fused:
+            return ties_compiled.merge_block(blk.base, blk.models, self._compiled_args()).reshape(blk.base.shape)
+        deltas = []
+        for i, (m, w) in enumerate(zip(blk.models, self.weights)):
+            d = self._trim(i, m - blk.base)
+            if w != 1.0:
+                d.mul_(w)
+            deltas.append(d)
+        mixed = consensus_mix(deltas, self.weights, self.consensus, self.normalize, self.zero_sign)
+        if self.lam != 1.0:
+            mixed.mul_(self.lam)
+        return mixed.add_(blk.base)
