@@ -27,6 +27,7 @@ from ..errors import InvalidInputError, StepError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
 from ..io.destination import check_destination, destination_lock
+from ..io.lora import open_adapter, split_adapter_ref, with_adapter
 from ..io.refs import parse_ref
 from ..io.stream_hash import file_sha256, known_digest
 from ..io.writer import CheckpointWriter, allow_nonfinite, parse_size, resume_key
@@ -103,6 +104,8 @@ class Pipeline:
         if model_id in self._models and not (getattr(self._models[model_id], "headers_only", False) and not headers_only):
             return self._models[model_id]
         raw = self.recipe.models[model_id]
+        # "model+adapter": a LoRA adapter applied as the model's tensors stream (surgeon/io/lora.py)
+        raw, adapter = split_adapter_ref(raw, exists=lambda s: Path(self.loaded.resolve_path(s)).exists())
         ref = parse_ref(self.loaded.resolve_path(raw))
         where = self.loaded.where("models", model_id)
         if ref.is_hub:
@@ -126,6 +129,11 @@ class Pipeline:
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{where}: model {model_id!r}: {exc}") from None
             self._resolved[model_id] = {"ref": raw, "hub_id": None, "revision": None, "path": str(ref.local)}
+        if adapter is not None:
+            try:
+                ck = with_adapter(ck, open_adapter(adapter, self.loaded.resolve_path, progress=not self.opts.quiet))
+            except InvalidInputError as exc:
+                raise type(exc)(f"{where}: model {model_id!r}: {exc}") from None
         self._models[model_id] = ck
         return ck
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -83,7 +84,10 @@ class MergeKind:
                 fingerprint: str) -> dict[str, Any]:
         mp: MergePlan = plan.detail
         for note in mp.notes:
-            pipeline._say(f"step {step.id}: {note}")
+            if note.startswith("warning: ") and pipeline.opts.quiet and pipeline.coord.is_main:
+                print(f"step {step.id}: {note}", file=sys.stderr)  # what would otherwise pass silently survives -q
+            else:
+                pipeline._say(f"step {step.id}: {note}")
         threads = _merge_threads(pipeline)
         with CheckpointWriter(dest, mp.specs, max_shard_size=pipeline.max_shard_size, overwrite=True,
                               metadata={"surgeon.step": step.id}, coordinator=pipeline.coord) as writer:

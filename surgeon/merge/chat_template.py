@@ -8,7 +8,7 @@ Accepted values, as in mergekit 0.1.5:
 - ``auto``: the template the most inputs' tokenizers carry (compared after
   stripping surrounding whitespace; among equally common ones, the first in
   the recipe's order: base, then models); no input with a template: nothing is
-  written, with a note;
+  written, with a note that ``-q`` keeps;
 - a literal Jinja template (any text with ``{``, at least 20 characters).
 
 Anything else is refused. The template is stored on the output tokenizer and
@@ -129,7 +129,7 @@ def resolve_chat_template(value: str, inputs: list[Any], where: Callable[..., st
             if t:
                 seen.append(t)
         if not seen:
-            notes.append("chat_template: auto found no chat template in any input; none is written")
+            notes.append("warning: chat_template: auto found no chat template in any input; none is written")
             return None
         best = Counter(seen).most_common(1)[0][0]
         notes.append(f"chat_template: auto chose the template of {seen.count(best)} of {len(seen)} inputs")
