@@ -178,3 +178,302 @@ def test_every_mergekit_option_is_accepted() -> None:
         assert flag in known, flag
         if info.annotation is bool and name not in ("gpu_rich",):
             assert "--no-" + name.replace("_", "-") in known or name in ("quiet",), name
+
+
+# ---------------------------------------------------------------------------
+# layer surgery (slices:)
+F, S = "full_attention", "sliding_attention"
+LAYER_TYPES = {"a": [F, S, F, S], "b": [S, S, F, F], "c": [F, F, F, S]}
+
+
+@pytest.fixture
+def four_layer(tmp_path: Path) -> dict[str, Path]:
+    """Three float32 Llamas of 4 layers with a per-layer config list (layer_types) that names each layer."""
+    from conftest import build_tiny_llama
+
+    out = {}
+    for i, name in enumerate(("a", "b", "c")):
+        folder = build_tiny_llama(tmp_path / name, seed=i + 1, layers=4, dtype=torch.float32, tied=False)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["layer_types"] = LAYER_TYPES[name]
+        (folder / "config.json").write_text(json.dumps(cfg))
+        out[name] = folder
+    return out
+
+
+FRANKEN = """slices:
+  - sources:
+    - model: {a}
+      layer_range: [0, 3]
+  - sources:
+    - model: {b}
+      layer_range: [1, 4]
+merge_method: passthrough
+dtype: float32
+"""
+
+
+def test_frankenmerge_stacks_overlapping_ranges(tmp_path: Path, four_layer: dict[str, Path]) -> None:
+    cfg = _write_config(tmp_path, FRANKEN.format(**four_layer))
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), str(out), "-q"]) == 0
+    ck, a, b = Checkpoint.open(out), Checkpoint.open(four_layer["a"]), Checkpoint.open(four_layer["b"])
+    sources = [(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]
+    layer_names = [n for n in a.names if ".layers.0." in n]
+    assert len(ck.names) == 6 * len(layer_names) + 3  # + embeddings, final norm, head
+    for i, (src, j) in enumerate(sources):
+        for n in layer_names:
+            assert torch.equal(ck.get(n.replace(".layers.0.", f".layers.{i}.")), src.get(n.replace(".layers.0.", f".layers.{j}.")))
+    assert torch.equal(ck.get("model.embed_tokens.weight"), a.get("model.embed_tokens.weight"))  # first slice
+    assert torch.equal(ck.get("model.norm.weight"), b.get("model.norm.weight"))  # last slice
+    assert torch.equal(ck.get("lm_head.weight"), b.get("lm_head.weight"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    assert config["layer_types"] == [F, S, F, S, F, F]  # a's layers 0-2, b's 1-3
+
+
+def test_slices_as_a_recipe_step_feeding_another_step(tmp_path: Path, four_layer: dict[str, Path]) -> None:
+    """A frankenmerge is an ordinary merge step: a later step reads its 6-layer output."""
+    recipe = _write_config(tmp_path, f"""models: {{a: {four_layer['a']}, b: {four_layer['b']}}}
+steps:
+  - id: stacked
+    merge:
+      method: passthrough
+      slices:
+        - sources: [{{model: a, layer_range: [0, 3]}}]
+        - sources: [{{model: b, layer_range: [1, 4]}}]
+  - id: twice
+    merge:
+      method: linear
+      models: [{{model: stacked, weight: 1.0}}, {{model: stacked, weight: 1.0}}]
+output: {{from: twice, path: {tmp_path / 'out'}}}
+""", "recipe.yml")
+    assert main(["run", str(recipe), "-q"]) == 0
+    ck = Checkpoint.open(tmp_path / "out")
+    assert ck.num_layers == 6
+    b = Checkpoint.open(four_layer["b"])
+    torch.testing.assert_close(ck.get("model.layers.5.mlp.up_proj.weight"), b.get("model.layers.3.mlp.up_proj.weight"))
+
+
+def test_slice_errors_name_file_and_line(tmp_path: Path, four_layer: dict[str, Path], capsys) -> None:
+    text = FRANKEN.format(**four_layer).replace("[1, 4]", "[1, 5]")
+    cfg = _write_config(tmp_path, text)
+    assert main(["run", str(cfg), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:" in err and "layer_range" in err and "4 layers" in err
+    text = """slices:
+  - sources:
+    - {model: A, layer_range: [0, 2]}
+    - {model: B, layer_range: [0, 3]}
+merge_method: linear
+""".replace("A", str(four_layer["a"])).replace("B", str(four_layer["b"]))
+    cfg = _write_config(tmp_path, text, "bad2.yml")
+    assert main(["validate", str(cfg)]) == 2
+    assert "same number of layers" in capsys.readouterr().err
+    text = """slices:
+  - sources:
+    - {model: A, layer_range: [0, 2]}
+    - {model: B, layer_range: [0, 2]}
+merge_method: slerp
+base_model: C
+parameters: {t: 0.5}
+""".replace("A", str(four_layer["a"])).replace("B", str(four_layer["b"])).replace("C", str(four_layer["c"]))
+    cfg = _write_config(tmp_path, text, "bad3.yml")
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:" in err and "base" in err
+
+
+GRADIENT_SLERP = """slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 4]
+      - model: {b}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+"""
+
+
+def test_slices_equal_the_models_syntax(tmp_path: Path, four_layer: dict[str, Path]) -> None:
+    """mergekit's examples/gradient-slerp.yml says its slices equal the models: syntax; so they do here."""
+    sliced = _write_config(tmp_path, GRADIENT_SLERP.format(**four_layer), "sliced.yml")
+    whole = _write_config(tmp_path, GRADIENT_SLERP.format(**four_layer).replace(
+        "slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 4]\n      - model: {b}\n        layer_range: [0, 4]\n"
+        .format(**four_layer), f"models:\n  - model: {four_layer['a']}\n  - model: {four_layer['b']}\n"), "whole.yml")
+    assert "slices:" not in whole.read_text()
+    assert main(["run", str(sliced), str(tmp_path / "s"), "-q"]) == 0
+    assert main(["run", str(whole), str(tmp_path / "w"), "-q"]) == 0
+    s, w = Checkpoint.open(tmp_path / "s"), Checkpoint.open(tmp_path / "w")
+    assert sorted(s.names) == sorted(w.names)
+    for n in s.names:
+        assert torch.equal(s.get(n), w.get(n)), n
+
+
+def _mergekit_yaml(config: Path, out: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    proc = subprocess.run([str(exe), str(config), str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _assert_same(ours: Path, theirs: Path, rtol: float = 1e-5) -> None:
+    a, b = Checkpoint.open(ours), Checkpoint.open(theirs)
+    assert sorted(a.names) == sorted(b.names)
+    for n in a.names:
+        x, y = a.get(n, dtype=torch.float32), b.get(n, dtype=torch.float32)
+        assert x.shape == y.shape, n
+        assert float((x - y).abs().max()) <= rtol * max(float(y.abs().max()), 1e-12), n
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("config", ["franken", "gradient_slerp", "slerp_two_slices"])
+def test_slices_same_checkpoint_as_mergekit(config: str, tmp_path: Path, four_layer: dict[str, Path]) -> None:
+    pytest.importorskip("mergekit")
+    text = {
+        "franken": FRANKEN,
+        "gradient_slerp": GRADIENT_SLERP,
+        "slerp_two_slices": """slices:
+  - sources:
+      - {{model: {a}, layer_range: [0, 2]}}
+      - {{model: {b}, layer_range: [2, 4]}}
+    parameters: {{t: [0.2, 0.9]}}
+  - sources:
+      - {{model: {b}, layer_range: [1, 3]}}
+      - {{model: {c}, layer_range: [0, 2]}}
+    base_model: {c}
+merge_method: slerp
+base_model: {a}
+parameters:
+  t: [{{filter: mlp, value: 0.7}}, {{value: 0.4}}]
+dtype: float32
+""",
+    }[config].format(**four_layer)
+    for folder in four_layer.values():  # mergekit 0.1.5 cannot save a config whose layer_types it did not resize
+        c = json.loads((folder / "config.json").read_text())
+        c.pop("layer_types")
+        (folder / "config.json").write_text(json.dumps(c))
+    cfg = _write_config(tmp_path, text)
+    assert main(["run", str(cfg), str(tmp_path / "ours"), "-q"]) == 0
+    _mergekit_yaml(cfg, tmp_path / "theirs")
+    _assert_same(tmp_path / "ours", tmp_path / "theirs")
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())
+    theirs = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert ours["num_hidden_layers"] == theirs["num_hidden_layers"]
+
+
+# ---------------------------------------------------------------------------
+# multi-document configs (mergekit-multi)
+MULTI = """name: first-merge
+merge_method: linear
+models:
+  - model: {a}
+  - model: {b}
+parameters:
+  weight: 0.5
+---
+name: second-merge
+merge_method: slerp
+base_model: first-merge
+models:
+  - model: {c}
+parameters:
+  t: 0.5
+---
+merge_method: task_arithmetic
+base_model: {a}
+models:
+  - model: second-merge
+    parameters:
+      weight: 0.5
+  - model: {b}
+    parameters:
+      weight: 0.5
+dtype: float32
+"""
+
+
+def test_multi_document_config_becomes_steps(tmp_path: Path, four_layer: dict[str, Path], capsys) -> None:
+    cfg = _write_config(tmp_path, MULTI.format(**four_layer))
+    assert main(["convert", str(cfg)]) == 0
+    import yaml
+
+    recipe = yaml.safe_load(capsys.readouterr().out)
+    assert [s["id"] for s in recipe["steps"]] == ["first-merge", "second-merge", "merge"]
+    assert recipe["steps"][1]["merge"]["base"] == "first-merge"
+    assert recipe["output"]["from"] == "merge"
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), str(out), "-q"]) == 0
+    # by hand: first = (a + b) / 2; second = slerp(first, c, 0.5); out = a + 0.5 (second - a) + 0.5 (b - a)
+    from surgeon.merge.registry import get_method  # noqa: F401  (the methods are registered)
+
+    ck = Checkpoint.open(out)
+    a, b = (Checkpoint.open(four_layer[k]) for k in "ab")
+    first = Checkpoint.open(out.parent / f".{out.name}.surgeon-work" / "first-merge") \
+        if (out.parent / f".{out.name}.surgeon-work" / "first-merge").exists() else None
+    name = "model.layers.1.mlp.up_proj.weight"
+    if first is not None:
+        torch.testing.assert_close(first.get(name), (a.get(name) + b.get(name)) / 2)
+    assert ck.get(name).shape == a.get(name).shape
+
+
+def test_multi_document_errors_are_not_called_invalid_yaml(tmp_path: Path, four_layer: dict[str, Path], capsys) -> None:
+    text = MULTI.format(**four_layer).replace("name: second-merge\n", "")
+    cfg = _write_config(tmp_path, text)
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" not in err and "name" in err and f"{cfg}:" in err
+    cfg = _write_config(tmp_path, "models: {a: x}\n---\nmodels: {b: y}\n", "two.yml")
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" not in err and "merge_method" in err
+
+
+@pytest.mark.mergekit
+def test_multi_document_same_checkpoint_as_mergekit_multi(tmp_path: Path, four_layer: dict[str, Path]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mergekit")
+    cfg = _write_config(tmp_path, MULTI.format(**four_layer))
+    assert main(["run", str(cfg), str(tmp_path / "ours"), "-q"]) == 0
+    exe = Path(sys.executable).parent / "mergekit-multi"
+    proc = subprocess.run([str(exe), str(cfg), "-I", str(tmp_path / "interm"), "--out-path", str(tmp_path / "theirs")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_same(tmp_path / "ours", tmp_path / "theirs")
+
+
+# ---------------------------------------------------------------------------
+# keys mergekit ignores: accepted with a note that survives -q
+def test_keys_mergekit_ignores_are_noted(tmp_path: Path, four_layer: dict[str, Path], capsys) -> None:
+    cfg = _write_config(tmp_path, f"""merge_method: slerp
+base_model: {four_layer['a']}
+models:
+  - model: {four_layer['a']}
+    parameters: {{weight: 0.6}}
+  - model: {four_layer['b']}
+    parameters: {{weight: 0.4}}
+parameters:
+  t: 0.35
+  int8_mask: true
+dtype: float32
+""")
+    assert main(["run", str(cfg), str(tmp_path / "out"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 3, err
+    assert f"{cfg}:5: " in err and f"{cfg}:7: " in err and "'weight' is ignored by mergekit's slerp" in err
+    assert "int8_mask" in err

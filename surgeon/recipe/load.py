@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -16,9 +17,9 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import InvalidInputError, RecipeError
 from ..suggest import closest, did_you_mean
-from .mergekit import convert_mergekit, is_mergekit_config
+from .mergekit import Documents, convert_located, is_mergekit_config, one_or_documents
 from .schema import MergeSpec, Recipe, Step
-from .yamlio import Located, load_yaml_file, load_yaml_text
+from .yamlio import Located, load_yaml_documents, load_yaml_file_documents
 
 
 @dataclass
@@ -92,7 +93,7 @@ def _looks_local(ref: str, base_dir: Path) -> bool:
 def load_recipe(path: str | Path, *, output_path: str | None = None) -> LoadedRecipe:
     """Load and validate a surgeon recipe or a mergekit config file."""
     p = Path(path)
-    located = load_yaml_file(p)
+    located = one_or_documents(load_yaml_file_documents(p))  # several: a mergekit-multi config
     text = p.read_text(encoding="utf-8")
     return _validate(located, text, p.parent.resolve(), output_path)
 
@@ -102,7 +103,7 @@ def load_recipe_text(text: str, file: str = "<recipe>", base_dir: str | Path = "
     """Load a recipe from text. ``labels`` (recipes built from command-line flags) map recipe paths
     such as ``("steps", 0, "merge", "method")`` to what the user typed; errors then start with
     that label (``file`` for anything unlabelled) instead of a line the user never wrote."""
-    located = load_yaml_text(text, file)
+    located = one_or_documents(load_yaml_documents(text, file))
     if labels is not None:
         located = FlagLocated(located.data, file, located.lines, labels)
     return _validate(located, text, Path(base_dir).resolve(), output_path)
@@ -110,13 +111,11 @@ def load_recipe_text(text: str, file: str = "<recipe>", base_dir: str | Path = "
 
 def _validate(located: Located, text: str, base_dir: Path, output_path: str | None) -> LoadedRecipe:
     data = located.data
-    from_mergekit = is_mergekit_config(data)
+    from_mergekit = is_mergekit_config(data) or isinstance(located, Documents)
     if from_mergekit:
-        try:
-            data = convert_mergekit(data, located.file, output_path or "./merged")
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a shape the checks above did not foresee
-            raise RecipeError(f"{located.file}: not a valid mergekit config ({type(exc).__name__}: {exc})") from None
-        located = Located(data, located.file, {(): 1})
+        data, located, notes = convert_located(located, output_path or "./merged")
+        for note in notes:  # keys mergekit itself ignores: said even under -q (nothing is silently ignored)
+            print(f"note: {note}", file=sys.stderr)
     if not isinstance(data, dict):
         raise RecipeError(f"{located.file}:1: a recipe must be a mapping with models, steps and output")
     try:
@@ -250,6 +249,10 @@ def _reference_paths(step: Step) -> list[tuple[tuple[Any, ...], str]]:
         if s.base:
             out.append((("base",), s.base))
         out += [(("models", j, "model"), m.model) for j, m in enumerate(s.models)]
+        for k, sl in enumerate(s.slices or []):
+            if sl.base:
+                out.append((("slices", k, "base"), sl.base))
+            out += [(("slices", k, "sources", j, "model"), src.model) for j, src in enumerate(sl.sources)]
         if s.tokenizer_source and s.tokenizer_source not in ("base", "union"):
             out.append((("tokenizer_source",), s.tokenizer_source))
     elif step.kind == "transplant":
@@ -272,6 +275,9 @@ def check_methods(loaded: LoadedRecipe, problems: list[str] | None = None) -> No
         if not isinstance(step.spec, MergeSpec):
             continue
         spec = step.spec
+        if spec.slices:
+            _check_slices(loaded, i, spec)
+            continue
         try:
             method = get_method(spec.method)
         except InvalidInputError as exc:
@@ -316,6 +322,53 @@ def _collect(problems: list[str], check: Any, *args: Any) -> None:
         check(*args)
     except InvalidInputError as exc:
         problems.append(str(exc))
+
+
+def _check_slices(loaded: LoadedRecipe, i: int, spec: MergeSpec) -> None:
+    """A sliced merge: each slice's method exists, takes that many sources, knows every parameter given."""
+    from ..merge.registry import get_method
+
+    step = ("steps", i, "merge")
+    for k, sl in enumerate(spec.slices or []):
+        name = sl.method or spec.method
+        if name == "passthrough":
+            if len(sl.sources) != 1:
+                raise RecipeError(f"{loaded.where(*step, 'slices', k, 'sources')}: passthrough takes exactly "
+                                  f"one source per slice, got {len(sl.sources)}")
+            for where, keys in [((*step, "parameters"), spec.parameters), ((*step, "slices", k, "parameters"),
+                                                                           sl.parameters),
+                                ((*step, "slices", k, "sources", 0), sl.sources[0].params)]:
+                extra = sorted(set(keys) - {"scale"})
+                if extra:
+                    raise RecipeError(f"{loaded.where(*where, extra[0])}: passthrough takes only 'scale', got {extra}")
+            continue
+        try:
+            method = get_method(name)
+        except InvalidInputError as exc:
+            key = (*step, "slices", k, "method") if sl.method else (*step, "method")
+            raise RecipeError(f"{loaded.where(*key)}: {exc}") from None
+        base = sl.base or spec.base
+        in_sources = any(src.model == base for src in sl.sources)
+        n = len(sl.sources) - (1 if in_sources and method.needs_base else 0)
+        if method.needs_base and not in_sources:
+            raise RecipeError(f"{loaded.where(*step, 'slices', k, 'sources')}: method {method.name!r} needs its base "
+                              f"({base!r}) among each slice's sources" if base else
+                              f"{loaded.where(*step)}: method {method.name!r} needs a 'base' model")
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            raise RecipeError(f"{loaded.where(*step, 'slices', k, 'sources')}: method {method.name!r} cannot merge "
+                              f"{n} source(s) besides the base in one slice")
+        global_names = {p.name for p in method.global_params} | {a for p in method.global_params for a in p.aliases}
+        model_names = {p.name for p in method.model_params} | {a for p in method.model_params for a in p.aliases}
+        scopes = [((*step, "parameters"), spec.parameters, global_names | model_names),
+                  ((*step, "slices", k, "parameters"), sl.parameters, global_names | model_names)]
+        scopes += [((*step, "slices", k, "sources", j), src.params, model_names) for j, src in enumerate(sl.sources)]
+        for path, params, names in scopes:
+            for key, value in params.items():
+                where = loaded.where(*path, key)
+                if key not in names:
+                    raise RecipeError(f"{where}: method {method.name!r} has no parameter {key!r}"
+                                      f"{did_you_mean(key, names)}; parameters: {', '.join(sorted(names)) or 'none'}")
+                _check_param_value(method, key, value, where)
 
 
 def _check_param_value(method: Any, key: str, value: Any, where: str) -> None:

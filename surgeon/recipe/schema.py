@@ -87,10 +87,54 @@ class TokenizerSpec(_Strict):
         return refs
 
 
+class SliceSource(BaseModel):
+    """``{model: id, layer_range: [start, stop], weight: 0.5, ...}``: layers ``start..stop-1`` of a model."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] < v[0]:
+            raise ValueError(f"layer_range must be [start, stop] with 0 <= start <= stop, got {list(v)}")
+        return v
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SliceSpec(_Strict):
+    """One output slice of a layer-surgery merge (mergekit's ``slices:`` entry).
+
+    Its sources must span the same number of layers; output layer ``i`` of the
+    slice merges layer ``start + i`` of every source with the step's method
+    (or this slice's ``method``). ``base`` overrides the step's base for this
+    slice; ``parameters`` sit between the sources' own and the step's.
+    """
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base: Optional[str] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    method: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "SliceSpec":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return self
+
+
 class MergeSpec(_Strict):
+    """A merge of ``models`` (every tensor of each), or of ``slices`` (layer surgery: a frankenmerge)."""
+
     method: str
     base: Optional[str] = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: Optional[list[SliceSpec]] = Field(default=None, min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     tokenizer_source: Optional[str] = None
@@ -111,6 +155,12 @@ class MergeSpec(_Strict):
         if isinstance(v, list):
             return [{"model": x} if isinstance(x, str) else x for x in v]
         return v
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "MergeSpec":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("a merge needs exactly one of 'models' (at least one) or 'slices'")
+        return self
 
 
 class TransplantSpec(_Strict):
@@ -188,6 +238,8 @@ class Step(_Strict):
         s = self.spec
         if isinstance(s, MergeSpec):
             refs = ([s.base] if s.base else []) + [m.model for m in s.models]
+            for sl in s.slices or []:
+                refs += ([sl.base] if sl.base else []) + [src.model for src in sl.sources]
             if s.tokenizer_source and s.tokenizer_source not in ("base", "union"):
                 refs.append(s.tokenizer_source)
             if s.tokenizer is not None:

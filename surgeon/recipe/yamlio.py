@@ -100,18 +100,37 @@ def _scalar(node: yaml.Node, file: str, loader: _Loader) -> Any:
 
 def load_yaml_text(text: str, file: str) -> Located:
     """Parse one YAML document, keeping the line of every path."""
+    return _parse(text, file, multi=False)[0]
+
+
+def load_yaml_documents(text: str, file: str) -> list[Located]:
+    """Parse every YAML document of a file (``---`` separated), keeping the line of every path."""
+    return _parse(text, file, multi=True)
+
+
+def _parse(text: str, file: str, multi: bool) -> list[Located]:
     try:
         loader = _Loader(text)  # the reader checks every character here
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
         char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
         raise RecipeError(f"{file}:{line}: not valid YAML (character {char}: {exc.reason})") from None
+    docs: list[Located] = []
     try:
-        node = loader.get_single_node()
-        if node is None:
+        nodes = []
+        if multi:
+            while loader.check_node():
+                nodes.append(loader.get_node())
+        else:
+            node = loader.get_single_node()
+            nodes = [node] if node is not None else []
+        nodes = [n for n in nodes if n is not None]
+        if not nodes:
             raise RecipeError(f"{file}: the file is empty")
-        lines: dict[Path_, int] = {}
-        data = _construct(node, (), lines, file, loader)
+        budget = [MAX_NODES]
+        for node in nodes:
+            lines: dict[Path_, int] = {}
+            docs.append(Located(_construct(node, (), lines, file, loader, budget), file, lines))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{file}:{mark.line + 1}" if mark is not None else file
@@ -125,15 +144,24 @@ def load_yaml_text(text: str, file: str) -> Located:
         raise RecipeError(f"{file}: not valid YAML ({type(exc).__name__}: {exc})") from None
     finally:
         loader.dispose()
-    return Located(data, file, lines)
+    return docs
 
 
 def load_yaml_file(path: str | Path) -> Located:
     p = Path(path)
+    return load_yaml_text(_read(p), str(p))
+
+
+def load_yaml_file_documents(path: str | Path) -> list[Located]:
+    """Every YAML document of a file (a mergekit-multi config has several)."""
+    p = Path(path)
+    return load_yaml_documents(_read(p), str(p))
+
+
+def _read(p: Path) -> str:
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{p}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{p}: cannot read ({exc})") from None
-    return load_yaml_text(text, str(p))
