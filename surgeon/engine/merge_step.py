@@ -32,6 +32,7 @@ from ..merge.method import MergeMethod
 from ..merge.params import resolve_params
 from ..merge.registry import get_method
 from ..merge.tensor import TensorMerge
+from ..merge.tokenizer_build import plan_merge_tokenizer
 from ..merge.vocab import RowMap, build_row_map, is_vocab_tensor, tensor_role
 from ..recipe.schema import MergeSpec
 from .piecewise import PIECE_BYTES, execute_pieces, iter_pieces, plan_jobs
@@ -64,6 +65,10 @@ class MergePlan:
     row_maps: dict[tuple[str, str], RowMap] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tokenizer_id: str | None = None
+    # tokenizer_source / tokenizer / chat_template (surgeon.merge.tokenizer_build): the output
+    # vocabulary's layout of the embedding rows, and the folder holding the output tokenizer
+    vocab_layout: Any = None
+    tokenizer_dir: Path | None = None
     out_dtype: torch.dtype | None = None
     bytes_in: int = 0
 
@@ -109,9 +114,10 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
     out_dtype = DTYPE_NAMES[spec.dtype] if spec.dtype else None
     plan = MergePlan(step_id, method, template_id, base_id, model_ids, [], out_dtype=out_dtype)
     tok_id = spec.tokenizer_source
-    plan.tokenizer_id = template_id if tok_id in (None, "base") else (template_id if tok_id == "union" else tok_id)
-    if tok_id == "union":
-        plan.notes.append("tokenizer_source 'union' is not supported yet; using the base's tokenizer")
+    plan.tokenizer_id = template_id if tok_id in (None, "base", "union") else tok_id
+    plan.vocab_layout, plan.tokenizer_dir, tok_notes = plan_merge_tokenizer(spec, inputs, base_id, model_ids, where,
+                                                                            is_vocab_tensor)
+    plan.notes += tok_notes
     involved = ([base_id] if base_id else []) + model_ids
     for mid in involved:
         plan.bytes_in += inputs[mid].total_bytes
@@ -136,6 +142,8 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
                                         f"({ck.label}) but {_dt(tinfo.dtype)} in {template_id!r}")
             if info.shape != tinfo.shape:
                 same_width = info.shape[1:] == tinfo.shape[1:] and len(info.shape) == len(tinfo.shape)
+                if plan.vocab_layout is not None and name in plan.vocab_layout.tensors and same_width:
+                    continue  # laid out in the output vocabulary (VocabLayout.assemble)
                 if is_vocab_tensor(name) and same_width and info.shape:
                     if spec.vocab == "refuse":
                         raise InvalidInputError(
@@ -169,7 +177,8 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
                 raise InvalidInputError(str(exc)) from None
         else:
             params, model_params = {}, []
-        plan.tasks.append(TensorTask(name, TensorSpec(name, tinfo.shape, dtype), is_float, model_params, params))
+        shape = plan.vocab_layout.shape_of(name, tinfo.shape) if plan.vocab_layout is not None else tinfo.shape
+        plan.tasks.append(TensorTask(name, TensorSpec(name, shape, dtype), is_float, model_params, params))
     extra = sorted({n for mid in involved for n in inputs[mid].names} - set(template.names))
     if extra:
         plan.notes.append(f"{len(extra)} tensors not in {template_id!r} are left out (e.g. {extra[0]!r})")
@@ -197,7 +206,7 @@ def output_checkpoint(plan: MergePlan, inputs: dict[str, Any]) -> VirtualCheckpo
         label=f"step {plan.step_id!r}",
         specs={t.name: t.spec for t in plan.tasks},
         config=output_config(template.config, plan),
-        tokenizer_dir=tok.tokenizer_files[0].parent if tok.tokenizer_files else None,
+        tokenizer_dir=plan.tokenizer_dir or (tok.tokenizer_files[0].parent if tok.tokenizer_files else None),
     )
 
 
@@ -210,6 +219,11 @@ def output_config(config: dict[str, Any] | None, plan: MergePlan) -> dict[str, A
         name = str(plan.out_dtype).removeprefix("torch.")
         key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
         cfg[key] = name
+    if plan.vocab_layout is not None:  # the output vocabulary's row count (padded)
+        if "vocab_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"] = {**cfg["text_config"], "vocab_size": plan.vocab_layout.rows}
+        else:
+            cfg["vocab_size"] = plan.vocab_layout.rows
     return cfg
 
 
@@ -264,6 +278,11 @@ class _Loader:
         return t
 
     def __call__(self, task: TensorTask) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        layout = self.plan.vocab_layout
+        if layout is not None and task.name in layout.tensors:  # every input in the output vocabulary
+            raw = {m: self.inputs[m].get(task.name, dtype=torch.float32, device=self.device) for m in layout.models}
+            rows = layout.assemble(task.name, raw)
+            return (rows[self.plan.base_id] if self.plan.base_id else None), [rows[m] for m in self.plan.model_ids]
         base = self._get(self.plan.base_id, task.name) if self.plan.base_id else None
         return base, [self._get(mid, task.name) for mid in self.plan.model_ids]
 

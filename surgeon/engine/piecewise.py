@@ -86,7 +86,8 @@ def plan_jobs(plan: Any, kernels: list[tuple[Any, Kernel, TensorMerge]], inputs:
         rows = shape[0] if shape else 1
         numel = math.prod(shape)
         row_elems = numel // rows if rows else 0
-        aligned = any((mid, task.name) in plan.row_maps for mid in involved)
+        aligned = any((mid, task.name) in plan.row_maps for mid in involved) or (
+            plan.vocab_layout is not None and task.name in plan.vocab_layout.tensors)
         item = max(inputs[mid].info(task.name).dtype.itemsize for mid in involved)
         if aligned or rows <= 1 or row_elems * item * rows <= piece_bytes:
             pieces = [(0, rows)]
