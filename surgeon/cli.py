@@ -263,10 +263,10 @@ def _version() -> str:
     return __version__
 
 
-def _parse_value(text: str) -> Any:
-    import yaml
+def _parse_value(text: str, option: str = "--set") -> Any:
+    from .cli_checks import parse_option_value
 
-    return yaml.safe_load(text)
+    return parse_option_value(text, option)
 
 
 def _parse_model(arg: str) -> str | dict[str, Any]:
@@ -278,7 +278,7 @@ def _parse_model(arg: str) -> str | dict[str, Any]:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"surgeon merge: cannot read model parameter {item!r} (use PATH:key=value,key=value)")
-        entry[key.strip()] = _parse_value(value)
+        entry[key.strip()] = _parse_value(value, f"--model {arg}: {key.strip()}")
     return entry
 
 
@@ -401,7 +401,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             key, eq, value = item.partition("=")
             if not eq:
                 raise SystemExit(f"surgeon merge: --set expects KEY=VALUE, got {item!r}")
-            params[key.strip()] = _parse_value(value)
+            params[key.strip()] = _parse_value(value, f"--set {key.strip()}")
         report = api.merge_models(args.method, [_parse_model(m) for m in args.model], args.output, base=args.base,
                                   parameters=params, dtype=args.dtype, seed=args.seed, **_run_options(args))
         _write_report(args.report, report)
@@ -487,7 +487,14 @@ def _silence_stdout() -> None:
         pass
 
 
+#: commands that keep finished work on an interruption and resume it when run again
+_RESUMABLE = ("run", "merge", "transplant", "fuse")
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    # One interruption is enough: later SIGTERMs are ignored while the run cleans up and exits 130
+    # (with the default handler back in place, a third one used to kill the process with 143).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -503,6 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        from .cli_checks import check_args
+
+        check_args(args)  # every value before any work (docs/reliability.md, bad options)
         return _dispatch(args)
     except BrokenPipeError:  # `surgeon ... | head`: the reader left; stop quietly
         _silence_stdout()
@@ -511,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
+        if args.command not in _RESUMABLE:  # inspect, validate, eval...: nothing to keep or resume
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         kept = "; ".join(getattr(exc, "__notes__", [])) or "finished steps and written tensors"
         print(f"interrupted: kept {kept}; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -522,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_STEP_FAILED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # after a SIGTERM: stay deaf until the exit
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

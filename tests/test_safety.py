@@ -319,3 +319,97 @@ def test_overflow_on_the_final_cast_to_float16_is_refused_by_name(tmp_path: Path
 
     with Checkpoint.open(out) as ck:
         assert torch.isinf(ck.get("model.layers.0.mlp.down_proj.weight")).any()
+
+
+# --------------------------------------------------------------------------- 5. FIFOs, interruptions
+@pytest.fixture
+def no_hang():
+    """Turn a read that would block forever into a test failure after 20 s."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("blocked: the command hung")
+    previous = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer_config.json"])
+def test_a_fifo_among_the_inputs_is_refused_by_name_without_blocking(tmp_path: Path, capsys, no_hang, name) -> None:
+    from surgeon.cli import main
+
+    folder = tiny(tmp_path / "m")
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name)
+    assert main(["inspect", str(folder)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert name in line and "FIFO" in line
+
+
+def test_inspect_interrupted_gives_no_resume_advice(tmp_path: Path, capsys, monkeypatch) -> None:
+    from surgeon import api
+    from surgeon.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(api, "inspect_checkpoint", interrupted)
+    monkeypatch.setattr(api, "validate", interrupted)
+    for args in (["inspect", str(tmp_path)], ["validate", str(tmp_path / "r.yaml")]):
+        assert main(args) == 130
+        err = capsys.readouterr().err
+        assert err.strip() == "interrupted" and "resume" not in err
+
+
+def test_repeated_sigterm_still_exits_130(tmp_path: Path) -> None:
+    """Three SIGTERMs while a command cleans up: one interruption, exit 130 (the third used to kill with 143)."""
+    import signal
+    import time
+
+    code = ("import sys, time\nsys.path.insert(0, sys.argv[1])\nimport surgeon.api as api, surgeon.cli as cli\n"
+            "def slow(*a, **k):\n    print('ready', flush=True)\n    try:\n        time.sleep(30)\n"
+            "    finally:\n        time.sleep(1.0)  # cleanup, like a writer closing its shards\n"
+            "api.inspect_checkpoint = slow\nrc = cli.main(['inspect', 'x'])\ntime.sleep(1.5)  # interpreter exit\n"
+            "sys.exit(rc)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(REPO)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    for gap in (0.0, 0.4, 1.2):
+        time.sleep(gap)
+        p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 130, p.stderr.read() if p.stderr else ""
+
+
+# --------------------------------------------------------------------------- 6. every CLI value
+def test_absurd_thread_count_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    r = cli("merge", "linear", str(tmp_path / "out"), "--model", str(a), "--model", str(b), "--threads", "100000")
+    assert r.returncode == 2
+    assert "--threads 100000" in one_error_line(r.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cuda:99", "tpu9"])
+def test_a_device_that_cannot_compute_here_is_refused_naming_the_flag(tmp_path: Path, capsys, device) -> None:
+    from surgeon.cli import main
+
+    if device == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    assert main(["merge", "linear", str(tmp_path / "out"), "--model", str(a), "--model", str(b), "-q",
+                 "--device", device]) == 2
+    assert f"--device {device}" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["2020-13-45", "[1,", "!!python/object/apply:os.system ['true']", "!!set {a}",
+                                   "2020-01-01", ".nan"])
+def test_set_values_are_parsed_with_a_message_naming_the_option(tmp_path: Path, capsys, value) -> None:
+    from surgeon.cli import main
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    assert main(["merge", "ties", str(tmp_path / "out"), "--base", str(a), "--model", str(b), "-q",
+                 "--set", f"density={value}"]) == 2
+    assert "--set density: cannot read the value" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
