@@ -14,7 +14,7 @@ import torch
 
 from surgeon.cli import main
 from surgeon.io import Checkpoint
-from surgeon.merge.registry import filter_matches, resolve_params, resolve_value
+from surgeon.merge.params import filter_matches, resolve_params, resolve_value
 
 # ---------------------------------------------------------------------------
 # parameter rules: mergekit's filter semantics

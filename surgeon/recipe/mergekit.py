@@ -292,6 +292,9 @@ class _Doc:
                 self.note("residual_weight is ignored by mergekit 0.1.5 (declared, never read); ignored here too",
                           *here, "residual_weight")
             slice_method = sl.get("merge_method") or method
+            if sl.get("merge_method"):
+                self.note(f"merge_method in a slice: mergekit 0.1.5 ignores it (every slice uses {method!r}); "
+                          f"surgeon merges this slice with {slice_method!r}", *here, "merge_method")
             entry: dict[str, Any] = {"sources": []}
             if sl.get("merge_method"):
                 entry["method"] = METHOD_ALIASES.get(slice_method, slice_method)
