@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine.allocator import keep_freed_memory
-from .errors import EXIT_INTERRUPTED, EXIT_STEP_FAILED, SurgeonError
+from .errors import EXIT_INTERRUPTED, EXIT_STEP_FAILED, InvalidInputError, SurgeonError
 from .eval.protocol import DEFAULT_MAX_TOKENS
 from .recipe.mergekit_flags import add_mergekit_flags, apply_mergekit_flags
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="exit 1 when any |a-b| exceeds this (a CI gate)")
     p.add_argument("--top", type=int, default=10, help="rows in the summary table")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--plot", metavar="PNG", help="also draw the per-layer relative change of B against A "
+                   "(needs matplotlib: pip install 'surgeon[plot]'); its numbers go to PNG's .json")
 
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face hub", epilog=EPILOG)
     p.add_argument("folder", help="checkpoint folder written by surgeon")
@@ -293,6 +295,13 @@ def _write_report(path: str | None, report: dict[str, Any]) -> None:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+    png = (report.get("changemap") or {}).get("png")
+    if png and Path(png).is_file():  # the change picture beside the report too
+        import shutil
+
+        beside = Path(path).with_suffix(".changemap.png")
+        shutil.copyfile(png, beside.with_name(beside.name + ".tmp"))
+        os.replace(beside.with_name(beside.name + ".tmp"), beside)
 
 
 def _screen_arg(text: str) -> int | str | None:
@@ -448,7 +457,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .eval.diff import format_diff
 
         r = api.diff(args.a, args.b, atol=args.atol)
+        if args.plot:
+            r["plot"] = _diff_plot(args.a, args.b, args.plot)
         _print_json(r) if args.json else print(format_diff(r, args.top))
+        if args.plot and not args.json:
+            print(f"plot: {r['plot']['png'] or r['plot']['note']}")
         return 0 if r.get("within_atol", True) else 1
     if cmd == "push":
         r = api.push(args.folder, args.repo, private=args.private, revision=args.revision,
@@ -475,6 +488,22 @@ def _quiet_libraries() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+
+
+def _diff_plot(a: str, b: str, png: str) -> dict[str, Any]:
+    """``diff --plot``: the change map of B against A, drawn to ``png`` (numbers beside it as .json)."""
+    from .eval.changemap import PLOT_HINT, compute_changemap, summary_lines, write_changemap
+    from .io.checkpoint import Checkpoint
+
+    target = Path(png)
+    if target.suffix.lower() != ".png":
+        raise InvalidInputError(f"--plot {png}: expected a .png file name")
+    if not target.parent.is_dir():
+        raise InvalidInputError(f"--plot {png}: no such folder {target.parent}")
+    cm = compute_changemap(Checkpoint.open(a), Checkpoint.open(b), labels=("A", "B"))
+    written = write_changemap(target.parent, cm, stem=target.stem, title=f"{Path(b).name} vs {Path(a).name}")
+    return {"png": written["png"], "json": written["json"], "summary": summary_lines(cm),
+            "note": None if written["png"] else PLOT_HINT}
 
 
 def _silence_stdout() -> None:

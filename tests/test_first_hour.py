@@ -232,3 +232,91 @@ def test_problem_list_is_capped():
     text = report_problems([f"r.yaml:{n}: p{n}" for n in range(50, 0, -1)])
     shown = text.splitlines()
     assert shown[0] == "r.yaml:1: p1" and len(shown) == MAX_PROBLEMS + 1 and "30 more problems" in shown[-1]
+
+
+# -- pictures -----------------------------------------------------------------
+def _cell_by_hand(base: dict, out: dict, inputs: list[dict], layer: int, kind: str) -> tuple[float, float]:
+    from surgeon.eval.changemap import tensor_kind, tensor_layer
+
+    names = [n for n in out if tensor_layer(n) == layer and tensor_kind(n) == kind]
+    assert names
+    d2 = sum(float(((out[n].double() - base[n].double()) ** 2).sum()) for n in names)
+    b2 = sum(float((base[n].double() ** 2).sum()) for n in names)
+    conflicts = entries = 0
+    for n in names:
+        deltas = torch.stack([i[n].float() - base[n].float() for i in inputs])
+        conflicts += int(((deltas > 0).any(0) & (deltas < 0).any(0)).sum())
+        entries += base[n].numel()
+    return math.sqrt(d2 / b2), conflicts / entries
+
+
+def test_every_merge_output_gets_its_change_picture(tiny_family, tmp_path, capsys):
+    out, report = tmp_path / "m", tmp_path / "rep" / "report.json"
+    fam = tiny_family
+    assert main(["merge", "ties", str(out), "--base", str(fam["base"]), "--model", str(fam["ft1"]),
+                 "--model", str(fam["ft2"]), "--set", "density=0.5", "--report", str(report), "-q"]) == 0
+    assert (out / "changemap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (report.parent / "report.changemap.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "![per-layer change](changemap.png)" in card and "## What changed where" in card
+    cm = json.loads((out / "changemap.json").read_text())
+    assert cm["sign_electing"] and cm["layers"] == [0, 1]
+    sds = {k: load_file(v / "model.safetensors") for k, v in fam.items()}
+    merged = load_file(out / "model.safetensors")
+    for cell in cm["cells"]:
+        if cell["layer"] is None:
+            continue
+        rel, conflict = _cell_by_hand(sds["base"], merged, [sds["ft1"], sds["ft2"]], cell["layer"], cell["kind"])
+        assert cell["rel_change"] == pytest.approx(rel, rel=1e-9), cell
+        assert cell["sign_conflict"] == pytest.approx(conflict, abs=1e-12), cell
+    assert json.loads(report.read_text())["changemap"]["png"] == str(out / "changemap.png")
+
+
+def test_without_matplotlib_the_card_says_how_to_get_the_picture(tiny_family, tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGEON_NO_PLOT", "1")
+    out = tmp_path / "m"
+    assert main(["merge", "linear", str(out), "--model", str(tiny_family["ft1"]), "--model",
+                 str(tiny_family["ft2"]), "-q"]) == 0
+    card = (out / "README.md").read_text()
+    assert not (out / "changemap.png").exists() and "pip install 'surgeon[plot]'" in card
+    cm = json.loads((out / "changemap.json").read_text())
+    assert cm["reference"] == "first input" and not cm["sign_electing"]
+
+
+def test_diff_plot(tiny_family, tmp_path, capsys):
+    png = tmp_path / "d.png"
+    assert main(["diff", str(tiny_family["base"]), str(tiny_family["ft1"]), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"plot: {png}" in capsys.readouterr().out
+    cm = json.loads(png.with_suffix(".json").read_text())
+    base, ft = (load_file(tiny_family[k] / "model.safetensors") for k in ("base", "ft1"))
+    cell = next(c for c in cm["cells"] if c["layer"] == 1 and c["kind"] == "down")
+    assert cell["rel_change"] == pytest.approx(_cell_by_hand(base, ft, [ft], 1, "down")[0], rel=1e-9)
+
+
+def test_large_tensors_are_sampled_with_bounded_reads(monkeypatch):
+    import surgeon.eval.changemap as cmod
+
+    monkeypatch.setattr(cmod, "SAMPLE_ELEMENTS", 1000)
+    monkeypatch.setattr(cmod, "BLOCK_ELEMENTS", 200)
+    spans = cmod._spans(500, 40)  # 20,000 entries: sampled
+    read = sum(e - s for s, e in spans) * 40
+    assert read <= 1000 + 16 * 40 and spans[0][0] == 0 and spans[-1][1] == 500
+    assert all(0 <= s < e <= 500 for s, e in spans)
+    full = cmod._spans(20, 40)  # 800 entries: every row, in blocks of 5 rows
+    assert full == [(0, 5), (5, 10), (10, 15), (15, 20)]
+
+
+# -- cards --------------------------------------------------------------------
+def test_cards_have_no_placeholder_link_and_say_when_mergekit_was_used(tiny_family, tmp_path):
+    fam = tiny_family
+    out = tmp_path / "m"
+    assert main(["merge", "linear", str(out), "--model", str(fam["ft1"]), "--model", str(fam["ft2"]), "-q"]) == 0
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "https://github.com/)" not in card and "mergekit" not in front
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {fam['ft1']}\n    parameters: {{weight: 1.0}}\n"
+                   f"  - model: {fam['ft2']}\n    parameters: {{weight: 1.0}}\ndtype: bfloat16\n")
+    assert main(["run", str(cfg), str(tmp_path / "mk"), "-q"]) == 0
+    card = (tmp_path / "mk" / "README.md").read_text()
+    assert "- mergekit" in card.split("---")[1] and "mergekit configuration, run by surgeon" in card

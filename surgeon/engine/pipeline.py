@@ -97,6 +97,8 @@ class Pipeline:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.coord.rank)))
         self._models: dict[str, Any] = {}
         self._resolved: dict[str, dict[str, Any]] = {}
+        self._card_sections: dict[str, str] = {}  # added to the final card (the change map)
+        self._notes: list[str] = []  # the last finished step's notes, kept when the card is rewritten
 
     # -- inputs ---------------------------------------------------------------
     def open_model(self, model_id: str, *, headers_only: bool = False) -> Any:
@@ -240,6 +242,7 @@ class Pipeline:
         if not self.coord.is_main:
             return {"schema": REPORT_SCHEMA, "rank": self.coord.rank, "steps": [r.id for r in results]}
         report = self._report(results, t_start)
+        self._changemap(report, results, available)
         if self.coord.distributed:
             report["processes"] = self.coord.world
         if self.recipe.eval and self.opts.evaluate:
@@ -340,6 +343,7 @@ class Pipeline:
             if src.is_file():
                 writer.copy_file(src)
         writer.write_text("surgeon-recipe.yaml", self.loaded.text)
+        self._notes = list(notes)
         writer.write_text("README.md", render_card(self.card_info([step], notes)))
         writer.write_json(STEP_MARKER, {"fingerprint": fingerprint, "step": step.id, "kind": step.kind, **(extra or {})})
         writer.commit()
@@ -360,13 +364,40 @@ class Pipeline:
             recipe_text=self.loaded.text,
             evaluation=evaluation,
             notes=notes,
+            extra_sections=dict(self._card_sections),
+            from_mergekit=self.loaded.from_mergekit,
         )
 
     def _rewrite_card(self, report: dict[str, Any]) -> None:
-        card = render_card(self.card_info(self.recipe.steps, [], report.get("evaluation")))
+        card = render_card(self.card_info(self.recipe.steps, self._notes, report.get("evaluation")))
         tmp = self.output_path / ".README.md.tmp"
         tmp.write_text(card, encoding="utf-8")
         os.replace(tmp, self.output_path / "README.md")
+
+    def _changemap(self, report: dict[str, Any], results: list[StepResult], available: dict[str, Any]) -> None:
+        """A final merge gets its per-layer change picture and numbers beside its card
+        (surgeon.eval.changemap); a failure there costs the picture, never the merge."""
+        final = results[-1] if results else None
+        step = next((s for s in self.recipe.steps if final is not None and s.id == final.id), None)
+        if step is None or step.kind != "merge" or final.skipped or not getattr(step.merge, "models", None):
+            return
+        from ..eval.changemap import changemap_for_merge
+
+        spec = step.merge
+
+        def get(ref: str) -> Any:
+            return available[ref] if ref in available else self.open_model(ref)
+
+        try:
+            found = changemap_for_merge(self.output_path, spec.method, get(spec.base) if spec.base else None,
+                                        [get(m.model) for m in spec.models], output=available.get(step.id))
+        except Exception as exc:  # noqa: BLE001 - the picture is an extra
+            self._say(f"step {step.id}: no change map ({type(exc).__name__}: {exc})")
+            return
+        if found:
+            report["changemap"] = {"json": found["json"], "png": found["png"]}
+            self._card_sections["What changed where"] = found["card"]
+            self._rewrite_card(report)
 
     # -- evaluation -------------------------------------------------------------
     def evaluate(self, output: Checkpoint) -> dict[str, dict[str, Any]]:

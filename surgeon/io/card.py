@@ -32,6 +32,7 @@ class CardInfo:
     evaluation: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     extra_sections: dict[str, str] = field(default_factory=dict)
+    from_mergekit: bool = False  # the run read a mergekit config (the card says so and tags it)
 
 
 def render_card(info: CardInfo) -> str:
@@ -41,9 +42,15 @@ def render_card(info: CardInfo) -> str:
         front["base_model"] = base_models
         if set(info.operations) == {"merge"}:
             front["base_model_relation"] = "merge"  # the hub's model tree shows it as a merge of its bases
-    front["tags"] = ["surgeon", *sorted(set(info.operations))] + (["mergekit"] if "merge" in info.operations else [])
+    # "mergekit" only when a mergekit config was run: the hub lists that tag as "made with mergekit"
+    front["tags"] = ["surgeon", *sorted(set(info.operations))] + (["mergekit"] if info.from_mergekit else [])
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {info.name}", ""]
-    lines.append(f"This checkpoint was made with [surgeon](https://github.com/) by {', '.join(_describe_step(s) for s in info.steps)}.")
+    lines.append(f"This checkpoint was made with {_surgeon_link()} by "
+                 f"{', '.join(_describe_step(s) for s in info.steps)}.")
+    if info.from_mergekit:
+        lines += ["", "The recipe was a mergekit configuration, run by surgeon (not by mergekit itself); "
+                  "surgeon's methods follow mergekit's definitions (see the surgeon documentation's "
+                  "docs/merging.md for where they differ)."]
     lines += ["", "## Inputs", "", "| id | reference | revision |", "|---|---|---|"]
     for i in info.inputs:
         lines.append(f"| {i.id} | {i.ref} | {i.revision or 'local'} |")  # as the recipe wrote it
@@ -59,6 +66,22 @@ def render_card(info: CardInfo) -> str:
     if info.recipe_text:
         lines += ["", "## Recipe", "", "```yaml", info.recipe_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _surgeon_link() -> str:
+    """``[surgeon](URL) VERSION`` when the installed package declares a project URL, else plain
+    ``surgeon VERSION``: never a placeholder link."""
+    try:
+        from importlib.metadata import PackageNotFoundError, metadata
+
+        meta = metadata("surgeon")
+    except (ImportError, PackageNotFoundError):
+        return "surgeon"
+    version = meta.get("Version") or ""
+    urls = [u.partition(",")[2].strip() for u in (meta.get_all("Project-URL") or [])] + [meta.get("Home-page") or ""]
+    url = next((u for u in urls if u.startswith("https://") and u.rstrip("/").count("/") >= 3), None)
+    name = f"[surgeon]({url})" if url else "surgeon"
+    return f"{name} {version}".strip()
 
 
 def _describe_step(s: dict[str, Any]) -> str:

@@ -1,0 +1,71 @@
+"""Small PNG pictures; matplotlib is optional (``pip install 'surgeon[plot]'``).
+
+Only the object-oriented Agg API is used (no pyplot, no global backend
+switch), so drawing never touches a caller's matplotlib state or a display.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (``SURGEON_NO_PLOT=1`` pretends it cannot)."""
+    if os.environ.get("SURGEON_NO_PLOT"):
+        return False
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_changemap(cm: dict[str, Any], path: str | Path, title: str | None = None) -> bool:
+    """Draw a change map (:func:`surgeon.eval.changemap.compute_changemap`) as heat maps:
+    kinds down, layers across (then ``other`` for tensors outside the layers); a second
+    panel with the sign-conflict share when the method elects signs. Returns False
+    (and writes nothing) without matplotlib."""
+    if not have_matplotlib():
+        return False
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = list(cm["layers"])
+    cols = [str(x) for x in layers] + (["other"] if any(c["layer"] is None for c in cm["cells"]) else [])
+    kinds = list(cm["kinds"])
+    index = {k: i for i, k in enumerate(kinds)}
+    panels = [("rel_change", "relative change ||out - base|| / ||base||")]
+    if cm.get("sign_electing"):
+        panels.append(("sign_conflict", "share of entries whose task-vector signs conflict"))
+    width = min(12.0, 2.2 + 0.32 * len(cols)) * len(panels)
+    fig = Figure(figsize=(max(4.5, width), 0.9 + 0.3 * len(kinds)), dpi=110)
+    FigureCanvasAgg(fig)
+    for p, (key, label) in enumerate(panels):
+        grid = np.full((len(kinds), len(cols)), np.nan)
+        for c in cm["cells"]:
+            v = c.get(key)
+            if v is None or not math.isfinite(v):
+                continue
+            col = layers.index(c["layer"]) if c["layer"] is not None else len(cols) - 1
+            grid[index[c["kind"]], col] = v
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis" if p == 0 else "magma",
+                       interpolation="nearest")
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        step = max(1, len(cols) // 16)
+        ticks = list(range(0, len(cols), step))
+        if cols and cols[-1] == "other" and len(cols) - 1 not in ticks:
+            ticks.append(len(cols) - 1)
+        ax.set_xticks(ticks, [cols[i] for i in ticks], fontsize=7)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.set_title(label, fontsize=8)
+        cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+        cb.ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return True
