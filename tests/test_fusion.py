@@ -191,7 +191,6 @@ if int(os.environ.get("RANK", "0")) == 0:
 
 def _run_report(cmd: list[str]) -> dict:
     import subprocess
-    import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -253,3 +252,45 @@ def test_gradient_accumulation_and_epochs(tiny, tmp_path):
     ep = fuse(tiny["pivot"], src, tiny["data"], tmp_path / "ep", max_length=32, batch_size=8, epochs=1.0, top_k=4,
               progress=False, options={"work_dir": str(tmp_path / "w")})
     assert ep["steps"] == math.ceil(ep["examples"] / 8) and ep["epochs_run"] == pytest.approx(1.0)
+
+
+def test_short_run_caches_only_what_it_reads_and_reports_each_phase(tiny, tmp_path, capsys):
+    """Issue 18 item 1: work proportional to the steps, a progress line per phase when the
+    output is not a terminal, no "Removed shared tensor" warning from accelerate's saves."""
+    from surgeon.fusion.distill import _epoch_order, _examples_reached
+
+    sources = [{"path": str(tiny["same"])}] + ([{"path": str(tiny["other"]), "id": "other"}] if "other" in tiny else [])
+    rep = fuse(tiny["pivot"], sources, tiny["data"], tmp_path / "out", max_length=16, batch_size=2, steps=2, lr=1e-3,
+               top_k=4, progress=True, options={"eval_path": str(tiny["data"]), "eval_window": 16, "eval_every": 1,
+                                                "save_every": 1})
+    n = rep["examples"]
+    reached = _examples_reached(n, 0, 2, 2, 1, 1)
+    assert reached == sorted(_epoch_order(n, 0, 0)[:6])  # 2 steps of 2 + the batch the loader reads ahead
+    for s in rep["sources"]:
+        assert s["cached_examples"] == len(reached) < n
+    out = capsys.readouterr()
+    text = out.out + out.err
+    for phase in ("fuse: cache same:", "fuse: train: step 2/2", "fuse: eval:"):
+        assert phase in text, text
+    if "other" in tiny:
+        assert "fuse: align other:" in text
+    assert "Removed shared tensor" not in text
+    assert [c["step"] for c in rep["eval_curve"]] == [0, 1, 2]
+    assert all(c["eval_bpb"] > 0 for c in rep["eval_curve"])
+    # a longer run reuses the cached examples and adds the rest
+    rep2 = fuse(tiny["pivot"], sources, tiny["data"], tmp_path / "out2", max_length=16, batch_size=2, steps=60,
+                lr=1e-3, top_k=4, progress=False, options={"work_dir": str(tmp_path / ".out.fuse-work")})
+    assert rep2["sources"][0]["cache_reused_examples"] == len(reached)
+    assert rep2["sources"][0]["cached_examples"] == n
+
+
+def test_examples_reached_matches_the_loader(tiny, tmp_path):
+    """The indices predicted for several processes / accumulation / epochs cover what is read."""
+    from surgeon.fusion.distill import _epoch_order, _examples_reached
+
+    n = 37
+    assert _examples_reached(n, 3, 1000, 4, 2, 1) == list(range(n))
+    one_epoch = _examples_reached(n, 3, 1, 4, 2, 2)   # 1 step x (2 batches + 1 ahead) x 2 processes x 4
+    assert one_epoch == sorted(_epoch_order(n, 3, 0)[:24])
+    assert _examples_reached(n, 1, 10, 4, 1, 1) == list(range(n))  # 10 batches per epoch: all of epoch 0
+    assert _examples_reached(n, 1, 6, 4, 1, 1) == sorted(_epoch_order(n, 1, 0)[:28])

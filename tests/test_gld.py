@@ -8,8 +8,6 @@ may stop in a local minimum and so can only be above the exact value.
 """
 from __future__ import annotations
 
-import itertools
-import math
 
 import pytest
 import torch

@@ -1,17 +1,27 @@
-"""Teacher caches: each source model's top-k logits per position, computed once.
+"""Teacher caches: each source model's top-k per position, computed once and reused.
 
-A cache folder holds safetensors shards of ``shard_size`` examples each::
+A cache folder holds safetensors shards, each with the examples it covers::
 
-    manifest.json                 what was cached, from what, and which shards are done
-    shard-00000.safetensors       logits [n, L, k] (decreasing), ids [n, L, k] int32,
-                                  lse [n, L] float32 (logsumexp of the full logits),
-                                  lengths [n] int32
+    manifest.json                 what was cached, from what, and which shards hold which examples
+    shard-00000.safetensors       index [n] int64 (example numbers), lengths [n] int32,
+                                  logp [n, L, k] (top-k log-probabilities at T = 1, decreasing,
+                                  float16 by default), ids [n, L, k] (uint16 stored as int16 when
+                                  the vocabulary has <= 65536 ids, else int32),
+                                  lse [n, L] float32 (logsumexp of the full logits at T = 1),
+                                  lse_t [n, L] float32 (logsumexp of logits / T; only when T != 1)
 
-Shards are written to a temporary name and renamed, and the manifest is rewritten
-atomically after each one, so an interrupted build resumes: shards the manifest
-lists (and whose files exist with the recorded size) are skipped. The manifest
-records fingerprints of the teacher (config and safetensors headers) and of the
-tokenised data; a cache built from anything else is not reused.
+Storing log-probabilities rather than raw logits keeps float16 precise where it
+matters (the largest probabilities are near 0 in log space); the logits are
+``logp + lse``. At k = 16 a position costs 16 * 2 + 16 * 2 + 4 (+ 4) = 68 bytes with
+a vocabulary of <= 65536 ids and 100 bytes above (float32 logits and int32 ids: 132).
+
+Only the examples a run needs are computed (``indices``); a later run that needs
+others adds shards to the same cache, so runs with more steps or other seeds reuse
+what is there. Shards are written to a temporary name and renamed, and the
+manifest is rewritten atomically after each one, so an interrupted build resumes.
+The manifest records fingerprints of the teacher (config, tokenizer, safetensors
+headers and a content sample), of the tokenised data and the settings (top-k,
+temperature, storage dtype); a cache built from anything else is not reused.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -31,7 +41,7 @@ from .gld import TopK
 
 __all__ = ["TeacherCache", "build_teacher_cache", "model_fingerprint"]
 
-FORMAT = "surgeon-teacher-cache/1"
+FORMAT = "surgeon-teacher-cache/2"
 MANIFEST = "manifest.json"
 
 
@@ -73,7 +83,13 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class TeacherCache:
-    """Read access to a finished cache: ``cache[i]`` -> (TopK rows [L_i, k], length)."""
+    """Read access to a cache: ``cache.get(i)`` -> (logits [L_i, k], ids [L_i, k], lse [L_i]).
+
+    ``lse`` is the logsumexp of the full logits divided by :attr:`temperature`
+    (the temperature the cache was built for), so :meth:`topk` gives exact
+    probabilities at that temperature. ``has(i)`` says whether example i is cached
+    (a cache may hold only the examples the runs so far needed).
+    """
 
     def __init__(self, folder: str | Path, max_shards_in_memory: int = 8):
         self.folder = Path(folder)
@@ -81,17 +97,28 @@ class TeacherCache:
             self.manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise InvalidInputError(f"{self.folder}: not a teacher cache ({exc})") from None
-        if self.manifest.get("format") != FORMAT or not self.manifest.get("complete"):
-            raise InvalidInputError(f"{self.folder}: teacher cache is incomplete or of another format")
-        self.shard_size = int(self.manifest["shard_size"])
+        if self.manifest.get("format") != FORMAT or "vocab_size" not in self.manifest:
+            raise InvalidInputError(f"{self.folder}: teacher cache is empty or of another format")
         self.vocab_size = int(self.manifest["vocab_size"])
         self.top_k = int(self.manifest["top_k"])
         self.temperature = float(self.manifest.get("temperature", 1.0))  # of the stored logsumexp
+        self._where: dict[int, tuple[int, int]] = {}
+        for s, info in enumerate(self.manifest["shards"]):
+            for r, i in enumerate(info["indices"]):
+                self._where[int(i)] = (s, r)
         self._loaded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._max = max_shards_in_memory
 
     def __len__(self) -> int:
         return int(self.manifest["num_examples"])
+
+    @property
+    def cached(self) -> int:
+        """How many examples are cached."""
+        return len(self._where)
+
+    def has(self, i: int) -> bool:
+        return int(i) in self._where
 
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
         if s in self._loaded:
@@ -107,58 +134,90 @@ class TeacherCache:
         return data
 
     def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits [L, k] float32, ids [L, k] long, lse [L] float32) of example ``i``."""
+        """(logits [L, k] float32, ids [L, k] long, lse [L] float32 at :attr:`temperature`) of example ``i``."""
         if not 0 <= i < len(self):
             raise IndexError(i)
-        d = self._shard(i // self.shard_size)
-        r = i % self.shard_size
+        if i not in self._where:
+            raise StepError(f"{self.folder}: example {i} is not in the teacher cache")
+        s, r = self._where[i]
+        d = self._shard(s)
         n = int(d["lengths"][r])
-        return d["logits"][r, :n].float(), d["ids"][r, :n].long(), d["lse"][r, :n].float()
+        lse1 = d["lse"][r, :n].float()
+        logits = d["logp"][r, :n].float() + lse1.unsqueeze(-1)
+        ids = _unpack_ids(d["ids"][r, :n], self.manifest["ids_dtype"])
+        lse = d["lse_t"][r, :n].float() if "lse_t" in d else lse1
+        return logits, ids, lse
 
     def topk(self, i: int) -> TopK:
         lg, ids, lse = self.get(i)
         return TopK(lg, ids, lse, self.vocab_size, self.temperature)
 
-    def used_ids(self) -> torch.Tensor:
-        """Every teacher id that appears in the cache (sorted, unique)."""
+    def used_ids(self, indices: Optional[Iterable[int]] = None) -> torch.Tensor:
+        """Every teacher id in the cache (or in the given examples), sorted and unique."""
         seen = torch.zeros(self.vocab_size, dtype=torch.bool)
-        for s in range(len(self.manifest["shards"])):
-            d = self._shard(s)
-            for r in range(d["lengths"].shape[0]):
-                n = int(d["lengths"][r])
-                seen[d["ids"][r, :n].reshape(-1).long()] = True
+        want = None if indices is None else {int(i) for i in indices}
+        for i in sorted(self._where if want is None else want & set(self._where)):
+            seen[self.get(i)[1].reshape(-1)] = True
         return torch.nonzero(seen).flatten()
+
+    def bytes_per_token(self) -> float:
+        """Stored bytes per cached position (shard files over positions)."""
+        toks = sum(int(x.get("tokens", 0)) for x in self.manifest["shards"])
+        return sum(int(x["bytes"]) for x in self.manifest["shards"]) / max(1, toks)
+
+
+def _pack_ids(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 ids -> int16 holding the uint16 bit pattern when every id fits in 16 bits, else int32."""
+    if vocab_size > 1 << 16:
+        return ids.to(torch.int32)
+    return torch.where(ids >= 1 << 15, ids - (1 << 16), ids).to(torch.int16)
+
+
+def _unpack_ids(stored: torch.Tensor, how: str) -> torch.Tensor:
+    """Inverse of :func:`_pack_ids` (``how``: the manifest's ``ids_dtype``) -> int64 ids."""
+    ids = stored.long()
+    return ids & 0xFFFF if how == "uint16" else ids
+
+
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @torch.inference_mode()
 def build_teacher_cache(teacher_dir: str | Path, encoded: Sequence[Encoded], out_dir: str | Path, *, top_k: int,
+                        indices: Optional[Iterable[int]] = None, temperature: float = 1.0,
                         shard_size: int = 256, batch_size: int = 8, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32, store_dtype: torch.dtype = torch.float32,
+                        dtype: torch.dtype = torch.float32, store_dtype: torch.dtype = torch.float16,
                         progress: bool = False, model: Any = None,
-                        on_shard: Optional[Callable[[int, int], None]] = None) -> TeacherCache:
-    """Run the teacher over ``encoded`` once and store its top-k per position.
+                        on_shard: Optional[Callable[[int, int], None]] = None,
+                        say: Optional[Callable[[str], None]] = None) -> TeacherCache:
+    """Run the teacher over the examples ``indices`` of ``encoded`` (default: all) and store their top-k.
 
-    Resumes a partial cache built from the same teacher, data and settings; a
-    cache whose fingerprints differ is rebuilt from scratch. ``model`` may be a
-    loaded model (otherwise it is loaded from ``teacher_dir`` only when needed).
+    Examples already in the cache are skipped (an interrupted or shorter earlier
+    run is extended); a cache whose fingerprints or settings differ is rebuilt from
+    scratch. ``model`` may be a loaded model (otherwise it is loaded from
+    ``teacher_dir`` only when something is missing). ``say`` receives one line per
+    finished shard (progress that also shows when output is not a terminal).
     """
     from safetensors.torch import save_file
 
     teacher_dir, out = Path(teacher_dir), Path(out_dir)
     if top_k < 1:
         raise InvalidInputError(f"top_k must be positive, got {top_k}")
+    if not temperature > 0:
+        raise InvalidInputError(f"temperature must be positive, got {temperature}")
+    sname = str(store_dtype).replace("torch.", "")
+    if sname not in STORE_DTYPES:
+        raise InvalidInputError(f"cache store dtype must be one of {', '.join(STORE_DTYPES)}, got {sname}")
     out.mkdir(parents=True, exist_ok=True)
     want = {
         "format": FORMAT,
-        "teacher": str(teacher_dir),
         "teacher_fingerprint": model_fingerprint(teacher_dir),
         "data_fingerprint": fingerprint(encoded),
         "top_k": int(top_k),
-        "shard_size": int(shard_size),
+        "temperature": float(temperature),
         "num_examples": len(encoded),
-        "store_dtype": str(store_dtype).replace("torch.", ""),
+        "store_dtype": sname,
     }
-    keys = list(want)
     manifest: dict[str, Any] = {}
     mpath = out / MANIFEST
     if mpath.is_file():
@@ -166,17 +225,23 @@ def build_teacher_cache(teacher_dir: str | Path, encoded: Sequence[Encoded], out
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             manifest = {}
-    if any(manifest.get(k) != want[k] for k in keys):
+    if any(manifest.get(k) != v for k, v in want.items()):
         for f in out.glob("shard-*.safetensors"):
             f.unlink()
-        manifest = {**want, "shards": [], "complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    n_shards = (len(encoded) + shard_size - 1) // shard_size
-    done = {s["index"]: s for s in manifest.get("shards", [])
-            if (out / s["file"]).is_file() and (out / s["file"]).stat().st_size == s["bytes"]}
-    manifest["shards"] = [done[i] for i in sorted(done)]
-    todo = [s for s in range(n_shards) if s not in done]
-    manifest["resumed_shards"] = len(done)
+        manifest = {**want, "teacher": str(teacher_dir), "shards": [], "build_seconds": 0.0,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    shards = [x for x in manifest.get("shards", [])
+              if (out / x["file"]).is_file() and (out / x["file"]).stat().st_size == x["bytes"]]
+    manifest["shards"] = shards
+    have = {int(i) for x in shards for i in x["indices"]}
+    wanted = range(len(encoded)) if indices is None else sorted({int(i) for i in indices})
+    bad = [i for i in wanted if not 0 <= i < len(encoded)]
+    if bad:
+        raise InvalidInputError(f"teacher cache: example index {bad[0]} out of range (0..{len(encoded) - 1})")
+    todo = [i for i in wanted if i not in have]
+    manifest["resumed_examples"] = len(wanted) - len(todo)
     if todo:
+        t0 = time.time()
         if model is None:
             from ..io.hf_load import RemoteCodeError, load_causal_lm
 
@@ -194,17 +259,18 @@ def build_teacher_cache(teacher_dir: str | Path, encoded: Sequence[Encoded], out
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(encoded), initial=len(encoded) - sum(
-                min(shard_size, len(encoded) - s * shard_size) for s in todo), desc=f"cache {teacher_dir.name}",
-                unit="seq", leave=False)
-        for s in todo:
-            lo, hi = s * shard_size, min(len(encoded), (s + 1) * shard_size)
-            rows = encoded[lo:hi]
+            bar = tqdm(total=len(todo), desc=f"cache {teacher_dir.name}", unit="seq", leave=False)
+        next_no = 1 + max((int(x["file"][6:11]) for x in shards), default=-1)
+        chunks = [todo[c:c + shard_size] for c in range(0, len(todo), shard_size)]
+        for ci, chunk in enumerate(chunks):
+            rows = [encoded[i] for i in chunk]
             width = max(len(e) for e in rows)
-            logits = torch.zeros(len(rows), width, top_k, dtype=store_dtype)
+            logp = torch.zeros(len(rows), width, top_k, dtype=store_dtype)
             ids = torch.zeros(len(rows), width, top_k, dtype=torch.int32)
             lse = torch.zeros(len(rows), width, dtype=torch.float32)
+            lse_t = torch.zeros(len(rows), width, dtype=torch.float32) if temperature != 1.0 else None
             lengths = torch.tensor([len(e) for e in rows], dtype=torch.int32)
+            vocab = 0
             for b0 in range(0, len(rows), batch_size):
                 group = rows[b0:b0 + batch_size]
                 w = max(len(e) for e in group)
@@ -213,30 +279,44 @@ def build_teacher_cache(teacher_dir: str | Path, encoded: Sequence[Encoded], out
                 for r, e in enumerate(group):
                     x[r, : len(e)] = torch.tensor(e.ids)
                     m[r, : len(e)] = 1
-                out_logits = model(input_ids=x.to(dev), attention_mask=m.to(dev)).logits.float()
-                kk = min(top_k, out_logits.shape[-1])
-                v, i = torch.topk(out_logits, kk, dim=-1)
-                logits[b0:b0 + len(group), :w, :kk] = v.cpu().to(store_dtype)
+                full = model(input_ids=x.to(dev), attention_mask=m.to(dev)).logits.float()
+                vocab = int(full.shape[-1])
+                kk = min(top_k, vocab)
+                v, i = torch.topk(full, kk, dim=-1)
+                l1 = torch.logsumexp(full, dim=-1)
+                logp[b0:b0 + len(group), :w, :kk] = (v - l1.unsqueeze(-1)).cpu().to(store_dtype)
                 ids[b0:b0 + len(group), :w, :kk] = i.cpu().to(torch.int32)
-                lse[b0:b0 + len(group), :w] = torch.logsumexp(out_logits, dim=-1).cpu()
+                lse[b0:b0 + len(group), :w] = l1.cpu()
+                if lse_t is not None:
+                    lse_t[b0:b0 + len(group), :w] = torch.logsumexp(full / temperature, dim=-1).cpu()
+                del full
                 if bar is not None:
                     bar.update(len(group))
-            fname = f"shard-{s:05d}.safetensors"
+            manifest["vocab_size"] = vocab
+            small = vocab <= 1 << 16
+            manifest["ids_dtype"] = "uint16" if small else "int32"
+            tensors = {"index": torch.tensor(chunk, dtype=torch.int64), "lengths": lengths, "logp": logp,
+                       "ids": _pack_ids(ids, vocab), "lse": lse}
+            if lse_t is not None:
+                tensors["lse_t"] = lse_t
+            fname = f"shard-{next_no + ci:05d}.safetensors"
             tmp = out / (fname + ".tmp")
-            save_file({"logits": logits, "ids": ids, "lse": lse, "lengths": lengths}, str(tmp),
-                      metadata={"start": str(lo), "end": str(hi)})
+            save_file(tensors, str(tmp))
             os.replace(tmp, out / fname)
-            manifest["shards"].append({"index": s, "file": fname, "start": lo, "end": hi,
+            manifest["shards"].append({"file": fname, "indices": chunk, "tokens": int(lengths.sum()),
                                        "bytes": (out / fname).stat().st_size})
-            manifest["shards"].sort(key=lambda d: d["index"])
-            manifest["vocab_size"] = int(out_logits.shape[-1])
+            manifest["build_seconds"] = round(float(manifest.get("build_seconds", 0.0)) + time.time() - t0, 2)
+            t0 = time.time()
             _write_json_atomic(mpath, manifest)
             if on_shard is not None:
-                on_shard(s, n_shards)
+                on_shard(ci, len(chunks))
+            if say is not None:
+                done = sum(len(c) for c in chunks[:ci + 1])
+                say(f"cache {teacher_dir.name}: {done}/{len(todo)} examples ({manifest['build_seconds']:.1f} s)")
         if bar is not None:
             bar.close()
     if "vocab_size" not in manifest:
         raise StepError(f"{out}: cache has no shards")
-    manifest["complete"] = True
+    manifest["complete"] = len(have) + len(todo) == len(encoded)
     _write_json_atomic(mpath, manifest)
     return TeacherCache(out)

@@ -85,6 +85,8 @@ class FuseOptions:
     keep_state: bool = False           # keep the accelerate state after success
     cache_batch_size: int = 8
     shard_size: int = 256
+    cache_dtype: str = "float16"       # teacher cache values: "float16" | "bfloat16" | "float32"
+    eval_every: Optional[int] = None   # optimizer steps between held-out evaluations (needs eval_path)
     transplant_k: int = 64
     num_workers: int = 0
 
@@ -108,7 +110,7 @@ class _Source:
     align: str
     encoded: list[Encoded]
     cache: TeacherCache
-    pairs: list[torch.Tensor]   # per example: [P, 2] (pivot position, source position)
+    pairs: list[Optional[torch.Tensor]]  # per example: [P, 2] (pivot position, source position); None: not needed
     vocab_table: torch.Tensor   # source id -> pivot id (-1: none)
     identity: bool
     stats: dict[str, Any]
@@ -162,7 +164,9 @@ def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces,
 
 
 def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: Any, examples: list, piv_enc: list[Encoded],
-                    work: Path, top_k: int, opts: FuseOptions, device: str, progress: bool, say: Callable[[str], None]) -> _Source:
+                    work: Path, top_k: int, opts: FuseOptions, device: str, progress: bool, say: Callable[[str], None],
+                    needed: Optional[list[int]] = None) -> _Source:
+    """Cache the source's top-k and align it to the pivot, for the examples ``needed`` (default: all)."""
     from ..io.hf_load import load_config, load_tokenizer
 
     path = Path(spec["path"])
@@ -204,49 +208,73 @@ def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: An
                     e.ids, e.starts, e.ends, e.target, e.truncated = e.ids[:limit], e.starts[:limit], e.ends[:limit], e.target[:limit], True
     else:
         enc = [encode(src_tok, ex, limit, src_bos) for ex in examples]
-    fp = hashlib.sha256((model_fingerprint(run_path) + fingerprint(enc) + f"{top_k}").encode()).hexdigest()[:16]
+    need = list(range(len(enc))) if needed is None else sorted(set(needed))
+    store = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[opts.cache_dtype]
+    fp = hashlib.sha256((model_fingerprint(run_path) + fingerprint(enc) + f"{top_k}/{opts.temperature}/"
+                         f"{opts.cache_dtype}").encode()).hexdigest()[:16]
     cache_dir = work / f"cache-{sid}-{fp}"
     t0 = time.time()
-    cache = build_teacher_cache(run_path, enc, cache_dir, top_k=top_k, shard_size=opts.shard_size,
-                                batch_size=opts.cache_batch_size, device=device, progress=progress)
+    say(f"cache {sid}: teacher top-{top_k} for {len(need)} of {len(enc)} examples")
+    cache = build_teacher_cache(run_path, enc, cache_dir, top_k=top_k, indices=need, temperature=opts.temperature,
+                                shard_size=opts.shard_size, batch_size=opts.cache_batch_size, device=device,
+                                store_dtype=store, progress=progress, say=say)
     stats: dict[str, Any] = {"cache": str(cache_dir), "cache_seconds": round(time.time() - t0, 2),
-                             "cache_resumed_shards": cache.manifest.get("resumed_shards", 0),
-                             "source_tokens": sum(len(e) for e in enc), "identity": same_tok}
+                             "cache_reused_examples": cache.manifest.get("resumed_examples", 0),
+                             "cached_examples": cache.cached, "cache_bytes_per_token": round(cache.bytes_per_token(), 1),
+                             "source_tokens": sum(len(enc[j]) for j in need), "identity": same_tok}
+    say(f"cache {sid}: done in {stats['cache_seconds']:.1f} s ({stats['cache_reused_examples']} examples reused, "
+        f"{stats['cache_bytes_per_token']:.0f} bytes/token)")
     align_file = cache_dir / f"align-{opts.pairing}-{fingerprint(piv_enc)[:16]}.safetensors"
     t0 = time.time()
+    pairs: list[Optional[torch.Tensor]] = [None] * len(enc)
     if same_tok:
-        pairs = []
-        for pe, se in zip(piv_enc, enc):
+        for j in need:
+            pe, se = piv_enc[j], enc[j]
             n = min(len(pe), len(se))
             pos = [t for t in range(n) if pe.position_mask[t] and se.position_mask[t]]
-            pairs.append(torch.tensor([[t, t] for t in pos], dtype=torch.long).reshape(-1, 2))
+            pairs[j] = torch.tensor([[t, t] for t in pos], dtype=torch.long).reshape(-1, 2)
         table = torch.arange(cache.vocab_size, dtype=torch.long)
         stats["vocab_map"] = {"identity": cache.vocab_size}
     else:
         from safetensors.torch import load_file, save_file
 
         sp_surf, src_surf = TokenSurfaces(pivot_tok), TokenSurfaces(src_tok)
-        if align_file.is_file():
+        vm = VocabMap(src_surf, sp_surf)
+        how: dict[str, int] = dict(vm.how)
+        if align_file.is_file():  # earlier runs' pairs and resolved ids
             d = load_file(str(align_file))
-            flat, counts, table = d["pairs"], d["counts"], d["vocab_table"]
-            pairs = list(torch.split(flat.long(), counts.tolist()))
-            stats["vocab_map"] = json.loads((align_file.with_suffix(".json")).read_text())
-        else:
-            say(f"source {sid}: aligning {len(enc)} sequences ({opts.pairing}) and mapping its vocabulary")
+            for j, p in zip(d["indices"].tolist(), torch.split(d["pairs"].long(), d["counts"].tolist())):
+                pairs[j] = p
+            if d["vocab_table"].shape[0] == vm.table.shape[0]:
+                vm.table.copy_(d["vocab_table"])
+                vm._resolved.copy_(d["resolved"].bool())
+                how = json.loads(align_file.with_suffix(".json").read_text())
+        todo = [j for j in need if pairs[j] is None]
+        if todo:
+            say(f"align {sid}: {len(todo)} sequences ({opts.pairing}) and its vocabulary")
             memo: dict = {}
-            pairs = [_pairs_for(pe, se, sp_surf, src_surf, opts.pairing, memo) for pe, se in zip(piv_enc, enc)]
-            vm = VocabMap(src_surf, sp_surf)
-            vm.resolve(cache.used_ids().tolist())
-            table = vm.table.clone()
-            stats["vocab_map"] = dict(vm.how)
-            counts = torch.tensor([p.shape[0] for p in pairs], dtype=torch.long)
-            flat = torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.long)
+            for c, j in enumerate(todo):
+                pairs[j] = _pairs_for(piv_enc[j], enc[j], sp_surf, src_surf, opts.pairing, memo)
+                if (c + 1) % max(1, len(todo) // 4) == 0 and c + 1 < len(todo):
+                    say(f"align {sid}: {c + 1}/{len(todo)} sequences ({time.time() - t0:.1f} s)")
+        before = dict(vm.how)
+        vm.resolve(cache.used_ids(need).tolist())
+        for k, v in vm.how.items():
+            how[k] = how.get(k, 0) + v - before.get(k, 0)
+        table = vm.table.clone()
+        stats["vocab_map"] = how
+        if todo or vm.how != before:
+            done = [j for j in range(len(enc)) if pairs[j] is not None]
+            counts = torch.tensor([pairs[j].shape[0] for j in done], dtype=torch.long)  # type: ignore[union-attr]
+            flat = torch.cat([pairs[j] for j in done]) if done else torch.zeros(0, 2, dtype=torch.long)  # type: ignore[misc]
             tmp = align_file.with_name(align_file.name + ".tmp")
-            save_file({"pairs": flat.to(torch.int32).contiguous(), "counts": counts, "vocab_table": table}, str(tmp))
-            align_file.with_suffix(".json").write_text(json.dumps(stats["vocab_map"]))
+            save_file({"indices": torch.tensor(done, dtype=torch.long), "pairs": flat.to(torch.int32).contiguous(),
+                       "counts": counts, "vocab_table": table, "resolved": vm._resolved.to(torch.uint8)}, str(tmp))
+            align_file.with_suffix(".json").write_text(json.dumps(how))
             os.replace(tmp, align_file)
-    n_targets = sum(sum(e.position_mask) for e in piv_enc)
-    n_pairs = sum(int(p.shape[0]) for p in pairs)
+        say(f"align {sid}: done in {time.time() - t0:.1f} s")
+    n_targets = sum(sum(piv_enc[j].position_mask) for j in need)
+    n_pairs = sum(int(pairs[j].shape[0]) for j in need)  # type: ignore[union-attr]
     stats["align_seconds"] = round(time.time() - t0, 2)
     stats["paired_positions"] = n_pairs
     stats["pivot_loss_positions"] = n_targets
@@ -302,6 +330,56 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------- data order
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch (the same for every process and every rerun)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+def _examples_reached(n: int, seed: int, total_steps: int, batch_size: int, grad_accum: int, processes: int) -> list[int]:
+    """Every example index the training loop will read in ``total_steps`` optimizer steps.
+
+    Each process takes every ``processes``-th batch of the epoch order; an optimizer
+    step consumes ``grad_accum`` batches per process, and the last (partial)
+    accumulation of an epoch also ends in a step; the loader reads one batch ahead.
+    Uneven ends are padded by accelerate from the start of the same epoch, which
+    is already counted.
+    """
+    batches = math.ceil(n / batch_size)
+    per_proc = math.ceil(batches / processes)
+    steps_per_epoch = max(1, math.ceil(per_proc / grad_accum))
+    seen: set[int] = set()
+    left, epoch = total_steps, 0
+    while left > 0 and len(seen) < n:
+        s = min(left, steps_per_epoch)
+        # + 1: accelerate's loader reads one batch ahead (to know where the epoch ends)
+        used = min(per_proc, s * grad_accum + 1) * processes * batch_size
+        seen.update(_epoch_order(n, seed, epoch)[:used])
+        left -= s
+        epoch += 1
+    return sorted(seen)
+
+
+class _QuietTiedSave:
+    """Drops accelerate's "Removed shared tensor ... while saving" warning around ``save_state``.
+
+    Tied input/output embeddings are one tensor saved once; accelerate restores the
+    tie when it loads the state into the same model, so the warning says nothing
+    the user can act on.
+    """
+
+    def __enter__(self) -> "_QuietTiedSave":
+        import logging
+
+        self._logger = logging.getLogger("accelerate.utils.other")
+        self._filter = lambda record: "Removed shared tensor" not in record.getMessage()
+        self._logger.addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeFilter(self._filter)
+
+
 # ----------------------------------------------------------------------------- schedule and plot
 def _lr_factor(step: int, total: int, schedule: str, warmup: int, min_ratio: float) -> float:
     if warmup and step < warmup:
@@ -314,10 +392,11 @@ def _lr_factor(step: int, total: int, schedule: str, warmup: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
 
-LOG_FIELDS = ["step", "epoch", "lr", "loss", "sft", "tokenwise", "gld", "tokens", "seconds"]
+LOG_FIELDS = ["step", "epoch", "lr", "loss", "sft", "tokenwise", "gld", "tokens", "seconds", "tokens_per_s", "eval_bpb"]
 
 
-def _plot(rows: list[dict[str, Any]], title: str) -> Optional[bytes]:
+def _plot(rows: list[dict[str, Any]], title: str, curve: Optional[list[dict[str, Any]]] = None) -> Optional[bytes]:
+    """The loss curves (and, with ``curve``, the held-out bits per byte on a second panel) as PNG bytes."""
     try:
         import matplotlib
 
@@ -328,7 +407,14 @@ def _plot(rows: list[dict[str, Any]], title: str) -> Optional[bytes]:
     if not rows:
         return None
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if curve:
+        fig, (ax, axe) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+        axe.plot([c["step"] for c in curve], [c["eval_bpb"] for c in curve], "o-", color="tab:green", ms=3)
+        axe.set_ylabel("held-out bits/byte")
+        axe.set_xlabel("optimizer step")
+        axe.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     handles = []
     for key, style in (("loss", "-"), ("sft", "--"), ("tokenwise", ":")):
         vals = [r.get(key) for r in rows]
@@ -399,6 +485,9 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
     main = accelerator.is_main_process
     show = progress and accelerator.is_local_main_process
+    import sys
+
+    bar_ok = show and sys.stderr.isatty()  # bars only on a terminal; progress lines (say) always
 
     def say(msg: str) -> None:
         if show:
@@ -428,6 +517,13 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         raise InvalidInputError(f"{dataset_path}: no example has a token to train on")
     say(f"{len(piv_enc)} sequences, {sum(len(e) for e in piv_enc)} pivot tokens")
 
+    n = len(piv_enc)
+    batches_per_epoch = math.ceil(math.ceil(n / batch_size) / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / grad_accum))
+    total_steps = int(steps) if steps else max(1, math.ceil(steps_per_epoch * epochs))
+    # only the examples the steps will read are cached and aligned (a 10-step smoke run reads a few batches)
+    needed = _examples_reached(n, seed, total_steps, batch_size, grad_accum, accelerator.num_processes)
+
     # the main process builds the caches and alignments; the others then read them
     dev_name = "cpu" if device == "cpu" else str(accelerator.device)
     srcs: list[_Source] = []
@@ -437,7 +533,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     with accelerator.main_process_first():
         for i, spec in enumerate(sources if distil else []):
             srcs.append(_prepare_source(i, dict(spec), pivot_dir, pivot_tok, examples, piv_enc, work, top_k, opts,
-                                        dev_name, show, say))
+                                        dev_name, bar_ok, say, needed))
     wsum = sum(s.weight for s in srcs)
     weights = [s.weight / wsum if wsum > 0 else 0.0 for s in srcs]
 
@@ -453,10 +549,6 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     model, optimizer = accelerator.prepare(model, optimizer)
     pad = pivot_tok.pad_token_id if pivot_tok.pad_token_id is not None else (p_bos or 0)
     collate = _Collate(piv_enc, srcs, pad)
-    n = len(piv_enc)
-    batches_per_epoch = math.ceil(math.ceil(n / batch_size) / accelerator.num_processes)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / grad_accum))
-    total_steps = int(steps) if steps else max(1, math.ceil(steps_per_epoch * epochs))
     warmup = warmup_steps or int(round(opts.warmup_ratio * total_steps))
     save_every = opts.save_every or max(1, total_steps // 10)
     gld_opts = dict(opts.gld or {})
@@ -469,7 +561,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         "args": [max_length, batch_size, grad_accum, lr, schedule, warmup, total_steps, seed, lambda_, tokenwise_weight,
                  gld_weight, top_k, mixed_precision, accelerator.num_processes],
         "opts": {k: v for k, v in opts.__dict__.items() if k not in ("work_dir", "keep_state", "eval_path", "log_every",
-                                                                      "eval_window", "eval_max_chars", "num_workers",
+                                                                      "eval_window", "eval_max_chars", "num_workers", "eval_every",
                                                                       "save_every", "dtype")},
     }, sort_keys=True, default=str).encode()).hexdigest()[:16]
     state_dir = work / f"state-{run_key}"
@@ -488,7 +580,8 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
 
     def save_state() -> None:
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(state_dir))
+        with _QuietTiedSave():
+            accelerator.save_state(str(state_dir))
         if main:
             tmp = progress_file.with_name("progress.json.tmp")
             tmp.write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "log": rows}))
@@ -496,18 +589,42 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         accelerator.wait_for_everyone()
 
     bar = None
-    if show:
+    if bar_ok:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="fuse", unit="step", dynamic_ncols=True)
+    line_every = max(1, total_steps // 10)
+    unwrapped_model = accelerator.unwrap_model(model)
+
+    def heldout() -> dict[str, float]:
+        """Held-out bits per byte of the model being trained (main process; eval mode, no grad)."""
+        from ..eval.perplexity import evaluate_text
+
+        unwrapped_model.eval()
+        try:
+            r = evaluate_text(pivot_dir, Path(opts.eval_path), device=dev_name, window=opts.eval_window,  # type: ignore[arg-type]
+                              max_chars=opts.eval_max_chars, progress=False, model=unwrapped_model, tokenizer=pivot_tok)
+        finally:
+            unwrapped_model.train()
+        return {"eval_bpb": r["bits_per_byte"], "eval_ppl": r["perplexity"]}
+
+    if opts.eval_every and main and step == 0:
+        say("eval: held-out text before training")
+        rows_eval0 = {"step": 0, **heldout()}
+        say(f"eval: step 0 held-out {rows_eval0['eval_bpb']:.4f} bits/byte")
+    else:
+        rows_eval0 = None
+    say(f"train: {total_steps - step} steps of {batch_size} x {grad_accum} sequences x {accelerator.num_processes} "
+        f"process(es), {steps_per_epoch} steps per epoch")
     t_train = time.time()
+    tokens_run = 0
     tokens_seen = sum(r.get("tokens_step", 0) for r in rows)
     acc = {"loss": 0.0, "sft": 0.0, "tokenwise": 0.0, "gld": 0.0, "n": 0, "tokens": 0}
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     for g, b in zip(optimizer.param_groups, base_lrs):
         g["lr"] = lr * _lr_factor(step, total_steps, schedule, warmup, opts.min_lr_ratio)
     while step < total_steps:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        order = _epoch_order(n, seed, epoch)
         loader = torch.utils.data.DataLoader(order, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                              num_workers=opts.num_workers)
         loader = accelerator.prepare_data_loader(loader, device_placement=False)
@@ -536,19 +653,29 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
                 vals = accelerator.reduce(vals, reduction="sum")
                 cnt = max(1.0, float(vals[4]))
                 tokens_seen += int(vals[5])
+                tokens_run += int(vals[5])
                 row = {"step": step + 1, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                        "loss": float(vals[0]) / cnt, "sft": float(vals[1]) / cnt, "tokenwise": float(vals[2]) / cnt,
                        "gld": float(vals[3]) / cnt, "tokens": tokens_seen, "tokens_step": int(vals[5]),
-                       "seconds": round(time.time() - t_train, 3)}
+                       "seconds": round(time.time() - t_train, 3),
+                       "tokens_per_s": round(tokens_run / max(1e-9, time.time() - t_train), 1)}
                 rows.append(row)
                 acc = {"loss": 0.0, "sft": 0.0, "tokenwise": 0.0, "gld": 0.0, "n": 0, "tokens": 0}
                 step += 1
                 for g in optimizer.param_groups:
                     g["lr"] = lr * _lr_factor(step, total_steps, schedule, warmup, opts.min_lr_ratio)
+                if opts.eval_every and (step % opts.eval_every == 0 or step == total_steps):
+                    if main:
+                        row.update(heldout())
+                    accelerator.wait_for_everyone()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", sft=f"{row['sft']:.3f}", tok=f"{row['tokenwise']:.3f}",
-                                    gld=f"{row['gld']:.4f}", refresh=False)
+                                    gld=f"{row['gld']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                elif step % line_every == 0 or step == total_steps or "eval_bpb" in row:
+                    say(f"train: step {step}/{total_steps} loss {row['loss']:.4f} (sft {row['sft']:.4f}, token-wise "
+                        f"{row['tokenwise']:.4f}, gld {row['gld']:.4f}), {row['tokens_per_s']:.0f} tokens/s"
+                        + (f", held-out {row['eval_bpb']:.4f} bits/byte" if "eval_bpb" in row else ""))
                 if main and callback is not None:
                     callback(step, row)
                 if step % save_every == 0 and step < total_steps:
@@ -562,6 +689,8 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         break
     if bar is not None:
         bar.close()
+    eval_curve = ([rows_eval0] if rows_eval0 is not None else []) + [
+        {"step": r["step"], "eval_bpb": r["eval_bpb"], "eval_ppl": r["eval_ppl"]} for r in rows if "eval_bpb" in r]
     train_seconds = time.time() - t_train
     accelerator.wait_for_everyone()
 
@@ -579,6 +708,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         "final": {k: rows[-1][k] for k in ("loss", "sft", "tokenwise", "gld")} if rows else {},
         "train_seconds": round(train_seconds, 2),
         "log": rows,
+        "eval_curve": eval_curve,
     }
     if main:
         unwrapped = accelerator.unwrap_model(model)
@@ -587,7 +717,12 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     if main and not opts.keep_state and state_dir.exists():
         shutil.rmtree(state_dir, ignore_errors=True)
     if opts.eval_path and main:
+        say(f"eval: held-out {Path(opts.eval_path).name}, pivot and output")
+        t_eval = time.time()
         report["eval"] = _evaluate(pivot_dir, out_dir, Path(opts.eval_path), opts, dev_name)
+        e = report["eval"]
+        say(f"eval: bits/byte {e['pivot']['bits_per_byte']:.4f} -> {e['output']['bits_per_byte']:.4f} "
+            f"({time.time() - t_eval:.1f} s)")
         _rewrite_report(out_dir, report)
     report["seconds"] = round(time.time() - t_start, 2)
     accelerator.wait_for_everyone()
@@ -637,6 +772,12 @@ def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path,
                                "node_reduction"}
         if bad:
             raise InvalidInputError(f"fuse: unknown gld option(s) {', '.join(sorted(bad))}")
+    if opts.cache_dtype not in ("float16", "bfloat16", "float32"):
+        raise InvalidInputError(f"fuse: cache_dtype must be float16, bfloat16 or float32, got {opts.cache_dtype!r}")
+    if opts.eval_every is not None and opts.eval_every < 1:
+        raise InvalidInputError(f"fuse: eval_every must be >= 1, got {opts.eval_every}")
+    if opts.eval_every and not opts.eval_path:
+        raise InvalidInputError("fuse: eval_every needs eval_path (the held-out text)")
     if opts.eval_path and not Path(opts.eval_path).is_file():
         raise InvalidInputError(f"fuse: eval_path {opts.eval_path}: no such file")
 
@@ -707,7 +848,7 @@ def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, 
             w.write(spec.name, state[spec.name].to("cpu", spec.dtype).contiguous())
         w.write_text("fuse_log.csv", _csv(rows))
         w.write_json("fuse_report.json", {k: v for k, v in report.items()})
-        png = _plot(rows, f"fuse: {names} -> {pivot_dir.name}")
+        png = _plot(rows, f"fuse: {names} -> {pivot_dir.name}", report.get("eval_curve"))
         if png is not None:
             w.write_bytes("fuse_loss.png", png)
         if finish is not None:
