@@ -24,6 +24,7 @@ def mk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "base": make_model(root / "model_base", 64, [], seed=0),
         "chatml": make_model(root / "model_chatml", 66, ["<|im_start|>", "<|im_end|>"], seed=1),
         "padded": make_model(root / "model_padded", 64, [f"<UNUSED_{i}>" for i in range(4)], seed=2),
+        "tokless": make_model(root / "model_tokless", 64, seed=3, tokenizer=False),  # taken to share the base's
     }
 
 
@@ -58,6 +59,8 @@ CONFIGS = {
                       + _models(["{base}", "{chatml}"]),
     "pad_to_multiple_of": "merge_method: linear\nbase_model: {chatml}\ndtype: float32\n"
                           "tokenizer:\n  source: base\n  pad_to_multiple_of: 16\n" + _models(["{chatml}"]),
+    "union_no_tokenizer": "merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
+                          "tokenizer_source: union\n" + _models(["{chatml}", "{tokless}"]),
     "zero_and_average": "merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
                         "tokenizer:\n  source: union\n  tokens:\n"
                         "    _tok_5: {{source: {{kind: zero}}, force: true}}\n"
@@ -177,6 +180,19 @@ def _refused(tmp_path: Path, text: str, capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     return err[0]
+
+
+def test_model_without_tokenizer_shares_the_base_vocabulary(outputs, mk):
+    out = outputs["union_no_tokenizer"][1]
+    _check_tokenizer(out, 66, contains=["<|im_start|>"])
+    assert torch.allclose(_row(out, "<|im_start|>"), _row(mk["chatml"], "<|im_start|>"), atol=1e-6)
+
+
+def test_model_token_id_out_of_range_is_refused(mk, tmp_path, capsys):
+    text = (f"merge_method: linear\nbase_model: {mk['base']}\ndtype: float32\ntokenizer:\n  source: base\n"
+            f"  tokens:\n    _tok_3: {{source: {{kind: model_token, model: {mk['base']}, token_id: 64}}, force: true}}\n"
+            + _models([str(mk["base"]), str(mk["chatml"])]))
+    assert "out of range" in _refused(tmp_path, text, capsys)
 
 
 def test_token_without_source_missing_somewhere_is_refused(mk, tmp_path, capsys):

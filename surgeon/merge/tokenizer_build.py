@@ -159,7 +159,10 @@ class VocabLayout:
         return (self.rows, *shape[1:]) if name in self.tensors else tuple(shape)
 
     def assemble(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every input's ``name`` laid out in the output vocabulary (rows first, float32 in, float32 out)."""
+        """Every input's ``name`` laid out in the output vocabulary (rows first, float32 in, float32 out).
+
+        Consumes ``tensors``: each input's rows are dropped from the dict once laid out, so at most one
+        input is held twice."""
         first = tensors[self.models[0]]
         width = tuple(first.shape[1:])
         for m in self.models:
@@ -167,21 +170,24 @@ class VocabLayout:
             if tuple(t.shape[1:]) != width:
                 raise InvalidInputError(f"tensor {name!r}: model {m!r} has shape {list(t.shape)}, "
                                         f"{self.models[0]!r} has {list(first.shape)}")
-        fill = torch.zeros((self.rows, *width), dtype=torch.float32, device=first.device)
+        dev = first.device
+        perm = {m: p.to(dev) for m, p in self.perm.items()}  # index on the tensors' device (--device cuda)
+        fill = torch.zeros((self.rows, *width), dtype=torch.float32, device=dev)
         for rule, ids in self.fills:
+            ids = ids.to(dev)
             if rule.kind == "zero":
                 continue
             if rule.kind == "average":
                 acc = torch.zeros((len(ids), *width), dtype=torch.float32, device=first.device)
                 count = torch.zeros(len(ids), dtype=torch.float32, device=first.device)
                 for m in self.models:
-                    src = self.perm[m][ids]
+                    src = perm[m][ids]
                     has = src >= 0
                     acc[has] = acc[has] + tensors[m][src[has]].to(torch.float32)
                     count += has.to(torch.float32)
                 fill[ids] = acc / count.view(-1, *([1] * len(width)))
             elif rule.kind == "model":
-                fill[ids] = tensors[rule.model][self.perm[rule.model][ids]].to(torch.float32)
+                fill[ids] = tensors[rule.model][perm[rule.model][ids]].to(torch.float32)
             else:  # model_token: one row of the model's own tensor, for one token
                 t = tensors[rule.model]
                 if not 0 <= int(rule.row) < t.shape[0]:
@@ -191,8 +197,8 @@ class VocabLayout:
         out = {}
         for m in self.models:
             o = fill.clone()
-            ids = self.own[m]
-            o[ids] = tensors[m][self.perm[m][ids]].to(torch.float32)
+            ids = self.own[m].to(dev)
+            o[ids] = tensors.pop(m)[perm[m][ids]].to(torch.float32)
             if self.rows > self.n_tokens:
                 o[self.n_tokens:] = torch.mean(o[: self.n_tokens], dim=0)
             out[m] = o
@@ -374,6 +380,13 @@ def plan_output_tokenizer(
                                     f"{rule.model!r}, which does not have that token")
         key = (rule.kind, rule.model, rule.row)
         fills_by_rule.setdefault(key, (rule, []))[1].append(i)
+    for rule, _ in fills_by_rule.values():
+        if rule.kind == "model_token":
+            for tname, per_model in vocab_tensors.items():
+                if rule.model in per_model and rule.row >= per_model[rule.model]:
+                    raise InvalidInputError(f"{where('tokenizer', 'tokens')}: token id {rule.row} of model "
+                                            f"{rule.model!r} is out of range for {tname!r} "
+                                            f"({per_model[rule.model]} rows)")
     if missing_everywhere:
         notes.append(f"warning: {len(missing_everywhere)} output tokens are in no input (e.g. {missing_everywhere[0]!r}); "
                      "their rows are zeros")
