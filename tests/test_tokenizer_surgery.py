@@ -279,3 +279,28 @@ def test_same_as_mergekit(name, outputs, tmp_path):
     text, ours = outputs[name]
     theirs = run_mergekit(text, tmp_path / "mergekit")
     assert_same_checkpoint(ours, theirs)
+
+
+def test_native_recipe_keys(mk, tmp_path, capsys):
+    """The same keys in a surgeon recipe (model ids); an unknown id is refused by validate with file:line."""
+    from surgeon.cli import main
+
+    recipe = tmp_path / "r.yml"
+    body = (f"models: {{base: {mk['base']}, chatml: {mk['chatml']}}}\n"
+            "steps:\n  - id: merged\n    merge:\n      method: linear\n      base: base\n"
+            "      models: [{model: base}, {model: chatml}]\n"
+            "      tokenizer:\n        source: union\n        pad_to_multiple_of: 8\n        tokens:\n"
+            "          _tok_7: {source: SRC, force: true}\n"
+            "      chat_template: chatml\n"
+            f"output: {{from: merged, path: {tmp_path / 'out'}}}\n")
+    recipe.write_text(body.replace("SRC", "nope"))
+    assert main(["validate", str(recipe)]) == 2
+    assert f"{recipe}:12: 'nope' is not a model" in capsys.readouterr().err
+    recipe.write_text(body.replace("SRC", "chatml"))
+    assert main(["run", str(recipe), "-q"]) == 0
+    out = tmp_path / "out"
+    assert state_dict(out)["model.embed_tokens.weight"].shape == (72, 32)
+    assert torch.allclose(_row(out, "_tok_7"), _row(mk["chatml"], "_tok_7"))
+    from transformers import AutoTokenizer
+
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(str(out)).chat_template

@@ -255,6 +255,13 @@ def _reference_paths(step: Step) -> list[tuple[tuple[Any, ...], str]]:
             out += [(("slices", k, "sources", j, "model"), src.model) for j, src in enumerate(sl.sources)]
         if s.tokenizer_source and s.tokenizer_source not in ("base", "union"):
             out.append((("tokenizer_source",), s.tokenizer_source))
+        if s.tokenizer is not None:  # the tokenizer: section names models too
+            if s.tokenizer.source not in ("base", "union"):
+                out.append((("tokenizer", "source"), s.tokenizer.source))
+            for tok, t in s.tokenizer.tokens.items():
+                src = t.source if isinstance(t.source, str) else (t.source.model if t.source is not None else None)
+                if src is not None:
+                    out.append((("tokenizer", "tokens", tok, "source"), src))
     elif step.kind == "transplant":
         out += [(("model",), s.model), (("donor",), s.donor)]  # type: ignore[union-attr]
     else:
