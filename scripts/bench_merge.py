@@ -8,14 +8,30 @@ then runs each method through both tools from the same mergekit config:
     surgeon:  python -m surgeon run config.yml OUT   (or torchrun -m surgeon with --processes N)
     mergekit: mergekit-yaml config.yml OUT
 
-and prints wall time, peak RSS (of the largest process, through GNU time), input
-GB/s, the ratio of wall time to the floor (the slower of the read and the cast)
-and to the floor plus a torch process's start-up (measured too: every tool pays
-it), and surgeon's own run time from its report. Methods mergekit lacks (widen)
-show only surgeon.
+and prints wall time, CPU time (user + system), peak RSS (of the largest
+process, through GNU time), input GB/s, and wall time over the **whole-job
+floor**: what the hardware needs for the job whatever the tool does, each part
+measured on the spot —
 
-    python scripts/bench_merge.py [--preset 1b|300m|tiny] [--methods ties linear ...]
+    start-up  a fresh ``python -c 'import torch'`` (every tool pays it),
+    read      every input byte from the page cache into an aligned buffer,
+    write     one output's bytes (the size of one input model) to a new file on
+              the output's file system, then fsync —
+
+floor = start-up + read + write. (The bf16 -> float32 pass over the inputs is
+measured and printed too, but not added: a tool can overlap it with reading.)
+Every registry method with a config here runs (``--methods all``, the default);
+methods mergekit lacks (widen) show only surgeon.
+
+    python scripts/bench_merge.py [--preset 1b|300m|tiny] [--methods all | ties linear ...]
                                   [--device cpu|cuda] [--processes N] [--no-mergekit] [--no-warmup]
+    python scripts/bench_merge.py --remote [--preset 300m]   # streamed from a local fake hub
+
+``--remote``: base + 2 fine-tunes are served by the local fake hub of the tests
+(tests/hub_server.py, over HTTP on 127.0.0.1) and one TIES merge runs twice in
+fresh hub caches — ``--remote-stream`` (range requests, nothing stored) and
+``--no-remote-stream`` (download, then merge) — reporting wall and CPU time,
+weight bytes fetched over input weight bytes, and disk used (hub cache + output).
 
 Before timing, each surgeon method runs once on the tiny family so that numba's
 one-time kernel compilation is not timed (see warm_kernels).
@@ -52,17 +68,45 @@ CONFIGS = {
         f"  - model: {{{k}}}\n    parameters: {{{{weight: 1.0, density: 0.3}}}}\n" for k in ("ft1", "ft2", "ft3")),
     "widen": "merge_method: widen\nbase_model: {base}\nmodels:\n" + "".join(
         f"  - model: {{{k}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "dare_linear": "merge_method: dare_linear\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 0.5, density: 0.3}}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 0.5, density: 0.9, gamma: 0.01}}}}\n"
+        for k in ("ft1", "ft2", "ft3")),
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 0.5, density: 0.9, gamma: 0.01}}}}\n"
+        for k in ("ft1", "ft2", "ft3")),
+    "della": "merge_method: della\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 0.5, density: 0.3, epsilon: 0.1}}}}\n"
+        for k in ("ft1", "ft2", "ft3")),
+    "della_linear": "merge_method: della_linear\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 0.5, density: 0.3, epsilon: 0.1}}}}\n"
+        for k in ("ft1", "ft2", "ft3")),
+    "sce": "merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.3}}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "slerp": "merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.4}}\nmodels:\n  - model: {base}\n"
+             "  - model: {ft1}\n",
+    "nuslerp": "merge_method: nuslerp\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 0.5}}}}\n" for k in ("ft1", "ft2")),
+    "multislerp": "merge_method: multislerp\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 1.0}}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "karcher": "merge_method: karcher\nmodels:\n" + "".join(f"  - model: {{{k}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "nearswap": "merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.001}}\nmodels:\n  - model: {base}\n"
+                "  - model: {ft1}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft1}\n",
 }
-MERGEKIT_HAS = {"linear", "task_arithmetic", "ties", "dare_ties"}
+MERGEKIT_HAS = set(CONFIGS) - {"widen"}  # mergekit 0.1.5 has every other method here
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS (bytes, largest process), exit code."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, float]:
+    """Wall seconds, peak RSS (bytes, largest process), exit code, CPU seconds (user + system)."""
     m = measure(cmd, env)
     if m.exit_code != 0:
         print(f"  ! {' '.join(cmd[:4])} ... exited {m.exit_code}: {m.stderr_tail.strip().splitlines()[-1:]}",
               file=sys.stderr)
-    return m.wall_s, m.peak_rss_bytes, m.exit_code
+    return m.wall_s, m.peak_rss_bytes, m.exit_code, m.cpu_s
 
 
 def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
@@ -93,6 +137,30 @@ def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
         done += chunk
     cast_s = (time.perf_counter() - t0) * total_elems / done
     return read_s, cast_s
+
+
+def measure_write(nbytes: int, folder: Path) -> float:
+    """Seconds to write ``nbytes`` to a new file in ``folder`` and fsync it (best of two): the
+    least any tool pays to put one output on that file system."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = memoryview(torch.randint(0, 256, (1 << 25,), dtype=torch.uint8).numpy())
+    best = float("inf")
+    for _ in range(2):
+        path = folder / ".bench-write-floor"
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = nbytes
+            while left > 0:
+                left -= os.write(fd, buf[:min(left, len(buf))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        best = min(best, time.perf_counter() - t0)
+        path.unlink()
+    return best
 
 
 def measure_startup(repeats: int = 3) -> float:
@@ -130,13 +198,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "surgeon-bench-merge")
-    ap.add_argument("--methods", nargs="+", default=["linear", "task_arithmetic", "ties", "widen", "dare_ties"])
+    ap.add_argument("--methods", nargs="+", default=["all"],
+                    help="methods to run ('all': every surgeon method with a config here)")
+    ap.add_argument("--remote", action="store_true",
+                    help="instead: one TIES merge of base + 2 fine-tunes from a local fake hub, streamed vs downloaded")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--no-warmup", action="store_true", help="do not compile surgeon's kernels before timing")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
+    if a.remote:
+        return bench_remote(a)
+    if a.methods == ["all"]:
+        from surgeon.merge import all_methods
+
+        have = set(all_methods())
+        a.methods = [m for m in CONFIGS if m in have]
+        missing = sorted(have - set(CONFIGS))
+        if missing:
+            print(f"no config here for: {', '.join(missing)}")
 
     layers, hidden, inter, vocab = PRESETS[a.preset]
     fam_root = a.root / a.preset
@@ -153,8 +234,13 @@ def main() -> None:
           f"bf16->f32 pass {size / 1e9 / cast_s:.2f} GB/s ({cast_s:.1f}s) with {threads} threads")
     floor = max(read_s, cast_s)
     startup_s = measure_startup()
-    print(f"start-up of a torch process (python -c 'import torch'): {startup_s:.1f}s; "
-          f"floor {floor:.1f}s, floor + start-up {floor + startup_s:.1f}s")
+    out_bytes = size // len(fam)
+    write_s = measure_write(out_bytes, fam_root)
+    job_floor = startup_s + read_s + write_s
+    print(f"start-up of a torch process (python -c 'import torch'): {startup_s:.1f}s; write + fsync of one "
+          f"output ({out_bytes / 1e9:.2f} GB): {write_s:.1f}s ({out_bytes / 1e9 / write_s:.2f} GB/s)")
+    print(f"whole-job floor = start-up + read + write = {startup_s:.1f} + {read_s:.1f} + {write_s:.1f} = "
+          f"{job_floor:.1f}s (old floor max(read, cast) {floor:.1f}s)")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if not a.no_warmup:
@@ -180,30 +266,105 @@ def main() -> None:
             else:
                 cmd = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg), str(out)] + (
                     ["--cuda"] if a.device.startswith("cuda") else [])
-            wall, rss, code = run_measured(cmd, env)
+            wall, rss, code, cpu = run_measured(cmd, env)
             merge_s = None  # surgeon's own timing of its run, from process start-up's end to the last byte
             if tool == "surgeon" and report.exists():
                 merge_s = json.loads(report.read_text()).get("seconds")
-            rows.append({"method": method, "tool": tool, "wall_s": round(wall, 2), "peak_rss_gb": round(rss / 1e9, 3),
+            rows.append({"method": method, "tool": tool, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                         "peak_rss_gb": round(rss / 1e9, 3), "x_job_floor": round(wall / job_floor, 2),
                          "input_gbps": round(size / 1e9 / wall, 3), "x_floor": round(wall / floor, 2),
                          "x_floor_startup": round(wall / (floor + startup_s), 2), "run_s": merge_s, "exit": code,
                          "processes": a.processes if tool == "surgeon" else 1, "device": a.device})
             shutil.rmtree(out, ignore_errors=True)
-            print(f"  {method:<16} {tool:<9} {wall:8.1f}s  RSS {rss / 1e9:6.2f} GB", flush=True)
+            print(f"  {method:<16} {tool:<9} {wall:8.1f}s wall {cpu:8.1f}s cpu  RSS {rss / 1e9:6.2f} GB"
+                  + ("" if code == 0 else f"  (exit {code})"), flush=True)
 
     print()
-    print(f"{'method':<16} {'tool':<9} {'wall s':>8} {'run s':>6} {'peak RSS GB':>12} {'in GB/s':>8} "
-          f"{'x floor':>8} {'x fl+st':>8} {'speedup':>8}")
+    print("| method | tool | wall s | cpu s | run s | peak RSS GB | in GB/s | wall / job floor | speed-up vs mergekit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mk = next((x for x in rows if x["method"] == r["method"] and x["tool"] == "mergekit"), None)
         speed = f"{mk['wall_s'] / r['wall_s']:.1f}x" if mk and r["tool"] == "surgeon" else ""
         run_s = f"{r['run_s']:.1f}" if r["run_s"] is not None else ""
-        print(f"{r['method']:<16} {r['tool']:<9} {r['wall_s']:>8.1f} {run_s:>6} {r['peak_rss_gb']:>12.2f} "
-              f"{r['input_gbps']:>8.2f} {r['x_floor']:>8.2f} {r['x_floor_startup']:>8.2f} {speed:>8}")
-    print("run s: surgeon's own run time from its report (after start-up); x fl+st: wall / (floor + start-up)")
+        fail = "" if r["exit"] == 0 else f" (exit {r['exit']})"
+        print(f"| {r['method']} | {r['tool']}{fail} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {run_s} | "
+              f"{r['peak_rss_gb']:.2f} | {r['input_gbps']:.2f} | {r['x_job_floor']:.2f} | {speed} |")
+    print(f"whole-job floor {job_floor:.1f}s = start-up {startup_s:.1f} + read {read_s:.1f} + write+fsync {write_s:.1f}; "
+          "run s: surgeon's own run time from its report (after start-up)")
     if a.json:
         a.json.write_text(json.dumps({"preset": a.preset, "input_bytes": size, "read_s": read_s, "cast_s": cast_s,
-                                      "startup_s": startup_s, "rows": rows}, indent=2))
+                                      "startup_s": startup_s, "write_s": write_s, "job_floor_s": job_floor,
+                                      "rows": rows}, indent=2))
+
+
+def _du(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (symlinks not followed: the hub cache links blobs)."""
+    if not path.exists():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def bench_remote(a: argparse.Namespace) -> None:
+    """One TIES merge of base + 2 fine-tunes from the tests' fake hub: streamed vs download-then-merge."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tests"))
+    from hub_server import FakeHub  # the tests' local stand-in for the hub, served over HTTP on 127.0.0.1
+
+    layers, hidden, inter, vocab = PRESETS[a.preset]
+    fam_root = a.root / a.preset
+    fam = build_family(fam_root, layers, hidden, inter, vocab)
+    names = ["base", "ft1", "ft2"]
+    cfg_text = ("merge_method: ties\nbase_model: {base}\nparameters: {{normalize: true}}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n    parameters: {{{{weight: 1.0, density: 0.3}}}}\n" for k in names[1:]))
+    rows = []
+    with FakeHub() as hub:
+        for n in names:
+            hub.add_folder(f"bench/{n}", fam[n])
+        weight_bytes = 0
+        for n in names:
+            for fname, data in hub.files(f"bench/{n}").items():
+                if fname.endswith(".safetensors"):
+                    weight_bytes += len(data) - 8 - int.from_bytes(data[:8], "little")
+        print(f"fake hub at {hub.url}: {len(names)} models, {weight_bytes / 1e9:.2f} GB of tensor data")
+        cfg = fam_root / "remote-ties.yml"
+        cfg.write_text(cfg_text.format(**{n: f"bench/{n}" for n in names}))
+        for mode in ("--remote-stream", "--no-remote-stream"):
+            home = a.root / f"hf-home{mode}"
+            out = fam_root / f"out-remote{mode}"
+            shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+                   "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+            env.pop("HF_TOKEN", None)
+            report = fam_root / f"report-remote{mode}.json"
+            report.unlink(missing_ok=True)
+            hub.reset_counters()
+            cmd = [sys.executable, "-m", "surgeon", "run", str(cfg), str(out), "--overwrite", "-q", mode,
+                   "--report", str(report)]
+            wall, rss, code, cpu = run_measured(cmd, env)
+            served = hub.weight_bytes_served()
+            rep = json.loads(report.read_text()) if report.exists() else {}
+            rows.append({"mode": "streamed" if mode == "--remote-stream" else "download, then merge",
+                         "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_gb": round(rss / 1e9, 3),
+                         "weight_bytes_served": served, "input_weight_bytes": weight_bytes,
+                         "served_over_input": round(served / weight_bytes, 4),
+                         "hub_cache_bytes": _du(home), "output_bytes": _du(out), "exit": code,
+                         "remote": rep.get("remote")})
+            shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  {rows[-1]['mode']:<22} {wall:7.1f}s wall {cpu:7.1f}s cpu, served {served / 1e9:.2f} GB "
+                  f"({served / weight_bytes:.3f}x input), hub cache {rows[-1]['hub_cache_bytes'] / 1e9:.2f} GB, "
+                  f"output {rows[-1]['output_bytes'] / 1e9:.2f} GB" + ("" if code == 0 else f" (exit {code})"),
+                  flush=True)
+    print()
+    print("| TIES, base + 2 from the local fake hub | wall s | cpu s | peak RSS GB | tensor bytes fetched / input | "
+          "disk used (hub cache + output) GB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+              f"{r['served_over_input']:.3f} | {(r['hub_cache_bytes'] + r['output_bytes']) / 1e9:.2f} |")
+    if a.json:
+        a.json.write_text(json.dumps({"preset": a.preset, "remote": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                          "../shared/data/wikitext2-test.raw and ../shared/data/tinyshakespeare.txt)")
     ap.add_argument("--work", type=Path, default=None, help="keep outputs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--prior", type=Path, default=None,
+                    help="JSON with runs of an interrupted bench ({'runs': {label: result}}) whose outputs are still "
+                         "in --work: those runs are not repeated (their times are the earlier ones)")
     args = ap.parse_args(argv)
     for p in (args.base, args.donor):
         if not (p / "config.json").is_file():
@@ -213,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         rep_path = work / f"surgeon-{screen or 'exact'}.json"
         spec = {"base": str(args.base), "donor": str(args.donor), "out": str(out), "k": args.k, "screen": screen,
                 "batch_size": args.batch_size, "device": args.device, "report": str(rep_path)}
-        print(f"running {label} ...", flush=True)
-        r = run_child([sys.executable, "-c", SURGEON_CHILD, json.dumps(spec)], work / f"{out.name}.log", args.threads)
+        prior = json.loads(args.prior.read_text())["runs"].get(label) if args.prior else None
+        if prior and prior.get("ok") and out.is_dir() and rep_path.is_file():
+            print(f"reusing {label} from {args.prior}", flush=True)
+            r = {k: v for k, v in prior.items() if k in ("ok", "wall_s", "cpu_s", "peak_rss_mb", "log", "returncode")}
+        else:
+            print(f"running {label} ...", flush=True)
+            r = run_child([sys.executable, "-c", SURGEON_CHILD, json.dumps(spec)], work / f"{out.name}.log",
+                          args.threads)
         r["out"] = str(out)
         if r["ok"]:
             rep = json.loads(rep_path.read_text())

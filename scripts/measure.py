@@ -24,6 +24,7 @@ class Measured:
     exit_code: int
     stderr_tail: str
     method: str
+    cpu_s: float = 0.0  # user + system time of the command and its children (wait4)
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
@@ -42,6 +43,6 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
         if gnu_time:
             text = rss_file.read().strip().splitlines()
             kib = int(text[-1]) if text and text[-1].isdigit() else 0
-            return Measured(wall, kib * 1024, code, err[-2000:], "GNU time %M")
+            return Measured(wall, kib * 1024, code, err[-2000:], "GNU time %M", usage.ru_utime + usage.ru_stime)
     print("warning: /usr/bin/time not found; peak RSS from wait4 includes this process's own peak", file=sys.stderr)
-    return Measured(wall, usage.ru_maxrss * 1024, code, err[-2000:], "wait4")
+    return Measured(wall, usage.ru_maxrss * 1024, code, err[-2000:], "wait4", usage.ru_utime + usage.ru_stime)

@@ -83,6 +83,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         "allow_pickle": getattr(args, "allow_pickle", False),
         "max_shard_size": getattr(args, "max_shard_size", None),
         "piece_size": getattr(args, "piece_size", None),
+        "remote_stream": getattr(args, "remote_stream", None),
     }
 
 
@@ -99,6 +100,10 @@ def _add_run_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--allow-nonfinite", action="store_true", help="write tensors with NaN/Inf instead of failing")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled *.bin checkpoints (loaded with torch.load(weights_only=True))")
+    p.add_argument("--remote-stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="hub models: read their tensors over HTTP range requests as the merge needs them, "
+                   "storing nothing but the output (default: only when they are not cached and the disk lacks "
+                   "the room; --no-remote-stream always downloads); see docs/hub.md")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or step messages")
 
 

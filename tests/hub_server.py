@@ -32,6 +32,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -102,6 +103,11 @@ class FakeHub:
         self.commit_payloads: list[list[dict[str, Any]]] = []
         self._lock = threading.Lock()
         self._counter = 0
+        # fault injection for weight bytes (GETs of .safetensors ranges past the header):
+        self.drop_weight_gets = 0  # the next N send half their body, then close the connection
+        self.fail_weight_gets = 0  # the next N answer 503
+        self.weight_delay_s = 0.0  # every one waits this long before answering
+        self.faults_injected = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -362,6 +368,36 @@ class _Handler(BaseHTTPRequestHandler):
         header_end = None
         if file.endswith(".safetensors") and len(data) >= 8:
             header_end = 8 + int.from_bytes(data[:8], "little")
+        weights = not head and header_end is not None and end > header_end
+        fault = None
+        if weights:
+            if self.hub.weight_delay_s:
+                time.sleep(self.hub.weight_delay_s)
+            with self.hub._lock:
+                if self.hub.fail_weight_gets > 0:
+                    self.hub.fail_weight_gets -= 1
+                    fault = "fail"
+                elif self.hub.drop_weight_gets > 0 and len(body) > 1:
+                    self.hub.drop_weight_gets -= 1
+                    fault = "drop"
+                if fault:
+                    self.hub.faults_injected += 1
+        if fault == "fail":
+            return self._error(503, None, "injected: service unavailable")
+        if fault == "drop":  # promise the whole body, send half, hang up
+            half = len(body) // 2
+            with self.hub._lock:
+                self.hub.served.append(Served("GET", repo, sha, file, start, start + half, header_end))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body[:half])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if not head:
             with self.hub._lock:
                 self.hub.served.append(Served("GET", repo, sha, file, start, end, header_end))

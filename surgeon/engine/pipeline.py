@@ -62,6 +62,9 @@ class RunOptions:
     push: bool = True
     distributed: bool = False  # join the launcher's process group even if WORLD_SIZE is unset
     progress: bool | None = None  # None: only on a TTY and not quiet
+    # hub inputs: True reads their weights over HTTP range requests (nothing downloaded), None only
+    # when they are not cached and the disk lacks the room, False downloads them (surgeon.io.remote)
+    remote_stream: bool | None = None
 
 
 @dataclass
@@ -115,7 +118,8 @@ class Pipeline:
 
             try:
                 resolved = hub.resolve(ref, headers_only=headers_only, allow_pickle=self.opts.allow_pickle,
-                                       progress=not self.opts.quiet)
+                                       progress=not self.opts.quiet, stream=self.opts.remote_stream,
+                                       fetch_options={"on_progress": self._fetch_progress()})
             except InvalidInputError as exc:  # a misspelt local path reads as a hub id: say which it was
                 typo = self.loaded.local_typo(raw)
                 if typo is None:
@@ -254,9 +258,37 @@ class Pipeline:
             push = self.recipe.output.push
             report["push"] = hub.push(self.output_path, push.repo, private=push.private, revision=push.revision,
                                       commit_message=push.commit_message)
+        remote = self.remote_stats()
+        if remote:
+            report["remote"] = remote
         report["seconds"] = round(time.time() - t_start, 3)
         report["peak_rss_bytes"] = peak_rss_bytes()
         return report
+
+    def _fetch_progress(self) -> Any:
+        """The callback streamed hub inputs report fetched bytes to (a byte bar when progress shows)."""
+        show = self.opts.progress if self.opts.progress is not None else (not self.opts.quiet and sys.stderr.isatty())
+        if not show:
+            return None
+        if getattr(self, "_fetch_bar", None) is None:
+            from tqdm.auto import tqdm
+
+            self._fetch_bar = tqdm(desc="fetched from the hub", unit="B", unit_scale=True, leave=False)
+        return self._fetch_bar.update
+
+    def remote_stats(self) -> dict[str, Any]:
+        """Per streamed hub input: its weight bytes and what was fetched for it (bytes, requests, retries,
+        cache hits); ``fetched_over_input`` > 1 means some bytes were fetched more than once."""
+        out: dict[str, Any] = {}
+        for mid, ck in self._models.items():
+            fetcher = getattr(ck, "fetcher", None)
+            if fetcher is None:
+                continue
+            st = dict(fetcher.stats())
+            st["input_bytes"] = int(ck.download_bytes)
+            st["fetched_over_input"] = round(st["fetched_bytes"] / max(1, st["input_bytes"]), 4)
+            out[mid] = st
+        return out
 
     def _check_destinations(self, needed: set[str], final_id: str) -> None:
         """Never replace an input model, or a folder surgeon did not write, with a step's output."""

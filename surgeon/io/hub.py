@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -172,11 +173,19 @@ def _hub_error(exc: BaseException, what: str, token: str | None = None) -> str:
 
 # -- resolving -----------------------------------------------------------------
 def resolve(ref: ModelRef | str, headers_only: bool = False, *, allow_pickle: bool = False,
-            token: str | None = None, progress: bool = True) -> Resolved:
+            token: str | None = None, progress: bool = True, stream: bool | None = False,
+            fetch_options: dict[str, Any] | None = None) -> Resolved:
     """Pin a hub reference to a commit and open it (see the module docstring).
 
     ``progress=False`` hides huggingface-hub's download bars (``--quiet``); otherwise
     they follow huggingface-hub's own settings (``HF_HUB_DISABLE_PROGRESS_BARS``).
+
+    ``stream``: ``True`` reads the weights over HTTP range requests as they are
+    needed (:class:`surgeon.io.remote.StreamingCheckpoint`; nothing stored) unless
+    all shards are already cached; ``None`` does so only when they are not cached
+    and the cache's disk lacks the room for them; ``False`` downloads them.
+    ``fetch_options`` go to :class:`surgeon.io.remote.RangeFetcher` (``retries``,
+    ``backoff``, ``cache_bytes``, ``on_progress``).
     """
     if isinstance(ref, str):
         ref = parse_ref(ref)
@@ -185,7 +194,7 @@ def resolve(ref: ModelRef | str, headers_only: bool = False, *, allow_pickle: bo
     what = _describe(ref)
     try:
         with _progress_bars(progress):
-            return _resolve(ref, headers_only, allow_pickle, token, what)
+            return _resolve(ref, headers_only, allow_pickle, token, what, stream, fetch_options or {})
     except (InvalidInputError, StepError) as exc:
         raise type(exc)(scrub(str(exc), token)) from None
     except Exception as exc:  # huggingface-hub, httpx/requests and OS errors
@@ -206,7 +215,8 @@ def _progress_bars(show: bool) -> Iterator[None]:
         enable_progress_bars()
 
 
-def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str | None, what: str) -> Resolved:
+def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str | None, what: str,
+             stream: bool | None = False, fetch_options: dict[str, Any] | None = None) -> Resolved:
     repo_id = ref.repo_id
     assert repo_id is not None
     api = _api(token)
@@ -220,9 +230,12 @@ def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str |
             raise InvalidInputError(f"{what}: commit {sha[:12]} is not in the local cache and HF_HUB_OFFLINE=1 is set; "
                                     "run once online to fill the cache")
         listing = _cached_listing(repo_id, sha, snapshot)
+        sizes: dict[str, int] = {}
     else:
-        listing = sorted(f.path for f in api.list_repo_tree(repo_id, revision=sha, recursive=False)
-                         if type(f).__name__ == "RepoFile" and "/" not in f.path)
+        entries = [f for f in api.list_repo_tree(repo_id, revision=sha, recursive=False)
+                   if type(f).__name__ == "RepoFile" and "/" not in f.path]
+        listing = sorted(f.path for f in entries)
+        sizes = {f.path: int(getattr(f, "size", 0) or 0) for f in entries}
 
     small = [f for f in SMALL_FILES if f in listing]
     folder = _download(repo_id, sha, small, token, offline, what) if small else snapshot
@@ -243,13 +256,19 @@ def _resolve(ref: ModelRef, headers_only: bool, allow_pickle: bool, token: str |
         shards = pickles  # opted in: there are no headers to read remotely, so fetch them
 
     cached = snapshot.is_dir() and all((snapshot / s).is_file() for s in shards)
-    if headers_only and not cached and not offline and shards[0].endswith(".safetensors"):
-        from .remote import open_remote
+    remote_ok = not cached and not offline and shards[0].endswith(".safetensors")
+    streamed = remote_ok and not headers_only and (stream is True or (stream is None and _lacks_room(
+        sum(sizes.get(s, 0) for s in shards if not (snapshot / s).is_file()), what)))
+    if remote_ok and (headers_only or streamed):
+        from .remote import RangeFetcher, open_remote
 
         config = _read_json(folder / "config.json", label) if "config.json" in listing else None
+        fetcher = RangeFetcher(_range_stream(repo_id, sha, token), label=label, **(fetch_options or {})) \
+            if streamed else None
         ck = open_remote(repo_id=repo_id, revision=sha, folder=folder, shards=shards,
-                         index=index, config=config, read_range=_range_reader(repo_id, sha, token), label=label)
-        return Resolved(repo_id, ref.revision, sha, folder, ck, True, small)
+                         index=index, config=config, read_range=_range_reader(repo_id, sha, token), label=label,
+                         fetcher=fetcher)
+        return Resolved(repo_id, ref.revision, sha, folder, ck, headers_only, small)
 
     files = small + [s for s in shards if s not in small]
     folder = _download(repo_id, sha, files, token, offline, what)
@@ -324,6 +343,71 @@ def _range_reader(repo_id: str, sha: str, token: str | None) -> Any:
         return content[start:] if start else content, len(content)
 
     return read
+
+
+def _lacks_room(nbytes: int, what: str) -> bool:
+    """Whether huggingface-hub's cache disk has less than ``nbytes`` (+5 %) free; logs why it streams."""
+    from huggingface_hub import constants
+
+    where = Path(constants.HF_HUB_CACHE)
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return False
+    if free >= nbytes * 1.05:
+        return False
+    log.warning("%s: its weights (%.1f GB) do not fit the %.1f GB free under %s: streaming them instead of "
+                "downloading (--remote-stream)", what, nbytes / 1e9, free / 1e9, where)
+    return True
+
+
+def _range_stream(repo_id: str, sha: str, token: str | None) -> Any:
+    """A :data:`surgeon.io.remote.RangeStream` over huggingface-hub's HTTP client.
+
+    Connection drops, timeouts and 408/429/5xx answers raise
+    :class:`~surgeon.io.remote.TransientFetchError` (the fetcher retries them);
+    other HTTP errors raise at once, scrubbed of the token.
+    """
+    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    from .remote import TransientFetchError
+
+    headers = build_hf_headers(token=token)
+    timeout = getattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10)
+
+    def fetch(filename: str, start: int, end: int, sink: Any) -> None:
+        url = hf_hub_url(repo_id, filename, revision=sha, endpoint=endpoint())
+        session = get_session()
+        try:
+            with session.stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end}"}, timeout=timeout,
+                                follow_redirects=True) as r:
+                if r.status_code in (408, 429) or r.status_code >= 500:
+                    raise TransientFetchError(f"HTTP {r.status_code}")
+                if r.status_code not in (200, 206):
+                    r.read()
+                    raise CheckpointError(scrub(f"{repo_id}: {filename}: HTTP {r.status_code} for bytes {start}-{end}: "
+                                                f"{r.text[:200]}", token))
+                skip = start if r.status_code == 200 else 0  # the server ignored the range: skip to it
+                for chunk in r.iter_bytes():
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    if chunk:
+                        sink(chunk)
+        except (CheckpointError, TransientFetchError):
+            raise
+        except Exception as exc:  # the HTTP client's transport errors: dropped connection, timeout, bad framing
+            name = type(exc).__name__
+            if any(w in name for w in ("Timeout", "Network", "Connect", "Read", "Protocol", "Transport", "Stream",
+                                       "Close", "Incomplete")) or isinstance(exc, OSError):
+                raise TransientFetchError(scrub(f"{name}: {exc}", token)) from None
+            raise
+
+    return fetch
 
 
 def _read_json(path: Path, label: str) -> Any:

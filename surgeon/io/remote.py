@@ -18,10 +18,34 @@ fetches the first 100 kB, which for small headers is mostly tensor data), and
 the header goes through surgeon's own bounded, validating parser, so a corrupt
 or hostile header is reported with the shard and tensor named, and the header
 length is capped before anything is allocated.
+
+Streaming (``surgeon run --remote-stream``): a :class:`StreamingCheckpoint`
+is a remote checkpoint that *can* read weights: every read the engine makes
+(a whole tensor, or a piece of rows of one) becomes one HTTP range request for
+exactly those bytes, through a :class:`RangeFetcher` that
+
+* retries dropped connections, timeouts and 408/429/5xx answers with
+  exponential backoff, resuming a cut body from the last byte received (the
+  bytes already in hand are kept, not fetched again);
+* keeps a bounded cache of recent ranges (``cache_bytes``, default 512 MiB),
+  so the engine's second read of a piece — TIES' or DARE's selection reads a
+  tensor once to count and once to merge — is served from memory when the
+  tensor's input pieces fit the cache; a tensor larger than the cache is
+  fetched once per pass (counted in ``fetched_bytes``);
+* counts bytes fetched, requests, retries and cache hits, and drives a
+  progress callback with the bytes fetched so far.
+
+Nothing lands on disk: disk use is the output alone, memory the pieces in
+flight plus the cache. A run killed half-way resumes from the writer's
+journal (:mod:`surgeon.io.writer`): finished tensors are neither recomputed
+nor fetched again.
 """
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +59,133 @@ from .header import MAX_HEADER_BYTES, Header, parse_header_bytes
 
 # A reader of byte ranges: (filename, start, end_inclusive) -> (bytes, total file size)
 RangeReader = Callable[[str, int, int], "tuple[bytes, int]"]
+# A streaming range transport: (filename, start, end_inclusive, sink) sends the body's chunks
+# to sink(bytes) in order; raises TransientFetchError (retry) or anything else (give up)
+RangeStream = Callable[[str, int, int, Callable[[bytes], None]], None]
+
+
+class TransientFetchError(Exception):
+    """A fetch that may succeed when tried again: a dropped connection, a timeout, 408/429/5xx."""
+
+
+class RangeFetcher:
+    """Byte ranges of one repository's files, with retries, resume, a bounded cache and counters.
+
+    ``transport`` is a :data:`RangeStream`. A range is asked for once; when
+    the transport fails with :class:`TransientFetchError` (or an ``OSError``)
+    after delivering part of the body, the next try asks only for the rest.
+    ``retries`` tries after the first, waiting ``backoff * 2**i`` seconds
+    (capped at ``max_backoff``) before try ``i + 1``. Thread-safe.
+    """
+
+    def __init__(self, transport: RangeStream, *, label: str = "", retries: int = 8, backoff: float = 0.25,
+                 max_backoff: float = 8.0, cache_bytes: int = 512 << 20,
+                 on_progress: Callable[[int], None] | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.transport = transport
+        self.label = label
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.cache_bytes = cache_bytes
+        self.on_progress = on_progress
+        self.sleep = sleep
+        self.fetched_bytes = 0  # every body byte received, including parts of tries that failed
+        self.requests = 0
+        self.retried = 0
+        self.cache_hits = 0
+        self.cache_hit_bytes = 0
+        self._cache: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()  # (file, start, end) -> bytes
+        self._cached = 0
+        self._lock = threading.Lock()
+
+    def stats(self) -> dict[str, int]:
+        return {"fetched_bytes": self.fetched_bytes, "requests": self.requests, "retries": self.retried,
+                "cache_hits": self.cache_hits, "cache_hit_bytes": self.cache_hit_bytes}
+
+    def read_into(self, filename: str, start: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes of ``filename`` from ``start`` on.
+
+        Bytes some cached range already holds are copied from it (a piece read
+        after its whole tensor, or the reverse, counts too); only the gaps are
+        fetched, and then cached.
+        """
+        n = len(view)
+        if n == 0:
+            return
+        end = start + n
+        covered: list[tuple[int, int]] = []
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == filename and k[1] < end and k[2] > start]:
+                data = self._cache[key]
+                self._cache.move_to_end(key)
+                a, b = max(key[1], start), min(key[2], end)
+                view[a - start:b - start] = data[a - key[1]:b - key[1]]
+                covered.append((a, b))
+        gaps: list[tuple[int, int]] = []
+        at = start
+        for a, b in sorted(covered):
+            if a > at:
+                gaps.append((at, a))
+            at = max(at, b)
+        if at < end:
+            gaps.append((at, end))
+        hit = n - sum(b - a for a, b in gaps)
+        if hit:
+            with self._lock:
+                self.cache_hits += 1
+                self.cache_hit_bytes += hit
+        for a, b in gaps:
+            part = view[a - start:b - start]
+            self._fetch(filename, a, part)
+            if b - a <= self.cache_bytes // 4:  # a range the cache can hold with others
+                data = bytes(part)
+                with self._lock:
+                    self._cache[(filename, a, b)] = data
+                    self._cached += b - a
+                    while self._cached > self.cache_bytes and self._cache:
+                        _, old = self._cache.popitem(last=False)
+                        self._cached -= len(old)
+
+    def _fetch(self, filename: str, start: int, view: memoryview) -> None:
+        n = len(view)
+        done = 0
+        tries = 0
+        while True:
+            got = 0
+
+            def sink(chunk: bytes) -> None:
+                nonlocal got
+                k = min(len(chunk), n - done - got)
+                if k <= 0:
+                    return
+                view[done + got:done + got + k] = chunk[:k]
+                got += k
+                with self._lock:
+                    self.fetched_bytes += k
+                if self.on_progress is not None:
+                    self.on_progress(k)
+
+            with self._lock:
+                self.requests += 1
+            error: BaseException | None = None
+            try:
+                self.transport(filename, start + done, start + n - 1, sink)
+            except (TransientFetchError, OSError) as exc:
+                error = exc
+            done += got
+            if done >= n:
+                return
+            if error is None:
+                error = TransientFetchError(f"the body ended after {got} of {n - done + got} bytes")
+            if tries >= self.retries:
+                raise CheckpointError(
+                    f"{self.label}: {filename}: bytes {start + done}-{start + n - 1} still missing after "
+                    f"{tries + 1} tries ({error})") from None
+            wait = min(self.max_backoff, self.backoff * (2 ** tries))
+            tries += 1
+            with self._lock:
+                self.retried += 1
+            self.sleep(wait)
 
 
 class RemoteCheckpoint(Checkpoint):
@@ -64,6 +215,41 @@ class RemoteCheckpoint(Checkpoint):
         return f"RemoteCheckpoint({self.label!r}, {len(self)} tensors, headers only)"
 
 
+class StreamingCheckpoint(RemoteCheckpoint):
+    """A hub checkpoint whose tensors are read over HTTP range requests, never stored on disk.
+
+    Same read surface as :class:`surgeon.io.Checkpoint` (``get``, ``get_rows``,
+    ...): each read fetches exactly the bytes asked for through ``fetcher``.
+    """
+
+    headers_only = False
+    streaming = True
+    get = Checkpoint.get  # reads, unlike a header-only checkpoint
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], config: dict[str, Any] | None, *,
+                 label: str, repo_id: str, revision: str, shard_sizes: dict[str, int], fetcher: RangeFetcher):
+        super().__init__(path, tensors, config, label=label, repo_id=repo_id, revision=revision,
+                         shard_sizes=shard_sizes)
+        self.fetcher = fetcher
+        self._shard_of = {path / shard: shard for shard in shard_sizes}
+
+    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, pin: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is not None and out.dtype == torch.uint8 and out.numel() >= nbytes and out.is_contiguous():
+            buf = out.reshape(-1)[:nbytes]
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and nbytes > 0)
+        if nbytes:
+            shard = self._shard_of.get(info.file)
+            if shard is None:
+                raise CheckpointError(f"{self.label}: tensor {info.name!r} is in {info.file}, not a shard of the repository")
+            self.fetcher.read_into(shard, offset, memoryview(buf.numpy()))
+        return buf
+
+    def __repr__(self) -> str:
+        return f"StreamingCheckpoint({self.label!r}, {len(self)} tensors, streamed)"
+
+
 def read_remote_header(read_range: RangeReader, filename: str, local_path: Path, where: str) -> tuple[Header, int]:
     """Read and validate one shard's header with two range requests; returns it and the file size."""
     prefix, size = read_range(filename, 0, 7)
@@ -85,12 +271,13 @@ def read_remote_header(read_range: RangeReader, filename: str, local_path: Path,
 
 def open_remote(*, repo_id: str, revision: str, folder: Path, shards: list[str], index: dict[str, str] | None,
                 config: dict[str, Any] | None, read_range: RangeReader, label: str,
-                max_workers: int = 8) -> RemoteCheckpoint:
+                max_workers: int = 8, fetcher: RangeFetcher | None = None) -> RemoteCheckpoint:
     """Build a :class:`RemoteCheckpoint` from the headers of ``shards``.
 
     ``folder`` is the local snapshot folder (small files already there; shards
     would land there when downloaded), ``index`` the shard index's
-    ``weight_map`` when the model is sharded.
+    ``weight_map`` when the model is sharded. With ``fetcher`` the result is a
+    :class:`StreamingCheckpoint` that reads tensors through it.
     """
     for s in shards:
         if s.startswith("/") or ".." in Path(s).parts or not re.fullmatch(r"[^\x00]+\.safetensors", s):
@@ -118,4 +305,7 @@ def open_remote(*, repo_id: str, revision: str, folder: Path, shards: list[str],
                 if name in tensors:
                     raise CheckpointError(f"{label}: tensor {name!r} is in both {tensors[name].file.name} and {shard}")
                 tensors[name] = info
+    if fetcher is not None:
+        return StreamingCheckpoint(folder, tensors, config, label=label, repo_id=repo_id, revision=revision,
+                                   shard_sizes=sizes, fetcher=fetcher)
     return RemoteCheckpoint(folder, tensors, config, label=label, repo_id=repo_id, revision=revision, shard_sizes=sizes)
