@@ -413,3 +413,21 @@ def test_set_values_are_parsed_with_a_message_naming_the_option(tmp_path: Path, 
                  "--set", f"density={value}"]) == 2
     assert "--set density: cannot read the value" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- 7. eval streams its text
+def test_eval_reads_only_the_part_of_a_text_its_token_cap_needs(tmp_path: Path) -> None:
+    """A 16 MB text whose tail is not even UTF-8: with --max-tokens 64 only its start is read, and the numbers
+    equal those of a file holding just that start (the old code read, decoded and tokenized all of it)."""
+    from surgeon.eval.perplexity import evaluate_text
+
+    start = ((ZOO / "data" / "shakespeare" / "heldout.txt").read_bytes() * 5)[:200_000]
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    with open(big, "wb") as fh:
+        fh.write(start)
+        fh.write(b"\xff\xfe" * (8 * 2**20))  # 16 MB that no UTF-8 decoder accepts
+    small.write_bytes(start)
+    a = evaluate_text(ZOO / "bpe-base", big, max_tokens=64, progress=False)
+    b = evaluate_text(ZOO / "bpe-base", small, max_tokens=64, progress=False)
+    assert a["tokens"] == b["tokens"] >= 63 and a["bytes"] == b["bytes"]
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)

@@ -69,6 +69,76 @@ def _max_positions(model: Any) -> Optional[int]:
     return None
 
 
+def _check_text(text_path: Path) -> None:
+    """A regular, non-empty file (a FIFO or device is refused by name, never opened)."""
+    from ..io.safe_files import check_regular
+
+    if not text_path.exists():
+        raise InvalidInputError(f"{text_path}: no such text file")
+    if check_regular(text_path).st_size == 0:
+        raise InvalidInputError(f"{text_path}: empty text")
+
+
+#: tokens read past ``max_tokens`` before the text is cut, so the first ``max_tokens`` tokens are
+#: those of the whole file (a token at the cut could merge with what follows it)
+TOKEN_MARGIN = 64
+_FIRST_READ = 1 << 16
+
+
+def read_text(text_path: Path, tokenizer: Any, max_tokens: int | None = None,
+              max_chars: int | None = None) -> str:
+    """The text to score: the whole file, or only as much of it as ``max_tokens`` / ``max_chars`` need.
+
+    With a cap the file is streamed: a first 64 KiB, then doubling reads, each prefix tokenized
+    once to count its tokens, until it holds ``max_tokens + TOKEN_MARGIN`` tokens (or
+    ``max_chars`` characters, or the file ends). Memory and time therefore follow the cap, not the
+    file: a 1 GB text costs what its first few kilobytes cost. The tokens kept are those the whole
+    file would give (the margin absorbs the one token the cut can change).
+    """
+    import codecs
+
+    from ..io.safe_files import open_regular
+
+    fd = open_regular(text_path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts: list[str] = []
+    chars = nbytes = 0
+    want = _FIRST_READ if (max_tokens or max_chars) else -1
+    saved_max = getattr(tokenizer, "model_max_length", None)
+    try:
+        with open(fd, "rb") as fh:
+            while True:
+                chunk = fh.read(want)
+                nbytes += len(chunk)
+                eof = want < 0 or len(chunk) < want
+                parts.append(decoder.decode(chunk, final=eof))
+                chars += len(parts[-1])
+                if eof:
+                    break
+                if max_chars is not None and chars >= max_chars:
+                    break
+                if max_tokens:
+                    prefix = "".join(parts)
+                    parts = [prefix]
+                    tokenizer.model_max_length = int(1e30)  # counting only: no "longer than the model" warning
+                    if len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) > max_tokens + TOKEN_MARGIN:
+                        break
+                want = nbytes  # doubling reads: the prefixes tokenized sum to ~2x the last one
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{text_path}: cannot read as UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{text_path}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        if saved_max is not None:
+            tokenizer.model_max_length = saved_max
+    text = "".join(parts)
+    if max_chars is not None:
+        text = text[:max_chars]
+    if not text:
+        raise InvalidInputError(f"{text_path}: empty text")
+    return text
+
+
 def evaluate_text(
     model_dir: str | Path,
     text_path: str | Path,
@@ -98,16 +168,7 @@ def evaluate_text(
 
     t0 = time.time()
     model_dir, text_path = Path(model_dir), Path(text_path)
-    if not text_path.is_file():
-        raise InvalidInputError(f"{text_path}: no such text file")
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{text_path}: cannot read as UTF-8 text ({exc})") from None
-    if max_chars is not None:
-        text = text[:max_chars]
-    if not text:
-        raise InvalidInputError(f"{text_path}: empty text")
+    _check_text(text_path)
     if window < 2:
         raise InvalidInputError(f"window must be at least 2 tokens, got {window}")
     stride = window if stride is None else stride
@@ -121,6 +182,7 @@ def evaluate_text(
             raise InvalidInputError(f"{model_dir}: no such model folder")
         tokenizer, model = _load(model_dir, device, dtype)
     dev = next(model.parameters()).device
+    text = read_text(text_path, tokenizer, max_tokens=max_tokens, max_chars=max_chars)
 
     saved_max = getattr(tokenizer, "model_max_length", None)
     try:  # we window the text ourselves: silence the "sequence longer than the model" warning
