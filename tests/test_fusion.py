@@ -294,3 +294,33 @@ def test_examples_reached_matches_the_loader(tiny, tmp_path):
     assert one_epoch == sorted(_epoch_order(n, 3, 0)[:24])
     assert _examples_reached(n, 1, 10, 4, 1, 1) == list(range(n))  # 10 batches per epoch: all of epoch 0
     assert _examples_reached(n, 1, 6, 4, 1, 1) == sorted(_epoch_order(n, 1, 0)[:28])
+
+
+def test_every_fuse_option_is_a_cli_flag():
+    """Issue 18 item 1: every recipe option of fuse (FuseOptions, gld_loss options, training
+    arguments) can be given on the command line, and reaches fuse() as given."""
+    import dataclasses
+
+    from surgeon.cli import build_parser
+    from surgeon.fusion.cli_flags import GLD_FLAGS, TRAIN_FLAGS, fuse_kwargs
+    from surgeon.fusion.distill import FuseOptions
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["fuse"]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    for f in dataclasses.fields(FuseOptions):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+    for name, *_ in GLD_FLAGS:
+        assert "--gld-" + name.replace("_", "-") in flags, name
+    for name, *_ in TRAIN_FLAGS:
+        assert "--" + name.replace("_", "-") in flags, name
+    args = sub.parse_args(["p", "o", "--source", "s", "--data", "d", "--tokenwise", "kl", "--eval-every", "5",
+                           "--gld-nodes", "vocab", "--gld", '{"p": 2}', "--keep-state", "--grad-accum", "4",
+                           "--schedule", "linear", "--mixed-precision", "bf16", "--kl-sparse", "topk"])
+    kw = fuse_kwargs(args)
+    assert kw == {"grad_accum": 4, "schedule": "linear", "mixed_precision": "bf16",
+                  "options": {"tokenwise": "kl", "eval_every": 5, "keep_state": True, "kl_sparse": "topk",
+                              "gld": {"p": 2, "nodes": "vocab"}}}
+    assert fuse_kwargs(sub.parse_args(["p", "o", "--source", "s", "--data", "d"])) == {}
+    with pytest.raises(SystemExit):
+        sub.parse_args(["p", "o", "--source", "s", "--data", "d", "--tokenwise", "nope"])

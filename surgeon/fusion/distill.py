@@ -57,7 +57,7 @@ from .tokenwise import kl_loss, uld_loss
 __all__ = ["fuse", "FuseOptions"]
 
 TOKENWISE = ("kl", "uld", "kl+uld", "none")
-PAIRING = ("dp", "dp_checked", "offsets")
+PAIRING = ("dp", "dp_checked", "offsets", "exact")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class FuseOptions:
     pairing: str = "dp_checked"        # "dp" | "dp_checked" | "offsets" (see _pairs_for)
     temperature: float = 1.0           # for the token-wise terms (both sides tempered)
     kl_sparse: str = "rest"            # KL to a sparse teacher: "rest" | "topk" | "fusellm" (tokenwise.kl_loss)
+    vocab_merge: str = "sum"           # teacher ids mapped onto one pivot id: "sum" their mass | "first" (FuseLLM)
     gld_top_k: Optional[int] = None    # top-k for the graphs (default: top_k)
     gld: Optional[dict] = None         # extra gld_loss options (values, nodes, feature, p, ...)
     weight_decay: float = 0.0
@@ -138,7 +139,8 @@ def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces,
     (:func:`~surgeon.fusion.align.pair_positions`); ``dp_checked`` (default): the
     same, keeping only pairs whose next tokens' character offsets agree (drops the
     DP's slips, 9-21 % of its pairs on the zoo's held-out texts); ``offsets``: pairs read from
-    the character offsets alone (no DP). Only positions predicting a loss token of
+    the character offsets alone (no DP); ``exact``: the DP's pairs whose next tokens have the
+    same surface (word-start markers stripped), FuseLLM's exact-token rule. Only positions predicting a loss token of
     both sides are kept.
     """
     pm, sm = piv.position_mask, src.position_mask
@@ -159,6 +161,9 @@ def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces,
         out = pair_positions(path, len(piv), len(src))
         if how == "dp_checked":
             out = [(a, b) for a, b in out if piv.starts[a + 1] >= 0 and piv.starts[a + 1] == src.starts[b + 1]]
+        elif how == "exact":  # FuseLLM's rule: the next tokens are the same string
+            ps_, ss_ = sp.surfaces(piv.ids), ss.surfaces(src.ids)
+            out = [(a, b) for a, b in out if ps_[a + 1] == ss_[b + 1]]
     out = [(a, b) for a, b in out if pm[a] and sm[b]]
     return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
 
@@ -283,9 +288,18 @@ def _prepare_source(i: int, spec: dict[str, Any], pivot_dir: Path, pivot_tok: An
 
 
 # ----------------------------------------------------------------------------- batches
+def _first_of_duplicates(mapped: torch.Tensor) -> torch.Tensor:
+    """[..., k] pivot ids (teacher order, decreasing probability): later repeats of an id -> -1 (FuseLLM keeps the first)."""
+    out = mapped.clone()
+    for j in range(1, mapped.shape[-1]):
+        dup = (mapped[..., j:j + 1] == mapped[..., :j]).any(-1) & (mapped[..., j] >= 0)
+        out[..., j] = torch.where(dup, torch.full_like(out[..., j], -1), out[..., j])
+    return out
+
+
 class _Collate:
-    def __init__(self, piv_enc: list[Encoded], sources: list[_Source], pad_id: int):
-        self.piv, self.sources, self.pad = piv_enc, sources, pad_id
+    def __init__(self, piv_enc: list[Encoded], sources: list[_Source], pad_id: int, vocab_merge: str = "sum"):
+        self.piv, self.sources, self.pad, self.merge = piv_enc, sources, pad_id, vocab_merge
 
     def __call__(self, idx: list[int]) -> dict[str, Any]:
         rows = [self.piv[i] for i in idx]
@@ -319,7 +333,10 @@ class _Collate:
                 tmask[r, :n] = torch.tensor(pm[:n])
                 p = s.pairs[i]
                 pairs.append(torch.cat([torch.full((p.shape[0], 1), r, dtype=torch.long), p], 1))
-            out["sources"].append({"logits": lg, "ids": tid, "mapped": s.vocab_table[tid], "lse": lse, "mask": tmask,
+            mapped = s.vocab_table[tid]
+            if self.merge == "first" and not s.identity:
+                mapped = _first_of_duplicates(mapped)
+            out["sources"].append({"logits": lg, "ids": tid, "mapped": mapped, "lse": lse, "mask": tmask,
                                    "pairs": torch.cat(pairs) if pairs else torch.zeros(0, 3, dtype=torch.long)})
         return out
 
@@ -548,7 +565,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
     model, optimizer = accelerator.prepare(model, optimizer)
     pad = pivot_tok.pad_token_id if pivot_tok.pad_token_id is not None else (p_bos or 0)
-    collate = _Collate(piv_enc, srcs, pad)
+    collate = _Collate(piv_enc, srcs, pad, opts.vocab_merge)
     warmup = warmup_steps or int(round(opts.warmup_ratio * total_steps))
     save_every = opts.save_every or max(1, total_steps // 10)
     gld_opts = dict(opts.gld or {})
@@ -755,6 +772,8 @@ def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path,
         raise InvalidInputError(f"fuse: mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
     if opts.tokenwise not in TOKENWISE:
         raise InvalidInputError(f"fuse: tokenwise must be one of {', '.join(TOKENWISE)}, got {opts.tokenwise!r}")
+    if opts.vocab_merge not in ("sum", "first"):
+        raise InvalidInputError(f"fuse: vocab_merge must be sum or first, got {opts.vocab_merge!r}")
     if opts.kl_sparse not in ("rest", "topk", "fusellm"):
         raise InvalidInputError(f"fuse: kl_sparse must be rest, topk or fusellm, got {opts.kl_sparse!r}")
     if not opts.temperature > 0:
