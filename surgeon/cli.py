@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .fusion.cli_flags import add_fuse_flags
+
+    add_fuse_flags(p.add_argument_group("fuse options (recipe options:)"))
 
     p = sub.add_parser("eval", help="perplexity and bits per byte on a text file", epilog=EPILOG)
     p.add_argument("model", help="model folder (config, weights and tokenizer)")
@@ -437,12 +440,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_json(report) if args.json else (None if args.quiet else print(format_transplant(report)))
         return 0
     if cmd == "fuse":
+        from .fusion.cli_flags import fuse_kwargs
+
         report = api.fuse_models(
             args.pivot, [{"path": s, "align": args.align} for s in args.source], args.data, args.output,
             steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
             top_k=args.top_k, lambda_=args.lambda_, gld_weight=args.gld_weight,
             tokenwise_weight=args.tokenwise_weight, seed=args.seed, device=args.device, overwrite=args.overwrite,
-            progress=not args.quiet and sys.stderr.isatty())
+            progress=not args.quiet, **fuse_kwargs(args))  # progress lines also when not a terminal
         _print_json(report) if args.json else print(f"output: {args.output}")
         return 0
     if cmd == "eval":
