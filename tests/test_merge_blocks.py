@@ -62,16 +62,12 @@ def _meta(tm: TensorMerge):
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
-@pytest.mark.parametrize("shape", [(7,), (600, 1000), (2 * BLOCK_ELEMS + 3,)])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_breadcrumbs_kernel_equals_whole_tensor_reference(method, shape, quantized) -> None:
-    base, models = _family(shape, quantized, seed=2)
-    mps = [{"density": 0.3, "gamma": 0.05}, {"density": 0.9, "gamma": 0.2, "weight": 0.5}, {"density": 1.0}]
+def test_breadcrumbs_kernel_edge_ranges_equal_reference(method, quantized) -> None:
+    """Rank ranges the conformance suite's parameters do not reach: a lower
+    cut at 0 (large gamma), density 0 (keep none), density just below 1."""
+    base, models = _family((600, 1000), quantized, seed=2)
     m = get_method(method)
-    ref = m.fn(build_merge(method, base, models, mps, normalize=True))
-    assert m.block_kernel(_meta(build_merge(method, base, models, mps))) is not None
-    assert torch.equal(apply_method(m, build_merge(method, base, models, mps, normalize=True)), ref)
-    # gamma large enough that the kept range starts at 0 (no lower cut), and density 0 (keep none)
     mps = [{"density": 0.5, "gamma": 0.6}, {"density": 0.0}, {"density": 0.999, "gamma": 0.0}]
     ref = m.fn(build_merge(method, base, models, mps))
     assert torch.equal(apply_method(m, build_merge(method, base, models, mps)), ref)
@@ -134,21 +130,6 @@ def test_widen_row_kernel_equals_whole_matrix(shape, role, compiled, monkeypatch
     assert kernel is not None
     assert kernel.fused == (compiled and _widen_fused.available())
     assert torch.equal(apply_method(method, build_merge("widen", base, models, role=role)), ref)
-
-
-@pytest.mark.parametrize("method,n,params", [
-    ("slerp", 1, {"t": 0.3}), ("slerp", 1, {"t": 0.8}),
-    ("model_stock", 3, {"filter_wise": False}), ("model_stock", 2, {"filter_wise": True}),
-])
-@pytest.mark.parametrize("shape", [(600, 1000), (5, 7, 3), (2 * BLOCK_ELEMS + 5,)])
-def test_streamed_statistics_kernels_equal_whole_tensor(method, n, params, shape) -> None:
-    base, models = _family(shape, quantized=False, seed=4, n=n)
-    m = get_method(method)
-    ref = m.fn(build_merge(method, base, models, **params))
-    assert m.block_kernel(_meta(build_merge(method, base, models, **params))) is not None
-    got = apply_method(m, build_merge(method, base, models, **params))
-    # float64 sums in another order: coefficients agree to ~1e-15, results to float32 rounding
-    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_uniform_numbers_do_not_depend_on_how_the_tensor_is_cut() -> None:
@@ -336,22 +317,7 @@ def test_compiled_counts_equal_bincount(n: int, dtype: torch.dtype) -> None:
             assert torch.equal(torch.cat(parts[t]), kept[t, :int(inside[t])].to(torch.int64))
 
 
-def test_ties_kernel_without_compiled_loops_equals_reference(monkeypatch) -> None:
-    from surgeon.merge.kernels import ties_compiled as _ties_fused
-    from surgeon.merge.select import counting as _hist
-
-    monkeypatch.setattr(_hist, "_kernels", lambda: None)
-    monkeypatch.setattr(_ties_fused, "_kernels", lambda: None)
-    base, models = _family((2 * BLOCK_ELEMS + 3,), quantized=True, seed=1)
-    mps = [{"density": 0.3}, {"density": 0.55}, {"density": 0.9}]
-    method = get_method("ties")
-    ref = method.fn(build_merge("ties", base, models, mps))
-    assert not method.block_kernel(_meta(build_merge("ties", base, models, mps)))._fused
-    assert torch.equal(apply_method(method, build_merge("ties", base, models, mps)), ref)
-
-
 def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
-    from surgeon.merge.select import counting as _hist
     from surgeon.merge.rng import uniform_stream
 
     def splitmix64(key: int, i: int) -> float:  # the published algorithm, in Python integers

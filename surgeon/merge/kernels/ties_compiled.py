@@ -156,7 +156,7 @@ def _kernels(jit: Any) -> Any:
             row = d[0]
             for j in range(k):
                 r = row[j] * acc[j]
-                r = max(zero, r)  # relu that keeps NaN, as torch's does
+                r = zero if r <= zero else r  # noqa: FURB136 - relu that keeps NaN, as torch's does (max() would not)
                 mixed[j] = r
                 div[j] = w0 if r > zero else zero
             for i in range(1, nm):
@@ -164,14 +164,14 @@ def _kernels(jit: Any) -> Any:
                 row = d[i]
                 for j in range(k):
                     r = row[j] * acc[j]
-                    r = max(zero, r)  # relu that keeps NaN, as torch's does
+                    r = zero if r <= zero else r  # noqa: FURB136 - relu that keeps NaN, as torch's does (max() would not)
                     mixed[j] = mixed[j] + r
                     div[j] = div[j] + (wi if r > zero else zero)
             if normalize:
                 if positive_weights:
                     for j in range(k):
                         dv = div[j]
-                        mixed[j] = mixed[j] / (max(tiny, dv))
+                        mixed[j] = mixed[j] / (dv if dv > tiny else tiny)  # noqa: FURB136
                 else:
                     for j in range(k):
                         dv = div[j]
