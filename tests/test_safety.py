@@ -431,3 +431,61 @@ def test_eval_reads_only_the_part_of_a_text_its_token_cap_needs(tmp_path: Path) 
     b = evaluate_text(ZOO / "bpe-base", small, max_tokens=64, progress=False)
     assert a["tokens"] == b["tokens"] >= 63 and a["bytes"] == b["bytes"]
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- 8. headers, journal
+def raw_safetensors(path: Path, header: str | bytes, data: bytes) -> Path:
+    hb = header if isinstance(header, bytes) else header.encode("utf-8", "surrogatepass")
+    hb += b" " * (-len(hb) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(len(hb).to_bytes(8, "little") + hb + data)
+    return path
+
+
+F32_2 = '"dtype":"F32","shape":[2],"data_offsets":[0,8]'
+
+
+@pytest.mark.parametrize("case,header,data,message", [
+    ("absurd shape", '{"w":{"dtype":"F32","shape":[0,1000000000000000000000000000000],"data_offsets":[0,0]}}', b"",
+     "dimension beyond 2^63-1"),
+    ("duplicate name", '{"w":{' + F32_2 + '},"w":{' + F32_2 + '}}', b"\0" * 8, "'w' appears twice"),
+    ("gap", '{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', b"\0" * 8, "belong to no tensor"),
+    ("junk after the data", '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 8,
+     "4 bytes after the last tensor"),
+    ("lone surrogate", '{"w\\ud800":{' + F32_2 + '}}', b"\0" * 8, "lone surrogate"),
+    ("metadata not strings", '{"__metadata__":{"a":1},"w":{' + F32_2 + '}}', b"\0" * 8, "must map names to strings"),
+])
+def test_headers_the_safetensors_library_rejects_are_rejected(tmp_path: Path, capsys, case, header, data,
+                                                              message) -> None:
+    from surgeon.cli import main
+
+    f = raw_safetensors(tmp_path / "m" / "model.safetensors", header, data)
+    assert main(["inspect", str(f.parent)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line and "model.safetensors" in line
+
+
+def test_a_header_of_millions_of_empty_tensors_is_refused_at_once(tmp_path: Path, capsys) -> None:
+    import time
+
+    from surgeon.cli import main
+    from surgeon.io.header import MAX_TENSORS
+
+    n = MAX_TENSORS + 1
+    body = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
+    f = raw_safetensors(tmp_path / "m" / "model.safetensors", "{" + body + "}", b"")
+    t0 = time.perf_counter()
+    assert main(["inspect", str(f.parent)]) == 2
+    assert time.perf_counter() - t0 < 5
+    assert f"header lists {n} tensors" in one_error_line(capsys.readouterr().err)
+
+
+def test_tensor_names_with_newlines_survive_the_journal(tmp_path: Path) -> None:
+    from surgeon import api
+    from surgeon.io import Checkpoint
+
+    extra = {"odd\nname.weight": torch.ones(4, 4)}
+    a, b = tiny(tmp_path / "a", 0, extra=extra), tiny(tmp_path / "b", 1, extra=extra)
+    api.merge_models("linear", [str(a), str(b)], str(tmp_path / "out"), quiet=True)
+    with Checkpoint.open(tmp_path / "out") as ck:
+        assert torch.equal(ck.get("odd\nname.weight"), torch.ones(4, 4))

@@ -19,6 +19,11 @@ import torch
 from ..errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+#: tensors one header may list: far above any real shard (the largest models have ~100k tensors in
+#: all), bounding the time and memory a hostile header of millions of empty tensors costs
+MAX_TENSORS = 300_000
+#: a dimension torch can index (int64)
+MAX_DIM = 2**63 - 1
 
 # safetensors dtype codes -> torch dtypes (fp8 only where this torch has them)
 DTYPES: dict[str, torch.dtype] = {
@@ -74,8 +79,14 @@ def parse_header_bytes(raw: bytes, file_size: int, where: str) -> Header:
     if 8 + n > file_size:
         raise CheckpointError(f"{where}: header length {n} runs past the end of the file ({file_size} bytes): truncated file")
     body = raw[8 : 8 + n]
+    count = body.count(b'"data_offsets"')
+    if count > MAX_TENSORS:
+        raise CheckpointError(f"{where}: header lists {count} tensors, more than the {MAX_TENSORS} one file may hold "
+                              "(corrupt or hostile file)")
     try:
-        meta = json.loads(body.decode("utf-8"))
+        meta = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers of over 4300 digits
         raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from None
     except RecursionError:
@@ -86,9 +97,14 @@ def parse_header_bytes(raw: bytes, file_size: int, where: str) -> Header:
     entries: dict[str, HeaderEntry] = {}
     metadata: dict[str, str] = {}
     for name, info in meta.items():
+        _check_text(name, where, "a tensor name")
         if name == "__metadata__":
-            if isinstance(info, dict):
-                metadata = {str(k): str(v) for k, v in info.items()}
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{where}: __metadata__ must map names to strings, got {_short(info)}")
+            for k, v in info.items():
+                _check_text(k, where, "a metadata key")
+                _check_text(v, where, f"metadata {k!r}")
+            metadata = dict(info)
             continue
         entries[name] = _entry(name, info, data_len, where)
     _check_layout(entries, data_len, where)
@@ -103,7 +119,10 @@ def _entry(name: str, info: object, data_len: int, where: str) -> HeaderEntry:
         raise CheckpointError(f"{where}: tensor {name!r}: unknown or unsupported dtype {code!r}")
     shape = info.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: tensor {name!r}: invalid shape {shape!r}")
+        raise CheckpointError(f"{where}: tensor {name!r}: invalid shape {_short(shape)}")
+    if any(d > MAX_DIM for d in shape):
+        raise CheckpointError(f"{where}: tensor {name!r}: shape {_short(shape)} has a dimension beyond 2^63-1 "
+                              "(corrupt or hostile file)")
     offs = info.get("data_offsets")
     if (
         not isinstance(offs, list)
@@ -126,12 +145,46 @@ def _entry(name: str, info: object, data_len: int, where: str) -> HeaderEntry:
 
 
 def _check_layout(entries: dict[str, HeaderEntry], data_len: int, where: str) -> None:
+    """The tensors, in offset order, tile the data section exactly (the safetensors library's rule):
+    no overlap, no gap, nothing after the last one."""
     ordered = sorted(entries.values(), key=lambda e: (e.start, e.end))
     prev: HeaderEntry | None = None
+    pos = 0
     for e in ordered:
-        if prev is not None and e.start < prev.end and e.nbytes and prev.nbytes:
+        if e.start < pos and prev is not None:
             raise CheckpointError(f"{where}: tensors {prev.name!r} and {e.name!r} overlap in the file")
-        prev = e if (prev is None or e.end >= prev.end) else prev
+        if e.start > pos:
+            raise CheckpointError(f"{where}: tensor {e.name!r}: bytes {pos} to {e.start} of the data section belong "
+                                  "to no tensor (a gap: corrupt file)")
+        pos, prev = e.end, e
+    if pos != data_len:
+        raise CheckpointError(f"{where}: the data section has {data_len - pos} bytes after the last tensor "
+                              "(junk or a corrupt header)")
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Duplicate(f"{dup!r} appears twice in the header (corrupt or hostile file)")
+    return out
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{where}: {what} {text!r} holds a lone surrogate (not valid Unicode)") from None
+
+
+def _short(obj: object) -> str:
+    r = repr(obj)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def read_header(path: Path) -> Header:

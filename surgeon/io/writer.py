@@ -309,7 +309,7 @@ class CheckpointWriter:
             self.resumed_tensors = len(self._written)
             if self._written or self.coord.world > 1:
                 self._streams.clear()  # bytes this process will not place: hash the files at the end instead
-            self._journal = open(self._journal_path(self.coord.rank), "a", encoding="utf-8")
+            self._journal = open(self._journal_path(self.coord.rank), "a", encoding="ascii")
         except OSError as exc:
             self.abort()
             raise StepError(f"{self.staging}: cannot open the partial output ({exc.strerror or exc})") from None
@@ -357,7 +357,13 @@ class CheckpointWriter:
         done: set[str] = set()
         for journal in self.staging.glob(self.JOURNAL + "*"):
             lines = journal.read_text(encoding="utf-8").split("\n")
-            done |= {n for n in lines[:-1] if n in self._slots}
+            for line in lines[:-1]:  # one JSON string a line: names may hold newlines (docs/reliability.md)
+                try:
+                    n = json.loads(line)
+                except ValueError:
+                    continue  # a journal of an older format: those tensors are written again
+                if isinstance(n, str) and n in self._slots:
+                    done.add(n)
         return done
 
     def _layout_fingerprint(self, shards: list[list[TensorSpec]]) -> dict[str, Any]:
@@ -449,7 +455,7 @@ class CheckpointWriter:
                 self._behind.wrote(fd, before, stream.placed(slot.offset + at, data) - before)
             filled = self._filled.pop(name, 0) + len(data)
             if filled >= slot.spec.nbytes:
-                self._journal.write(name + "\n")
+                self._journal.write(json.dumps(name) + "\n")  # ASCII: a newline or lone surrogate cannot split it
                 self._journal.flush()
                 self._written.add(name)
             else:
