@@ -99,6 +99,8 @@ def parse_header_bytes(raw: bytes, file_size: int, where: str) -> Header:
     for name, info in meta.items():
         _check_text(name, where, "a tensor name")
         if name == "__metadata__":
+            if info is None:  # the safetensors library reads null as no metadata
+                continue
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise CheckpointError(f"{where}: __metadata__ must map names to strings, got {_short(info)}")
             for k, v in info.items():
