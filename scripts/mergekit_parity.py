@@ -384,7 +384,22 @@ def tokenizer_diff(a: Path, b: Path) -> list[str]:
     if len(ta.added_tokens_decoder) != len(tb.added_tokens_decoder):
         out.append(f"added tokens {len(ta.added_tokens_decoder)} vs {len(tb.added_tokens_decoder)}")
     if (ta.chat_template or None) != (tb.chat_template or None):
-        out.append("chat_template")
+        if not ta.chat_template or not tb.chat_template:
+            out.append("chat_template present in only one output")
+        else:  # compare what the templates render, not their text
+            chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+            for gen in (False, True):
+                try:
+                    ra = ta.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+                    rb = tb.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+                except Exception as exc:  # noqa: BLE001
+                    out.append(f"chat_template does not render: {exc}"[:120])
+                    break
+                if ra != rb:
+                    out.append(f"chat_template renders differently (add_generation_prompt={gen}): "
+                               f"{ra[-40:]!r} vs {rb[-40:]!r}")
+                    break
     return out
 
 
