@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from .engine.pipeline import Pipeline, RunOptions
+from .eval.protocol import DEFAULT_MAX_TOKENS
 from .recipe.load import LoadedRecipe, load_recipe, load_recipe_text
 
 __all__ = ["load_recipe", "validate", "plan", "run", "merge_models", "transplant_tokenizer", "fuse_models",
@@ -109,11 +110,13 @@ def _local(inputs: Sequence[tuple[str, Any]]) -> list[tuple[str, str | None]]:
             or label == "the work folder"]
 
 
-def evaluate(model: str, text: str, **options: Any) -> dict[str, Any]:
-    """Perplexity and bits per byte of ``model`` on a text file."""
+def evaluate(model: str, text: str, max_tokens: int | None = DEFAULT_MAX_TOKENS, **options: Any) -> dict[str, Any]:
+    """Perplexity and bits per byte of ``model`` on the first ``max_tokens`` tokens of a text file
+    (default :data:`surgeon.eval.protocol.DEFAULT_MAX_TOKENS`, as ``surgeon eval`` and recipes;
+    0 or None scores the whole text). The result carries the cap as ``max_tokens``."""
     from .eval.perplexity import evaluate_text
 
-    return evaluate_text(model, text, **options)
+    return {**evaluate_text(model, text, max_tokens=max_tokens or None, **options), "max_tokens": max_tokens or None}
 
 
 def inspect_checkpoint(path: str, **options: Any) -> dict[str, Any]:

@@ -343,8 +343,13 @@ def _print_run(report: dict[str, Any]) -> None:
         print(f"step {s['id']:<16} {s['kind']:<11} {state}")
     ev = report.get("evaluation")
     if ev:
+        from .eval.report import reading_lines
+
         print()
         print(format_evaluation(ev))
+        steps = report.get("steps") or [{}]
+        for line in reading_lines(ev, steps[-1].get("parameters")):
+            print(line)
     print()
     print(f"output: {report['output']['path']}")
     if report.get("push"):

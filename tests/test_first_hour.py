@@ -320,3 +320,20 @@ def test_cards_have_no_placeholder_link_and_say_when_mergekit_was_used(tiny_fami
     assert main(["run", str(cfg), str(tmp_path / "mk"), "-q"]) == 0
     card = (tmp_path / "mk" / "README.md").read_text()
     assert "- mergekit" in card.split("---")[1] and "mergekit configuration, run by surgeon" in card
+
+
+# -- reading an evaluation ------------------------------------------------------
+def test_gain_kept_is_the_share_of_each_fine_tunes_gain():
+    from surgeon.eval.report import gains_kept, reading_lines
+
+    def row(p, s):
+        return {"prose": {"bits_per_byte": p, "max_tokens": 4096, "tokens": 4096},
+                "poetry": {"bits_per_byte": s, "max_tokens": 4096, "tokens": 4096}}
+
+    ev = {"base": row(2.5, 5.0), "poet": row(3.0, 3.0), "flat": row(2.6, 5.1), "output": row(2.8, 3.5)}
+    rows = gains_kept(ev, "base", ["poet", "flat"])
+    assert len(rows) == 1 and rows[0]["text"] == "poetry"
+    assert rows[0]["kept"] == pytest.approx((5.0 - 3.5) / (5.0 - 3.0))  # 75 %
+    lines = reading_lines(ev, {"kind": "merge", "base": "base", "models": ["poet", "flat"]})
+    assert lines[0].startswith("each text scored on its first 4096 tokens")
+    assert lines[-1].strip() == "poet on poetry: base 5.000 -> poet 3.000, merge 3.500: keeps 75%"

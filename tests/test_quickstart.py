@@ -27,6 +27,9 @@ def test_quickstart_runs_and_the_merge_keeps_both_domains(tmp_path: Path, capsys
         recipe.unlink()
     printed = capsys.readouterr().out
     assert f"output: {out}" in printed and "shakespeare bpb" in printed
+    # the table says what to read from it: the cap, and the share of each fine-tune's gain the merge keeps
+    assert "each text scored on its first 1024 tokens" in printed
+    assert "poet on shakespeare:" in printed and "coder on python:" in printed and "keeps" in printed
     report = json.loads(report_file.read_text())
     ev = report["evaluation"]
     assert set(ev) == {"base", "poet", "coder", "output"}

@@ -397,6 +397,7 @@ class Pipeline:
             evaluation=evaluation,
             notes=notes,
             extra_sections=dict(self._card_sections),
+            evaluation_notes=_evaluation_notes(evaluation, self.recipe.steps),
             from_mergekit=self.loaded.from_mergekit,
         )
 
@@ -436,11 +437,13 @@ class Pipeline:
         from transformers.utils import logging as hf_logging
 
         from ..eval.perplexity import evaluate_text
+        from ..eval.protocol import DEFAULT_MAX_TOKENS
 
         hf_logging.disable_progress_bar()  # one bar per evaluation is ours; no loading bars per model
 
         spec = self.recipe.eval
         assert spec is not None
+        cap = spec.max_tokens or DEFAULT_MAX_TOKENS  # the documented default (surgeon.eval.protocol)
         models: dict[str, Path] = {}
         if spec.inputs:
             for mid in self.recipe.models:
@@ -451,9 +454,10 @@ class Pipeline:
         for label, path in models.items():
             results[label] = {}
             for tname, tpath in spec.texts.items():
-                r = evaluate_text(path, self.loaded.resolve_path(tpath), max_tokens=spec.max_tokens,
+                r = evaluate_text(path, self.loaded.resolve_path(tpath), max_tokens=cap,
                                   device=self.opts.device, progress=self.show_progress)
                 results[label][tname] = {k: r[k] for k in ("perplexity", "bits_per_byte", "tokens", "bytes") if k in r}
+                results[label][tname]["max_tokens"] = cap
         return results
 
     # -- report -----------------------------------------------------------------
@@ -472,6 +476,15 @@ class Pipeline:
             "output": {"path": str(self.output_path), "files": shard_hashes(self.output_path)},
             "started": t_start,
         }
+
+
+def _evaluation_notes(evaluation: dict[str, Any] | None, steps: list[Step]) -> list[str]:
+    """The sentences under the card's evaluation table (surgeon.eval.report.reading_lines)."""
+    if not evaluation or not steps:
+        return []
+    from ..eval.report import reading_lines
+
+    return reading_lines(evaluation, _step_summary(steps[-1]))
 
 
 def _step_summary(s: Step) -> dict[str, Any]:

@@ -74,3 +74,56 @@ def format_texts(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{n:<{width}}  {r['perplexity']:>10.3f}  {r['bits_per_byte']:>9.4f}  {r['tokens']:>7}  "
                      f"{r['bytes']:>8}  {cap_note(r.get('max_tokens'))}")
     return "\n".join(lines)
+
+
+def gains_kept(evaluation: dict[str, dict[str, dict[str, Any]]], base: str, models: Sequence[str],
+               output: str = "output") -> list[dict[str, Any]]:
+    """What to read from a merge's evaluation table: for each input model, its gain on the text
+    where it beats the base most (bits per byte below the base's) and the share of that gain
+    the merged output keeps: ``(base - output) / (base - model)`` (1 = all of it, 0 = none,
+    negative = worse than the base). Models that beat the base nowhere are left out."""
+    rows: list[dict[str, Any]] = []
+    if base not in evaluation or output not in evaluation:
+        return rows
+    b, o = evaluation[base], evaluation[output]
+    for m in models:
+        if m in (base, output) or m not in evaluation:
+            continue
+        gains = {t: b[t]["bits_per_byte"] - r["bits_per_byte"] for t, r in evaluation[m].items()
+                 if t in b and t in o}
+        if not gains:
+            continue
+        text = max(gains, key=lambda t: gains[t])
+        if gains[text] <= 0:
+            continue
+        rows.append({"model": m, "text": text, "base_bpb": b[text]["bits_per_byte"],
+                     "model_bpb": evaluation[m][text]["bits_per_byte"], "output_bpb": o[text]["bits_per_byte"],
+                     "kept": (b[text]["bits_per_byte"] - o[text]["bits_per_byte"]) / gains[text]})
+    return rows
+
+
+def format_gains(rows: list[dict[str, Any]], base: str) -> list[str]:
+    """Plain lines for :func:`gains_kept`: one per input model."""
+    if not rows:
+        return []
+    out = [f"share of each input's gain the merge keeps (bits per byte on its best text, against {base!r}):"]
+    for r in rows:
+        out.append(f"  {r['model']} on {r['text']}: {base} {r['base_bpb']:.3f} -> {r['model']} {r['model_bpb']:.3f}, "
+                   f"merge {r['output_bpb']:.3f}: keeps {r['kept']:.0%}")
+    return out
+
+
+def reading_lines(evaluation: dict[str, dict[str, dict[str, Any]]], final_step: dict[str, Any] | None) -> list[str]:
+    """The sentences printed under an evaluation table: how many tokens each number was scored
+    on and, after a merge with a base, the share of each input's gain the merge keeps."""
+    lines: list[str] = []
+    caps = {r.get("max_tokens") for per in evaluation.values() for r in per.values()}
+    tokens = sorted({r.get("tokens") for per in evaluation.values() for r in per.values() if r.get("tokens")})
+    if caps and None not in caps and len(caps) == 1:
+        cap = caps.pop()
+        lines.append(f"each text scored on its first {cap} tokens (eval.max_tokens; default {DEFAULT_MAX_TOKENS})"
+                     + (f"; {tokens[0]}-{tokens[-1]} scored" if tokens and tokens[0] != tokens[-1] else ""))
+    step = final_step or {}
+    if step.get("kind") == "merge" and step.get("base"):
+        lines += format_gains(gains_kept(evaluation, step["base"], step.get("models", [])), step["base"])
+    return lines

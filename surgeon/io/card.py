@@ -33,6 +33,7 @@ class CardInfo:
     notes: list[str] = field(default_factory=list)
     extra_sections: dict[str, str] = field(default_factory=dict)
     from_mergekit: bool = False  # the run read a mergekit config (the card says so and tags it)
+    evaluation_notes: list[str] = field(default_factory=list)  # how to read the evaluation table
 
 
 def render_card(info: CardInfo) -> str:
@@ -61,6 +62,9 @@ def render_card(info: CardInfo) -> str:
         lines.append(f"  - {note}")
     if info.evaluation:
         lines += ["", "## Evaluation", "", _eval_table(info.evaluation)]
+        if info.evaluation_notes:
+            for n in info.evaluation_notes:  # sentences are paragraphs, indented lines list items
+                lines += [f"- {n.strip()}"] if n.startswith("  ") else ["", n.strip(), ""]
     for title, body in info.extra_sections.items():
         lines += ["", f"## {title}", "", body.rstrip()]
     if info.recipe_text:
