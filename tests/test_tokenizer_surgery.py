@@ -61,6 +61,14 @@ CONFIGS = {
                           "tokenizer:\n  source: base\n  pad_to_multiple_of: 16\n" + _models(["{chatml}"]),
     "union_no_tokenizer": "merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
                           "tokenizer_source: union\n" + _models(["{chatml}", "{tokless}"]),
+    # layer surgery: one output tokenizer for the whole step; each sub-merge's embedding/head rows laid out in it
+    "slices_passthrough_union": "slices:\n  - sources:\n      - {{model: {base}, layer_range: [0, 2]}}\n"
+                                "  - sources:\n      - {{model: {chatml}, layer_range: [1, 2]}}\n"
+                                "merge_method: passthrough\ndtype: float32\ntokenizer_source: union\n",
+    "slices_linear_union": "slices:\n  - sources:\n      - {{model: {base}, layer_range: [0, 2]}}\n"
+                           "      - {{model: {chatml}, layer_range: [0, 2]}}\n"
+                           "merge_method: linear\nbase_model: {base}\nparameters: {{weight: 0.5}}\ndtype: float32\n"
+                           "tokenizer_source: union\n",
     "zero_and_average": "merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
                         "tokenizer:\n  source: union\n  tokens:\n"
                         "    _tok_5: {{source: {{kind: zero}}, force: true}}\n"
@@ -180,6 +188,15 @@ def _refused(tmp_path: Path, text: str, capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     return err[0]
+
+
+@pytest.mark.parametrize("name", ["slices_passthrough_union", "slices_linear_union"])
+def test_layer_slices_share_one_output_vocabulary(outputs, mk, name):
+    out = outputs[name][1]
+    _check_tokenizer(out, 66, contains=["<|im_start|>", "<|im_end|>"])
+    sd = state_dict(out)
+    assert sd["model.embed_tokens.weight"].shape[0] == sd["lm_head.weight"].shape[0] == 66
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 66
 
 
 def test_model_without_tokenizer_shares_the_base_vocabulary(outputs, mk):

@@ -101,8 +101,13 @@ class MergePlan:
         return largest * (n_in + 3) + min(prefetch_bytes, largest * n_in * prefetch)
 
 
-def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Callable[..., str]) -> MergePlan:
-    """Validate a merge step against its inputs' headers and lay out its output."""
+def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Callable[..., str],
+               tokenizer: Any = None) -> MergePlan:
+    """Validate a merge step against its inputs' headers and lay out its output.
+
+    ``tokenizer``: a step-level output tokenizer shared by several merges and the map from this
+    merge's input ids to the step's models (layer slices; see merge.tokenizer_build.plan_merge_tokenizer).
+    """
     if spec.slices:  # layer surgery: sub-merges over renamed views (surgeon.engine.slices)
         return plan_slices(step_id, spec, inputs, where, plan_merge)  # type: ignore[return-value]
     method = get_method(spec.method)
@@ -116,7 +121,7 @@ def plan_merge(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Cal
     tok_id = spec.tokenizer_source
     plan.tokenizer_id = template_id if tok_id in (None, "base", "union") else tok_id
     plan.vocab_layout, plan.tokenizer_dir, tok_notes = plan_merge_tokenizer(spec, inputs, base_id, model_ids, where,
-                                                                            is_vocab_tensor)
+                                                                            is_vocab_tensor, shared=tokenizer)
     plan.notes += tok_notes
     involved = ([base_id] if base_id else []) + model_ids
     for mid in involved:

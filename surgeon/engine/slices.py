@@ -38,7 +38,8 @@ from typing import Any, Callable
 from ..errors import InvalidInputError
 from ..io.checkpoint import Checkpoint
 from ..merge.registry import get_method
-from ..merge.vocab import tensor_role
+from ..merge.tokenizer_build import step_tokenizer
+from ..merge.vocab import is_vocab_tensor, tensor_role
 from ..recipe.schema import MergeSpec, SliceSource
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -209,6 +210,12 @@ def plan_slices(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Ca
     if ref not in structures:
         structures[ref] = _structure(inputs[ref])
     ref_ck = inputs[ref]
+    # one output tokenizer for the whole step (tokenizer_source / tokenizer: / chat_template), over every
+    # model it reads; each sub-merge lays its vocabulary tensors out in it (merge.tokenizer_build)
+    step_models = list(dict.fromkeys(([spec.base] if spec.base else [])
+                                     + [src.model for sl in spec.slices for src in sl.sources]))
+    shared_tok = step_tokenizer(spec, inputs, spec.base or ref, [m for m in step_models if m != (spec.base or ref)],
+                                where, is_vocab_tensor)
     step_params = dict(spec.parameters)
     groups: list[_Group] = []
     notes: list[str] = []
@@ -266,7 +273,8 @@ def plan_slices(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Ca
         sub_spec = MergeSpec.model_validate(sub)
         view_inputs = {vid: SliceView(inputs[mid], names, f"{inputs[mid].label} ({vid})", inputs[mid].config)
                        for vid, (mid, names) in views.items()}
-        groups.append(_Group(plan_one(step_id, sub_spec, view_inputs, where), views))
+        groups.append(_Group(plan_one(step_id, sub_spec, view_inputs, where,
+                                      tokenizer=(shared_tok, {vid: mid for vid, (mid, _) in views.items()})), views))
 
     first, last = spec.slices[0], spec.slices[-1]
     pre = [n for n in structures[ref][1] if _is_pre(n)]

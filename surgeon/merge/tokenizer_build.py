@@ -236,7 +236,101 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return obj.model_dump(by_alias=True) if hasattr(obj, "model_dump") else dict(vars(obj))
 
 
-def plan_output_tokenizer(
+@dataclass
+class OutputTokenizer:
+    """A merge step's output tokenizer, planned once for all the models the step reads.
+
+    ``folder`` holds the tokenizer files to write (None: the template's files
+    as they are). ``perm`` (None when the vocabulary is the template's as is,
+    i.e. only a chat template changed) maps each model id to its rows for the
+    output tokens; :meth:`layout` turns it into the :class:`VocabLayout` of
+    one merge over some of those models.
+    """
+
+    folder: Path | None
+    notes: list[str]
+    n: int = 0
+    rows: int = 0
+    vocab: dict[str, int] = field(default_factory=dict)
+    perm: dict[str, torch.Tensor] | None = None
+    rules: dict[str, _Rule] = field(default_factory=dict)
+    forced: torch.Tensor | None = None
+
+    def layout(self, involved: list[str], base_id: str | None, vocab_tensors: dict[str, dict[str, int]],
+               where: Callable[..., str], model_of: dict[str, str] | None = None) -> VocabLayout | None:
+        """The layout for a merge of ``involved`` (ids of this merge; ``model_of`` maps them to the step's
+        model ids when they differ, e.g. layer-slice views) with fill rules over exactly those inputs."""
+        if self.perm is None or self.forced is None:
+            return None
+        model_of = model_of or {}
+        real = {m: model_of.get(m, m) for m in involved}
+        perm = {m: self.perm[real[m]] for m in involved}
+        n = self.n
+        for tname, per_model in vocab_tensors.items():
+            for m, r in per_model.items():
+                top = int(perm[m].max()) if n else -1
+                if top >= r:
+                    raise InvalidInputError(f"{where('models')}: model {real[m]!r}: tensor {tname!r} has {r} rows but "
+                                            f"its tokenizer uses ids up to {top}")
+
+        def local(model: str, token: str) -> str:
+            for m in involved:
+                if real[m] == model:
+                    return m
+            raise InvalidInputError(f"{where('tokenizer', 'tokens', token)}: token {token!r} takes its row from "
+                                    f"model {model!r}, which this merge does not read")
+
+        fills_by_rule: dict[tuple, tuple[_Rule, list[int]]] = {}
+        missing_everywhere = []
+        present = torch.stack([perm[m] >= 0 for m in involved])  # [models, n]
+        n_present = present.sum(0)
+        for t, i in sorted(self.vocab.items(), key=lambda kv: kv[1]):
+            force = bool(self.forced[i])
+            if not force and int(n_present[i]) == len(involved):
+                continue
+            rule = self.rules.get(t)
+            if rule is not None and rule.model is not None:
+                rule = _Rule(rule.kind, local(rule.model, t), rule.row, rule.token)
+            if rule is None:
+                have = [m for k, m in enumerate(involved) if bool(present[k, i])]
+                if len(have) == 1:
+                    rule = _Rule("model", have[0])
+                elif not have:
+                    rule = _Rule("zero")
+                    missing_everywhere.append(t)
+                elif base_id is not None and bool(perm[base_id][i] >= 0):
+                    rule = _Rule("model", base_id)
+                else:
+                    rule = _Rule("average")
+            if rule.kind == "missing":
+                lacking = [real[m] for k, m in enumerate(involved) if not bool(present[k, i])]
+                raise InvalidInputError(f"{where('tokenizer', 'tokens', t)}: token {t!r} "
+                                        + ("is forced but has no source" if force else
+                                           f"is not in model(s) {lacking}") + "; give it a source "
+                                        "(a model id, {kind: model_token, ...} or {kind: zero})")
+            if rule.kind == "model" and int(perm[rule.model][i]) < 0:
+                raise InvalidInputError(f"{where('tokenizer', 'tokens', t)}: token {t!r} takes its row from model "
+                                        f"{real[rule.model]!r}, which does not have that token")
+            key = (rule.kind, rule.model, rule.row)
+            fills_by_rule.setdefault(key, (rule, []))[1].append(i)
+        for rule, _ in fills_by_rule.values():
+            if rule.kind == "model_token":
+                for tname, per_model in vocab_tensors.items():
+                    if rule.model in per_model and rule.row >= per_model[rule.model]:
+                        raise InvalidInputError(f"{where('tokenizer', 'tokens')}: token id {rule.row} of model "
+                                                f"{real[rule.model]!r} is out of range for {tname!r} "
+                                                f"({per_model[rule.model]} rows)")
+        notes = []
+        if missing_everywhere:
+            notes.append(f"warning: {len(missing_everywhere)} output tokens are in no input of a merge "
+                         f"(e.g. {missing_everywhere[0]!r}); their rows are zeros")
+        own = {m: torch.nonzero((perm[m] >= 0) & ~self.forced).flatten() for m in involved}
+        fills = [(rule, torch.tensor(ids, dtype=torch.long)) for rule, ids in fills_by_rule.values()]
+        assert self.folder is not None
+        return VocabLayout(list(involved), n, self.rows, perm, fills, own, self.folder, notes, set(vocab_tensors))
+
+
+def build_output_tokenizer(
     *,
     source: str | None,
     tokens: dict[str, Any] | None,
@@ -245,35 +339,31 @@ def plan_output_tokenizer(
     base_id: str | None,
     model_ids: list[str],
     inputs: dict[str, Any],
-    vocab_tensors: dict[str, dict[str, int]],
+    vocab_rows: dict[str, int],
     where: Callable[..., str],
-) -> tuple[VocabLayout | None, Path | None, list[str]]:
-    """Plan the output tokenizer of a merge.
+) -> OutputTokenizer | None:
+    """Plan a merge step's output tokenizer over every model it reads (None: nothing to change).
 
-    Returns ``(layout, tokenizer_dir, notes)``: ``layout`` is None when the
-    vocabulary is the base's as is (no ``tokenizer_source``/``tokenizer``
-    given); ``tokenizer_dir`` is a folder with the output tokenizer files when
-    they differ from the template's (a new vocabulary, or a chat template),
-    else None. ``vocab_tensors[name][model]`` gives each vocabulary tensor's
-    row count per input (for range checks).
+    ``vocab_rows[m]`` is model ``m``'s embedding row count, the fallback when
+    its config states no ``vocab_size``.
     """
     notes: list[str] = []
     involved = list(dict.fromkeys(model_ids + ([base_id] if base_id else [])))
     template_id = base_id or model_ids[0]
     if source is None and not tokens and not pad_to_multiple_of:
         if not chat_template:
-            return None, None, notes
+            return None
         ck = inputs[template_id]
         folder = tokenizer_folder(ck)
         if folder is None:
             notes.append(f"warning: chat_template given but {template_id!r} has no tokenizer; no chat template is written")
-            return None, None, notes
+            return OutputTokenizer(None, notes)
         tok = load_tokenizer(folder, f"model {template_id!r}")
         template = resolve_chat_template(chat_template, [inputs[m] for m in [template_id] + involved], where, notes)
         if template is None:
-            return None, None, notes
+            return OutputTokenizer(None, notes)
         tok.chat_template = template
-        return None, save_tokenizer(tok), notes
+        return OutputTokenizer(save_tokenizer(tok), notes)
 
     source = source or "union"
     base_ck = inputs[template_id]
@@ -281,10 +371,7 @@ def plan_output_tokenizer(
     if base_folder is None:
         raise InvalidInputError(f"{where('tokenizer_source')}: {template_id!r} ({getattr(base_ck, 'label', '')}) "
                                 "has no tokenizer files; a tokenizer merge needs the base's tokenizer")
-    sizes: dict[str, int] = {}
-    for m in involved:
-        rows = [r[m] for r in vocab_tensors.values() if m in r]
-        sizes[m] = config_vocab_size(inputs[m].config) or (max(rows) if rows else 0)
+    sizes = {m: config_vocab_size(inputs[m].config) or vocab_rows.get(m, 0) for m in involved}
     base_tok = strip_tokenizer(load_tokenizer(base_folder, f"model {template_id!r}"), sizes[template_id],
                                f"model {template_id!r}")
     toks: dict[str, Any] = {template_id: base_tok}
@@ -337,87 +424,70 @@ def plan_output_tokenizer(
             if j is not None and j < sizes[m]:
                 p[i] = j
         perm[m] = p
-    for tname, per_model in vocab_tensors.items():
-        for m, r in per_model.items():
-            if int(perm[m].max()) >= r:
-                raise InvalidInputError(f"{where('models')}: model {m!r}: tensor {tname!r} has {r} rows but its "
-                                        f"tokenizer uses ids up to {int(perm[m].max())}")
-
-    rules: dict[str, _Rule] = {}
-    for t, cfg in tokens.items():
-        rules[t] = _user_rule(t, cfg, toks, template_id, involved, where)
-    fills_by_rule: dict[tuple, tuple[_Rule, list[int]]] = {}
+    rules = {t: _user_rule(t, cfg, toks, template_id, involved, where) for t, cfg in tokens.items()}
     forced = torch.zeros(n, dtype=torch.bool)
-    missing_everywhere = []
-    present = torch.stack([perm[m] >= 0 for m in involved])  # [models, n]
-    n_present = present.sum(0)
-    for t, i in sorted(vocab.items(), key=lambda kv: kv[1]):
-        cfg = tokens.get(t)
-        force = bool(cfg and cfg.get("force"))
-        forced[i] = force
-        if not force and int(n_present[i]) == len(involved):
-            continue
-        rule = rules.get(t)
-        if rule is None:
-            have = [m for k, m in enumerate(involved) if bool(present[k, i])]
-            if len(have) == 1:
-                rule = _Rule("model", have[0])
-            elif not have:
-                rule = _Rule("zero")
-                missing_everywhere.append(t)
-            elif base_id is not None and bool(perm[base_id][i] >= 0):
-                rule = _Rule("model", base_id)
-            else:
-                rule = _Rule("average")
-        if rule.kind == "missing":
-            lacking = [m for k, m in enumerate(involved) if not bool(present[k, i])]
-            raise InvalidInputError(f"{where('tokenizer', 'tokens', t)}: token {t!r} "
-                                    + ("is forced but has no source" if force else
-                                       f"is not in model(s) {lacking}") + "; give it a source "
-                                    "(a model id, {kind: model_token, ...} or {kind: zero})")
-        if rule.kind == "model" and int(perm[rule.model][i]) < 0:
-            raise InvalidInputError(f"{where('tokenizer', 'tokens', t)}: token {t!r} takes its row from model "
-                                    f"{rule.model!r}, which does not have that token")
-        key = (rule.kind, rule.model, rule.row)
-        fills_by_rule.setdefault(key, (rule, []))[1].append(i)
-    for rule, _ in fills_by_rule.values():
-        if rule.kind == "model_token":
-            for tname, per_model in vocab_tensors.items():
-                if rule.model in per_model and rule.row >= per_model[rule.model]:
-                    raise InvalidInputError(f"{where('tokenizer', 'tokens')}: token id {rule.row} of model "
-                                            f"{rule.model!r} is out of range for {tname!r} "
-                                            f"({per_model[rule.model]} rows)")
-    if missing_everywhere:
-        notes.append(f"warning: {len(missing_everywhere)} output tokens are in no input (e.g. {missing_everywhere[0]!r}); "
-                     "their rows are zeros")
-    own = {m: torch.nonzero((perm[m] >= 0) & ~forced).flatten() for m in involved}
-    fills = [(rule, torch.tensor(ids, dtype=torch.long)) for rule, ids in fills_by_rule.values()]
+    for t, cfg in tokens.items():
+        if cfg.get("force"):
+            forced[vocab[t]] = True
     folder = save_tokenizer(out_tok)
     added = n - len(toks[template_id].get_vocab())
     notes.append(f"output tokenizer ({source}): {n} tokens" + (f", {rows} embedding rows" if rows != n else "")
                  + (f" ({added:+d} vs {template_id!r})" if added else ""))
-    layout = VocabLayout(involved, n, rows, perm, fills, own, folder, notes, set(vocab_tensors))
-    return layout, folder, notes
+    return OutputTokenizer(folder, notes, n, rows, vocab, perm, rules, forced)
 
 
-def plan_merge_tokenizer(spec: Any, inputs: dict[str, Any], base_id: str | None, model_ids: list[str],
-                         where: Callable[..., str],
-                         is_vocab_tensor: Callable[[str], bool]) -> tuple[VocabLayout | None, Path | None, list[str]]:
-    """:func:`plan_output_tokenizer` for a merge spec (``tokenizer_source``, ``tokenizer``, ``chat_template``)."""
+def _vocab_tensors(inputs: dict[str, Any], involved: list[str], template_id: str,
+                   is_vocab_tensor: Callable[[str], bool]) -> dict[str, dict[str, int]]:
+    template = inputs[template_id]
+    out: dict[str, dict[str, int]] = {}
+    for name in template.names:
+        if is_vocab_tensor(name) and len(template.info(name).shape) >= 1:
+            out[name] = {m: int(inputs[m].info(name).shape[0]) for m in involved if name in inputs[m]}
+    return out
+
+
+def step_tokenizer(spec: Any, inputs: dict[str, Any], base_id: str | None, model_ids: list[str],
+                   where: Callable[..., str], is_vocab_tensor: Callable[[str], bool]) -> OutputTokenizer | None:
+    """:func:`build_output_tokenizer` for a merge spec (``tokenizer_source``, ``tokenizer``, ``chat_template``)."""
     tok = getattr(spec, "tokenizer", None)
     source = getattr(spec, "tokenizer_source", None)
     tokens, pad = None, None
     if tok is not None:
         source, tokens, pad = tok.source, tok.tokens, tok.pad_to_multiple_of
     involved = list(dict.fromkeys(model_ids + ([base_id] if base_id else [])))
-    template = inputs[base_id or model_ids[0]]
-    vocab_tensors: dict[str, dict[str, int]] = {}
-    for name in template.names:
-        if is_vocab_tensor(name) and len(template.info(name).shape) >= 1:
-            vocab_tensors[name] = {m: int(inputs[m].info(name).shape[0]) for m in involved if name in inputs[m]}
-    return plan_output_tokenizer(source=source, tokens=tokens, pad_to_multiple_of=pad,
-                                 chat_template=getattr(spec, "chat_template", None), base_id=base_id,
-                                 model_ids=model_ids, inputs=inputs, vocab_tensors=vocab_tensors, where=where)
+    vocab_rows: dict[str, int] = {}
+    for m in involved:
+        ck = inputs[m]
+        rows = [int(ck.info(n).shape[0]) for n in ck.names if is_vocab_tensor(n) and len(ck.info(n).shape) >= 1]
+        if rows:
+            vocab_rows[m] = max(rows)
+    return build_output_tokenizer(source=source, tokens=tokens, pad_to_multiple_of=pad,
+                                  chat_template=getattr(spec, "chat_template", None), base_id=base_id,
+                                  model_ids=model_ids, inputs=inputs, vocab_rows=vocab_rows, where=where)
+
+
+def plan_merge_tokenizer(spec: Any, inputs: dict[str, Any], base_id: str | None, model_ids: list[str],
+                         where: Callable[..., str], is_vocab_tensor: Callable[[str], bool],
+                         shared: tuple[OutputTokenizer | None, dict[str, str]] | None = None,
+                         ) -> tuple[VocabLayout | None, Path | None, list[str]]:
+    """The output tokenizer of one merge: ``(layout, tokenizer_dir, notes)``.
+
+    ``layout`` is None when the vocabulary is the template's as is; ``tokenizer_dir`` is None when
+    the template's tokenizer files are written unchanged. ``shared``: a step-level
+    :class:`OutputTokenizer` and the map from this merge's input ids to the step's model ids (layer
+    slices plan one merge per layer over views of the models; the tokenizer is planned once).
+    """
+    involved = list(dict.fromkeys(model_ids + ([base_id] if base_id else [])))
+    if shared is not None:
+        out, model_of = shared
+    else:
+        out, model_of = step_tokenizer(spec, inputs, base_id, model_ids, where, is_vocab_tensor), {}
+    if out is None:
+        return None, None, []
+    vocab_tensors = _vocab_tensors(inputs, involved, base_id or model_ids[0], is_vocab_tensor)
+    layout = out.layout(involved, base_id, vocab_tensors, where, model_of) if vocab_tensors or shared is None else None
+    notes = list(out.notes) + (layout.notes if layout is not None else [])
+    return layout, out.folder, notes
 
 
 def _user_rule(token: str, cfg: dict[str, Any], toks: dict[str, Any], template_id: str, involved: list[str],
