@@ -462,3 +462,33 @@ dtype: float32
     assert err.count("note:") == 3, err
     assert f"{cfg}:5: " in err and f"{cfg}:7: " in err and "'weight' is ignored by mergekit's slerp" in err
     assert "int8_mask" in err
+
+
+def test_modules_slices_and_residual_weight(tmp_path: Path, four_layer: dict[str, Path], capsys) -> None:
+    """One module: its slices and parameters (between the slices' and the top level's); several: refused."""
+    import yaml
+
+    cfg = _write_config(tmp_path, f"""merge_method: slerp
+base_model: {four_layer['a']}
+modules:
+  decoder:
+    slices:
+      - sources:
+          - {{model: {four_layer['a']}, layer_range: [0, 2]}}
+          - {{model: {four_layer['b']}, layer_range: [2, 4]}}
+        residual_weight: 0.5
+    parameters:
+      t: [{{filter: mlp, value: 0.3}}]
+parameters:
+  t: 0.6
+""")
+    assert main(["convert", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    step = yaml.safe_load(captured.out)["steps"][0]["merge"]
+    assert step["slices"][0]["sources"][1]["layer_range"] == [2, 4]
+    assert step["parameters"]["t"] == [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]
+    assert f"{cfg}:9: residual_weight is ignored by mergekit" in captured.err
+    cfg2 = _write_config(tmp_path, cfg.read_text().replace("parameters:\n  t: 0.6\n",
+                                                           "  vision: {models: [{model: x}]}\n"), "two.yml")
+    assert main(["validate", str(cfg2)]) == 2
+    assert "modules" in capsys.readouterr().err
