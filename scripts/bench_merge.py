@@ -100,6 +100,23 @@ CONFIGS = {
 MERGEKIT_HAS = set(CONFIGS) - {"widen"}  # mergekit 0.1.5 has every other method here
 
 
+class _Frankenmerge(str):
+    """mergekit's examples/orcamini-platy-44layer.yml scaled to the family: a passthrough stack of the first
+    60 % of ft1's layers and the last 50 % of ft2's (24 of 40 and 20 of 40 there; the ranges overlap by 10 %).
+    The layer count is read from the base's config.json when the config is filled in."""
+
+    def format(self, **paths: str) -> str:  # type: ignore[override]
+        n = json.loads((Path(paths["base"]) / "config.json").read_text())["num_hidden_layers"]
+        lo, hi = round(n * 0.6), n - round(n * 0.5)
+        return ("merge_method: passthrough\ndtype: bfloat16\nslices:\n"
+                f"  - sources:\n      - model: {paths['ft1']}\n        layer_range: [0, {lo}]\n"
+                f"  - sources:\n      - model: {paths['ft2']}\n        layer_range: [{hi}, {n}]\n")
+
+
+CONFIGS["frankenmerge"] = _Frankenmerge("frankenmerge")  # layer surgery (slices:), not a registry method
+MERGEKIT_HAS.add("frankenmerge")
+
+
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, float]:
     """Wall seconds, peak RSS (bytes, largest process), exit code, CPU seconds (user + system)."""
     m = measure(cmd, env)
@@ -205,6 +222,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--mergekit-methods", nargs="+", default=None,
+                    help="run mergekit only for these methods (default: every method it has)")
     ap.add_argument("--no-warmup", action="store_true", help="do not compile surgeon's kernels before timing")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
@@ -215,6 +234,7 @@ def main() -> None:
 
         have = set(all_methods())
         a.methods = [m for m in CONFIGS if m in have]
+        a.methods.append("frankenmerge")  # slices: (layer surgery) runs with every method list
         missing = sorted(have - set(CONFIGS))
         if missing:
             print(f"no config here for: {', '.join(missing)}")
@@ -251,7 +271,8 @@ def main() -> None:
         cfg = fam_root / f"{method}.yml"
         cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}))
         tools = [("surgeon", None)]
-        if not a.no_mergekit and method in MERGEKIT_HAS and importlib.util.find_spec("mergekit") is not None:
+        if not a.no_mergekit and method in MERGEKIT_HAS and importlib.util.find_spec("mergekit") is not None \
+                and (a.mergekit_methods is None or method in a.mergekit_methods):
             tools.append(("mergekit", None))
         for tool, _ in tools:
             out = fam_root / f"out-{tool}-{method}"
