@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--mergekit-methods", nargs="+", default=None,
+                    help="run mergekit only for these methods (default: every method it has)")
     ap.add_argument("--no-warmup", action="store_true", help="do not compile surgeon's kernels before timing")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
@@ -269,7 +271,8 @@ def main() -> None:
         cfg = fam_root / f"{method}.yml"
         cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}))
         tools = [("surgeon", None)]
-        if not a.no_mergekit and method in MERGEKIT_HAS and importlib.util.find_spec("mergekit") is not None:
+        if not a.no_mergekit and method in MERGEKIT_HAS and importlib.util.find_spec("mergekit") is not None \
+                and (a.mergekit_methods is None or method in a.mergekit_methods):
             tools.append(("mergekit", None))
         for tool, _ in tools:
             out = fam_root / f"out-{tool}-{method}"
