@@ -284,10 +284,11 @@ class OutputTokenizer:
         missing_everywhere = []
         present = torch.stack([perm[m] >= 0 for m in involved])  # [models, n]
         n_present = present.sum(0)
-        for t, i in sorted(self.vocab.items(), key=lambda kv: kv[1]):
+        token_of = {i: t for t, i in self.vocab.items()}
+        need = (self.forced | (n_present < len(involved))).nonzero().flatten().tolist()  # rows needing a fill
+        for i in need:
+            t = token_of[i]
             force = bool(self.forced[i])
-            if not force and int(n_present[i]) == len(involved):
-                continue
             rule = self.rules.get(t)
             if rule is not None and rule.model is not None:
                 rule = _Rule(rule.kind, local(rule.model, t), rule.row, rule.token)
