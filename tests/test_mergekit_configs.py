@@ -492,3 +492,15 @@ parameters:
                                                            "  vision: {models: [{model: x}]}\n"), "two.yml")
     assert main(["validate", str(cfg2)]) == 2
     assert "modules" in capsys.readouterr().err
+
+
+def test_relative_model_paths_start_where_mergekit_starts_them(tmp_path: Path, four_layer: dict[str, Path],
+                                                              monkeypatch) -> None:
+    """mergekit reads `model: ./a` from the working directory; so does surgeon for a mergekit config
+    (when the paths exist there, else from the config's folder)."""
+    monkeypatch.chdir(four_layer["a"].parent)
+    (tmp_path / "configs").mkdir()
+    cfg = _write_config(tmp_path / "configs", "merge_method: linear\nmodels:\n  - model: ./a\n"
+                                              "    parameters: {weight: 0.5}\n  - model: ./b\n"
+                                              "    parameters: {weight: 0.5}\n")
+    assert main(["validate", str(cfg)]) == 0

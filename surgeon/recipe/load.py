@@ -81,6 +81,17 @@ class FlagLocated(Located):
             p = p[:-1]
 
 
+def _mergekit_base_dir(recipe: Recipe, config_dir: Path) -> Path:
+    """Where a mergekit config's relative model paths start: the working directory, as in
+    mergekit, when every relative path that is not a hub id exists there; else the config's folder."""
+    cwd = Path.cwd()
+    rel = [v.split("+")[0] for v in recipe.models.values()
+           if not v.startswith(("/", "~", "hf://")) and (v.startswith(".") or v.count("/") != 1)]
+    if rel and all((cwd / v).exists() for v in rel) and not all((config_dir / v).exists() for v in rel):
+        return cwd
+    return config_dir
+
+
 def _looks_local(ref: str, base_dir: Path) -> bool:
     """Paths are local; ``org/name(@rev)`` is a hub id unless a folder of that name sits beside the recipe."""
     if ref.startswith("hf://"):
@@ -122,6 +133,8 @@ def _validate(located: Located, text: str, base_dir: Path, output_path: str | No
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(report_problems(_format_errors(exc, located).splitlines())) from None
+    if from_mergekit:
+        base_dir = _mergekit_base_dir(recipe, base_dir)
     loaded = LoadedRecipe(recipe, located.file, base_dir, located, text, from_mergekit)
     problems: list[str] = []
     check_references(loaded, problems)
