@@ -331,8 +331,9 @@ def _print_plan(summaries: list[dict[str, Any]]) -> None:
 
     print(f"{'step':<16} {'kind':<11} {'tensors':>8} {'bytes in':>10} {'bytes out':>10} {'peak (est.)':>12}  reads")
     for s in summaries:
+        peak = human_bytes(s["peak_bytes_estimate"]) if s.get("peak_bytes_estimate") else "n/a"  # never "0 B"
         print(f"{s['id']:<16} {s['kind']:<11} {s['tensors']:>8} {human_bytes(s['bytes_in']):>10} "
-              f"{human_bytes(s['bytes_out']):>10} {human_bytes(s['peak_bytes_estimate']):>12}  {', '.join(s['reads'])}")
+              f"{human_bytes(s['bytes_out']):>10} {peak:>12}  {', '.join(s['reads'])}")
         for note in s.get("notes", []):
             print(f"  note: {note}")
 

@@ -337,3 +337,45 @@ def test_gain_kept_is_the_share_of_each_fine_tunes_gain():
     lines = reading_lines(ev, {"kind": "merge", "base": "base", "models": ["poet", "flat"]})
     assert lines[0].startswith("each text scored on its first 4096 tokens")
     assert lines[-1].strip() == "poet on poetry: base 5.000 -> poet 3.000, merge 3.500: keeps 75%"
+
+
+# -- plan -----------------------------------------------------------------------
+def test_plan_estimates_fuse_memory(capsys):
+    assert main(["plan", str(REPO / "recipes" / "fusechat.yaml"), "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    fuse = [s for s in steps if s["kind"] == "fuse"]
+    assert fuse
+    cfg = json.loads((ZOO / "bpe-base" / "config.json").read_text())
+    from surgeon.io.checkpoint import Checkpoint
+
+    params = Checkpoint.open(ZOO / "bpe-base").num_parameters
+    h, n, v, i, heads = (cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+                                          "num_attention_heads"))
+    b, t = 8, 128  # fusechat.yaml's batch_size and max_length
+    train = 16 * params + 4 * b * t * n * (6 * h + 3 * i + heads * t) + 12 * b * t * v
+    for s in fuse:
+        assert s["peak_bytes_estimate"] >= train > 16 * params, s
+        assert any("AdamW" in note for note in s["notes"])
+    assert main(["plan", str(REPO / "recipes" / "fusechat.yaml")]) == 0
+    table = capsys.readouterr().out
+    assert " 0 B " not in table
+
+
+def test_plan_says_na_when_it_cannot_estimate(tmp_path):
+    from types import SimpleNamespace
+
+    from surgeon.engine.steps import fuse_peak_estimate
+
+    ck = SimpleNamespace(config={"model_type": "x"}, num_parameters=10)
+    peak, notes = fuse_peak_estimate(ck, [ck], SimpleNamespace(batch_size=2, max_length=8))
+    assert peak == 0 and notes[0].startswith("peak memory: n/a (")
+
+
+def test_report_compute_time_is_wall_time(tiny_family, tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGEON_COMPUTE_WORKERS", "4")  # four compute threads: their summed time can pass the wall
+    rep = tmp_path / "r.json"
+    fam = tiny_family
+    assert main(["merge", "ties", str(tmp_path / "m"), "--base", str(fam["base"]), "--model", str(fam["ft1"]),
+                 "--model", str(fam["ft2"]), "--threads", "4", "--report", str(rep), "-q"]) == 0
+    step = json.loads(rep.read_text())["steps"][0]
+    assert step["compute_s"] <= step["seconds"] and step["compute_s"] <= step["compute_thread_s"]

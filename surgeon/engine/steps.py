@@ -171,7 +171,8 @@ class FuseKind:
             raise InvalidInputError(f"{where('data')}: {data}: no such data file")
         out = VirtualCheckpoint(f"step {step.id!r}", {i.name: TensorSpec(i.name, i.shape, i.dtype) for i in pivot.infos()},
                                 pivot.config, pivot.tokenizer_files[0].parent if pivot.tokenizer_files else None)
-        return StepPlan(out, sum(inputs[s].total_bytes for s in step.references()), len(out), 0)
+        peak, notes = fuse_peak_estimate(pivot, [inputs[s.model] for s in spec.sources], spec)
+        return StepPlan(out, sum(inputs[s].total_bytes for s in step.references()), len(out), peak, notes)
 
     def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
                 fingerprint: str) -> dict[str, Any]:
@@ -192,6 +193,46 @@ class FuseKind:
             finish=lambda writer, config, notes: pipeline.finish_checkpoint(
                 writer, step, config, inputs[spec.pivot], inputs[spec.pivot], fingerprint, notes),
         )
+
+
+def fuse_peak_estimate(pivot: Any, sources: list[Any], spec: Any, cache_batch: int = 8) -> tuple[int, list[str]]:
+    """Peak memory of a fuse step from configs and headers: the larger of training (the pivot's
+    float32 weights, gradients and AdamW moments = 16 bytes a parameter; activations kept for the
+    backward pass, ~(6 h + 3 i + heads * T) floats per token and layer; logits, their log-softmax
+    and gradient at batch x max_length) and caching the teachers' top-k logits (one teacher at a
+    time in float32 with its logits for 8 sequences). An estimate to within a factor of about 2;
+    (0, [why]) when a config lacks the sizes it needs (the plan then prints n/a)."""
+    def dims(ck: Any) -> tuple[int, int, int, int, int] | None:
+        cfg = ck.config or {}
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+        h, n, v = cfg.get("hidden_size"), cfg.get("num_hidden_layers"), cfg.get("vocab_size")
+        if not all(isinstance(x, int) and x > 0 for x in (h, n, v)):
+            return None
+        inter = cfg.get("intermediate_size") if isinstance(cfg.get("intermediate_size"), int) else 4 * h
+        heads = cfg.get("num_attention_heads") if isinstance(cfg.get("num_attention_heads"), int) else 1
+        return h, n, v, inter, heads
+
+    d = dims(pivot)
+    if d is None:
+        return 0, ["peak memory: n/a (the pivot's config.json lacks hidden_size, num_hidden_layers or vocab_size)"]
+    h, n, v, inter, heads = d
+    b, t = spec.batch_size, spec.max_length
+    state = 16 * pivot.num_parameters
+    acts = 4 * b * t * n * (6 * h + 3 * inter + heads * t)
+    logits = 3 * 4 * b * t * v
+    train = state + acts + logits
+    teacher = 0
+    for src in sources:
+        sd = dims(src)
+        sv = sd[2] if sd else v
+        teacher = max(teacher, 4 * src.num_parameters + 2 * 4 * cache_batch * t * sv)
+    from ..inspection import human_bytes
+
+    note = (f"peak memory estimate {human_bytes(max(train, teacher))}: training {human_bytes(train)} (pivot weights, "
+            f"gradients and AdamW state {human_bytes(state)}, activations {human_bytes(acts)}, logits "
+            f"{human_bytes(logits)} at batch {b} x {t} tokens); caching the teachers {human_bytes(teacher)}, "
+            "one at a time; plus the Python and torch process itself")
+    return max(train, teacher), [note]
 
 
 _KINDS: dict[str, StepKind] = {"merge": MergeKind(), "transplant": TransplantKind(), "fuse": FuseKind()}

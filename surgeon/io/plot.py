@@ -34,7 +34,10 @@ def plot_changemap(cm: dict[str, Any], path: str | Path, title: str | None = Non
     cols = [str(x) for x in layers] + (["other"] if any(c["layer"] is None for c in cm["cells"]) else [])
     kinds = list(cm["kinds"])
     index = {k: i for i, k in enumerate(kinds)}
-    panels = [("rel_change", "relative change ||out - base|| / ||base||")]
+    ref, out = cm.get("reference", "base"), cm.get("output", "output")
+    ref = "base" if ref in ("base", "first input") else ref
+    out = "out" if out == "output" else out
+    panels = [("rel_change", f"relative change ||{out} - {ref}|| / ||{ref}||")]
     if cm.get("sign_electing"):
         panels.append(("sign_conflict", "share of entries whose task-vector signs conflict"))
     width = min(12.0, 2.2 + 0.32 * len(cols)) * len(panels)
