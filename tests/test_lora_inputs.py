@@ -174,3 +174,29 @@ def test_same_as_mergekit(family, tmp_path):
     assert rc == 0
     theirs = run_mergekit(text, tmp_path / "theirs", lora_cache=tmp_path / "mk-lora-cache")
     assert_same_checkpoint(ours, theirs)
+
+
+def test_alpha_pattern_and_fan_in_fan_out(tmp_path):
+    """Per-module alpha (alpha_pattern) and Conv1D-style weights stored [in, out] (fan_in_fan_out)."""
+    from surgeon.io import Checkpoint
+    from surgeon.io.lora import LoraAdapter, LoraCheckpoint
+
+    g = torch.Generator().manual_seed(7)
+    model = tmp_path / "m"
+    model.mkdir()
+    w = {"h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g), "h.0.mlp.c_fc.weight": torch.randn(8, 16, generator=g)}
+    save_file(w, model / "model.safetensors")
+    a1, b1 = torch.randn(2, 8, generator=g), torch.randn(24, 2, generator=g)  # in=8, out=24, r=2
+    a2, b2 = torch.randn(2, 8, generator=g), torch.randn(16, 2, generator=g)
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    save_file({"base_model.model.h.0.attn.c_attn.lora_A.weight": a1, "base_model.model.h.0.attn.c_attn.lora_B.weight": b1,
+               "base_model.model.h.0.mlp.c_fc.lora_A.weight": a2, "base_model.model.h.0.mlp.c_fc.lora_B.weight": b2},
+              ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "fan_in_fan_out": True, "bias": "none",
+        "alpha_pattern": {"c_fc": 8}}))
+    ck = LoraCheckpoint(Checkpoint.open(model), LoraAdapter(ad))
+    assert torch.allclose(ck.get("h.0.attn.c_attn.weight"), w["h.0.attn.c_attn.weight"] + (b1 @ a1).T * 2.0, atol=1e-5)
+    assert torch.allclose(ck.get("h.0.mlp.c_fc.weight"), w["h.0.mlp.c_fc.weight"] + (b2 @ a2).T * 4.0, atol=1e-5)
+    assert torch.allclose(ck.get_rows("h.0.mlp.c_fc.weight", 3, 8), ck.get("h.0.mlp.c_fc.weight")[3:8], atol=1e-5)
