@@ -299,10 +299,9 @@ def _print_json(obj: Any) -> None:
 def _write_report(path: str | None, report: dict[str, Any]) -> None:
     if not path:
         return
-    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from .cli_checks import write_report_file
+
+    write_report_file(path, json.dumps(report, indent=2, default=str) + "\n")
     png = (report.get("changemap") or {}).get("png")
     if png and Path(png).is_file():  # the change picture beside the report too
         import shutil

@@ -118,6 +118,7 @@ def _positive(args: Any, name: str, flag: str, minimum: float = 1) -> None:
 def check_args(args: Any) -> None:
     """Check every value of a parsed command line before the command does any work."""
     check_threads(getattr(args, "threads", None))
+    check_report_path(getattr(args, "report", None))
     if hasattr(args, "device"):
         check_device(args.device, allow_auto=getattr(args, "command", "") == "fuse")
     for name in ("k", "batch_size", "steps", "max_length", "top_k", "screen", "top"):
@@ -130,3 +131,42 @@ def check_args(args: Any) -> None:
     lam = getattr(args, "lambda_", None)
     if lam is not None and not (math.isfinite(lam) and 0 <= lam <= 1):
         raise InvalidInputError(f"--lambda {lam}: must be between 0 and 1")
+
+
+def check_report_path(path: str | None) -> None:
+    """``--report FILE`` must be a file path whose folder can be written (checked before the run)."""
+    if not path:
+        return
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        raise InvalidInputError(f"--report {path}: is a folder; give a file name such as {os.path.join(path, 'report.json')}")
+    parent = os.path.dirname(p)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InvalidInputError(f"--report {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"--report {path}: the folder {parent} is not writable")
+
+
+def write_report_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (``.tmp`` then rename); on any failure remove the ``.tmp``
+    and raise one error naming the file (the run itself is complete by then: exit 3)."""
+    from pathlib import Path
+
+    from .errors import StepError
+
+    check_report_path(path)
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise StepError(f"--report {path}: cannot write the report ({exc.strerror or exc}); the run itself "
+                        "finished") from None

@@ -489,3 +489,98 @@ def test_tensor_names_with_newlines_survive_the_journal(tmp_path: Path) -> None:
     api.merge_models("linear", [str(a), str(b)], str(tmp_path / "out"), quiet=True)
     with Checkpoint.open(tmp_path / "out") as ck:
         assert torch.equal(ck.get("odd\nname.weight"), torch.ones(4, 4))
+
+
+# --------------------------------------------------------------------------- 8. the weaker findings
+def test_report_into_a_folder_is_refused_before_the_run(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    (tmp_path / "reports").mkdir()
+    assert main(["merge", "linear", str(tmp_path / "out"), "--model", str(a), "--model", str(b), "-q",
+                 "--report", str(tmp_path / "reports")]) == 2
+    assert "--report" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() and list((tmp_path / "reports").iterdir()) == []
+
+
+def test_a_report_that_cannot_be_written_leaves_no_tmp(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from surgeon.cli_checks import write_report_file
+    from surgeon.errors import StepError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(StepError, match="No space left on device"):
+        write_report_file(str(tmp_path / "r.json"), "{}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_replacing_a_read_only_previous_output_leaves_no_old_copy(tmp_path: Path) -> None:
+    from surgeon import api
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    out = tmp_path / "out"
+    api.merge_models("linear", [str(a), str(b)], str(out), quiet=True)
+    out.chmod(0o555)
+    api.merge_models("linear", [str(a), str(b)], str(out), quiet=True, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def test_credentials_in_hf_endpoint_are_redacted_from_errors() -> None:
+    from surgeon.io.hub import scrub
+
+    msg = scrub("repository not found on https://alice:s3cr3t-pass@hub.example.com (set HF_TOKEN)")
+    assert "s3cr3t" not in msg and "alice" not in msg and "https://***@hub.example.com" in msg
+
+
+def test_float64_beyond_float32_range_is_named_as_such(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    big = {"model.layers.0.mlp.gate_proj.weight": torch.full((4, 4), 1e300, dtype=torch.float64)}
+    a, b = tiny(tmp_path / "a", 0, extra=big), tiny(tmp_path / "b", 1, extra=big)
+    assert main(["merge", "linear", str(tmp_path / "out"), "--model", str(a), "--model", str(b), "-q"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "float64 with values beyond float32's range" in line and "gate_proj" in line and "NaN" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_tensors_that_differ_between_models_are_refused_by_name(tmp_path: Path, capsys) -> None:
+    from surgeon.cli import main
+
+    q = torch.randint(-128, 127, (8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    a = tiny(tmp_path / "a", 0, extra={"model.layers.0.mlp.q_int8": q})
+    b = tiny(tmp_path / "b", 1, extra={"model.layers.0.mlp.q_int8": q + 1})
+    assert main(["merge", "linear", str(tmp_path / "out"), "--model", str(a), "--model", str(b), "-q"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.layers.0.mlp.q_int8" in line and "int8" in line and "differs" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    c = tiny(tmp_path / "c", 2, extra={"model.layers.0.mlp.q_int8": q})  # equal everywhere: copied as before
+    assert main(["merge", "linear", str(tmp_path / "out"), "--model", str(a), "--model", str(c), "-q"]) == 0
+
+
+def test_eval_refuses_a_lone_pickle(tmp_path: Path) -> None:
+    folder = tmp_path / "p"
+    shutil.copytree(ZOO / "bpe-base", folder)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    r = cli("eval", str(folder), "--text", str(text))
+    assert r.returncode == 2
+    assert "pickle" in one_error_line(r.stderr) and "pytorch_model.bin" in r.stderr
+
+
+def test_yaml_merge_keys_may_override(tmp_path: Path) -> None:
+    from surgeon.recipe.yamlio import load_yaml_text
+
+    data = load_yaml_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 2\n", "r.yaml").data
+    assert data["b"] == {"x": 2, "y": 2}
+    from surgeon.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="duplicate key 'x'"):
+        load_yaml_text("b:\n  <<: {y: 1}\n  x: 1\n  x: 2\n", "r.yaml")

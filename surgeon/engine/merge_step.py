@@ -361,6 +361,20 @@ class _Restream:
                               seed=self.rt.seed, role=tensor_role(task.name), offset=piece.start)
 
 
+def _same_everywhere(plan: MergePlan, inputs: dict[str, Any], name: str, value: torch.Tensor) -> None:
+    """A tensor that is copied, not merged (integer, bool), must be the same in every input: keeping one
+    model's values of a tensor the others changed (int8 quantized weights) would drop their change silently."""
+    for mid in ([plan.base_id] if plan.base_id else []) + plan.model_ids:
+        if mid == plan.template_id or mid not in inputs or name not in inputs[mid]:
+            continue
+        other = inputs[mid].get(name)
+        if other.shape == value.shape and not torch.equal(other, value):
+            raise InvalidInputError(
+                f"step {plan.step_id!r}: tensor {name!r} is {str(value.dtype).removeprefix('torch.')} and differs "
+                f"between {plan.template_id!r} and {mid!r}; integer tensors are not merged, and surgeon will not keep "
+                f"one model's values silently (quantized weights? dequantize them first)")
+
+
 def _raise_nonfinite(plan: MergePlan, inputs: dict[str, Any], task: TensorTask, out: torch.Tensor) -> None:
     """Name the input that brought NaN/Inf into a merged tensor, or the merge itself.
 
@@ -370,7 +384,15 @@ def _raise_nonfinite(plan: MergePlan, inputs: dict[str, Any], task: TensorTask, 
     tensor it is in.
     """
     for mid in ([plan.base_id] if plan.base_id else []) + plan.model_ids:
-        t = inputs[mid].get(task.name, dtype=torch.float32)
+        t = inputs[mid].get(task.name)
+        if t.dtype == torch.float64 and bool(torch.isfinite(t).all()):
+            big = float(t.abs().max())
+            if big > torch.finfo(torch.float32).max:  # finite, but not in float32, where merges compute
+                raise InvalidInputError(
+                    f"step {plan.step_id!r}: input model {mid!r} ({getattr(inputs[mid], 'label', mid)}): tensor "
+                    f"{task.name!r} is float64 with values beyond float32's range (largest |x| = {big:.3g}); "
+                    "surgeon merges in float32: rescale or convert that model first")
+        t = t.to(torch.float32)
         if not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise StepError(f"step {plan.step_id!r}: input model {mid!r} ({getattr(inputs[mid], 'label', mid)}): "
@@ -468,7 +490,9 @@ def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWri
     merged_tasks = [t for t in pending if t.merged]
     for t in pending:
         if not t.merged:
-            writer.write(t.name, template.get(t.name))
+            value = template.get(t.name)
+            _same_everywhere(plan, inputs, t.name, value)
+            writer.write(t.name, value)
             if rt.progress:
                 rt.progress(t.spec.nbytes)
     jobs, whole_tasks = _block_jobs(plan, inputs, rt, merged_tasks, state)

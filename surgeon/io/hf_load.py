@@ -115,10 +115,28 @@ def load_config(folder: str | Path, **kwargs: Any) -> Any:
     return _call(AutoConfig, folder, kwargs)
 
 
+def refuse_pickles(folder: str | Path) -> None:
+    """Refuse a folder whose only weights are pickles: loading them can run code (safetensors only here)."""
+    from ..errors import CheckpointError
+    from .checkpoint import PICKLE_PATTERNS
+
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted({f.name for pat in PICKLE_PATTERNS for f in folder.glob(pat)})
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickled weights found ({', '.join(pickles)}); pickle files can run "
+                              "code when loaded, so surgeon loads models from safetensors only here (convert them "
+                              "to safetensors, e.g. with a surgeon merge of the one model and --allow-pickle)")
+
+
 def load_causal_lm(folder: str | Path, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)``, after the check."""
+    """``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=True, ...)``,
+    after the remote-code and pickle checks."""
     from transformers import AutoModelForCausalLM
 
+    refuse_pickles(folder)
+    kwargs.setdefault("use_safetensors", True)
     return _call(AutoModelForCausalLM, folder, kwargs)
 
 

@@ -58,6 +58,8 @@ PUSH_IGNORE = (".surgeon-step.json", ".surgeon-*", "**/.surgeon-*", ".*.tmp", "*
 NOT_WEIGHTS = re.compile(r"(training_args|optimizer|scheduler|scaler|rng_state[\w-]*|trainer_state)\.(bin|pt|pth)")
 _TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"]+")
+#: credentials written into a URL (``HF_ENDPOINT=https://user:secret@host``)
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
 
 
 @dataclass
@@ -127,6 +129,7 @@ def scrub(text: str, *tokens: str | None) -> str:
     for s in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
         text = text.replace(s, "***")
     text = _BEARER.sub(r"\1***", text)
+    text = _URL_USERINFO.sub(r"\1***@", text)
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
@@ -486,5 +489,5 @@ def push(folder: str | os.PathLike[str], repo: str, private: bool = False, revis
     sha = getattr(info, "oid", None)
     url = getattr(info, "commit_url", None) or f"{endpoint()}/{repo}/commit/{sha}"
     log.info("pushed %s to %s (%s)", folder, repo, sha)
-    return {"url": url, "commit": sha, "repo": repo, "revision": revision or "main",
-            "repo_url": f"{endpoint()}/{repo}" + (f"/tree/{revision}" if revision else "")}
+    return {"url": scrub(url, token), "commit": sha, "repo": repo, "revision": revision or "main",
+            "repo_url": scrub(f"{endpoint()}/{repo}" + (f"/tree/{revision}" if revision else ""), token)}

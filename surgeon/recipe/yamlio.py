@@ -67,17 +67,24 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str,
             raise RecipeError(f"{where}: an alias refers to a value that contains it (a recursive structure)")
         active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
+        explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+        loader.flatten_mapping(node)  # keys merged in with `<<: *alias` come first, then the mapping's own
+        merged = len(node.value) - explicit
         out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
+        own: set[Any] = set()
+        for i, (key_node, value_node) in enumerate(node.value):
             key = _scalar(key_node, file, loader) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: mapping keys must be plain scalars")
-            if key in out:
-                raise RecipeError(
-                    f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
-                    f"(first at line {lines.get(path + (key,), '?')})"
-                )
+            if i >= merged:  # a key written here: it may override a merged one, not repeat one written here
+                if key in own:
+                    raise RecipeError(
+                        f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
+                        f"(first at line {lines.get(path + (key,), '?')})"
+                    )
+                own.add(key)
+            elif key in out:  # YAML merge keys: a later merged value of the same key is the one that counts
+                out.pop(key)
             lines[path + (key,)] = key_node.start_mark.line + 1
             out[key] = _construct(value_node, path + (key,), lines, file, loader, budget, active)
         return out
