@@ -31,6 +31,7 @@ To avoid an import cycle this module does not import
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -220,6 +221,7 @@ def plan_slices(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Ca
     groups: list[_Group] = []
     notes: list[str] = []
     layer_sources: list[tuple[str, int]] = []  # per output layer: (model, source layer) for per-layer config lists
+    pending: list[dict[str, Any]] = []  # the group being gathered (at most one)
 
     def group(label: str, k: int, sources: list[SliceSource], slice_params: dict[str, Any], slice_base: str | None,
               method: str, t: float, names: list[tuple[str, Callable[[SliceSource], str]]]) -> None:
@@ -270,6 +272,24 @@ def plan_slices(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Ca
         for key in ("tokenizer", "chat_template"):  # present once the tokenizer work has landed
             if getattr(spec, key, None) is not None:
                 sub[key] = getattr(spec, key)
+        # Consecutive groups that merge the same models with the same resolved parameters (every layer of
+        # a slice without gradients, the embeddings with the first slice) run as one sub-merge: one read /
+        # compute / write pipeline instead of one per layer, which each drain before the next starts.
+        signature = json.dumps([sub["method"], sub["parameters"], sub.get("base") is not None,
+                                [{k: v for k, v in e.items() if k != "model"} for e in entries],
+                                [src.model for src in sources]], sort_keys=True, default=str)
+        if pending and pending[0]["signature"] == signature:
+            for vid, (_, mapping) in zip(pending[0]["vids"], [views[v] for v in vids]):
+                pending[0]["views"][vid][1].update(mapping)
+            return
+        flush()
+        pending.append({"signature": signature, "sub": sub, "views": views, "vids": vids})
+
+    def flush() -> None:
+        if not pending:
+            return
+        job = pending.pop()
+        views, sub = job["views"], job["sub"]
         sub_spec = MergeSpec.model_validate(sub)
         view_inputs = {vid: SliceView(inputs[mid], names, f"{inputs[mid].label} ({vid})", inputs[mid].config)
                        for vid, (mid, names) in views.items()}
@@ -302,6 +322,7 @@ def plan_slices(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Ca
                          "(mergekit pairs them with the first slice's source count)")
         group("post", len(spec.slices) - 1, post_sources, last.parameters, last.base, last.method or spec.method,
               0.0, [(n, lambda s, n=n: n) for n in post])
+    flush()
     overrides = _config_overrides(ref_ck.config, offset, layer_sources, inputs)
     models = list(dict.fromkeys(src.model for sl in spec.slices for src in sl.sources))
     plan = SlicedPlan(step_id, groups, ref, ref, groups[0].plan.out_dtype, overrides,
@@ -315,7 +336,7 @@ def plan_slices(step_id: str, spec: MergeSpec, inputs: dict[str, Any], where: Ca
         if plan.vocab_layout is None and getattr(g.plan, "vocab_layout", None) is not None:
             plan.vocab_layout = g.plan.vocab_layout
     plan.notes.insert(0, f"layer surgery: {offset} output layers from {len(spec.slices)} slice(s) "
-                         f"({len(groups)} sub-merges)")
+                         f"({len(groups)} sub-merge{'s' if len(groups) != 1 else ''})")
     return plan
 
 
