@@ -95,6 +95,10 @@ def fuse_models(pivot: str, sources: Sequence[str | dict[str, Any]], data: str, 
     from .io.destination import check_destination, destination_lock
 
     srcs = [{"path": s} if isinstance(s, str) else dict(s) for s in sources]
+    if Path(data).exists():
+        from .io.safe_files import check_regular
+
+        check_regular(data)  # a FIFO or device as training data is refused by name, never read
     work = options.get("work_dir") or (options.get("options") or {}).get("work_dir") \
         or Path(output).parent / f".{Path(output).name}.fuse-work"
     inputs = _local([("pivot model", pivot), *((f"source {s.get('path')}", s.get("path")) for s in srcs),

@@ -584,3 +584,16 @@ def test_yaml_merge_keys_may_override(tmp_path: Path) -> None:
 
     with pytest.raises(RecipeError, match="duplicate key 'x'"):
         load_yaml_text("b:\n  <<: {y: 1}\n  x: 1\n  x: 2\n", "r.yaml")
+
+
+def test_a_fifo_as_recipe_or_training_data_is_refused_without_blocking(tmp_path: Path, capsys, no_hang) -> None:
+    from surgeon.cli import main
+
+    os.mkfifo(tmp_path / "r.yaml")
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    assert "r.yaml: not a regular file" in one_error_line(capsys.readouterr().err)
+    os.mkfifo(tmp_path / "data.txt")
+    assert main(["fuse", str(ZOO / "bpe-base"), str(tmp_path / "out"), "--source", str(ZOO / "bpe-python"),
+                 "--data", str(tmp_path / "data.txt"), "--steps", "1", "-q"]) == 2
+    assert "data.txt: is a FIFO" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "r.yaml"]

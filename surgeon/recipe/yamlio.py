@@ -166,7 +166,12 @@ def load_yaml_file_documents(path: str | Path) -> list[Located]:
 
 
 def _read(p: Path) -> str:
+    import os
+    import stat
+
     try:
+        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block the read forever
+            raise RecipeError(f"{p}: not a regular file (a folder, FIFO, device or socket); a recipe is a YAML file")
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{p}: no such recipe file") from None
