@@ -231,6 +231,18 @@ def test_model_token_unknown_token_is_refused(mk, tmp_path, capsys):
     assert "'nope'" in _refused(tmp_path, text, capsys)
 
 
+def test_base_tokenizer_beyond_its_rows_refused_early(mk, tmp_path, capsys):
+    """model_padded's tokenizer has 68 ids over 64 rows: copying it would write a checkpoint the writer
+    refuses; planning says so first and names the fix, which works."""
+    text = (f"merge_method: linear\nbase_model: {mk['padded']}\ndtype: float32\n"
+            + _models([str(mk["padded"]), str(mk["base"])]))
+    err = _refused(tmp_path, text, capsys)
+    assert "token ids up to 67" in err and "tokenizer_source: base" in err
+    rc, out = run_surgeon(text + "tokenizer_source: base\n", tmp_path / "fixed")
+    assert rc == 0
+    _check_tokenizer(out, 64, lacks=[f"<UNUSED_{i}>" for i in range(4)])
+
+
 def test_both_tokenizer_keys_refused(mk, tmp_path, capsys):
     text = (f"merge_method: linear\nbase_model: {mk['base']}\ntokenizer_source: base\ntokenizer: {{source: base}}\n"
             + _models([str(mk["base"])]))

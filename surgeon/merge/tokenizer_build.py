@@ -467,6 +467,24 @@ def step_tokenizer(spec: Any, inputs: dict[str, Any], base_id: str | None, model
                                   model_ids=model_ids, inputs=inputs, vocab_rows=vocab_rows, where=where)
 
 
+def _check_template_fits(inputs: dict[str, Any], template_id: str, vocab_tensors: dict[str, dict[str, int]],
+                         where: Callable[..., str]) -> None:
+    """Refuse at planning what the writer would refuse at the end: a tokenizer with ids beyond the rows."""
+    from ..io.vocab_check import tokenizer_ids
+
+    folder = tokenizer_folder(inputs[template_id])
+    n = tokenizer_ids(folder) if folder is not None else None
+    if n is None:
+        return
+    for name, per_model in vocab_tensors.items():
+        rows = per_model.get(template_id)
+        if rows is not None and rows < n:
+            raise InvalidInputError(
+                f"{where('models')}: {template_id!r}'s tokenizer.json has token ids up to {n - 1} but its tensor "
+                f"{name!r} has {rows} rows, so the output would not load those tokens; write tokenizer_source: base "
+                "(drops tokens beyond the model's vocab_size) or union")
+
+
 def plan_merge_tokenizer(spec: Any, inputs: dict[str, Any], base_id: str | None, model_ids: list[str],
                          where: Callable[..., str], is_vocab_tensor: Callable[[str], bool],
                          shared: tuple[OutputTokenizer | None, dict[str, str]] | None = None,
@@ -483,9 +501,11 @@ def plan_merge_tokenizer(spec: Any, inputs: dict[str, Any], base_id: str | None,
         out, model_of = shared
     else:
         out, model_of = step_tokenizer(spec, inputs, base_id, model_ids, where, is_vocab_tensor), {}
+    vocab_tensors = _vocab_tensors(inputs, involved, base_id or model_ids[0], is_vocab_tensor)
+    if out is None or out.perm is None:  # the template's vocabulary as is: it must fit the rows written
+        _check_template_fits(inputs, base_id or model_ids[0], vocab_tensors, where)
     if out is None:
         return None, None, []
-    vocab_tensors = _vocab_tensors(inputs, involved, base_id or model_ids[0], is_vocab_tensor)
     layout = out.layout(involved, base_id, vocab_tensors, where, model_of) if vocab_tensors or shared is None else None
     notes = list(out.notes) + (layout.notes if layout is not None else [])
     return layout, out.folder, notes
