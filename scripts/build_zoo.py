@@ -564,17 +564,18 @@ def heldout_nll(model, tok, text: str, torch, max_tokens: int | None = None, bat
 
 
 def evaluate(folder: Path, data: dict, torch) -> dict:
-    from transformers import AutoModelForCausalLM
-    tok = load_tokenizer(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    model.eval()
+    """surgeon's own evaluation, with its default token cap (surgeon.eval.protocol), so the
+    zoo's table, `surgeon eval`, recipes' eval blocks and the quickstart print one number."""
+    from surgeon.eval.perplexity import _load, evaluate_text
+    from surgeon.eval.protocol import DEFAULT_MAX_TOKENS
+
+    tok, model = _load(folder, "cpu", torch.float32)
     res = {}
     for d in DOMAINS:
-        text = data[d]["heldout"]
-        nll, n = heldout_nll(model, tok, text, torch)
-        res[d] = {"ppl": round(math.exp(nll / n), 3),
-                  "bpb": round(nll / math.log(2) / len(text.encode("utf-8")), 4),
-                  "tokens": n}
+        r = evaluate_text(folder, folder.parent / "data" / d / "heldout.txt", max_tokens=DEFAULT_MAX_TOKENS,
+                          progress=False, model=model, tokenizer=tok)
+        res[d] = {"ppl": round(r["perplexity"], 3), "bpb": round(r["bits_per_byte"], 4), "tokens": r["tokens"],
+                  "max_tokens": DEFAULT_MAX_TOKENS}
     return res
 
 
@@ -667,10 +668,13 @@ weights, so `child - parent` is an exact task vector. All training windows are
 
 ## Held-out perplexity and bits per byte
 
-Each model on each domain's `data/<domain>/heldout.txt` (never trained on), every
-token scored, in windows of `[bos] + 127` tokens, weights as stored (bf16, computed
-in float32). Perplexity is per token of the model's own tokenizer, so compare it
-only within a family; bits per byte (bpb) compare across families. A uniform
+Each model on the first 4,096 tokens of each domain's `data/<domain>/heldout.txt`
+(never trained on), in windows of `[bos] + 127` tokens, weights as stored (bf16,
+computed in float32): surgeon's evaluation default, so `surgeon eval`, a recipe's
+`eval:` block and the quickstart print these same numbers
+(`python scripts/build_zoo.py --rescore` recomputes them). Perplexity is per token of
+the model's own tokenizer, so compare it only within a family; bits per byte (bpb)
+compare across families. A uniform
 guess has {uniform}.
 
 {table(results, markdown=True)}
@@ -724,6 +728,9 @@ def main(argv=None) -> int:
                     help="retrain only these models; the others are kept from --out (their tokenizer "
                          "must be unchanged) and everything is evaluated again")
     ap.add_argument("--data-only", action="store_true", help="only write the text slices (data/)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the committed models again (surgeon's evaluation protocol and default token cap), "
+                         "then rewrite manifest.json and README.md; no training")
     ap.add_argument("--docs-only", action="store_true",
                     help="only rewrite README.md and data/README.md from manifest.json (no training)")
     args = ap.parse_args(argv)
@@ -739,6 +746,12 @@ def main(argv=None) -> int:
 
     if args.data_only:
         return 0
+    if args.rescore:
+        manifest = json.loads((out / "manifest.json").read_text())
+        for m in manifest["models"]:
+            m["heldout"] = evaluate(out / m["name"], data, torch)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        args.docs_only = True
     if args.docs_only:
         manifest = json.loads((out / "manifest.json").read_text())
         results = {m["name"]: m["heldout"] for m in manifest["models"]}

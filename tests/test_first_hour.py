@@ -379,3 +379,21 @@ def test_report_compute_time_is_wall_time(tiny_family, tmp_path, monkeypatch):
                  "--model", str(fam["ft2"]), "--threads", "4", "--report", str(rep), "-q"]) == 0
     step = json.loads(rep.read_text())["steps"][0]
     assert step["compute_s"] <= step["seconds"] and step["compute_s"] <= step["compute_thread_s"]
+
+
+def test_one_evaluation_default_everywhere():
+    """zoo/README.md's table, the quickstart recipe and `surgeon eval` score the same tokens."""
+    import re
+
+    from surgeon.eval.protocol import DEFAULT_MAX_TOKENS
+    from surgeon.eval.report import evaluate_texts
+    from surgeon.recipe import load_recipe
+
+    qs = load_recipe(REPO / "recipes" / "quickstart.yaml").recipe.eval
+    assert qs.max_tokens in (None, DEFAULT_MAX_TOKENS)
+    readme = (ZOO / "README.md").read_text()
+    assert f"first {DEFAULT_MAX_TOKENS:,} tokens" in readme
+    row = re.search(r"\| `bpe-base` \| ([\d.]+) \|.*\| ([\d.]+) \| [\d.]+ \| [\d.]+ \|", readme)
+    r = evaluate_texts(ZOO / "bpe-base", [ZOO / "data" / "prose" / "heldout.txt"])[0]
+    assert r["max_tokens"] == DEFAULT_MAX_TOKENS
+    assert f"{r['perplexity']:.2f}" == row.group(1) and f"{r['bits_per_byte']:.3f}" == row.group(2)
