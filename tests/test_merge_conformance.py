@@ -33,7 +33,7 @@ from surgeon.merge.method import MergeMethod
 from surgeon.merge.tensor import TensorMerge
 
 #: kernels whose statistics are float64 sums over blocks (equal to the reference to float64 rounding)
-FLOAT64_SUMS = {"widen", "slerp", "model_stock"}
+FLOAT64_SUMS = {"widen", "slerp", "model_stock", "nuslerp", "multislerp", "karcher"}
 SHAPE = (12, 40)  # 480 entries: a few small blocks when BLOCK_ELEMS is patched down
 NAME = "model.layers.1.mlp.up_proj.weight"
 #: (rows per piece or None for one piece, block elements or None for the default)

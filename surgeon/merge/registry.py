@@ -14,11 +14,18 @@ from ..errors import InvalidInputError
 from ..suggest import did_you_mean
 from .method import MergeMethod, ReiterableMerges, merge_method
 from .methods import (
+    arcee_fusion,
     basic,
     breadcrumbs,
     dare,
     della,
+    karcher,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
     sce,
     slerp,
     ties,
@@ -31,7 +38,8 @@ __all__ = ["MODULES", "MergeMethod", "Param", "ReiterableMerges", "TensorMerge",
            "layer_index", "merge_method", "register", "resolve_params", "resolve_value"]
 
 #: the built-in method modules, each with a ``METHODS`` tuple
-MODULES: tuple[ModuleType, ...] = (basic, ties, dare, breadcrumbs, della, sce, widen, model_stock, slerp)
+MODULES: tuple[ModuleType, ...] = (basic, ties, dare, breadcrumbs, della, sce, widen, model_stock, slerp,
+                                   passthrough, nuslerp, multislerp, karcher, arcee_fusion, ram, nearswap)
 
 _METHODS: dict[str, MergeMethod] = {}
 
