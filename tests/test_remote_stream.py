@@ -88,7 +88,7 @@ def test_fetcher_cache_serves_a_second_read_and_stays_bounded() -> None:
     assert a == b == bytearray(data[:1000]) and len(t.calls) == 1 and f.cache_hits == 1
     for i in range(1, 10):  # 9 more ranges of 1000 bytes: the cache keeps at most 4096
         f.read_into("f", i * 1000, memoryview(bytearray(1000)))
-    assert f._cached <= 4096
+    assert f.cache.held <= 4096
     f.read_into("f", 0, memoryview(bytearray(1000)))  # evicted long ago: fetched again
     assert len(t.calls) == 11
     big = bytearray(3000)  # over a quarter of the cache: fetched, never cached

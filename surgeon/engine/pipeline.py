@@ -119,7 +119,8 @@ class Pipeline:
             try:
                 resolved = hub.resolve(ref, headers_only=headers_only, allow_pickle=self.opts.allow_pickle,
                                        progress=not self.opts.quiet, stream=self.opts.remote_stream,
-                                       fetch_options={"on_progress": self._fetch_progress()})
+                                       fetch_options={"on_progress": self._fetch_progress(),
+                                                      "cache": self._range_cache()})
             except InvalidInputError as exc:  # a misspelt local path reads as a hub id: say which it was
                 typo = self.loaded.local_typo(raw)
                 if typo is None:
@@ -275,6 +276,14 @@ class Pipeline:
 
             self._fetch_bar = tqdm(desc="fetched from the hub", unit="B", unit_scale=True, leave=False)
         return self._fetch_bar.update
+
+    def _range_cache(self) -> Any:
+        """One cache of recently fetched ranges (512 MiB) for all streamed inputs of the run."""
+        if getattr(self, "_ranges", None) is None:
+            from ..io.remote import RangeCache
+
+            self._ranges = RangeCache()
+        return self._ranges
 
     def remote_stats(self) -> dict[str, Any]:
         """Per streamed hub input: its weight bytes and what was fetched for it (bytes, requests, retries,

@@ -27,7 +27,8 @@ exactly those bytes, through a :class:`RangeFetcher` that
 * retries dropped connections, timeouts and 408/429/5xx answers with
   exponential backoff, resuming a cut body from the last byte received (the
   bytes already in hand are kept, not fetched again);
-* keeps a bounded cache of recent ranges (``cache_bytes``, default 512 MiB),
+* keeps a bounded cache of recent ranges (:class:`RangeCache`, 512 MiB by
+  default, one shared by all inputs of a run),
   so the engine's second read of a piece — TIES' or DARE's selection reads a
   tensor once to count and once to merge — is served from memory when the
   tensor's input pieces fit the cache; a tensor larger than the cache is
@@ -68,6 +69,44 @@ class TransientFetchError(Exception):
     """A fetch that may succeed when tried again: a dropped connection, a timeout, 408/429/5xx."""
 
 
+class RangeCache:
+    """Recently fetched byte ranges, least recently used dropped first, at most ``budget`` bytes.
+
+    Shared by the fetchers of a run (one budget for all inputs); keys are
+    ``(owner, file, start, end)``. A range over a quarter of the budget is
+    never kept. Thread-safe.
+    """
+
+    def __init__(self, budget: int = 512 << 20):
+        self.budget = budget
+        self.held = 0
+        self._items: OrderedDict[tuple[int, str, int, int], bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def overlapping(self, owner: int, filename: str, start: int, end: int) -> list[tuple[int, bytes]]:
+        """``(range start, bytes)`` of every kept range of that file that overlaps ``[start, end)``."""
+        with self.lock:
+            keys = [k for k in self._items if k[0] == owner and k[1] == filename and k[2] < end and k[3] > start]
+            out = []
+            for k in keys:
+                self._items.move_to_end(k)
+                out.append((k[2], self._items[k]))
+            return out
+
+    def put(self, owner: int, filename: str, start: int, data: bytes) -> None:
+        if len(data) > self.budget // 4:
+            return
+        with self.lock:
+            key = (owner, filename, start, start + len(data))
+            if key in self._items:
+                return
+            self._items[key] = data
+            self.held += len(data)
+            while self.held > self.budget and self._items:
+                _, old = self._items.popitem(last=False)
+                self.held -= len(old)
+
+
 class RangeFetcher:
     """Byte ranges of one repository's files, with retries, resume, a bounded cache and counters.
 
@@ -79,14 +118,14 @@ class RangeFetcher:
     """
 
     def __init__(self, transport: RangeStream, *, label: str = "", retries: int = 8, backoff: float = 0.25,
-                 max_backoff: float = 8.0, cache_bytes: int = 512 << 20,
+                 max_backoff: float = 8.0, cache: RangeCache | None = None, cache_bytes: int = 512 << 20,
                  on_progress: Callable[[int], None] | None = None, sleep: Callable[[float], None] = time.sleep):
         self.transport = transport
         self.label = label
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.cache_bytes = cache_bytes
+        self.cache = cache if cache is not None else RangeCache(cache_bytes)  # cache_bytes: for a cache of its own
         self.on_progress = on_progress
         self.sleep = sleep
         self.fetched_bytes = 0  # every body byte received, including parts of tries that failed
@@ -94,8 +133,6 @@ class RangeFetcher:
         self.retried = 0
         self.cache_hits = 0
         self.cache_hit_bytes = 0
-        self._cache: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()  # (file, start, end) -> bytes
-        self._cached = 0
         self._lock = threading.Lock()
 
     def stats(self) -> dict[str, int]:
@@ -114,13 +151,10 @@ class RangeFetcher:
             return
         end = start + n
         covered: list[tuple[int, int]] = []
-        with self._lock:
-            for key in [k for k in self._cache if k[0] == filename and k[1] < end and k[2] > start]:
-                data = self._cache[key]
-                self._cache.move_to_end(key)
-                a, b = max(key[1], start), min(key[2], end)
-                view[a - start:b - start] = data[a - key[1]:b - key[1]]
-                covered.append((a, b))
+        for s0, data in self.cache.overlapping(id(self), filename, start, end):
+            a, b = max(s0, start), min(s0 + len(data), end)
+            view[a - start:b - start] = data[a - s0:b - s0]
+            covered.append((a, b))
         gaps: list[tuple[int, int]] = []
         at = start
         for a, b in sorted(covered):
@@ -137,14 +171,8 @@ class RangeFetcher:
         for a, b in gaps:
             part = view[a - start:b - start]
             self._fetch(filename, a, part)
-            if b - a <= self.cache_bytes // 4:  # a range the cache can hold with others
-                data = bytes(part)
-                with self._lock:
-                    self._cache[(filename, a, b)] = data
-                    self._cached += b - a
-                    while self._cached > self.cache_bytes and self._cache:
-                        _, old = self._cache.popitem(last=False)
-                        self._cached -= len(old)
+            if b - a <= self.cache.budget // 4:  # a range the cache can hold with others
+                self.cache.put(id(self), filename, a, bytes(part))
 
     def _fetch(self, filename: str, start: int, view: memoryview) -> None:
         n = len(view)
