@@ -506,14 +506,14 @@ def test_report_into_a_folder_is_refused_before_the_run(tmp_path: Path, capsys) 
 def test_a_report_that_cannot_be_written_leaves_no_tmp(tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    from surgeon.cli_checks import write_report_file
+    from surgeon.cli import _write_report
     from surgeon.errors import StepError
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(StepError, match="No space left on device"):
-        write_report_file(str(tmp_path / "r.json"), "{}\n")
+        _write_report(str(tmp_path / "r.json"), {"schema": "surgeon.report/1"})
     assert list(tmp_path.iterdir()) == []
 
 
