@@ -397,3 +397,12 @@ def test_one_evaluation_default_everywhere():
     r = evaluate_texts(ZOO / "bpe-base", [ZOO / "data" / "prose" / "heldout.txt"])[0]
     assert r["max_tokens"] == DEFAULT_MAX_TOKENS
     assert f"{r['perplexity']:.2f}" == row.group(1) and f"{r['bits_per_byte']:.3f}" == row.group(2)
+
+
+def test_quiet_silences_loading_bars():
+    proc = subprocess.run([sys.executable, "-m", "surgeon", "eval", str(ZOO / "bpe-base"), "--text",
+                           str(ZOO / "data" / "prose" / "heldout.txt"), "--max-tokens", "32", "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr  # no "Loading weights" bar, no advisory warnings
+    assert "first 32 tokens" in proc.stdout
