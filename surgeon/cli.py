@@ -11,6 +11,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import traceback
@@ -521,6 +522,29 @@ def _diff_plot(a: str, b: str, png: str) -> dict[str, Any]:
             "note": None if written["png"] else PLOT_HINT}
 
 
+_MISSING = re.compile(r"^(?P<label>(?:[a-z]+ )?)(?P<path>[^:\n]+): no such (?:[a-z]+ )?(?:file or folder|folder|file)\b")
+
+
+def _suggest_path(message: str) -> str:
+    """A missing path in an error gets the closest existing sibling: ``zoo/bpe-bse: no such folder
+    (did you mean 'zoo/bpe-base'?)``."""
+    m = _MISSING.match(message)
+    if not m or "did you mean" in message:
+        return message
+    from .suggest import closest
+
+    path = Path(m.group("path"))
+    try:
+        siblings = [c.name for c in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        return message
+    best = closest(path.name, siblings)
+    if not best:
+        return message
+    end = m.end()
+    return f"{message[:end]} (did you mean {str(path.parent / best)!r}?){message[end:]}"
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
     try:
@@ -562,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return 0
     except SurgeonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_suggest_path(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         if args.command not in _RESUMABLE:  # inspect, validate, eval...: nothing to keep or resume

@@ -406,3 +406,18 @@ def test_quiet_silences_loading_bars():
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr  # no "Loading weights" bar, no advisory warnings
     assert "first 32 tokens" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["inspect", "zoo/bpe-bse"],
+    ["eval", "zoo/bpe-bse", "--text", "zoo/data/prose/heldout.txt"],
+    ["eval", "zoo/bpe-base", "--text", "zoo/data/prose/heldot.txt"],
+    ["diff", "zoo/bpe-base", "zoo/bpe-pythn"],
+])
+def test_a_misspelt_path_gets_the_closest_one(args, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    want = {"bpe-bse": "zoo/bpe-base", "heldot.txt": "zoo/data/prose/heldout.txt", "bpe-pythn": "zoo/bpe-python"}
+    typo = next(k for k in want if any(k in a for a in args))
+    assert f"(did you mean '{want[typo]}'?)" in err, err
