@@ -597,3 +597,16 @@ def test_a_fifo_as_recipe_or_training_data_is_refused_without_blocking(tmp_path:
                  "--data", str(tmp_path / "data.txt"), "--steps", "1", "-q"]) == 2
     assert "data.txt: is a FIFO" in one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "r.yaml"]
+
+
+def test_a_fifo_as_a_recipes_eval_text_is_refused_before_the_run(tmp_path: Path, capsys, no_hang) -> None:
+    from surgeon.cli import main
+
+    a, b = tiny(tmp_path / "a", 0), tiny(tmp_path / "b", 1)
+    os.mkfifo(tmp_path / "held.txt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: {{a: {a}, b: {b}}}\nsteps:\n  - id: m\n    merge: {{method: linear, models: [a, b]}}\n"
+                      f"output: {{path: {tmp_path / 'out'}}}\neval: {{texts: {{held: {tmp_path / 'held.txt'}}}}}\n")
+    assert main(["run", str(recipe), "-q"]) == 2
+    assert "held.txt: is a FIFO" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

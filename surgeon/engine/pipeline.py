@@ -26,7 +26,7 @@ import torch
 from ..errors import InvalidInputError, StepError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
-from ..io.destination import check_destination, destination_lock
+from ..io.destination import check_destination, check_input_files, destination_lock
 from ..io.lora import open_adapter, split_adapter_ref, with_adapter
 from ..io.refs import parse_ref
 from ..io.stream_hash import file_sha256, known_digest
@@ -216,6 +216,7 @@ class Pipeline:
         if self.coord.is_main:
             check_destination(self.output_path, self.run_inputs(), overwrite=self.opts.overwrite,
                               exists_ok=self._finished(self.output_path, fingerprints[final_id]))
+            check_input_files(self.run_inputs())  # eval texts, training data: regular files, never a FIFO
         self._check_destinations(needed, final_id)
         available: dict[str, Any] = {}
         results: list[StepResult] = []

@@ -203,3 +203,13 @@ def check_push_folder(folder: Path) -> None:
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 raise DestinationError(f"push: {p} is not a regular file (a FIFO, device or socket); refusing to "
                                        "upload it")
+
+
+def check_input_files(inputs: Iterable[tuple[str, str | os.PathLike[str] | None]]) -> None:
+    """Every existing input that is not a folder must be a regular file: a FIFO or device given as an
+    eval text or training data would block the run (refused by name; see surgeon.io.safe_files)."""
+    from .safe_files import check_regular
+
+    for _label, path in inputs:
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            check_regular(path)
