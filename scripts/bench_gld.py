@@ -8,8 +8,9 @@
 Part 1 (per step): forward + backward of each loss on student logits
 [batch, seq, vocab] (requires grad) against a cached teacher top-k (another
 vocabulary, another length): ``gld_loss`` (vocab nodes, degree, p = 1) and the
-token-wise KL of FuseLLM on the aligned positions (teacher top-k ids mapped into
-the student's vocabulary), and ULD for reference.
+token-wise KL on the aligned positions (teacher top-k ids mapped into the
+student's vocabulary), and ULD (the paper's token-wise term).
+``--gld`` passes gld_loss options (default: its defaults).
 
 Part 2 (the graph comparison itself): per sequence, the co-activation graphs over
 the k rank slots (k x k, the graph the paper's figure draws) compared by the
@@ -69,7 +70,7 @@ def bench_step(k: int, args: argparse.Namespace) -> dict:
 
     def run_gld():
         student.grad = None
-        gld_loss(student, teacher, top_k=k).backward()
+        gld_loss(student, teacher, top_k=k, **args.gld_opts).backward()
 
     def run_kl():
         student.grad = None
@@ -95,8 +96,8 @@ def bench_pot(k: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(100 + k)
     xs = torch.randn(1, args.pot_seq, max(args.vocab, k), generator=g, dtype=torch.float64)
     xt = torch.randn(1, args.pot_seq + 7, max(args.teacher_vocab, k), generator=g, dtype=torch.float64) * 2
-    zs, _, _ = topk_values(xs, k)
-    zt, _, _ = topk_values(xt, k)
+    zs, _, _ = topk_values(xs, k, values="probs", normalize="none")
+    zt, _, _ = topk_values(xt, k, values="probs", normalize="none")
     c = co_activation_graph(zs, nodes="rank")[0]
     d = co_activation_graph(zt, nodes="rank")[0]
     p = torch.full((k,), 1.0 / k, dtype=torch.float64).numpy()
@@ -129,7 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--gld", default="{}", help='gld_loss options as JSON (default: its defaults, the paper\'s '
+                    'top-k logits on k rank nodes), e.g. \'{"values": "probs", "nodes": "vocab"}\'')
+    ap.add_argument("--no-pot", action="store_true", help="skip part 2 (POT)")
     args = ap.parse_args(argv)
+    args.gld_opts = json.loads(args.gld)
     if args.threads:
         torch.set_num_threads(args.threads)
     ks = [int(x) for x in args.ks.split(",")]
@@ -141,6 +146,8 @@ def main(argv=None) -> int:
         r = bench_step(k, args)
         steps.append(r)
         print(f"{k:>5} {r['gld_ms']:9.1f} {r['kl_ms']:9.1f} {r['uld_ms']:9.1f} {r['ce_ms']:9.1f} {r['gld_ms'] / r['kl_ms']:7.2f}")
+    if args.no_pot:
+        ks = []
     print(f"\ngraph comparison, k x k co-activation graphs from {args.pot_seq} positions (one sequence):")
     print(f"{'k':>5} {'POT exact ms':>13} {'closed ms':>10} {'speedup':>9} {'POT GW2':>11} {'closed GW2':>11} {'ratio':>6}")
     pots = []

@@ -155,7 +155,8 @@ def test_invalid_arguments(tiny, tmp_path):
 def test_distilling_shakespeare_teachers_beats_sft_alone(tmp_path):
     """bpe-base (pivot, prose) learns Shakespeare from 8 KB of text for a few steps, with
     and without the two Shakespeare teachers (one with another tokenizer). Same data,
-    steps, seed: fusion must reach a lower held-out perplexity on Shakespeare."""
+    steps, seed: fusion (token-wise KL to the teachers) must reach a lower held-out
+    perplexity on Shakespeare."""
     from surgeon.eval.perplexity import evaluate_text
 
     t0 = time.time()
@@ -166,7 +167,10 @@ def test_distilling_shakespeare_teachers_beats_sft_alone(tmp_path):
                   options={"work_dir": str(tmp_path / "w")})
     sources = [{"path": str(ZOO / "bpe-shakespeare")}, {"path": str(ZOO / "sp-shakespeare")}]
     fuse(ZOO / "bpe-base", sources, data, tmp_path / "sft", lambda_=0.0, **common)
-    fuse(ZOO / "bpe-base", sources, data, tmp_path / "fused", lambda_=0.5, **common)
+    # the token-wise KL is what helps on the zoo's short runs; the paper's defaults (ULD-like
+    # sorted distance + GLD) do not (docs/fusion.md, "Results on the pico zoo")
+    fuse(ZOO / "bpe-base", sources, data, tmp_path / "fused", lambda_=0.5, gld_weight=0.0,
+         **{**common, "options": {**common["options"], "tokenwise": "kl"}})
     ppl = {name: evaluate_text(tmp_path / name, heldout, window=128, max_chars=10_000, progress=False)["perplexity"]
            for name in ("sft", "fused")}
     base = evaluate_text(ZOO / "bpe-base", heldout, window=128, max_chars=10_000, progress=False)["perplexity"]

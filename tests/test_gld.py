@@ -22,7 +22,7 @@ ot = pytest.importorskip("ot")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # the probability / vocabulary-node form of the loss (the paper's default form uses top-k logits on k rank nodes)
-PROBS = {"values": "probs", "normalize": "none", "nodes": "vocab"}
+PROBS = {"values": "probs", "normalize": "none", "nodes": "vocab", "scale": "sum"}
 
 
 def psd_graph(n: int, t: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -412,3 +412,21 @@ def test_from_logits_keeps_float64():
     assert tk.lse.dtype == torch.float64
     assert (tk.lse - torch.logsumexp(x, -1)).abs().max().item() < 1e-12
     assert TopK.from_logits(x.half(), 4).lse.dtype == torch.float16
+
+
+@pytest.mark.parametrize("feature,p", [("degree", 1), ("degree", 2), ("self", 1), ("l2", 2)])
+def test_default_scale_is_the_closed_form_gw_on_rank_graphs(feature, p):
+    # scale="gw": the loss on k rank nodes equals sorted_gw of the dense k x k graphs
+    gen = torch.Generator().manual_seed(23)
+    xs = torch.randn(1, 7, 30, generator=gen, dtype=torch.float64)
+    xt = torch.randn(1, 9, 40, generator=gen, dtype=torch.float64)
+    zs, _, _ = topk_values(xs, 5)
+    zt, _, _ = topk_values(xt, 5)
+    c = co_activation_graph(zs, nodes="rank")[0]
+    d = co_activation_graph(zt, nodes="rank")[0]
+    expected = sorted_gw(c, d, feature, p).item()
+    assert gld_loss(xs, xt, top_k=5, feature=feature, p=p).item() == pytest.approx(expected, rel=1e-10)
+    raw = gld_loss(xs, xt, top_k=5, feature=feature, p=p, scale="sum").item()
+    assert raw > gld_loss(xs, xt, top_k=5, feature=feature, p=p).item()
+    # with minmax values every entry of the graphs is in [0, 1], so the default loss is too
+    assert 0.0 <= gld_loss(xs * 50, xt, top_k=5).item() <= 1.0

@@ -33,6 +33,8 @@ GLD_FLAGS: list[tuple[str, type, Optional[tuple], Any, str]] = [
     ("aggregate", str, ("mean", "sum"), "mean", "graph over positions: mean or sum"),
     ("node_reduction", str, ("sum", "mean"), "sum", "over nodes: sum (the paper) or mean"),
     ("temperature", float, None, 1.0, "temperature of the graph's values (probabilities; no effect with minmax)"),
+    ("scale", str, ("gw", "sum"), "gw", "gw: the sum rescaled to the closed-form GW distance (k rank nodes: / k^2); "
+     "sum: the raw sum"),
 ]
 
 CHOICES: dict[str, tuple[str, ...]] = {

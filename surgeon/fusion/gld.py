@@ -13,7 +13,7 @@ Two models' graphs are compared with a Gromov-Wasserstein (GW) distance, which
 needs no correspondence between the two vocabularies (nor between the two
 sequences' positions: each graph already sums over its own positions). Exact GW
 is a quadratic assignment problem; the paper replaces it by a closed form: compress
-every node to one scalar feature (its degree), sort, and compare in order,
+every node to one scalar feature, sort, and compare in order,
 
     GW~(C, D) = sum_i | f_C(i)v - f_D(i)v |          (v: sorted in decreasing order)
 
@@ -22,33 +22,48 @@ graphs of different sizes are compared after padding the smaller one with isolat
 nodes (feature 0), which is what a vocabulary channel the model never ranks in its
 top-k is anyway.
 
-What the paper leaves open, and the options here
-------------------------------------------------
-``values``     what is kept per position: ``"probs"`` (softmax over the full
-               vocabulary, then top-k; default), ``"logprobs"``, or raw ``"logits"``.
-               Raw logits are only defined up to a per-position constant, so they are
-               best used with ``normalize="standardize"`` / ``"minmax"``.
-``normalize``  per-position rescaling of the kept values: ``"none"`` (default),
-               ``"sum"`` (renormalise the kept mass to 1), ``"l2"`` (unit norm),
-               ``"standardize"`` (z-score over the top-k, InfiFusion's logit
-               standardisation; the degree feature is then identically 0, see below,
-               so it is refused with ``feature="degree"``), ``"minmax"`` (to [0, 1]).
-``nodes``      ``"vocab"`` (default; nodes are vocabulary channels, as in the paper's
-               text) or ``"rank"`` (nodes are the k rank slots of the sorted top-k, as
-               the paper's figure draws it: "sort & top-k, view as nodes").
-``feature``    the scalar node feature: ``"degree"`` (row sum; the paper's choice),
+What the paper states, what it leaves open, and the options here
+----------------------------------------------------------------
+The paper's abstract: "we retain the top-k logits per output and aggregate their
+outer products across sequence positions"; its framework figure (the
+InfiGFusion repository's assets/framework.png): "Sort & TopK", then
+GLD = sum_{i=1}^{k} |f_C(i)v - f_D(i)v| over k nodes. The defaults follow that:
+``values="logits"``, ``nodes="rank"`` (k nodes), ``p=1``, ``node_reduction="sum"``.
+The node feature f, the per-position normalisation of raw logits, the aggregation
+over positions and a temperature are not stated in that material; the defaults
+for them are ours (docs/fusion.md has the measurements):
+
+``values``     what is kept per position: top-k ``"logits"`` (default, the paper),
+               ``"probs"`` (softmax over the full vocabulary, then top-k) or
+               ``"logprobs"``.
+``normalize``  per-position rescaling of the kept values: ``"minmax"`` (default;
+               an affine map of the kept values to [1/k, 1]: raw logits are defined
+               only up to a per-position shift, and this is shift- and
+               scale-invariant), ``"none"``, ``"sum"`` (kept values sum to 1),
+               ``"l2"`` (unit norm), ``"standardize"`` (z-score over the top-k,
+               InfiFusion's logit standardisation; every degree is then 0, so it is
+               refused with ``feature="degree"``).
+``nodes``      ``"rank"`` (default; the k rank slots of the sorted top-k: a k x k
+               graph, the figure's sum over i = 1..k) or ``"vocab"`` (vocabulary
+               channels, the abstract's "nodes represent vocabulary channels"; up to
+               T k nodes per sequence).
+``feature``    the scalar node feature: ``"degree"`` (row sum; default, our choice),
                ``"self"`` (the self-loop C_ii = sum_t w_t z_t(i)^2, purely local), or
                ``"l2"`` (row L2 norm, the GW_2 eccentricity; costs O(T^2 k) per
                sequence in vocab mode instead of O(T k)).
-``p``          exponent of the per-node difference (1 = the paper's absolute value; 2).
+``p``          exponent of the per-node difference (1 = the figure's absolute value; 2).
 ``aggregate``  ``"mean"`` over valid positions (default; graphs of sequences of
                different lengths — different tokenisers — are comparable) or ``"sum"``.
-``node_reduction`` ``"sum"`` over nodes (default, the paper's formula) or ``"mean"``.
-``temperature`` divides the logits before the softmax (``"probs"``/``"logprobs"``).
+``node_reduction`` ``"sum"`` over nodes (default, the figure's formula) or ``"mean"``.
+``temperature`` divides the logits first (with ``minmax`` it has no effect).
+``scale``      ``"gw"`` (default, ours): the figure's sum rescaled to the closed-form
+               GW~_p below (uniform node weights 1/k, features of the uniform node
+               measure; degree and p = 1: the sum / k^2, in [0, 1] with ``minmax``),
+               so a weight of 1 is a moderate term; ``"sum"``: the raw sum.
 
-With the defaults (probabilities, no normalisation, mean over positions, degree,
-p = 1) the loss is bounded: every degree is at most 1 and the degrees sum to at
-most 1, so the loss lies in [0, 2], like a total-variation distance.
+With probabilities, no normalisation, mean over positions and the degree, the
+loss is bounded: every degree is at most 1 and the degrees sum to at most 1, so
+it lies in [0, 2], like a total-variation distance.
 
 How the closed form relates to exact GW (what the tests check)
 -------------------------------------------------------------
@@ -82,7 +97,7 @@ Let the *normalised* degree be fbar_C(i) = (1/n) sum_k C_ik and define
    Outside these cases GW~ is a strict lower bound in general.
 
 The loss :func:`gld_loss` uses the same construction with un-normalised degrees
-(row sums) and a sum over nodes, which is the paper's formula; for p = 1 it equals
+(row sums) and a sum over nodes (the figure's sum); for p = 1 it equals
 n^2 * GW~_1 of the graphs.
 
 Everything is differentiable almost everywhere (top-k and sort pass gradients to
@@ -182,8 +197,8 @@ def _check(name: str, value: object, allowed: tuple) -> None:
 
 
 # ----------------------------------------------------------------------------- top-k values
-def topk_values(dist: Dist, k: int, *, values: str = "probs", temperature: float = 1.0,
-                normalize: str = "none", renormalize: Optional[bool] = None) -> tuple[Tensor, Tensor, int]:
+def topk_values(dist: Dist, k: int, *, values: str = "logits", temperature: float = 1.0,
+                normalize: str = "minmax", renormalize: Optional[bool] = None) -> tuple[Tensor, Tensor, int]:
     """The kept values per position: ``(z [B,T,k], ids [B,T,k], vocab_size)``.
 
     ``dist`` is full logits [B, T, V] or a :class:`TopK`. Values are sorted in
@@ -419,11 +434,12 @@ def gw_bruteforce(c: Tensor, d: Tensor, p: float = 2.0) -> tuple[float, tuple[in
 
 
 # ----------------------------------------------------------------------------- the loss
-def gld_loss(student_logits: Dist, teacher_logits: Dist, top_k: int = 64, *,
+def gld_loss(student_logits: Dist, teacher_logits: Dist, top_k: int = 16, *,
              student_mask: Optional[Tensor] = None, teacher_mask: Optional[Tensor] = None,
-             values: str = "probs", temperature: float = 1.0, normalize: str = "none",
-             nodes: str = "vocab", feature: str = "degree", p: float = 1.0,
-             aggregate: str = "mean", node_reduction: str = "sum", reduction: str = "mean") -> Tensor:
+             values: str = "logits", temperature: float = 1.0, normalize: str = "minmax",
+             nodes: str = "rank", feature: str = "degree", p: float = 1.0,
+             aggregate: str = "mean", node_reduction: str = "sum", scale: str = "gw",
+             reduction: str = "mean") -> Tensor:
     """Graph-on-Logits Distillation loss between a student and a teacher.
 
     ``student_logits`` [B, Ts, Vs] and ``teacher_logits`` [B, Tt, Vt] (or a
@@ -431,12 +447,17 @@ def gld_loss(student_logits: Dist, teacher_logits: Dist, top_k: int = 64, *,
     both describes the same text, nothing else needs to correspond. Masks [B, T]
     select the positions that enter each graph (e.g. the response tokens).
     Returns a scalar (``reduction`` "mean"/"sum" over the batch) or [B] ("none").
-    The options are described in the module docstring. For probabilities at a
+    The options are described in the module docstring. ``scale="gw"`` (default)
+    rescales the figure's sum so that, with rank nodes, it is the closed form
+    GW~_p of :func:`sorted_gw` itself (uniform node weights 1/k, features of the
+    uniform node measure: for the degree and p = 1 the sum / k^2), in [0, 1] with
+    ``minmax``; ``"sum"`` keeps the raw sum. For probabilities at a
     temperature where a cached teacher's full normaliser is unknown, both sides are
     renormalised over their kept top-k (identical models give 0 at every temperature).
     """
     _check("reduction", reduction, REDUCTION)
     _check("node_reduction", node_reduction, ("sum", "mean"))
+    _check("scale", scale, ("gw", "sum"))
     if top_k < 1:
         raise ValueError(f"gld: top_k must be >= 1, got {top_k}")
     if feature == "degree" and normalize == "standardize":
@@ -456,6 +477,10 @@ def gld_loss(student_logits: Dist, teacher_logits: Dist, top_k: int = 64, *,
     nonneg = values == "probs" and normalize != "standardize" or feature in ("self", "l2") or normalize == "minmax"
     max_nodes = max(zs.shape[1] * zs.shape[2], zt.shape[1] * zt.shape[2]) if nodes == "vocab" else None
     per_seq = sorted_distance(fs, ft, p, node_reduction=node_reduction, nonnegative=nonneg, max_nodes=max_nodes)
+    if scale == "gw":
+        kk = max(zs.shape[-1], zt.shape[-1])
+        # sorted_gw's normalisation: node weights 1/k and features of the uniform node measure
+        per_seq = per_seq / float(kk) ** {"degree": p + 1, "self": 1, "l2": 1 + p / 2}[feature]
     if reduction == "none":
         return per_seq
     return per_seq.mean() if reduction == "mean" else per_seq.sum()
