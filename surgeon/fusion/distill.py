@@ -64,7 +64,7 @@ PAIRING = ("dp", "dp_checked", "offsets", "exact")
 class FuseOptions:
     """Settings beyond the common ones (``options:`` in a recipe)."""
 
-    tokenwise: str = "kl"              # "kl" | "uld" | "kl+uld" | "none"
+    tokenwise: str = "uld"             # "uld" (the paper's sorted top-k distance) | "kl" | "kl+uld" | "none"
     pairing: str = "dp_checked"        # "dp" | "dp_checked" | "offsets" (see _pairs_for)
     temperature: float = 1.0           # for the token-wise terms (both sides tempered)
     kl_sparse: str = "rest"            # KL to a sparse teacher: "rest" | "topk" | "fusellm" (tokenwise.kl_loss)
@@ -788,7 +788,7 @@ def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path,
         raise InvalidInputError("fuse: batch_size, grad_accum and top_k must be >= 1")
     if opts.gld:
         bad = set(opts.gld) - {"values", "temperature", "normalize", "nodes", "feature", "p", "aggregate",
-                               "node_reduction"}
+                               "node_reduction", "scale"}
         if bad:
             raise InvalidInputError(f"fuse: unknown gld option(s) {', '.join(sorted(bad))}")
     if opts.cache_dtype not in ("float16", "bfloat16", "float32"):
