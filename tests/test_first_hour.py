@@ -421,3 +421,16 @@ def test_a_misspelt_path_gets_the_closest_one(args, capsys, monkeypatch):
     want = {"bpe-bse": "zoo/bpe-base", "heldot.txt": "zoo/data/prose/heldout.txt", "bpe-pythn": "zoo/bpe-python"}
     typo = next(k for k in want if any(k in a for a in args))
     assert f"(did you mean '{want[typo]}'?)" in err, err
+
+
+def test_a_resumed_run_keeps_the_picture_in_the_card(tiny_family, tmp_path):
+    fam = tiny_family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: {{base: {fam['base']}, a: {fam['ft1']}, b: {fam['ft2']}}}\n"
+                      "steps:\n  - id: m\n    merge: {method: ties, base: base, models: [{model: a}, {model: b}]}\n"
+                      f"output: {{path: {tmp_path / 'out'}}}\n"
+                      f"eval: {{texts: {{t: {ZOO / 'data' / 'prose' / 'heldout.txt'}}}, max_tokens: 16, inputs: false}}\n")
+    assert main(["run", str(recipe), "-q", "--no-eval"]) == 0
+    assert main(["run", str(recipe), "-q"]) == 0  # the merge is skipped, the card rewritten with the evaluation
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Evaluation" in card and "![per-layer change](changemap.png)" in card

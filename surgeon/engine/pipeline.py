@@ -422,9 +422,15 @@ class Pipeline:
         (surgeon.eval.changemap); a failure there costs the picture, never the merge."""
         final = results[-1] if results else None
         step = next((s for s in self.recipe.steps if final is not None and s.id == final.id), None)
-        if step is None or step.kind != "merge" or final.skipped or not getattr(step.merge, "models", None):
+        if step is None or step.kind != "merge" or not getattr(step.merge, "models", None):
             return
-        from ..eval.changemap import changemap_for_merge
+        from ..eval.changemap import changemap_for_merge, existing_section
+
+        if final.skipped:  # a resumed run: the picture is there; keep it in the card
+            section = existing_section(self.output_path)
+            if section:
+                self._card_sections["What changed where"] = section
+            return
 
         spec = step.merge
 

@@ -201,14 +201,31 @@ def write_changemap(folder: str | Path, cm: dict[str, Any], stem: str = "changem
     tmp.replace(js)
     png = folder / f"{stem}.png"
     drawn = plot_changemap(cm, png, title=title)
-    body = [f"![per-layer change]({png.name})" if drawn else f"(No picture: {PLOT_HINT}.)", ""]
+    return {"json": str(js), "png": str(png) if drawn else None,
+            "card": card_section(cm, js.name, png.name if drawn else None)}
+
+
+def card_section(cm: dict[str, Any], json_name: str, png_name: str | None) -> str:
+    """The model card's "What changed where" section: the picture (or how to get it) and a summary."""
+    body = [f"![per-layer change]({png_name})" if png_name else f"(No picture: {PLOT_HINT}.)", ""]
     what = (f"Relative change of each layer's tensors against the {cm['reference']} "
             "(||output - base|| / ||base||, per layer and tensor kind)")
     if cm["sign_electing"]:
         what += ", and the share of entries where the inputs' task vectors disagree in sign"
-    body.append(what + f"; numbers in `{js.name}`.")
+    body.append(what + f"; numbers in `{json_name}`.")
     body += [""] + [f"- {line}" for line in summary_lines(cm)]
-    return {"json": str(js), "png": str(png) if drawn else None, "card": "\n".join(body)}
+    return "\n".join(body)
+
+
+def existing_section(folder: str | Path, stem: str = "changemap") -> str | None:
+    """The card section of a change map already written into ``folder`` (a resumed run), or None."""
+    js = Path(folder) / f"{stem}.json"
+    try:
+        cm = json.loads(js.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    png = js.with_suffix(".png")
+    return card_section(cm, js.name, png.name if png.is_file() else None)
 
 
 def changemap_for_merge(output_dir: str | Path, method: str, base: Any | None, inputs: Sequence[Any],
