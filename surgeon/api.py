@@ -5,10 +5,13 @@ parsing and printing. The names avoid the subpackages' names (``merge_models``
 rather than ``merge``) so that ``surgeon.merge`` stays the package::
 
     import surgeon
+    surgeon.validate("recipes/quickstart.yaml")   # headers only; raises naming file:line on any problem
     report = surgeon.run("recipes/quickstart.yaml", output="out/qs", overwrite=True)
-    surgeon.validate("recipe.yaml")           # headers only, raises on problems
     surgeon.merge_models("ties", base="zoo/bpe-base", models=["zoo/bpe-python"], output="out/m",
-                  parameters={"density": 0.5})
+                         parameters={"density": 0.5})
+    surgeon.evaluate("out/m", "zoo/data/python/heldout.txt")   # first 4,096 tokens by default
+
+(paths relative to the repository root; README.md's Python block is the tested version).
 """
 from __future__ import annotations
 
