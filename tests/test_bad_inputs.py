@@ -229,9 +229,9 @@ RECIPES = {
                       "output: {path: ./o}\n", r"recipe\.yaml: path './a\\x00b' cannot be used \(embedded null byte\)"),
     "unknown user's home": ("models: {a: ~nosuchuser_zz/m}\nsteps: [{id: s, merge: {method: linear, models: [a]}}]\n"
                             "output: {path: ./o}\n", r"recipe\.yaml: path '~nosuchuser_zz/m' cannot be used"),
-    "mergekit models not a list": ("merge_method: linear\nmodels: 3\n", r"recipe\.yaml: mergekit 'models' must be a list"),
+    "mergekit models not a list": ("merge_method: linear\nmodels: 3\n", r"recipe\.yaml:2: mergekit 'models' must be a list"),
     "mergekit tokenizer not a mapping": ("merge_method: linear\nmodels: [a]\ntokenizer: x\n",
-                                         r"recipe\.yaml: mergekit 'tokenizer' must be a mapping"),
+                                         r"recipe\.yaml:3: mergekit 'tokenizer' must be a mapping"),
 }
 
 
