@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text file to score; repeat for several (one row each)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="score the first N tokens of each text; 0 scores the whole text")
+    p.add_argument("--max-bytes", metavar="SIZE",
+                   help="read at most this much of each text, e.g. 10MB (default: what --max-tokens needs; "
+                   "with --max-tokens 0 the whole file)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print JSON: one object per text, in a list")
@@ -460,7 +463,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .eval.report import evaluate_texts, format_texts
 
         rows = evaluate_texts(args.model, args.text, max_tokens=args.max_tokens, device=args.device,
-                              progress=not args.quiet and sys.stderr.isatty())
+                              progress=not args.quiet and sys.stderr.isatty(), max_bytes=args.max_bytes)
         _print_json(rows) if args.json else print(format_texts(rows))
         return 0
     if cmd == "inspect":

@@ -119,6 +119,14 @@ def check_args(args: Any) -> None:
     """Check every value of a parsed command line before the command does any work."""
     check_threads(getattr(args, "threads", None))
     check_report_path(getattr(args, "report", None))
+    max_bytes = getattr(args, "max_bytes", None)
+    if isinstance(max_bytes, str):
+        from .io.writer import parse_size
+
+        try:
+            args.max_bytes = parse_size(max_bytes)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"--max-bytes {max_bytes}: {exc}") from None
     if hasattr(args, "device"):
         check_device(args.device, allow_auto=getattr(args, "command", "") == "fuse")
     for name in ("k", "batch_size", "steps", "max_length", "top_k", "screen", "top"):

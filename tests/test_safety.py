@@ -610,3 +610,21 @@ def test_a_fifo_as_a_recipes_eval_text_is_refused_before_the_run(tmp_path: Path,
     assert main(["run", str(recipe), "-q"]) == 2
     assert "held.txt: is a FIFO" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_max_bytes_bounds_a_whole_text_evaluation(tmp_path: Path, capsys) -> None:
+    """--max-tokens 0 scores the whole text; --max-bytes still bounds what is read (the tail is not UTF-8)."""
+    import json as _json
+
+    from surgeon.cli import main
+
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as fh:
+        fh.write(((ZOO / "data" / "shakespeare" / "heldout.txt").read_bytes() * 3)[:100_000])
+        fh.write(b"\xff\xfe" * (4 * 2**20))
+    assert main(["eval", str(ZOO / "bpe-base"), "--text", str(big), "--max-tokens", "0", "--max-bytes", "20KB",
+                 "--json", "-q"]) == 0
+    (row,) = _json.loads(capsys.readouterr().out)
+    assert 0 < row["bytes"] <= 20_000
+    assert main(["eval", str(ZOO / "bpe-base"), "--text", str(big), "--max-bytes", "lots"]) == 2
+    assert "--max-bytes lots" in one_error_line(capsys.readouterr().err)

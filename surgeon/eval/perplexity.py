@@ -86,14 +86,15 @@ _FIRST_READ = 1 << 16
 
 
 def read_text(text_path: Path, tokenizer: Any, max_tokens: int | None = None,
-              max_chars: int | None = None) -> str:
+              max_chars: int | None = None, max_bytes: int | None = None) -> str:
     """The text to score: the whole file, or only as much of it as ``max_tokens`` / ``max_chars`` need.
 
     With a cap the file is streamed: a first 64 KiB, then doubling reads, each prefix tokenized
     once to count its tokens, until it holds ``max_tokens + TOKEN_MARGIN`` tokens (or
     ``max_chars`` characters, or the file ends). Memory and time therefore follow the cap, not the
     file: a 1 GB text costs what its first few kilobytes cost. The tokens kept are those the whole
-    file would give (the margin absorbs the one token the cut can change).
+    file would give (the margin absorbs the one token the cut can change). ``max_bytes`` reads at
+    most that many bytes whatever the other caps (a character cut in two at the end is dropped).
     """
     import codecs
 
@@ -103,14 +104,19 @@ def read_text(text_path: Path, tokenizer: Any, max_tokens: int | None = None,
     decoder = codecs.getincrementaldecoder("utf-8")()
     parts: list[str] = []
     chars = nbytes = 0
-    want = _FIRST_READ if (max_tokens or max_chars) else -1
+    want = _FIRST_READ if (max_tokens or max_chars or max_bytes) else -1
     saved_max = getattr(tokenizer, "model_max_length", None)
     try:
         with open(fd, "rb") as fh:
             while True:
+                if max_bytes is not None:
+                    want = max(0, min(want, max_bytes - nbytes))
                 chunk = fh.read(want)
                 nbytes += len(chunk)
                 eof = want < 0 or len(chunk) < want
+                if max_bytes is not None and nbytes >= max_bytes and not eof:  # the cap: stop, drop a split character
+                    parts.append(decoder.decode(chunk, final=False))
+                    break
                 parts.append(decoder.decode(chunk, final=eof))
                 chars += len(parts[-1])
                 if eof:
@@ -150,6 +156,7 @@ def evaluate_text(
     batch_size: Optional[int] = None,
     add_bos: Optional[bool] = None,
     max_chars: Optional[int] = None,
+    max_bytes: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     model: Any = None,
@@ -182,7 +189,7 @@ def evaluate_text(
             raise InvalidInputError(f"{model_dir}: no such model folder")
         tokenizer, model = _load(model_dir, device, dtype)
     dev = next(model.parameters()).device
-    text = read_text(text_path, tokenizer, max_tokens=max_tokens, max_chars=max_chars)
+    text = read_text(text_path, tokenizer, max_tokens=max_tokens, max_chars=max_chars, max_bytes=max_bytes)
 
     saved_max = getattr(tokenizer, "model_max_length", None)
     try:  # we window the text ourselves: silence the "sequence longer than the model" warning
