@@ -6,7 +6,6 @@ it into one line on stderr and the documented exit code, never a traceback.
 """
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_INVALID = 2      # invalid recipe or input
 EXIT_STEP_FAILED = 3  # a step failed while running
 EXIT_INTERRUPTED = 130

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from surgeon.engine.distributed import assign_owners
+from surgeon.io.distributed import assign_owners
 
 RECIPE = """\
 name: dist

@@ -8,7 +8,7 @@ import torch
 
 from surgeon.errors import InvalidInputError
 from surgeon.eval import evaluate_text
-from surgeon.transplant.fixtures import corpus, make_tiny_model
+from transplant_fixtures import corpus, make_tiny_model
 
 
 @pytest.fixture(scope="module")

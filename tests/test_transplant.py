@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from surgeon.errors import InvalidInputError
 from surgeon.io import Checkpoint
 from surgeon.transplant import load_tokenizer_info, match_vocabularies, plan_transplant, transplant
-from surgeon.transplant.fixtures import make_tiny_model
+from transplant_fixtures import make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:digit splitting differs")
 
@@ -242,7 +242,7 @@ def test_overwrite_replaces_atomically(models, tmp_path):
 
 
 def test_finish_callback_keeps_the_donor_generation_config(models, tmp_path):
-    """The recipe engine passes ``finish`` to write config/tokenizer/card itself; our generation config survives."""
+    """The recipe engine's context writes config/tokenizer/card itself; our generation config survives."""
     out = tmp_path / "out"
     seen = {}
 
@@ -253,7 +253,10 @@ def test_finish_callback_keeps_the_donor_generation_config(models, tmp_path):
         writer.copy_file(Path(models["sp"]) / "tokenizer.json")
         writer.commit()
 
-    transplant(models["bpe"], models["sp"], out, method="mean", progress=False, finish=finish)
+    from surgeon.step import StepContext
+
+    ctx = StepContext("t", finish=finish)
+    transplant(models["bpe"], models["sp"], out, method="mean", progress=False, context=ctx)
     donor_tok = load_tokenizer_info(models["sp"])
     assert seen["config"]["vocab_size"] == json.loads((out / "config.json").read_text())["vocab_size"]
     assert any("new rows by mean" in n for n in seen["notes"])

@@ -37,7 +37,7 @@ from ..merge.vocab import RowMap, build_row_map, is_vocab_tensor, tensor_role
 from ..recipe.schema import MergeSpec
 from .piecewise import PIECE_BYTES, execute_pieces, iter_pieces, plan_jobs
 from .slices import SlicedPlan, plan_slices
-from .virtual import VirtualCheckpoint
+from ..io.virtual import VirtualCheckpoint
 
 log = logging.getLogger("surgeon")
 
@@ -242,7 +242,7 @@ class MergeRuntime:
     threads: int = 2
     allow_nonfinite: bool = False
     progress: Callable[..., None] | None = None  # called with bytes written (and whether a tensor is complete)
-    coordinator: Any = None  # surgeon.engine.distributed.Coordinator when several processes share the step
+    coordinator: Any = None  # surgeon.io.distributed.Coordinator when several processes share the step
     piece_bytes: int = PIECE_BYTES  # block-wise methods: stored bytes per input per piece (0: whole tensors)
     # CPU block-wise merges: threads that each merge a whole one-piece tensor with
     # single-threaded torch ops (see piecewise.execute_pieces); the pipeline sets it to --threads

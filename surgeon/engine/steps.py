@@ -3,96 +3,75 @@
 A step kind turns the step's spec and its inputs (checkpoints, or planned
 :class:`VirtualCheckpoint` s of earlier steps) into a :class:`StepPlan`
 describing its output, and later executes that plan into a destination folder
-through the atomic writer.
+through the writer its :class:`StepContext` opens (the engine's: shard size,
+coordination, resume key) and finishes through ``context.finish``. A step
+kind never sees the pipeline (docs/architecture.md, "Steps").
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import settings
 from ..errors import InvalidInputError, StepError
-from ..io.writer import CheckpointWriter, TensorSpec, parse_size
+from ..io.distributed import SINGLE
+from ..io.virtual import VirtualCheckpoint
+from ..io.writer import TensorSpec, parse_size
 from ..recipe.schema import Step
-from .merge_step import MergePlan, MergeRuntime, execute_merge, output_checkpoint, plan_merge
+from ..step import StepContext, StepPlan
+from .merge_step import (
+    MergePlan,
+    MergeRuntime,
+    execute_merge,
+    output_checkpoint,
+    plan_merge,
+)
 from .piecewise import PIECE_BYTES
-from .virtual import VirtualCheckpoint
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
-
-
-@dataclass
-class StepPlan:
-    output: VirtualCheckpoint
-    bytes_in: int
-    tensors: int
-    peak_bytes: int
-    notes: list[str] = field(default_factory=list)
-    detail: Any = None
-
-    @property
-    def bytes_out(self) -> int:
-        return self.output.total_bytes
-
-    def summary(self, step: Step, prefetch: int) -> dict[str, Any]:
-        return {
-            "id": step.id,
-            "kind": step.kind,
-            "reads": step.references(),
-            "tensors": self.tensors,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "peak_bytes_estimate": self.peak_bytes,
-            "notes": self.notes,
-        }
 
 
 class StepKind(Protocol):
-    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan: ...
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], ctx: StepContext) -> StepPlan: ...
 
-    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
-                fingerprint: str) -> dict[str, Any]: ...
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path,
+                ctx: StepContext) -> dict[str, Any]: ...
 
 
-def _merge_threads(pipeline: "Pipeline") -> int:
+def _merge_threads(ctx: StepContext) -> int:
     """Reader and compute threads of a merge: --threads, else the cores torch sees (at most 4)."""
-    return pipeline.opts.threads or max(1, min(4, torch.get_num_threads()))
+    return ctx.options.threads or max(1, min(4, torch.get_num_threads()))
 
 
-def _piece_bytes(pipeline: "Pipeline") -> int:
+def _piece_bytes(ctx: StepContext) -> int:
     """--piece-size in bytes (0: whole tensors), default PIECE_BYTES."""
-    size = pipeline.opts.piece_size
+    size = ctx.options.piece_size
     if size is None:
         return PIECE_BYTES
     return 0 if str(size).strip() == "0" else parse_size(size)
 
 
 class MergeKind:
-    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], ctx: StepContext) -> StepPlan:
         mp = plan_merge(step.id, step.merge, inputs, where)  # type: ignore[arg-type]
-        peak = mp.peak_bytes(pipeline.opts.prefetch, piece_bytes=_piece_bytes(pipeline), workers=_merge_threads(pipeline))
+        peak = mp.peak_bytes(ctx.options.prefetch, piece_bytes=_piece_bytes(ctx), workers=_merge_threads(ctx))
         return StepPlan(output_checkpoint(mp, inputs), mp.bytes_in, len(mp.tasks), peak, mp.notes, mp)
 
-    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
-                fingerprint: str) -> dict[str, Any]:
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path,
+                ctx: StepContext) -> dict[str, Any]:
         mp: MergePlan = plan.detail
         for note in mp.notes:
-            if note.startswith("warning: ") and pipeline.opts.quiet and pipeline.coord.is_main:
+            if note.startswith("warning: ") and ctx.quiet and ctx.coordinator.is_main:
                 print(f"step {step.id}: {note}", file=sys.stderr)  # what would otherwise pass silently survives -q
             else:
-                pipeline._say(f"step {step.id}: {note}")
-        threads = _merge_threads(pipeline)
-        with CheckpointWriter(dest, mp.specs, max_shard_size=pipeline.max_shard_size, overwrite=True,
-                              metadata={"surgeon.step": step.id}, coordinator=pipeline.coord) as writer:
+                ctx.say(f"step {step.id}: {note}")
+        threads = _merge_threads(ctx)
+        with ctx.open_writer(dest, mp.specs, metadata={"surgeon.step": step.id}) as writer:
             bar = tqdm(total=mp.bytes_out, unit="B", unit_scale=True, desc=f"merge {step.id}",
-                       disable=not pipeline.show_progress)
+                       disable=not ctx.show_progress)
             done = [t for t in mp.tasks if writer.is_written(t.name) or not writer.owns(t.name)]
             count = [len(done)]
 
@@ -103,10 +82,10 @@ class MergeKind:
 
             advance(sum(t.spec.nbytes for t in done))
             count[0] -= 1
-            rt = MergeRuntime(pipeline.device, pipeline.recipe.seed, prefetch=pipeline.opts.prefetch, threads=threads,
-                              allow_nonfinite=pipeline.opts.allow_nonfinite, progress=advance,
-                              coordinator=pipeline.coord, piece_bytes=_piece_bytes(pipeline),
-                              compute_workers=int(os.environ.get("SURGEON_COMPUTE_WORKERS", threads)))
+            rt = MergeRuntime(ctx.device, ctx.seed, prefetch=ctx.options.prefetch, threads=threads,
+                              allow_nonfinite=ctx.options.allow_nonfinite, progress=advance,
+                              coordinator=ctx.coordinator, piece_bytes=_piece_bytes(ctx),
+                              compute_workers=settings.current().compute_workers or threads)
             try:
                 details = execute_merge(mp, inputs, writer, rt)
             finally:
@@ -115,58 +94,59 @@ class MergeKind:
             tok = inputs[mp.tokenizer_id] if mp.tokenizer_id else template
             if mp.tokenizer_dir is not None:  # a built tokenizer (tokenizer_source, tokenizer:, chat_template)
                 tok = plan.output
-            pipeline.finish_checkpoint(writer, step, plan.output.config, tok, template, fingerprint, mp.notes)
+            ctx.bound(tok, template).finish(writer, plan.output.config, mp.notes)  # type: ignore[misc]
         return details
 
 
-def _main_only(pipeline: "Pipeline", dest: Path, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _main_only(ctx: StepContext, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a single-process step on rank 0 while the other ranks wait for its output."""
-    if not pipeline.coord.distributed:
+    coord = ctx.coordinator
+    if not coord.distributed:
         return work()
     error, details = None, {}
-    if pipeline.coord.is_main:
+    if coord.is_main:
         try:
             details = work()
         except Exception as exc:  # re-raised on every rank below
             error = f"{type(exc).__name__}: {exc}"
-    error = pipeline.coord.broadcast_object(error)
+    error = coord.broadcast_object(error)
     if error is not None:
         raise StepError(f"step failed on rank 0: {error}")
     return details
 
 
 class TransplantKind:
-    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], ctx: StepContext) -> StepPlan:
         from ..transplant import plan_transplant
 
         spec = step.transplant
         assert spec is not None
         return plan_transplant(inputs[spec.model], inputs[spec.donor], where=where, step_id=step.id)
 
-    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
-                fingerprint: str) -> dict[str, Any]:
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path,
+                ctx: StepContext) -> dict[str, Any]:
         from ..transplant import transplant
 
         spec = step.transplant
         assert spec is not None
-        return _main_only(pipeline, dest, lambda: transplant(
+        # rank 0 alone writes this output: its writer coordinates no other process
+        context = ctx.bound(inputs[spec.donor], inputs[spec.model], coordinator=SINGLE)
+        return _main_only(ctx, lambda: transplant(
             inputs[spec.model].path, inputs[spec.donor].path, dest, method=spec.method, k=spec.k,
-            device=pipeline.opts.device, overwrite=True, screen=spec.screen, batch_size=spec.batch_size,
-            progress=pipeline.show_progress,
-            finish=lambda writer, config, notes: pipeline.finish_checkpoint(
-                writer, step, config, inputs[spec.donor], inputs[spec.model], fingerprint, notes),
+            device=ctx.options.device, overwrite=True, screen=spec.screen, batch_size=spec.batch_size,
+            progress=ctx.show_progress, context=context,
         ))
 
 
 class FuseKind:
-    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], pipeline: "Pipeline") -> StepPlan:
+    def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], ctx: StepContext) -> StepPlan:
         spec = step.fuse
         assert spec is not None
         pivot = inputs[spec.pivot]
         for src in [spec.pivot] + [s.model for s in spec.sources]:
             if not inputs[src].has_tokenizer:
                 raise InvalidInputError(f"{where()}: {src!r} has no tokenizer files; fusion needs every model's tokenizer")
-        data = Path(pipeline.loaded.resolve_path(spec.data))
+        data = Path(ctx.resolve_path(spec.data))
         if not data.is_file():
             raise InvalidInputError(f"{where('data')}: {data}: no such data file")
         out = VirtualCheckpoint(f"step {step.id!r}", {i.name: TensorSpec(i.name, i.shape, i.dtype) for i in pivot.infos()},
@@ -174,8 +154,8 @@ class FuseKind:
         peak, notes = fuse_peak_estimate(pivot, [inputs[s.model] for s in spec.sources], spec)
         return StepPlan(out, sum(inputs[s].total_bytes for s in step.references()), len(out), peak, notes)
 
-    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path, pipeline: "Pipeline",
-                fingerprint: str) -> dict[str, Any]:
+    def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path,
+                ctx: StepContext) -> dict[str, Any]:
         from ..fusion import fuse
 
         spec = step.fuse
@@ -184,14 +164,14 @@ class FuseKind:
             pivot_dir=inputs[spec.pivot].path,
             sources=[{"path": inputs[s.model].path, "weight": s.weight, "align": s.align, "id": s.model}
                      for s in spec.sources],
-            dataset_path=pipeline.loaded.resolve_path(spec.data),
+            dataset_path=ctx.resolve_path(spec.data),
             out_dir=dest,
-            seed=pipeline.recipe.seed,
-            device=pipeline.opts.device,
-            progress=pipeline.show_progress,
+            seed=ctx.seed,
+            device=ctx.options.device,
+            progress=ctx.show_progress,
             **{k: v for k, v in spec.model_dump(by_alias=False).items() if k not in ("pivot", "sources", "data")},
-            finish=lambda writer, config, notes: pipeline.finish_checkpoint(
-                writer, step, config, inputs[spec.pivot], inputs[spec.pivot], fingerprint, notes),
+            # only the main process writes (fuse's own rule): its writer coordinates no other process
+            context=ctx.bound(inputs[spec.pivot], inputs[spec.pivot], coordinator=SINGLE),
         )
 
 

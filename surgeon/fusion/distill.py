@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError, StepError
+from ..recipe.options import PAIRING, TOKENWISE, FuseOptions
+from ..step import StepContext
 from .align import TokenSurfaces, VocabMap, align_tokens, pair_positions
 from .cache import TeacherCache, build_teacher_cache, model_fingerprint
 from .data import Encoded, bos_id, encode, fingerprint, load_examples
@@ -56,49 +58,6 @@ from .tokenwise import kl_loss, uld_loss
 
 __all__ = ["fuse", "FuseOptions"]
 
-TOKENWISE = ("kl", "uld", "kl+uld", "none")
-PAIRING = ("dp", "dp_checked", "offsets", "exact")
-
-
-@dataclass
-class FuseOptions:
-    """Settings beyond the common ones (``options:`` in a recipe)."""
-
-    tokenwise: str = "uld"             # "uld" (the paper's sorted top-k distance) | "kl" | "kl+uld" | "none"
-    pairing: str = "dp_checked"        # "dp" | "dp_checked" | "offsets" (see _pairs_for)
-    temperature: float = 1.0           # for the token-wise terms (both sides tempered)
-    kl_sparse: str = "rest"            # KL to a sparse teacher: "rest" | "topk" | "fusellm" (tokenwise.kl_loss)
-    vocab_merge: str = "sum"           # teacher ids mapped onto one pivot id: "sum" their mass | "first" (FuseLLM)
-    gld_top_k: Optional[int] = None    # top-k for the graphs (default: top_k)
-    gld: Optional[dict] = None         # extra gld_loss options (values, nodes, feature, p, ...)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.0
-    save_every: Optional[int] = None   # optimizer steps between saved states (default: ~10 per run)
-    log_every: int = 1
-    eval_path: Optional[str] = None    # held-out text: perplexity before/after in the report
-    eval_window: int = 128
-    eval_max_chars: Optional[int] = None
-    max_examples: Optional[int] = None
-    dtype: Optional[str] = None        # output dtype (default: the pivot's)
-    work_dir: Optional[str] = None     # caches and training state (default: beside the output)
-    keep_state: bool = False           # keep the accelerate state after success
-    cache_batch_size: int = 8
-    shard_size: int = 256
-    cache_dtype: str = "float16"       # teacher cache values: "float16" | "bfloat16" | "float32"
-    eval_every: Optional[int] = None   # optimizer steps between held-out evaluations (needs eval_path)
-    transplant_k: int = 64
-    num_workers: int = 0
-
-    @classmethod
-    def from_dict(cls, d: Optional[dict]) -> "FuseOptions":
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad:
-            raise InvalidInputError(f"fuse: unknown option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -470,15 +429,15 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
          seed: int = 0, lambda_: float = 0.5, tokenwise_weight: float = 1.0, gld_weight: float = 1.0,
          top_k: int = 16, mixed_precision: str = "no", device: str = "cpu", overwrite: bool = False,
          progress: bool = True, options: Optional[dict[str, Any]] = None,
-         finish: Optional[Callable[[Any, Optional[dict[str, Any]], list[str]], None]] = None,
+         context: Optional[StepContext] = None,
          callback: Optional[Callable[[int, dict[str, Any]], None]] = None, **extra: Any) -> dict[str, Any]:
     """Distil ``sources`` into the pivot on ``dataset_path``; write ``out_dir``; return a report.
 
     ``sources``: ``[{"path", "weight" (1.0), "align" ("dp" | "transplant"), "id"}]``.
     Common settings are keyword arguments; the rest (:class:`FuseOptions`) come in
-    ``options`` or as extra keyword arguments. ``finish(writer, config, notes)``
-    replaces the final writing of config, tokenizer and card and the commit (the
-    recipe engine uses it). ``callback(step, log_row)`` is called after every
+    ``options`` or as extra keyword arguments. ``context`` (the recipe engine's):
+    the output writer comes from ``context.open_writer`` (shard size, resume key)
+    and ``context.finish`` writes config, tokenizer and card and commits. ``callback(step, log_row)`` is called after every
     optimizer step on the main process. The loss is described in the module
     docstring; the report has the loss log, timings, alignment statistics and, with
     ``eval_path``, held-out perplexity before and after.
@@ -491,7 +450,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     opts = FuseOptions.from_dict({**(options or {}), **extra})
     pivot_dir, dataset_path, out_dir = Path(pivot_dir), Path(dataset_path), Path(out_dir)
     _validate(pivot_dir, sources, out_dir, overwrite, lambda_, tokenwise_weight, gld_weight, schedule, opts,
-              mixed_precision, epochs, steps, batch_size, grad_accum, top_k, finish)
+              mixed_precision, epochs, steps, batch_size, grad_accum, top_k, context)
     if device not in ("cpu", "auto") and not str(device).startswith("cuda"):
         raise InvalidInputError(f"fuse: device must be 'cpu', 'cuda[:N]' or 'auto', got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -729,7 +688,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     }
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        _write_output(unwrapped, pivot_dir, out_dir, report, overwrite, opts, finish)
+        _write_output(unwrapped, pivot_dir, out_dir, report, overwrite, opts, context)
     accelerator.wait_for_everyone()
     if main and not opts.keep_state and state_dir.exists():
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -748,7 +707,8 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
 
 def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path, overwrite: bool, lambda_: float,
               tokenwise_weight: float, gld_weight: float, schedule: str, opts: FuseOptions, mixed_precision: str,
-              epochs: float, steps: Optional[int], batch_size: int, grad_accum: int, top_k: int, finish: Any) -> None:
+              epochs: float, steps: Optional[int], batch_size: int, grad_accum: int, top_k: int,
+              context: Optional[StepContext]) -> None:
     if not pivot_dir.is_dir():
         raise InvalidInputError(f"pivot {pivot_dir}: no such model folder")
     if not sources:
@@ -760,7 +720,7 @@ def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path,
             raise InvalidInputError(f"{out_dir}: the output folder is a source model")
     if out_dir.resolve() == pivot_dir.resolve():
         raise InvalidInputError(f"{out_dir}: the output folder is the pivot model")
-    if finish is None and out_dir.exists() and not overwrite:
+    if context is None and out_dir.exists() and not overwrite:
         raise InvalidInputError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
     if not 0.0 <= lambda_ <= 1.0:
         raise InvalidInputError(f"fuse: lambda must be in [0, 1], got {lambda_}")
@@ -788,7 +748,7 @@ def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path,
         raise InvalidInputError("fuse: batch_size, grad_accum and top_k must be >= 1")
     if opts.gld:
         bad = set(opts.gld) - {"values", "temperature", "normalize", "nodes", "feature", "p", "aggregate",
-                               "node_reduction", "scale"}
+                               "node_reduction"}
         if bad:
             raise InvalidInputError(f"fuse: unknown gld option(s) {', '.join(sorted(bad))}")
     if opts.cache_dtype not in ("float16", "bfloat16", "float32"):
@@ -837,7 +797,7 @@ def _losses(logits: torch.Tensor, batch: dict[str, Any], srcs: list[_Source], we
 
 # ----------------------------------------------------------------------------- output
 def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, Any], overwrite: bool,
-                  opts: FuseOptions, finish: Any) -> None:
+                  opts: FuseOptions, context: Optional[StepContext]) -> None:
     from ..io import Checkpoint, CheckpointWriter, TensorSpec
     from ..io.checkpoint import AUX_FILES
 
@@ -861,8 +821,9 @@ def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, 
              f"({report['steps']} steps, lambda {report['settings']['lambda']}, "
              f"token-wise {report['settings']['options']['tokenwise']} x{report['settings']['tokenwise_weight']}, "
              f"GLD x{report['settings']['gld_weight']})"]
-    with CheckpointWriter(out_dir, specs, overwrite=True if finish else overwrite,
-                          metadata={"surgeon.step": "fuse"}) as w:
+    meta = {"surgeon.step": "fuse"}
+    with (context.open_writer(out_dir, specs, metadata=meta) if context is not None else
+          CheckpointWriter(out_dir, specs, overwrite=overwrite, metadata=meta)) as w:
         for spec in specs:
             w.write(spec.name, state[spec.name].to("cpu", spec.dtype).contiguous())
         w.write_text("fuse_log.csv", _csv(rows))
@@ -870,8 +831,8 @@ def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, 
         png = _plot(rows, f"fuse: {names} -> {pivot_dir.name}", report.get("eval_curve"))
         if png is not None:
             w.write_bytes("fuse_loss.png", png)
-        if finish is not None:
-            finish(w, config, notes)
+        if context is not None and context.finish is not None:
+            context.finish(w, config, notes)
             return
         w.write_json("config.json", config)
         for f in tok_files:

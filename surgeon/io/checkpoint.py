@@ -19,8 +19,9 @@ from typing import Any, Iterator
 
 import torch
 
+from ..arch import layer_index, tied_embeddings
 from ..errors import CheckpointError
-from .header import CODES, Header, dtype_size, read_header
+from .header import Header, dtype_size, read_header
 from .safe_files import check_inside, check_regular, open_regular, read_regular
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -56,10 +57,6 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def dtype_code(self) -> str:
-        return CODES[self.dtype]
 
 
 class Checkpoint:
@@ -173,14 +170,8 @@ class Checkpoint:
 
     @property
     def tied_embeddings(self) -> bool:
-        """Whether the config ties the output head to the input embeddings."""
-        cfg = self.config or {}
-        tied = cfg.get("tie_word_embeddings")
-        if tied is None and isinstance(cfg.get("text_config"), dict):
-            tied = cfg["text_config"].get("tie_word_embeddings")
-        if tied is None:
-            tied = "lm_head.weight" not in self._tensors
-        return bool(tied)
+        """Whether the config ties the output head to the input embeddings (:func:`surgeon.arch.tied_embeddings`)."""
+        return tied_embeddings(self.config, self._tensors)
 
     @property
     def num_layers(self) -> int | None:
@@ -188,8 +179,6 @@ class Checkpoint:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(cfg.get(key), int):
                 return cfg[key]
-        from ..merge.registry import layer_index
-
         idx = [i for i in (layer_index(n) for n in self._tensors) if i is not None]
         return max(idx) + 1 if idx else None
 

@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import settings
+
 
 def have_matplotlib() -> bool:
     """Whether matplotlib can be imported (``SURGEON_NO_PLOT=1`` pretends it cannot)."""
-    if os.environ.get("SURGEON_NO_PLOT"):
+    if settings.current().no_plot:
         return False
     return importlib.util.find_spec("matplotlib") is not None
 

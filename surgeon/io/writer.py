@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from .. import settings
 from ..errors import InvalidInputError, StepError
 from .destination import MARKER, check_destination, destination_lock, written_by_surgeon
 from .header import CODES, dtype_size
@@ -181,7 +182,7 @@ class DropBehind:
 
     def __init__(self) -> None:
         self._recent: collections.deque[tuple[int, int, int]] = collections.deque()
-        self._on = hasattr(os, "posix_fadvise") and os.environ.get("SURGEON_KEEP_WRITE_CACHE", "") in ("", "0")
+        self._on = hasattr(os, "posix_fadvise") and not settings.current().keep_write_cache
 
     def wrote(self, fd: int, offset: int, length: int) -> None:
         if not self._on or length <= 0:
@@ -240,7 +241,7 @@ class CheckpointWriter:
         self.resume = resume
         self.resume_key = resume_key if resume_key is not None else _RESUME_KEY.get()
         self.staging = self.dest.parent / f".{self.dest.name}.surgeon-partial"
-        from ..engine.distributed import SINGLE, assign_owners
+        from .distributed import SINGLE, assign_owners
 
         self.coord = coordinator or SINGLE
         owners = assign_owners([s.nbytes for s in self.specs], self.coord.world)
@@ -507,9 +508,6 @@ class CheckpointWriter:
                 self.write_json(name, obj)
                 return
         self.write_bytes(name, data)
-
-    def has_file(self, relpath: str) -> bool:
-        return (self.staging / relpath).exists()
 
     # -- finishing --------------------------------------------------------------
     def commit(self) -> Path:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..arch import layer_index
 from ..errors import InvalidInputError
 from ..suggest import did_you_mean
 
@@ -72,15 +73,6 @@ class Param:
 
 # ---------------------------------------------------------------------------
 # Per-tensor parameter values: scalars, layer gradients and name filters.
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """The transformer layer a tensor belongs to (``model.layers.7.x`` -> 7)."""
-    m = _LAYER_RE.search(tensor_name)
-    return int(m.group(1)) if m else None
-
 
 def interpolate_gradient(values: Sequence[float], position: float) -> float:
     """Linear interpolation of a gradient list at ``position`` in [0, 1].

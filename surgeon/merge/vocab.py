@@ -20,26 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ..arch import is_vocab_tensor, tensor_role
 from ..errors import InvalidInputError
 
-VOCAB_TENSOR_HINTS = ("embed_tokens", "wte", "word_embeddings", "lm_head", "embed_out", "output.weight", "tok_embeddings")
-
-
-def is_vocab_tensor(name: str) -> bool:
-    return any(h in name for h in VOCAB_TENSOR_HINTS)
-
-
-def tensor_role(name: str) -> str:
-    """'embedding', 'lm_head' or 'other' (methods like WIDEN orient by role)."""
-    if any(h in name for h in ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")):
-        return "embedding"
-    if any(h in name for h in ("lm_head", "embed_out")) or name == "output.weight":
-        return "lm_head"
-    return "other"
+__all__ = ["RowMap", "build_row_map", "is_vocab_tensor", "tensor_role"]
 
 
 def _vocab_of(tokenizer_files: list[Path]) -> dict[str, int] | None:
@@ -101,6 +88,3 @@ def build_row_map(
         "files, or make the vocabularies match."
     )
 
-
-def describe(maps: dict[str, Any]) -> str:
-    return "; ".join(f"{k}: {v}" for k, v in maps.items())

@@ -173,7 +173,7 @@ def _format_errors(exc: ValidationError, located: Located) -> str:
         loc = tuple(err["loc"])
         where = located.where(loc)
         key = ".".join(str(x) for x in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # models / pydantic dataclasses
             valid = _fields_at(Recipe, loc[:-1])
             hint = did_you_mean(str(loc[-1]), valid)
             expected = f"; expected one of: {', '.join(sorted(valid))}" if valid and not hint else ""
@@ -202,6 +202,8 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
             current = None
     if isinstance(current, type) and issubclass(current, BaseModel):
         return [f.alias or n for n, f in current.model_fields.items()]
+    if isinstance(current, type) and hasattr(current, "__dataclass_fields__"):  # surgeon.recipe.options.FuseOptions
+        return list(current.__dataclass_fields__)
     return []
 
 

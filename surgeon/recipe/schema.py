@@ -15,15 +15,17 @@ from models or earlier steps, and says which step's result is the output::
           parameters: {lambda: 1.0}
     output: {from: merged, path: ./out/demo}
 
-Structural checks live here; checks that need the method registry or the
-checkpoints (parameters, references, shapes) live in
-:mod:`surgeon.recipe.validate`.
+Structural checks live here; checks that need the method registry (merge
+parameters: :mod:`surgeon.recipe.load`) or the checkpoints (references,
+shapes: the engine's planning) live there.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .options import FuseOptions, TransplantOptions
 
 ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -163,14 +165,12 @@ class MergeSpec(_Strict):
         return self
 
 
-class TransplantSpec(_Strict):
+class TransplantSpec(TransplantOptions):
+    """A transplant step: ``model`` gets ``donor``'s tokenizer; the settings are
+    :class:`surgeon.recipe.options.TransplantOptions` (one definition)."""
+
     model: str
     donor: str
-    method: Literal["omp", "mean", "zero", "subword"] = "omp"
-    k: int = Field(default=64, ge=1, le=4096)
-    # OMP candidates per new token: "auto" (exact when cheap, else 128), an integer, or null (exact OMP)
-    screen: Union[Annotated[int, Field(ge=1)], Literal["auto"], None] = "auto"
-    batch_size: int = Field(default=512, ge=1)
 
 
 class FuseSource(_Strict):
@@ -196,7 +196,7 @@ class FuseSpec(_Strict):
     tokenwise_weight: float = Field(default=1.0, ge=0)
     gld_weight: float = Field(default=1.0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: FuseOptions = Field(default_factory=FuseOptions)  # surgeon.recipe.options: one definition
 
     @field_validator("sources", mode="before")
     @classmethod

@@ -30,51 +30,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..arch import EMBED_NAMES, find_embeddings
 from ..errors import InvalidInputError
 from ..io import Checkpoint, CheckpointWriter, TensorSpec
+from ..io.virtual import VirtualCheckpoint
+from ..step import StepContext, StepPlan
 from .init import METHODS, new_rows
 from .omp import DEFAULT_REFRESH
 from .vocab import ROLES, TokenizerInfo, load_tokenizer_info, match_vocabularies, same_tokenizer
-
-EMBED_NAMES = (
-    "model.embed_tokens.weight",
-    "model.language_model.embed_tokens.weight",
-    "language_model.model.embed_tokens.weight",
-    "transformer.wte.weight",
-    "gpt_neox.embed_in.weight",
-    "model.embed_in.weight",
-    "transformer.word_embeddings.weight",
-    "transformer.embedding.word_embeddings.weight",
-    "model.decoder.embed_tokens.weight",
-    "transformer.embd.wte.weight",
-    "embed_tokens.weight",
-    "tok_embeddings.weight",
-    "wte.weight",
-)
-HEAD_NAMES = (
-    "lm_head.weight",
-    "language_model.lm_head.weight",
-    "model.lm_head.weight",
-    "embed_out.weight",
-    "output.weight",
-    "transformer.output_layer.weight",
-)
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-TOKEN_ID_KEYS = tuple(f"{r}_token_id" for r in ROLES)
-
-
-# ---------------------------------------------------------------------------- locating tensors
-def find_embeddings(ck: Any) -> tuple[str | None, str | None, bool]:
-    """(input embedding name, output head name or None, tied) from names and config."""
-    names = set(ck.names)
-    embed = next((n for n in EMBED_NAMES if n in names), None)
-    if embed is None:
-        cands = [n for n in ck.names if n.endswith(_EMBED_SUFFIXES) and len(ck.info(n).shape) == 2]
-        embed = cands[0] if len(cands) == 1 else None
-    head = next((n for n in HEAD_NAMES if n in names), None)
-    tied = bool(ck.tied_embeddings) if head is not None else True
-    return embed, head, tied
-
 
 def _rows(ck: Any, name: str) -> int:
     return int(ck.info(name).shape[0])
@@ -187,9 +150,6 @@ def _tokenizer_digest(ck: Any) -> str | None:
 # ---------------------------------------------------------------------------- plan (headers only)
 def plan_transplant(base: Any, donor: Any, where: Callable[..., str] | None = None, step_id: str = "transplant"):
     """Describe the output of a transplant step from headers alone (for ``surgeon plan/validate``)."""
-    from ..engine.steps import StepPlan
-    from ..engine.virtual import VirtualCheckpoint
-
     w = where or (lambda *p: "")
     embed, head, tied, d_embed, d_head = _check_inputs(base, donor, "omp", 1, w())
     db, dd = _tokenizer_digest(base), _tokenizer_digest(donor)
@@ -225,12 +185,12 @@ def transplant(
     device: str = "cpu",
     overwrite: bool = False,
     screen: Optional[int] | str = "auto",
-    batch_size: Optional[int] = None,
+    batch_size: Optional[int] = 512,
     progress: bool = True,
     *,
     refresh: int = DEFAULT_REFRESH,
     max_shard_size: int | str = "5GB",
-    finish: Optional[Callable[[CheckpointWriter, dict[str, Any] | None, list[str]], None]] = None,
+    context: StepContext | None = None,
 ) -> dict[str, Any]:
     """Give the model in ``base_dir`` the tokenizer of ``donor_dir``; write it to ``out_dir``.
 
@@ -243,9 +203,9 @@ def transplant(
     re-ranked every 8 picks (:func:`surgeon.transplant.omp.choose_screen`);
     ``None`` = exact OMP over all shared tokens (what mergekit computes);
     ``batch_size``: new tokens per OMP batch (``None``
-    = sized to ~512 MB of working memory). ``finish(writer, config, notes)``, if
-    given, replaces the final writing of config, tokenizer, card and the commit
-    (the recipe engine uses it). Returns a report dict.
+    = sized to ~512 MB of working memory). ``context`` (the recipe engine's): the output writer comes from
+    ``context.open_writer`` (shard size, resume key) and ``context.finish``
+    writes config, tokenizer, card and commits. Returns a report dict.
     """
     t0 = time.time()
     base_dir, donor_dir, out_dir = Path(base_dir), Path(donor_dir), Path(out_dir)
@@ -266,7 +226,7 @@ def transplant(
     donor = Checkpoint.open(donor_dir, label=f"donor {donor_dir}")
     try:
         return _transplant(base, donor, out_dir, method, k, device, overwrite, screen, refresh, batch_size, progress,
-                           max_shard_size, finish, t0)
+                           max_shard_size, context, t0)
     finally:
         base.close()
         donor.close()
@@ -274,7 +234,7 @@ def transplant(
 
 def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str, k: int, device: str, overwrite: bool,
                 screen: Optional[int] | str, refresh: int, batch_size: Optional[int], progress: bool, max_shard_size: int | str,
-                finish: Any, t0: float) -> dict[str, Any]:
+                context: StepContext | None, t0: float) -> dict[str, Any]:
     embed, head, tied, d_embed, d_head = _check_inputs(base, donor, method, k)
     base_tok = load_tokenizer_info(base.path)
     donor_tok = load_tokenizer_info(donor.path)
@@ -366,8 +326,9 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
              f"{len(shared)} of {rows_out} rows copied from shared tokens; {len(new_ids)} new rows by {method}"
              + (f" (k={k})" if method == "omp" else "")] + list(match.warnings)
 
-    with CheckpointWriter(out_dir, specs, max_shard_size=max_shard_size, overwrite=overwrite,
-                          metadata={"surgeon": "transplant"}) as writer:
+    meta = {"surgeon": "transplant"}
+    with (context.open_writer(out_dir, specs, metadata=meta) if context is not None else
+          CheckpointWriter(out_dir, specs, max_shard_size=max_shard_size, overwrite=overwrite, metadata=meta)) as writer:
         for spec in specs:
             t = new_tensors.get(spec.name)
             writer.write(spec.name, t if t is not None else base.get(spec.name))
@@ -375,9 +336,9 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
             writer.write_json("generation_config.json", gen)
         report["timings"] = {"match": round(t_match - t0, 3), "compute": round(t_compute - t_match, 3)}
         report["seconds"] = round(time.time() - t0, 3)
-        if finish is not None:
+        if context is not None and context.finish is not None:
             # the caller writes config, tokenizer and card; our generation config (donor ids) must survive it
-            finish(_KeepWritten(writer, {"generation_config.json"} if gen is not None else set()), config, notes)
+            context.finish(_KeepWritten(writer, {"generation_config.json"} if gen is not None else set()), config, notes)
         else:
             if config is not None:
                 writer.write_json("config.json", config)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..io.checkpoint import TOKENIZER_FILES, Checkpoint, TensorInfo
-from ..io.writer import TensorSpec
+from .checkpoint import TOKENIZER_FILES, Checkpoint, TensorInfo
+from .writer import TensorSpec
 
 PLANNED = Path("<planned>")
 

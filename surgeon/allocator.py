@@ -24,8 +24,9 @@ files, that is slow: the first read into each fresh 32 MiB read buffer took
 save almost nothing afterwards; the command line turns them off for its own
 process (``PR_SET_THP_DISABLE``).
 
-The command line calls :func:`keep_freed_memory` once, since the process is
-its own; library users may call it themselves. Other C libraries (musl,
+:func:`surgeon.settings.configure_process` calls :func:`keep_freed_memory`
+and :func:`no_huge_pages` (the command line calls it once, since the process
+is its own; library users may call it themselves). Other C libraries (musl,
 macOS) are left alone.
 """
 from __future__ import annotations
@@ -45,35 +46,40 @@ TRIM_THRESHOLD = 16 << 20
 _done = False
 
 
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
-    """Raise glibc malloc's trim and mmap thresholds and turn transparent
-    huge pages off for this process (once per process). Returns whether the
-    thresholds were set (False off glibc)."""
+    """Raise glibc malloc's trim and mmap thresholds for this process (once
+    per process). Returns whether the thresholds were set (False off glibc)."""
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    _no_huge_pages(libc)
     return _done
 
 
 _PR_SET_THP_DISABLE = 41
 
 
-def _no_huge_pages(libc: ctypes.CDLL) -> bool:
+def no_huge_pages() -> bool:
     """Disable transparent huge pages for this process (Linux >= 3.15;
     inherited by children). Returns whether the kernel accepted it."""
+    libc = _libc()
     try:
-        prctl = libc.prctl
+        prctl = libc.prctl  # type: ignore[union-attr]
     except AttributeError:
         return False
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]

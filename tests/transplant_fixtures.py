@@ -1,4 +1,4 @@
-"""Tiny models with real tokenizers, built offline in a second, for tests and demos.
+"""Test scaffolding: tiny models with real tokenizers, built offline in a second.
 
 ``make_tiny_model(folder, family)`` trains a small tokenizer with the
 ``tokenizers`` library on a synthetic corpus and saves a randomly initialised
