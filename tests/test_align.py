@@ -210,3 +210,46 @@ def test_chat_rendering_masks_assistant_turns(toks, tmp_path):
     f.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"text": "plain record " * 20}) + "\n")
     exs = load_examples(f, bpe, 32)
     assert exs[0].spans == spans and exs[1].spans is None and len(exs) >= 3
+
+
+@pytest.mark.parametrize("domain", ["prose", "shakespeare"])
+def test_exact_token_pairing_is_fusellms_rule(toks, domain):
+    """pairing='exact': the DP's pairs whose next tokens are the same string (FuseLLM)."""
+    from surgeon.fusion.distill import _pairs_for
+
+    bpe, sp = toks
+    ex = Example(_text(domain, 1500))
+    eb = encode(bpe, ex, None, bpe.bos_token_id)
+    es = encode(sp, ex, None, sp.bos_token_id)
+    sb, ss = TokenSurfaces(bpe), TokenSurfaces(sp)
+    raw = set(map(tuple, _pairs_for(eb, es, sb, ss, "dp").tolist()))
+    exact = _pairs_for(eb, es, sb, ss, "exact").tolist()
+    assert exact and set(map(tuple, exact)) <= raw
+    for u, v in exact:
+        assert sb.surfaces([eb.ids[u + 1]]) == ss.surfaces([es.ids[v + 1]])
+    missing = [(u, v) for u, v in raw if (u, v) not in set(map(tuple, exact))]
+    assert all(sb.surfaces([eb.ids[u + 1]]) != ss.surfaces([es.ids[v + 1]]) for u, v in missing)
+
+
+def test_vocab_merge_first_keeps_the_first_of_each_pivot_id():
+    from surgeon.fusion.distill import _first_of_duplicates
+
+    mapped = torch.tensor([[[5, 3, 5, -1, 3, 7]]])
+    assert _first_of_duplicates(mapped).tolist() == [[[5, 3, -1, -1, -1, 7]]]
+    # with "sum" the KL target adds the duplicates' mass; with "first" only the first counts
+    from surgeon.fusion import TopK
+    from surgeon.fusion.tokenwise import kl_loss
+
+    logits = torch.tensor([[3.0, 2.0, 1.0]], dtype=torch.float64)
+    lse = torch.logsumexp(torch.tensor([[3.0, 2.0, 1.0, 0.0]], dtype=torch.float64), -1)
+    ids = torch.tensor([[1, 1, 2]])
+    s = torch.zeros(1, 4, dtype=torch.float64)
+    q = (logits - lse.unsqueeze(-1)).exp()[0]
+    p = torch.full((4,), 0.25, dtype=torch.float64)
+    summed = kl_loss(s, TopK(logits, ids, lse, 4), reduction="none").item()
+    first = kl_loss(s, TopK(logits, _first_of_duplicates(ids), lse, 4), reduction="none").item()
+    qs = torch.stack([q[0] + q[1], q[2], 1 - q.sum()])
+    qf = torch.stack([q[0], q[2], 1 - q[0] - q[2]])
+    ps = torch.stack([p[1], p[2], 1 - p[1] - p[2]])
+    assert summed == pytest.approx((qs * (qs / ps).log()).sum().item(), rel=1e-9)
+    assert first == pytest.approx((qf * (qf / ps).log()).sum().item(), rel=1e-9)
