@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fusion on the pico zoo: does distilling the Shakespeare teachers beat SFT alone?
 
-    python scripts/fusion_table.py --seeds 0,1,2       # the table in docs/fusion.md (~15 min on 2 cores)
+    python scripts/fusion_table.py --seeds 0,1 --steps 40   # the zoo table in docs/fusion.md
     python scripts/fusion_table.py --steps 40          # the short run, where GLD costs perplexity
     python scripts/fusion_table.py --only "fuse: token-wise + GLD" --gld-weight 0.3 --gld '{"nodes": "rank"}'
 
@@ -15,7 +15,8 @@ Evaluation: held-out perplexity and bits per byte on zoo/data/shakespeare/heldou
 (the teachers' domain) and zoo/data/prose/heldout.txt (the pivot's own domain).
 
 Rows: the untouched pivot, SFT alone (lambda = 0), fusion with the token-wise term
-only (gld_weight = 0), fusion with token-wise + GLD, GLD alone, and fusion from the
+only (gld_weight = 0; fuse's default term unless --tokenwise), fusion with token-wise
++ GLD (the defaults), the token-wise KL alone, GLD alone, and fusion from the
 cross-tokenizer teacher alone (with and without GLD); the teachers themselves for
 reference (their bits per byte are comparable, their perplexities are not: other
 tokenizer).
@@ -39,8 +40,9 @@ def configs(args) -> list[tuple[str, list[str], dict]]:
     cross = ["sp-shakespeare"]
     return [
         ("SFT only", both, {"lambda_": 0.0}),
-        ("fuse: token-wise (KL)", both, {"gld_weight": 0.0}),
+        ("fuse: token-wise", both, {"gld_weight": 0.0}),
         ("fuse: token-wise + GLD", both, {}),
+        ("fuse: token-wise KL", both, {"gld_weight": 0.0, "tokenwise": "kl"}),
         ("fuse: GLD only", both, {"tokenwise_weight": 0.0}),
         ("fuse sp only: token-wise", cross, {"gld_weight": 0.0}),
         ("fuse sp only: token-wise + GLD", cross, {}),
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lambda", dest="lambda_", type=float, default=0.5)
     ap.add_argument("--gld-weight", type=float, default=1.0)
-    ap.add_argument("--tokenwise", default="kl", choices=["kl", "uld", "kl+uld"])
+    ap.add_argument("--tokenwise", default=None, choices=["kl", "uld", "kl+uld"],
+                    help="token-wise term (default: fuse's, the paper's ULD-like sorted distance)")
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--gld", default=None, help='JSON dict of gld_loss options, e.g. \'{"nodes": "rank"}\'')
     ap.add_argument("--gld-top-k", type=int, default=None, help="top-k of the graphs (default: --top-k)")
@@ -110,13 +113,15 @@ def main(argv=None) -> int:
             continue
         opts = dict(lambda_=args.lambda_, gld_weight=args.gld_weight, tokenwise_weight=1.0)
         opts.update(kw)
+        tokenwise = opts.pop("tokenwise", args.tokenwise)
         per_seed, t = [], time.time()
         for seed in seeds:
             out = work / ("out-" + "".join(c if c.isalnum() else "-" for c in label) + f"-s{seed}")
             rep = fuse(pivot, [{"path": str(zoo / s)} for s in sources], data, out, max_length=args.max_length,
                        batch_size=args.batch_size, lr=args.lr, steps=args.steps, top_k=args.top_k, seed=seed,
                        overwrite=True, progress=False, schedule="cosine",
-                       options={"work_dir": str(work / "fuse-work"), "tokenwise": args.tokenwise,
+                       options={"work_dir": str(work / "fuse-work"),
+                                **({"tokenwise": tokenwise} if tokenwise else {}),
                                 "gld": json.loads(args.gld) if args.gld else None, "gld_top_k": args.gld_top_k},
                        **opts)
             per_seed.append({"seed": seed, "eval": evaluate(out), "final": rep["final"],
@@ -158,7 +163,7 @@ def markdown(rows: list[dict], args) -> str:
                      f"{'' if r['seconds'] is None else r['seconds']} |")
     lines.append("")
     lines.append(f"{args.steps} steps x batch {args.batch_size} x {args.max_length} tokens, lr {args.lr} cosine, "
-                 f"lambda {args.lambda_}, token-wise {args.tokenwise}, GLD weight {args.gld_weight}, top-k {args.top_k}, "
+                 f"lambda {args.lambda_}, token-wise {args.tokenwise or 'uld (default)'}, GLD weight {args.gld_weight}, top-k {args.top_k}, "
                  f"mean ± standard deviation over seeds {args.seeds}; teacher perplexities use their own tokenizers (compare bpb).")
     return "\n".join(lines)
 
