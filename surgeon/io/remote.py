@@ -27,8 +27,8 @@ exactly those bytes, through a :class:`RangeFetcher` that
 * retries dropped connections, timeouts and 408/429/5xx answers with
   exponential backoff, resuming a cut body from the last byte received (the
   bytes already in hand are kept, not fetched again);
-* keeps a bounded cache of recent ranges (:class:`RangeCache`, 512 MiB by
-  default, one shared by all inputs of a run),
+* keeps a bounded cache of recent ranges (:class:`RangeCache`; the run shares
+  one of 512 MiB per streamed input),
   so the engine's second read of a piece — TIES' or DARE's selection reads a
   tensor once to count and once to merge — is served from memory when the
   tensor's input pieces fit the cache; a tensor larger than the cache is
