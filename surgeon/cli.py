@@ -356,6 +356,11 @@ def _print_run(report: dict[str, Any]) -> None:
             print(line)
     print()
     print(f"output: {report['output']['path']}")
+    cm = report.get("changemap")
+    if cm:
+        from .eval.changemap import PLOT_HINT
+
+        print(f"what changed where: {cm.get('png') or cm.get('json') + ' (' + PLOT_HINT + ')'}")
     if report.get("push"):
         print(f"pushed: {report['push'].get('url', report['push'])}")
 

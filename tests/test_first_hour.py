@@ -270,6 +270,9 @@ def test_every_merge_output_gets_its_change_picture(tiny_family, tmp_path, capsy
         assert cell["rel_change"] == pytest.approx(rel, rel=1e-9), cell
         assert cell["sign_conflict"] == pytest.approx(conflict, abs=1e-12), cell
     assert json.loads(report.read_text())["changemap"]["png"] == str(out / "changemap.png")
+    assert main(["merge", "ties", str(out), "--base", str(fam["base"]), "--model", str(fam["ft1"]),
+                 "--model", str(fam["ft2"]), "--overwrite"]) == 0
+    assert f"what changed where: {out / 'changemap.png'}" in capsys.readouterr().out
 
 
 def test_without_matplotlib_the_card_says_how_to_get_the_picture(tiny_family, tmp_path, monkeypatch):
