@@ -69,6 +69,9 @@ CONFIGS = {
                            "      - {{model: {chatml}, layer_range: [0, 2]}}\n"
                            "merge_method: linear\nbase_model: {base}\nparameters: {{weight: 0.5}}\ndtype: float32\n"
                            "tokenizer_source: union\n",
+    # a tokenizer donor that is not merged: its tokens no merged model has get zero rows (as in mergekit)
+    "donor_not_merged": "merge_method: linear\nbase_model: {base}\ndtype: float32\ntokenizer_source: {chatml}\n"
+                        + _models(["{base}", "{padded}"]),
     "zero_and_average": "merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
                         "tokenizer:\n  source: union\n  tokens:\n"
                         "    _tok_5: {{source: {{kind: zero}}, force: true}}\n"
