@@ -32,9 +32,24 @@ def _load(recipe: str | Path | LoadedRecipe, output: str | None = None) -> Loade
     return recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, output_path=output)
 
 
+def _run_options(options: dict[str, Any]) -> RunOptions:
+    """RunOptions from keyword arguments; an unknown one is refused by name."""
+    import dataclasses
+
+    from .errors import InvalidInputError
+    from .suggest import did_you_mean
+
+    known = [f.name for f in dataclasses.fields(RunOptions)]
+    for key in options:
+        if key not in known:
+            raise InvalidInputError(f"unknown run option {key!r}{did_you_mean(key, known)}; known: {', '.join(known)}")
+    return RunOptions(**options)
+
+
 def validate(recipe: str | Path | LoadedRecipe, **options: Any) -> list[dict[str, Any]]:
-    """Check a recipe from safetensors headers only; returns each step's plan summary."""
-    return Pipeline(_load(recipe), RunOptions(**options)).plan(headers_only=True)
+    """Check a recipe from safetensors headers only; returns each step's plan summary.
+    ``options``: :class:`surgeon.engine.pipeline.RunOptions` fields (device, allow_pickle, ...)."""
+    return Pipeline(_load(recipe), _run_options(options)).plan(headers_only=True)
 
 
 def plan(recipe: str | Path | LoadedRecipe, **options: Any) -> list[dict[str, Any]]:
@@ -42,10 +57,22 @@ def plan(recipe: str | Path | LoadedRecipe, **options: Any) -> list[dict[str, An
     return validate(recipe, **options)
 
 
-def run(recipe: str | Path | LoadedRecipe, output: str | None = None, **options: Any) -> dict[str, Any]:
-    """Execute a recipe (or a mergekit config); returns the run report."""
+def run(recipe: str | Path | LoadedRecipe, output: str | None = None, *, overwrite: bool = False,
+        work_dir: str | None = None, device: str = "cpu", quiet: bool = False, threads: int | None = None,
+        prefetch: int = 1, allow_nonfinite: bool = False, allow_pickle: bool = False,
+        max_shard_size: str | int | None = None, piece_size: str | int | None = None, evaluate: bool = True,
+        push: bool = True, distributed: bool = False, progress: bool | None = None,
+        remote_stream: bool | None = None) -> dict[str, Any]:
+    """Execute a recipe (or a mergekit config); returns the run report.
+
+    The keywords are :class:`surgeon.engine.pipeline.RunOptions` (documented
+    there; tests/test_options.py checks that the defaults agree)."""
     loaded = _load(recipe, output)
-    return Pipeline(loaded, RunOptions(output=output, **options)).run()
+    opts = RunOptions(output=output, overwrite=overwrite, work_dir=work_dir, device=device, quiet=quiet,
+                      threads=threads, prefetch=prefetch, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                      max_shard_size=max_shard_size, piece_size=piece_size, evaluate=evaluate, push=push,
+                      distributed=distributed, progress=progress, remote_stream=remote_stream)
+    return Pipeline(loaded, opts).run()
 
 
 def merge_models(method: str, models: Sequence[str | dict[str, Any]], output: str, base: str | None = None,
@@ -81,19 +108,43 @@ def merge_models(method: str, models: Sequence[str | dict[str, Any]], output: st
     return run(loaded, output=str(Path(output).resolve()), **options)
 
 
-def transplant_tokenizer(base: str, donor: str, output: str, method: str = "omp", k: int = 64, **options: Any) -> dict[str, Any]:
-    """Give ``base`` the tokenizer of ``donor`` (training-free; OMP by default)."""
+def transplant_tokenizer(base: str, donor: str, output: str, method: str = "omp", k: int = 64, *,
+                         screen: int | str | None = "auto", batch_size: int | None = 512, device: str = "cpu",
+                         overwrite: bool = False, progress: bool = True,
+                         max_shard_size: int | str = "5GB") -> dict[str, Any]:
+    """Give ``base`` the tokenizer of ``donor`` (training-free; OMP by default).
+
+    ``method``, ``k``, ``screen``, ``batch_size``: :class:`surgeon.recipe.options.TransplantOptions`
+    (the recipe's and the CLI's defaults are the same: tests/test_options.py)."""
     from .io.destination import check_destination, destination_lock
     from .transplant import transplant as _transplant
 
-    check_destination(output, _local([("base model", base), ("donor model", donor)]),
-                      overwrite=bool(options.get("overwrite")))
+    check_destination(output, _local([("base model", base), ("donor model", donor)]), overwrite=overwrite)
     with destination_lock(output):
-        return _transplant(base, donor, output, method=method, k=k, **options)
+        return _transplant(base, donor, output, method=method, k=k, device=device, overwrite=overwrite,
+                           screen=screen, batch_size=batch_size, progress=progress, max_shard_size=max_shard_size)
 
 
-def fuse_models(pivot: str, sources: Sequence[str | dict[str, Any]], data: str, output: str, **options: Any) -> dict[str, Any]:
-    """Distil ``sources`` into ``pivot`` on ``data`` (InfiGFusion graph-on-logits loss)."""
+def fuse_models(pivot: str, sources: Sequence[str | dict[str, Any]], data: str, output: str, *,
+                max_length: int = 256, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-4,
+                schedule: str = "cosine", warmup_steps: int = 0, epochs: float = 1.0, steps: int | None = None,
+                seed: int = 0, lambda_: float = 0.5, tokenwise_weight: float = 1.0, gld_weight: float = 1.0,
+                top_k: int = 16, mixed_precision: str = "no", device: str = "cpu", overwrite: bool = False,
+                progress: bool = True, options: dict[str, Any] | None = None, work_dir: str | None = None,
+                callback: Any = None) -> dict[str, Any]:
+    """Distil ``sources`` into ``pivot`` on ``data`` (InfiGFusion graph-on-logits loss).
+
+    The keywords are :func:`surgeon.fusion.fuse`'s (tests/test_options.py checks
+    that the defaults agree); ``options``: :class:`surgeon.recipe.options.FuseOptions`
+    fields (refused by name when unknown)."""
+    training = dict(max_length=max_length, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
+                    warmup_steps=warmup_steps, epochs=epochs, steps=steps, seed=seed, lambda_=lambda_,
+                    tokenwise_weight=tokenwise_weight, gld_weight=gld_weight, top_k=top_k,
+                    mixed_precision=mixed_precision, device=device, overwrite=overwrite, progress=progress,
+                    callback=callback)
+    opts = dict(options or {})
+    if work_dir is not None:
+        opts["work_dir"] = work_dir
     from .fusion import fuse as _fuse
     from .io.destination import check_destination, destination_lock
 
@@ -102,13 +153,12 @@ def fuse_models(pivot: str, sources: Sequence[str | dict[str, Any]], data: str, 
         from .io.safe_files import check_regular
 
         check_regular(data)  # a FIFO or device as training data is refused by name, never read
-    work = options.get("work_dir") or (options.get("options") or {}).get("work_dir") \
-        or Path(output).parent / f".{Path(output).name}.fuse-work"
+    work = opts.get("work_dir") or Path(output).parent / f".{Path(output).name}.fuse-work"
     inputs = _local([("pivot model", pivot), *((f"source {s.get('path')}", s.get("path")) for s in srcs),
                      ("training data", data), ("the work folder", str(work))])
-    check_destination(output, inputs, overwrite=bool(options.get("overwrite")))
+    check_destination(output, inputs, overwrite=overwrite)
     with destination_lock(output):
-        return _fuse(pivot_dir=pivot, sources=srcs, dataset_path=data, out_dir=output, **options)
+        return _fuse(pivot_dir=pivot, sources=srcs, dataset_path=data, out_dir=output, options=opts, **training)
 
 
 def _local(inputs: Sequence[tuple[str, Any]]) -> list[tuple[str, str | None]]:

@@ -8,7 +8,6 @@ command resumes).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine.allocator import keep_freed_memory
+from .settings import configure_process
 from .errors import EXIT_INTERRUPTED, EXIT_STEP_FAILED, InvalidInputError, SurgeonError
 from .eval.protocol import DEFAULT_MAX_TOKENS
 from .recipe.mergekit_flags import add_mergekit_flags, apply_mergekit_flags
@@ -579,11 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         _quiet_libraries()
-    keep_freed_memory()  # this process is ours: reuse freed block buffers (see surgeon.engine.allocator)
-    # The hundreds of thousands of objects that importing torch created live as long as the
-    # process: out of the collector's sight, its full collections no longer walk them (~4 % of a
-    # TIES merge's CPU time went to gc_collect_main before).
-    gc.freeze()
+    # this process is ours: allocator thresholds, no transparent huge pages, import-time objects
+    # frozen out of the cycle collector's sight (surgeon.settings.configure_process)
+    configure_process()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         from .cli_checks import check_args

@@ -23,19 +23,19 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InvalidInputError, StepError
+from ..errors import InvalidInputError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
 from ..io.destination import check_destination, check_input_files, destination_lock
 from ..io.lora import open_adapter, split_adapter_ref, with_adapter
 from ..io.refs import parse_ref
 from ..io.stream_hash import file_sha256, known_digest
-from ..io.writer import CheckpointWriter, allow_nonfinite, parse_size, resume_key
+from ..io.distributed import coordinator_from_environment
+from ..io.writer import CheckpointWriter, allow_nonfinite, parse_size
 from ..recipe.load import LoadedRecipe
 from ..recipe.schema import MergeSpec, Step
+from ..step import StepContext, StepPlan
 from . import steps as step_kinds
-from .distributed import coordinator_from_environment
-from .virtual import VirtualCheckpoint
 
 log = logging.getLogger("surgeon")
 
@@ -95,10 +95,8 @@ class Pipeline:
         self.device = torch.device(self.opts.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidInputError("--device cuda: no CUDA device is available to torch on this machine")
-        if self.opts.threads is not None:
-            if self.opts.threads < 1:
-                raise InvalidInputError(f"--threads must be at least 1, got {self.opts.threads}")
-            torch.set_num_threads(self.opts.threads)  # arithmetic threads; readers use the same cap
+        if self.opts.threads is not None and self.opts.threads < 1:
+            raise InvalidInputError(f"--threads must be at least 1, got {self.opts.threads}")
         self.coord = coordinator_from_environment(self.opts.device, force=self.opts.distributed)
         if self.coord.distributed and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.coord.rank)))
@@ -153,15 +151,28 @@ class Pipeline:
     def _step_where(self, index: int, kind: str) -> Callable[..., str]:
         return lambda *path: self.loaded.where("steps", index, kind, *path)
 
+    def _context(self, step: Step, fingerprint: str | None = None) -> StepContext:
+        """What a step kind may use of this run (it never sees the pipeline)."""
+        def finish(writer: CheckpointWriter, config: dict[str, Any] | None, tokenizer_from: Any, aux_from: Any,
+                   notes: list[str]) -> None:
+            self.finish_checkpoint(writer, step, config, tokenizer_from, aux_from, fingerprint or "", notes)
+
+        return StepContext(step.id, device=self.device, seed=self.recipe.seed, max_shard_size=self.max_shard_size,
+                           resume_key=fingerprint, coordinator=self.coord, show_progress=self.show_progress,
+                           quiet=self.opts.quiet, options=self.opts, say=self._say,
+                           resolve_path=self.loaded.resolve_path, finish_output=finish)
+
     # -- planning -------------------------------------------------------------
     def plan(self, headers_only: bool = True) -> list[dict[str, Any]]:
         """Validate every step against headers and describe what it will do."""
         available: dict[str, Any] = {}
         summaries = []
+        self._plans: dict[str, StepPlan] = {}
         for i, step in enumerate(self.recipe.steps):
             inputs = self._inputs_for(step, available, headers_only=headers_only)
             kind = step_kinds.get_kind(step.kind)
-            sp = kind.plan(step, inputs, self._step_where(i, step.kind), self)
+            sp = kind.plan(step, inputs, self._step_where(i, step.kind), self._context(step))
+            self._plans[step.id] = sp
             available[step.id] = sp.output
             summaries.append(sp.summary(step, self.opts.prefetch))
         return summaries
@@ -180,11 +191,17 @@ class Pipeline:
         the end of the report and push, so a second run to the same output fails at once and the
         report's hashes describe the files on disk.
         """
-        if not self.coord.is_main:
-            return self._run()
-        check_destination(self.output_path, exists_ok=True)  # a file, a long name: before the lock
-        with destination_lock(self.output_path):
-            return self._run()
+        previous = torch.get_num_threads()
+        if self.opts.threads is not None:
+            torch.set_num_threads(self.opts.threads)  # arithmetic threads; readers use the same cap
+        try:
+            if not self.coord.is_main:
+                return self._run()
+            check_destination(self.output_path, exists_ok=True)  # a file, a long name: before the lock
+            with destination_lock(self.output_path):
+                return self._run()
+        finally:
+            torch.set_num_threads(previous)  # the caller's setting, whatever this run used
 
     def run_inputs(self) -> list[tuple[str, str | None]]:
         """Everything the run reads that an output must never replace: local models, the recipe file,
@@ -212,7 +229,8 @@ class Pipeline:
             from ..io import hub
 
             hub.check_push(self.recipe.output.push.repo)  # offline or no token: fail now, not after the work
-        # Validate the whole pipeline from headers before any weight is read.
+        # Validate the whole pipeline from headers before any weight is read; each
+        # step is planned here once, and executed from this plan.
         self.plan(headers_only=False)
         needed = self._needed_steps(final_id)
         fingerprints: dict[str, str] = {}
@@ -238,12 +256,12 @@ class Pipeline:
                 results.append(StepResult(step.id, step.kind, str(dest), True, 0.0))
             else:
                 kind = step_kinds.get_kind(step.kind)
-                sp = kind.plan(step, inputs, self._step_where(i, step.kind), self)
+                sp = self._plans[step.id]
                 self._say(f"step {step.id}: {step.kind} -> {dest}")
-                # a partial output of this step resumes only under the same fingerprint
-                with resume_key(fp), allow_nonfinite(self.opts.allow_nonfinite):
+                # a partial output of this step resumes only under the same fingerprint (the context's resume key)
+                with allow_nonfinite(self.opts.allow_nonfinite):
                     try:
-                        details = kind.execute(step, sp, inputs, dest, self, fp)
+                        details = kind.execute(step, sp, inputs, dest, self._context(step, fp))
                     except KeyboardInterrupt as exc:  # the CLI's one-line message says what is kept
                         if results:
                             note = "finished steps " + ", ".join(f"{r.id} ({r.path})" for r in results)

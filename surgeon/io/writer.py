@@ -66,7 +66,6 @@ def parse_size(value: str | int) -> int:
     return size
 
 
-_RESUME_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("surgeon_resume_key", default=None)
 _ALLOW_NONFINITE: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_allow_nonfinite", default=False)
 #: stored dtypes narrower in range than float32: a finite float32 result can overflow when cast to them
 _NARROW = tuple(getattr(torch, n) for n in ("float16", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -80,21 +79,6 @@ def allow_nonfinite(flag: bool) -> Iterator[None]:
         yield
     finally:
         _ALLOW_NONFINITE.reset(token)
-
-
-@contextlib.contextmanager
-def resume_key(key: str | None) -> Iterator[None]:
-    """Writers opened inside this block resume a partial output only if it was started under ``key``.
-
-    The engine passes each step's fingerprint (its definition and inputs), so a
-    rerun after an interruption never keeps tensors computed with other
-    parameters or inputs, even when the output layout is the same.
-    """
-    token = _RESUME_KEY.set(key)
-    try:
-        yield
-    finally:
-        _RESUME_KEY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -239,7 +223,7 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.metadata = {"format": "pt", **(metadata or {})}
         self.resume = resume
-        self.resume_key = resume_key if resume_key is not None else _RESUME_KEY.get()
+        self.resume_key = resume_key  # the engine passes each step's fingerprint (StepContext.open_writer)
         self.staging = self.dest.parent / f".{self.dest.name}.surgeon-partial"
         from .distributed import SINGLE, assign_owners
 
