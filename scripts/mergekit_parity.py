@@ -407,7 +407,13 @@ def compare_f32(ours: Path, theirs: Path) -> tuple[bool, str]:
     a, b = tensors(ours), tensors(theirs)
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        return False, f"tensor names differ (surgeon only {only_a[:2]}, mergekit only {only_b[:2]})"
+        # tensors both wrote, allowing transformers 5's renaming ("model." + the checkpoint's name)
+        pairs = [(n, n) for n in set(a) & set(b)] + [(n.removeprefix("model."), n) for n in only_b
+                                                     if n.removeprefix("model.") in a]
+        same = [rel_diff(a[x], b[y]) for x, y in pairs if a[x].shape == b[y].shape]
+        common = (f"; the {len(same)} tensors both wrote: rel max diff {max(same):.1e}" if same else "")
+        return False, (f"tensor names differ: surgeon {len(a)}, mergekit {len(b)} (surgeon only {only_a[:2]}, "
+                       f"mergekit only {only_b[:2]}){common}")
     worst, where = 0.0, ""
     for n in a:
         if a[n].shape != b[n].shape:
@@ -472,7 +478,7 @@ def compare_random(ours: Path, theirs: Path, base_dir: Path) -> tuple[bool, str]
 KNOWN_DIFFS = {
     "VLM_": "mergekit 0.1.5 writes only the vision tower and projector of this LLaVA checkpoint (43 of 64 tensors, "
             "renamed to transformers-5 keys, no language model); surgeon merges all 64 under the checkpoint's names",
-    "gpt2_stack": "the input has no tokenizer: mergekit writes one built by AutoTokenizer's fallback, surgeon "
+    "gpt2_": "the input has no tokenizer: mergekit writes one built by AutoTokenizer's fallback, surgeon "
                   "writes none (weights and config.json match)",
     "legacy_mode": "mergekit 0.1.5 refuses inputs whose vocabularies differ unless a tokenizer section is given "
                    "(its own test expects a merge); surgeon aligns the rows by token and keeps the base's tokenizer",
