@@ -125,6 +125,19 @@ def test_passthrough_streamed():
     assert torch.equal(streamed("passthrough", None, [x], [{"scale": -0.5}]), x * -0.5)
 
 
+def test_passthrough_copy_kernel_keeps_the_stored_bytes():
+    from surgeon.merge.kernels.base import PieceInputs, merge_piece
+
+    x = torch.tensor([1.5, -0.0, 3.0e38, -2.25, float("nan")], dtype=torch.bfloat16)
+    meta = TensorMerge.header("w", (5,), [{"scale": 1.0}], {}, False)
+    kernel = get_method("passthrough").block_kernel(meta)
+    out = torch.empty(5, dtype=torch.bfloat16)
+    assert merge_piece(kernel, meta, PieceInputs(0, None, [x]), out) is False  # the NaN is reported
+    assert torch.equal(out.view(torch.int16), x.view(torch.int16))  # -0.0 and NaN bits kept
+    scaled = TensorMerge.header("w", (5,), [{"scale": 0.5}], {}, False)
+    assert type(get_method("passthrough").block_kernel(scaled)).__name__ == "Elementwise"
+
+
 @needs_mergekit
 @pytest.mark.mergekit
 @pytest.mark.parametrize("scale", [None, 0.0, 0.7])

@@ -29,19 +29,30 @@ def ram_tensors(base: torch.Tensor, models: list[torch.Tensor], epsilon: float =
                 unique_scale: list[float] | None = None) -> torch.Tensor:
     """RAM, float32: base plus, per entry, the one contributing delta (times
     ``unique_scale[i]``, RAM+'s ``lambda_i``; 1 for RAM) or the mean of the
-    contributing deltas."""
+    contributing deltas.
+
+    Per model the term is ``d / max(c, 1)`` (``d * lambda_i`` where the entry
+    is unique and ``lambda_i != 1``), with ``d`` zeroed where it does not
+    contribute; the terms are summed in model order. These are the values
+    mergekit's ``d * unique * lambda + d * shared / max(c, 1)`` takes, rounding
+    for rounding (one of its two products is always zero)."""
     base = base.to(torch.float32)
     if not models:
         return base.clone()
     deltas, nonzero, count = _masks(base, [m.to(torch.float32) for m in models], epsilon)
-    unique = count == 1
-    shared = count > 1
     div = count.clamp(min=1).to(torch.float32)
-    merged = torch.zeros_like(base)
+    unique = None
+    merged: torch.Tensor | None = None
     for i, (d, nz) in enumerate(zip(deltas, nonzero)):
-        dz = d * nz
+        d.mul_(nz)
+        term = d / div
         lam = 1.0 if unique_scale is None else float(unique_scale[i])
-        merged += dz * unique * lam + dz * shared / div
+        if lam != 1.0:
+            if unique is None:
+                unique = count == 1
+            term = torch.where(unique, d * lam, term)
+        merged = term if merged is None else merged.add_(term)
+    assert merged is not None
     return base + merged
 
 

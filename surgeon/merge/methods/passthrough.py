@@ -21,13 +21,16 @@ the same tensor (``x * 1.0 == x`` exactly in float32). A ``base`` is not
 merged (it may serve as the template of config and tokenizer, as for
 ``linear``); mergekit counts its base as an input, so a mergekit config's
 base is listed among the models by the import, and more than one input is
-refused in both tools. Elementwise, so the engine streams it block by block.
+refused in both tools. Elementwise, so the engine streams it block by block;
+with ``scale`` 1 the kernel copies each piece from its stored dtype
+(:class:`~surgeon.merge.kernels.passthrough.CopyKernel`).
 """
 from __future__ import annotations
 
 import torch
 
 from ...errors import InvalidInputError
+from ..kernels.passthrough import CopyKernel
 from ..method import merge_method
 from ..params import Param
 from ..tensor import TensorMerge
@@ -46,6 +49,13 @@ def passthrough_tensor(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return out
 
 
+def passthrough_kernel(meta: TensorMerge) -> CopyKernel | None:
+    """A copy from the stored dtype for ``scale`` 1; None (the reference, block by block) otherwise."""
+    if len(meta.model_params) != 1 or float(meta.model_params[0]["scale"]) != 1.0 or meta.numel == 0:
+        return None
+    return CopyKernel()
+
+
 @merge_method(
     "passthrough",
     params=[SCALE],
@@ -55,6 +65,7 @@ def passthrough_tensor(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     paper="mergekit's passthrough (copy, with optional per-tensor scale)",
     mergekit_name="passthrough",
     elementwise=True,
+    kernel=passthrough_kernel,
 )
 def passthrough(t: TensorMerge) -> torch.Tensor:
     """One model's tensor, times its ``scale`` (default 1: a copy); a base is only a template."""
