@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 needs_mergekit = pytest.mark.skipif(mk_api is None, reason="mergekit is not installed")
 RTOL = 1e-5
 SHAPES = [(16, 24), (40,), (3, 5, 7)]
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+_B, _S, _P = (ZOO / n for n in ("bpe-base", "bpe-shakespeare", "bpe-python"))
 
 
 # ---------------------------------------------------------------------------
@@ -257,6 +259,21 @@ def test_nuslerp_refuses_weights_summing_to_zero():
         streamed("nuslerp", None, [a, b], [{"weight": -0.5}, {"weight": 0.5}])
 
 
+def test_nuslerp_zero_sum_refused_by_surgeon_run(tmp_path: Path, capsys) -> None:
+    """mergekit's own test config (weights -0.5, 0.5): one line naming the weights, exit 2, nothing written."""
+    from surgeon.cli import main
+
+    if not _B.exists():
+        pytest.skip("the zoo is missing")
+    config = tmp_path / "config.yml"
+    config.write_text(f"merge_method: nuslerp\nbase_model: {_B}\nmodels:\n  - model: {_S}\n"
+                      f"    parameters: {{weight: -0.5}}\n  - model: {_P}\n    parameters: {{weight: 0.5}}\n")
+    assert main(["run", str(config), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sum to zero" in err[0] and "-0.5" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("flatten,row_wise", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("with_base", [False, True])
@@ -473,8 +490,6 @@ def test_arcee_fusion_sampled_vs_mergekit():
 # ---------------------------------------------------------------------------
 # end to end: `surgeon run config.yml OUT` and mergekit on the zoo's models
 
-ZOO = Path(__file__).resolve().parents[1] / "zoo"
-_B, _S, _P = (ZOO / n for n in ("bpe-base", "bpe-shakespeare", "bpe-python"))
 E2E = {
     "passthrough": f"models:\n  - model: {_S}\n    parameters:\n      scale:\n        - filter: o_proj\n"
                    "          value: 0.0\n        - filter: down_proj\n          value: 0.0\n        - value: 1.0\n",
