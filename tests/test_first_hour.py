@@ -437,3 +437,28 @@ def test_a_resumed_run_keeps_the_picture_in_the_card(tiny_family, tmp_path):
     assert main(["run", str(recipe), "-q"]) == 0  # the merge is skipped, the card rewritten with the evaluation
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Evaluation" in card and "![per-layer change](changemap.png)" in card
+
+
+def test_header_problems_of_every_step_in_one_pass(tiny_family, tmp_path, capsys):
+    """Problems found from headers (a missing tensor, a missing tokenizer) in two independent
+    steps come out together, in file order; a step reading a failed step is not re-reported."""
+    fam = tiny_family
+    short = tmp_path / "short"
+    short.mkdir()
+    for f in fam["ft1"].iterdir():
+        if f.name != "model.safetensors":
+            (short / f.name).write_bytes(f.read_bytes())
+    sd = load_file(fam["ft1"] / "model.safetensors")
+    del sd["model.norm.weight"]
+    save_file(sd, short / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: {{base: {fam['base']}, a: {short}, b: {fam['ft2']}, c: {fam['ft3']}}}\n"
+                      "steps:\n"
+                      "  - id: one\n    merge: {method: ties, base: base, models: [{model: a}]}\n"
+                      "  - id: two\n    merge: {method: slerp, base: base, models: [{model: b}]}\n"
+                      "  - id: three\n    merge: {method: linear, models: [{model: one}, {model: c}]}\n"
+                      "output: {from: three, path: out}\n")
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "has no tensor 'model.norm.weight'" in err and "'t'" in err, err  # slerp's missing t, too
+    assert err.index("no tensor") < err.index("'t'")

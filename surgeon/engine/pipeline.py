@@ -168,13 +168,27 @@ class Pipeline:
         available: dict[str, Any] = {}
         summaries = []
         self._plans: dict[str, StepPlan] = {}
+        problems: list[str] = []  # every step's problems in one pass (a step reading a failed one is skipped)
+        failed: set[str] = set()
         for i, step in enumerate(self.recipe.steps):
-            inputs = self._inputs_for(step, available, headers_only=headers_only)
-            kind = step_kinds.get_kind(step.kind)
-            sp = kind.plan(step, inputs, self._step_where(i, step.kind), self._context(step))
+            if failed & set(step.references()):
+                failed.add(step.id)
+                continue
+            try:
+                inputs = self._inputs_for(step, available, headers_only=headers_only)
+                kind = step_kinds.get_kind(step.kind)
+                sp = kind.plan(step, inputs, self._step_where(i, step.kind), self._context(step))
+            except InvalidInputError as exc:
+                problems.append(str(exc))
+                failed.add(step.id)
+                continue
             self._plans[step.id] = sp
             available[step.id] = sp.output
             summaries.append(sp.summary(step, self.opts.prefetch))
+        if problems:
+            from ..recipe.load import report_problems
+
+            raise InvalidInputError(report_problems(problems))
         return summaries
 
     def _inputs_for(self, step: Step, available: dict[str, Any], headers_only: bool = False) -> dict[str, Any]:
