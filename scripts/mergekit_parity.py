@@ -485,12 +485,69 @@ KNOWN_DIFFS = {
 }
 
 
+def authors_checks(name: str, out: Path, models: dict[str, str]) -> str | None:
+    """The validations mergekit's own tests run on their output (tests/test_tokenizer.py, test_chat_template.py),
+    here run on surgeon's: '' when they pass, the failure when not, None when the config has none."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    im = ["<|im_start|>", "<|im_end|>"]
+    expect = {"legacy_mode": (64, 3, []), "source_base": (64, 3, []), "source_union": (66, 5, im),
+              "source_model": (66, None, im), "slerp_union": (66, None, im), "force_token": (66, None, im),
+              "model_token_id": (64, None, ["_tok_10"]), "pad_to_multiple_of": (66, None, im)}
+    needles = {"template_chatml": "<|im_start|>", "template_literal_jinja": "{{messages[0]['content']}}"}
+    if name not in expect and name not in needles:
+        return None
+    tok = AutoTokenizer.from_pretrained(str(out))
+    if name in needles:
+        return "" if tok.chat_template and needles[name] in tok.chat_template else "chat template missing"
+    size, added, must = expect[name]
+    vocab = tok.get_vocab()
+    problems = []
+    if len(vocab) != size:
+        problems.append(f"vocab {len(vocab)} != {size}")
+    if added is not None and len(tok.added_tokens_decoder) != added:
+        problems.append(f"added tokens {len(tok.added_tokens_decoder)} != {added}")
+    problems += [f"{t!r} missing" for t in must if t not in vocab]
+    if name == "source_union":
+        problems += [f"<UNUSED_{i}> present" for i in range(4) if f"<UNUSED_{i}>" in vocab]
+
+    def row(folder: str, token: str | None = None, index: int | None = None) -> torch.Tensor:
+        t = AutoTokenizer.from_pretrained(folder)
+        with safe_open(str(Path(folder) / "model.safetensors"), "pt") as h:
+            emb = h.get_tensor("model.embed_tokens.weight")
+        return emb[t.get_vocab()[token] if token is not None else index]
+
+    pairs = {"source_union": [("<|im_start|>", "tok_chatml", "<|im_start|>", None),
+                              ("<|im_end|>", "tok_chatml", "<|im_end|>", None)],
+             "force_token": [("_tok_10", "tok_chatml", "_tok_10", None), ("_tok_11", "tok_base", "_tok_11", None)],
+             "model_token_id": [("_tok_20", "tok_chatml", None, 64), ("_tok_21", "tok_base", "<s>", None)]}
+    for token, model, src_token, src_index in pairs.get(name, []):
+        if not torch.allclose(row(str(out), token), row(models[model], src_token, src_index), atol=1e-3, rtol=1e-4):
+            problems.append(f"row of {token!r} is not {model}'s")
+    if name == "pad_to_multiple_of":
+        rows = AutoConfig.from_pretrained(str(out)).vocab_size
+        if rows != 80:
+            problems.append(f"config vocab_size {rows} != 80")
+    return "; ".join(problems)
+
+
 def known_diff(name: str) -> str:
     return next((why for key, why in KNOWN_DIFFS.items() if name.startswith(key)), "")
 
 
 def run_one(suite: str, name: str, template: str, models: dict[str, str], work: Path) -> tuple[str, str]:
     status, detail = _run_one(suite, name, template, models, work)
+    if (work / "runs" / name / "surgeon").is_dir() and status != "REFUSED":
+        try:
+            failed = authors_checks(name, work / "runs" / name / "surgeon", models)
+        except Exception as exc:  # noqa: BLE001 - a failed check is reported, not raised
+            failed = f"{type(exc).__name__}: {exc}"[:200]
+        if failed is not None:
+            detail += "; mergekit's own checks pass on surgeon's output" if not failed else \
+                f"; mergekit's own checks FAIL on surgeon's output: {failed}"
+            if failed and status == "MATCH":
+                status = "DIFF"
     detail = detail.replace(str(work / "runs") + "/", "").replace(str(work) + "/", "")
     why = known_diff(name)
     if status == "DIFF" and why:
