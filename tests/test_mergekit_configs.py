@@ -186,14 +186,15 @@ F, S = "full_attention", "sliding_attention"
 LAYER_TYPES = {"a": [F, S, F, S], "b": [S, S, F, F], "c": [F, F, F, S]}
 
 
-@pytest.fixture
-def four_layer(tmp_path: Path) -> dict[str, Path]:
-    """Three float32 Llamas of 4 layers with a per-layer config list (layer_types) that names each layer."""
+@pytest.fixture(scope="module")
+def four_layer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three float32 Llamas of 4 layers with a per-layer config list (layer_types); read-only for the tests."""
     from conftest import build_tiny_llama
 
+    root = tmp_path_factory.mktemp("four_layer")
     out = {}
     for i, name in enumerate(("a", "b", "c")):
-        folder = build_tiny_llama(tmp_path / name, seed=i + 1, layers=4, dtype=torch.float32, tied=False)
+        folder = build_tiny_llama(root / name, seed=i + 1, layers=4, dtype=torch.float32, tied=False)
         cfg = json.loads((folder / "config.json").read_text())
         cfg["layer_types"] = LAYER_TYPES[name]
         (folder / "config.json").write_text(json.dumps(cfg))
@@ -358,11 +359,16 @@ parameters:
   t: [{{filter: mlp, value: 0.7}}, {{value: 0.4}}]
 dtype: float32
 """,
-    }[config].format(**four_layer)
-    for folder in four_layer.values():  # mergekit 0.1.5 cannot save a config whose layer_types it did not resize
-        c = json.loads((folder / "config.json").read_text())
+    }
+    import shutil
+
+    copies = {}
+    for key, folder in four_layer.items():  # mergekit 0.1.5 cannot save a config whose layer_types it did not resize
+        copies[key] = shutil.copytree(folder, tmp_path / "models" / key)
+        c = json.loads((copies[key] / "config.json").read_text())
         c.pop("layer_types")
-        (folder / "config.json").write_text(json.dumps(c))
+        (copies[key] / "config.json").write_text(json.dumps(c))
+    text = text[config].format(**copies)
     cfg = _write_config(tmp_path, text)
     assert main(["run", str(cfg), str(tmp_path / "ours"), "-q"]) == 0
     _mergekit_yaml(cfg, tmp_path / "theirs")
