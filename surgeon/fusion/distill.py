@@ -750,7 +750,7 @@ def _validate(pivot_dir: Path, sources: Sequence[dict[str, Any]], out_dir: Path,
         raise InvalidInputError("fuse: batch_size, grad_accum and top_k must be >= 1")
     if opts.gld:
         bad = set(opts.gld) - {"values", "temperature", "normalize", "nodes", "feature", "p", "aggregate",
-                               "node_reduction"}
+                               "node_reduction", "scale"}
         if bad:
             raise InvalidInputError(f"fuse: unknown gld option(s) {', '.join(sorted(bad))}")
     if opts.cache_dtype not in ("float16", "bfloat16", "float32"):
