@@ -552,6 +552,26 @@ def _suggest_path(message: str) -> str:
     return f"{message[:end]} (did you mean {str(path.parent / best)!r}?){message[end:]}"
 
 
+def _surgeon_warnings_as_notes(quiet: bool) -> None:
+    """surgeon's own warnings (advice, e.g. a transplant's digit splitting) print as one
+    ``note: ...`` line, without a source path and code line; -q hides them (they are in the
+    model card and the report). Other libraries' warnings keep Python's format."""
+    import warnings
+
+    shown = getattr(warnings.showwarning, "surgeon_original", warnings.showwarning)  # main() may run again
+    root = str(Path(__file__).resolve().parent)
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if str(filename).startswith(root) and issubclass(category, UserWarning):
+            if not quiet:
+                print(f"note: {message}", file=sys.stderr)
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    show.surgeon_original = shown  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
     try:
@@ -578,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         _quiet_libraries()
+    _surgeon_warnings_as_notes(quiet=getattr(args, "quiet", False))
     # this process is ours: allocator thresholds, no transparent huge pages, import-time objects
     # frozen out of the cycle collector's sight (surgeon.settings.configure_process)
     configure_process()

@@ -462,3 +462,15 @@ def test_header_problems_of_every_step_in_one_pass(tiny_family, tmp_path, capsys
     err = capsys.readouterr().err
     assert "has no tensor 'model.norm.weight'" in err and "'t'" in err, err  # slerp's missing t, too
     assert err.index("no tensor") < err.index("'t'")
+
+
+def test_a_recipe_transplant_prints_advice_as_notes(tmp_path):
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(f"models: {{base: {ZOO / 'bpe-base'}, donor: {ZOO / 'sp-base'}}}\n"
+                      "steps:\n  - id: t\n    transplant: {model: base, donor: donor, k: 8}\n"
+                      f"output: {{path: {tmp_path / 'out'}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "surgeon", "run", str(recipe)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: digit splitting differs" in proc.stderr, proc.stderr
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
