@@ -178,7 +178,8 @@ def test_streamed_ties_equals_download_then_merge(hub: FakeHub, hf: dict[str, st
     total = _input_weight_bytes(hub)
     assert hub.weight_bytes_served() == total  # each input byte fetched once
     assert sum(r["fetched_bytes"] for r in rep["remote"].values()) == total
-    assert sum(r["input_bytes"] for r in rep["remote"].values()) > total  # + the headers, read separately
+    assert sum(r["input_bytes"] for r in rep["remote"].values()) == total
+    assert all(r["fetched_over_input"] == 1.0 for r in rep["remote"].values())
     if piece:
         assert sum(r["cache_hits"] for r in rep["remote"].values()) > 0
 

@@ -335,7 +335,7 @@ class Pipeline:
             if fetcher is None:
                 continue
             st = dict(fetcher.stats())
-            st["input_bytes"] = int(ck.download_bytes)
+            st["input_bytes"] = int(sum(i.nbytes for i in ck.infos()))  # tensor bytes (headers are read apart)
             st["fetched_over_input"] = round(st["fetched_bytes"] / max(1, st["input_bytes"]), 4)
             out[mid] = st
         return out
