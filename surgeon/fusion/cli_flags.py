@@ -39,7 +39,7 @@ GLD_FLAGS: list[tuple[str, type, Optional[tuple], Any, str]] = [
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "tokenwise": ("uld", "kl", "kl+uld", "none"),
-    "pairing": ("dp_checked", "dp", "exact", "offsets"),
+    "pairing": ("dp", "dp_checked", "exact", "offsets"),
     "kl_sparse": ("rest", "topk", "fusellm"),
     "vocab_merge": ("sum", "first"),
     "cache_dtype": ("float16", "bfloat16", "float32"),
@@ -48,8 +48,8 @@ TRAIN_CHOICES = {"schedule": ("constant", "linear", "cosine"), "mixed_precision"
 
 HELP: dict[str, str] = {
     "tokenwise": "token-wise term: uld (sorted top-k probabilities, the paper's), kl, kl+uld or none",
-    "pairing": "position pairing across tokenizers: dp_checked, dp (FuseLLM's DP), exact (FuseLLM's same-token "
-               "rule) or offsets",
+    "pairing": "position pairing across tokenizers: dp (FuseLLM's DP, pairs of tokens that start together), "
+               "dp_checked (and whose offsets agree), exact (FuseLLM's same-token rule) or offsets",
     "temperature": "temperature of the token-wise terms (both sides; the cache stores the normaliser at it)",
     "kl_sparse": "KL to a sparse teacher: rest (top-k + one bucket), topk (both renormalised) or fusellm",
     "vocab_merge": "teacher ids mapped onto one pivot id: sum their probabilities, or keep the first (FuseLLM)",
@@ -59,7 +59,7 @@ HELP: dict[str, str] = {
     "max_grad_norm": "gradient clipping norm (0: none)",
     "warmup_ratio": "warm-up as a share of the steps (when --warmup-steps is 0)",
     "min_lr_ratio": "final learning rate as a share of --lr (linear and cosine schedules)",
-    "save_every": "optimizer steps between saved training states (default: about 10 per run)",
+    "save_every": "optimizer steps between saved training states (default: about 10 per run, >= 10 steps apart)",
     "log_every": "optimizer steps between log rows",
     "eval_path": "held-out text: bits per byte before and after (and every --eval-every steps)",
     "eval_window": "tokens per evaluation window",

@@ -94,10 +94,11 @@ def _pairs_for(piv: Encoded, src: Encoded, sp: TokenSurfaces, ss: TokenSurfaces,
                memo: Optional[dict] = None) -> torch.Tensor:
     """Position pairs (pivot t, source t') whose next tokens start at the same character.
 
-    ``dp``: FuseLLM's DP alignment over token edit distance, pairs from the path
-    (:func:`~surgeon.fusion.align.pair_positions`); ``dp_checked`` (default): the
+    ``dp`` (default): FuseLLM's DP alignment over token edit distance, pairs from the path
+    (:func:`~surgeon.fusion.align.pair_positions`); ``dp_checked``: the
     same, keeping only pairs whose next tokens' character offsets agree (drops the
-    DP's slips, 9-21 % of its pairs on the zoo's held-out texts); ``offsets``: pairs read from
+    DP's slips, 9-21 % of its pairs on the zoo's held-out texts; measured 2 % worse
+    perplexity than ``dp``, docs/fusion.md); ``offsets``: pairs read from
     the character offsets alone (no DP); ``exact``: the DP's pairs whose next tokens have the
     same surface (word-start markers stripped), FuseLLM's exact-token rule. Only positions predicting a loss token of
     both sides are kept.

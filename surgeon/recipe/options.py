@@ -49,7 +49,7 @@ class FuseOptions:
     """A fuse step's settings beyond the common ones (``options:`` in a recipe)."""
 
     tokenwise: str = "uld"             # "uld" (the paper's sorted top-k distance) | "kl" | "kl+uld" | "none"
-    pairing: str = "dp_checked"        # "dp" | "dp_checked" | "offsets" (see fusion.distill._pairs_for)
+    pairing: str = "dp"                # "dp" | "dp_checked" | "exact" | "offsets" (see fusion.distill._pairs_for)
     temperature: float = 1.0           # for the token-wise terms (both sides tempered)
     kl_sparse: str = "rest"            # KL to a sparse teacher: "rest" | "topk" | "fusellm" (tokenwise.kl_loss)
     vocab_merge: str = "sum"           # teacher ids mapped onto one pivot id: "sum" their mass | "first" (FuseLLM)
