@@ -144,7 +144,9 @@ def main(argv=None) -> int:
 
 def _print_row(r: dict) -> None:
     e = r["eval"]
-    sd = lambda dom: f" ± {e[dom]['ppl_std']:5.2f}" if "ppl_std" in e[dom] else ""
+    def sd(dom: str) -> str:
+        return f" ± {e[dom]['ppl_std']:5.2f}" if "ppl_std" in e[dom] else ""
+
     print(f"{r['run']:<34} shakespeare ppl {e['shakespeare']['ppl']:8.2f}{sd('shakespeare')} bpb {e['shakespeare']['bpb']:.4f}   "
           f"prose ppl {e['prose']['ppl']:8.2f}{sd('prose')}   {'' if r['seconds'] is None else str(r['seconds']) + ' s'}",
           flush=True)
@@ -157,7 +159,10 @@ def markdown(rows: list[dict], args) -> str:
     for r in rows:
         e = r["eval"]
         sft = r.get("final", {}).get("sft")
-        pm = lambda dom: f"{e[dom]['ppl']:.2f}" + (f" ± {e[dom]['ppl_std']:.2f}" if "ppl_std" in e[dom] else "")
+
+        def pm(dom: str, e: dict = e) -> str:
+            return f"{e[dom]['ppl']:.2f}" + (f" ± {e[dom]['ppl_std']:.2f}" if "ppl_std" in e[dom] else "")
+
         lines.append(f"| {r['run']} | {pm('shakespeare')} | {e['shakespeare']['bpb']:.4f} | "
                      f"{pm('prose')} | {'' if sft is None else f'{sft:.3f}'} | "
                      f"{'' if r['seconds'] is None else r['seconds']} |")

@@ -71,8 +71,6 @@ tokenizer: {source: base}
 
 
 def _seed_headers() -> list[bytes]:
-    import torch
-
     from surgeon.io.writer import TensorSpec, _header_bytes
 
     out = []

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import surgeon
 from surgeon.cli import main
-from surgeon.errors import InvalidInputError, StepError
+from surgeon.errors import InvalidInputError
 from surgeon.io import Checkpoint
 from surgeon.io.checkpoint import Checkpoint as CheckpointClass
 
@@ -213,7 +213,6 @@ def test_padded_vocab_is_aligned_not_truncated(tmp_path: Path, make_tiny_llama) 
     out = tmp_path / "merged"
     report = surgeon.merge_models("task_arithmetic", [str(b)], str(out), base=str(a), quiet=True)
     emb = Checkpoint.open(out).get("model.embed_tokens.weight").float()
-    ea = load_file(a / "model.safetensors")["model.embed_tokens.weight"].float()
     eb = load_file(b / "model.safetensors")["model.embed_tokens.weight"].float()
     assert emb.shape[0] == n
     assert torch.allclose(emb, eb[:n].bfloat16().float())  # rows matched by token string, padding dropped
