@@ -7,6 +7,7 @@ run killed half-way fetches only the tensors it had not finished.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -232,7 +233,8 @@ def test_killed_streamed_run_resumes_without_refetching_finished_tensors(hub: Fa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    done = {line for line in journal.read_text().split("\n")[:-1] if line}  # a cut last line does not count
+    # one JSON string per finished tensor, as the writer journals them; a cut last line does not count
+    done = {json.loads(line) for line in journal.read_text().split("\n")[:-1] if line}
     assert done and not out.exists()
 
     hub.weight_delay_s = 0.0

@@ -29,6 +29,7 @@ from ..io.checkpoint import AUX_FILES, Checkpoint
 from ..io.destination import check_destination, check_input_files, destination_lock
 from ..io.lora import open_adapter, split_adapter_ref, with_adapter
 from ..io.refs import parse_ref
+from ..io.remote import StreamingCheckpoint
 from ..io.stream_hash import file_sha256, known_digest
 from ..io.distributed import coordinator_from_environment
 from ..io.writer import CheckpointWriter, allow_nonfinite, parse_size
@@ -477,9 +478,15 @@ class Pipeline:
         def get(ref: str) -> Any:
             return available[ref] if ref in available else self.open_model(ref)
 
+        base = get(spec.base) if spec.base else None
+        inputs = [get(m.model) for m in spec.models]
+        if any(isinstance(ck, StreamingCheckpoint) for ck in [base, *inputs]):
+            # the picture would fetch the streamed inputs a second time (docs/hub.md: each byte once)
+            self._say(f"step {step.id}: no change map for inputs streamed from the hub; "
+                      f"`surgeon diff BASE {self.output_path} --plot changemap.png` draws it from local copies")
+            return
         try:
-            found = changemap_for_merge(self.output_path, spec.method, get(spec.base) if spec.base else None,
-                                        [get(m.model) for m in spec.models], output=available.get(step.id))
+            found = changemap_for_merge(self.output_path, spec.method, base, inputs, output=available.get(step.id))
         except Exception as exc:  # noqa: BLE001 - the picture is an extra
             self._say(f"step {step.id}: no change map ({type(exc).__name__}: {exc})")
             return
