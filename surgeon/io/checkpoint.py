@@ -187,11 +187,7 @@ class Checkpoint:
         """Read one tensor (a private copy), optionally cast and moved."""
         info = self.info(name)
         t = self._pickled[name].clone() if self._pickled is not None else self._read(info)
-        if dtype is not None and dtype != t.dtype:
-            t = t.to(dtype)
-        if device is not None and torch.device(device) != t.device:
-            t = t.to(device)
-        return t
+        return cast_to(t, dtype, device)
 
     def get_rows(self, name: str, start: int, stop: int, pin: bool = False,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,10 +222,7 @@ class Checkpoint:
         buffer we own costs the same single copy (page cache -> tensor) and the
         memory is freed with the tensor.
         """
-        if out is not None and out.dtype == torch.uint8 and out.numel() >= nbytes and out.is_contiguous():
-            buf = out.reshape(-1)[:nbytes]
-        else:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and nbytes > 0)
+        buf = byte_buffer(nbytes, pin, out)
         if nbytes:
             fd = self._fds.get(info.file)
             if fd is None:
@@ -266,6 +259,23 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self)} tensors)"
+
+
+def cast_to(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device | None) -> torch.Tensor:
+    """``t`` cast to ``dtype`` and moved to ``device`` where given and different (what every ``get`` ends with)."""
+    if dtype is not None and dtype != t.dtype:
+        t = t.to(dtype)
+    if device is not None and torch.device(device) != t.device:
+        t = t.to(device)
+    return t
+
+
+def byte_buffer(nbytes: int, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A uint8 buffer of ``nbytes`` to read into: a view of ``out`` when it is a large enough contiguous
+    uint8 tensor, else a fresh one (page-locked when ``pin``)."""
+    if out is not None and out.dtype == torch.uint8 and out.numel() >= nbytes and out.is_contiguous():
+        return out.reshape(-1)[:nbytes]
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and nbytes > 0)
 
 
 def _tensors_of(header: Header) -> dict[str, TensorInfo]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, InvalidInputError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, cast_to
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -199,11 +199,7 @@ class LoraCheckpoint(Checkpoint):
         t = self.base.get(name)
         if name in self.adapter.updates:
             t = (t.to(torch.float32) + self.adapter.delta(name)).to(t.dtype)
-        if dtype is not None and dtype != t.dtype:
-            t = t.to(dtype)
-        if device is not None and torch.device(device) != t.device:
-            t = t.to(device)
-        return t
+        return cast_to(t, dtype, device)
 
     def get_rows(self, name: str, start: int, stop: int, pin: bool = False,
                  out: torch.Tensor | None = None) -> torch.Tensor:

@@ -55,7 +55,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import Checkpoint, TensorInfo, _tensors_of
+from .checkpoint import Checkpoint, TensorInfo, _tensors_of, byte_buffer
 from .header import MAX_HEADER_BYTES, Header, parse_header_bytes
 
 # A reader of byte ranges: (filename, start, end_inclusive) -> (bytes, total file size)
@@ -263,10 +263,7 @@ class StreamingCheckpoint(RemoteCheckpoint):
 
     def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, pin: bool = False,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is not None and out.dtype == torch.uint8 and out.numel() >= nbytes and out.is_contiguous():
-            buf = out.reshape(-1)[:nbytes]
-        else:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and nbytes > 0)
+        buf = byte_buffer(nbytes, pin, out)
         if nbytes:
             shard = self._shard_of.get(info.file)
             if shard is None:
