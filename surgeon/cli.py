@@ -365,7 +365,7 @@ def _print_run(report: dict[str, Any]) -> None:
 
 
 def format_transplant(report: dict[str, Any]) -> str:
-    """What a transplant did, in three lines: rows copied and approximated, the fit, where it went."""
+    """What a transplant did in a few lines: rows copied and approximated, the fit, its picture, where it went."""
     c = report.get("counts", {})
     how = report.get("method", "?") + (f", k={report['k']}" if report.get("k") else "")
     lines = [f"tokens: {c.get('shared', '?')} shared (rows copied), {c.get('new', '?')} new ({how}); "
@@ -374,6 +374,9 @@ def format_transplant(report: dict[str, Any]) -> str:
         if "donor_cosine_mean" in st:
             lines.append(f"fit of {label} in the donor space: mean cosine {st['donor_cosine_mean']:.3f}, "
                          f"mean relative error {st['donor_rel_error_mean']:.3f}")
+    curve = report.get("error_by_k")
+    if curve:
+        lines.append("error by k: " + (curve["png"] or f"{curve['json']} (no picture: install matplotlib)"))
     lines.append(f"output: {report.get('output')}")
     return "\n".join(lines)
 

@@ -460,9 +460,19 @@ class Pipeline:
 
     def _changemap(self, report: dict[str, Any], results: list[StepResult], available: dict[str, Any]) -> None:
         """A final merge gets its per-layer change picture and numbers beside its card
-        (surgeon.eval.changemap); a failure there costs the picture, never the merge."""
+        (surgeon.eval.changemap); a failure there costs the picture, never the merge. A final
+        transplant's card gets the reconstruction error by k its step wrote
+        (surgeon.transplant.error_curve)."""
         final = results[-1] if results else None
         step = next((s for s in self.recipe.steps if final is not None and s.id == final.id), None)
+        if step is not None and step.kind == "transplant":
+            from ..transplant.error_curve import SECTION, existing_section as curve_section
+
+            section = curve_section(self.output_path)  # written by the step (fresh or resumed)
+            if section:
+                self._card_sections[SECTION] = section
+                self._rewrite_card(report)
+            return
         if step is None or step.kind != "merge" or not getattr(step.merge, "models", None):
             return
         from ..eval.changemap import changemap_for_merge, existing_section

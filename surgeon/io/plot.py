@@ -74,3 +74,38 @@ def plot_changemap(cm: dict[str, Any], path: str | Path, title: str | None = Non
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
     return True
+
+
+def render_error_by_k(curves: dict[str, dict[str, Any]], k_used: int | None = None, title: str | None = None) -> bytes | None:
+    """PNG bytes of a transplant's reconstruction error by k (one line per rebuilt
+    matrix: the mean, with the median dashed and the 10-90 % band shaded), or None
+    without matplotlib. ``curves``: :func:`surgeon.transplant.error_curve.summarize`
+    per matrix label; ``k_used`` marks the k the transplant ran with."""
+    if not have_matplotlib() or not curves:
+        return None
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.6, 3.4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, c in curves.items():
+        line, = ax.plot(c["k"], c["mean"], label=f"{label}: mean ({c['targets']} new tokens)", linewidth=1.6)
+        ax.plot(c["k"], c["median"], linestyle="--", linewidth=1.0, color=line.get_color(), label=f"{label}: median")
+        ax.fill_between(c["k"], c["p10"], c["p90"], color=line.get_color(), alpha=0.15, linewidth=0,
+                        label=f"{label}: 10-90 % of tokens")
+    if k_used:
+        ax.axvline(k_used, color="0.4", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("k (atoms picked by OMP)", fontsize=8)
+    ax.set_ylabel("relative error ||e - fit|| / ||e||", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "new tokens' embeddings rebuilt from shared tokens (donor space)", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

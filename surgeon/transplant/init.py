@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InvalidInputError
+from .error_curve import summarize
 from .omp import DEFAULT_REFRESH, batch_omp, choose_screen, reconstruct
 from .vocab import TokenizerInfo, _base_index, subword_pieces
 
@@ -39,7 +40,8 @@ def row_mean(w: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
 def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[int], k: int,
              *, screen: Optional[int] | str = "auto", refresh: int = DEFAULT_REFRESH, batch_size: Optional[int] = None,
              device: str = "cpu", progress: bool = True, desc: str = "OMP") -> tuple[torch.Tensor, dict[str, Any]]:
-    """OMP rows for ``new_ids`` and statistics of the fit in the donor space.
+    """OMP rows for ``new_ids`` and statistics of the fit in the donor space
+    (``error_by_k``: :func:`surgeon.transplant.error_curve.summarize` of the fit after each pick).
 
     ``screen``: ``"auto"`` (exact when cheap, else screened; see
     :func:`surgeon.transplant.omp.choose_screen`), an integer, or ``None`` (exact).
@@ -54,8 +56,9 @@ def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int
     atoms_donor = donor_w[d_ids].float()
     targets = donor_w[torch.tensor(new_ids, dtype=torch.long)].float()
     scr = choose_screen(len(new_ids), len(shared), int(donor_w.shape[1]), k_eff, screen, refresh)
+    residuals = torch.empty(len(new_ids), k_eff)
     idx, coef = batch_omp(targets, atoms_donor, k_eff, screen=scr, refresh=refresh, batch_size=batch_size,
-                          device=device, progress=progress, desc=desc)
+                          device=device, progress=progress, desc=desc, residuals=residuals)
     atoms_base = base_w[b_ids]
     rows = reconstruct(idx, coef, atoms_base)
     approx = reconstruct(idx, coef, atoms_donor)
@@ -63,7 +66,8 @@ def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int
     rel = ((targets - approx).norm(dim=1) / tn)
     cos = torch.nn.functional.cosine_similarity(targets, approx, dim=1)
     stats = {"k": k_eff, "screen": scr, "refresh": refresh if scr else None, "targets": len(new_ids), "atoms": len(shared),
-             "donor_rel_error_mean": float(rel.mean()), "donor_cosine_mean": float(cos.mean())}
+             "donor_rel_error_mean": float(rel.mean()), "donor_cosine_mean": float(cos.mean()),
+             "error_by_k": summarize(residuals)}
     return rows, stats
 
 

@@ -91,6 +91,20 @@ def _coefficients(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
 
 
+def relative_residuals(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``|y - fit_t| / |y|`` after each pick t (B x k), from the pursuit's projections.
+
+    ``z[:, t]`` is the residual's component on the t-th orthonormal direction,
+    so ``|r_t|^2 = |y|^2 - sum_{i <= t} z_i^2`` (Pythagoras): the curve costs
+    nothing extra. Because OMP is greedy, column t - 1 is also exactly the
+    error a run with ``k = t`` ends with. Accumulated in float64; a zero
+    target has error 0. Slots after an early stop repeat the last value.
+    """
+    y2 = (y.double() * y.double()).sum(1, keepdim=True)
+    left = (y2 - torch.cumsum(z.double() ** 2, dim=1)).clamp_min(0.0)
+    return torch.where(y2 > 0, (left / y2.clamp_min(1e-300)).sqrt(), torch.zeros_like(left)).float()
+
+
 # The pursuit below is Gram-Schmidt on the picked atoms, done in correlation
 # space. With q_0..q_{t-1} the orthonormal directions of the atoms picked so far
 # (a_j = sum_i L[t, i] q_i + L[t, t] q_t), the residual is y - sum_i z_i q_i
@@ -101,11 +115,14 @@ def _coefficients(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # exactly the OMP solution (no triangular solve inside the loop).
 
 
-def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
+              residuals: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP of each row of ``targets`` over all atoms of ``dictionary``.
 
     Returns ``(indices, coeffs)``, both B x k: the atoms in the order picked and
     their least-squares coefficients (0 for slots after an early stop).
+    ``residuals`` (B x k, optional) receives :func:`relative_residuals`: the
+    fit's relative error after each pick.
     """
     _check(targets, dictionary, k)
     y = targets.float()
@@ -141,6 +158,8 @@ def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int) -> tuple[
         if t + 1 < k:
             torch.addmm(alpha, q * zt.unsqueeze(1), At, alpha=-1.0, out=alpha)
             alpha.scatter_(1, idx[:, :t + 1], 0.0)
+    if residuals is not None:
+        residuals.copy_(relative_residuals(y, z))
     return idx, _coefficients(L, z)
 
 
@@ -155,7 +174,8 @@ def screen_candidates(targets: torch.Tensor, dictionary: torch.Tensor, m: int,
 
 
 def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candidates: torch.Tensor, *,
-                 refresh: int = 0, gram: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 refresh: int = 0, gram: Optional[bool] = None,
+                 residuals: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP of each target restricted to its own M candidate atoms (``candidates``: B x M indices).
 
     ``refresh=s`` (> 0) replaces each target's candidates every s steps by the
@@ -167,7 +187,7 @@ def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candid
     M x M Gram matrix (``gram=True``, one batched product per candidate set;
     the default for M <= 512) or from the gathered candidates each step
     (``gram=False``). With candidates covering the whole dictionary this is
-    exact OMP.
+    exact OMP. ``residuals`` (B x k, optional) receives :func:`relative_residuals`.
     """
     _check(targets, dictionary, k)
     y = targets.float()
@@ -234,6 +254,8 @@ def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candid
             zt = alpha[ar, jl] * inv_d
             z[:, t] = zt
             alpha.sub_(u * zt.unsqueeze(1))
+    if residuals is not None:
+        residuals.copy_(relative_residuals(y, z))
     return idx, _coefficients(L, z)
 
 
@@ -312,8 +334,12 @@ def batch_omp(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "OMP",
+    residuals: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP for many targets in batches; returns CPU ``(indices, coeffs)`` (B x k each).
+
+    ``residuals`` (a CPU float32 tensor, B x k, optional) receives each
+    target's relative error after each pick (:func:`relative_residuals`).
 
     ``screen=M`` restricts each target's dictionary to M candidates: first its
     M nearest atoms by |cosine|, then, every ``refresh`` steps, the M atoms
@@ -339,11 +365,14 @@ def batch_omp(
     with torch.inference_mode():
         for s in tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False):
             y = targets[s * bs:(s + 1) * bs].to(dev, torch.float32)
+            res = torch.empty(len(y), k, device=dev) if residuals is not None else None
             if use_screen:
                 cand = screen_candidates(y, A, screen, An)
-                i, c = omp_screened(y, A, k, cand, refresh=refresh)
+                i, c = omp_screened(y, A, k, cand, refresh=refresh, residuals=res)
             else:
-                i, c = omp_exact(y, A, k)
+                i, c = omp_exact(y, A, k, residuals=res)
+            if res is not None:
+                residuals[s * bs:s * bs + len(y)] = res.cpu()
             out_idx[s * bs:s * bs + len(y)] = i.cpu()
             out_coef[s * bs:s * bs + len(y)] = c.cpu()
     return out_idx, out_coef

@@ -35,6 +35,7 @@ from ..errors import InvalidInputError
 from ..io import Checkpoint, CheckpointWriter, TensorSpec
 from ..io.virtual import VirtualCheckpoint
 from ..step import StepContext, StepPlan
+from .error_curve import SECTION, write_error_curve
 from .init import METHODS, new_rows
 from .omp import DEFAULT_REFRESH
 from .vocab import ROLES, TokenizerInfo, load_tokenizer_info, match_vocabularies, same_tokenizer
@@ -334,6 +335,13 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
             writer.write(spec.name, t if t is not None else base.get(spec.name))
         if gen is not None:
             writer.write_json("generation_config.json", gen)
+        curves = {label: st["error_by_k"] for label, st in stats.items() if st.get("error_by_k", {}).get("k")}
+        if curves:
+            picture = write_error_curve(writer, curves, stats.get("embed", {}).get("k"),
+                                        title=f"{Path(donor.path).name} tokens on {Path(base.path).name}")
+            report["error_by_k"] = {"json": str(out_dir / picture["json"]),
+                                    "png": str(out_dir / picture["png"]) if picture["png"] else None,
+                                    "card": picture["card"]}
         report["timings"] = {"match": round(t_match - t0, 3), "compute": round(t_compute - t_match, 3)}
         report["seconds"] = round(time.time() - t0, 3)
         if context is not None and context.finish is not None:
@@ -347,6 +355,8 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
             writer.write_text("README.md", model_card(report))
             writer.commit()
     report["seconds"] = report["timings"]["total"] = round(time.time() - t0, 3)
+    if report.get("error_by_k"):
+        report["error_by_k"].pop("card")  # in the card; the report keeps the paths
     return report
 
 
@@ -419,6 +429,8 @@ def model_card(report: dict[str, Any]) -> str:
         if "donor_cosine_mean" in st:
             lines.append(f"OMP fit of `{label}` in the donor space: mean cosine {st['donor_cosine_mean']:.3f}, "
                          f"mean relative error {st['donor_rel_error_mean']:.3f} over {st['targets']} tokens.")
+    if report.get("error_by_k"):
+        lines += ["", f"## {SECTION}", "", report["error_by_k"]["card"]]
     if report["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     lines += ["", "The new rows are an approximation: expect some loss until the model is fine-tuned on text "
