@@ -1,9 +1,11 @@
-"""Tensor naming across architectures: layer index, role, embeddings, head, tying.
+"""Tensor naming across architectures: layer index, role, kind, embeddings, head, tying.
 
 One place decides which tensor is the input embedding, which the output head,
-which rows are tokens and which layer a tensor belongs to; merge (vocabulary
-alignment, WIDEN's orientation, layer gradients), transplant (which rows to
-rebuild), fusion and inspection ask here. Imports nothing from surgeon.
+which rows are tokens, which layer a tensor belongs to and which part of the
+layer it is (its kind: q, k, v, o, gate, up, down, norm, ...); merge
+(vocabulary alignment, WIDEN's orientation, layer gradients), transplant
+(which rows to rebuild), fusion, inspection, the writer's tokenizer check and
+the change maps ask here. Imports nothing from surgeon.
 See docs/architecture.md ("Layers").
 """
 from __future__ import annotations
@@ -46,6 +48,21 @@ EMBED_HINTS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embe
 HEAD_HINTS = ("lm_head", "embed_out", "output_layer")
 _EMBED_SUFFIXES = tuple(f"{h}.weight" for h in EMBED_HINTS)
 
+#: (name fragment, kind) of the parts of a layer, first match wins: fused projections come
+#: before the names they contain (``qkv_proj`` holds ``v_proj``, ``gate_up_proj`` ``up_proj``).
+#: Llama/Mistral/Qwen, Phi-3 (fused), GPT-2 (``c_*``), GPT-NeoX/BLOOM (``query_key_value``,
+#: ``dense_*``), OPT/BART (``out_proj``), Mixtral/Llama-original (``w1``-``w3``)
+KIND_HINTS: tuple[tuple[str, str], ...] = (
+    ("qkv_proj", "qkv"), ("gate_up_proj", "gate_up"),
+    ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"), ("c_attn", "qkv"),
+    ("query_key_value", "qkv"), ("out_proj", "o"), ("dense_h_to_4h", "up"), ("dense_4h_to_h", "down"),
+    ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
+    ("c_fc", "up"), ("c_proj", "o"), ("w1", "gate"), ("w3", "up"), ("w2", "down"),
+    ("norm", "norm"), ("ln_", "norm"),
+)
+#: every kind :func:`tensor_kind` returns, in the order of a forward pass
+KINDS = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "norm", "head", "other")
+
 
 def layer_index(tensor_name: str) -> int | None:
     """The transformer layer a tensor belongs to (``model.layers.7.x`` -> 7), or None."""
@@ -60,6 +77,17 @@ def tensor_role(name: str) -> str:
     if any(h in name for h in HEAD_HINTS) or name == "output.weight":
         return "lm_head"
     return "other"
+
+
+def tensor_kind(name: str) -> str:
+    """The part of the model a tensor is, from its name: ``"embed"`` and ``"head"``
+    (its :func:`tensor_role`), else the first :data:`KIND_HINTS` match
+    (``model.layers.3.self_attn.q_proj.weight`` -> ``"q"``), else ``"other"``."""
+    role = tensor_role(name)
+    if role != "other":
+        return "embed" if role == "embedding" else "head"
+    low = name.lower()
+    return next((kind for hint, kind in KIND_HINTS if hint in low), "other")
 
 
 def is_vocab_tensor(name: str) -> bool:

@@ -5,7 +5,7 @@ A recipe step (merge, transplant, fuse) plans from headers alone into a
 sizes, notes) and later executes into a destination folder. It never sees the
 pipeline: everything it may use comes in a :class:`StepContext`, and the
 engine owns the writer's configuration (shard size, process coordination,
-resume key) and the finishing of the output (config, tokenizer, card, recipe,
+resume key, ``--allow-nonfinite``) and the finishing of the output (config, tokenizer, card, recipe,
 marker) through :meth:`StepContext.open_writer` and :attr:`StepContext.finish`.
 
 This module sits below the step libraries (:mod:`surgeon.transplant`,
@@ -78,6 +78,8 @@ class StepContext:
     coordinator: Coordinator = field(default_factory=lambda: SINGLE)
     show_progress: bool = True
     quiet: bool = False
+    #: writers write Inf/NaN in float16/float8 tensors instead of refusing them (--allow-nonfinite)
+    allow_nonfinite: bool = False
     options: Any = None
     say: Callable[[str], None] = _print_note
     resolve_path: Callable[[str], str] = str
@@ -88,9 +90,11 @@ class StepContext:
     def open_writer(self, dest: str | Path, specs: Sequence[TensorSpec], *, overwrite: bool = True,
                     metadata: dict[str, str] | None = None) -> CheckpointWriter:
         """The output writer, configured by the engine: shards at ``max_shard_size``,
-        ranks coordinated, a partial output resumed only under ``resume_key``."""
+        ranks coordinated, a partial output resumed only under ``resume_key``,
+        non-finite stored values refused unless ``allow_nonfinite``."""
         return CheckpointWriter(dest, specs, max_shard_size=self.max_shard_size, overwrite=overwrite,
-                                metadata=metadata, coordinator=self.coordinator, resume_key=self.resume_key)
+                                metadata=metadata, coordinator=self.coordinator, resume_key=self.resume_key,
+                                allow_nonfinite=self.allow_nonfinite)
 
     def bound(self, tokenizer_from: Any, aux_from: Any, **changes: Any) -> StepContext:
         """This context with :attr:`finish` set: ``finish(writer, config, notes)``

@@ -236,9 +236,9 @@ def test_problem_list_is_capped():
 
 # -- pictures -----------------------------------------------------------------
 def _cell_by_hand(base: dict, out: dict, inputs: list[dict], layer: int, kind: str) -> tuple[float, float]:
-    from surgeon.eval.changemap import tensor_kind, tensor_layer
+    from surgeon.arch import layer_index, tensor_kind
 
-    names = [n for n in out if tensor_layer(n) == layer and tensor_kind(n) == kind]
+    names = [n for n in out if layer_index(n) == layer and tensor_kind(n) == kind]
     assert names
     d2 = sum(float(((out[n].double() - base[n].double()) ** 2).sum()) for n in names)
     b2 = sum(float((base[n].double() ** 2).sum()) for n in names)

@@ -227,7 +227,6 @@ def _sha(path: Path) -> str:
 @pytest.mark.parametrize("order", ["plan", "reversed", "rows_shuffled"])
 def test_streamed_shard_digests_equal_hashing_the_files(tmp_path: Path, order: str) -> None:
     from surgeon.engine.pipeline import shard_hashes
-    from surgeon.io.stream_hash import known_digest
 
     tensors = {f"t{i}": _rand((37 + i, 19), torch.bfloat16, i) for i in range(6)}
     tensors["empty"] = torch.zeros((0, 19), dtype=torch.bfloat16)
@@ -247,15 +246,16 @@ def test_streamed_shard_digests_equal_hashing_the_files(tmp_path: Path, order: s
         w.commit()
     files = sorted(dest.glob("*.safetensors"))
     assert len(files) > 1
+    assert sorted(w.digests) == [f.name for f in files]  # the writer keeps its digests (no global state)
     for f in files:
-        assert known_digest(f) == _sha(f)
-    assert {k: v["sha256"] for k, v in shard_hashes(dest).items()} == {f.name: _sha(f) for f in files}
-    # a changed file is hashed again, not reported from memory
+        assert w.digests[f.name].current() == _sha(f)
+    assert {k: v["sha256"] for k, v in shard_hashes(dest, w.digests).items()} == {f.name: _sha(f) for f in files}
+    # a changed file is hashed again, not reported from the writer's digest
     with open(files[0], "r+b") as fh:
         fh.seek(-1, os.SEEK_END)
         fh.write(b"\x01")
-    assert known_digest(files[0]) is None
-    assert shard_hashes(dest)[files[0].name]["sha256"] == _sha(files[0])
+    assert w.digests[files[0].name].current() is None
+    assert shard_hashes(dest, w.digests)[files[0].name]["sha256"] == _sha(files[0])
 
 
 def test_hash_stream_gives_up_on_bytes_placed_twice(tmp_path: Path) -> None:
@@ -279,7 +279,6 @@ def test_hash_stream_gives_up_on_bytes_placed_twice(tmp_path: Path) -> None:
 
 def test_resumed_write_digests_are_read_back(tmp_path: Path) -> None:
     from surgeon.engine.pipeline import shard_hashes
-    from surgeon.io.stream_hash import known_digest
 
     tensors = {f"t{i}": _rand((8, 8), torch.float32, i) for i in range(3)}
     specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
@@ -294,6 +293,6 @@ def test_resumed_write_digests_are_read_back(tmp_path: Path) -> None:
             w.write(n, tensors[n])
         w.commit()
     f = dest / "model.safetensors"
-    assert known_digest(f) is None
-    assert shard_hashes(dest)["model.safetensors"]["sha256"] == _sha(f)
+    assert w.digests == {}  # a resumed shard is not hashed as a stream
+    assert shard_hashes(dest, w.digests)["model.safetensors"]["sha256"] == _sha(f)
     assert load_file(str(f))["t2"].equal(tensors["t2"])

@@ -72,3 +72,88 @@ def test_step_kinds_import_nothing_from_the_pipeline() -> None:
     src = (REPO / "surgeon" / "engine" / "steps.py").read_text()
     assert "pipeline" not in src.split('"""', 2)[2].split("class StepKind")[0]
     assert "Pipeline" not in src
+
+
+# --------------------------------------------------------------------------- allow_nonfinite
+# --allow-nonfinite reaches every step kind's writer through StepContext.open_writer (it
+# used to travel in a context variable); without it, a value that overflows float16 when
+# stored is refused by name and nothing is written.
+def _with_huge_norm(folder: Path, value: float) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.0.input_layernorm.weight"].fill_(value)
+    save_file(sd, f, metadata={"format": "pt"})
+    return folder
+
+
+def _run_nonfinite(tmp_path: Path, models: dict[str, Path], step: str, allow: bool) -> Path | str:
+    from surgeon.errors import SurgeonError
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: nonfinite\nseed: 0\nmodels:\n" + "".join(f"  {k}: {v}\n" for k, v in models.items())
+                      + "steps:\n  - id: s\n" + step + "output:\n  path: ./out\n")
+    try:
+        report = surgeon.run(recipe, quiet=True, allow_nonfinite=allow, overwrite=True)
+    except SurgeonError as exc:
+        return str(exc)
+    return Path(report["output"]["path"])
+
+
+def _assert_refused_then_written(tmp_path: Path, models: dict[str, Path], step: str) -> None:
+    from safetensors.torch import load_file
+
+    err = _run_nonfinite(tmp_path, models, step, allow=False)
+    assert isinstance(err, str), "an overflow on the final cast was written without --allow-nonfinite"
+    assert "model.layers.0.input_layernorm.weight" in err and "float16" in err, err
+    assert not (tmp_path / "out").exists()
+    out = _run_nonfinite(tmp_path, models, step, allow=True)
+    assert isinstance(out, Path), out
+    stored = load_file(out / "model.safetensors")["model.layers.0.input_layernorm.weight"]
+    assert stored.dtype == torch.float16 and not torch.isfinite(stored).any()
+
+
+@pytest.mark.skipif(not (TOK_SP / "tokenizer.json").is_file(), reason="zoo tokenizers missing")
+def test_transplant_step_honours_allow_nonfinite(tmp_path: Path, make_tiny_llama) -> None:
+    # a float16 base holding Inf: the transplant copies it, the writer checks it as stored
+    base = _with_huge_norm(make_tiny_llama("base", seed=0, dtype=torch.float16), float("inf"))
+    donor = make_tiny_llama("donor", seed=1, dtype=torch.float16, tokenizer_from=TOK_SP)
+    _assert_refused_then_written(tmp_path, {"base": base, "donor": donor},
+                                 "    transplant:\n      model: base\n      donor: donor\n      method: mean\n")
+
+
+def test_fuse_step_honours_allow_nonfinite(tmp_path: Path, make_tiny_llama) -> None:
+    # finite in the float32 pivot (7e4), beyond float16's 65504 once stored as float16
+    pivot = _with_huge_norm(make_tiny_llama("pivot", seed=0, dtype=torch.float32), 7e4)
+    src = make_tiny_llama("src", seed=1, dtype=torch.float32, tokenizer_from=pivot)
+    data = tmp_path / "train.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog.\n" * 8)
+    _assert_refused_then_written(tmp_path, {"pivot": pivot, "src": src},
+                                 f"    fuse:\n      pivot: pivot\n      sources: [src]\n      data: {data}\n"
+                                 "      max_length: 16\n      batch_size: 2\n      steps: 1\n"
+                                 "      options: {dtype: float16}\n")
+
+
+def test_report_takes_shard_digests_from_the_writer(tmp_path: Path, make_tiny_llama, monkeypatch) -> None:
+    """The engine hands the writer's digests (hashed while writing) to the report: no re-read."""
+    import hashlib
+
+    import surgeon.engine.pipeline as pipeline
+
+    def no_reread(path: Path) -> str:
+        raise AssertionError(f"{path} was read back to hash it")
+
+    monkeypatch.setattr(pipeline, "file_sha256", no_reread)
+    a = make_tiny_llama("a", seed=0, dtype=torch.float32)
+    b = make_tiny_llama("b", seed=1, dtype=torch.float32, tokenizer_from=a)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: d\nseed: 0\nmodels: {{a: {a}, b: {b}}}\n"
+                      "steps:\n  - id: s\n    merge: {method: linear, models: [a, b]}\n"
+                      "output: {path: ./out, max_shard_size: 12KB}\n")
+    report = surgeon.run(recipe, quiet=True)
+    out = Path(report["output"]["path"])
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 1
+    assert {k: v["sha256"] for k, v in report["output"]["files"].items()} == \
+        {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}

@@ -35,7 +35,7 @@ from ..merge.tensor import TensorMerge
 from ..merge.tokenizer_build import plan_merge_tokenizer
 from ..merge.vocab import RowMap, build_row_map, is_vocab_tensor, tensor_role
 from ..recipe.schema import MergeSpec
-from .piecewise import PIECE_BYTES, execute_pieces, iter_pieces, plan_jobs
+from .piecewise import PIECE_BYTES, execute_pieces, iter_pieces, plan_jobs, prefetched
 from .slices import SlicedPlan, plan_slices
 from ..io.virtual import VirtualCheckpoint
 
@@ -296,10 +296,11 @@ def iter_merges(plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime, tasks
                 state: Any = None) -> Iterator[tuple[TensorTask, TensorMerge]]:
     """Yield (task, TensorMerge) for each task, prefetching the next inputs.
 
-    Prefetching is bounded twice: at most ``rt.prefetch`` tensors ahead, and
-    no more than ``rt.prefetch_bytes`` of float32 inputs waiting beyond the
-    tensor being merged — so the embedding and head matrices, which dwarf every
-    other tensor, are never read ahead on top of each other.
+    Prefetching is bounded twice (:func:`piecewise.prefetched`): at most
+    ``rt.prefetch`` tensors ahead, and no more than ``rt.prefetch_bytes`` of
+    float32 inputs waiting beyond the tensor being merged — so the embedding
+    and head matrices, which dwarf every other tensor, are never read ahead on
+    top of each other.
     """
     load = _Loader(plan, inputs, rt.device)
     n_in = len(plan.model_ids) + (1 if plan.base_id else 0)
@@ -307,31 +308,9 @@ def iter_merges(plan: MergePlan, inputs: dict[str, Any], rt: MergeRuntime, tasks
     def cost(task: TensorTask) -> int:
         return n_in * math.prod(task.spec.shape) * 4
 
-    with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
-        queue: deque[tuple[TensorTask, Future]] = deque()
-        todo = deque(tasks)
-        ahead = 0  # bytes queued beyond the head of the queue
-
-        def fill() -> None:
-            nonlocal ahead
-            while todo and len(queue) <= rt.prefetch:
-                nxt = todo[0]
-                if queue and ahead + cost(nxt) > rt.prefetch_bytes:
-                    return
-                todo.popleft()
-                if queue:
-                    ahead += cost(nxt)
-                queue.append((nxt, pool.submit(load, nxt)))
-
-        fill()
-        while queue:
-            task, fut = queue.popleft()
-            if queue:
-                ahead -= cost(queue[0][0])
-            base, models = fut.result()
-            fill()
-            yield task, TensorMerge(task.name, base, models, task.model_params, task.params,
-                                    seed=rt.seed, role=tensor_role(task.name), state=state)
+    for task, (base, models) in prefetched(iter(tasks), load, rt, cost):
+        yield task, TensorMerge(task.name, base, models, task.model_params, task.params,
+                                seed=rt.seed, role=tensor_role(task.name), state=state)
 
 
 class _Restream:

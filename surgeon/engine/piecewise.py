@@ -31,13 +31,36 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, TypeVar
 
 import torch
 
 from ..errors import InvalidInputError, StepError
+from ..io.checkpoint import Checkpoint
 from ..merge.kernels.base import Kernel, PieceInputs, merge_piece, observe_piece
 from ..merge.tensor import TensorMerge
+
+if TYPE_CHECKING:  # merge_step imports this module: its types are named for the checker only
+    from .merge_step import MergePlan, MergeRuntime, TensorTask
+
+#: reads one task's inputs whole, in float32, rows aligned (``merge_step._Loader``): (base, models)
+WholeLoader = Callable[["TensorTask"], "tuple[torch.Tensor | None, list[torch.Tensor]]"]
+
+
+class RowSink(Protocol):
+    """Where merged pieces go (``merge_step._BackgroundWriter``)."""
+
+    def put_rows(self, task: TensorTask, start: int, rows: torch.Tensor,
+                 release: Callable[[], None] | None = None) -> None:
+        """Write ``rows`` of ``task`` from row ``start``; call ``release`` once their buffer is free."""
+
+
+class Prefetch(Protocol):
+    """The read-ahead bounds of a run (``merge_step.MergeRuntime`` has them)."""
+
+    threads: int        # reader threads
+    prefetch: int       # reads queued beyond the current one
+    prefetch_bytes: int  # bytes queued beyond the current one
 
 #: stored bytes of one input in one piece (32 MiB: a 2048-wide bf16 matrix in 8192-row pieces).
 #: With the default read-ahead (two reads) a merge of four inputs holds ~0.5 GB of pieces.
@@ -48,7 +71,7 @@ PIECE_BYTES = 32 * 2**20
 class _Job:
     """One tensor's block-wise merge: its kernel and how it is cut."""
 
-    task: Any  # merge_step.TensorTask
+    task: TensorTask
     kernel: Kernel
     meta: TensorMerge  # header only (no tensors)
     pieces: list[tuple[int, int]]  # row ranges
@@ -76,7 +99,7 @@ class _Read:
     nbytes: int
 
 
-def plan_jobs(plan: Any, kernels: list[tuple[Any, Kernel, TensorMerge]], inputs: dict[str, Any],
+def plan_jobs(plan: MergePlan, kernels: list[tuple[TensorTask, Kernel, TensorMerge]], inputs: dict[str, Checkpoint],
               piece_bytes: int = PIECE_BYTES) -> list[_Job]:
     """Cut each (task, kernel, meta) into row pieces of at most ``piece_bytes`` per input."""
     jobs = []
@@ -154,8 +177,10 @@ class _BufferPool:
 
 
 class _PieceLoader:
-    def __init__(self, plan: Any, inputs: dict[str, Any], device: torch.device, whole_loader: Any,
-                 pool: _BufferPool | None = None):
+    """Reads one piece of every input, in the stored dtype (through ``whole_loader`` when aligned)."""
+
+    def __init__(self, plan: MergePlan, inputs: dict[str, Checkpoint], device: torch.device,
+                 whole_loader: WholeLoader, pool: _BufferPool | None = None):
         self.plan, self.inputs, self.device, self.whole = plan, inputs, device, whole_loader
         self.pool = pool if device.type == "cpu" else None
 
@@ -202,15 +227,20 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any, out_queue: Any,
-                   whole_loader: Any, on_nonfinite: Callable[[Any, torch.Tensor], None]) -> float:
+NonfiniteHandler = Callable[["TensorTask", torch.Tensor], None]
+#: one processed read: compute seconds, and each merged piece (task, first row, rows, buffers to give back)
+_Done = tuple[float, list[tuple["TensorTask", int, torch.Tensor, list[torch.Tensor]]]]
+
+
+def execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_Job], rt: MergeRuntime,
+                   out_queue: RowSink, whole_loader: WholeLoader, on_nonfinite: NonfiniteHandler) -> float:
     """Run every job; finished pieces go to ``out_queue.put_rows``. Returns compute seconds."""
     with _collector_paused():
         return _execute_pieces(plan, inputs, jobs, rt, out_queue, whole_loader, on_nonfinite)
 
 
-def _execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any, out_queue: Any,
-                    whole_loader: Any, on_nonfinite: Callable[[Any, torch.Tensor], None]) -> float:
+def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_Job], rt: MergeRuntime,
+                    out_queue: RowSink, whole_loader: WholeLoader, on_nonfinite: NonfiniteHandler) -> float:
     # one buffer per input per piece in flight, each as large as the largest input piece
     read_buffers = _BufferPool(max((j.piece_bytes(i) // j.n_in for j in jobs if not j.whole_fp32
                                     for i in range(len(j.pieces))), default=0))
@@ -220,7 +250,6 @@ def _execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any
     out_buffers = _BufferPool(max((j.out_piece_bytes(i) for j in jobs for i in range(len(j.pieces))), default=0))
     compute = 0.0
     last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
-    reads = _reads(jobs)
 
     def new_output(job: _Job, numel: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         dtype = job.task.spec.dtype
@@ -231,7 +260,7 @@ def _execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any
             return torch.empty(numel, dtype=dtype, device=device), []
         return buf[:nbytes].view(dtype), [buf]
 
-    def process(read: _Read, piece: PieceInputs) -> tuple[float, list[tuple[Any, int, torch.Tensor, list]]]:
+    def process(read: _Read, piece: PieceInputs) -> _Done:
         job = read.job
         c0 = time.perf_counter()
         done = []
@@ -259,101 +288,122 @@ def _execute_pieces(plan: Any, inputs: dict[str, Any], jobs: list[_Job], rt: Any
         read_buffers.give(piece.buffers)  # nothing reads the piece any more (outputs are other buffers)
         return time.perf_counter() - c0, done
 
-    def put(result: tuple[float, list[tuple[Any, int, torch.Tensor, list]]]) -> None:
+    def put(result: _Done) -> None:
         nonlocal compute
         compute += result[0]
         for task, r0, rows, held in result[1]:
             out_queue.put_rows(task, r0, rows, (lambda held=held: out_buffers.give(held)) if held else None)
 
-    workers = max(1, int(getattr(rt, "compute_workers", 1)))
-    if workers == 1 or rt.device.type != "cpu":
-        for read, piece in _prefetched(reads, load, rt):
-            put(process(read, piece))
-        return compute
-    # Several compute threads, each single-threaded: whole one-piece tensors run
-    # side by side; a tensor cut into pieces runs on this thread, in order.
+    # On the CPU, several compute threads, each single-threaded: whole one-piece
+    # tensors run side by side; a tensor cut into pieces runs on this thread, in order.
     # Why not torch's own (OpenMP) threads: a block's ops are small (~30-500 us),
     # so OpenMP's fork/join per op costs a share of every op, and when the cores
     # are shared with other processes a descheduled team member stalls every op
     # (a TIES merge of base + 3 x 1.26B took 61 s with 2 OpenMP threads and 49 s
     # with 2 compute threads on a quiet 2-core machine; a small merge on a busy
     # one 27.9 s against 4.8 s).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgeon-merge") as pool:
-            inflight: deque[Future] = deque()
-            for read, piece in _prefetched(reads, load, rt):
-                if len(read.job.pieces) > 1:
-                    put(process(read, piece))
-                else:
-                    inflight.append(pool.submit(process, read, piece))
-                while inflight and (len(inflight) >= workers or inflight[0].done()):
-                    put(inflight.popleft().result())
-                del piece
-            while inflight:
+    workers = max(1, rt.compute_workers) if rt.device.type == "cpu" else 1
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if workers > 1:
+            stack.enter_context(_torch_threads(1))
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgeon-merge"))
+        inflight: deque[Future[_Done]] = deque()
+        for read, piece in prefetched(_reads(jobs), load, rt, _read_bytes):
+            if pool is None or len(read.job.pieces) > 1:
+                put(process(read, piece))
+            else:
+                inflight.append(pool.submit(process, read, piece))
+            while inflight and (len(inflight) >= workers or inflight[0].done()):
                 put(inflight.popleft().result())
-    finally:
-        torch.set_num_threads(previous)
+            del piece
+        while inflight:
+            put(inflight.popleft().result())
     return compute
 
 
-def _prefetched(reads: Iterator[_Read | None], load: Callable[[_Read], PieceInputs],
-                rt: Any) -> Iterator[tuple[_Read, PieceInputs]]:
-    """Yield each read with its data, reading ahead on ``rt.threads`` threads:
-    at most ``rt.prefetch`` reads and ``rt.prefetch_bytes`` beyond the current
-    one, and nothing past a :data:`_SETTLE` mark until the consumer has
-    processed every read before it (the consumer processes a read before it
-    asks for the next, except on compute threads, which only one-piece
-    tensors use, and those have no mark)."""
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _read_bytes(read: _Read) -> int:
+    return read.nbytes
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetched(items: Iterator[T | None], load: Callable[[T], R], rt: Prefetch,
+               cost: Callable[[T], int]) -> Iterator[tuple[T, R]]:
+    """Yield each item with ``load(item)``, loading ahead on ``rt.threads`` threads.
+
+    The one read-ahead loop of the merge step (whole tensors in
+    ``merge_step.iter_merges``, row pieces here). Bounded twice: at most
+    ``rt.prefetch`` items and ``rt.prefetch_bytes`` (by ``cost``) beyond the
+    current one, so the embedding and head matrices, which dwarf every other
+    tensor, are never read ahead on top of each other. Nothing past a
+    :data:`_SETTLE` mark (``None`` in ``items``) is loaded until the consumer
+    has processed every item before it (the consumer processes an item
+    before it asks for the next, except on compute threads, which only
+    one-piece tensors use, and those have no mark).
+    """
     with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
-        queue: deque[tuple[_Read, Future]] = deque()
-        waiting: list[_Read | None] = []
-        ahead = 0
+        queue: deque[tuple[T, int, Future[R]]] = deque()
+        waiting: list[T | None] = []
+        ahead = 0  # cost queued beyond the head of the queue
         exhausted = False
 
         def fill(settled: bool) -> None:
             nonlocal ahead, exhausted
             while len(queue) <= rt.prefetch:
                 if not waiting:
-                    r = next(reads, _END)
-                    if r is _END:
+                    nxt = next(items, _END)
+                    if nxt is _END:
                         exhausted = True
                         return
-                    waiting.append(r)
-                r = waiting[0]
-                if r is _SETTLE:
+                    waiting.append(nxt)
+                item = waiting[0]
+                if item is _SETTLE:
                     if queue or not settled:
                         return
                     waiting.clear()
                     continue
-                if queue and ahead + r.nbytes > rt.prefetch_bytes:
+                nbytes = cost(item)
+                if queue and ahead + nbytes > rt.prefetch_bytes:
                     return
                 waiting.clear()
                 if queue:
-                    ahead += r.nbytes
-                queue.append((r, pool.submit(load, r)))
+                    ahead += nbytes
+                queue.append((item, nbytes, pool.submit(load, item)))
 
         fill(True)
         while queue:
-            read, fut = queue.popleft()
+            item, _, fut = queue.popleft()
             if queue:
-                ahead -= queue[0][0].nbytes
-            piece = fut.result()
+                ahead -= queue[0][1]
+            loaded = fut.result()
             fill(False)
-            yield read, piece
-            del piece
+            yield item, loaded
+            del loaded
             if not queue and not exhausted:
                 fill(True)  # everything yielded so far is processed: past a settle mark
 
 
-def iter_pieces(plan: Any, inputs: dict[str, Any], rt: Any, tasks: list[Any],
-                whole_loader: Any) -> Iterator[tuple[Any, PieceInputs]]:
+def iter_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], rt: MergeRuntime, tasks: list[TensorTask],
+                whole_loader: WholeLoader) -> Iterator[tuple[TensorTask, PieceInputs]]:
     """Each task's row pieces in order, read ahead (for whole-model statistic
     passes such as TIES' ``trim_scope: model`` pre-pass)."""
     kernels = [(t, Kernel(), TensorMerge.header(t.name, tuple(t.spec.shape), t.model_params, t.params,
                                                 plan.base_id is not None)) for t in tasks]
     jobs = plan_jobs(plan, kernels, inputs, rt.piece_bytes or PIECE_BYTES)
     load = _PieceLoader(plan, inputs, rt.device, whole_loader)
-    for read, piece in _prefetched(_reads(jobs), load, rt):
+    for read, piece in prefetched(_reads(jobs), load, rt, _read_bytes):
         yield read.job.task, piece

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -30,9 +30,9 @@ from ..io.destination import check_destination, check_input_files, destination_l
 from ..io.lora import open_adapter, split_adapter_ref, with_adapter
 from ..io.refs import parse_ref
 from ..io.remote import StreamingCheckpoint
-from ..io.stream_hash import file_sha256, known_digest
+from ..io.stream_hash import ShardDigest, file_sha256
 from ..io.distributed import coordinator_from_environment
-from ..io.writer import CheckpointWriter, allow_nonfinite, parse_size
+from ..io.writer import CheckpointWriter, parse_size
 from ..recipe.load import LoadedRecipe
 from ..recipe.schema import MergeSpec, Step
 from ..step import StepContext, StepPlan
@@ -105,6 +105,7 @@ class Pipeline:
         self._resolved: dict[str, dict[str, Any]] = {}
         self._card_sections: dict[str, str] = {}  # added to the final card (the change map)
         self._notes: list[str] = []  # the last finished step's notes, kept when the card is rewritten
+        self._digests: dict[Path, dict[str, ShardDigest]] = {}  # each committed output's shard digests
 
     # -- inputs ---------------------------------------------------------------
     def open_model(self, model_id: str, *, headers_only: bool = False) -> Any:
@@ -160,7 +161,8 @@ class Pipeline:
 
         return StepContext(step.id, device=self.device, seed=self.recipe.seed, max_shard_size=self.max_shard_size,
                            resume_key=fingerprint, coordinator=self.coord, show_progress=self.show_progress,
-                           quiet=self.opts.quiet, options=self.opts, say=self._say,
+                           quiet=self.opts.quiet, allow_nonfinite=self.opts.allow_nonfinite, options=self.opts,
+                           say=self._say,
                            resolve_path=self.loaded.resolve_path, finish_output=finish)
 
     # -- planning -------------------------------------------------------------
@@ -274,14 +276,13 @@ class Pipeline:
                 sp = self._plans[step.id]
                 self._say(f"step {step.id}: {step.kind} -> {dest}")
                 # a partial output of this step resumes only under the same fingerprint (the context's resume key)
-                with allow_nonfinite(self.opts.allow_nonfinite):
-                    try:
-                        details = kind.execute(step, sp, inputs, dest, self._context(step, fp))
-                    except KeyboardInterrupt as exc:  # the CLI's one-line message says what is kept
-                        if results:
-                            note = "finished steps " + ", ".join(f"{r.id} ({r.path})" for r in results)
-                            exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # add_note() needs 3.11
-                        raise
+                try:
+                    details = kind.execute(step, sp, inputs, dest, self._context(step, fp))
+                except KeyboardInterrupt as exc:  # the CLI's one-line message says what is kept
+                    if results:
+                        note = "finished steps " + ", ".join(f"{r.id} ({r.path})" for r in results)
+                        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # add_note() needs 3.11
+                    raise
                 results.append(StepResult(step.id, step.kind, str(dest), False, round(time.time() - t0, 3), details))
             available[step.id] = Checkpoint.open(dest, label=f"step {step.id!r} ({dest})")
         if not self.coord.is_main:
@@ -430,6 +431,7 @@ class Pipeline:
         writer.write_text("README.md", render_card(self.card_info([step], notes)))
         writer.write_json(STEP_MARKER, {"fingerprint": fingerprint, "step": step.id, "kind": step.kind, **(extra or {})})
         writer.commit()
+        self._digests[Path(writer.dest).resolve()] = writer.digests  # for the report (shard_hashes)
 
     def card_info(self, steps: list[Step], notes: list[str], evaluation: dict[str, Any] | None = None) -> CardInfo:
         used = []
@@ -546,7 +548,8 @@ class Pipeline:
                  "parameters": _step_summary(next(s for s in self.recipe.steps if s.id == r.id)), **r.details}
                 for r in results
             ],
-            "output": {"path": str(self.output_path), "files": shard_hashes(self.output_path)},
+            "output": {"path": str(self.output_path),
+                       "files": shard_hashes(self.output_path, self._digests.get(self.output_path))},
             "started": t_start,
         }
 
@@ -571,16 +574,14 @@ def _step_summary(s: Step) -> dict[str, Any]:
     return d
 
 
-def shard_hashes(folder: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of each shard: from the writer when it hashed the
-    shard while writing it (surgeon.io.stream_hash), else read back."""
+def shard_hashes(folder: Path, digests: Mapping[str, ShardDigest] | None = None) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each shard: from ``digests`` (the writer's, hashed while it
+    wrote the shard: surgeon.io.stream_hash) while the file is unchanged, else read back."""
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
-        known = known_digest(f)
-        if known is not None:
-            out[f.name] = {"sha256": known, "bytes": f.stat().st_size}
-            continue
-        out[f.name] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+        known = digests.get(f.name) if digests else None
+        sha = known.current() if known is not None else None
+        out[f.name] = {"sha256": sha if sha is not None else file_sha256(f), "bytes": f.stat().st_size}
     return out
 
 

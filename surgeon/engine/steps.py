@@ -83,7 +83,7 @@ class MergeKind:
             advance(sum(t.spec.nbytes for t in done))
             count[0] -= 1
             rt = MergeRuntime(ctx.device, ctx.seed, prefetch=ctx.options.prefetch, threads=threads,
-                              allow_nonfinite=ctx.options.allow_nonfinite, progress=advance,
+                              allow_nonfinite=ctx.allow_nonfinite, progress=advance,
                               coordinator=ctx.coordinator, piece_bytes=_piece_bytes(ctx),
                               compute_workers=settings.current().compute_workers or threads)
             try:

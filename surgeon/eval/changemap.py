@@ -10,10 +10,12 @@ merge's base; for ``surgeon diff A B --plot``, A):
   ways (at least one positive and one negative entry): where the sign election
   had to throw work away.
 
-Kinds come from tensor names (``q_proj`` -> q, ``gate_proj`` -> gate,
-``input_layernorm`` -> norm ...); layers from ``layers.N.`` style indices;
-tensors outside the layers (embeddings, final norm, head) form the ``other``
-column, keyed by kind.
+Kinds and layers come from tensor names through :mod:`surgeon.arch`
+(:func:`~surgeon.arch.tensor_kind`: ``q_proj`` -> q, ``gate_proj`` -> gate,
+``input_layernorm`` -> norm, the embedding -> embed ...;
+:func:`~surgeon.arch.layer_index`: ``layers.N.`` style indices); tensors
+outside the layers (embeddings, final norm, head) form the ``other`` column,
+keyed by kind.
 
 Memory and time are bounded whatever the model: each tensor is read in row
 blocks of at most :data:`BLOCK_ELEMENTS` entries per input, and a tensor larger
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..arch import KINDS, layer_index, tensor_kind
 
 BLOCK_ELEMENTS = 1 << 21  # entries per input and block (8 MiB as float32)
 SAMPLE_ELEMENTS = 1 << 16  # entries read per tensor at most (evenly spaced row blocks): ~1 s for a 300M model
@@ -41,31 +44,8 @@ SAMPLE_SPANS = 16  # row blocks a sampled tensor is read in
 #: methods that elect a sign per entry and drop the entries that disagree with it
 SIGN_ELECTING = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della", "sce"})
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-# (pattern, kind), first match wins; order matters (o_proj before proj-less names)
-_KINDS: tuple[tuple[str, str], ...] = (
-    ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"), ("qkv_proj", "qkv"), ("c_attn", "qkv"),
-    ("query_key_value", "qkv"), ("out_proj", "o"), ("dense_h_to_4h", "up"), ("dense_4h_to_h", "down"),
-    ("gate_up_proj", "gate_up"), ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"),
-    ("c_fc", "up"), ("c_proj", "o"), ("w1", "gate"), ("w3", "up"), ("w2", "down"),
-    ("embed", "embed"), ("wte", "embed"), ("lm_head", "head"), ("norm", "norm"), ("ln_", "norm"),
-)
-KIND_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "norm", "head", "other")
-
-
-def tensor_kind(name: str) -> str:
-    """The kind of a tensor from its name (``model.layers.3.self_attn.q_proj.weight`` -> ``q``)."""
-    low = name.lower()
-    for pattern, kind in _KINDS:
-        if pattern in low:
-            return kind
-    return "other"
-
-
-def tensor_layer(name: str) -> int | None:
-    """The layer index in a tensor's name, or None outside the layer stack."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+#: the columns of the picture, in the order of a forward pass
+KIND_ORDER = KINDS
 
 
 @dataclass
@@ -128,7 +108,7 @@ def compute_changemap(reference: Any, output: Any, inputs: Sequence[Any] = (), m
             continue
         use = [i for i in inputs if name in i.names and tuple(i.info(name).shape) == tuple(output.info(name).shape)]
         cks = [reference, output] + (use if signs else [])
-        cell = cells.setdefault((tensor_layer(name), tensor_kind(name)), _Cell())
+        cell = cells.setdefault((layer_index(name), tensor_kind(name)), _Cell())
         cell.tensors.append(name)
         numel = output.info(name).numel
         cell.total += numel

@@ -12,9 +12,11 @@ further on waits as a range and is read back (still cached) when the prefix
 reaches it. Engines place tensors in plan order, so waiting ranges stay few.
 
 A stream gives up (and the report hashes the file as before) when bytes are
-placed twice or the writer resumes a partial output. :func:`remember` keeps a
-finished digest with the file's identity (inode, size, mtime), and
-:func:`known_digest` hands it back only while the file is unchanged.
+placed twice or the writer resumes a partial output. A finished digest is
+kept as a :class:`ShardDigest` with the file's identity (inode, size, mtime)
+in the writer's ``digests`` (no process-wide state): the engine hands them to
+the report, and :meth:`ShardDigest.current` gives the digest back only while
+the file is unchanged.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import hashlib
 import mmap
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 _READ = 8 << 20
@@ -105,32 +108,30 @@ class ShardHashStream:
             return None
 
 
-_known: dict[str, tuple[tuple[int, int, int], str]] = {}
-
-
 def _identity(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def remember(path: Path, digest: str) -> None:
-    """Keep ``digest`` for ``path`` as it is now (call once the file is final)."""
-    try:
-        _known[str(Path(path).resolve())] = (_identity(path), digest)
-    except OSError:
-        pass
+@dataclass(frozen=True)
+class ShardDigest:
+    """A file's sha256 as its writer hashed it, with the file's identity at that time."""
 
+    path: Path
+    sha256: str
+    identity: tuple[int, int, int]
 
-def known_digest(path: Path) -> str | None:
-    """The remembered sha256 of ``path`` if the file has not changed since."""
-    key = str(Path(path).resolve())
-    entry = _known.get(key)
-    if entry is None:
-        return None
-    try:
-        if _identity(path) == entry[0]:
-            return entry[1]
-    except OSError:
-        pass
-    _known.pop(key, None)
-    return None
+    @classmethod
+    def of(cls, path: Path, sha256: str) -> ShardDigest | None:
+        """``sha256`` for ``path`` as it is now (call once the file is final); None if it cannot be stat'ed."""
+        try:
+            return cls(Path(path), sha256, _identity(path))
+        except OSError:
+            return None
+
+    def current(self) -> str | None:
+        """The digest if the file has not changed since (same inode, size, mtime), else None."""
+        try:
+            return self.sha256 if _identity(self.path) == self.identity else None
+        except OSError:
+            return None

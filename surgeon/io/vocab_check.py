@@ -13,11 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..arch import is_vocab_tensor
 from ..errors import StepError
-
-#: names of input-embedding and output-head tensors (rows = tokens)
-_VOCAB_HINTS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
-                "lm_head.weight", "embed_out.weight")
 
 
 def tokenizer_ids(folder: Path) -> int | None:
@@ -43,12 +40,13 @@ def tokenizer_ids(folder: Path) -> int | None:
 
 
 def check_tokenizer_fits(folder: Path, specs: Iterable[Any], dest: Path) -> None:
-    """Raise StepError when ``folder``'s tokenizer uses ids beyond any vocabulary tensor's rows."""
+    """Raise StepError when ``folder``'s tokenizer uses ids beyond any vocabulary tensor's rows
+    (a 2-D input embedding or output head: :func:`surgeon.arch.is_vocab_tensor`)."""
     n = tokenizer_ids(folder)
     if n is None:
         return
     for s in specs:
-        if any(s.name.endswith(h) for h in _VOCAB_HINTS) and len(s.shape) == 2 and s.shape[0] < n:
+        if is_vocab_tensor(s.name) and len(s.shape) == 2 and s.shape[0] < n:
             raise StepError(f"{dest}: tokenizer.json has token ids up to {n - 1} but tensor {s.name!r} has only "
                             f"{s.shape[0]} rows; refusing to finish a checkpoint whose tokenizer does not fit "
                             "its embeddings")

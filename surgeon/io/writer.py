@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import hashlib
 import json
 import math
@@ -32,7 +31,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -41,7 +40,7 @@ from ..errors import InvalidInputError, StepError
 from .destination import MARKER, check_destination, destination_lock, written_by_surgeon
 from .header import CODES, dtype_size
 from .safe_files import check_inside, read_regular
-from .stream_hash import ShardHashStream, remember
+from .stream_hash import ShardDigest, ShardHashStream
 from .vocab_check import check_tokenizer_fits
 
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -66,19 +65,8 @@ def parse_size(value: str | int) -> int:
     return size
 
 
-_ALLOW_NONFINITE: contextvars.ContextVar[bool] = contextvars.ContextVar("surgeon_allow_nonfinite", default=False)
 #: stored dtypes narrower in range than float32: a finite float32 result can overflow when cast to them
 _NARROW = tuple(getattr(torch, n) for n in ("float16", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-
-
-@contextlib.contextmanager
-def allow_nonfinite(flag: bool) -> Iterator[None]:
-    """Writers opened inside this block write NaN/Inf values (``--allow-nonfinite``) instead of refusing them."""
-    token = _ALLOW_NONFINITE.set(bool(flag))
-    try:
-        yield
-    finally:
-        _ALLOW_NONFINITE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -212,6 +200,7 @@ class CheckpointWriter:
         resume: bool = True,
         coordinator: Any = None,
         resume_key: str | None = None,
+        allow_nonfinite: bool = False,
     ):
         self.dest = Path(dest)
         self.specs = list(specs)
@@ -240,7 +229,12 @@ class CheckpointWriter:
         self._streams: dict[str, ShardHashStream] = {}  # sha256 of each shard, hashed as it is written
         self._committed = False
         self._lock: contextlib.ExitStack | None = None
-        self.allow_nonfinite = _ALLOW_NONFINITE.get()  # read here: the writer may run on another thread
+        # write Inf/NaN in float16/float8 tensors instead of refusing them (--allow-nonfinite;
+        # the engine passes the run's choice through StepContext.open_writer)
+        self.allow_nonfinite = bool(allow_nonfinite)
+        #: after commit: shard file name -> its sha256, hashed while it was written (shards the
+        #: writer could not hash as a stream, e.g. resumed ones, are absent); the engine's report uses them
+        self.digests: dict[str, ShardDigest] = {}
         self.resumed_tensors = 0
 
     # -- lifecycle --------------------------------------------------------------
@@ -495,7 +489,9 @@ class CheckpointWriter:
 
     # -- finishing --------------------------------------------------------------
     def commit(self) -> Path:
-        """Check completeness, sync, write the index, and rename into place (rank 0, after every rank)."""
+        """Check completeness, sync, write the index, and rename into place (rank 0, after every rank).
+
+        Returns the destination; :attr:`digests` then holds the shards' sha256 hashed while writing."""
         try:
             for fd in self._fds.values():
                 os.fsync(fd)
@@ -545,9 +541,10 @@ class CheckpointWriter:
             self._sync_dir(self.staging)
             self._swap_into_place()
             for fname, stream in self._streams.items():
-                digest = stream.hexdigest()
-                if digest is not None:
-                    remember(self.dest / fname, digest)
+                sha = stream.hexdigest()
+                known = ShardDigest.of(self.dest / fname, sha) if sha is not None else None
+                if known is not None:
+                    self.digests[fname] = known
         except OSError as exc:
             raise StepError(f"{self.dest}: finishing the checkpoint failed ({exc.strerror or exc})") from None
 

@@ -43,6 +43,8 @@ GAMMA = Param("gamma", float, default=0.01, min=0.0, max=1.0, per_model=True,
               help="fraction of the largest-magnitude entries removed as outliers")
 _RESCALE = rescale_param(False, "rescale each sparsified task vector to its original L1 norm (mergekit's rescale)")
 _PAPER = "Davari & Belilovsky 2023, Model Breadcrumbs (arXiv 2312.06795)"
+#: both variants take the same parameters, with mergekit's defaults (no normalize)
+_PARAMS = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), _RESCALE)
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
@@ -80,7 +82,7 @@ def _kernel(consensus: str | None):
 
 @merge_method(
     "breadcrumbs",
-    params=[WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), _RESCALE],
+    params=_PARAMS,
     needs_base=True,
     min_models=1,
     paper=_PAPER,
@@ -96,7 +98,7 @@ def breadcrumbs(t: TensorMerge) -> torch.Tensor:
 
 @merge_method(
     "breadcrumbs_ties",
-    params=[WEIGHT, DENSITY, GAMMA, LAMBDA, normalize_param(False), _RESCALE],
+    params=_PARAMS,
     needs_base=True,
     min_models=1,
     paper=_PAPER,

@@ -40,6 +40,8 @@ from .common import (
 
 _RESCALE = rescale_param(True, "multiply the surviving entries by 1/density (the paper's rescale)")
 _PAPER = "Yu et al. 2023, Language Models are Super Mario (DARE) (arXiv 2311.03099)"
+#: both variants take the same parameters, with mergekit's defaults (no normalize)
+_PARAMS = (WEIGHT, DENSITY, LAMBDA, normalize_param(False), _RESCALE)
 
 
 def dare_drop(delta: torch.Tensor, density: float, rescale: bool, uniform: torch.Tensor) -> torch.Tensor:
@@ -78,7 +80,7 @@ def _dropped_deltas(t: TensorMerge) -> list[torch.Tensor]:
 
 @merge_method(
     "dare_linear",
-    params=[WEIGHT, DENSITY, LAMBDA, normalize_param(False), _RESCALE],
+    params=_PARAMS,
     needs_base=True,
     min_models=1,
     paper=_PAPER,
@@ -96,7 +98,7 @@ def dare_linear(t: TensorMerge) -> torch.Tensor:
 
 @merge_method(
     "dare_ties",
-    params=[WEIGHT, DENSITY, LAMBDA, normalize_param(False), _RESCALE],
+    params=_PARAMS,
     needs_base=True,
     min_models=1,
     paper=_PAPER,

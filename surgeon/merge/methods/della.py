@@ -47,6 +47,11 @@ _RESCALE = rescale_param(True, "rescale each pruned task vector to its original 
 _PAPER = "Deep et al. 2024, DELLA-Merging (arXiv 2406.11617)"
 
 
+def _params(normalize: bool) -> tuple[Param, ...]:
+    """Both variants' parameters; only normalize's default differs (mergekit: della true, della_linear false)."""
+    return (WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(normalize), _RESCALE)
+
+
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
              generator: torch.Generator, where: str) -> torch.Tensor:
     """MagPrune a task vector (returns a new or the same tensor)."""
@@ -87,7 +92,7 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
 
 @merge_method(
     "della",
-    params=[WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(True), _RESCALE],
+    params=_params(normalize=True),
     needs_base=True,
     min_models=1,
     paper=_PAPER,
@@ -103,7 +108,7 @@ def della(t: TensorMerge) -> torch.Tensor:
 
 @merge_method(
     "della_linear",
-    params=[WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(False), _RESCALE],
+    params=_params(normalize=False),
     needs_base=True,
     min_models=1,
     paper=_PAPER,
