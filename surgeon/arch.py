@@ -70,11 +70,22 @@ def layer_index(tensor_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _module_re(hints: tuple[str, ...]) -> re.Pattern[str]:
+    """A whole dotted component named by one of ``hints`` (``wte`` in ``transformer.wte.weight``,
+    not ``word_embeddings`` in BLOOM's ``word_embeddings_layernorm``)."""
+    return re.compile(r"(?:^|\.)(?:" + "|".join(re.escape(h) for h in hints) + r")(?:\.|$)")
+
+
+_EMBED_RE = _module_re(EMBED_HINTS)
+_HEAD_RE = _module_re(HEAD_HINTS)
+
+
 def tensor_role(name: str) -> str:
-    """``"embedding"``, ``"lm_head"`` or ``"other"`` (methods like WIDEN orient by role)."""
-    if any(h in name for h in EMBED_HINTS):
+    """``"embedding"``, ``"lm_head"`` or ``"other"`` (methods like WIDEN orient by role):
+    a dotted component of the name is one of :data:`EMBED_HINTS` / :data:`HEAD_HINTS`."""
+    if _EMBED_RE.search(name):
         return "embedding"
-    if any(h in name for h in HEAD_HINTS) or name == "output.weight":
+    if _HEAD_RE.search(name) or name == "output.weight":
         return "lm_head"
     return "other"
 

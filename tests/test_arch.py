@@ -19,6 +19,10 @@ from surgeon import arch
     ("transformer.output_layer.weight", "lm_head"),
     ("model.layers.3.mlp.up_proj.weight", "other"),
     ("model.norm.weight", "other"),
+    ("transformer.word_embeddings_layernorm.weight", "other"),  # BLOOM: a norm, not one row per token
+    ("transformer.word_embeddings_layernorm.bias", "other"),
+    ("transformer.wpe.weight", "other"),                       # positions, not tokens
+    ("model.lm_head_norm.weight", "other"),
 ])
 def test_roles(name: str, role: str) -> None:
     assert arch.tensor_role(name) == role
