@@ -262,3 +262,37 @@ def test_a_corrupt_safetensors_state_is_refused_by_name_and_the_run_starts_over(
     line = next(x for x in text.splitlines() if "cannot resume" in x)
     assert "model.safetensors" in line and "starting over" in line
     assert rep["resumed_from"] is None and [r["step"] for r in rep["log"]] == [1, 2, 3, 4]
+
+
+def test_a_gradient_scaler_state_round_trips(tmp_path):
+    model, opt = _model_and_optimizer()
+    _train(model, opt, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=7)
+    scaler.scale(torch.tensor(1.0))  # initialises the scale tensor
+    scaler.update(new_scale=96.0)
+    state = tmp_path / "state-x"
+    ts.save_train_state(state, model=model, optimizer=opt, scaler=scaler,
+                        progress={"step": 1, "epoch": 0, "batch_in_epoch": 1, "log": []})
+    fresh = torch.amp.GradScaler("cpu", growth_interval=7)
+    ts.apply_train_state(ts.read_train_state(state, model=model, optimizer=opt, scaler=fresh), model=model,
+                         optimizer=opt, scaler=fresh)
+    assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 96.0
+    with pytest.raises(ts.StateRefused, match="state.json scaler"):
+        ts.read_train_state(state, model=model, optimizer=opt)  # a run without a scaler does not take this state
+
+
+def test_the_fuse_loop_has_no_pickling_path():
+    """accelerate's save_state/load_state pickle; the loop must not call them, and the state module never unpickles."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "surgeon" / "fusion"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("save_state", "load_state", "load_custom_state"), f"{path.name}: {node.attr}"
+                if path.name == "train_state.py":
+                    assert not (node.attr in ("load", "loads", "Unpickler")
+                                and isinstance(node.value, ast.Name) and node.value.id in ("torch", "pickle")), path
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and path.name == "train_state.py":
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names), path

@@ -293,12 +293,14 @@ def _json(path: Path) -> Any:
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
+    """All tensors of a safetensors file (memory-mapped, then copied; the file was checked to be regular)."""
+    from safetensors.torch import load_file
 
-    from ..io.safe_files import read_regular
+    from ..io.safe_files import check_regular
 
     try:
-        return load(read_regular(path))
+        check_regular(path)
+        return load_file(str(path))
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StateRefused(f"{path.name}: not a readable safetensors file ({msg})") from None
