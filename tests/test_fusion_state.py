@@ -186,6 +186,14 @@ def test_mismatched_states_are_refused_by_name(tmp_path):
     (state / "state.json").write_text(json.dumps(meta))
     with pytest.raises(ts.StateRefused, match=r"state.json optimizer.param_groups\[0\].betas"):
         ts.read_train_state(state, model=model, optimizer=opt)
+    ts.save_train_state(state, model=model, optimizer=opt, progress=prog)
+    rng = load_file(str(state / "rank-0.safetensors"))
+    rng["torch_cpu"] = torch.full_like(rng["torch_cpu"], 7)  # right size and dtype, not a Mersenne Twister state
+    save_file(rng, str(state / "rank-0.safetensors"))
+    before = torch.get_rng_state()
+    with pytest.raises(ts.StateRefused, match="rank-0: torch_cpu is not a valid generator state"):
+        ts.read_train_state(state, model=model, optimizer=opt)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # ----------------------------------------------------------------------------- the fuse loop
