@@ -84,6 +84,12 @@ def _train(model, opt, steps: int) -> None:
         opt.zero_grad()
 
 
+def _prog(step: int) -> dict:
+    row = {"epoch": 0, "lr": 1e-3, "loss": 1.5, "sft": 1.5, "tokenwise": 0.0, "gld": 0.0, "tokens": 16,
+           "tokens_step": 16, "seconds": 0.1, "tokens_per_s": 160.0}
+    return {"step": step, "epoch": 0, "batch_in_epoch": step, "log": [{**row, "step": i + 1} for i in range(step)]}
+
+
 def _assert_equal_state_dicts(a, b, where: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
@@ -107,9 +113,8 @@ def test_round_trip_rebuilds_model_optimizer_and_generators_exactly(tmp_path):
     _train(model, opt, 3)
     random.random(), np.random.rand()  # move every generator off its seed
     state = tmp_path / "state-x"
-    log = [{"step": 1, "loss": 1.5}]
-    ts.save_train_state(state, model=model, optimizer=opt, accelerator_step=3,
-                        progress={"step": 3, "epoch": 0, "batch_in_epoch": 3, "log": log})
+    log = _prog(3)["log"]
+    ts.save_train_state(state, model=model, optimizer=opt, accelerator_step=3, progress=_prog(3))
     assert {p.name for p in state.iterdir()} == ts.expected_files(1)
     with (state / "model.safetensors").open("rb") as f:  # the tied head is stored once
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -139,7 +144,7 @@ def test_a_kill_during_a_save_leaves_the_previous_state(tmp_path, monkeypatch):
     model, opt = _model_and_optimizer()
     _train(model, opt, 1)
     state = tmp_path / "state-x"
-    ts.save_train_state(state, model=model, optimizer=opt, progress={"step": 1, "epoch": 0, "batch_in_epoch": 1, "log": []})
+    ts.save_train_state(state, model=model, optimizer=opt, progress=_prog(1))
     _train(model, opt, 1)
     real = ts._write_json
 
@@ -151,7 +156,7 @@ def test_a_kill_during_a_save_leaves_the_previous_state(tmp_path, monkeypatch):
     monkeypatch.setattr(ts, "_write_json", dies_on_progress)
     with pytest.raises(KeyboardInterrupt):
         ts.save_train_state(state, model=model, optimizer=opt,
-                            progress={"step": 2, "epoch": 0, "batch_in_epoch": 2, "log": []})
+                            progress=_prog(2))
     monkeypatch.undo()
     ts.recover(state)
     assert not state.with_name("state-x.saving").exists()
@@ -167,7 +172,7 @@ def test_mismatched_states_are_refused_by_name(tmp_path):
     model, opt = _model_and_optimizer()
     _train(model, opt, 1)
     state = tmp_path / "state-x"
-    prog = {"step": 1, "epoch": 0, "batch_in_epoch": 1, "log": []}
+    prog = _prog(1)
     ts.save_train_state(state, model=model, optimizer=opt, progress=prog)
     with pytest.raises(ts.StateRefused, match="rank-1.json: missing"):
         ts.read_train_state(state, model=model, optimizer=opt, world=2)
@@ -185,6 +190,10 @@ def test_mismatched_states_are_refused_by_name(tmp_path):
     meta["optimizer"]["param_groups"][0]["betas"] = "0.9"
     (state / "state.json").write_text(json.dumps(meta))
     with pytest.raises(ts.StateRefused, match=r"state.json optimizer.param_groups\[0\].betas"):
+        ts.read_train_state(state, model=model, optimizer=opt)
+    bad = {**prog, "log": [{"step": 1, "loss": "x"}]}
+    ts.save_train_state(state, model=model, optimizer=opt, progress=bad)
+    with pytest.raises(ts.StateRefused, match=r"progress.json log\[0\]: not a row"):
         ts.read_train_state(state, model=model, optimizer=opt)
     ts.save_train_state(state, model=model, optimizer=opt, progress=prog)
     rng = load_file(str(state / "rank-0.safetensors"))
@@ -280,7 +289,7 @@ def test_a_gradient_scaler_state_round_trips(tmp_path):
     scaler.update(new_scale=96.0)
     state = tmp_path / "state-x"
     ts.save_train_state(state, model=model, optimizer=opt, scaler=scaler,
-                        progress={"step": 1, "epoch": 0, "batch_in_epoch": 1, "log": []})
+                        progress=_prog(1))
     fresh = torch.amp.GradScaler("cpu", growth_interval=7)
     ts.apply_train_state(ts.read_train_state(state, model=model, optimizer=opt, scaler=fresh), model=model,
                          optimizer=opt, scaler=fresh)

@@ -46,6 +46,7 @@ __all__ = ["StateRefused", "LoadedState", "save_train_state", "read_train_state"
 
 FORMAT = "surgeon-fuse-state/1"
 _OPT_TENSOR_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_LOG_KEYS = {"step", "loss", "sft", "tokenwise", "gld"}  # what the loop reads back from a row; other fields: numbers
 _JSON_LIMIT = 1 << 30  # the loss log grows with the steps; a state.json/progress.json over 1 GiB is not ours
 
 
@@ -474,8 +475,13 @@ def _read_progress(folder: Path) -> dict[str, Any]:
     for k in ("step", "epoch", "batch_in_epoch"):
         if not _is_int(prog[k]) or prog[k] < 0:
             raise StateRefused(f"progress.json {k}: expected a non-negative integer")
-    if not isinstance(prog["log"], list) or not all(isinstance(r, dict) for r in prog["log"]):
-        raise StateRefused("progress.json log: expected a list of rows")
+    log = prog["log"]
+    if not isinstance(log, list) or len(log) != prog["step"]:
+        raise StateRefused("progress.json log: expected one row per step done")
+    for i, row in enumerate(log):
+        if (not isinstance(row, dict) or not _LOG_KEYS <= set(row) or len(row) > 64
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values())):
+            raise StateRefused(f"progress.json log[{i}]: not a row of the loss log")
     return prog
 
 
