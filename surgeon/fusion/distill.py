@@ -25,8 +25,9 @@ the pivot's is aligned by identity either way.
 
 Training runs under ``accelerate.Accelerator`` (CPU, one GPU, or ``accelerate
 launch``/``torchrun`` with several processes; mixed precision; gradient
-accumulation). State is saved every ``save_every`` optimizer steps and a rerun
-with the same arguments resumes from it. The output is written atomically
+accumulation). State is saved every ``save_every`` optimizer steps (safetensors and
+JSON, never pickle: :mod:`surgeon.fusion.train_state`) and a rerun with the same
+arguments resumes from it. The output is written atomically
 (:class:`surgeon.io.CheckpointWriter`) with the pivot's tensor layout, config and
 tokenizer, a model card, the loss log (CSV and JSON) and a loss plot (PNG).
 """
@@ -38,7 +39,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ from .cache import TeacherCache, build_teacher_cache, model_fingerprint
 from .data import Encoded, bos_id, encode, fingerprint, load_examples
 from .gld import TopK, gld_loss
 from .tokenwise import kl_loss, uld_loss
+from . import train_state
 
 __all__ = ["fuse", "FuseOptions"]
 
@@ -337,26 +338,6 @@ def _examples_reached(n: int, seed: int, total_steps: int, batch_size: int, grad
     return sorted(seen)
 
 
-class _QuietTiedSave:
-    """Drops accelerate's "Removed shared tensor ... while saving" warning around ``save_state``.
-
-    Tied input/output embeddings are one tensor saved once; accelerate restores the
-    tie when it loads the state into the same model, so the warning says nothing
-    the user can act on.
-    """
-
-    def __enter__(self) -> "_QuietTiedSave":
-        import logging
-
-        self._logger = logging.getLogger("accelerate.utils.other")
-        self._filter = lambda record: "Removed shared tensor" not in record.getMessage()
-        self._logger.addFilter(self._filter)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._logger.removeFilter(self._filter)
-
-
 # ----------------------------------------------------------------------------- schedule and plot
 def _lr_factor(step: int, total: int, schedule: str, warmup: int, min_ratio: float) -> float:
     if warmup and step < warmup:
@@ -544,28 +525,40 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
                                                                       "save_every", "dtype")},
     }, sort_keys=True, default=str).encode()).hexdigest()[:16]
     state_dir = work / f"state-{run_key}"
-    progress_file = state_dir / "progress.json"
+    # resumable state: safetensors + JSON only, never pickle (surgeon/fusion/train_state.py, docs/fusion.md)
+    unwrapped_model = accelerator.unwrap_model(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    scaler = getattr(accelerator, "scaler", None)
     step, epoch, batch_in_epoch, rows, resumed_from = 0, 0, 0, [], None
-    if progress_file.is_file():
+    if main:
+        train_state.recover(state_dir)
+    accelerator.wait_for_everyone()
+    if os.path.lexists(state_dir):
+        loaded, why = None, ""
         try:
-            prog = json.loads(progress_file.read_text())
-            accelerator.load_state(str(state_dir))
+            loaded = train_state.read_train_state(state_dir, model=unwrapped_model, optimizer=optimizer, scaler=scaler,
+                                                  rank=rank, world=world)
+        except train_state.StateRefused as exc:  # a foreign, old-format or corrupt state: start over
+            why = str(exc)
+        if world > 1:  # every process resumes, or none does
+            ok = torch.tensor([0.0 if loaded is None else 1.0], device=accelerator.device)
+            if float(accelerator.reduce(ok, reduction="sum")) != world and loaded is not None:
+                loaded, why = None, "another process could not read its part"
+        if loaded is not None:
+            train_state.apply_train_state(loaded, model=unwrapped_model, optimizer=optimizer, scaler=scaler)
+            accelerator.step = loaded.accelerator_step
+            prog = loaded.progress
             step, epoch, batch_in_epoch, rows = prog["step"], prog["epoch"], prog["batch_in_epoch"], prog["log"]
             resumed_from = step
             say(f"resuming from step {step}/{total_steps} ({state_dir.name})")
-        except Exception as exc:  # a corrupt state: start over
-            say(f"cannot resume from {state_dir} ({exc}); starting over")
-            step, epoch, batch_in_epoch, rows = 0, 0, 0, []
+        else:
+            say(f"cannot resume from {state_dir}: {why}; starting over")
 
     def save_state() -> None:
-        accelerator.wait_for_everyone()
-        with _QuietTiedSave():
-            accelerator.save_state(str(state_dir))
-        if main:
-            tmp = progress_file.with_name("progress.json.tmp")
-            tmp.write_text(json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "log": rows}))
-            os.replace(tmp, progress_file)
-        accelerator.wait_for_everyone()
+        train_state.save_train_state(
+            state_dir, model=unwrapped_model, optimizer=optimizer, scaler=scaler, accelerator_step=accelerator.step,
+            progress={"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "log": rows},
+            rank=rank, world=world, barrier=accelerator.wait_for_everyone)
 
     bar = None
     if bar_ok:
@@ -573,7 +566,6 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
 
         bar = tqdm(total=total_steps, initial=step, desc="fuse", unit="step", dynamic_ncols=True)
     line_every = max(1, total_steps // 10)
-    unwrapped_model = accelerator.unwrap_model(model)
 
     def heldout() -> dict[str, float]:
         """Held-out bits per byte of the model being trained (main process; eval mode, no grad)."""
@@ -693,8 +685,8 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
         unwrapped = accelerator.unwrap_model(model)
         _write_output(unwrapped, pivot_dir, out_dir, report, overwrite, opts, context)
     accelerator.wait_for_everyone()
-    if main and not opts.keep_state and state_dir.exists():
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if main and not opts.keep_state:
+        train_state.remove_state(state_dir)
     if opts.eval_path and main:
         say(f"eval: held-out {Path(opts.eval_path).name}, pivot and output")
         t_eval = time.time()
