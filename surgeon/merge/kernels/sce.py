@@ -83,8 +83,10 @@ class SceKernel(Kernel):
         self.selects = 0 < topk < 1
         self.stat_passes = 3 if self.selects else 1
         self._weights_pass = self.stat_passes - 1
-        self._top = torch.zeros(_BUCKETS, dtype=torch.int64)
-        self._low = torch.zeros(_BUCKETS, dtype=torch.int64)
+        # histograms (0.5 MB each) exist only during their pass: the engine makes every
+        # tensor's kernel before it merges any
+        self._top = torch.zeros(0, dtype=torch.int64)
+        self._low = torch.zeros(0, dtype=torch.int64)
         self._nonzero = 0
         self.k = 0                 # entries kept (when selecting)
         self._bucket = 0           # top-16 bucket of the k-th largest
@@ -141,9 +143,13 @@ class SceKernel(Kernel):
         var = variance(self._deltas(blk))
         bits = _bits(var)
         if pass_no == 0:
+            if blk.offset == 0:
+                self._top = torch.zeros(_BUCKETS, dtype=torch.int64)
             self._nonzero += int(torch.count_nonzero(var))
             self._top += torch.bincount(bits >> 16, minlength=_BUCKETS).cpu()
         else:
+            if blk.offset == 0:
+                self._low = torch.zeros(_BUCKETS, dtype=torch.int64)
             top = bits >> 16
             self._below_bucket += int((top < self._bucket).sum())
             inside = bits[top == self._bucket] & 0xFFFF
@@ -154,6 +160,7 @@ class SceKernel(Kernel):
             self.weights = sce_weights(self._sq, self.n)
             return
         if pass_no == 0:
+            top, self._top = self._top, torch.zeros(0, dtype=torch.int64)
             self.k = int(self._nonzero * self.topk)
             if self.k <= 0:
                 return  # keep nothing: t stays None
@@ -161,9 +168,8 @@ class SceKernel(Kernel):
                 self.keep_all = True
                 return
             r = self.n - self.k + 1  # the k-th largest is the r-th smallest
-            cum = torch.cumsum(self._top, 0)
+            cum = torch.cumsum(top, 0)
             self._bucket = int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype)))
-            self._top = torch.zeros(0, dtype=torch.int64)
             return
         if self.k <= 0 or self.keep_all:
             return
