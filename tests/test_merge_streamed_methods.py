@@ -166,3 +166,25 @@ def test_arcee_fusion_kernel_draws_its_sample_only_while_it_runs() -> None:
                               base, [model])
     assert kernel.pos is None and not kernel.parts
     assert torch.equal(got, m.fn(tm))
+
+
+def test_della_kernel_rescale_keeps_each_task_vectors_l1_norm(monkeypatch) -> None:
+    """MagPrune with ``rescale`` scales the pruned task vector back to the L1 norm
+    of the unpruned one over the whole tensor, though the kernel sees it in pieces."""
+    g = torch.Generator().manual_seed(9)
+    shape = (30, 50)
+    base = torch.randn(shape, generator=g)
+    model = base + 0.1 * torch.randn(shape, generator=g)
+    mps = [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}]
+    m = get_method("della_linear")
+    tm = build_merge("della_linear", base, [model], mps, name="t", seed=2)
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, True, seed=2)
+    monkeypatch.setattr(kbase, "BLOCK_ELEMS", 100)  # blocks of 2 rows
+    kernel = m.block_kernel(header)
+    assert kernel is not None and kernel.stat_passes == 1
+    got = kbase.run_in_memory(kernel, header, base, [model])
+    kept = got - base
+    assert 0.25 < float((kept != 0).float().mean()) < 0.35  # keep probabilities average the density, 0.3
+    torch.testing.assert_close(kept.abs().sum(dtype=torch.float64), (model - base).abs().sum(dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    assert torch.equal(got, m.fn(tm))
