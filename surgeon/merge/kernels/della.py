@@ -10,11 +10,15 @@ block by block in flat order gives the numbers the whole tensor would get
 (CPU ``torch.rand`` is serial; a CUDA generator is not split this way: the
 kernel declines other devices). ``rescale`` needs each task vector's L1 norm
 before and after pruning over the whole tensor: one statistic pass sums them
-(float64, as the reference does), and the merge pass prunes again with the
-generators restarted.
+(float64, as the reference does) and keeps each block's keep mask packed to
+bits (1/16 of the bf16 inputs of a pruned model, for the tensor being merged
+only), so the merge pass neither ranks nor draws again.
 """
 from __future__ import annotations
 
+from collections import deque
+
+import numpy as np
 import torch
 
 from ..arith import combine
@@ -89,6 +93,8 @@ class DellaKernel(Kernel):
         self.scale: list[float | None] = [None] * n
         self._gens: list[torch.Generator | None] | None = None
         self._next = 0
+        # the statistic pass's keep masks, block by block in flat order: (offset, numel, packed bits per model)
+        self._masks: deque[tuple[int, int, list[np.ndarray | None]]] = deque()
 
     def _start(self, offset: int, numel: int) -> list[torch.Generator | None]:
         """The generators at this block (restarted at offset 0); blocks must come in flat order."""
@@ -100,34 +106,51 @@ class DellaKernel(Kernel):
         self._next = offset + numel
         return self._gens
 
-    def _pruned(self, blk: TensorMerge) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per model: (task vector, pruned task vector or None where nothing is drawn)."""
-        gens = self._start(blk.offset, blk.base.numel())
+    def _pruned(self, blk: TensorMerge, keep_bits: list[np.ndarray | None] | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """Per model: (task vector, pruned task vector and keep mask, or None and None where nothing is drawn).
+        ``keep_bits``: the statistic pass's packed keep masks (else ranked and drawn here)."""
+        n = blk.base.numel()
+        gens = self._start(blk.offset, n) if keep_bits is None else None
         out = []
         shape = tuple(self.meta.shape)
         for i, m in enumerate(blk.models):
             d = m - blk.base
             if not self.prunes[i]:
-                out.append((d if self.dens[i] >= 1 else d.zero_(), None))
+                out.append((d if self.dens[i] >= 1 else d.zero_(), None, None))
                 continue
             rows = rows_view(d, shape)
-            keep = magprune_keep(rows, self.dens[i], self.eps[i], gens[i])  # type: ignore[arg-type]
-            out.append((d, (rows * keep).reshape(d.shape)))
+            if keep_bits is None:
+                keep = magprune_keep(rows, self.dens[i], self.eps[i], gens[i])  # type: ignore[index,arg-type]
+            else:
+                keep = torch.from_numpy(np.unpackbits(keep_bits[i], count=n).view(np.bool_)).reshape(rows.shape)
+            out.append((d, (rows * keep).reshape(d.shape), keep))
         return out
 
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
-        for i, (d, pruned) in enumerate(self._pruned(blk)):
-            if pruned is not None:
-                self.before[i] += l1_sum(d)
-                self.after[i] += l1_sum(pruned)
+        bits: list[np.ndarray | None] = []
+        for i, (d, pruned, keep) in enumerate(self._pruned(blk)):
+            if pruned is None or keep is None:
+                bits.append(None)
+                continue
+            self.before[i] += l1_sum(d)
+            self.after[i] += l1_sum(pruned)
+            bits.append(np.packbits(keep.reshape(-1).numpy()))
+        self._masks.append((blk.offset, blk.base.numel(), bits))
 
     def end_pass(self, pass_no: int) -> None:
         self.scale = [l1_scale(b, a) if pr else None for b, a, pr in zip(self.before, self.after, self.prunes)]
         self._gens = None
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
+        keep_bits = None
+        if self.stat_passes:
+            offset, numel, keep_bits = self._masks.popleft()
+            if (offset, numel) != (blk.offset, blk.base.numel()):
+                raise RuntimeError(f"tensor {self.meta.name!r}: della merge block {blk.offset}+{blk.base.numel()} "
+                                   f"is not the statistic pass's {offset}+{numel}")
         deltas = []
-        for i, (d, pruned) in enumerate(self._pruned(blk)):
+        for i, (d, pruned, _) in enumerate(self._pruned(blk, keep_bits)):
             if pruned is None:
                 deltas.append(d)
                 continue
