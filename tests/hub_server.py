@@ -119,6 +119,8 @@ class FakeHub:
         self.fail_weight_gets = 0  # the next N answer 503
         self.weight_delay_s = 0.0  # every one waits this long before answering
         self.faults_injected = 0
+        self.in_flight = 0  # requests being answered now
+        self._last_request = 0.0  # time.monotonic() when the latest request arrived
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -169,6 +171,22 @@ class FakeHub:
                 if s.end == size:
                     out.add(s.path)
         return out
+
+    def wait_idle(self, quiet_s: float = 0.2, timeout_s: float = 30.0) -> None:
+        """Return once no request is being answered and none arrived for ``quiet_s``.
+
+        A client killed mid-request leaves its handler running (``weight_delay_s``
+        sleeps, then the body goes to a dead socket): its bytes are appended to
+        :attr:`served` when it finishes. Call this before :meth:`reset_counters`
+        so that they are not counted as the next client's."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                idle = self.in_flight == 0 and time.monotonic() - self._last_request >= quiet_s
+            if idle:
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"the fake hub still answers {self.in_flight} request(s) after {timeout_s} s")
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -276,6 +294,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("POST")
 
     def _route(self, method: str) -> None:
+        with self.hub._lock:
+            self.hub.in_flight += 1
+            self.hub._last_request = time.monotonic()
+        try:
+            self._answer(method)
+        finally:
+            with self.hub._lock:
+                self.hub.in_flight -= 1
+
+    def _answer(self, method: str) -> None:
         parts = urlsplit(self.path)
         path, query = parts.path, parse_qs(parts.query)
         with self.hub._lock:

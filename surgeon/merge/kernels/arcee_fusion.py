@@ -65,7 +65,11 @@ class ArceeFusionKernel(Kernel):
     def __init__(self, meta: TensorMerge):
         self.cols = row_length(tuple(meta.shape))
         self.align = self.cols
-        self.pos = sample_positions(meta.numel, meta.seed, meta.name)
+        self.meta = meta
+        # the sample's positions (1,000,000 int64: 8 MB) exist only during the statistic pass:
+        # the engine makes every tensor's kernel before it merges any, so positions drawn here
+        # were held for every large tensor at once (0.9 GB on the 300m family)
+        self.pos: torch.Tensor | None = None
         self.parts: list[torch.Tensor] = []
         self.thr: torch.Tensor | None = None
 
@@ -74,6 +78,8 @@ class ArceeFusionKernel(Kernel):
 
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
         imp = self._importance(blk)
+        if self.pos is None and blk.offset == 0:
+            self.pos = sample_positions(self.meta.numel, self.meta.seed, self.meta.name)
         if self.pos is None:
             self.parts.append(imp)
             return
@@ -84,6 +90,7 @@ class ArceeFusionKernel(Kernel):
     def end_pass(self, pass_no: int) -> None:
         self.thr = threshold_from_sorted(torch.cat(self.parts).sort().values)
         self.parts = []
+        self.pos = None
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.thr is not None

@@ -20,17 +20,19 @@ Differences from mergekit: ranks are 0..n-1 from one stable sort (mergekit
 double-argsorts, unstable, so equal magnitudes rank arbitrarily); a row of
 length 1 gets rank 0.5 (keep probability ``density``; mergekit computes 0/0);
 randomness is seeded per tensor and model (``salt = "della:<i>"``, see
-:meth:`TensorMerge.generator`).
+:meth:`TensorMerge.generator`); the rescale's L1 norms are summed in float64
+(mergekit: in the tensor's dtype), so that the block kernel
+(:mod:`surgeon.merge.kernels.della`), which sums them block by block, agrees.
 """
 from __future__ import annotations
 
 import torch
 
 from ...errors import InvalidInputError
-from ..arith import combine, l1_rescale
+from ..arith import combine
+from ..kernels.della import DellaKernel, della_params_ok, l1_scale, l1_sum, magprune_keep, rows_view
 from ..method import merge_method
 from ..params import Param
-from ..select.exact import stable_ranks
 from ..tensor import TensorMerge
 from .common import (
     DENSITY,
@@ -59,26 +61,18 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
         return delta
     if density <= 0:
         return delta.zero_()
-    if density + epsilon >= 1 or density - epsilon <= 0:
+    if not della_params_ok(density, epsilon):
         raise InvalidInputError(
             f"{where}: della needs density - epsilon > 0 and density + epsilon < 1, "
             f"got density {density} and epsilon {epsilon}"
         )
-    shape = delta.shape
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
-    n = rows.shape[1]
-    if n > 1:
-        rank = stable_ranks(rows.abs(), dim=1).to(torch.float32).div_(n - 1)
-    else:
-        rank = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
-    probs = rank.mul_(2 * epsilon).add_(density - epsilon)
-    u = torch.rand(rows.shape, generator=generator, device=rows.device, dtype=torch.float32)
-    keep = u < probs
-    del u, probs
-    pruned = rows * keep
+    rows = rows_view(delta, tuple(delta.shape))
+    pruned = rows * magprune_keep(rows, density, epsilon, generator)
     if rescale:
-        l1_rescale(rows, pruned)
-    return pruned.reshape(shape)
+        scale = l1_scale(l1_sum(rows), l1_sum(pruned))
+        if scale is not None:
+            pruned.mul_(scale)
+    return pruned.reshape(delta.shape)
 
 
 def _pruned(t: TensorMerge) -> list[torch.Tensor]:
@@ -90,6 +84,17 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
     return out
 
 
+def della_kernel(meta: TensorMerge, consensus: str | None) -> DellaKernel | None:
+    """The block kernel (CPU), or None where the whole-tensor path must run: no
+    base, parameters MagPrune rejects (the reference raises the clear error),
+    an empty tensor, or another device (its generators are not drawn piecewise)."""
+    if not meta.has_base or len(meta.model_params) < 1 or meta.numel == 0 or meta.device.type != "cpu":
+        return None
+    if not all(della_params_ok(float(mp["density"]), float(mp["epsilon"])) for mp in meta.model_params):
+        return None
+    return DellaKernel(meta, consensus)
+
+
 @merge_method(
     "della",
     params=_params(normalize=True),
@@ -98,6 +103,7 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
     paper=_PAPER,
     randomized=True,
     mergekit_name="della",
+    kernel=lambda meta: della_kernel(meta, "sum"),
 )
 def della(t: TensorMerge) -> torch.Tensor:
     """DELLA: MagPrune each task vector, elect signs, weighted disjoint mean, base + lambda * merged."""
@@ -114,6 +120,7 @@ def della(t: TensorMerge) -> torch.Tensor:
     paper=_PAPER,
     randomized=True,
     mergekit_name="della_linear",
+    kernel=lambda meta: della_kernel(meta, None),
 )
 def della_linear(t: TensorMerge) -> torch.Tensor:
     """DELLA without sign election: MagPrune each task vector, then base + lambda * sum w_i delta_i."""

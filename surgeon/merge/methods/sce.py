@@ -10,8 +10,9 @@ Models" (FuseChat-2.0, arXiv 2408.07990). Semantics of mergekit's upstream
    the largest variance are kept in every task vector, the rest zeroed
    (ties at the boundary: lowest flat index).
 2. Calculate: each model's weight is the mean of its (selected) squared task
-   vector over the tensor, normalised to sum 1; uniform ``1/N`` when that sum
-   is below 1e-6.
+   vector over the tensor (summed in float64, so that the block kernel,
+   :mod:`surgeon.merge.kernels.sce`, agrees; mergekit sums in the tensor's
+   dtype), normalised to sum 1; uniform ``1/N`` when that sum is below 1e-6.
 3. Erase: the elected sign is the sign of the summed (selected) task vectors
    (zero sum: positive); only agreeing entries contribute.
    ``merged = sum_i w_i [agree_i] tau_i / max(sum_i w_i [agree_i], 1e-6)``,
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ..arith import elect_sign
+from ..kernels.sce import SceKernel, erase_mix, sce_weights, sq_sum, variance
 from ..method import merge_method
 from ..params import Param
 from ..select.exact import largest_mask
@@ -45,18 +46,16 @@ def variance_mask(deltas: list[torch.Tensor], select_topk: float) -> torch.Tenso
         return None
     if select_topk <= 0:
         return torch.zeros(deltas[0].shape, dtype=torch.bool, device=deltas[0].device)
-    n = len(deltas)
-    mean = deltas[0].clone()
-    for d in deltas[1:]:
-        mean.add_(d)
-    mean.div_(n)
-    var = torch.zeros_like(mean)
-    for d in deltas:
-        var.add_((d - mean).square_())
-    var.div_(n)
-    del mean
+    var = variance(deltas)
     k = int(int(torch.count_nonzero(var)) * select_topk)
     return largest_mask(var, k)
+
+
+def sce_kernel(meta: TensorMerge) -> SceKernel | None:
+    """The block kernel, or None where the whole-tensor path runs (no base, no model, an empty tensor)."""
+    if not meta.has_base or len(meta.model_params) < 1 or meta.numel == 0:
+        return None
+    return SceKernel(meta)
 
 
 @merge_method(
@@ -67,6 +66,7 @@ def variance_mask(deltas: list[torch.Tensor], select_topk: float) -> torch.Tenso
     min_models=1,
     paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (arXiv 2408.07990)",
     mergekit_name="sce",
+    kernel=sce_kernel,
 )
 def sce(t: TensorMerge) -> torch.Tensor:
     """SCE: keep high-variance entries, weight models by mean squared task vector, erase minority signs."""
@@ -79,17 +79,8 @@ def sce(t: TensorMerge) -> torch.Tensor:
         for d in deltas:
             d.mul_(mask)
         del mask
-    raw = [float(d.square().mean()) if d.numel() else 0.0 for d in deltas]
-    total = sum(raw)
-    weights = [1.0 / len(raw)] * len(raw) if abs(total) < 1e-6 else [w / total for w in raw]
-    elected = elect_sign(deltas, "sum", 1.0)
-    merged = torch.zeros_like(base)
-    wsum = torch.zeros_like(base)
-    for d, w in zip(deltas, weights):
-        agree = (torch.sign(d) == elected).to(base.dtype)
-        merged.add_(d * agree, alpha=w)
-        wsum.add_(agree, alpha=w)
-    return merged.div_(wsum.clamp_(min=1e-6)).add_(base)
+    weights = sce_weights([sq_sum(d) for d in deltas], base.numel())
+    return erase_mix(base, deltas, weights)
 
 
 METHODS = (sce,)
