@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..io.writer import sync_dir
+
 __all__ = ["StateRefused", "LoadedState", "save_train_state", "read_train_state", "apply_train_state",
            "recover", "remove_state", "expected_files", "FORMAT"]
 
@@ -169,19 +171,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -252,13 +241,13 @@ def save_train_state(state_dir: Path, *, model: torch.nn.Module, optimizer: Any,
         _write_json(saving / "state.json", {"format": FORMAT, "world": world, "model_aliases": aliases,
                                             "optimizer": opt_j, "scaler": _scaler_state(scaler)})
         _write_json(saving / "progress.json", progress)
-        _fsync_dir(saving)
+        sync_dir(saving)
         if os.path.lexists(old):
             remove_state(old)
         if os.path.lexists(state_dir):
             os.rename(state_dir, old)
         os.rename(saving, state_dir)
-        _fsync_dir(state_dir.parent)
+        sync_dir(state_dir.parent)
         if os.path.lexists(old):
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -538,7 +538,7 @@ class CheckpointWriter:
             for extra in [self.LAYOUT, *(j.name for j in self.staging.glob(self.JOURNAL + "*"))]:
                 (self.staging / extra).unlink(missing_ok=True)
             (self.staging / MARKER).write_text('{"written_by": "surgeon"}\n')  # --overwrite may replace it later
-            self._sync_dir(self.staging)
+            sync_dir(self.staging)
             self._swap_into_place()
             for fname, stream in self._streams.items():
                 sha = stream.hexdigest()
@@ -560,22 +560,10 @@ class CheckpointWriter:
             _remove_tree(old)
             os.rename(self.dest, old)
         os.rename(self.staging, self.dest)
-        self._sync_dir(self.dest.parent)
+        sync_dir(self.dest.parent)
         if old is not None:
             _remove_tree(old)
 
-    @staticmethod
-    def _sync_dir(path: Path) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
     def abort(self, keep_partial: bool = False) -> None:
         """Close files; remove the staging folder (rank 0) unless asked to keep it for resuming."""
@@ -609,3 +597,17 @@ def _remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path, onerror=writable_then_retry)
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a folder so renames inside it survive a crash (best effort: errors are ignored)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
