@@ -526,6 +526,9 @@ def _diff_plot(a: str, b: str, png: str) -> dict[str, Any]:
         raise InvalidInputError(f"--plot {png}: expected a .png file name")
     if not target.parent.is_dir():
         raise InvalidInputError(f"--plot {png}: no such folder {target.parent}")
+    from .io.plot import preload
+
+    preload()  # matplotlib's imports overlap the numbers
     cm = compute_changemap(Checkpoint.open(a), Checkpoint.open(b), labels=("A", "B"))
     written = write_changemap(target.parent, cm, stem=target.stem, title=f"{Path(b).name} vs {Path(a).name}")
     return {"png": written["png"], "json": written["json"], "summary": summary_lines(cm),

@@ -286,6 +286,18 @@ def test_without_matplotlib_the_card_says_how_to_get_the_picture(tiny_family, tm
     assert cm["reference"] == "first input" and not cm["sign_electing"]
 
 
+def test_preload_imports_matplotlib_on_a_thread_and_respects_no_plot(monkeypatch):
+    pytest.importorskip("matplotlib")
+    from surgeon.io.plot import preload
+
+    thread = preload()
+    assert thread is not None and thread.daemon
+    thread.join(60)
+    assert "matplotlib.figure" in sys.modules and "matplotlib.backends.backend_agg" in sys.modules
+    monkeypatch.setenv("SURGEON_NO_PLOT", "1")
+    assert preload() is None
+
+
 def test_diff_plot(tiny_family, tmp_path, capsys):
     png = tmp_path / "d.png"
     assert main(["diff", str(tiny_family["base"]), str(tiny_family["ft1"]), "--plot", str(png)]) == 0

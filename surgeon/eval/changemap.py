@@ -219,8 +219,11 @@ def changemap_for_merge(output_dir: str | Path, method: str, base: Any | None, i
 
     if not inputs:
         return None
+    from ..io.plot import preload
+
     reference = base if base is not None else inputs[0]
     out = output if output is not None else Checkpoint.open(output_dir)
+    preload()  # the picture's imports on the other core while the numbers are computed
     cm = compute_changemap(reference, out, inputs, method,
                            labels=("base" if base is not None else "first input", "output"))
     return write_changemap(output_dir, cm, title=f"{method}: what changed where")
