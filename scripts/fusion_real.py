@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-chars", type=int, default=6000, help="held-out characters scored")
     ap.add_argument("--max-examples", type=int, default=None,
                     help="train on the first N windows only (every seed then reads from the same N: one teacher cache)")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="also score the held-out text every N steps during training (the curve; the table then "
+                         "shows each row's lowest point and its step: an early-stopped SFT is the fair rival)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher-eval", action="store_true", help="also score the teacher (slow: 262k vocabulary)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fusion-real"))
@@ -84,6 +87,9 @@ def main(argv=None) -> int:
         base_opts["max_examples"] = args.max_examples
     if args.tokenwise:
         base_opts["tokenwise"] = args.tokenwise
+    if args.eval_every:  # the same text, characters and window as score()
+        base_opts.update(eval_path=str(heldout), eval_every=args.eval_every, eval_max_chars=args.eval_chars,
+                         eval_window=args.max_length * 2)
     gld_w = {} if args.gld_weight is None else {"gld_weight": args.gld_weight}
     configs = [
         ("SFT only", {"lambda_": 0.0}),
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
             log = rep["log"]
             per.append({"seed": seed, "eval": score(out), "wall_s": round(wall, 1), "train_s": rep["train_seconds"],
                         "tokens_per_s": log[-1].get("tokens_per_s") if log else None,
-                        "final": rep["final"], "sources": rep["sources"]})
+                        "final": rep["final"], "sources": rep["sources"],
+                        "curve": [{"step": c["step"], "bpb": c["eval_bpb"]} for c in rep.get("eval_curve") or []]})
         rows.append({"run": label, "settings": kw, "per_seed": per})
         _print(rows[-1])
     print()
@@ -135,15 +142,21 @@ def _print(r: dict) -> None:
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = ["| run | held-out bits/byte (mean ± sd) | per seed | tokens/s | wall per run (s) |", "|---|---|---|---|---|"]
+    curves = any(p.get("curve") for r in rows for p in r["per_seed"])
+    lines = ["| run | held-out bits/byte (mean ± sd) | per seed | tokens/s | wall per run (s) |"
+             + (" lowest on the way (step) per seed |" if curves else ""),
+             "|---|---|---|---|---|" + ("---|" if curves else "")]
     by = {r["run"]: r for r in rows}
     for r in rows:
         m, sd = _stats([p["eval"]["bpb"] for p in r["per_seed"]])
         seeds = " / ".join(f"{p['eval']['bpb']:.4f}" for p in r["per_seed"])
         tps = [p["tokens_per_s"] for p in r["per_seed"] if p.get("tokens_per_s")]
         wall = [p["wall_s"] for p in r["per_seed"] if p.get("wall_s")]
-        lines.append(f"| {r['run']} | {m:.4f} ± {sd:.4f} | {seeds} | {statistics.mean(tps):.0f} | "
-                     f"{statistics.mean(wall):.0f} |" if tps else f"| {r['run']} | {m:.4f} | {seeds} | | |")
+        best = " / ".join(f"{b['bpb']:.4f} ({b['step']})" for b in
+                          (min(p["curve"], key=lambda c: c["bpb"]) for p in r["per_seed"] if p.get("curve")))
+        lines.append((f"| {r['run']} | {m:.4f} ± {sd:.4f} | {seeds} | {statistics.mean(tps):.0f} | "
+                      f"{statistics.mean(wall):.0f} |" if tps else f"| {r['run']} | {m:.4f} | {seeds} | | |")
+                     + (f" {best} |" if curves else ""))
     a, b = by.get("SFT + token-wise"), by.get("SFT + token-wise + GLD")
     if a and b:
         d = [y["eval"]["bpb"] - x["eval"]["bpb"] for x, y in zip(a["per_seed"], b["per_seed"])]
@@ -157,7 +170,8 @@ def markdown(rows: list[dict], args) -> str:
                              f"{s.get('cache_bytes_per_token')} bytes/token, align {s.get('align_seconds')} s, "
                              f"coverage {s.get('coverage')}")
     lines.append("")
-    lines.append(f"{args.steps} steps x batch {args.batch_size} x {args.max_length} tokens of {args.domain}, lr {args.lr} "
+    data = f"the first {args.max_examples} windows of {args.domain}" if getattr(args, "max_examples", None) else args.domain
+    lines.append(f"{args.steps} steps x batch {args.batch_size} x {args.max_length} tokens of {data}, lr {args.lr} "
                  f"cosine (10 % warm-up), lambda {args.lambda_}, top-k {args.top_k}, seeds {args.seeds}; held-out: "
                  f"first {args.eval_chars} characters of {args.domain}-heldout.txt")
     return "\n".join(lines)

@@ -288,6 +288,27 @@ def test_short_run_caches_only_what_it_reads_and_reports_each_phase(tiny, tmp_pa
     assert rep2["sources"][0]["cached_examples"] == n
 
 
+def test_tokens_per_second_leaves_out_the_held_out_scoring(tiny, tmp_path, monkeypatch):
+    """A slow held-out scorer (1 s per call) must not lower the logged training throughput."""
+    import time as _time
+
+    import surgeon.eval.perplexity as perplexity
+
+    real = perplexity.evaluate_text
+
+    def slow(*a, **k):
+        _time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(perplexity, "evaluate_text", slow)
+    rep = fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "out", max_length=16,
+               batch_size=2, steps=3, lr=1e-3, top_k=4, progress=False,
+               options={"eval_path": str(tiny["data"]), "eval_window": 16, "eval_every": 1})
+    last = rep["log"][-1]
+    train_s = last["tokens"] / last["tokens_per_s"]
+    assert train_s < last["seconds"] - 1.5  # two scorings (after steps 1 and 2) happened inside the window
+
+
 def test_examples_reached_matches_the_loader(tiny, tmp_path):
     """The indices predicted for several processes / accumulation / epochs cover what is read."""
     from surgeon.fusion.distill import _epoch_order, _examples_reached

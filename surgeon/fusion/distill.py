@@ -588,6 +588,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     say(f"train: {total_steps - step} steps of {batch_size} x {grad_accum} sequences x {accelerator.num_processes} "
         f"process(es), {steps_per_epoch} steps per epoch")
     t_train = time.time()
+    t_eval = 0.0  # seconds spent scoring held-out text: not training, kept out of tokens/s
     tokens_run = 0
     tokens_seen = sum(r.get("tokens_step", 0) for r in rows)
     acc = {"loss": 0.0, "sft": 0.0, "tokenwise": 0.0, "gld": 0.0, "n": 0, "tokens": 0}
@@ -629,7 +630,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
                        "loss": float(vals[0]) / cnt, "sft": float(vals[1]) / cnt, "tokenwise": float(vals[2]) / cnt,
                        "gld": float(vals[3]) / cnt, "tokens": tokens_seen, "tokens_step": int(vals[5]),
                        "seconds": round(time.time() - t_train, 3),
-                       "tokens_per_s": round(tokens_run / max(1e-9, time.time() - t_train), 1)}
+                       "tokens_per_s": round(tokens_run / max(1e-9, time.time() - t_train - t_eval), 1)}
                 rows.append(row)
                 acc = {"loss": 0.0, "sft": 0.0, "tokenwise": 0.0, "gld": 0.0, "n": 0, "tokens": 0}
                 step += 1
@@ -637,7 +638,9 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
                     g["lr"] = lr * _lr_factor(step, total_steps, schedule, warmup, opts.min_lr_ratio)
                 if opts.eval_every and (step % opts.eval_every == 0 or step == total_steps):
                     if main:
+                        t0 = time.time()
                         row.update(heldout())
+                        t_eval += time.time() - t0
                     accelerator.wait_for_everyone()
                 if bar is not None:
                     bar.update(1)
