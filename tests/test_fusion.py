@@ -349,3 +349,42 @@ def test_every_fuse_option_is_a_cli_flag():
     assert fuse_kwargs(sub.parse_args(["p", "o", "--source", "s", "--data", "d"])) == {}
     with pytest.raises(SystemExit):
         sub.parse_args(["p", "o", "--source", "s", "--data", "d", "--tokenwise", "nope"])
+
+
+def test_output_rounding_counts_what_a_narrower_dtype_erases():
+    """Hand case at bfloat16 (8 significant bits): near 1.0 a step is 2**-7, near 0.25 it is 2**-9."""
+    from surgeon.fusion.distill import output_rounding
+
+    class Pivot:
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+        def get(self, name):
+            return self.tensors[name]
+
+    before = torch.tensor([1.0, 1.0, 0.5, 0.25], dtype=torch.bfloat16)
+    trained = torch.tensor([1.0 + 2**-10, 1.0 + 2**-6 + 2**-9, 0.5, 0.25 + 2**-10], dtype=torch.float32)
+    # 1 + 2**-10 rounds back to 1 (erased); 1 + 2**-6 + 2**-9 rounds to 1 + 2**-6 (kept, error 2**-9);
+    # 0.25 + 2**-10 is half a step: ties to even, back to 0.25 (erased)
+    r = output_rounding(Pivot({"w": before}), {"w": trained}, {"w": torch.bfloat16})
+    assert r["dtype"] == "bfloat16" and r["changed"] == 3
+    assert r["erased_share"] == pytest.approx(2 / 3)
+    update = math.sqrt(2 * 2**-20 + (2**-6 + 2**-9) ** 2)
+    error = math.sqrt(2 * 2**-20 + 2**-18)
+    assert r["rounding_vs_update"] == pytest.approx(error / update, rel=1e-12)
+    assert output_rounding(Pivot({"w": before}), {"w": trained}, {"w": torch.float32}) is None
+
+
+def test_a_narrower_output_dtype_reports_its_rounding(tiny, tmp_path):
+    """The report says what bfloat16 storage did to the trained weights, and matches the written file."""
+    from safetensors.torch import load_file
+
+    rep = fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "bf16", max_length=16, batch_size=2, steps=2, lr=1e-3,
+               top_k=4, progress=False, options={"dtype": "bfloat16"})
+    r = rep["output_rounding"]
+    assert r["dtype"] == "bfloat16" and r["changed"] > 0 and 0 <= r["erased_share"] <= 1 and r["rounding_vs_update"] > 0
+    stored = load_file(str(next((tmp_path / "bf16").glob("*.safetensors"))))
+    assert all(t.dtype == torch.bfloat16 for t in stored.values())
+    full = fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "f32", max_length=16, batch_size=2, steps=2, lr=1e-3,
+                top_k=4, progress=False, options={"dtype": "float32"})
+    assert full["output_rounding"] is None

@@ -686,7 +686,7 @@ def fuse(pivot_dir: str | Path, sources: Sequence[dict[str, Any]], dataset_path:
     }
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        _write_output(unwrapped, pivot_dir, out_dir, report, overwrite, opts, context)
+        _write_output(unwrapped, pivot_dir, out_dir, report, overwrite, opts, context, say)
     accelerator.wait_for_everyone()
     if main and not opts.keep_state:
         train_state.remove_state(state_dir)
@@ -794,22 +794,73 @@ def _losses(logits: torch.Tensor, batch: dict[str, Any], srcs: list[_Source], we
 
 
 # ----------------------------------------------------------------------------- output
+def output_rounding(pivot: Any, state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> dict[str, Any] | None:
+    """What storing the trained weights in a narrower dtype does to the training's changes.
+
+    ``pivot`` is the pivot checkpoint (the weights before training), ``state`` the trained
+    tensors, ``dtypes`` the dtype each is stored in. Over the tensors stored narrower than
+    they were trained: ``changed`` entries (trained != pivot), the share of them whose change
+    the cast erases (``erased_share``: stored == pivot although trained != pivot), and the
+    rounding error's norm relative to the change's norm (``rounding_vs_update``: 0 keeps the
+    training exactly, 1 is as large as the training's change). None when nothing is narrowed.
+    """
+    changed = erased = 0
+    err_sq = upd_sq = 0.0
+    narrowed: set[str] = set()
+    for name, to in dtypes.items():
+        trained = state[name]
+        if not (trained.is_floating_point() and to.is_floating_point) or \
+                torch.finfo(to).bits >= torch.finfo(trained.dtype).bits:
+            continue
+        narrowed.add(str(to).replace("torch.", ""))
+        before = pivot.get(name).to(trained.dtype)
+        after = trained.detach().to("cpu")
+        stored = after.to(to).to(trained.dtype)
+        moved = after != before
+        changed += int(moved.sum())
+        erased += int((moved & (stored == before)).sum())
+        upd = (after - before).double()
+        err = (stored - after).double()
+        upd_sq += float(upd.pow(2).sum())
+        err_sq += float(err.pow(2).sum())
+    if not narrowed:
+        return None
+    return {"dtype": ", ".join(sorted(narrowed)), "changed": changed,
+            "erased_share": erased / changed if changed else 0.0,
+            "rounding_vs_update": (err_sq ** 0.5) / (upd_sq ** 0.5) if upd_sq > 0 else 0.0}
+
+
+#: above this rounding error (relative to the training's change) the output notes the loss
+ROUNDING_NOTE = 0.1
+
+
 def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, Any], overwrite: bool,
-                  opts: FuseOptions, context: Optional[StepContext]) -> None:
+                  opts: FuseOptions, context: Optional[StepContext], say: Any = None) -> None:
     from ..io import Checkpoint, CheckpointWriter, TensorSpec
     from ..io.checkpoint import AUX_FILES
 
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    dtype = getattr(torch, opts.dtype) if opts.dtype else None
     with Checkpoint.open(pivot_dir) as ck:
         infos = list(ck.infos())
         tok_files = ck.tokenizer_files
         config = dict(ck.config or {})
-    dtype = getattr(torch, opts.dtype) if opts.dtype else None
-    specs = []
-    for info in infos:
-        if info.name not in state:
-            raise StepError(f"fuse: the trained model has no tensor {info.name!r} of the pivot checkpoint")
-        specs.append(TensorSpec(info.name, info.shape, dtype or info.dtype))
+        specs = []
+        for info in infos:
+            if info.name not in state:
+                raise StepError(f"fuse: the trained model has no tensor {info.name!r} of the pivot checkpoint")
+            specs.append(TensorSpec(info.name, info.shape, dtype or info.dtype))
+        rounding = output_rounding(ck, state, {spec.name: spec.dtype for spec in specs})
+    report["output_rounding"] = rounding
+    notes_extra = []
+    if rounding and rounding["rounding_vs_update"] > ROUNDING_NOTE:
+        msg = (f"storing the output in {rounding['dtype']} erases {rounding['erased_share']:.0%} of the changed "
+               f"entries' updates (rounding error {rounding['rounding_vs_update']:.2f} x the training's change): the "
+               "saved model is not the trained one (its held-out score differs from the curve's last point); "
+               "options.dtype: float32 keeps the trained weights (twice the size)")
+        notes_extra.append(msg)
+        if say is not None:
+            say(msg)
     if dtype is not None:
         config["dtype"] = opts.dtype
         config.pop("torch_dtype", None)
@@ -818,7 +869,7 @@ def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, 
     notes = [f"fused {names} into the pivot "
              f"({report['steps']} steps, lambda {report['settings']['lambda']}, "
              f"token-wise {report['settings']['options']['tokenwise']} x{report['settings']['tokenwise_weight']}, "
-             f"GLD x{report['settings']['gld_weight']})"]
+             f"GLD x{report['settings']['gld_weight']})"] + notes_extra
     meta = {"surgeon.step": "fuse"}
     with (context.open_writer(out_dir, specs, metadata=meta) if context is not None else
           CheckpointWriter(out_dir, specs, overwrite=overwrite, metadata=meta)) as w:
