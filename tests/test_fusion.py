@@ -383,6 +383,10 @@ def test_a_narrower_output_dtype_reports_its_rounding(tiny, tmp_path):
                top_k=4, progress=False, options={"dtype": "bfloat16"})
     r = rep["output_rounding"]
     assert r["dtype"] == "bfloat16" and r["changed"] > 0 and 0 <= r["erased_share"] <= 1 and r["rounding_vs_update"] > 0
+    from surgeon.fusion.distill import ROUNDING_NOTE
+
+    card = (tmp_path / "bf16" / "README.md").read_text()
+    assert ("of the changed entries' updates" in card) == (r["rounding_vs_update"] > ROUNDING_NOTE)
     stored = load_file(str(next((tmp_path / "bf16").glob("*.safetensors"))))
     assert all(t.dtype == torch.bfloat16 for t in stored.values())
     full = fuse(tiny["pivot"], [{"path": str(tiny["same"])}], tiny["data"], tmp_path / "f32", max_length=16, batch_size=2, steps=2, lr=1e-3,

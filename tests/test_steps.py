@@ -157,3 +157,25 @@ def test_report_takes_shard_digests_from_the_writer(tmp_path: Path, make_tiny_ll
     assert len(files) > 1
     assert {k: v["sha256"] for k, v in report["output"]["files"].items()} == \
         {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_fuse_options_paths_are_relative_to_the_recipe(tmp_path: Path, make_tiny_llama, monkeypatch) -> None:
+    """``options.eval_path`` (like ``data``) is read relative to the recipe's folder, whatever the
+    working folder; a missing one is refused before training, naming the recipe's line."""
+    from surgeon.errors import InvalidInputError
+
+    pivot = make_tiny_llama("pivot", seed=0, dtype=torch.float32)
+    src = make_tiny_llama("src", seed=1, dtype=torch.float32, tokenizer_from=pivot)
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 8)
+    (tmp_path / "held.txt").write_text("a lazy dog sleeps under the brown tree.\n" * 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    step = ("    fuse:\n      pivot: pivot\n      sources: [src]\n      data: train.txt\n"
+            "      max_length: 16\n      batch_size: 2\n      steps: 2\n"
+            "      options:\n        eval_path: {held}\n        eval_every: 1\n")
+    out = _run(tmp_path, {"pivot": pivot, "src": src}, step.format(held="held.txt"))
+    report = json.loads((out / "fuse_report.json").read_text())
+    assert [c["step"] for c in report["eval_curve"]] == [0, 1, 2]
+    with pytest.raises(InvalidInputError, match=r"recipe\.yaml:\d+.*eval_path.*nope\.txt: no such file"):
+        _run(tmp_path, {"pivot": pivot, "src": src}, step.format(held="nope.txt"))

@@ -149,6 +149,9 @@ class FuseKind:
         data = Path(ctx.resolve_path(spec.data))
         if not data.is_file():
             raise InvalidInputError(f"{where('data')}: {data}: no such data file")
+        held_out = fuse_paths(spec.options, ctx.resolve_path).get("eval_path")
+        if held_out is not None and not Path(held_out).is_file():
+            raise InvalidInputError(f"{where('options', 'eval_path')}: options.eval_path {held_out}: no such file")
         out = VirtualCheckpoint(f"step {step.id!r}", {i.name: TensorSpec(i.name, i.shape, i.dtype) for i in pivot.infos()},
                                 pivot.config, pivot.tokenizer_files[0].parent if pivot.tokenizer_files else None)
         peak, notes = fuse_peak_estimate(pivot, [inputs[s.model] for s in spec.sources], spec)
@@ -169,10 +172,25 @@ class FuseKind:
             seed=ctx.seed,
             device=ctx.options.device,
             progress=ctx.show_progress,
-            **{k: v for k, v in spec.model_dump(by_alias=False).items() if k not in ("pivot", "sources", "data")},
+            **{k: v for k, v in spec.model_dump(by_alias=False).items() if k not in ("pivot", "sources", "data", "options")},
+            options=fuse_paths(spec.options, ctx.resolve_path),
             # only the main process writes (fuse's own rule): its writer coordinates no other process
             context=ctx.bound(inputs[spec.pivot], inputs[spec.pivot], coordinator=SINGLE),
         )
+
+
+#: fuse options that name local paths: like ``data``, relative to the recipe's folder
+FUSE_PATH_OPTIONS = ("eval_path", "work_dir")
+
+
+def fuse_paths(options: Any, resolve: Callable[[str], str]) -> dict[str, Any]:
+    """A fuse step's options as a dict, with :data:`FUSE_PATH_OPTIONS` resolved by ``resolve``
+    (the recipe's path rule)."""
+    out = dict(options.__dict__ if not isinstance(options, dict) else options)
+    for key in FUSE_PATH_OPTIONS:
+        if isinstance(out.get(key), str):
+            out[key] = resolve(out[key])
+    return out
 
 
 def fuse_peak_estimate(pivot: Any, sources: list[Any], spec: Any, cache_batch: int = 8) -> tuple[int, list[str]]:

@@ -819,8 +819,9 @@ def output_rounding(pivot: Any, state: dict[str, torch.Tensor], dtypes: dict[str
         moved = after != before
         changed += int(moved.sum())
         erased += int((moved & (stored == before)).sum())
-        upd = (after - before).double()
-        err = (stored - after).double()
+        finite = torch.isfinite(stored)  # beyond the dtype's range: the writer's non-finite check speaks
+        upd = torch.where(finite, after - before, 0).double()
+        err = torch.where(finite, stored - after, 0).double()
         upd_sq += float(upd.pow(2).sum())
         err_sq += float(err.pow(2).sum())
     if not narrowed:
@@ -832,6 +833,17 @@ def output_rounding(pivot: Any, state: dict[str, torch.Tensor], dtypes: dict[str
 
 #: above this rounding error (relative to the training's change) the output notes the loss
 ROUNDING_NOTE = 0.1
+
+
+def rounding_note(rounding: dict[str, Any] | None) -> str | None:
+    """The sentence a run prints (and its card carries) when the output dtype's cast loses
+    more than :data:`ROUNDING_NOTE` of the training's change; None otherwise."""
+    if not rounding or rounding["rounding_vs_update"] <= ROUNDING_NOTE:
+        return None
+    return (f"storing the output in {rounding['dtype']} erases {rounding['erased_share']:.0%} of the changed "
+            f"entries' updates (rounding error {rounding['rounding_vs_update']:.2f} x the training's change): the "
+            "saved model is not the trained one (its held-out score differs from the curve's last point); "
+            "options.dtype: float32 keeps the trained weights (twice the size)")
 
 
 def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, Any], overwrite: bool,
@@ -853,11 +865,8 @@ def _write_output(model: Any, pivot_dir: Path, out_dir: Path, report: dict[str, 
         rounding = output_rounding(ck, state, {spec.name: spec.dtype for spec in specs})
     report["output_rounding"] = rounding
     notes_extra = []
-    if rounding and rounding["rounding_vs_update"] > ROUNDING_NOTE:
-        msg = (f"storing the output in {rounding['dtype']} erases {rounding['erased_share']:.0%} of the changed "
-               f"entries' updates (rounding error {rounding['rounding_vs_update']:.2f} x the training's change): the "
-               "saved model is not the trained one (its held-out score differs from the curve's last point); "
-               "options.dtype: float32 keeps the trained weights (twice the size)")
+    msg = rounding_note(rounding)
+    if msg:
         notes_extra.append(msg)
         if say is not None:
             say(msg)
@@ -918,6 +927,7 @@ def _card(pivot_dir: Path, out_dir: Path, report: dict[str, Any]) -> str:
         "Final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
         "",
         "The loss log is in `fuse_log.csv`, the plot in `fuse_loss.png`, the full report in `fuse_report.json`.",
+        *(["", f"Note: {rounding_note(report['output_rounding'])}."] if rounding_note(report.get("output_rounding")) else []),
     ])
     info = CardInfo(name=out_dir.name, operations=["fusion"], inputs=inputs, steps=[step],
                     extra_sections={"Fusion": body})
