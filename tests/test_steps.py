@@ -179,3 +179,22 @@ def test_fuse_options_paths_are_relative_to_the_recipe(tmp_path: Path, make_tiny
     assert [c["step"] for c in report["eval_curve"]] == [0, 1, 2]
     with pytest.raises(InvalidInputError, match=r"recipe\.yaml:\d+.*eval_path.*nope\.txt: no such file"):
         _run(tmp_path, {"pivot": pivot, "src": src}, step.format(held="nope.txt"))
+
+
+def test_a_recipe_fuse_step_prints_its_phase_lines_into_a_log(tmp_path: Path, make_tiny_llama, capsys) -> None:
+    """Not a terminal (CI, a log file): the fuse step still says what it does, once per phase,
+    like `surgeon fuse`; -q silences it."""
+    pivot = make_tiny_llama("pivot", seed=0, dtype=torch.float32)
+    src = make_tiny_llama("src", seed=1, dtype=torch.float32, tokenizer_from=pivot)
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 8)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: log\nseed: 0\nmodels:\n  pivot: {pivot}\n  src: {src}\nsteps:\n  - id: s\n"
+                      "    fuse:\n      pivot: pivot\n      sources: [src]\n      data: train.txt\n"
+                      "      max_length: 16\n      batch_size: 2\n      steps: 2\noutput:\n  path: ./out\n")
+    surgeon.run(recipe)
+    seen = capsys.readouterr()
+    text = seen.out + seen.err
+    assert "fuse: train: step 2/2" in text and "fuse: cache" in text, text
+    surgeon.run(recipe, quiet=True, overwrite=True)
+    seen = capsys.readouterr()
+    assert "fuse:" not in seen.out + seen.err

@@ -171,7 +171,7 @@ class FuseKind:
             out_dir=dest,
             seed=ctx.seed,
             device=ctx.options.device,
-            progress=ctx.show_progress,
+            progress=not ctx.quiet and ctx.coordinator.is_main,  # phase lines also in a log (bars only on a terminal)
             **{k: v for k, v in spec.model_dump(by_alias=False).items() if k not in ("pivot", "sources", "data", "options")},
             options=fuse_paths(spec.options, ctx.resolve_path),
             # only the main process writes (fuse's own rule): its writer coordinates no other process
