@@ -35,6 +35,7 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _MERGE / "kernels" / "widen_compiled.py",
     _MERGE / "rng.py",
     _MERGE / "select" / "counting.py",
+    _MERGE / "select" / "ranks.py",
 )
 
 

@@ -23,6 +23,7 @@ import torch
 
 from ..arith import combine
 from ..select.exact import stable_ranks
+from ..select.ranks import magnitude_ranks
 from ..tensor import TensorMerge
 from .base import Kernel
 
@@ -43,13 +44,17 @@ def rows_view(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return delta.reshape(-1, *shape[1:])
 
 
-def magprune_keep(rows: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def magprune_keep(rows: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+                  compiled: bool = False) -> torch.Tensor:
     """MagPrune's keep mask (bool, shape of ``rows``): rank ``|rows|`` along
     dim 1, keep with probability ``density - epsilon + 2 epsilon rank / (n - 1)``;
-    draws ``rows.numel()`` uniforms from ``generator``."""
+    draws ``rows.numel()`` uniforms from ``generator``. ``compiled``: rank 2-D rows
+    with the compiled radix loop (:func:`surgeon.merge.select.ranks.magnitude_ranks`,
+    the same ranks); the reference function ranks with torch."""
     n = rows.shape[1]
     if n > 1:
-        rank = stable_ranks(rows.abs(), dim=1).to(torch.float32).div_(n - 1)
+        ranks = magnitude_ranks(rows) if compiled and rows.dim() == 2 else stable_ranks(rows.abs(), dim=1)
+        rank = ranks.to(torch.float32).div_(n - 1)
     else:
         rank = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
     probs = rank.mul_(2 * epsilon).add_(density - epsilon)
@@ -121,7 +126,7 @@ class DellaKernel(Kernel):
                 continue
             rows = rows_view(d, shape)
             if keep_bits is None:
-                keep = magprune_keep(rows, self.dens[i], self.eps[i], gens[i])  # type: ignore[index,arg-type]
+                keep = magprune_keep(rows, self.dens[i], self.eps[i], gens[i], compiled=True)  # type: ignore[index,arg-type]
             else:
                 keep = torch.from_numpy(np.unpackbits(keep_bits[i], count=n).view(np.bool_)).reshape(rows.shape)
             out.append((d, (rows * keep).reshape(d.shape), keep))

@@ -14,7 +14,9 @@ largest keep the lowest indices among ties):
   per-block masks, :class:`~.stream.SelectionPasses` is the kernel base
   that wires a selector into the engine's statistic passes;
 - :mod:`.counting`: the counting loop behind :mod:`.stream` (compiled, with
-  its torch reference ``count_deltas_torch``).
+  its torch reference ``count_deltas_torch``);
+- :mod:`.ranks`: ``magnitude_ranks``, stable ranks of ``|x|`` along rows by a
+  compiled radix sort (DELLA's MagPrune; equal to ``stable_ranks``).
 
 The interface both give a method is the same answer: for series ``i`` and
 order statistic ``k``, the value and how many entries are below and equal to
