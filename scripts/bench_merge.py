@@ -195,10 +195,10 @@ def measure_startup(repeats: int = 3) -> float:
 
 
 def warm_kernels(root: Path, methods: list[str], device: str, env: dict[str, str]) -> None:
-    """Run each surgeon method once, untimed, on the tiny family: the first run
-    after installing compiles surgeon's numba kernels (seconds, and a higher
-    peak RSS), a one-time cost that this bench leaves out as it leaves out a
-    cold page cache."""
+    """Run each surgeon method untimed on the tiny family, whole and in small row
+    pieces (the two paths the engine takes): the first run after installing
+    compiles surgeon's numba kernels (seconds, and a higher peak RSS), a one-time
+    cost that this bench leaves out as it leaves out a cold page cache."""
     import subprocess
 
     fam = build_family(root / "tiny", *PRESETS["tiny"])
@@ -206,9 +206,10 @@ def warm_kernels(root: Path, methods: list[str], device: str, env: dict[str, str
         cfg = root / "tiny" / f"{method}.yml"
         cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}))
         out = root / "tiny" / f"out-warm-{method}"
-        subprocess.run([sys.executable, "-m", "surgeon", "run", str(cfg), str(out), "--overwrite", "-q",
-                        "--device", device], env=env, check=False, stdout=subprocess.DEVNULL)
-        shutil.rmtree(out, ignore_errors=True)
+        for pieces in ([], ["--piece-size", "64KB"]):
+            subprocess.run([sys.executable, "-m", "surgeon", "run", str(cfg), str(out), "--overwrite", "-q",
+                            "--device", device, *pieces], env=env, check=False, stdout=subprocess.DEVNULL)
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
