@@ -12,7 +12,9 @@ Keys. For float32, clearing the sign bit gives |x|, and the bit patterns of
 non-negative floats order as unsigned integers do (+0 < subnormals < normals <
 inf < NaN), which is ``torch.sort``'s order with NaN last. So the loop needs no
 ``abs`` pass: ``magnitude_ranks(x) == stable_ranks(x.abs(), dim=1)`` for every
-float32 input, -0.0, inf and NaN included (tests/test_merge_select.py).
+float32 input, -0.0, inf and NaN included (tests/test_merge_select.py); the one
+difference: NaNs of different payloads order by payload here, by index in torch
+(arithmetic produces one payload).
 Without numba (``SURGEON_NO_NUMBA=1``), off the CPU or for other dtypes the torch
 path runs.
 """
