@@ -64,6 +64,11 @@ def build_tiny_llama(folder: Path, *, seed: int = 0, layers: int = 2, hidden: in
     return folder
 
 
+def models_section(models: dict[str, Path]) -> str:
+    """A recipe's ``models:`` block naming each model of a family (``base``, ``ft1``, ...) by its folder."""
+    return "models:\n" + "".join(f"  {name}: {path}\n" for name, path in models.items())
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A base and two 'fine-tunes' (base + seeded noise) sharing one tokenizer."""

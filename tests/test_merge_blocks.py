@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import surgeon
+from conftest import models_section
 from surgeon.io import Checkpoint
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.merge import build_merge
@@ -157,12 +158,7 @@ def test_block_ranges_cut_at_global_multiples() -> None:
 RECIPE = """\
 name: pieces
 seed: 11
-models:
-  base: {base}
-  ft1: {ft1}
-  ft2: {ft2}
-  ft3: {ft3}
-steps:
+{models_section}steps:
   - id: merged
     merge:
       method: {method}
@@ -195,7 +191,7 @@ def test_row_pieces_give_the_same_bytes_as_whole_tensors(tmp_path: Path, tiny_fa
         return f", weight: {w}" + (f", density: {d}" if method != "task_arithmetic" else "")
 
     dens = {f"d{i}": model_params(w, d) for i, w, d in ((1, 0.5, 0.3), (2, 0.3, 0.6), (3, 0.3, 0.5))}
-    recipe.write_text(RECIPE.format(method=method, params=params, **dens, **{k: str(v) for k, v in tiny_family.items()}))
+    recipe.write_text(RECIPE.format(method=method, params=params, **dens, models_section=models_section(tiny_family)))
     outs = {}
     for piece in ("0", "1KB", "32MiB"):  # whole tensors through fn; 1 KB: several pieces per tensor; default
         out = tmp_path / f"out-{piece}"
@@ -208,7 +204,7 @@ def test_compute_threads_give_the_same_bytes(tmp_path: Path, tiny_family: dict[s
     recipe = tmp_path / "r.yaml"
     mp = lambda w, d: f", weight: {w}, density: {d}"  # noqa: E731
     recipe.write_text(RECIPE.format(method="ties", params="", d1=mp(0.5, 0.3), d2=mp(0.3, 0.6), d3=mp(0.3, 0.5),
-                                    **{k: str(v) for k, v in tiny_family.items()}))
+                                    models_section=models_section(tiny_family)))
     outs = []
     for workers in ("1", "3"):
         monkeypatch.setenv("SURGEON_COMPUTE_WORKERS", workers)
@@ -408,7 +404,7 @@ def test_passes_a_selection_does_not_need_are_not_read(tmp_path: Path, tiny_fami
     recipe = tmp_path / "r.yaml"
     mp = lambda w, d: f", weight: {w}, density: {d}"  # noqa: E731
     recipe.write_text(RECIPE.format(method="ties", params="", d1=mp(0.5, 0.3), d2=mp(0.3, 0.6), d3=mp(0.3, 0.5),
-                                    **{k: str(v) for k, v in tiny_family.items()}))
+                                    models_section=models_section(tiny_family)))
     surgeon.run(recipe, output=str(tmp_path / "pieces"), quiet=True, piece_size="4KB")
     surgeon.run(recipe, output=str(tmp_path / "whole"), quiet=True, piece_size="0")
     assert [f.read_bytes() for f in sorted((tmp_path / "pieces").glob("*.safetensors"))] == \

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import surgeon
+from conftest import models_section
 from surgeon.merge import build_merge
 from surgeon.merge.kernels import base as kbase
 from surgeon.merge.kernels.arcee_fusion import SAMPLE_SIZE, ArceeFusionKernel
@@ -22,12 +23,7 @@ from surgeon.merge.registry import TensorMerge, get_method
 RECIPE = """\
 name: streamed
 seed: 11
-models:
-  base: {base}
-  ft1: {ft1}
-  ft2: {ft2}
-  ft3: {ft3}
-steps:
+{models_section}steps:
   - id: merged
     merge:
       method: {method}
@@ -74,7 +70,7 @@ def test_streamed_in_pieces_and_equal_to_whole_tensors(tmp_path: Path, tiny_fami
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(method=method, params=params, models=MODELS[models],
-                                    **{k: str(v) for k, v in tiny_family.items()}))
+                                    models_section=models_section(tiny_family)))
     with monkeypatch.context() as mp:
         mp.setattr(merge_step, "iter_merges", record_whole)
         mp.setattr(kbase, "_block_merge", record_block)

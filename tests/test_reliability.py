@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import surgeon.merge.registry as registry
+from conftest import models_section
 from surgeon.cli import main
 from surgeon.io import Checkpoint, CheckpointWriter
 
@@ -72,12 +73,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 TWO_STEPS = """\
 name: two-step
 seed: 3
-models:
-  base: {base}
-  ft1: {ft1}
-  ft2: {ft2}
-  ft3: {ft3}
-steps:
+{models_section}steps:
   - id: ta
     merge:
       method: task_arithmetic
@@ -102,7 +98,7 @@ output:
 def _two_step_recipe(folder: Path, fam: dict[str, Path], w1: float = 0.6, name: str = "recipe.yaml",
                      dt1: str = "float32", dt2: str = "bfloat16") -> Path:
     p = folder / name
-    p.write_text(TWO_STEPS.format(w1=w1, dt1=dt1, dt2=dt2, **{k: str(v) for k, v in fam.items()}))
+    p.write_text(TWO_STEPS.format(w1=w1, dt1=dt1, dt2=dt2, models_section=models_section(fam)))
     return p
 
 
