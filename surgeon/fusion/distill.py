@@ -913,6 +913,7 @@ def _card(pivot_dir: Path, out_dir: Path, report: dict[str, Any]) -> str:
         rows.append(f"| {x['id']} | {x['weight']:.3g} | {x['align']}{' (identity)' if x.get('identity') else ''} | "
                     f"{x.get('coverage', 0):.1%} | {x.get('vocab_map')} |")
     final = report.get("final", {})
+    note = rounding_note(report.get("output_rounding"))
     body = "\n".join([
         f"Loss: (1 - {s['lambda']}) * SFT + {s['lambda']} * sum_s w_s * ({s['tokenwise_weight']} * "
         f"{s['options']['tokenwise']} + {s['gld_weight']} * GLD), top-k {s['top_k']}.",
@@ -927,7 +928,7 @@ def _card(pivot_dir: Path, out_dir: Path, report: dict[str, Any]) -> str:
         "Final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
         "",
         "The loss log is in `fuse_log.csv`, the plot in `fuse_loss.png`, the full report in `fuse_report.json`.",
-        *(["", f"Note: {rounding_note(report['output_rounding'])}."] if rounding_note(report.get("output_rounding")) else []),
+        *(["", f"Note: {note}."] if note else []),
     ])
     info = CardInfo(name=out_dir.name, operations=["fusion"], inputs=inputs, steps=[step],
                     extra_sections={"Fusion": body})

@@ -19,7 +19,11 @@ import torch
 from .tensor import TensorMerge
 
 
-def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+#: mergekit's rescale guard: no rescale when either L1 norm is below this
+L1_EPS = 1e-7
+
+
+def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
     """Scale ``masked`` so its L1 norm matches ``original``'s (mergekit's rescale).
 
     Left unscaled when either norm is below ``eps`` (mergekit's guard).

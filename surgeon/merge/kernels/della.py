@@ -21,14 +21,11 @@ from collections import deque
 import numpy as np
 import torch
 
-from ..arith import combine
+from ..arith import L1_EPS, combine
 from ..select.exact import stable_ranks
 from ..select.ranks import magnitude_ranks
 from ..tensor import TensorMerge
 from .base import Kernel
-
-#: mergekit's guard: no rescale when either L1 norm is below this
-L1_EPS = 1e-7
 
 
 def della_params_ok(density: float, epsilon: float) -> bool:
