@@ -1,6 +1,4 @@
 """``python -m surgeon`` (and ``accelerate launch -m surgeon``) runs the CLI."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -16,9 +16,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .settings import configure_process
+from .settings import configure_process, exit_process
 from .errors import EXIT_INTERRUPTED, EXIT_STEP_FAILED, InvalidInputError, SurgeonError
 from .eval.protocol import DEFAULT_MAX_TOKENS
 from .recipe.mergekit_flags import add_mergekit_flags, apply_mergekit_flags
@@ -597,6 +597,20 @@ def _terminate(signum: int, frame: Any) -> None:
     # (with the default handler back in place, a third one used to kill the process with 143).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def entry() -> NoReturn:
+    """The ``surgeon`` command: :func:`main`, then :func:`surgeon.settings.exit_process`
+    (a normal exit less the interpreter's teardown)."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's --help and usage errors
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+            code = 1
+        else:
+            code = exc.code or 0
+    exit_process(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
