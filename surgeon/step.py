@@ -84,6 +84,9 @@ class StepContext:
     say: Callable[[str], None] = _print_note
     resolve_path: Callable[[str], str] = str
     finish_output: Callable[..., None] | None = None
+    #: given the rows of every tensor the step writes, as they are written:
+    #: ``watch_output(name, shape, start_row, rows)`` (:attr:`surgeon.io.writer.CheckpointWriter.watch`)
+    watch_output: Callable[[str, tuple[int, ...], int, Any], None] | None = None
     #: set by the step kind (:meth:`bound`): finishes this step's output
     finish: Finish | None = None
 
@@ -91,10 +94,11 @@ class StepContext:
                     metadata: dict[str, str] | None = None) -> CheckpointWriter:
         """The output writer, configured by the engine: shards at ``max_shard_size``,
         ranks coordinated, a partial output resumed only under ``resume_key``,
-        non-finite stored values refused unless ``allow_nonfinite``."""
+        non-finite stored values refused unless ``allow_nonfinite``, written rows
+        shown to ``watch_output``."""
         return CheckpointWriter(dest, specs, max_shard_size=self.max_shard_size, overwrite=overwrite,
                                 metadata=metadata, coordinator=self.coordinator, resume_key=self.resume_key,
-                                allow_nonfinite=self.allow_nonfinite)
+                                allow_nonfinite=self.allow_nonfinite, watch=self.watch_output)
 
     def bound(self, tokenizer_from: Any, aux_from: Any, **changes: Any) -> StepContext:
         """This context with :attr:`finish` set: ``finish(writer, config, notes)``

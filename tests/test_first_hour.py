@@ -275,6 +275,87 @@ def test_every_merge_output_gets_its_change_picture(tiny_family, tmp_path, capsy
     assert f"what changed where: {out / 'changemap.png'}" in capsys.readouterr().out
 
 
+def test_the_change_map_is_gathered_while_the_merge_writes(tiny_family, tmp_path, monkeypatch):
+    """Every span is compared on the writer's thread as the merge writes it, also when tensors are
+    written in row pieces (spans split between writes); none is read back from the output after;
+    the numbers are still the hand-computed ones."""
+    import threading
+
+    import surgeon.eval.changemap as cmod
+
+    threads: list[str] = []
+    real_compare = cmod.ChangeMapSampler._compare
+
+    def compare(self, *a, **k):
+        threads.append(threading.current_thread().name)
+        return real_compare(self, *a, **k)
+
+    monkeypatch.setattr(cmod.ChangeMapSampler, "_compare", compare)
+    fam, out = tiny_family, tmp_path / "m"
+    assert main(["merge", "ties", str(out), "--base", str(fam["base"]), "--model", str(fam["ft1"]),
+                 "--model", str(fam["ft2"]), "--set", "density=0.5", "--piece-size", "2KB", "-q"]) == 0
+    assert threads and all(t.startswith("surgeon-write") for t in threads), set(threads)
+    cm = json.loads((out / "changemap.json").read_text())
+    sds = {k: load_file(v / "model.safetensors") for k, v in fam.items()}
+    merged = load_file(out / "model.safetensors")
+    for cell in cm["cells"]:
+        if cell["layer"] is not None:
+            rel, conflict = _cell_by_hand(sds["base"], merged, [sds["ft1"], sds["ft2"]], cell["layer"], cell["kind"])
+            assert cell["rel_change"] == pytest.approx(rel, rel=1e-9), cell
+            assert cell["sign_conflict"] == pytest.approx(conflict, abs=1e-12), cell
+
+
+def _same_changemap(a: dict, b: dict) -> None:
+    assert {k: v for k, v in a.items() if k != "cells"} == {k: v for k, v in b.items() if k != "cells"}
+    assert len(a["cells"]) == len(b["cells"])
+    for x, y in zip(a["cells"], b["cells"]):
+        assert {k: v for k, v in x.items() if k != "rel_change"} == {k: v for k, v in y.items() if k != "rel_change"}
+        assert x["rel_change"] == y["rel_change"]  # the same sums in the same order: equal, not close
+
+
+def test_the_sampler_takes_rows_in_any_split_and_order_and_reads_only_what_it_missed(tiny_family):
+    import random
+
+    import surgeon.eval.changemap as cmod
+    from surgeon.io.checkpoint import Checkpoint
+
+    base, ft1, ft2, ft3 = (Checkpoint.open(tiny_family[k]) for k in ("base", "ft1", "ft2", "ft3"))
+    from_files = cmod.compute_changemap(base, ft3, [ft1, ft2], "ties")
+    rng = random.Random(0)
+    sampler = cmod.ChangeMapSampler(base, [ft1, ft2], "ties")
+    pieces = []
+    for name in ft3.names:
+        shape = tuple(ft3.info(name).shape)
+        rows = shape[0] if shape else 1
+        cuts = sorted({0, rows, *(rng.randrange(rows + 1) for _ in range(3))})
+        pieces += [(name, shape, a, b) for a, b in zip(cuts, cuts[1:])]
+    rng.shuffle(pieces)
+    for name, shape, a, b in pieces[: len(pieces) * 2 // 3]:  # a third never shown: read from the output
+        sampler.rows_written(name, shape, a, ft3.get_rows(name, a, b) if shape else ft3.get(name))
+    assert sampler.failure is None
+    _same_changemap(sampler.result(ft3), from_files)
+
+
+def test_a_failure_while_watching_is_kept_and_the_files_answer(tiny_family):
+    import surgeon.eval.changemap as cmod
+    from surgeon.io.checkpoint import Checkpoint
+
+    base, ft1, ft2 = (Checkpoint.open(tiny_family[k]) for k in ("base", "ft1", "ft2"))
+
+    class Broken:
+        names, info, get = base.names, base.info, base.get
+
+        def get_rows(self, *a, **k):
+            raise OSError("gone")
+
+    sampler = cmod.ChangeMapSampler(Broken(), [ft1], "linear")
+    name = next(n for n in ft2.names if ft2.info(n).shape)
+    sampler.rows_written(name, tuple(ft2.info(name).shape), 0, ft2.get(name))  # must not raise
+    assert isinstance(sampler.failure, OSError)
+    sampler.reference = base
+    _same_changemap(sampler.result(ft2), cmod.compute_changemap(base, ft2, [ft1], "linear"))
+
+
 def test_without_matplotlib_the_card_says_how_to_get_the_picture(tiny_family, tmp_path, monkeypatch):
     monkeypatch.setenv("SURGEON_NO_PLOT", "1")
     out = tmp_path / "m"

@@ -17,7 +17,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -264,6 +264,7 @@ class Pipeline:
         self._check_destinations(needed, final_id)
         available: dict[str, Any] = {}
         results: list[StepResult] = []
+        sampler = None  # the final merge's change map, gathered while its output is written
         for i, step in enumerate(self.recipe.steps):
             if step.id not in needed:
                 continue
@@ -278,9 +279,14 @@ class Pipeline:
                 kind = step_kinds.get_kind(step.kind)
                 sp = self._plans[step.id]
                 self._say(f"step {step.id}: {step.kind} -> {dest}")
+                context = self._context(step, fp)
+                if step.id == final_id:
+                    sampler = self._changemap_sampler(step, available)
+                    if sampler is not None:
+                        context = replace(context, watch_output=sampler.rows_written)
                 # a partial output of this step resumes only under the same fingerprint (the context's resume key)
                 try:
-                    details = kind.execute(step, sp, inputs, dest, self._context(step, fp))
+                    details = kind.execute(step, sp, inputs, dest, context)
                 except KeyboardInterrupt as exc:  # the CLI's one-line message says what is kept
                     if results:
                         note = "finished steps " + ", ".join(f"{r.id} ({r.path})" for r in results)
@@ -291,7 +297,7 @@ class Pipeline:
         if not self.coord.is_main:
             return {"schema": REPORT_SCHEMA, "rank": self.coord.rank, "steps": [r.id for r in results]}
         report = self._report(results, t_start)
-        self._changemap(report, results, available)
+        self._changemap(report, results, available, sampler)
         if self.coord.distributed:
             report["processes"] = self.coord.world
         if self.recipe.eval and self.opts.evaluate:
@@ -463,11 +469,44 @@ class Pipeline:
         tmp.write_text(card, encoding="utf-8")
         os.replace(tmp, self.output_path / "README.md")
 
-    def _changemap(self, report: dict[str, Any], results: list[StepResult], available: dict[str, Any]) -> None:
+    def _changemap_sources(self, step: Step, available: dict[str, Any]) -> tuple[Any, list[Any]] | str | None:
+        """The base (or None) and inputs a final merge's change map compares, a reason
+        (str) when it cannot be drawn here, or None when the step has none to draw."""
+        if step.kind != "merge" or not getattr(step.merge, "models", None):
+            return None
+        spec = step.merge
+
+        def get(ref: str) -> Any:
+            return available[ref] if ref in available else self.open_model(ref)
+
+        base = get(spec.base) if spec.base else None
+        inputs = [get(m.model) for m in spec.models]
+        if any(isinstance(ck, StreamingCheckpoint) for ck in [base, *inputs]):
+            # the picture would fetch the streamed inputs a second time (docs/hub.md: each byte once)
+            return (f"step {step.id}: no change map for inputs streamed from the hub; "
+                    f"`surgeon diff BASE {self.output_path} --plot changemap.png` draws it from local copies")
+        return base, inputs
+
+    def _changemap_sampler(self, step: Step, available: dict[str, Any]) -> Any:
+        """A sampler to watch the final merge's output being written (surgeon.eval.changemap), or None."""
+        if not self.coord.is_main:
+            return None
+        try:
+            sources = self._changemap_sources(step, available)
+            if not isinstance(sources, tuple):
+                return None
+            from ..eval.changemap import sampler_for_merge
+
+            return sampler_for_merge(step.merge.method, *sources)
+        except Exception:  # noqa: BLE001 - the picture is an extra; _changemap says what failed
+            return None
+
+    def _changemap(self, report: dict[str, Any], results: list[StepResult], available: dict[str, Any],
+                   sampler: Any = None) -> None:
         """A final merge gets its per-layer change picture and numbers beside its card
-        (surgeon.eval.changemap); a failure there costs the picture, never the merge. A final
-        transplant's card gets the reconstruction error by k its step wrote
-        (surgeon.transplant.error_curve)."""
+        (surgeon.eval.changemap; ``sampler`` watched its output being written); a failure
+        there costs the picture, never the merge. A final transplant's card gets the
+        reconstruction error by k its step wrote (surgeon.transplant.error_curve)."""
         final = results[-1] if results else None
         step = next((s for s in self.recipe.steps if final is not None and s.id == final.id), None)
         if step is not None and step.kind == "transplant":
@@ -487,21 +526,14 @@ class Pipeline:
             if section:
                 self._card_sections["What changed where"] = section
             return
-
-        spec = step.merge
-
-        def get(ref: str) -> Any:
-            return available[ref] if ref in available else self.open_model(ref)
-
-        base = get(spec.base) if spec.base else None
-        inputs = [get(m.model) for m in spec.models]
-        if any(isinstance(ck, StreamingCheckpoint) for ck in [base, *inputs]):
-            # the picture would fetch the streamed inputs a second time (docs/hub.md: each byte once)
-            self._say(f"step {step.id}: no change map for inputs streamed from the hub; "
-                      f"`surgeon diff BASE {self.output_path} --plot changemap.png` draws it from local copies")
-            return
         try:
-            found = changemap_for_merge(self.output_path, spec.method, base, inputs, output=available.get(step.id))
+            sources = self._changemap_sources(step, available)
+            if isinstance(sources, str):
+                self._say(sources)
+                return
+            assert sources is not None
+            found = changemap_for_merge(self.output_path, step.merge.method, *sources,
+                                        output=available.get(step.id), sampler=sampler)
         except Exception as exc:  # noqa: BLE001 - the picture is an extra
             self._say(f"step {step.id}: no change map ({type(exc).__name__}: {exc})")
             return

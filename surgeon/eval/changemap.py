@@ -1,4 +1,4 @@
-"""What a merge changed where: per layer and tensor kind, computed after the merge.
+"""What a merge changed where: per layer and tensor kind, gathered while the merge writes.
 
 For every tensor the output shares (by name and shape) with the reference (the
 merge's base; for ``surgeon diff A B --plot``, A):
@@ -21,18 +21,22 @@ Memory and time are bounded whatever the model: each tensor is read in row
 blocks of at most :data:`BLOCK_ELEMENTS` entries per input, and a tensor larger
 than :data:`SAMPLE_ELEMENTS` is estimated from evenly spaced row blocks adding
 up to about that many entries (the result says how many entries were read).
-The picture is drawn by :mod:`surgeon.io.plot` when matplotlib is installed
+A merge run gathers the numbers as its output is written
+(:class:`ChangeMapSampler`, watching the writer): the output is never read
+back. The picture is drawn by :mod:`surgeon.io.plot` when matplotlib is installed
 (``pip install 'surgeon[plot]'``); the numbers are written either way.
 """
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..arch import KINDS, layer_index, tensor_kind
@@ -75,69 +79,161 @@ def _spans(rows: int, cols: int) -> list[tuple[int, int]]:
     return out
 
 
-def _blocks(cks: Sequence[Any], name: str) -> Iterator[list[torch.Tensor]]:
-    """The same row blocks of ``name`` from every checkpoint, as float32."""
-    shape = tuple(cks[0].info(name).shape)
-    if not shape:
-        yield [ck.get(name).float().reshape(1) for ck in cks]
-        return
-    rows, cols = shape[0], (math.prod(shape[1:]) if len(shape) > 1 else 1)
-    for s, e in _spans(rows, cols):
-        yield [ck.get_rows(name, s, e).float().reshape(-1) for ck in cks]
+@dataclass
+class _Span:
+    """The comparison of one span of a tensor's rows."""
+
+    delta_sq: float
+    ref_sq: float
+    conflicts: int
+    entries: int
+    read: int
+
+
+class ChangeMapSampler:
+    """The change map's numbers, gathered from the rows of a merge's output as they are written.
+
+    :meth:`rows_written` takes each output tensor's rows when the writer places
+    them (any order and split; :attr:`surgeon.step.StepContext.watch_output`).
+    Each sampled span is compared as soon as all its rows have been shown (a
+    span split between two writes waits as a small copy), with the same rows of
+    the reference and the inputs, read while the merge has just brought them
+    into the page cache: the output is never read back, and the work runs on
+    the writer's thread beside the merge. :meth:`result` reads the spans it did
+    not see (tensors another rank or an earlier, resumed run wrote) from the
+    finished output and adds all spans up in one fixed order, so the numbers
+    do not depend on how the rows arrived: a resumed run writes the same
+    ``changemap.json`` as an uninterrupted one. A failure while watching is
+    kept, never raised into the merge; :meth:`result` then reads every span.
+    """
+
+    def __init__(self, reference: Any, inputs: Sequence[Any] = (), method: str | None = None,
+                 labels: tuple[str, str] = ("base", "output")):
+        self.reference, self.inputs, self.method, self.labels = reference, list(inputs), method, labels
+        self.signs = bool(method in SIGN_ELECTING and self.inputs)
+        self._done: dict[str, dict[tuple[int, int], _Span]] = {}
+        self._parts: dict[tuple[str, tuple[int, int]], list[tuple[int, torch.Tensor]]] = {}
+        self._lock = threading.Lock()
+        self.failure: BaseException | None = None
+
+    def _comparable(self, name: str, shape: tuple[int, ...]) -> list[Any] | None:
+        """The inputs a tensor of ``shape`` is compared with (None: not comparable to the reference)."""
+        if name not in self.reference.names or tuple(self.reference.info(name).shape) != shape:
+            return None
+        if not self.signs:
+            return []
+        return [i for i in self.inputs if name in i.names and tuple(i.info(name).shape) == shape]
+
+    def _compare(self, name: str, shape: tuple[int, ...], start: int, stop: int, out: torch.Tensor,
+                 use: list[Any]) -> _Span:
+        """Rows ``[start, stop)`` of tensor ``name`` (``out``: the output's, float32, flat)."""
+        if shape:
+            ref = self.reference.get_rows(name, start, stop).float().reshape(-1)
+            others = [i.get_rows(name, start, stop).float().reshape(-1) for i in use]
+        else:
+            ref = self.reference.get(name).float().reshape(1)
+            others = [i.get(name).float().reshape(1) for i in use]
+        # numpy sums (pairwise, on the calling thread alone): torch's may split a span across its
+        # thread pool, whose size differs between the writer's thread and the main one, and the
+        # last bits of a sum then depend on which thread compared the span
+        d = (out - ref).double().numpy()
+        r = ref.double().numpy()
+        conflicts = entries = 0
+        if len(others) > 1:  # a sign conflict needs two task vectors
+            deltas = torch.stack([b - ref for b in others])
+            conflicts = int(((deltas > 0).any(dim=0) & (deltas < 0).any(dim=0)).sum())
+            entries = ref.numel()
+        return _Span(float(np.square(d).sum()), float(np.square(r).sum()), conflicts, entries, ref.numel())
+
+    def rows_written(self, name: str, shape: tuple[int, ...], start: int, rows: torch.Tensor) -> None:
+        """Rows ``[start, start + len(rows))`` of output tensor ``name`` (of ``shape``) were written."""
+        if self.failure is not None:
+            return
+        try:
+            shape = tuple(shape)
+            use = self._comparable(name, shape)
+            if use is None:
+                return
+            cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+            flat = rows.reshape(-1) if shape else rows.reshape(1)
+            stop = start + (flat.numel() // cols if shape else 1)
+            with self._lock:
+                done = self._done.setdefault(name, {})
+                for s, e in _spans(shape[0] if shape else 1, cols):
+                    a, b = max(s, start), min(e, stop)
+                    if a >= b:
+                        continue
+                    part = flat[(a - start) * cols:(b - start) * cols]
+                    if (a, b) != (s, e):  # part of a span: keep a copy until the rest arrives
+                        parts = self._parts.setdefault((name, (s, e)), [])
+                        parts.append((a, part.float().clone()))
+                        if sum(p.numel() for _, p in parts) < (e - s) * cols:
+                            continue
+                        part = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0])])
+                        del self._parts[(name, (s, e))]
+                    done[(s, e)] = self._compare(name, shape, s, e, part.float(), use)
+        except Exception as exc:  # noqa: BLE001 - the picture is an extra; result() reads the files instead
+            self.failure = exc
+            with self._lock:
+                self._done.clear()
+                self._parts.clear()
+
+    def result(self, output: Any) -> dict[str, Any]:
+        """Per (layer, kind) relative change of ``output`` against the reference and, for
+        sign-electing methods with inputs, the share of sign-conflicting entries.
+
+        Returns a JSON-ready dict: ``cells`` (one per layer and kind: ``layer`` (None
+        outside the stack), ``kind``, ``rel_change``, ``sign_conflict`` or None,
+        ``entries_read``, ``entries``), ``layers``, ``kinds``, ``sign_electing``,
+        ``sampled`` and ``skipped`` (tensors not compared: missing from the reference or
+        of another shape).
+        """
+        cells: dict[tuple[int | None, str], _Cell] = {}
+        skipped: list[str] = []
+        sampled = False
+        for name in output.names:
+            shape = tuple(output.info(name).shape)
+            use = self._comparable(name, shape)
+            if use is None:
+                skipped.append(name)
+                continue
+            done = self._done.get(name, {})
+            cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+            cell = cells.setdefault((layer_index(name), tensor_kind(name)), _Cell())
+            cell.tensors.append(name)
+            cell.total += output.info(name).numel
+            for s, e in _spans(shape[0] if shape else 1, cols):  # one order, however the rows came
+                span = done.get((s, e))
+                if span is None:
+                    out = (output.get_rows(name, s, e) if shape else output.get(name)).float().reshape(-1)
+                    span = self._compare(name, shape, s, e, out, use)
+                cell.delta_sq += span.delta_sq
+                cell.ref_sq += span.ref_sq
+                cell.conflicts += span.conflicts
+                cell.entries += span.entries
+                cell.read += span.read
+            sampled = sampled or cell.read < cell.total
+        rows = []
+        for (layer, kind), c in sorted(cells.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0,
+                                                                       _kind_rank(kv[0][1]))):
+            rel = math.sqrt(c.delta_sq) / math.sqrt(c.ref_sq) if c.ref_sq > 0 else (0.0 if c.delta_sq == 0 else math.inf)
+            rows.append({"layer": layer, "kind": kind, "rel_change": rel,
+                         "sign_conflict": (c.conflicts / c.entries if c.entries else None) if self.signs else None,
+                         "entries_read": c.read, "entries": c.total, "tensors": len(c.tensors)})
+        layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+        kinds = sorted({r["kind"] for r in rows}, key=_kind_rank)
+        return {"schema": "surgeon.changemap/1", "reference": self.labels[0], "output": self.labels[1],
+                "method": self.method, "sign_electing": self.signs, "layers": layers, "kinds": kinds,
+                "cells": rows, "sampled": sampled, "skipped": skipped}
 
 
 def compute_changemap(reference: Any, output: Any, inputs: Sequence[Any] = (), method: str | None = None,
                       labels: tuple[str, str] = ("base", "output")) -> dict[str, Any]:
     """Per (layer, kind) relative change of ``output`` against ``reference`` and, for
-    sign-electing ``method`` s with ``inputs``, the share of sign-conflicting entries.
-
-    ``reference``, ``output`` and ``inputs`` are checkpoints (anything with
-    ``names``/``info``/``get``/``get_rows``). Returns a JSON-ready dict: ``cells``
-    (one per layer and kind: ``layer`` (None outside the stack), ``kind``,
-    ``rel_change``, ``sign_conflict`` or None, ``entries_read``, ``entries``),
-    ``layers``, ``kinds``, ``sign_electing``, ``sampled`` and ``skipped`` (tensors
-    not compared: missing from the reference or of another shape).
-    """
-    signs = bool(method in SIGN_ELECTING and inputs)
-    cells: dict[tuple[int | None, str], _Cell] = {}
-    skipped: list[str] = []
-    sampled = False
-    for name in output.names:
-        if name not in reference.names or tuple(reference.info(name).shape) != tuple(output.info(name).shape):
-            skipped.append(name)
-            continue
-        use = [i for i in inputs if name in i.names and tuple(i.info(name).shape) == tuple(output.info(name).shape)]
-        cks = [reference, output] + (use if signs else [])
-        cell = cells.setdefault((layer_index(name), tensor_kind(name)), _Cell())
-        cell.tensors.append(name)
-        numel = output.info(name).numel
-        cell.total += numel
-        for block in _blocks(cks, name):
-            ref, out = block[0], block[1]
-            d = (out - ref).double()
-            cell.delta_sq += float(d.dot(d))
-            r = ref.double()
-            cell.ref_sq += float(r.dot(r))
-            cell.read += ref.numel()
-            if signs and len(block) > 3:  # a conflict needs two task vectors
-                deltas = torch.stack([b - ref for b in block[2:]])
-                pos = (deltas > 0).any(dim=0)
-                neg = (deltas < 0).any(dim=0)
-                cell.conflicts += int((pos & neg).sum())
-                cell.entries += ref.numel()
-        sampled = sampled or cell.read < cell.total
-    rows = []
-    for (layer, kind), c in sorted(cells.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0,
-                                                                   _kind_rank(kv[0][1]))):
-        rel = math.sqrt(c.delta_sq) / math.sqrt(c.ref_sq) if c.ref_sq > 0 else (0.0 if c.delta_sq == 0 else math.inf)
-        rows.append({"layer": layer, "kind": kind, "rel_change": rel,
-                     "sign_conflict": (c.conflicts / c.entries if c.entries else None) if signs else None,
-                     "entries_read": c.read, "entries": c.total, "tensors": len(c.tensors)})
-    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
-    kinds = sorted({r["kind"] for r in rows}, key=_kind_rank)
-    return {"schema": "surgeon.changemap/1", "reference": labels[0], "output": labels[1], "method": method,
-            "sign_electing": signs, "layers": layers, "kinds": kinds, "cells": rows, "sampled": sampled,
-            "skipped": skipped}
+    sign-electing ``method`` s with ``inputs``, the share of sign-conflicting entries,
+    all read from the checkpoints (anything with ``names``/``info``/``get``/``get_rows``).
+    Returns :meth:`ChangeMapSampler.result`'s dict."""
+    return ChangeMapSampler(reference, inputs, method, labels).result(output)
 
 
 def _kind_rank(kind: str) -> int:
@@ -208,22 +304,31 @@ def existing_section(folder: str | Path, stem: str = "changemap") -> str | None:
     return card_section(cm, js.name, png.name if png.is_file() else None)
 
 
-def changemap_for_merge(output_dir: str | Path, method: str, base: Any | None, inputs: Sequence[Any],
-                        output: Any | None = None) -> dict[str, Any] | None:
-    """The change map of a finished merge, written beside its card (``changemap.json`` / ``.png``).
-
-    The reference is the base (the first input for base-free methods). Returns
-    :func:`write_changemap`'s dict, or None when there is nothing to compare (no inputs).
-    """
-    from ..io.checkpoint import Checkpoint
-
+def sampler_for_merge(method: str, base: Any | None, inputs: Sequence[Any]) -> ChangeMapSampler | None:
+    """The sampler of a merge's change map (to watch its output being written): the
+    reference is the base, the first input for base-free methods. None without inputs."""
     if not inputs:
         return None
     from ..io.plot import preload
 
-    reference = base if base is not None else inputs[0]
+    preload()  # the picture's imports on the other core while the merge runs
+    return ChangeMapSampler(base if base is not None else inputs[0], inputs, method,
+                            labels=("base" if base is not None else "first input", "output"))
+
+
+def changemap_for_merge(output_dir: str | Path, method: str, base: Any | None, inputs: Sequence[Any],
+                        output: Any | None = None, sampler: ChangeMapSampler | None = None) -> dict[str, Any] | None:
+    """The change map of a finished merge, written beside its card (``changemap.json`` / ``.png``).
+
+    ``sampler`` (:func:`sampler_for_merge`) is the one that watched the output
+    being written, if any: what it compared is not read again. Returns
+    :func:`write_changemap`'s dict, or None when there is nothing to compare (no inputs).
+    """
+    from ..io.checkpoint import Checkpoint
+
+    sampler = sampler or sampler_for_merge(method, base, inputs)
+    if sampler is None:
+        return None
     out = output if output is not None else Checkpoint.open(output_dir)
-    preload()  # the picture's imports on the other core while the numbers are computed
-    cm = compute_changemap(reference, out, inputs, method,
-                           labels=("base" if base is not None else "first input", "output"))
+    cm = sampler.result(out)
     return write_changemap(output_dir, cm, title=f"{method}: what changed where")

@@ -31,7 +31,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -201,6 +201,7 @@ class CheckpointWriter:
         coordinator: Any = None,
         resume_key: str | None = None,
         allow_nonfinite: bool = False,
+        watch: Callable[[str, tuple[int, ...], int, torch.Tensor], None] | None = None,
     ):
         self.dest = Path(dest)
         self.specs = list(specs)
@@ -236,6 +237,9 @@ class CheckpointWriter:
         #: writer could not hash as a stream, e.g. resumed ones, are absent); the engine's report uses them
         self.digests: dict[str, ShardDigest] = {}
         self.resumed_tensors = 0
+        #: called as ``watch(name, shape, start_row, rows)`` after rows of a tensor are placed
+        #: (a whole tensor: start 0, all rows), on the writing thread (StepContext.watch_output)
+        self.watch = watch
 
     # -- lifecycle --------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
@@ -381,6 +385,8 @@ class CheckpointWriter:
             )
         self._check_stored(name, tensor)
         self._place(slot, name, tensor_bytes(tensor), 0)
+        if self.watch is not None:
+            self.watch(name, slot.spec.shape, 0, tensor)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Place rows ``[start, start + len(rows))`` of a tensor (first dimension).
@@ -401,6 +407,8 @@ class CheckpointWriter:
         row_bytes = slot.spec.nbytes // total_rows if total_rows else 0
         self._check_stored(name, rows)
         self._place(slot, name, tensor_bytes(rows), start * row_bytes)
+        if self.watch is not None:
+            self.watch(name, shape, start, rows)
 
     def _check_stored(self, name: str, t: torch.Tensor) -> None:
         """Refuse Inf/NaN in the stored values of a narrow float dtype (float16, float8).
