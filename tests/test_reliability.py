@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,11 +263,18 @@ def _limit_file_size(limit: int):  # type: ignore[no-untyped-def]
     return preexec
 
 
-def test_disk_full_fails_cleanly_naming_the_file(tmp_path: Path, family: dict[str, Path]) -> None:
+@pytest.mark.parametrize("numba_cache", ["warm", "cold"])
+def test_disk_full_fails_cleanly_naming_the_file(tmp_path: Path, family: dict[str, Path], numba_cache: str) -> None:
+    """Also when the compiled loops are not cached yet: numba's cache files then fail to save under
+    the same limit, which must cost only the cache (surgeon.merge.kernels._jit.best_effort_cache)."""
     # step 1 stores bfloat16 (shards fit under the limit); step 2 stores float32 and its embedding shard does not
     recipe = _two_step_recipe(tmp_path, family, dt1="bfloat16", dt2="float32")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    code = REPO
+    if numba_cache == "cold":  # a copy of the package: numba's in-tree cache starts empty
+        code = tmp_path / "code"
+        shutil.copytree(REPO / "surgeon", code / "surgeon", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-m", "surgeon", "run", str(recipe), "-o", str(out), "-q"], env=env,
                           capture_output=True, text=True, preexec_fn=_limit_file_size(24_000), timeout=300)
     assert proc.returncode == 3, proc.stderr

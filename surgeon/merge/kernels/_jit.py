@@ -101,14 +101,46 @@ def jit_options() -> Any:
     """numba's ``njit`` with the options every compiled loop of surgeon uses,
     or None without numba: ``nogil`` (the engine's compute threads run them
     side by side), ``cache`` (compiled once per machine, recompiled when any
-    kernel source changes), no bounds checks, and numpy's error model (IEEE
-    results such as x / 0 = inf instead of Python exceptions, and no checks
-    inside the loops)."""
+    kernel source changes; best effort, :func:`best_effort_cache`), no bounds
+    checks, and numpy's error model (IEEE results such as x / 0 = inf instead
+    of Python exceptions, and no checks inside the loops)."""
     nb = numba_module()
     if nb is None:
         return None
     _install_locator()
-    return nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+    njit = nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+    def jit(fn: Callable[..., Any]) -> Any:
+        return best_effort_cache(njit(fn))
+
+    return jit
+
+
+def best_effort_cache(dispatcher: Any) -> Any:
+    """Make a compiled loop's on-disk cache an extra: a save or load that fails with an
+    ``OSError`` (a full disk, a file-size limit, a read-only install, an unreadable
+    file) is skipped, and the loop runs compiled in memory. numba itself lets these
+    errors out of the first call, which would fail a merge over its cache. Returns
+    ``dispatcher``."""
+    cache = getattr(dispatcher, "_cache", None)
+    save, load = getattr(cache, "save_overload", None), getattr(cache, "load_overload", None)
+    if save is None or load is None:  # pragma: no cover - other numba versions
+        return dispatcher
+
+    def save_overload(sig: Any, data: Any) -> None:
+        try:
+            save(sig, data)
+        except OSError:
+            pass  # compiled again by the next process
+
+    def load_overload(sig: Any, target_context: Any) -> Any:
+        try:
+            return load(sig, target_context)
+        except OSError:
+            return None  # as if not cached: compile
+
+    cache.save_overload, cache.load_overload = save_overload, load_overload
+    return dispatcher
 
 
 #: options of the ``@overload`` helpers inlined into the loops
