@@ -33,6 +33,7 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _MERGE / "kernels" / "ties_compiled.py",
     _MERGE / "kernels" / "linear.py",
     _MERGE / "kernels" / "widen_compiled.py",
+    _MERGE / "kernels" / "sce_compiled.py",
     _MERGE / "rng.py",
     _MERGE / "select" / "counting.py",
     _MERGE / "select" / "ranks.py",

@@ -17,14 +17,24 @@ Statistic passes (each over every block of the tensor, in flat order):
   which gives the weights; the merge pass selects again and mixes.
 
 Memory: a few blocks and two histograms of 2^16 counts, whatever the tensor's size.
+
+With numba, every pass takes whole pieces in their stored dtype
+(:meth:`SceKernel.observe_raw`, :meth:`SceKernel.merge_raw`:
+:mod:`surgeon.merge.kernels.sce_compiled`); the torch block path below is the
+fallback and the definition those loops follow.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from ..arith import elect_sign
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import sce_compiled
+from ._raw import raw_inputs, raw_view
+from .base import Kernel, PieceInputs
 
 _BUCKETS = 1 << 16
 
@@ -186,3 +196,56 @@ class SceKernel(Kernel):
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         return erase_mix(blk.base, self._selected(blk), self.weights)
+
+    # -- the compiled loops, on whole pieces in their stored dtype ------------------------------
+    def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
+        if not sce_compiled.available():
+            return None
+        raw = raw_inputs(piece.base, piece.models)
+        if raw is None or raw[0] is None:
+            return None
+        return raw  # type: ignore[return-value]
+
+    def _selection(self) -> tuple[bool, float]:
+        """(keep everything, threshold) for the compiled loops; keeping nothing is ``var > inf``."""
+        if self.keep_all:
+            return True, 0.0
+        return False, (math.inf if self.t is None else self.t)
+
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
+        raw = self._raw(piece)
+        if raw is None:
+            return False
+        base, models = raw
+        if pass_no == self._weights_pass:
+            self._in_order(piece.start, piece.numel)
+            keep_all, t = self._selection()
+            sq = np.zeros(len(models), dtype=np.float64)
+            self._quota = sce_compiled.square_sums(base, models, keep_all, t, self._quota, sq)
+            for i, v in enumerate(sq.tolist()):
+                self._sq[i] += v
+            return True
+        if pass_no == 1 and (self.k <= 0 or self.keep_all):
+            return True
+        counts = np.zeros(2, dtype=np.int64)
+        if pass_no == 0:
+            if piece.start == 0:
+                self._top = torch.zeros(_BUCKETS, dtype=torch.int64)
+            sce_compiled.histograms(base, models, False, 0, self._top.numpy(), counts)
+            self._nonzero += int(counts[0])
+        else:
+            if piece.start == 0:
+                self._low = torch.zeros(_BUCKETS, dtype=torch.int64)
+            sce_compiled.histograms(base, models, True, self._bucket, self._low.numpy(), counts)
+            self._below_bucket += int(counts[1])
+        return True
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw, o = self._raw(piece), raw_view(out)
+        if raw is None or o is None:
+            return None
+        self._in_order(piece.start, piece.numel)
+        keep_all, t = self._selection()
+        finite, self._quota = sce_compiled.erase_mix(raw[0], raw[1], keep_all, t, self._quota,
+                                                     np.asarray(self.weights, dtype=np.float32), o)
+        return finite

@@ -1,0 +1,238 @@
+"""SCE's passes compiled: variance histograms, weight sums and the erase-and-mix, from stored dtypes.
+
+Why. Through torch, each of SCE's four passes over a tensor casts every
+block of every input to float32 and recomputes the task vectors and their
+variance in some twenty op dispatches over 1 MiB temporaries; on the 1.1B
+family a three-model SCE took 51-59 s, ten times the whole job's floor. Here
+each pass is one numba call per piece: a 512-entry chunk of every input is
+widened in L1 (:mod:`surgeon.merge.kernels._raw`), its task vectors and
+variance computed once, and the pass's work done on them.
+
+Exactness. Every float32 operation is the one :class:`surgeon.merge.kernels.sce.SceKernel`
+does with torch, in the same order: the mean as a running sum divided by the
+model count, the variance as a running sum of squared differences divided
+by it, the selection ``var > t`` plus the first tied entries in flat order
+(the quota carried from piece to piece), the elected sign of the summed
+selected task vectors (zero: positive), and the mix as fused multiply-adds
+(torch's vectorised ``add_(x, alpha=w)``), then ``/ max(wsum, 1e-6) + base``.
+The weight sums add float32 squares in float64, entry by entry, where torch
+sums a block at a time: equal to float64 rounding (the weights are then
+normalised; tests/test_merge_conformance.py lists SCE with the other float64
+sums).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from . import _raw
+from ._jit import compiled, numba_module
+
+_CH = _raw.CHUNK
+
+
+@compiled
+def _kernels(jit: Any) -> Any:
+    """SCE's statistic and merge loops."""
+    _raw.register()
+    inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+
+    @inline
+    def variance_chunk(b_all, ms, s, e, b, m, d, var):  # pragma: no cover - compiled
+        # d[i] = m_i - b; var = population variance over the models, as torch's ops round it
+        nm = len(ms)
+        k = e - s
+        _raw.load(b_all[s:e], b)
+        for i in range(nm):
+            _raw.load(ms[i][s:e], m)
+            row = d[i]
+            for j in range(k):
+                row[j] = m[j] - b[j]
+        n = np.float32(nm)
+        mean = m  # the scratch row is free again
+        row = d[0]
+        for j in range(k):
+            mean[j] = row[j]
+        for i in range(1, nm):
+            row = d[i]
+            for j in range(k):
+                mean[j] = mean[j] + row[j]
+        for j in range(k):
+            mean[j] = mean[j] / n
+            var[j] = np.float32(0.0)
+        for i in range(nm):
+            row = d[i]
+            for j in range(k):
+                x = row[j] - mean[j]
+                var[j] = var[j] + x * x
+        for j in range(k):
+            var[j] = var[j] / n
+
+    @inline
+    def select_chunk(k, var, d, keep, t, quota):  # pragma: no cover - compiled
+        # zero the task-vector entries the selection drops (var > t, and the first ``quota`` entries
+        # equal to t in flat order); returns the quota left
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        ties = 0
+        for j in range(k):
+            x = var[j]
+            keep[j] = one if x > t else zero
+            ties += 1 if x == t else 0
+        if ties > 0 and quota > 0:  # the chunk where tied entries are kept: in flat order
+            for j in range(k):
+                if quota > 0 and var[j] == t:
+                    keep[j] = one
+                    quota -= 1
+        for i in range(d.shape[0]):
+            row = d[i]
+            for j in range(k):
+                row[j] = row[j] * keep[j]  # as torch's d * mask: 0 * NaN or inf stays NaN
+        return quota
+
+    @jit
+    def histograms(b_all, ms, low_pass, bucket, hist, counts):  # pragma: no cover - compiled
+        # pass 0 (low_pass False): counts[0] += entries of non-zero variance, hist[top 16 bits] += 1;
+        # pass 1: counts[1] += entries whose top 16 bits are below ``bucket``, hist[low 16 bits] += 1
+        # for those inside it. Four interleaved histograms: neighbouring variances mostly share a
+        # bucket, and one histogram made every increment wait for the one before.
+        nm = len(ms)
+        n = b_all.shape[0]
+        b = np.empty(_CH, np.float32)
+        m = np.empty(_CH, np.float32)
+        d = np.empty((nm, _CH), np.float32)
+        var = np.empty(_CH, np.float32)
+        bits = var.view(np.uint32)
+        parts = np.zeros((4, hist.shape[0]), np.int64)
+        zero = np.float32(0.0)
+        nonzero = 0
+        below = 0
+        for s in range(0, n, _CH):
+            e = min(n, s + _CH)
+            k = e - s
+            variance_chunk(b_all, ms, s, e, b, m, d, var)
+            if low_pass:
+                for j in range(k):
+                    below += 1 if (bits[j] >> np.uint32(16)) < bucket else 0
+                for j in range(k):
+                    if (bits[j] >> np.uint32(16)) == bucket:
+                        parts[j & 3, bits[j] & np.uint32(0xFFFF)] += 1
+            else:
+                for j in range(k):
+                    nonzero += 1 if var[j] != zero else 0
+                for j in range(k):
+                    parts[j & 3, bits[j] >> np.uint32(16)] += 1
+        for q in range(4):
+            for v in range(hist.shape[0]):
+                hist[v] += parts[q, v]
+        counts[0] += nonzero
+        counts[1] += below
+
+    @jit
+    def square_sums(b_all, ms, keep_all, t, quota, sq):  # pragma: no cover - compiled
+        # sq[i] += sum of the float32 squares of model i's selected task vector, in float64 (one
+        # running sum per chunk lane, added up at the end); returns the tie quota left
+        nm = len(ms)
+        n = b_all.shape[0]
+        b = np.empty(_CH, np.float32)
+        m = np.empty(_CH, np.float32)
+        d = np.empty((nm, _CH), np.float32)
+        var = np.empty(_CH, np.float32)
+        keep = np.empty(_CH, np.float32)
+        lanes = np.zeros((nm, _CH), np.float64)
+        for s in range(0, n, _CH):
+            e = min(n, s + _CH)
+            k = e - s
+            variance_chunk(b_all, ms, s, e, b, m, d, var)
+            if not keep_all:
+                quota = select_chunk(k, var, d, keep, t, quota)
+            for i in range(nm):
+                row = d[i]
+                lane = lanes[i]
+                for j in range(k):
+                    x = row[j] * row[j]
+                    lane[j] += np.float64(x)
+        for i in range(nm):
+            sq[i] += lanes[i].sum()
+        return quota
+
+    @jit
+    def erase_mix(b_all, ms, keep_all, t, quota, w, out_all, state):  # pragma: no cover - compiled
+        # base + sum_i w_i [agree_i] d_i / max(sum_i w_i [agree_i], 1e-6), the elected sign being
+        # that of the summed selected task vectors (zero: +1). state[0]: the tie quota left;
+        # returns whether every result was finite
+        nm = len(ms)
+        n = b_all.shape[0]
+        b = np.empty(_CH, np.float32)
+        m = np.empty(_CH, np.float32)
+        d = np.empty((nm, _CH), np.float32)
+        var = np.empty(_CH, np.float32)
+        keep = np.empty(_CH, np.float32)
+        acc = np.empty(_CH, np.float32)
+        merged = np.empty(_CH, np.float32)
+        wsum = np.empty(_CH, np.float32)
+        chk = np.zeros(_CH, np.float32)
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        floor = np.float32(1e-6)
+        for s in range(0, n, _CH):
+            e = min(n, s + _CH)
+            k = e - s
+            variance_chunk(b_all, ms, s, e, b, m, d, var)
+            if not keep_all:
+                quota = select_chunk(k, var, d, keep, t, quota)
+            for j in range(k):
+                acc[j] = zero
+                merged[j] = zero
+                wsum[j] = zero
+            for i in range(nm):
+                row = d[i]
+                for j in range(k):
+                    acc[j] = acc[j] + row[j]
+            for j in range(k):  # the elected sign (NaN stays NaN: agrees with nothing)
+                a = acc[j]
+                acc[j] = -one if a < zero else (one if a >= zero else a)
+            for i in range(nm):
+                row = d[i]
+                wi = w[i]
+                for j in range(k):
+                    x = row[j]
+                    sg = one if x > zero else (-one if x < zero else zero)
+                    agree = one if sg == acc[j] else zero
+                    merged[j] = _raw.fma(wi, x * agree, merged[j])
+                    wsum[j] = _raw.fma(wi, agree, wsum[j])
+            for j in range(k):
+                v = wsum[j]
+                merged[j] = merged[j] / (floor if v < floor else v) + b[j]  # noqa: FURB136 - NaN stays NaN
+            _raw.store_checked(merged, out_all[s:e], chk)
+        state[0] = quota
+        return _raw.all_finite(chk)
+
+    return SimpleNamespace(histograms=histograms, square_sums=square_sums, erase_mix=erase_mix)
+
+
+def available() -> bool:
+    """Whether the compiled loops can run (numba present and on)."""
+    return _kernels() is not None
+
+
+def histograms(base: np.ndarray, models: tuple[np.ndarray, ...], low_pass: bool, bucket: int,
+               hist: np.ndarray, counts: np.ndarray) -> None:
+    """Pass 0 or 1 of the variance selection over one piece (see :class:`surgeon.merge.kernels.sce.SceKernel`)."""
+    _kernels().histograms(base, models, low_pass, np.uint32(bucket), hist, counts)
+
+
+def square_sums(base: np.ndarray, models: tuple[np.ndarray, ...], keep_all: bool, t: float, quota: int,
+                sq: np.ndarray) -> int:
+    """Add each model's selected squared task vector of one piece to ``sq`` (float64); returns the quota left."""
+    return int(_kernels().square_sums(base, models, keep_all, np.float32(t), np.int64(quota), sq))
+
+
+def erase_mix(base: np.ndarray, models: tuple[np.ndarray, ...], keep_all: bool, t: float, quota: int,
+              weights: np.ndarray, out: np.ndarray) -> tuple[bool, int]:
+    """The merge pass over one piece into ``out``; returns (every result finite, quota left)."""
+    state = np.zeros(1, np.int64)
+    finite = _kernels().erase_mix(base, models, keep_all, np.float32(t), np.int64(quota), weights, out, state)
+    return bool(finite), int(state[0])
