@@ -15,10 +15,10 @@ by it, the selection ``var > t`` plus the first tied entries in flat order
 (the quota carried from piece to piece), the elected sign of the summed
 selected task vectors (zero: positive), and the mix as fused multiply-adds
 (torch's vectorised ``add_(x, alpha=w)``), then ``/ max(wsum, 1e-6) + base``.
-The weight sums add float32 squares in float64, entry by entry, where torch
-sums a block at a time: equal to float64 rounding (the weights are then
-normalised; tests/test_merge_conformance.py lists SCE with the other float64
-sums).
+The weight sums add float32 squares in float64 in 512 running lanes, where
+torch sums a block at a time: equal to float64 rounding, and bit-identical
+where those sums are exact (tests/test_merge_conformance.py; the 1.1B
+family's SCE output too).
 """
 from __future__ import annotations
 
