@@ -416,3 +416,70 @@ def test_passes_a_selection_does_not_need_are_not_read(tmp_path: Path, tiny_fami
         assert 1 <= closed < job.kernel.stat_passes or job.kernel.selector.misses
         n_reads = sum(1 for name, _ in reads if name == job.task.name)
         assert n_reads == len(job.pieces) * (closed + 1), job.task.name
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [True, False])
+def test_sce_kernel_keeps_the_first_tied_entries_and_needs_the_weights_pass_only_then(compiled, dtype, split,
+                                                                                      monkeypatch) -> None:
+    """Entries (a, -a, 0), variance 2a^2/3: 50 distinct larger a, the rest a = 1, tied across blocks.
+    When k falls inside the tied group (``split``), the first tied entries in flat order are kept and
+    the weights need their own pass; when it falls among the distinct ones, the compiled selection
+    pass sums the weights itself. Equal to the whole-tensor definition either way."""
+    from surgeon.merge.kernels.base import run_in_memory
+    from surgeon.merge.kernels.sce import SceKernel
+
+    if not compiled:
+        monkeypatch.setenv("SURGEON_NO_NUMBA", "1")
+    n = 3 * BLOCK_ELEMS + 11
+    g = torch.Generator().manual_seed(5)
+    a = torch.ones(n)
+    big = torch.randperm(n, generator=g)[:50]
+    a[big] = 2.0 + torch.arange(50) / 64  # distinct, exact in bfloat16
+    k = 50 + n // 4 if split else 25
+    topk = (k + 0.5) / n
+    base = torch.zeros(n).to(dtype)
+    models = [a.to(dtype), (-a).to(dtype), torch.zeros(n).to(dtype)]
+    mps = [{}, {}, {}]
+    meta = TensorMerge.header("model.layers.0.mlp.up_proj.weight", (n,), mps, {"select_topk": topk}, True)
+    kernel = SceKernel(meta)
+    needed: list[bool | None] = []
+    end_pass = kernel.end_pass
+
+    def end_and_ask(pass_no: int) -> None:
+        end_pass(pass_no)
+        if pass_no == 1:
+            needed.append(kernel.pass_needed(2))
+
+    kernel.end_pass = end_and_ask  # type: ignore[method-assign]
+    out = run_in_memory(kernel, meta, base, models)
+    ref = get_method("sce").fn(build_merge("sce", base, models, mps, select_topk=topk))
+    assert torch.equal(out.to(dtype), ref.to(dtype))
+    assert int((out != 0).sum()) == k
+    if split:  # the first tied entries are the kept ones
+        kept_ties = torch.nonzero((out != 0) & (a == 1.0)).squeeze(1)
+        assert kept_ties.tolist() == torch.nonzero(a == 1.0).squeeze(1)[: k - 50].tolist()
+    assert needed == [not compiled or split]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sce_kernel_weights_from_the_selection_pass_equal_the_definition(compiled, quantized, monkeypatch) -> None:
+    """Random task vectors whose weights differ (each model's scale differs per region): the
+    weights the compiled selection pass sums (above the threshold's bucket, and inside it by the
+    variance's low bits) give the whole-tensor definition's result, across blocks."""
+    from surgeon.merge.kernels.base import run_in_memory
+    from surgeon.merge.kernels.sce import SceKernel
+
+    if not compiled:
+        monkeypatch.setenv("SURGEON_NO_NUMBA", "1")
+    base, models = _family((600, 1000), quantized, seed=4)
+    models[1][:300] = base[:300] + 4 * (models[1][:300] - base[:300])  # model 1 moves further in the top half
+    mps = [{}, {}, {}]
+    meta = TensorMerge.header("model.layers.0.mlp.up_proj.weight", (600, 1000), mps, {"select_topk": 0.3}, True)
+    kernel = SceKernel(meta)
+    out = run_in_memory(kernel, meta, base, models)
+    ref_t = build_merge("sce", base, models, mps, select_topk=0.3)
+    assert torch.equal(out, get_method("sce").fn(ref_t))
+    assert kernel.weights[1] > 2 * kernel.weights[0]

@@ -93,11 +93,13 @@ def _kernels(jit: Any) -> Any:
         return quota
 
     @jit
-    def histograms(b_all, ms, low_pass, bucket, hist, counts):  # pragma: no cover - compiled
+    def histograms(b_all, ms, low_pass, bucket, hist, counts, sq_above, sq_low):  # pragma: no cover - compiled
         # pass 0 (low_pass False): counts[0] += entries of non-zero variance, hist[top 16 bits] += 1;
         # pass 1: counts[1] += entries whose top 16 bits are below ``bucket``, hist[low 16 bits] += 1
-        # for those inside it. Four interleaved histograms: neighbouring variances mostly share a
-        # bucket, and one histogram made every increment wait for the one before.
+        # for those inside it, and each model's float32 squares summed in float64: sq_above[i] over
+        # the entries above the bucket, sq_low[i, low 16 bits] over those inside it (the weights
+        # then need no pass of their own). Four interleaved histograms: neighbouring variances
+        # mostly share a bucket, and one histogram made every increment wait for the one before.
         nm = len(ms)
         n = b_all.shape[0]
         b = np.empty(_CH, np.float32)
@@ -106,6 +108,7 @@ def _kernels(jit: Any) -> Any:
         var = np.empty(_CH, np.float32)
         bits = var.view(np.uint32)
         parts = np.zeros((4, hist.shape[0]), np.int64)
+        lanes = np.zeros((nm, _CH), np.float64)
         zero = np.float32(0.0)
         nonzero = 0
         below = 0
@@ -116,9 +119,19 @@ def _kernels(jit: Any) -> Any:
             if low_pass:
                 for j in range(k):
                     below += 1 if (bits[j] >> np.uint32(16)) < bucket else 0
+                for i in range(nm):
+                    row = d[i]
+                    lane = lanes[i]
+                    for j in range(k):
+                        x = row[j] * row[j]
+                        lane[j] += np.float64(x) if (bits[j] >> np.uint32(16)) > bucket else np.float64(0.0)
                 for j in range(k):
                     if (bits[j] >> np.uint32(16)) == bucket:
-                        parts[j & 3, bits[j] & np.uint32(0xFFFF)] += 1
+                        low = bits[j] & np.uint32(0xFFFF)
+                        parts[j & 3, low] += 1
+                        for i in range(nm):
+                            x = d[i, j] * d[i, j]
+                            sq_low[i, low] += np.float64(x)
             else:
                 for j in range(k):
                     nonzero += 1 if var[j] != zero else 0
@@ -129,6 +142,9 @@ def _kernels(jit: Any) -> Any:
                 hist[v] += parts[q, v]
         counts[0] += nonzero
         counts[1] += below
+        if low_pass:
+            for i in range(nm):
+                sq_above[i] += lanes[i].sum()
 
     @jit
     def square_sums(b_all, ms, keep_all, t, quota, sq):  # pragma: no cover - compiled
@@ -219,9 +235,14 @@ def available() -> bool:
 
 
 def histograms(base: np.ndarray, models: tuple[np.ndarray, ...], low_pass: bool, bucket: int,
-               hist: np.ndarray, counts: np.ndarray) -> None:
-    """Pass 0 or 1 of the variance selection over one piece (see :class:`surgeon.merge.kernels.sce.SceKernel`)."""
-    _kernels().histograms(base, models, low_pass, np.uint32(bucket), hist, counts)
+               hist: np.ndarray, counts: np.ndarray, sq_above: np.ndarray | None = None,
+               sq_low: np.ndarray | None = None) -> None:
+    """Pass 0 or 1 of the variance selection over one piece (see :class:`surgeon.merge.kernels.sce.SceKernel`);
+    pass 1 also adds the squared task vectors above and inside ``bucket`` to ``sq_above`` (models) and
+    ``sq_low`` (models x 2^16, by the low 16 bits of the variance)."""
+    if sq_above is None or sq_low is None:
+        sq_above, sq_low = np.zeros(len(models)), np.zeros((len(models), 1))
+    _kernels().histograms(base, models, low_pass, np.uint32(bucket), hist, counts, sq_above, sq_low)
 
 
 def square_sums(base: np.ndarray, models: tuple[np.ndarray, ...], keep_all: bool, t: float, quota: int,
