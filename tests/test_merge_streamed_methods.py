@@ -52,28 +52,29 @@ PIECE = 4096  # bytes per input per piece
 def test_streamed_in_pieces_and_equal_to_whole_tensors(tmp_path: Path, tiny_family: dict[str, Path], method: str,
                                                        models: str, params: str, monkeypatch) -> None:
     """Every tensor larger than a piece goes through the kernel piece by piece
-    (no whole-tensor merge, no block larger than a piece), and the checkpoint
-    equals the whole-tensor run's byte for byte."""
-    from surgeon.engine import merge_step
+    (no whole-tensor merge, no piece larger than a piece's bytes, whether the
+    kernel takes it whole in its stored dtype or in float32 blocks), and the
+    checkpoint equals the whole-tensor run's byte for byte."""
+    from surgeon.engine import merge_step, piecewise
 
     whole_tasks: list[str] = []
     blocks: list[tuple[str, int]] = []
-    iter_merges, block_merge = merge_step.iter_merges, kbase._block_merge
+    iter_merges, merge_piece = merge_step.iter_merges, piecewise.merge_piece
 
     def record_whole(plan, inputs, rt, tasks, state=None):
         whole_tasks.extend(t.name for t in tasks)
         return iter_merges(plan, inputs, rt, tasks, state)
 
-    def record_block(meta, piece, a, b):
-        blocks.append((meta.name, b - a))
-        return block_merge(meta, piece, a, b)
+    def record_piece(kernel, meta, piece, out):
+        blocks.append((meta.name, piece.numel))
+        return merge_piece(kernel, meta, piece, out)
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(method=method, params=params, models=MODELS[models],
                                     models_section=models_section(tiny_family)))
     with monkeypatch.context() as mp:
         mp.setattr(merge_step, "iter_merges", record_whole)
-        mp.setattr(kbase, "_block_merge", record_block)
+        mp.setattr(piecewise, "merge_piece", record_piece)
         surgeon.run(recipe, output=str(tmp_path / "pieces"), quiet=True, piece_size=f"{PIECE}B")
     from surgeon.io import Checkpoint
 
