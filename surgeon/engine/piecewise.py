@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, TypeVar
 
 import torch
 
+from ..allocator import release_free_memory
 from ..errors import InvalidInputError, StepError
 from ..io.checkpoint import Checkpoint
 from ..merge.kernels.base import Kernel, PieceInputs, merge_piece, observe_piece
@@ -272,6 +273,8 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
                 if read.piece == last_piece_of_pass[id(job)]:
                     job.kernel.end_pass(p)
                 continue
+            if read.piece == 0 and job.kernel.stat_passes and rt.device.type == "cpu":
+                release_free_memory()  # the tensor's statistics are done: their heap holes go back
             r0, r1 = job.pieces[read.piece]
             shape = job.task.spec.shape
             out, held = new_output(job, piece.numel, piece.models[0].device)
