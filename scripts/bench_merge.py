@@ -100,6 +100,10 @@ CONFIGS = {
     "nearswap": "merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.001}}\nmodels:\n  - model: {base}\n"
                 "  - model: {ft1}\n",
     "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {ft1}\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {{{k}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n" + "".join(
+        f"  - model: {{{k}}}\n" for k in ("ft1", "ft2", "ft3")),
+    "passthrough": "merge_method: passthrough\nmodels:\n  - model: {ft1}\n",  # a copy through the engine
 }
 MERGEKIT_HAS = set(CONFIGS) - {"widen"}  # mergekit 0.1.5 has every other method here
 
