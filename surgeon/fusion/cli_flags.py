@@ -1,6 +1,6 @@
 """Command-line flags for every ``fuse`` option (``surgeon fuse --help``).
 
-The flags are derived from :class:`surgeon.fusion.distill.FuseOptions` (the
+The flags are derived from :class:`surgeon.recipe.options.FuseOptions` (the
 ``options:`` of a recipe) and from the ``gld_loss`` options (``options.gld``), so
 an option added there gets a flag here; :data:`HELP` gives each its help text.
 A flag left out is not passed, so the function's default applies (and is shown
@@ -94,7 +94,7 @@ def add_fuse_flags(p: argparse.ArgumentParser, existing: Optional[set[str]] = No
     ``existing``: flags the parser already has (skipped). Every flag's ``dest`` is
     prefixed (``fo_``, ``fg_``, ``ft_``); a flag not given leaves no attribute.
     """
-    from .distill import FuseOptions
+    from ..recipe.options import FuseOptions  # its home: importing the trainer (distill) cost every command 0.07 s
 
     existing = existing or set()
     for name, tp, default, text in TRAIN_FLAGS:
