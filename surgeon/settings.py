@@ -133,9 +133,10 @@ def exit_process(code: int | None) -> NoReturn:
     idle executor workers), ``atexit`` handlers run (logging's flush, temporary
     folders' cleanup, ``weakref.finalize``), and standard output and error are
     flushed. What is skipped is tearing down every module and object, which
-    with torch loaded takes ~0.5 s of a command's wall time and changes nothing
-    outside the process. ``SURGEON_FULL_EXIT=1`` (:class:`Settings`) exits
-    through ``sys.exit`` instead.
+    with torch loaded takes ~0.5 s of a command's wall time. Finalisers do not
+    run: a file object still open with buffered writes would lose them (surgeon
+    leaves none open; its writer's journal is flushed line by line).
+    ``SURGEON_FULL_EXIT=1`` (:class:`Settings`) exits through ``sys.exit`` instead.
     """
     code = 0 if code is None else code
     if current().full_exit:
