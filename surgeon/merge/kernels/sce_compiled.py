@@ -40,6 +40,12 @@ def _kernels(jit: Any) -> Any:
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 
     @inline
+    def scratch(nm):  # pragma: no cover - compiled
+        # a chunk's rows: base, one model (then the mean), the task vectors, their variance
+        return (np.empty(_CH, np.float32), np.empty(_CH, np.float32), np.empty((nm, _CH), np.float32),
+                np.empty(_CH, np.float32))
+
+    @inline
     def variance_chunk(b_all, ms, s, e, b, m, d, var):  # pragma: no cover - compiled
         # d[i] = m_i - b; var = population variance over the models, as torch's ops round it
         nm = len(ms)
@@ -102,10 +108,7 @@ def _kernels(jit: Any) -> Any:
         # mostly share a bucket, and one histogram made every increment wait for the one before.
         nm = len(ms)
         n = b_all.shape[0]
-        b = np.empty(_CH, np.float32)
-        m = np.empty(_CH, np.float32)
-        d = np.empty((nm, _CH), np.float32)
-        var = np.empty(_CH, np.float32)
+        b, m, d, var = scratch(nm)
         bits = var.view(np.uint32)
         parts = np.zeros((4, hist.shape[0]), np.int64)
         lanes = np.zeros((nm, _CH), np.float64)
@@ -152,10 +155,7 @@ def _kernels(jit: Any) -> Any:
         # running sum per chunk lane, added up at the end); returns the tie quota left
         nm = len(ms)
         n = b_all.shape[0]
-        b = np.empty(_CH, np.float32)
-        m = np.empty(_CH, np.float32)
-        d = np.empty((nm, _CH), np.float32)
-        var = np.empty(_CH, np.float32)
+        b, m, d, var = scratch(nm)
         keep = np.empty(_CH, np.float32)
         lanes = np.zeros((nm, _CH), np.float64)
         for s in range(0, n, _CH):
@@ -181,10 +181,7 @@ def _kernels(jit: Any) -> Any:
         # returns whether every result was finite
         nm = len(ms)
         n = b_all.shape[0]
-        b = np.empty(_CH, np.float32)
-        m = np.empty(_CH, np.float32)
-        d = np.empty((nm, _CH), np.float32)
-        var = np.empty(_CH, np.float32)
+        b, m, d, var = scratch(nm)
         keep = np.empty(_CH, np.float32)
         acc = np.empty(_CH, np.float32)
         merged = np.empty(_CH, np.float32)
