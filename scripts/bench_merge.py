@@ -138,17 +138,9 @@ def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
     """Seconds to read every input byte (page cache) and to cast the same bf16 elements to float32."""
     import torch
 
-
-    # The buffer must be 64-byte aligned, as a tool's read buffers are (torch allocates so):
-    # into a bytearray (16 bytes past a 64-byte boundary) the kernel's copy ran at ~2 GB/s on
-    # the development VM instead of ~6, which made this floor (sessions 2-3) 3x too slow.
-    buf = memoryview(torch.empty(1 << 25, dtype=torch.uint8).numpy())
     for _ in range(2):  # the first pass warms the page cache
         t0 = time.perf_counter()
-        for f in files:
-            with open(f, "rb", buffering=0) as fh:
-                while fh.readinto(buf):
-                    pass
+        read_through(files)
         read_s = time.perf_counter() - t0
     total_elems = sum(f.stat().st_size for f in files) // 2
     torch.set_num_threads(threads)
@@ -165,10 +157,16 @@ def measure_floors(files: list[Path], threads: int) -> tuple[float, float]:
 
 
 def read_through(files: list[Path]) -> None:
-    """Read every input once, untimed: each tool's run starts with the inputs in the page cache,
-    as the read floor assumes (a run after mergekit, whose 4-7 GB evicted part of them, read them
-    from disk: +5-7 s on the 1.1B family)."""
-    buf = bytearray(1 << 24)
+    """Read every byte of ``files`` once: the read floor times it, and each tool's run is
+    preceded by it (untimed), so that every run starts with the inputs in the page cache as the
+    floor assumes (a run after mergekit, whose 4-7 GB evicted part of them, read them from disk:
+    +5-7 s on the 1.1B family)."""
+    import torch
+
+    # The buffer must be 64-byte aligned, as a tool's read buffers are (torch allocates so):
+    # into a bytearray (16 bytes past a 64-byte boundary) the kernel's copy ran at ~2 GB/s on
+    # the development VM instead of ~6, which made the floor (sessions 2-3) 3x too slow.
+    buf = memoryview(torch.empty(1 << 25, dtype=torch.uint8).numpy())
     for f in files:
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
