@@ -198,3 +198,28 @@ def test_a_recipe_fuse_step_prints_its_phase_lines_into_a_log(tmp_path: Path, ma
     surgeon.run(recipe, quiet=True, overwrite=True)
     seen = capsys.readouterr()
     assert "fuse:" not in seen.out + seen.err
+
+
+def test_an_output_over_the_fuse_steps_held_out_text_is_refused(tmp_path: Path, make_tiny_llama,
+                                                                 monkeypatch) -> None:
+    """``options.eval_path`` is one of the run's inputs, at the path the step reads (relative to the
+    recipe): an output over its folder is refused before any work, naming it, and the text stays."""
+    from surgeon.errors import InvalidInputError
+
+    pivot = make_tiny_llama("pivot", seed=0, dtype=torch.float32)
+    src = make_tiny_llama("src", seed=1, dtype=torch.float32, tokenizer_from=pivot)
+    (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 8)
+    held = tmp_path / "texts" / "held.txt"
+    held.parent.mkdir()
+    held.write_text("a lazy dog sleeps under the brown tree.\n" * 2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: held\nseed: 0\nmodels:\n  pivot: {pivot}\n  src: {src}\nsteps:\n  - id: s\n"
+                      "    fuse:\n      pivot: pivot\n      sources: [src]\n      data: train.txt\n"
+                      "      max_length: 16\n      batch_size: 2\n      steps: 2\n"
+                      "      options:\n        eval_path: texts/held.txt\noutput:\n  path: ./out\n")
+    with pytest.raises(InvalidInputError, match="held-out text"):
+        surgeon.run(recipe, output=str(held.parent), quiet=True, overwrite=True)
+    assert held.read_text() == "a lazy dog sleeps under the brown tree.\n" * 2

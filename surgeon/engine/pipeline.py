@@ -236,9 +236,10 @@ class Pipeline:
             data = getattr(step.spec, "data", None)
             if isinstance(data, str):
                 out.append((f"step {step.id!r}: training data", self.loaded.resolve_path(data)))
-            held_out = getattr(getattr(step.spec, "options", None), "eval_path", None)
-            if isinstance(held_out, str):
-                out.append((f"step {step.id!r}: held-out text", self.loaded.resolve_path(held_out)))
+            if step.kind == "fuse":  # its path options resolve by the rule the step itself uses
+                held_out = step_kinds.fuse_paths(step.spec.options, self.loaded.resolve_path).get("eval_path")
+                if held_out is not None:
+                    out.append((f"step {step.id!r}: held-out text", held_out))
         out.append(("the work folder", str(self.work_dir)))
         return out
 
