@@ -81,9 +81,11 @@ def test_resolve_params_checks_ranges_and_defaults() -> None:
         resolve_params(m.global_params, {"normalize": 1}, "w", None, "here")
 
 
-def test_seeded_generator_depends_on_seed_and_name() -> None:
-    a = TensorMerge("x", torch.zeros(1), [torch.zeros(1)], [{}], {}, seed=1)
-    b = TensorMerge("x", torch.zeros(1), [torch.zeros(1)], [{}], {}, seed=1)
-    c = TensorMerge("y", torch.zeros(1), [torch.zeros(1)], [{}], {}, seed=1)
-    ra, rb, rc = (torch.rand(4, generator=t.generator()) for t in (a, b, c))
-    assert torch.equal(ra, rb) and not torch.equal(ra, rc)
+def test_uniforms_depend_on_seed_name_and_salt() -> None:
+    a = TensorMerge("x", torch.zeros(4), [torch.zeros(4)], [{}], {}, seed=1)
+    b = TensorMerge("x", torch.zeros(4), [torch.zeros(4)], [{}], {}, seed=1)
+    c = TensorMerge("y", torch.zeros(4), [torch.zeros(4)], [{}], {}, seed=1)
+    d = TensorMerge("x", torch.zeros(4), [torch.zeros(4)], [{}], {}, seed=2)
+    assert torch.equal(a.uniform("s"), b.uniform("s"))
+    assert not torch.equal(a.uniform("s"), c.uniform("s")) and not torch.equal(a.uniform("s"), d.uniform("s"))
+    assert not torch.equal(a.uniform("s"), a.uniform("t"))

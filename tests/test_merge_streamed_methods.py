@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,114 @@ def test_della_kernel_rescale_keeps_each_task_vectors_l1_norm(monkeypatch) -> No
     torch.testing.assert_close(kept.abs().sum(dtype=torch.float64), (model - base).abs().sum(dtype=torch.float64),
                                rtol=1e-5, atol=0)
     assert torch.equal(got, m.fn(tm))
+
+
+def test_della_ranks_a_1d_tensor_larger_than_a_piece_as_one_row(tmp_path: Path) -> None:
+    """MagPrune ranks a 1-D tensor as one row: the engine must not cut it into
+    row pieces (each would be ranked on its own), however small the pieces."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w1d": torch.randn(3000, generator=g), "w2d": torch.randn(40, 75, generator=g)}
+    for name, sd in (("base", base), ("ft1", {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})):
+        (tmp_path / name).mkdir()
+        save_file(sd, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: della_linear\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - model: {tmp_path / 'ft1'}\n    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.2}}\n")
+    surgeon.run(recipe, output=str(tmp_path / "pieces"), quiet=True, piece_size="4096B")  # w1d: 12 KB
+    surgeon.run(recipe, output=str(tmp_path / "whole"), quiet=True, piece_size="0")
+    got, want = load_file(tmp_path / "pieces" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
+    """Task-vector rows that take the compiled loop down each of its paths."""
+    if kind == "float32":  # distinct magnitudes: few undecided entries, each ranked by counting
+        return torch.randn(9, 64, generator=g)
+    if kind == "bf16_ties":  # differences of bf16 values: many equal magnitudes
+        b = (torch.randn(9, 96, generator=g) * 0.02).bfloat16().float()
+        return (b + torch.randn(9, 96, generator=g) * 0.002).bfloat16().float() - b
+    if kind == "one_value":  # one magnitude, both signs: every entry in one bucket, the row radix-sorted
+        return torch.where(torch.rand(4, 512, generator=g) < 0.5, -0.25, 0.25)
+    if kind == "zeros_and_odd":  # zero rows and entries, 13-wide rows (not byte-aligned), a single entry row
+        x = torch.randn(7, 13, generator=g)
+        x[2] = 0.0
+        x[:, ::3] = 0.0
+        return x
+    if kind == "non_finite":
+        x = torch.randn(5, 40, generator=g)
+        x[1, 3], x[2, 7], x[3, 9] = float("inf"), float("-inf"), float("nan")
+        return x
+    return torch.randn(6, 1, generator=g)  # rows of one entry: probability density
+
+
+@pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "zeros_and_odd", "non_finite", "width_one"])
+@pytest.mark.parametrize("start_row", [0, 3])
+def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int) -> None:
+    """The compiled statistic loop keeps exactly the entries MagPrune's reference
+    keeps (stable ranks, the same uniforms), wherever the piece starts, and its
+    L1 sums equal torch's to float64 rounding. Entries that are 0 may differ
+    (a pruned 0 is 0 kept or not)."""
+    from surgeon.merge.kernels import della_compiled
+    from surgeon.merge.kernels.della import keep_table, magprune_keep
+    from surgeon.merge.rng import stream_key, uniform_stream
+
+    if not della_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(7)
+    d = _della_rows(kind, g)
+    n = d.shape[1]
+    density, eps = 0.4, 0.2
+    base = torch.randn(d.shape, generator=g) if kind != "bf16_ties" else torch.zeros(d.shape)
+    model = base + d
+    d = model - base  # the task vector the loop computes
+    key = stream_key(5, "t", "della:0")
+    start = start_row * n
+    u = uniform_stream(key, start, d.numel()).reshape(d.shape)
+    want = magprune_keep(d, density, eps, u)
+    bits = np.zeros((d.numel() + 7) // 8, dtype=np.uint8)
+    sums = np.zeros(2)
+    della_compiled.keep_bits(base.reshape(-1).numpy(), model.reshape(-1).numpy(), n, key, start,
+                             keep_table(n, density, eps).numpy(), bits, sums)
+    got = torch.from_numpy(np.unpackbits(bits, count=d.numel()).astype(bool)).reshape(d.shape)
+    nonzero = d != 0
+    assert torch.equal(got & nonzero, want & nonzero)
+    if kind == "non_finite":
+        assert np.isnan(sums).all()
+        return
+    assert sums[0] == pytest.approx(float(d.abs().sum(dtype=torch.float64)), rel=1e-12)
+    assert sums[1] == pytest.approx(float((d * want).abs().sum(dtype=torch.float64)), rel=1e-12)
+
+
+def test_della_blocks_take_their_bits_from_the_compiled_pass_pieces(monkeypatch) -> None:
+    """When the merge pass cannot take a piece whole (an output dtype the compiled
+    loop does not write), its blocks read their keep bits out of the statistic
+    pass's piece: the result is still the reference's."""
+    from surgeon.merge.kernels import della_compiled
+
+    if not della_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(4)
+    shape = (12, 40)
+    base = torch.randn(shape, generator=g)
+    models = [base + 0.1 * torch.randn(shape, generator=g) for _ in range(2)]
+    mps = [{"weight": 0.6, "density": 0.3, "epsilon": 0.1}, {"weight": 0.9, "density": 0.6, "epsilon": 0.2}]
+    m = get_method("della")
+    tm = build_merge("della", base, models, mps, name="t", seed=1)
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, True, seed=1)
+    kernel = m.block_kernel(header)
+    assert kernel is not None and kernel.stat_passes == 1
+    monkeypatch.setattr(kbase, "BLOCK_ELEMS", 80)  # blocks of 2 rows inside pieces of 6
+    monkeypatch.setattr(kernel, "merge_raw", lambda piece, out: None)
+    pieces = [kbase.PieceInputs(r * 40, base[r:r + 6].reshape(-1), [x[r:r + 6].reshape(-1) for x in models])
+              for r in (0, 6)]
+    for piece in pieces:
+        kbase.observe_piece(kernel, header, 0, piece)
+    kernel.end_pass(0)
+    assert len(kernel._masks) == 2  # one entry per piece: the compiled loop took them whole
+    out = torch.empty(base.numel())
+    for piece in pieces:
+        kbase.merge_piece(kernel, header, piece, out[piece.start:piece.start + piece.numel])
+    assert not kernel._masks
+    assert torch.equal(out.reshape(shape), m.fn(tm))

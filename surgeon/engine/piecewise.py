@@ -116,7 +116,9 @@ def plan_jobs(plan: MergePlan, kernels: list[tuple[TensorTask, Kernel, TensorMer
         if aligned or rows <= 1 or row_elems * item * rows <= piece_bytes:
             pieces = [(0, rows)]
         else:
-            per = max(1, piece_bytes // max(1, row_elems * item))
+            # a piece holds whole units of the kernel's alignment (DELLA ranks a 1-D tensor as one row)
+            unit = max(1, -(-max(1, kernel.align) // max(1, row_elems)))
+            per = max(unit, (piece_bytes // max(1, row_elems * item)) // unit * unit)
             pieces = [(r, min(r + per, rows)) for r in range(0, rows, per)]
         jobs.append(_Job(task, kernel, meta, pieces, row_elems, aligned, len(involved), 4 if aligned else item))
     return jobs

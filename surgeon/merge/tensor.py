@@ -66,16 +66,6 @@ class TensorMerge:
             n *= int(s)
         return n
 
-    def generator(self, salt: str = "") -> torch.Generator:
-        """A torch generator seeded from the recipe seed and the tensor name.
-
-        Seeding per tensor (not per run) makes random methods reproducible
-        whatever order or process computes the tensors.
-        """
-        gen = torch.Generator(device=self.device if self.device.type != "mps" else "cpu")
-        gen.manual_seed(stream_key(self.seed, self.name, salt) & ((1 << 63) - 1))
-        return gen
-
     def uniform(self, salt: str = "") -> torch.Tensor:
         """Uniform [0, 1) floats for this tensor's entries, shaped like the inputs.
 

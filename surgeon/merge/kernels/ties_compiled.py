@@ -42,8 +42,8 @@ def _kernels(jit: Any) -> Any:
     _random.register()
 
     @jit
-    def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, w, mode, zero_sign,
-              normalize, positive_weights, total, lam, out_all):  # pragma: no cover - compiled
+    def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, masks, scales, w, mode,
+              zero_sign, normalize, positive_weights, total, lam, out_all):  # pragma: no cover - compiled
         # Inputs and output in their stored dtype (float32, or bf16 bits as
         # uint16: see surgeon.merge.kernels._raw), widened one chunk at a time. Loops
         # index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with an
@@ -71,7 +71,7 @@ def _kernels(jit: Any) -> Any:
             for i in range(nm):
                 _raw.load(ms[i][s:e], m)
                 row = d[i]
-                if len(keys) > 0:  # kinds: 0 keep all, 1 drop all, 2 draw (decided on the exact density)
+                if len(kinds) > 0:  # 0 keep all, 1 drop all, 2 draw (on the exact density), 3 keep bits
                     dn = dens[i]
                     if kinds[i] == 0:
                         for j in range(k):
@@ -79,6 +79,13 @@ def _kernels(jit: Any) -> Any:
                     elif kinds[i] == 1:
                         for j in range(k):
                             row[j] = zero
+                    elif kinds[i] == 3:  # DELLA: the statistic pass's keep bits (piece-local, msb first), scaled
+                        bits = masks[i]
+                        sc = scales[i]
+                        for j in range(k):
+                            q = s + j
+                            kb = (bits[q >> 3] >> (7 - (q & 7))) & 1
+                            row[j] = ((m[j] - b[j]) * (one if kb else zero)) * sc
                     else:
                         _random.fill_uniform(keys[i], start + s, u[:k])
                         for j in range(k):
@@ -201,9 +208,10 @@ class BlockArgs:
     strict: np.ndarray       # per model, TIES hardshrink threshold of the sure keeps
     with_ties: np.ndarray    # ... and the threshold that also keeps the tied entries
     quota: np.ndarray        # int64: tied entries each model still keeps (updated in place)
-    kinds: np.ndarray        # int8, DARE: 0 keep all, 1 drop all, 2 draw
+    kinds: np.ndarray        # int8, DARE/DELLA: 0 keep all, 1 drop all, 2 draw, 3 keep bits (DELLA)
     dens: np.ndarray         # float32, DARE densities
     rescale: bool
+    scales: np.ndarray       # float32, DELLA: each model's rescale factor (1 without)
     weights: np.ndarray      # float32
     mode: int                # 0 consensus by sum, 1 by count, 2 none (dare_linear)
     zero_sign: float
@@ -219,7 +227,7 @@ def ties_args(strict: np.ndarray, with_ties: np.ndarray, quota: np.ndarray, weig
     """TIES: per model, the hardshrink thresholds without and with the tied
     entries, and how many tied entries each still keeps."""
     none = np.zeros(0, dtype=np.float32)
-    return BlockArgs(strict, with_ties, quota, none.astype(np.int8), none, False, weights, 1 if count_mode else 0,
+    return BlockArgs(strict, with_ties, quota, none.astype(np.int8), none, False, none, weights, 1 if count_mode else 0,
                      float(zero_sign), normalize, np.float32(1.0), np.float32(lam), drop=False,
                      positive_weights=bool((weights > 0).all()))
 
@@ -232,8 +240,19 @@ def dare_args(kinds: np.ndarray, densities: np.ndarray, rescale: bool, weights: 
     ``total``: the weights' sum for ``dare_linear``'s ``normalize``."""
     n = len(weights)
     return BlockArgs(np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32), np.zeros(n, np.int64), kinds,
-                     densities, rescale, weights, 0 if consensus else 2, 1.0, normalize, np.float32(total),
-                     np.float32(lam), drop=True, positive_weights=bool((weights > 0).all()))
+                     densities, rescale, np.ones(n, np.float32), weights, 0 if consensus else 2, 1.0, normalize,
+                     np.float32(total), np.float32(lam), drop=True, positive_weights=bool((weights > 0).all()))
+
+
+def della_args(kinds: np.ndarray, scales: np.ndarray, weights: np.ndarray, consensus: bool, normalize: bool,
+               total: float, lam: float) -> BlockArgs:
+    """DELLA (``della`` with ``consensus``, else ``della_linear``): model i keeps
+    everything (``kinds[i] == 0``), nothing (1), or the entries its keep bits
+    mark (3: the ``masks`` row of :func:`merge_raw`), times ``scales[i]``."""
+    n = len(weights)
+    return BlockArgs(np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32), np.zeros(n, np.int64), kinds,
+                     np.ones(n, np.float32), False, scales, weights, 0 if consensus else 2, 1.0, normalize,
+                     np.float32(total), np.float32(lam), drop=False, positive_weights=bool((weights > 0).all()))
 
 
 def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockArgs, keys: Sequence[int] = (),
@@ -247,12 +266,17 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockA
     return out
 
 
+_NO_MASKS = np.zeros((0, 0), dtype=np.uint8)
+
+
 def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs, out: np.ndarray,
-              keys: Sequence[int] = (), offset: int = 0) -> bool:
+              keys: Sequence[int] = (), offset: int = 0, masks: np.ndarray | None = None) -> bool:
     """Merge flat stored-dtype arrays (:func:`surgeon.merge.kernels._raw.raw_inputs`)
     into ``out`` (float32, or uint16 for bf16); returns whether every result
-    was finite."""
+    was finite. ``masks`` (DELLA): uint8 ``[models, ceil(n / 8)]``, entry ``j``
+    of the piece kept by model ``i`` when bit ``7 - j % 8`` of ``masks[i, j // 8]`` is set."""
     ks = np.array([_random.signed_key(k) for k in keys] if args.drop else [], dtype=np.int64)
     return bool(_kernels().merge(base, models, ks, offset, args.strict, args.with_ties, args.quota, args.kinds,
-                                 args.dens, args.rescale, args.weights, args.mode, args.zero_sign, args.normalize,
-                                 args.positive_weights, args.total, args.lam, out))
+                                 args.dens, args.rescale, _NO_MASKS if masks is None else masks, args.scales,
+                                 args.weights, args.mode, args.zero_sign, args.normalize, args.positive_weights,
+                                 args.total, args.lam, out))

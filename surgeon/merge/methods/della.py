@@ -19,8 +19,9 @@ as positive) and takes the weighted disjoint mean (``normalize`` true);
 Differences from mergekit: ranks are 0..n-1 from one stable sort (mergekit
 double-argsorts, unstable, so equal magnitudes rank arbitrarily); a row of
 length 1 gets rank 0.5 (keep probability ``density``; mergekit computes 0/0);
-randomness is seeded per tensor and model (``salt = "della:<i>"``, see
-:meth:`TensorMerge.generator`); the rescale's L1 norms are summed in float64
+the uniforms are counter-based, per tensor and model (salt ``"della:<i>"``,
+:meth:`TensorMerge.uniform`: any piece, block or device draws the same
+numbers; mergekit draws from torch's global generator); the rescale's L1 norms are summed in float64
 (mergekit: in the tensor's dtype), so that the block kernel
 (:mod:`surgeon.merge.kernels.della`), which sums them block by block, agrees.
 """
@@ -55,8 +56,8 @@ def _params(normalize: bool) -> tuple[Param, ...]:
 
 
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
-             generator: torch.Generator, where: str) -> torch.Tensor:
-    """MagPrune a task vector (returns a new or the same tensor)."""
+             u: torch.Tensor, where: str) -> torch.Tensor:
+    """MagPrune a task vector with the uniforms ``u`` (shaped like it; returns a new or the same tensor)."""
     if density >= 1:
         return delta
     if density <= 0:
@@ -67,7 +68,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
             f"got density {density} and epsilon {epsilon}"
         )
     rows = rows_view(delta, tuple(delta.shape))
-    pruned = rows * magprune_keep(rows, density, epsilon, generator)
+    pruned = rows * magprune_keep(rows, density, epsilon, u.reshape(rows.shape))
     if rescale:
         scale = l1_scale(l1_sum(rows), l1_sum(pruned))
         if scale is not None:
@@ -80,15 +81,15 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
     for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
         d = m - t.base
         out.append(magprune(d, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"],
-                            t.generator(f"della:{i}"), f"tensor {t.name!r}, model {i}"))
+                            t.uniform(f"della:{i}"), f"tensor {t.name!r}, model {i}"))
     return out
 
 
 def della_kernel(meta: TensorMerge, consensus: str | None) -> DellaKernel | None:
-    """The block kernel (CPU), or None where the whole-tensor path must run: no
+    """The block kernel, or None where the whole-tensor path must run: no
     base, parameters MagPrune rejects (the reference raises the clear error),
-    an empty tensor, or another device (its generators are not drawn piecewise)."""
-    if not meta.has_base or len(meta.model_params) < 1 or meta.numel == 0 or meta.device.type != "cpu":
+    or an empty tensor."""
+    if not meta.has_base or len(meta.model_params) < 1 or meta.numel == 0:
         return None
     if not all(della_params_ok(float(mp["density"]), float(mp["epsilon"])) for mp in meta.model_params):
         return None
