@@ -1,8 +1,8 @@
 """Every merge method on CPU and on CUDA from the same inputs: results agree within float32 rounding.
 
-Random methods draw from device-specific generators, so their random masks
-differ between devices by design; for those we compare a deterministic
-configuration (density 1). Run on a machine with a GPU.
+Random methods draw counter-based uniforms (surgeon/merge/rng.py), the same
+numbers on every device, so they run with densities that prune: their masks
+must agree too. Run on a machine with a GPU.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 
 from surgeon.merge import TensorMerge, all_methods
 
-DETERMINISTIC = {"dare_linear": {"density": 1.0}, "dare_ties": {"density": 1.0}, "della": {"density": 1.0},
-                 "della_linear": {"density": 1.0}}
+#: per-model parameters that make the random methods draw (their defaults keep everything)
+PRUNING = {"dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5}, "della": {"density": 0.5},
+           "della_linear": {"density": 0.5}}
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
             p = {}
             for prm in m.model_params:
                 p[prm.name] = prm.default if not prm.required else 1.0
-            p.update({k: v for k, v in DETERMINISTIC.get(name, {}).items() if any(q.name == k for q in m.model_params)})
+            p.update({k: v for k, v in PRUNING.get(name, {}).items() if any(q.name == k for q in m.model_params)})
             mp.append(p)
         gp = {prm.name: (prm.default if not prm.required else 0.5) for prm in m.global_params}
         results = {}
