@@ -297,3 +297,44 @@ def test_della_blocks_take_their_bits_from_the_compiled_pass_pieces(monkeypatch)
         kbase.merge_piece(kernel, header, piece, out[piece.start:piece.start + piece.numel])
     assert not kernel._masks
     assert torch.equal(out.reshape(shape), m.fn(tm))
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("rows", [1, 5, None])
+def test_breadcrumbs_band_splits_ties_at_both_cuts_in_flat_order(method: str, rows: int | None) -> None:
+    """Task vectors of three magnitudes: both cuts fall inside a group of equal
+    magnitudes, so each takes only the first tied entries in flat order, across
+    pieces; the compiled merge pass equals the whole-tensor reference."""
+    g = torch.Generator().manual_seed(5)
+    shape = (12, 40)
+    base = torch.randn(shape, generator=g).bfloat16().float()
+    models = []
+    for _ in range(3):
+        a = torch.randint(1, 4, shape, generator=g).float() * 0.25
+        models.append(base + a * torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0))
+    mps = [{"weight": w, "density": 0.5, "gamma": 0.3} for w in (0.6, 1.0, 0.8)]
+    m = get_method(method)
+    tm = build_merge(method, base, models, mps, name="t")
+    ref = m.fn(tm)
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, True)
+    kernel = m.block_kernel(header)
+    assert kernel is not None
+    step = rows or shape[0]
+    pieces = [kbase.PieceInputs(r * shape[1], base[r:r + step].reshape(-1), [x[r:r + step].reshape(-1) for x in models])
+              for r in range(0, shape[0], step)]
+    for p in range(kernel.stat_passes):
+        if kernel.pass_needed(p) is False:
+            continue
+        for piece in pieces:
+            kbase.observe_piece(kernel, header, p, piece)
+        kernel.end_pass(p)
+    split = [c for c in kernel.cuts.values() if 0 < c.quota and not c.all_tied]
+    assert len(split) == len(kernel.cuts) == 6  # every cut splits a group of ties
+    from surgeon.merge.kernels import ties_compiled
+
+    if ties_compiled.available():  # the compiled loop takes every piece: no float32 block is merged
+        kernel.merge = None  # type: ignore[method-assign,assignment]
+    out = torch.empty(base.numel())
+    for piece in pieces:
+        kbase.merge_piece(kernel, header, piece, out[piece.start:piece.start + piece.numel])
+    assert torch.equal(out.reshape(shape), ref)

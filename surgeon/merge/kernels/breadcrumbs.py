@@ -1,14 +1,23 @@
 """Model Breadcrumbs' kernel: both rank cuts from the streamed selection, then the mix.
 
 The definition is :func:`surgeon.merge.methods.breadcrumbs.breadcrumbs`.
+With numba, the merge pass is the compiled TIES/DARE loop on whole pieces in
+their stored dtype (:mod:`surgeon.merge.kernels.ties_compiled`, ``kinds == 4``:
+each model's magnitude band, ties at either cut taken in flat order from the
+cuts' running quotas); the torch block path below is the fallback and the
+definition that loop follows.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..arith import combine
+from ..arith import combine, weight_total
 from ..select.stream import RankCut, SelectionPasses, StreamSelector
 from ..tensor import TensorMerge
+from . import ties_compiled
+from ._raw import raw_inputs, raw_view
+from .base import PieceInputs
 
 
 class BreadcrumbsKernel(SelectionPasses):
@@ -40,6 +49,8 @@ class BreadcrumbsKernel(SelectionPasses):
         self.stat_passes = StreamSelector.passes if requests else 0
         self.row = n // meta.shape[0] if meta.shape and meta.shape[0] else 1
         self.cuts: dict[object, RankCut] = {}
+        self.weights = [float(mp["weight"]) for mp in meta.model_params]
+        self.n_models = len(meta.model_params)
 
     def end_pass(self, pass_no: int) -> None:
         self.selector.end_pass(pass_no)
@@ -63,3 +74,39 @@ class BreadcrumbsKernel(SelectionPasses):
                     d.mul_(mask)
             deltas.append(d)
         return combine(blk, deltas, consensus=self.consensus, normalize=self.normalize, lam=self.lam)
+
+    def _band(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The compiled loop's per-model kinds, cuts and quotas, from the cuts'
+        current state: no cut below is a cut at -1 (no magnitude under it); no
+        cut above, +inf with every infinite entry inside."""
+        kinds = np.zeros(self.n_models, np.int8)
+        band = np.zeros((self.n_models, 2), np.float32)
+        quota = np.zeros((self.n_models, 2), np.int64)
+        for i, (start, stop) in self.ranges.items():
+            if stop <= start:
+                kinds[i] = 1
+                continue
+            kinds[i] = 4
+            for c, (which, none) in enumerate((("start", (-1.0, 0)), ("stop", (float("inf"), 1 << 62)))):
+                cut = self.cuts.get((i, which))
+                band[i, c], quota[i, c] = (cut.t, max(cut.quota, 0)) if cut is not None else none
+        return kinds, band, quota
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        """The whole piece from and to its stored dtypes through the compiled loop
+        (None: these inputs need float32 blocks)."""
+        if not ties_compiled.available():
+            return None
+        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
+        if raw is None or raw[0] is None or o is None:
+            return None
+        kinds, band, quota = self._band()
+        args = ties_compiled.mask_args(kinds, np.array(self.weights, np.float32), self.consensus is not None,
+                                       self.normalize, weight_total(self.weights), self.lam)
+        finite = ties_compiled.merge_raw(raw[0], raw[1], args, o, band=band, band_quota=quota)
+        for i in self.ranges:  # the quotas the loop used up, back to the cuts (blocks may follow)
+            for c, which in enumerate(("start", "stop")):
+                cut = self.cuts.get((i, which))
+                if cut is not None:
+                    cut.quota = int(quota[i, c])
+        return finite

@@ -232,6 +232,6 @@ class DellaKernel(Kernel):
         kinds = np.array([3 if pr else (0 if dn >= 1 else 1) for pr, dn in zip(self.prunes, self.dens)], np.int8)
         scales = np.array([s if (self.rescale and s is not None) else 1.0 for s in self.scale], np.float32)
         weights = self.meta.weights()
-        args = ties_compiled.della_args(kinds, scales, np.array(weights, np.float32), self.consensus is not None,
-                                        self.normalize, weight_total(weights), self.lam)
+        args = ties_compiled.mask_args(kinds, np.array(weights, np.float32), self.consensus is not None,
+                                       self.normalize, weight_total(weights), self.lam, scales)
         return ties_compiled.merge_raw(raw[0], raw[1], args, o, masks=bits)

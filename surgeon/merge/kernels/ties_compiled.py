@@ -30,7 +30,7 @@ import torch
 
 from .. import rng as _random
 from . import _raw
-from ._jit import compiled
+from ._jit import compiled, numba_module
 
 _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 
@@ -40,10 +40,56 @@ def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
     _raw.register()
     _random.register()
+    inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+
+    @inline
+    def band_chunk(m, b, k, row, cut, quota):  # pragma: no cover - compiled
+        # row[j] = x * [x's magnitude in the stop set and not in the start set], x = m - b.
+        # A set holds the magnitudes below its cut and, of those equal to it, the
+        # first quota[c] in flat order (quota: int64 [2], start then stop, counted down).
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        lo = cut[0]
+        hi = cut[1]
+        tl = 0
+        th = 0
+        for j in range(k):
+            a = abs(m[j] - b[j])
+            tl += 1 if a == lo else 0
+            th += 1 if a == hi else 0
+        ql = quota[0]
+        qh = quota[1]
+        if (ql == 0 or tl <= ql) and (qh == 0 or th <= qh):  # each cut takes all of the chunk's ties or none
+            all_lo = tl <= ql and ql > 0
+            all_hi = th <= qh and qh > 0
+            for j in range(k):
+                x = m[j] - b[j]
+                a = abs(x)
+                in_lo = (a < lo) | ((a == lo) & all_lo)
+                in_hi = (a < hi) | ((a == hi) & all_hi)
+                row[j] = x * (one if (in_hi & ~in_lo) else zero)
+            quota[0] = ql - (tl if all_lo else 0)
+            quota[1] = qh - (th if all_hi else 0)
+        else:  # the chunk where a quota runs out: tied entries in flat order
+            for j in range(k):
+                x = m[j] - b[j]
+                a = abs(x)
+                in_lo = a < lo
+                if a == lo and ql > 0:
+                    in_lo = True
+                    ql -= 1
+                in_hi = a < hi
+                if a == hi and qh > 0:
+                    in_hi = True
+                    qh -= 1
+                row[j] = x * (one if (in_hi and not in_lo) else zero)
+            quota[0] = ql
+            quota[1] = qh
 
     @jit
-    def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, masks, scales, w, mode,
-              zero_sign, normalize, positive_weights, total, lam, out_all):  # pragma: no cover - compiled
+    def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, masks, scales, band,
+              band_quota, w, mode, zero_sign, normalize, positive_weights, total, lam,
+              out_all):  # pragma: no cover - compiled
         # Inputs and output in their stored dtype (float32, or bf16 bits as
         # uint16: see surgeon.merge.kernels._raw), widened one chunk at a time. Loops
         # index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with an
@@ -71,7 +117,7 @@ def _kernels(jit: Any) -> Any:
             for i in range(nm):
                 _raw.load(ms[i][s:e], m)
                 row = d[i]
-                if len(kinds) > 0:  # 0 keep all, 1 drop all, 2 draw (on the exact density), 3 keep bits
+                if len(kinds) > 0:  # 0 keep all, 1 drop all, 2 draw (on the exact density), 3 keep bits, 4 band
                     dn = dens[i]
                     if kinds[i] == 0:
                         for j in range(k):
@@ -86,6 +132,8 @@ def _kernels(jit: Any) -> Any:
                             q = s + j
                             kb = (bits[q >> 3] >> (7 - (q & 7))) & 1
                             row[j] = ((m[j] - b[j]) * (one if kb else zero)) * sc
+                    elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
+                        band_chunk(m, b, k, row, band[i], band_quota[i])
                     else:
                         _random.fill_uniform(keys[i], start + s, u[:k])
                         for j in range(k):
@@ -244,15 +292,18 @@ def dare_args(kinds: np.ndarray, densities: np.ndarray, rescale: bool, weights: 
                      np.float32(total), np.float32(lam), drop=True, positive_weights=bool((weights > 0).all()))
 
 
-def della_args(kinds: np.ndarray, scales: np.ndarray, weights: np.ndarray, consensus: bool, normalize: bool,
-               total: float, lam: float) -> BlockArgs:
-    """DELLA (``della`` with ``consensus``, else ``della_linear``): model i keeps
-    everything (``kinds[i] == 0``), nothing (1), or the entries its keep bits
-    mark (3: the ``masks`` row of :func:`merge_raw`), times ``scales[i]``."""
+def mask_args(kinds: np.ndarray, weights: np.ndarray, consensus: bool, normalize: bool, total: float, lam: float,
+              scales: np.ndarray | None = None) -> BlockArgs:
+    """Sparsifications decided outside the loop (``consensus``: elect signs by
+    mass, else the weighted sum): model i keeps everything (``kinds[i] == 0``),
+    nothing (1), the entries its keep bits mark (3, DELLA: the ``masks`` row of
+    :func:`merge_raw`, times ``scales[i]``), or its magnitude band (4,
+    breadcrumbs: ``band`` and ``band_quota`` of :func:`merge_raw`)."""
     n = len(weights)
     return BlockArgs(np.full(n, -1.0, np.float32), np.full(n, -1.0, np.float32), np.zeros(n, np.int64), kinds,
-                     np.ones(n, np.float32), False, scales, weights, 0 if consensus else 2, 1.0, normalize,
-                     np.float32(total), np.float32(lam), drop=False, positive_weights=bool((weights > 0).all()))
+                     np.ones(n, np.float32), False, np.ones(n, np.float32) if scales is None else scales, weights,
+                     0 if consensus else 2, 1.0, normalize, np.float32(total), np.float32(lam), drop=False,
+                     positive_weights=bool((weights > 0).all()))
 
 
 def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockArgs, keys: Sequence[int] = (),
@@ -267,16 +318,23 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockA
 
 
 _NO_MASKS = np.zeros((0, 0), dtype=np.uint8)
+_NO_BAND = np.zeros((0, 2), dtype=np.float32)
+_NO_BAND_QUOTA = np.zeros((0, 2), dtype=np.int64)
 
 
 def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs, out: np.ndarray,
-              keys: Sequence[int] = (), offset: int = 0, masks: np.ndarray | None = None) -> bool:
+              keys: Sequence[int] = (), offset: int = 0, masks: np.ndarray | None = None,
+              band: np.ndarray | None = None, band_quota: np.ndarray | None = None) -> bool:
     """Merge flat stored-dtype arrays (:func:`surgeon.merge.kernels._raw.raw_inputs`)
     into ``out`` (float32, or uint16 for bf16); returns whether every result
     was finite. ``masks`` (DELLA): uint8 ``[models, ceil(n / 8)]``, entry ``j``
-    of the piece kept by model ``i`` when bit ``7 - j % 8`` of ``masks[i, j // 8]`` is set."""
+    of the piece kept by model ``i`` when bit ``7 - j % 8`` of ``masks[i, j // 8]`` is set.
+    ``band``, ``band_quota`` (breadcrumbs, ``kinds == 4``): float32 and int64
+    ``[models, 2]``, each model's start and stop cut and how many entries equal
+    to each cut its set still takes (updated in place)."""
     ks = np.array([_random.signed_key(k) for k in keys] if args.drop else [], dtype=np.int64)
     return bool(_kernels().merge(base, models, ks, offset, args.strict, args.with_ties, args.quota, args.kinds,
                                  args.dens, args.rescale, _NO_MASKS if masks is None else masks, args.scales,
-                                 args.weights, args.mode, args.zero_sign, args.normalize, args.positive_weights,
+                                 _NO_BAND if band is None else band,
+                                 _NO_BAND_QUOTA if band_quota is None else band_quota, args.weights, args.mode, args.zero_sign, args.normalize, args.positive_weights,
                                  args.total, args.lam, out))
