@@ -383,7 +383,12 @@ class Pipeline:
         return need
 
     def _fingerprint(self, step: Step, previous: dict[str, str]) -> str:
-        parts: dict[str, Any] = {"step": step.model_dump(mode="json", by_alias=True), "seed": self.recipe.seed}
+        """The step's identity for resuming: its definition, the seed, its inputs (their
+        fingerprints or files) and surgeon's version (another version may compute other bytes)."""
+        from .. import __version__
+
+        parts: dict[str, Any] = {"step": step.model_dump(mode="json", by_alias=True), "seed": self.recipe.seed,
+                                 "surgeon": __version__}
         for ref in step.references():
             if ref in previous:
                 parts[ref] = previous[ref]
