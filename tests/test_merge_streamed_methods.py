@@ -338,3 +338,20 @@ def test_breadcrumbs_band_splits_ties_at_both_cuts_in_flat_order(method: str, ro
     for piece in pieces:
         kbase.merge_piece(kernel, header, piece, out[piece.start:piece.start + piece.numel])
     assert torch.equal(out.reshape(shape), ref)
+
+
+def test_arcee_fusion_threshold_reads_the_sorted_values_quartiles() -> None:
+    """The partial sort reads the values a full sort puts at ``floor(q (n - 1))``:
+    ties, NaN (last) and small sizes included."""
+    from surgeon.merge.kernels.arcee_fusion import QUARTILES, outlier_threshold
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.rand(1001, generator=g), torch.randint(0, 4, (999,), generator=g).float(), torch.tensor([2.5]),
+             torch.tensor([3.0, 1.0]), torch.cat([torch.rand(100, generator=g), torch.full((7,), float("nan"))])]
+    for v in cases:
+        s = v.sort().values
+        q1, med, q3 = (s[int(q * (v.numel() - 1))] for q in QUARTILES)
+        want = med + 1.5 * (q3 - q1)
+        got = outlier_threshold(v)
+        assert got.dtype == torch.float32 and got.dim() == 0
+        assert torch.equal(got, want) or (torch.isnan(got) and torch.isnan(want)), (v.numel(), got, want)

@@ -4,10 +4,14 @@ The definition is :func:`surgeon.merge.methods.arcee_fusion.arcee_fusion`.
 Blocks hold whole rows (the KL divergence is per row); one pass keeps the
 importance values the quartiles need (all of them up to
 :data:`SAMPLE_SIZE` entries, else a seeded sample of that many: at most
-1,000,000 floats), then each block is merged with the threshold.
+1,000,000 floats) and each row's KL divergence (4 bytes a row), then each
+block is merged with the threshold, its importance ``|m - b| * KL`` made
+from the kept KL values: the softmaxes are computed once, not once a pass.
+The quartiles are read by a partial sort (:func:`outlier_threshold`).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,22 +24,34 @@ QUARTILES = (0.25, 0.5, 0.75)
 _EPS = 1e-8
 
 
-def importance(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``|m - b| * KL(softmax(m) + 1e-8 || softmax(b) + 1e-8)`` along the last
-    dimension, float32, with mergekit's operations in mergekit's order (so the
-    comparisons with the threshold agree)."""
-    diff = (m - b).abs()
+def row_kl(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(m) + 1e-8 || softmax(b) + 1e-8)`` of each row (the last
+    dimension; shape ``[rows, 1]``), float32, with mergekit's operations in
+    mergekit's order (so the comparisons with the threshold agree)."""
     p = F.softmax(m, dim=-1) + _EPS
     q = F.softmax(b, dim=-1) + _EPS
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return diff * kl
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
-def threshold_from_sorted(values: torch.Tensor) -> torch.Tensor:
-    """``median + 1.5 * (q3 - q1)`` from sorted float32 values, each quartile
-    read at index ``floor(q (n - 1))`` (a 0-d float32 tensor)."""
+def importance(m: torch.Tensor, b: torch.Tensor, kl: torch.Tensor | None = None) -> torch.Tensor:
+    """``|m - b| * KL`` along the last dimension (``kl``: :func:`row_kl` of
+    these rows when already known)."""
+    return (m - b).abs() * (row_kl(m, b) if kl is None else kl)
+
+
+def outlier_threshold(values: torch.Tensor) -> torch.Tensor:
+    """``median + 1.5 * (q3 - q1)`` of float32 values, each quartile the value at
+    index ``floor(q (n - 1))`` of the sorted values (NaN last; a 0-d float32
+    tensor). On CPU the three are read by one partial sort (``np.partition``,
+    linear time) instead of sorting every value."""
     n = values.numel()
-    q1, med, q3 = (values[int(q * (n - 1))] for q in QUARTILES)
+    idx = [int(q * (n - 1)) for q in QUARTILES]
+    if values.device.type == "cpu":
+        part = np.partition(values.detach().reshape(-1).numpy(), idx)
+        q1, med, q3 = (torch.tensor(part[i], dtype=torch.float32) for i in idx)
+    else:
+        ordered = values.reshape(-1).sort().values
+        q1, med, q3 = (ordered[i] for i in idx)
     return med + 1.5 * (q3 - q1)
 
 
@@ -72,12 +88,23 @@ class ArceeFusionKernel(Kernel):
         self.pos: torch.Tensor | None = None
         self.parts: list[torch.Tensor] = []
         self.thr: torch.Tensor | None = None
+        self.kl: torch.Tensor | None = None  # each row's KL divergence, from the statistic pass
 
-    def _importance(self, blk: TensorMerge) -> torch.Tensor:
-        return importance(blk.models[0].reshape(-1, self.cols), blk.base.reshape(-1, self.cols)).reshape(-1)
+    def _importance(self, blk: TensorMerge, observe: bool) -> torch.Tensor:
+        m, b = blk.models[0].reshape(-1, self.cols), blk.base.reshape(-1, self.cols)
+        r0 = blk.offset // self.cols
+        if observe:
+            if self.kl is None:
+                self.kl = torch.empty((self.meta.numel // self.cols, 1), dtype=torch.float32, device=m.device)
+            kl = row_kl(m, b)
+            self.kl[r0:r0 + kl.shape[0]] = kl
+        else:
+            assert self.kl is not None
+            kl = self.kl[r0:r0 + m.shape[0]]
+        return importance(m, b, kl).reshape(-1)
 
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
-        imp = self._importance(blk)
+        imp = self._importance(blk, observe=True)
         if self.pos is None and blk.offset == 0:
             self.pos = sample_positions(self.meta.numel, self.meta.seed, self.meta.name)
         if self.pos is None:
@@ -88,11 +115,13 @@ class ArceeFusionKernel(Kernel):
             self.parts.append(imp[(self.pos[lo:hi] - blk.offset).to(imp.device)])
 
     def end_pass(self, pass_no: int) -> None:
-        self.thr = threshold_from_sorted(torch.cat(self.parts).sort().values)
+        self.thr = outlier_threshold(torch.cat(self.parts))
         self.parts = []
         self.pos = None
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.thr is not None
-        mask = (self._importance(blk) >= self.thr).to(torch.float32)
+        mask = (self._importance(blk, observe=False) >= self.thr).to(torch.float32)
+        if blk.offset + blk.base.numel() == self.meta.numel:
+            self.kl = None
         return blk.base + (blk.models[0] - blk.base) * mask

@@ -29,8 +29,8 @@ from ..kernels.arcee_fusion import (
     ArceeFusionKernel,
     importance,
     row_length,
+    outlier_threshold,
     sample_positions,
-    threshold_from_sorted,
 )
 from ..method import merge_method
 from ..tensor import TensorMerge
@@ -47,7 +47,7 @@ def arcee_fusion_tensors(base: torch.Tensor, model: torch.Tensor, seed: int = 0,
     imp = importance(m.reshape(-1, cols), b.reshape(-1, cols)).reshape(-1)
     pos = sample_positions(imp.numel(), seed, name)
     values = imp if pos is None else imp[pos.to(imp.device)]
-    thr = threshold_from_sorted(values.sort().values)
+    thr = outlier_threshold(values)
     mask = (imp >= thr).to(torch.float32).reshape(b.shape)
     return b + (m - b) * mask
 
