@@ -86,10 +86,11 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
 
 
 def della_kernel(meta: TensorMerge, consensus: str | None) -> DellaKernel | None:
-    """The block kernel, or None where the whole-tensor path must run: no
+    """The block kernel (CPU), or None where the whole-tensor path must run: no
     base, parameters MagPrune rejects (the reference raises the clear error),
-    or an empty tensor."""
-    if not meta.has_base or len(meta.model_params) < 1 or meta.numel == 0:
+    an empty tensor, or another device (the kernel keeps its keep masks in host
+    memory; the whole-tensor path draws the same numbers there)."""
+    if not meta.has_base or len(meta.model_params) < 1 or meta.numel == 0 or meta.device.type != "cpu":
         return None
     if not all(della_params_ok(float(mp["density"]), float(mp["epsilon"])) for mp in meta.model_params):
         return None
