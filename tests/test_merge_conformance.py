@@ -21,6 +21,7 @@ than the whole-tensor reduction; documented in their modules).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -169,8 +170,6 @@ def test_every_compiled_module_stamps_the_kernel_cache() -> None:
     """numba's cache is keyed on all kernel sources (kernels/_jit.py): every
     module that defines or inlines compiled code must be listed, or editing it
     would leave stale machine code behind."""
-    from pathlib import Path
-
     from surgeon.merge.kernels import _jit
 
     root = Path(_jit.__file__).resolve().parent.parent
@@ -178,3 +177,30 @@ def test_every_compiled_module_stamps_the_kernel_cache() -> None:
              if "@compiled" in p.read_text() or "register()" in p.read_text() or p.name in ("_jit.py", "_raw.py")}
     assert users <= set(_jit.KERNEL_SOURCES), sorted(str(p) for p in users - set(_jit.KERNEL_SOURCES))
     assert all(p.exists() for p in _jit.KERNEL_SOURCES)
+
+
+def test_no_compiled_loop_closes_over_a_dispatcher() -> None:
+    """numba's cache key pickles a loop's closure cells, and a dispatcher pickles
+    differently in every process: a loop closing over an inline helper was
+    compiled anew by every process. Helpers must be module globals (kernels/_jit.py)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from surgeon.merge.kernels import _jit
+
+    if numba_module() is None:
+        pytest.skip("numba is off")
+    from numba.core.dispatcher import Dispatcher
+
+    root = Path(_jit.__file__).resolve().parent.parent
+    loops = []
+    for path in _jit.KERNEL_SOURCES:
+        mod = importlib.import_module("surgeon.merge." + ".".join(path.relative_to(root).with_suffix("").parts))
+        for name in ("_kernels", "_compiled_fill"):
+            built = getattr(mod, name, lambda: None)()
+            if built is not None:
+                loops += list(vars(built).values()) if isinstance(built, SimpleNamespace) else [built]
+    assert len(loops) >= 10
+    for loop in loops:
+        cells = loop.py_func.__closure__ or ()
+        assert not any(isinstance(c.cell_contents, Dispatcher) for c in cells), loop.py_func.__qualname__

@@ -14,6 +14,14 @@ files were deleted by hand. :func:`_install_locator` registers a cache locator
 for surgeon's kernel files whose freshness stamp is the hash of *all* of them
 (:data:`KERNEL_SOURCES`), so a change to any kernel source recompiles every
 loop on next use. See docs/architecture.md ("Compiled kernels").
+
+Inline helpers are module globals, never closure cells. numba's cache index
+key pickles a loop's closure cells, and a dispatcher pickles differently in
+every process: a loop that closed over a helper (``scratch = inline(...)``
+inside a builder, called from the loop) missed the cache and was compiled
+anew by every process (~3 s of CPU a merge), its cache folder growing by one
+entry each time. A builder declares its helpers ``global`` and defines them
+under those names; tests/test_merge_conformance.py checks every loop.
 """
 from __future__ import annotations
 

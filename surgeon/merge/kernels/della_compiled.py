@@ -49,9 +49,10 @@ def bucket_count(n: int) -> int:
 @compiled
 def _kernels(jit: Any) -> Any:
     """The statistic loop of one model over a piece of whole rows."""
+    global _order  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
-    order = ranks._kernels().order
+    _order = ranks._kernels().order
 
     @jit
     def keep_bits(b_all, m_all, n, nb, key, start, table, bits, sums):  # pragma: no cover - compiled
@@ -129,7 +130,7 @@ def _kernels(jit: Any) -> Any:
             if na > EXACT_MAX:  # many undecided entries (a row of few distinct magnitudes): sort the row
                 for a in range(na):
                     keep[undecided[a]] = 2
-                srt = order(keys, va, vb, rcnt)
+                srt = _order(keys, va, vb, rcnt)
                 for p in range(n):
                     i = np.int64(srt[p] & low)
                     if keep[i] == 2:

@@ -36,17 +36,18 @@ _CH = _raw.CHUNK
 @compiled
 def _kernels(jit: Any) -> Any:
     """SCE's statistic and merge loops."""
+    global _scratch, _variance_chunk, _select_chunk  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 
     @inline
-    def scratch(nm):  # pragma: no cover - compiled
+    def _scratch(nm):  # pragma: no cover - compiled
         # a chunk's rows: base, one model (then the mean), the task vectors, their variance
         return (np.empty(_CH, np.float32), np.empty(_CH, np.float32), np.empty((nm, _CH), np.float32),
                 np.empty(_CH, np.float32))
 
     @inline
-    def variance_chunk(b_all, ms, s, e, b, m, d, var):  # pragma: no cover - compiled
+    def _variance_chunk(b_all, ms, s, e, b, m, d, var):  # pragma: no cover - compiled
         # d[i] = m_i - b; var = population variance over the models, as torch's ops round it
         nm = len(ms)
         k = e - s
@@ -77,7 +78,7 @@ def _kernels(jit: Any) -> Any:
             var[j] = var[j] / n
 
     @inline
-    def select_chunk(k, var, d, keep, t, quota):  # pragma: no cover - compiled
+    def _select_chunk(k, var, d, keep, t, quota):  # pragma: no cover - compiled
         # zero the task-vector entries the selection drops (var > t, and the first ``quota`` entries
         # equal to t in flat order); returns the quota left
         one = np.float32(1.0)
@@ -108,7 +109,7 @@ def _kernels(jit: Any) -> Any:
         # mostly share a bucket, and one histogram made every increment wait for the one before.
         nm = len(ms)
         n = b_all.shape[0]
-        b, m, d, var = scratch(nm)
+        b, m, d, var = _scratch(nm)
         bits = var.view(np.uint32)
         parts = np.zeros((4, hist.shape[0]), np.int64)
         lanes = np.zeros((nm, _CH), np.float64)
@@ -118,7 +119,7 @@ def _kernels(jit: Any) -> Any:
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
-            variance_chunk(b_all, ms, s, e, b, m, d, var)
+            _variance_chunk(b_all, ms, s, e, b, m, d, var)
             if low_pass:
                 for j in range(k):
                     below += 1 if (bits[j] >> np.uint32(16)) < bucket else 0
@@ -155,15 +156,15 @@ def _kernels(jit: Any) -> Any:
         # running sum per chunk lane, added up at the end); returns the tie quota left
         nm = len(ms)
         n = b_all.shape[0]
-        b, m, d, var = scratch(nm)
+        b, m, d, var = _scratch(nm)
         keep = np.empty(_CH, np.float32)
         lanes = np.zeros((nm, _CH), np.float64)
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
-            variance_chunk(b_all, ms, s, e, b, m, d, var)
+            _variance_chunk(b_all, ms, s, e, b, m, d, var)
             if not keep_all:
-                quota = select_chunk(k, var, d, keep, t, quota)
+                quota = _select_chunk(k, var, d, keep, t, quota)
             for i in range(nm):
                 row = d[i]
                 lane = lanes[i]
@@ -181,7 +182,7 @@ def _kernels(jit: Any) -> Any:
         # returns whether every result was finite
         nm = len(ms)
         n = b_all.shape[0]
-        b, m, d, var = scratch(nm)
+        b, m, d, var = _scratch(nm)
         keep = np.empty(_CH, np.float32)
         acc = np.empty(_CH, np.float32)
         merged = np.empty(_CH, np.float32)
@@ -193,9 +194,9 @@ def _kernels(jit: Any) -> Any:
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
-            variance_chunk(b_all, ms, s, e, b, m, d, var)
+            _variance_chunk(b_all, ms, s, e, b, m, d, var)
             if not keep_all:
-                quota = select_chunk(k, var, d, keep, t, quota)
+                quota = _select_chunk(k, var, d, keep, t, quota)
             for j in range(k):
                 acc[j] = zero
                 merged[j] = zero

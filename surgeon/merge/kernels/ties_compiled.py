@@ -38,12 +38,13 @@ _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 @compiled
 def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
+    global _band_chunk  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 
     @inline
-    def band_chunk(m, b, k, row, cut, quota):  # pragma: no cover - compiled
+    def _band_chunk(m, b, k, row, cut, quota):  # pragma: no cover - compiled
         # row[j] = x * [x's magnitude in the stop set and not in the start set], x = m - b.
         # A set holds the magnitudes below its cut and, of those equal to it, the
         # first quota[c] in flat order (quota: int64 [2], start then stop, counted down).
@@ -133,7 +134,7 @@ def _kernels(jit: Any) -> Any:
                             kb = (bits[q >> 3] >> (7 - (q & 7))) & 1
                             row[j] = ((m[j] - b[j]) * (one if kb else zero)) * sc
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
-                        band_chunk(m, b, k, row, band[i], band_quota[i])
+                        _band_chunk(m, b, k, row, band[i], band_quota[i])
                     else:
                         _random.fill_uniform(keys[i], start + s, u[:k])
                         for j in range(k):

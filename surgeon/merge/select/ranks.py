@@ -40,10 +40,11 @@ from .exact import stable_ranks
 @compiled
 def _kernels(jit: Any) -> Any:
     """The row radix sort (an inline helper) and the ranking loop built on it."""
+    global _order  # helpers are globals, not closure cells: see kernels/_jit.py
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 
     @inline
-    def order(keys, va, vb, cnt):  # pragma: no cover - compiled
+    def _order(keys, va, vb, cnt):  # pragma: no cover - compiled
         # keys: uint32 [n], a row's float32 bit patterns (the sign bit is ignored);
         # va, vb: uint64 [n] scratch; cnt: int64 [4, 256], zero on entry and on return.
         # Returns va or vb holding (|key| << 32 | index) in stable ascending order of |key|.
@@ -87,12 +88,12 @@ def _kernels(jit: Any) -> Any:
         cnt = np.zeros((4, 256), np.int64)
         low = np.uint64(0xFFFFFFFF)
         for r in range(rows):
-            srt = order(keys[r], va, vb, cnt)
+            srt = _order(keys[r], va, vb, cnt)
             o = out[r]
             for p in range(n):
                 o[np.int64(srt[p] & low)] = p
 
-    return SimpleNamespace(order=order, row_ranks=row_ranks)
+    return SimpleNamespace(order=_order, row_ranks=row_ranks)
 
 
 def compiled_available() -> bool:
