@@ -7,7 +7,6 @@ from .api import (convert, diff, evaluate, fuse_models, inspect_checkpoint, merg
                   transplant_tokenizer, validate)
 from .errors import SurgeonError
 from .settings import configure_process
-
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["SurgeonError", "configure_process", "convert", "diff", "evaluate", "fuse_models", "inspect_checkpoint", "merge_models",
            "plan", "push", "run", "transplant_tokenizer", "validate", "__version__"]

@@ -21,7 +21,7 @@ PKG = REPO / "surgeon"
 
 #: top-level parts of surgeon, lowest first; a module imports only from its own layer or below
 LAYERS: dict[str, int] = {
-    "errors": 0, "suggest": 0, "arch": 0, "allocator": 0,
+    "errors": 0, "suggest": 0, "arch": 0, "allocator": 0, "version": 0,
     "settings": 1,
     "io": 2,
     "merge": 3, "step": 3, "inspection": 3,

@@ -167,12 +167,12 @@ def test_a_finished_step_of_another_surgeon_version_is_not_reused(tmp_path: Path
                                                                   capsys, monkeypatch) -> None:
     """Another version may compute other bytes (DELLA's uniforms changed once): a rerun
     after an upgrade recomputes the step instead of skipping it as done."""
-    import surgeon
+    from surgeon import version
 
     p = _recipe(tmp_path, tiny_family, TA)
     assert main(["run", str(p), "-q"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr(surgeon, "__version__", "999.0")
+    monkeypatch.setattr(version, "__version__", "999.0")
     assert main(["run", str(p), "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "already done" not in err and "step merge" in err, err

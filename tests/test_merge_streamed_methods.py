@@ -355,3 +355,37 @@ def test_arcee_fusion_threshold_reads_the_sorted_values_quartiles() -> None:
         got = outlier_threshold(v)
         assert got.dtype == torch.float32 and got.dim() == 0
         assert torch.equal(got, want) or (torch.isnan(got) and torch.isnan(want)), (v.numel(), got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_stock_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype) -> None:
+    """The compiled statistic pass sums what the torch blocks sum (to float64
+    rounding) and, for the same ratio, the compiled mix writes the torch block
+    path's bytes."""
+    from surgeon.merge.kernels import model_stock_compiled
+
+    if not model_stock_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(8)
+    shape = (33, 70)
+    base = torch.randn(shape, generator=g).to(dtype)
+    models = [(base.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]
+    m = get_method("model_stock")
+    tm = build_merge("model_stock", base.float(), [x.float() for x in models], [{}, {}, {}], name="t")
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, True)
+    compiled_k, torch_k = m.block_kernel(header), m.block_kernel(header)
+    piece = kbase.PieceInputs(0, base.reshape(-1), [x.reshape(-1) for x in models])
+    assert compiled_k.observe_raw(0, piece)
+    torch_k.observe(0, TensorMerge("t", base.reshape(-1).float(), [x.reshape(-1).float() for x in models],
+                                   tm.model_params, tm.params))
+    for a, b in zip(compiled_k.sq + list(compiled_k.dots.values()), torch_k.sq + list(torch_k.dots.values())):
+        assert float(a) == pytest.approx(float(b), rel=1e-12)
+    torch_k.end_pass(0)
+    compiled_k.ratio = torch_k.ratio
+    got = torch.empty(base.numel(), dtype=dtype)
+    assert compiled_k.merge_raw(piece, got) is True
+    want = torch.empty(base.numel(), dtype=dtype)
+    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
+    kbase.merge_piece(torch_k, header, piece, want)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .. import version
 from ..errors import InvalidInputError
 from ..io.card import CardInfo, CardInput, render_card
 from ..io.checkpoint import AUX_FILES, Checkpoint
@@ -385,10 +386,8 @@ class Pipeline:
     def _fingerprint(self, step: Step, previous: dict[str, str]) -> str:
         """The step's identity for resuming: its definition, the seed, its inputs (their
         fingerprints or files) and surgeon's version (another version may compute other bytes)."""
-        from .. import __version__
-
         parts: dict[str, Any] = {"step": step.model_dump(mode="json", by_alias=True), "seed": self.recipe.seed,
-                                 "surgeon": __version__}
+                                 "surgeon": version.__version__}
         for ref in step.references():
             if ref in previous:
                 parts[ref] = previous[ref]

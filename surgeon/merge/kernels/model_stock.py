@@ -1,14 +1,20 @@
 """Model Stock's kernel: one pass of float64 offset statistics (or none, per row), then the mix.
 
 The definition is :func:`surgeon.merge.methods.model_stock.model_stock`.
+With numba and one ratio per tensor, both passes take whole pieces in their
+stored dtype (:mod:`surgeon.merge.kernels.model_stock_compiled`); the torch
+block path below is the fallback and the definition those loops follow.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..arith import stock_combine, stock_ratio, stock_stats
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import model_stock_compiled
+from ._raw import raw_inputs, raw_view
+from .base import Kernel, PieceInputs
 
 
 class ModelStockKernel(Kernel):
@@ -48,3 +54,34 @@ class ModelStockKernel(Kernel):
             return stock_combine(stock_ratio(self.n, sq, dots), w0, ws).reshape(-1)
         assert self.ratio is not None
         return stock_combine(self.ratio, blk.base, list(blk.models))
+
+    # -- the compiled loops (one ratio per tensor), on whole pieces in their stored dtype ----------
+    def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
+        if self.filter_wise or not model_stock_compiled.available():
+            return None
+        raw = raw_inputs(piece.base, piece.models)
+        return None if raw is None or raw[0] is None else raw  # type: ignore[return-value]
+
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
+        raw = self._raw(piece)
+        if raw is None:
+            return False
+        sq = np.zeros(self.n, dtype=np.float64)
+        dots = np.zeros(self.n * (self.n - 1) // 2, dtype=np.float64)
+        model_stock_compiled.stock_sums(raw[0], raw[1], sq, dots)
+        pairs = [(i, j) for i in range(self.n) for j in range(i + 1, self.n)]  # stock_stats' order
+        sq_t = [torch.tensor(v, dtype=torch.float64) for v in sq.tolist()]
+        dots_t = {p: torch.tensor(v, dtype=torch.float64) for p, v in zip(pairs, dots.tolist())}
+        if self.sq is None:
+            self.sq, self.dots = sq_t, dots_t
+        else:
+            self.sq = [a + b for a, b in zip(self.sq, sq_t)]
+            self.dots = {k: v + dots_t[k] for k, v in self.dots.items()}
+        return True
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw, o = self._raw(piece), raw_view(out)
+        if raw is None or o is None:
+            return None
+        assert self.ratio is not None
+        return model_stock_compiled.stock_mix(raw[0], raw[1], float(self.ratio.reshape(-1)[0]), o)
