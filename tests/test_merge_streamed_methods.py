@@ -389,3 +389,34 @@ def test_model_stock_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype) 
     kbase.merge_piece(torch_k, header, piece, want)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ram_compiled_equals_the_reference_at_the_epsilon_edge(method: str, dtype: torch.dtype) -> None:
+    """Task vectors exactly at, just below and above epsilon (compared in float32,
+    as torch compares with a Python float), shared and unique contributions:
+    the compiled passes write the whole-tensor reference's bytes."""
+    from surgeon.merge.kernels import ram_compiled
+
+    if not ram_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(6)
+    shape = (10, 64)
+    eps = 0.1  # float32(0.1) > 0.1: a delta of float32(0.1) contributes in float64, not in float32
+    base = torch.zeros(shape).to(dtype)
+    e32 = float(np.float32(eps))
+    choices = torch.tensor([0.0, e32, -e32, np.nextafter(np.float32(e32), np.float32(1)), 0.5, -0.25, 0.05])
+    models = [choices[torch.randint(0, len(choices), shape, generator=g)].to(dtype) for _ in range(3)]
+    m = get_method(method)
+    params = {"epsilon": eps} if method == "ram" else {"epsilon": eps, "r": 0.5, "alpha": 0.4}
+    tm = build_merge(method, base.float(), [x.float() for x in models], [{}, {}, {}], name="t", **params)
+    ref = m.fn(tm)
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, True)
+    kernel = m.block_kernel(header)
+    kernel.merge = None  # type: ignore[method-assign,assignment]  # the compiled loop takes every piece
+    kernel.observe = None  # type: ignore[method-assign,assignment]
+    got = kbase.run_in_memory(kernel, header, base, models)
+    assert torch.equal(got, ref)
+    if method == "ramplus_tl":
+        assert kernel.lambdas is not None and any(v != 1.0 for v in kernel.lambdas)

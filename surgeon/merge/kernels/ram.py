@@ -1,17 +1,19 @@
 """RAM's arithmetic and RAM+'s kernel: contribution masks and per-tensor counts.
 
 The definitions are :func:`surgeon.merge.methods.ram.ram` and
-:func:`~surgeon.merge.methods.ram.ramplus_tl`. RAM is elementwise (its
-reference runs block by block); RAM+ makes one pass counting each model's
-shared and unique contributing entries (exact integers), then merges block
-by block with the resulting ``lambda_i``.
+:func:`~surgeon.merge.methods.ram.ramplus_tl`. RAM is elementwise; RAM+
+makes one pass counting each model's shared and unique contributing entries
+(exact integers), then merges with the resulting ``lambda_i``.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import ram_compiled
+from ._raw import raw_inputs, raw_view
+from .base import Kernel, PieceInputs
 
 
 def _masks(base: torch.Tensor, models: list[torch.Tensor], eps: float
@@ -71,16 +73,20 @@ def ramplus_lambdas(shared: list[int], unique: list[int], r: float, alpha: float
     return (1 + r * (s / u).clamp(min=0, max=alpha)).tolist()
 
 
-class RamPlusKernel(Kernel):
-    """RAM+ streamed: one pass counts shared/unique entries per model, then
-    each block is merged with the resulting ``lambda_i``."""
+class RamKernel(Kernel):
+    """RAM, and RAM+ streamed (``plus``: one pass counts shared/unique entries
+    per model, then each piece is merged with the resulting ``lambda_i``).
+    With numba both passes take whole pieces in their stored dtype
+    (:mod:`surgeon.merge.kernels.ram_compiled`); the torch block path is the
+    fallback and the definition those loops follow."""
 
-    stat_passes = 1
-
-    def __init__(self, meta: TensorMerge):
+    def __init__(self, meta: TensorMerge, plus: bool):
         self.eps = float(meta.params["epsilon"])
-        self.r = float(meta.params["r"])
-        self.alpha = float(meta.params["alpha"])
+        self.plus = plus
+        self.stat_passes = 1 if plus else 0
+        if plus:
+            self.r = float(meta.params["r"])
+            self.alpha = float(meta.params["alpha"])
         n = len(meta.model_params)
         self.shared, self.unique = [0] * n, [0] * n
         self.lambdas: list[float] | None = None
@@ -94,5 +100,28 @@ class RamPlusKernel(Kernel):
         self.lambdas = ramplus_lambdas(self.shared, self.unique, self.r, self.alpha, self.eps)
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
-        assert self.lambdas is not None
+        assert self.lambdas is not None or not self.plus
         return ram_tensors(blk.base, list(blk.models), self.eps, self.lambdas)
+
+    def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
+        if not ram_compiled.available():
+            return None
+        raw = raw_inputs(piece.base, piece.models)
+        return None if raw is None or raw[0] is None else raw  # type: ignore[return-value]
+
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
+        raw = self._raw(piece)
+        if raw is None:
+            return False
+        shared = np.zeros(len(self.shared), dtype=np.int64)
+        unique = np.zeros(len(self.unique), dtype=np.int64)
+        ram_compiled.ram_counts(raw[0], raw[1], self.eps, shared, unique)
+        self.shared = [a + int(b) for a, b in zip(self.shared, shared)]
+        self.unique = [a + int(b) for a, b in zip(self.unique, unique)]
+        return True
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw, o = self._raw(piece), raw_view(out)
+        if raw is None or o is None:
+            return None
+        return ram_compiled.ram_mix(raw[0], raw[1], self.eps, self.lambdas, o)

@@ -21,10 +21,12 @@ Without any model besides the base the base is returned, as in mergekit.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...errors import InvalidInputError
-from ..kernels.ram import RamPlusKernel, ram_tensors, ramplus_counts, ramplus_lambdas
+from ..kernels.ram import RamKernel, ram_tensors, ramplus_counts, ramplus_lambdas
 from ..method import merge_method
 from ..params import Param
 from ..tensor import TensorMerge
@@ -46,10 +48,14 @@ def _base(t: TensorMerge, method: str) -> torch.Tensor:
     return t.base
 
 
-def ramplus_kernel(meta: TensorMerge) -> RamPlusKernel | None:
-    if not meta.has_base or not meta.model_params or meta.numel == 0:
-        return None
-    return RamPlusKernel(meta)
+def ram_kernel(plus: bool) -> Callable[[TensorMerge], RamKernel | None]:
+    """The kernel factory of ``ram`` / ``ramplus_tl`` (None: the whole-tensor path gives the clear error)."""
+    def factory(meta: TensorMerge) -> RamKernel | None:
+        if not meta.has_base or not meta.model_params or meta.numel == 0:
+            return None
+        return RamKernel(meta, plus)
+
+    return factory
 
 
 @merge_method(
@@ -60,6 +66,7 @@ def ramplus_kernel(meta: TensorMerge) -> RamPlusKernel | None:
     paper="Reinforced Agent Merging (arXiv 2601.13572); mergekit's ram",
     mergekit_name="ram",
     elementwise=True,
+    kernel=ram_kernel(plus=False),
 )
 def ram(t: TensorMerge) -> torch.Tensor:
     """base + per entry: the one contributing task vector, or the mean of several (|delta| > epsilon)."""
@@ -73,7 +80,7 @@ def ram(t: TensorMerge) -> torch.Tensor:
     min_models=1,
     paper="Reinforced Agent Merging (arXiv 2601.13572), RAM+ with tensor-local counts; mergekit's ramplus_tl",
     mergekit_name="ramplus_tl",
-    kernel=ramplus_kernel,
+    kernel=ram_kernel(plus=True),
 )
 def ramplus_tl(t: TensorMerge) -> torch.Tensor:
     """RAM with each model's unique entries scaled by 1 + r * clamp(shared/unique, 0, alpha), counted per tensor."""
