@@ -96,6 +96,22 @@ def test_streamed_in_pieces_and_equal_to_whole_tensors(tmp_path: Path, tiny_fami
     assert got and got == want
 
 
+def _observed_pieces(kernel, header: TensorMerge, base: torch.Tensor, models: list[torch.Tensor],
+                     rows: int | None) -> list[kbase.PieceInputs]:
+    """Cut a 2-D tensor's inputs into pieces of ``rows`` rows (None: one piece) and
+    run the kernel's statistic passes over them as the engine does."""
+    step = rows or base.shape[0]
+    pieces = [kbase.PieceInputs(r * base.shape[1], base[r:r + step].reshape(-1),
+                                [x[r:r + step].reshape(-1) for x in models]) for r in range(0, base.shape[0], step)]
+    for p in range(kernel.stat_passes):
+        if kernel.pass_needed(p) is False:
+            continue
+        for piece in pieces:
+            kbase.observe_piece(kernel, header, p, piece)
+        kernel.end_pass(p)
+    return pieces
+
+
 def _naive_sce(base: torch.Tensor, models: list[torch.Tensor], topk: float) -> torch.Tensor:
     """mergekit's SCE written out with a stable sort: keep the k largest variances
     (ties: lowest flat index), weights = mean squared selected task vector, erase."""
@@ -135,13 +151,7 @@ def test_sce_kernel_splits_ties_at_the_threshold_in_flat_order(rows: int | None,
     header = TensorMerge.header("t", shape, tm.model_params, tm.params, True)
     kernel = m.block_kernel(header)
     assert kernel is not None
-    step = rows or shape[0]
-    pieces = [kbase.PieceInputs(r * shape[1], base[r:r + step].reshape(-1), [x[r:r + step].reshape(-1) for x in models])
-              for r in range(0, shape[0], step)]
-    for p in range(kernel.stat_passes):
-        for piece in pieces:
-            kbase.observe_piece(kernel, header, p, piece)
-        kernel.end_pass(p)
+    pieces = _observed_pieces(kernel, header, base, models, rows)
     assert 0 < kernel._quota0 < 480  # the boundary falls inside a group of tied variances
     out = torch.empty(base.numel())
     for piece in pieces:
@@ -319,15 +329,7 @@ def test_breadcrumbs_band_splits_ties_at_both_cuts_in_flat_order(method: str, ro
     header = TensorMerge.header("t", shape, tm.model_params, tm.params, True)
     kernel = m.block_kernel(header)
     assert kernel is not None
-    step = rows or shape[0]
-    pieces = [kbase.PieceInputs(r * shape[1], base[r:r + step].reshape(-1), [x[r:r + step].reshape(-1) for x in models])
-              for r in range(0, shape[0], step)]
-    for p in range(kernel.stat_passes):
-        if kernel.pass_needed(p) is False:
-            continue
-        for piece in pieces:
-            kbase.observe_piece(kernel, header, p, piece)
-        kernel.end_pass(p)
+    pieces = _observed_pieces(kernel, header, base, models, rows)
     split = [c for c in kernel.cuts.values() if 0 < c.quota and not c.all_tied]
     assert len(split) == len(kernel.cuts) == 6  # every cut splits a group of ties
     from surgeon.merge.kernels import ties_compiled

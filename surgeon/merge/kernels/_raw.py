@@ -170,3 +170,12 @@ def raw_inputs(base: torch.Tensor | None, models: list[torch.Tensor]) -> tuple[A
         return None, ms  # type: ignore[return-value]
     b = raw_view(base)
     return None if b is None else (b, ms)  # type: ignore[return-value]
+
+
+def based_inputs(base: torch.Tensor | None, models: list[torch.Tensor], applies: bool = True
+                 ) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
+    """:func:`raw_inputs` for the loops that need a base: None when ``applies``
+    is False (the caller's loop is off or does not fit these inputs), when
+    there is no base or when the inputs do not qualify."""
+    raw = raw_inputs(base, models) if applies else None
+    return None if raw is None or raw[0] is None else raw  # type: ignore[return-value]

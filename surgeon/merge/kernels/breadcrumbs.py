@@ -16,7 +16,7 @@ from ..arith import combine, weight_total
 from ..select.stream import RankCut, SelectionPasses, StreamSelector
 from ..tensor import TensorMerge
 from . import ties_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import PieceInputs
 
 
@@ -95,10 +95,8 @@ class BreadcrumbsKernel(SelectionPasses):
     def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
         """The whole piece from and to its stored dtypes through the compiled loop
         (None: these inputs need float32 blocks)."""
-        if not ties_compiled.available():
-            return None
-        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
-        if raw is None or raw[0] is None or o is None:
+        raw, o = based_inputs(piece.base, piece.models, ties_compiled.available()), raw_view(out)
+        if raw is None or o is None:
             return None
         kinds, band, quota = self._band()
         args = ties_compiled.mask_args(kinds, np.array(self.weights, np.float32), self.consensus is not None,

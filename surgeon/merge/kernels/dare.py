@@ -12,7 +12,7 @@ from ..arith import weight_total
 from ..rng import stream_key
 from ..tensor import TensorMerge
 from . import ties_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
 
 
@@ -38,8 +38,8 @@ class DareKernel(Kernel):
     def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
         """The whole piece from and to its stored dtypes, uniforms drawn in-line
         (None: these inputs need float32 blocks)."""
-        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
-        if raw is None or raw[0] is None or o is None:
+        raw, o = based_inputs(piece.base, piece.models), raw_view(out)
+        if raw is None or o is None:
             return None
         return ties_compiled.merge_raw(raw[0], raw[1], self.args, o, self.keys, piece.start)
 

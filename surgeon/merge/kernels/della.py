@@ -32,7 +32,7 @@ from ..select.exact import stable_ranks
 from ..select.ranks import magnitude_ranks
 from ..tensor import TensorMerge
 from . import della_compiled, ties_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
 
 
@@ -188,13 +188,8 @@ class DellaKernel(Kernel):
     # -- the compiled loops, on whole pieces in their stored dtype ------------------------------
     def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
         """The piece's stored-dtype views, or None where the compiled loops do not apply."""
-        if (not self.flat_rows or piece.base is None or piece.start % self.row or piece.numel % self.row
-                or not della_compiled.available()):
-            return None
-        raw = raw_inputs(piece.base, piece.models)
-        if raw is None or raw[0] is None:
-            return None
-        return raw  # type: ignore[return-value]
+        whole_rows = self.flat_rows and piece.start % self.row == 0 and piece.numel % self.row == 0
+        return based_inputs(piece.base, piece.models, whole_rows and della_compiled.available())
 
     def _piece_bits(self, piece: PieceInputs, raw: tuple[np.ndarray, tuple[np.ndarray, ...]]) -> np.ndarray:
         """Each pruned model's keep bits over the piece (the L1 sums added to :attr:`before`/:attr:`after`)."""

@@ -13,7 +13,7 @@ import torch
 from ..arith import stock_combine, stock_ratio, stock_stats
 from ..tensor import TensorMerge
 from . import model_stock_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
 
 
@@ -57,10 +57,7 @@ class ModelStockKernel(Kernel):
 
     # -- the compiled loops (one ratio per tensor), on whole pieces in their stored dtype ----------
     def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
-        if self.filter_wise or not model_stock_compiled.available():
-            return None
-        raw = raw_inputs(piece.base, piece.models)
-        return None if raw is None or raw[0] is None else raw  # type: ignore[return-value]
+        return based_inputs(piece.base, piece.models, not self.filter_wise and model_stock_compiled.available())
 
     def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
         raw = self._raw(piece)

@@ -12,7 +12,7 @@ import torch
 
 from ..tensor import TensorMerge
 from . import ram_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
 
 
@@ -104,10 +104,7 @@ class RamKernel(Kernel):
         return ram_tensors(blk.base, list(blk.models), self.eps, self.lambdas)
 
     def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
-        if not ram_compiled.available():
-            return None
-        raw = raw_inputs(piece.base, piece.models)
-        return None if raw is None or raw[0] is None else raw  # type: ignore[return-value]
+        return based_inputs(piece.base, piece.models, ram_compiled.available())
 
     def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
         raw = self._raw(piece)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import _raw
-from ._jit import compiled
+from ._jit import compiled, numba_module
 
 _CH = _raw.CHUNK
 
@@ -31,7 +31,29 @@ _CH = _raw.CHUNK
 @compiled
 def _kernels(jit: Any) -> Any:
     """RAM's counting and mix loops."""
+    global _contributions  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
+    inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+
+    @inline
+    def _contributions(b_all, ms, s, e, eps, b, m, d, nz, count):  # pragma: no cover - compiled
+        # a chunk's kept task vectors d_i = (m_i - b) * [|m_i - b| > eps], the flags nz_i and their count
+        k = e - s
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        _raw.load(b_all[s:e], b)
+        for j in range(k):
+            count[j] = 0
+        for i in range(len(ms)):
+            _raw.load(ms[i][s:e], m)
+            row = d[i]
+            flags = nz[i]
+            for j in range(k):
+                x = m[j] - b[j]
+                c = 1 if abs(x) > eps else 0
+                row[j] = x * (one if c else zero)
+                flags[j] = c
+                count[j] += c
 
     @jit
     def counts(b_all, ms, eps, shared, unique):  # pragma: no cover - compiled
@@ -40,21 +62,13 @@ def _kernels(jit: Any) -> Any:
         n = b_all.shape[0]
         b = np.empty(_CH, np.float32)
         m = np.empty(_CH, np.float32)
+        d = np.empty((nm, _CH), np.float32)
         nz = np.empty((nm, _CH), np.int64)
         count = np.empty(_CH, np.int64)
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
-            _raw.load(b_all[s:e], b)
-            for j in range(k):
-                count[j] = 0
-            for i in range(nm):
-                _raw.load(ms[i][s:e], m)
-                row = nz[i]
-                for j in range(k):
-                    c = 1 if abs(m[j] - b[j]) > eps else 0
-                    row[j] = c
-                    count[j] += c
+            _contributions(b_all, ms, s, e, eps, b, m, d, nz, count)
             for i in range(nm):
                 row = nz[i]
                 sh = 0
@@ -74,25 +88,14 @@ def _kernels(jit: Any) -> Any:
         b = np.empty(_CH, np.float32)
         m = np.empty(_CH, np.float32)
         d = np.empty((nm, _CH), np.float32)
+        nz = np.empty((nm, _CH), np.int64)
         count = np.empty(_CH, np.int64)
         acc = np.empty(_CH, np.float32)
         chk = np.zeros(_CH, np.float32)
-        zero = np.float32(0.0)
-        one = np.float32(1.0)
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
-            _raw.load(b_all[s:e], b)
-            for j in range(k):
-                count[j] = 0
-            for i in range(nm):
-                _raw.load(ms[i][s:e], m)
-                row = d[i]
-                for j in range(k):
-                    x = m[j] - b[j]
-                    keep = abs(x) > eps
-                    row[j] = x * (one if keep else zero)
-                    count[j] += 1 if keep else 0
+            _contributions(b_all, ms, s, e, eps, b, m, d, nz, count)
             for i in range(nm):
                 row = d[i]
                 li = lam[i]

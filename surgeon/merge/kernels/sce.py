@@ -39,7 +39,7 @@ import torch
 from ..arith import elect_sign
 from ..tensor import TensorMerge
 from . import sce_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
 
 _BUCKETS = 1 << 16
@@ -213,12 +213,7 @@ class SceKernel(Kernel):
 
     # -- the compiled loops, on whole pieces in their stored dtype ------------------------------
     def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
-        if not sce_compiled.available():
-            return None
-        raw = raw_inputs(piece.base, piece.models)
-        if raw is None or raw[0] is None:
-            return None
-        return raw  # type: ignore[return-value]
+        return based_inputs(piece.base, piece.models, sce_compiled.available())
 
     def _selection(self) -> tuple[bool, float]:
         """(keep everything, threshold) for the compiled loops; keeping nothing is ``var > inf``."""

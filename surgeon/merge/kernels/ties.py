@@ -14,7 +14,7 @@ from ..arith import consensus_mix
 from ..select.stream import SelectionPasses, StreamSelector, next_float
 from ..tensor import TensorMerge
 from . import ties_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import PieceInputs
 
 
@@ -153,10 +153,8 @@ class TiesKernel(SelectionPasses):
     def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
         """The whole piece through the compiled merge, from and to the stored
         dtypes (None: these inputs need float32 blocks)."""
-        if not self._fused:
-            return None
-        raw, o = raw_inputs(piece.base, piece.models), raw_view(out)
-        if raw is None or raw[0] is None or o is None:
+        raw, o = based_inputs(piece.base, piece.models, self._fused), raw_view(out)
+        if raw is None or o is None:
             return None
         self._in_order(piece.start, piece.numel)
         return ties_compiled.merge_raw(raw[0], raw[1], self._compiled_args(), o)

@@ -9,7 +9,7 @@ import torch
 from ..arith import column_weights
 from ..tensor import TensorMerge
 from . import widen_compiled
-from ._raw import raw_inputs, raw_view
+from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
 
 
@@ -59,8 +59,8 @@ class WidenKernel(Kernel):
 
     def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
         """Column (or, for the embedding, row) sums of a whole piece from its stored dtype."""
-        raw = raw_inputs(piece.base, piece.models) if self.fused else None
-        if raw is None or raw[0] is None:
+        raw = based_inputs(piece.base, piece.models, self.fused)
+        if raw is None:
             return False
         widen_compiled.add_sums(raw[0], raw[1], self.cols, self.by_row, piece.start // max(1, self.cols),
                               self.bb, self.mm, self.mb)
@@ -68,9 +68,8 @@ class WidenKernel(Kernel):
 
     def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
         """A whole piece merged from and to its stored dtypes (None: float32 blocks needed)."""
-        raw = raw_inputs(piece.base, piece.models) if self.fused else None
-        o = raw_view(out)
-        if raw is None or raw[0] is None or o is None:
+        raw, o = based_inputs(piece.base, piece.models, self.fused), raw_view(out)
+        if raw is None or o is None:
             return None
         assert self.weights is not None
         return widen_compiled.merge_raw(raw[0], raw[1], self.weights, self.cols, o, self.by_row,
