@@ -132,7 +132,7 @@ def _kernels(jit: Any) -> Any:
                         for j in range(k):
                             q = s + j
                             kb = (bits[q >> 3] >> (7 - (q & 7))) & 1
-                            row[j] = ((m[j] - b[j]) * (one if kb else zero)) * sc
+                            row[j] = ((m[j] - b[j]) * np.float32(kb)) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
                         _band_chunk(m, b, k, row, band[i], band_quota[i])
                     else:
