@@ -130,3 +130,22 @@ def test_the_command_exits_with_mains_code_through_exit_process(tmp_path: Path) 
         assert r.returncode == code, (argv, r.stderr)
     r = subprocess.run([sys.executable, "-m", "surgeon", "--version"], capture_output=True, text=True, timeout=120)
     assert r.stdout.startswith("surgeon ")
+
+
+# --------------------------------------------------------------------------- allocator
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_trimming_the_heap_starts_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine trims malloc's heaps once a tensor: a lookup of the C library that ran
+    ``ldconfig`` in a child (ctypes.util.find_library) forked the whole merge each time."""
+    from surgeon import allocator
+
+    allocator._libc()  # loaded once, before the watch
+
+    def no_child(*a: object, **k: object) -> None:
+        raise AssertionError("the allocator started a process")
+
+    monkeypatch.setattr(subprocess, "Popen", no_child)
+    monkeypatch.setattr(os, "fork", no_child)
+    for _ in range(3):
+        assert allocator.release_free_memory()
+    assert allocator._libc() is allocator._libc()
