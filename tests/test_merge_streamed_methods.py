@@ -176,6 +176,23 @@ def test_arcee_fusion_kernel_draws_its_sample_only_while_it_runs() -> None:
     assert torch.equal(got, m.fn(tm))
 
 
+def test_arcee_fusion_sample_is_the_seeded_draw_in_order() -> None:
+    """The quartiles' sample: SAMPLE_SIZE positions drawn with replacement by torch's
+    generator seeded from (recipe seed, tensor name), sorted (repeats kept), int64,
+    whichever library sorts them."""
+    from surgeon.merge.kernels.arcee_fusion import sample_positions
+    from surgeon.merge.rng import stream_key
+
+    n = 3 * SAMPLE_SIZE + 7
+    got = sample_positions(n, 5, "model.layers.0.mlp.up_proj.weight")
+    gen = torch.Generator().manual_seed(stream_key(5, "model.layers.0.mlp.up_proj.weight", "arcee_fusion")
+                                        & ((1 << 63) - 1))
+    want = torch.randint(n, (SAMPLE_SIZE,), generator=gen).sort().values
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert int((got[1:] == got[:-1]).sum()) > 0  # with replacement: repeats are kept
+    assert sample_positions(SAMPLE_SIZE, 5, "t") is None
+
+
 def test_della_kernel_rescale_keeps_each_task_vectors_l1_norm(monkeypatch) -> None:
     """MagPrune with ``rescale`` scales the pruned task vector back to the L1 norm
     of the unpruned one over the whole tensor, though the kernel sees it in pieces."""
@@ -349,7 +366,9 @@ def test_arcee_fusion_threshold_reads_the_sorted_values_quartiles() -> None:
 
     g = torch.Generator().manual_seed(0)
     cases = [torch.rand(1001, generator=g), torch.randint(0, 4, (999,), generator=g).float(), torch.tensor([2.5]),
-             torch.tensor([3.0, 1.0]), torch.cat([torch.rand(100, generator=g), torch.full((7,), float("nan"))])]
+             torch.tensor([3.0, 1.0]), torch.cat([torch.rand(100, generator=g), torch.full((7,), float("nan"))]),
+             torch.tensor([1.0, float("nan"), 0.5]), torch.tensor([4.0, 1.0, 3.0, 2.0]),
+             torch.cat([torch.full((60,), float("nan")), torch.rand(40, generator=g)])]
     for v in cases:
         s = v.sort().values
         q1, med, q3 = (s[int(q * (v.numel() - 1))] for q in QUARTILES)
