@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import measure  # noqa: E402
+from measure import host, measure  # noqa: E402
 from synthetic import build_family  # noqa: E402
 
 PRESETS = {  # layers, hidden, intermediate, vocab
@@ -265,6 +265,8 @@ def main() -> None:
     params = size // 2 // len(fam)
     print(f"inputs: base + {len(fam) - 1} x {params / 1e9:.2f}B params bf16, {size / 1e9:.2f} GB "
           f"(built or found in {time.perf_counter() - t0:.0f}s) under {fam_root}")
+    machine = host()
+    print(f"host: {machine['cpu']} ({machine['simd']}), {machine['cpus']} CPUs, {machine['os']}")
     threads = os.cpu_count() or 1
     read_s, cast_s = measure_floors(files, threads)
     print(f"floors on this machine: read {size / 1e9 / read_s:.2f} GB/s ({read_s:.1f}s), "
@@ -331,7 +333,8 @@ def main() -> None:
     print(f"whole-job floor {job_floor:.1f}s = start-up {startup_s:.1f} + read {read_s:.1f} + write+fsync {write_s:.1f}; "
           "run s: surgeon's own run time from its report (after start-up)")
     if a.json:
-        a.json.write_text(json.dumps({"preset": a.preset, "input_bytes": size, "read_s": read_s, "cast_s": cast_s,
+        a.json.write_text(json.dumps({"preset": a.preset, "host": machine, "input_bytes": size, "read_s": read_s,
+                                      "cast_s": cast_s,
                                       "startup_s": startup_s, "write_s": write_s, "job_floor_s": job_floor,
                                       "rows": rows}, indent=2))
 
@@ -403,7 +406,7 @@ def bench_remote(a: argparse.Namespace) -> None:
         print(f"| {r['mode']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gb']:.2f} | "
               f"{r['served_over_input']:.3f} | {(r['hub_cache_bytes'] + r['output_bytes']) / 1e9:.2f} |")
     if a.json:
-        a.json.write_text(json.dumps({"preset": a.preset, "remote": rows}, indent=2))
+        a.json.write_text(json.dumps({"preset": a.preset, "host": host(), "remote": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ to ``wait4`` and say so.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -46,3 +47,26 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Measured:
             return Measured(wall, kib * 1024, code, err[-2000:], "GNU time %M", usage.ru_utime + usage.ru_stime)
     print("warning: /usr/bin/time not found; peak RSS from wait4 includes this process's own peak", file=sys.stderr)
     return Measured(wall, usage.ru_maxrss * 1024, code, err[-2000:], "wait4", usage.ru_utime + usage.ru_stime)
+
+
+def host() -> dict[str, object]:
+    """What the numbers were measured on: CPU model, its widest x86 vector extension
+    (compiled loops run ~2x slower on an AVX2-only host than on an AVX-512 one),
+    logical CPUs and the OS. Linux reads /proc/cpuinfo; elsewhere the model is
+    platform's guess and the vector extension unknown."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    simd = next((name for name, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"), ("sse4.2", "sse4_2"))
+                 if flag in flags), "unknown")
+    return {"cpu": model, "simd": simd, "cpus": os.cpu_count(), "os": f"{platform.system()} {platform.release()}"}
