@@ -412,6 +412,44 @@ def test_model_stock_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype) 
     assert torch.equal(got.view(bits), want.view(bits))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [0.3, 1.0])
+def test_slerp_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype, t: float) -> None:
+    """The compiled statistic pass sums what the torch blocks sum (to float64
+    rounding), and for the same coefficients the compiled mix writes the torch
+    block path's bytes (v0 * c0, then + c1 v1 in one rounding), tails included."""
+    from surgeon.merge.kernels import slerp_compiled
+
+    if not slerp_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(12)
+    shape = (33, 70)  # 2310 entries: four whole chunks and a tail
+    base = torch.randn(shape, generator=g).to(dtype)
+    model = (base.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype)  # cos ~0.999: the arc, not the line
+    m = get_method("slerp")
+    tm = build_merge("slerp", base.float(), [model.float()], [{}], name="t", t=t)
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, True)
+    compiled_k, torch_k = m.block_kernel(header), m.block_kernel(header)
+    piece = kbase.PieceInputs(0, base.reshape(-1), [model.reshape(-1)])
+    assert compiled_k.observe_raw(0, piece)
+    torch_k.observe(0, TensorMerge("t", base.reshape(-1).float(), [model.reshape(-1).float()],
+                                   tm.model_params, tm.params))
+    assert compiled_k.sums == pytest.approx(torch_k.sums, rel=1e-12)
+    compiled_k.end_pass(0)
+    torch_k.end_pass(0)
+    assert compiled_k.coef == pytest.approx(torch_k.coef, rel=1e-12)
+    assert abs(torch_k.coef[0] + torch_k.coef[1] - 1.0) > 1e-6 or t == 1.0  # the arc's coefficients
+    compiled_k.coef = torch_k.coef
+    got = torch.empty(base.numel(), dtype=dtype)
+    assert compiled_k.merge_raw(piece, got) is True
+    want = torch.empty(base.numel(), dtype=dtype)
+    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
+    kbase.merge_piece(torch_k, header, piece, want)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))
+    assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))  # the whole-tensor slerp
+
+
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_ram_compiled_equals_the_reference_at_the_epsilon_edge(method: str, dtype: torch.dtype) -> None:

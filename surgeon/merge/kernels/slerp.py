@@ -1,14 +1,20 @@
 """SLERP's kernel: one pass of float64 norms and dot product, then ``c0 v0 + c1 v1``.
 
-The definition is :func:`surgeon.merge.methods.slerp.slerp`.
+The definition is :func:`surgeon.merge.methods.slerp.slerp`. With numba both
+passes take whole pieces in their stored dtype
+(:mod:`surgeon.merge.kernels.slerp_compiled`); the torch block path below is
+the fallback and the definition those loops follow.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..arith import slerp_coefficients, slerp_sums
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import slerp_compiled
+from ._raw import based_inputs, raw_view
+from .base import Kernel, PieceInputs
 
 
 class SlerpKernel(Kernel):
@@ -33,3 +39,24 @@ class SlerpKernel(Kernel):
         assert self.coef is not None
         out = torch.mul(blk.base, self.coef[0])
         return out.add_(blk.models[0], alpha=self.coef[1])
+
+    # -- the compiled loops, on whole pieces in their stored dtype -------------------------------
+    def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
+        return based_inputs(piece.base, piece.models, slerp_compiled.available())
+
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
+        raw = self._raw(piece)
+        if raw is None:
+            return False
+        sums = np.zeros(3, dtype=np.float64)
+        slerp_compiled.slerp_sums(raw[0], raw[1][0], sums)
+        for i, v in enumerate(sums.tolist()):
+            self.sums[i] += v
+        return True
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw, o = self._raw(piece), raw_view(out)
+        if raw is None or o is None:
+            return None
+        assert self.coef is not None
+        return slerp_compiled.slerp_mix(raw[0], raw[1][0], self.coef[0], self.coef[1], o)
