@@ -450,6 +450,44 @@ def test_slerp_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype, t: flo
     assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))  # the whole-tensor slerp
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_flat_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype, with_base: bool) -> None:
+    """One flat vector (mergekit's default): the compiled pass sums the torch blocks' sums
+    to float64 rounding and, for the same coefficients, the compiled mix writes the torch
+    block path's bytes (v0 c0, then + v1 c1 rounded apart, then + base) and the
+    whole-tensor nuslerp's."""
+    from surgeon.merge.kernels import slerp_compiled
+
+    if not slerp_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(13)
+    shape = (33, 70)
+    base = torch.randn(shape, generator=g).to(dtype)
+    models = [(base.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(2)]
+    m = get_method("nuslerp")
+    mps = [{"weight": 0.7}, {"weight": 0.4}]
+    tm = build_merge("nuslerp", base.float() if with_base else None, [x.float() for x in models], mps, name="t")
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, with_base)
+    compiled_k, torch_k = m.block_kernel(header), m.block_kernel(header)
+    assert compiled_k.kind == "flat"
+    piece = kbase.PieceInputs(0, base.reshape(-1) if with_base else None, [x.reshape(-1) for x in models])
+    assert compiled_k.observe_raw(0, piece)
+    torch_k.observe(0, TensorMerge("t", base.reshape(-1).float() if with_base else None,
+                                   [x.reshape(-1).float() for x in models], tm.model_params, tm.params))
+    assert [float(x) for x in compiled_k.sums] == pytest.approx([float(x) for x in torch_k.sums], rel=1e-12)
+    torch_k.end_pass(0)
+    compiled_k.coef = torch_k.coef
+    got = torch.empty(base.numel(), dtype=dtype)
+    assert compiled_k.merge_raw(piece, got) is True
+    want = torch.empty(base.numel(), dtype=dtype)
+    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
+    kbase.merge_piece(torch_k, header, piece, want)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))
+    assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))
+
+
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_ram_compiled_equals_the_reference_at_the_epsilon_edge(method: str, dtype: torch.dtype) -> None:

@@ -4,16 +4,22 @@ The definition is :func:`surgeon.merge.methods.nuslerp.nuslerp`. A tensor is
 cut into vectors one of three ways (:func:`nuslerp_layout`): one flat vector
 (one pass summing ``|v_0|^2, |v_1|^2, <v_0, v_1>``), rows along the last
 dimension (no pass: blocks hold whole rows), or columns along the first
-dimension (one pass summing per column).
+dimension (one pass summing per column). With numba, a flat vector's pass
+and mix take whole pieces in their stored dtype
+(:mod:`surgeon.merge.kernels.slerp_compiled`); the torch block path below is
+the fallback and the definition those loops follow.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import slerp_compiled
+from ._raw import raw_inputs, raw_view
+from .base import Kernel, PieceInputs
 
 NORM_CLAMP = 1e-7
 COLINEAR_EPS = 1e-8
@@ -108,3 +114,27 @@ class NuslerpKernel(Kernel):
             assert self.coef is not None
             c0, c1 = self.coef
         return nuslerp_combine(c0, c1, v0, v1, base).reshape(-1)
+
+    # -- the compiled loops (one flat vector), on whole pieces in their stored dtype --------------
+    def _raw(self, piece: PieceInputs) -> tuple[np.ndarray | None, tuple[np.ndarray, ...]] | None:
+        if self.kind != "flat" or len(piece.models) != 2 or not slerp_compiled.available():
+            return None
+        return raw_inputs(piece.base, piece.models)
+
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
+        raw = self._raw(piece)
+        if raw is None:
+            return False
+        sums = np.zeros(3, dtype=np.float64)
+        slerp_compiled.task_vector_sums(raw[1][0], raw[1][1], raw[0], sums)
+        got = [torch.tensor(v, dtype=F64) for v in sums.tolist()]
+        self.sums = got if self.sums is None else [s + x for s, x in zip(self.sums, got)]
+        return True
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw, o = self._raw(piece), raw_view(out)
+        if raw is None or o is None:
+            return None
+        assert self.coef is not None
+        c0, c1 = (float(c.to(torch.float32)) for c in self.coef)  # nuslerp_combine's float32 casts
+        return slerp_compiled.task_vector_mix(raw[1][0], raw[1][1], raw[0], c0, c1, o)

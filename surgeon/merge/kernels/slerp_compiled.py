@@ -1,4 +1,4 @@
-"""SLERP's statistic pass and mix compiled, from and to stored dtypes.
+"""SLERP's and flat NuSLERP's statistic pass and mix compiled, from and to stored dtypes.
 
 Why. Through torch, SLERP's statistic pass casts every block of both inputs
 to float32 and makes three float32 products, each a fresh temporary summed in
@@ -14,6 +14,12 @@ as torch casts its scalars, so the merge pass writes the bytes the torch
 block path writes for the same coefficients. The float64 sums run in 512
 lanes (torch: a block at a time), so the coefficients equal the whole-tensor
 reference's to float64 rounding, as the torch block kernel's do.
+
+NuSLERP with one flat vector per tensor (mergekit's default) sums the same
+three products of its task vectors (``m_i - base`` in float32, or the models
+themselves without a base) and mixes as :func:`surgeon.merge.kernels.nuslerp.nuslerp_combine`
+does: ``v0 * c0``, then ``+ v1 * c1`` with the product rounded first (two
+roundings, no fused multiply-add), then ``+ base``.
 """
 from __future__ import annotations
 
@@ -58,6 +64,60 @@ def _kernels(jit: Any) -> Any:
             out[i] += lanes[i].sum()
 
     @jit
+    def task_sums(a_all, b_all, base_all, has_base, out):  # pragma: no cover - compiled
+        # as sums, of x = a - base and y = b - base (float32) when has_base, else of a and b
+        n = a_all.shape[0]
+        a = np.empty(_CH, np.float32)
+        b = np.empty(_CH, np.float32)
+        c = np.empty(_CH, np.float32)
+        lanes = np.zeros((3, _CH), np.float64)
+        laa = lanes[0]
+        lbb = lanes[1]
+        lab = lanes[2]
+        for s in range(0, n, _CH):
+            e = min(n, s + _CH)
+            k = e - s
+            _raw.load(a_all[s:e], a)
+            _raw.load(b_all[s:e], b)
+            if has_base:
+                _raw.load(base_all[s:e], c)
+                for j in range(k):
+                    a[j] = a[j] - c[j]
+                    b[j] = b[j] - c[j]
+            for j in range(k):
+                x = a[j]
+                y = b[j]
+                laa[j] += np.float64(x * x)
+                lbb[j] += np.float64(y * y)
+                lab[j] += np.float64(x * y)
+        for i in range(3):
+            out[i] += lanes[i].sum()
+
+    @jit
+    def task_mix(a_all, b_all, base_all, has_base, c0, c1, out_all):  # pragma: no cover - compiled
+        # out = (x * c0 + (y * c1)) [+ base], every operation rounded to float32; x, y as in task_sums
+        n = out_all.shape[0]
+        a = np.empty(_CH, np.float32)
+        b = np.empty(_CH, np.float32)
+        c = np.empty(_CH, np.float32)
+        o = np.empty(_CH, np.float32)
+        chk = np.zeros(_CH, np.float32)
+        for s in range(0, n, _CH):
+            e = min(n, s + _CH)
+            k = e - s
+            _raw.load(a_all[s:e], a)
+            _raw.load(b_all[s:e], b)
+            if has_base:
+                _raw.load(base_all[s:e], c)
+                for j in range(k):
+                    o[j] = ((a[j] - c[j]) * c0 + (b[j] - c[j]) * c1) + c[j]
+            else:
+                for j in range(k):
+                    o[j] = a[j] * c0 + b[j] * c1
+            _raw.store_checked(o[:k], out_all[s:e], chk)
+        return _raw.all_finite(chk)
+
+    @jit
     def mix(a_all, b_all, c0, c1, out_all):  # pragma: no cover - compiled
         # out = fma(c1, b, a * c0) in float32; returns whether every result was finite
         n = out_all.shape[0]
@@ -75,7 +135,7 @@ def _kernels(jit: Any) -> Any:
             _raw.store_checked(o[:k], out_all[s:e], chk)
         return _raw.all_finite(chk)
 
-    return SimpleNamespace(sums=sums, mix=mix)
+    return SimpleNamespace(sums=sums, mix=mix, task_sums=task_sums, task_mix=task_mix)
 
 
 def available() -> bool:
@@ -93,3 +153,17 @@ def slerp_mix(v0: np.ndarray, v1: np.ndarray, c0: float, c1: float, out: np.ndar
     """Write ``c0 v0 + c1 v1`` (torch's float32 operations) into ``out`` (float32
     or bf16 bits); returns whether every result was finite."""
     return bool(_kernels().mix(v0, v1, np.float32(c0), np.float32(c1), out))
+
+
+def task_vector_sums(m0: np.ndarray, m1: np.ndarray, base: np.ndarray | None, out: np.ndarray) -> None:
+    """Add a piece's ``|v0|^2, |v1|^2, <v0, v1>`` to ``out`` (float64 ``[3]``), ``v_i =
+    m_i - base`` in float32 (``m_i`` itself when ``base`` is None)."""
+    _kernels().task_sums(m0, m1, m0 if base is None else base, base is not None, out)
+
+
+def task_vector_mix(m0: np.ndarray, m1: np.ndarray, base: np.ndarray | None, c0: float, c1: float,
+                    out: np.ndarray) -> bool:
+    """Write ``v0 * c0 + v1 * c1 (+ base)`` as NuSLERP's torch path rounds it into
+    ``out``; returns whether every result was finite."""
+    return bool(_kernels().task_mix(m0, m1, m0 if base is None else base, base is not None,
+                                    np.float32(c0), np.float32(c1), out))
