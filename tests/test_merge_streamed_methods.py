@@ -488,6 +488,48 @@ def test_nuslerp_flat_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype,
     assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("method", "with_base"), [("multislerp", False), ("multislerp", True), ("karcher", False),
+                                                   ("karcher", True)])
+def test_gram_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype, method: str, with_base: bool) -> None:
+    """Multi-SLERP and the Karcher mean: the compiled pass sums the torch blocks' Gram
+    matrix to float64 rounding and, for the same coefficients, the compiled mix writes the
+    torch block path's bytes (x_0 c_0, then each + c_i x_i fused, then + base for
+    multislerp; karcher's base is a template only); multislerp's are the whole-tensor
+    method's too."""
+    from surgeon.merge.kernels import gram_compiled
+
+    if not gram_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(14)
+    shape = (33, 70)
+    base = torch.randn(shape, generator=g).to(dtype)
+    models = [(base.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]
+    m = get_method(method)
+    mps = [{"weight": w} for w in (1.0, 0.6, 0.3)] if method == "multislerp" else [{}, {}, {}]
+    tm = build_merge(method, base.float() if with_base else None, [x.float() for x in models], mps, name="t")
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, with_base)
+    compiled_k, torch_k = m.block_kernel(header), m.block_kernel(header)
+    piece = kbase.PieceInputs(0, base.reshape(-1) if with_base else None, [x.reshape(-1) for x in models])
+    assert compiled_k.observe_raw(0, piece)
+    torch_k.observe(0, TensorMerge("t", base.reshape(-1).float() if with_base else None,
+                                   [x.reshape(-1).float() for x in models], tm.model_params, tm.params))
+    assert compiled_k.g.dtype == torch.float64
+    assert compiled_k.g.reshape(-1).tolist() == pytest.approx(torch_k.g.reshape(-1).tolist(), rel=1e-12)
+    torch_k.end_pass(0)
+    compiled_k.coef = torch_k.coef
+    assert len(set(torch_k.coef)) == 3  # three distinct coefficients: the order of the terms shows
+    got = torch.empty(base.numel(), dtype=dtype)
+    assert compiled_k.merge_raw(piece, got) is True
+    want = torch.empty(base.numel(), dtype=dtype)
+    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
+    kbase.merge_piece(torch_k, header, piece, want)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))
+    if method == "multislerp":  # closed-form coefficients; karcher's iteration may end a float64 ulp apart
+        assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))
+
+
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_ram_compiled_equals_the_reference_at_the_epsilon_edge(method: str, dtype: torch.dtype) -> None:

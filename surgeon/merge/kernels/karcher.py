@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import gram_compiled
+from ._raw import raw_inputs, raw_view
+from .base import Kernel, PieceInputs
 from .multislerp import combination, gram
 
 F64 = torch.float64
@@ -95,3 +98,21 @@ class KarcherKernel(Kernel):
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.coef is not None
         return combination(self.coef, karcher_inputs(blk))
+
+    # -- the compiled loops (gram_compiled), on whole pieces in their stored dtype ----------------
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
+        raw = raw_inputs(None, piece.models) if gram_compiled.available() else None  # the base is no input
+        if raw is None:
+            return False
+        g = np.zeros((len(raw[1]), len(raw[1])), dtype=np.float64)
+        gram_compiled.gram_sums(raw[1], None, g)
+        self.g = torch.from_numpy(g) if self.g is None else self.g + torch.from_numpy(g)
+        return True
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw = raw_inputs(None, piece.models) if gram_compiled.available() else None
+        o = raw_view(out)
+        if raw is None or o is None:
+            return None
+        assert self.coef is not None
+        return gram_compiled.combine(raw[1], None, self.coef, o)

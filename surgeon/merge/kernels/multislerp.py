@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ...errors import InvalidInputError
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import gram_compiled
+from ._raw import raw_inputs, raw_view
+from .base import Kernel, PieceInputs
 
 F64 = torch.float64
 
@@ -102,3 +105,21 @@ class MultislerpKernel(Kernel):
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.coef is not None
         return combination(self.coef, multislerp_vectors(blk), blk.base)
+
+    # -- the compiled loops (gram_compiled), on whole pieces in their stored dtype ----------------
+    def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
+        raw = raw_inputs(piece.base, piece.models) if gram_compiled.available() else None
+        if raw is None:
+            return False
+        g = np.zeros((len(raw[1]), len(raw[1])), dtype=np.float64)
+        gram_compiled.gram_sums(raw[1], raw[0], g)
+        self.g = torch.from_numpy(g) if self.g is None else self.g + torch.from_numpy(g)
+        return True
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw = raw_inputs(piece.base, piece.models) if gram_compiled.available() else None
+        o = raw_view(out)
+        if raw is None or o is None:
+            return None
+        assert self.coef is not None
+        return gram_compiled.combine(raw[1], raw[0], self.coef, o)
