@@ -378,6 +378,25 @@ def test_arcee_fusion_threshold_reads_the_sorted_values_quartiles() -> None:
         assert torch.equal(got, want) or (torch.isnan(got) and torch.isnan(want)), (v.numel(), got, want)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A bf16 or float32 tensor's bit patterns, for comparing bytes (NaN and -0 included)."""
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+def _compiled_mix_is_the_torch_blocks(compiled_k: kbase.Kernel, torch_k: kbase.Kernel, header: TensorMerge,
+                                      piece: kbase.PieceInputs, dtype: torch.dtype) -> torch.Tensor:
+    """Merge ``piece`` through the compiled loop (``merge_raw``) and through the torch
+    float32 blocks of a kernel in the same state; assert the same bytes; return their bits."""
+    numel = piece.models[0].numel()
+    got = torch.empty(numel, dtype=dtype)
+    assert compiled_k.merge_raw(piece, got) is True
+    want = torch.empty(numel, dtype=dtype)
+    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
+    kbase.merge_piece(torch_k, header, piece, want)
+    assert torch.equal(_bits(got), _bits(want))
+    return _bits(got)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_model_stock_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype) -> None:
     """The compiled statistic pass sums what the torch blocks sum (to float64
@@ -403,13 +422,7 @@ def test_model_stock_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype) 
         assert float(a) == pytest.approx(float(b), rel=1e-12)
     torch_k.end_pass(0)
     compiled_k.ratio = torch_k.ratio
-    got = torch.empty(base.numel(), dtype=dtype)
-    assert compiled_k.merge_raw(piece, got) is True
-    want = torch.empty(base.numel(), dtype=dtype)
-    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
-    kbase.merge_piece(torch_k, header, piece, want)
-    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    assert torch.equal(got.view(bits), want.view(bits))
+    _compiled_mix_is_the_torch_blocks(compiled_k, torch_k, header, piece, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -440,14 +453,8 @@ def test_slerp_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype, t: flo
     assert compiled_k.coef == pytest.approx(torch_k.coef, rel=1e-12)
     assert abs(torch_k.coef[0] + torch_k.coef[1] - 1.0) > 1e-6 or t == 1.0  # the arc's coefficients
     compiled_k.coef = torch_k.coef
-    got = torch.empty(base.numel(), dtype=dtype)
-    assert compiled_k.merge_raw(piece, got) is True
-    want = torch.empty(base.numel(), dtype=dtype)
-    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
-    kbase.merge_piece(torch_k, header, piece, want)
-    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    assert torch.equal(got.view(bits), want.view(bits))
-    assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))  # the whole-tensor slerp
+    got = _compiled_mix_is_the_torch_blocks(compiled_k, torch_k, header, piece, dtype)
+    assert torch.equal(got, _bits(m.fn(tm).to(dtype).reshape(-1)))  # the whole-tensor slerp
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -478,14 +485,8 @@ def test_nuslerp_flat_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype,
     assert [float(x) for x in compiled_k.sums] == pytest.approx([float(x) for x in torch_k.sums], rel=1e-12)
     torch_k.end_pass(0)
     compiled_k.coef = torch_k.coef
-    got = torch.empty(base.numel(), dtype=dtype)
-    assert compiled_k.merge_raw(piece, got) is True
-    want = torch.empty(base.numel(), dtype=dtype)
-    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
-    kbase.merge_piece(torch_k, header, piece, want)
-    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    assert torch.equal(got.view(bits), want.view(bits))
-    assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))
+    got = _compiled_mix_is_the_torch_blocks(compiled_k, torch_k, header, piece, dtype)
+    assert torch.equal(got, _bits(m.fn(tm).to(dtype).reshape(-1)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -519,15 +520,9 @@ def test_gram_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype, method:
     torch_k.end_pass(0)
     compiled_k.coef = torch_k.coef
     assert len(set(torch_k.coef)) == 3  # three distinct coefficients: the order of the terms shows
-    got = torch.empty(base.numel(), dtype=dtype)
-    assert compiled_k.merge_raw(piece, got) is True
-    want = torch.empty(base.numel(), dtype=dtype)
-    torch_k.merge_raw = lambda piece, out: None  # type: ignore[method-assign]  # float32 blocks
-    kbase.merge_piece(torch_k, header, piece, want)
-    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    assert torch.equal(got.view(bits), want.view(bits))
+    got = _compiled_mix_is_the_torch_blocks(compiled_k, torch_k, header, piece, dtype)
     if method == "multislerp":  # closed-form coefficients; karcher's iteration may end a float64 ulp apart
-        assert torch.equal(got.view(bits), m.fn(tm).to(dtype).reshape(-1).view(bits))
+        assert torch.equal(got, _bits(m.fn(tm).to(dtype).reshape(-1)))
 
 
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])

@@ -49,7 +49,7 @@ class SlerpKernel(Kernel):
         if raw is None:
             return False
         sums = np.zeros(3, dtype=np.float64)
-        slerp_compiled.slerp_sums(raw[0], raw[1][0], sums)
+        slerp_compiled.task_vector_sums(raw[0], raw[1][0], None, sums)
         for i, v in enumerate(sums.tolist()):
             self.sums[i] += v
         return True

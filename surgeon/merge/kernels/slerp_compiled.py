@@ -36,36 +36,13 @@ _CH = _raw.CHUNK
 
 @compiled
 def _kernels(jit: Any) -> Any:
-    """SLERP's statistic and mix loops."""
+    """SLERP's and NuSLERP's statistic and mix loops."""
     _raw.register()
 
     @jit
-    def sums(a_all, b_all, out):  # pragma: no cover - compiled
-        # out[0] += sum a^2, out[1] += sum b^2, out[2] += sum a b: float32 products, float64 lanes
-        n = a_all.shape[0]
-        a = np.empty(_CH, np.float32)
-        b = np.empty(_CH, np.float32)
-        lanes = np.zeros((3, _CH), np.float64)
-        laa = lanes[0]
-        lbb = lanes[1]
-        lab = lanes[2]
-        for s in range(0, n, _CH):
-            e = min(n, s + _CH)
-            k = e - s
-            _raw.load(a_all[s:e], a)
-            _raw.load(b_all[s:e], b)
-            for j in range(k):
-                x = a[j]
-                y = b[j]
-                laa[j] += np.float64(x * x)
-                lbb[j] += np.float64(y * y)
-                lab[j] += np.float64(x * y)
-        for i in range(3):
-            out[i] += lanes[i].sum()
-
-    @jit
     def task_sums(a_all, b_all, base_all, has_base, out):  # pragma: no cover - compiled
-        # as sums, of x = a - base and y = b - base (float32) when has_base, else of a and b
+        # out[0] += sum x^2, out[1] += sum y^2, out[2] += sum x y: float32 products, float64 lanes;
+        # x = a - base and y = b - base (float32) when has_base, else a and b
         n = a_all.shape[0]
         a = np.empty(_CH, np.float32)
         b = np.empty(_CH, np.float32)
@@ -94,8 +71,9 @@ def _kernels(jit: Any) -> Any:
             out[i] += lanes[i].sum()
 
     @jit
-    def task_mix(a_all, b_all, base_all, has_base, c0, c1, out_all):  # pragma: no cover - compiled
-        # out = (x * c0 + (y * c1)) [+ base], every operation rounded to float32; x, y as in task_sums
+    def task_mix(a_all, b_all, base_all, has_base, fused, c0, c1, out_all):  # pragma: no cover - compiled
+        # fused (SLERP, no base): out = fma(c1, b, a * c0); else out = (x * c0 + (y * c1)) [+ base],
+        # every operation rounded to float32, x and y as in task_sums. Returns whether all were finite.
         n = out_all.shape[0]
         a = np.empty(_CH, np.float32)
         b = np.empty(_CH, np.float32)
@@ -107,7 +85,10 @@ def _kernels(jit: Any) -> Any:
             k = e - s
             _raw.load(a_all[s:e], a)
             _raw.load(b_all[s:e], b)
-            if has_base:
+            if fused:
+                for j in range(k):
+                    o[j] = _raw.fma(c1, b[j], a[j] * c0)
+            elif has_base:
                 _raw.load(base_all[s:e], c)
                 for j in range(k):
                     o[j] = ((a[j] - c[j]) * c0 + (b[j] - c[j]) * c1) + c[j]
@@ -117,25 +98,7 @@ def _kernels(jit: Any) -> Any:
             _raw.store_checked(o[:k], out_all[s:e], chk)
         return _raw.all_finite(chk)
 
-    @jit
-    def mix(a_all, b_all, c0, c1, out_all):  # pragma: no cover - compiled
-        # out = fma(c1, b, a * c0) in float32; returns whether every result was finite
-        n = out_all.shape[0]
-        a = np.empty(_CH, np.float32)
-        b = np.empty(_CH, np.float32)
-        o = np.empty(_CH, np.float32)
-        chk = np.zeros(_CH, np.float32)
-        for s in range(0, n, _CH):
-            e = min(n, s + _CH)
-            k = e - s
-            _raw.load(a_all[s:e], a)
-            _raw.load(b_all[s:e], b)
-            for j in range(k):
-                o[j] = _raw.fma(c1, b[j], a[j] * c0)
-            _raw.store_checked(o[:k], out_all[s:e], chk)
-        return _raw.all_finite(chk)
-
-    return SimpleNamespace(sums=sums, mix=mix, task_sums=task_sums, task_mix=task_mix)
+    return SimpleNamespace(task_sums=task_sums, task_mix=task_mix)
 
 
 def available() -> bool:
@@ -143,21 +106,15 @@ def available() -> bool:
     return _kernels() is not None
 
 
-def slerp_sums(v0: np.ndarray, v1: np.ndarray, out: np.ndarray) -> None:
-    """Add a piece's ``|v0|^2, |v1|^2, <v0, v1>`` (flat stored-dtype arrays) to
-    ``out`` (float64 ``[3]``)."""
-    _kernels().sums(v0, v1, out)
-
-
 def slerp_mix(v0: np.ndarray, v1: np.ndarray, c0: float, c1: float, out: np.ndarray) -> bool:
     """Write ``c0 v0 + c1 v1`` (torch's float32 operations) into ``out`` (float32
     or bf16 bits); returns whether every result was finite."""
-    return bool(_kernels().mix(v0, v1, np.float32(c0), np.float32(c1), out))
+    return bool(_kernels().task_mix(v0, v1, v0, False, True, np.float32(c0), np.float32(c1), out))
 
 
 def task_vector_sums(m0: np.ndarray, m1: np.ndarray, base: np.ndarray | None, out: np.ndarray) -> None:
     """Add a piece's ``|v0|^2, |v1|^2, <v0, v1>`` to ``out`` (float64 ``[3]``), ``v_i =
-    m_i - base`` in float32 (``m_i`` itself when ``base`` is None)."""
+    m_i - base`` in float32 (``m_i`` itself when ``base`` is None: SLERP's two inputs)."""
     _kernels().task_sums(m0, m1, m0 if base is None else base, base is not None, out)
 
 
@@ -165,5 +122,5 @@ def task_vector_mix(m0: np.ndarray, m1: np.ndarray, base: np.ndarray | None, c0:
                     out: np.ndarray) -> bool:
     """Write ``v0 * c0 + v1 * c1 (+ base)`` as NuSLERP's torch path rounds it into
     ``out``; returns whether every result was finite."""
-    return bool(_kernels().task_mix(m0, m1, m0 if base is None else base, base is not None,
+    return bool(_kernels().task_mix(m0, m1, m0 if base is None else base, base is not None, False,
                                     np.float32(c0), np.float32(c1), out))
