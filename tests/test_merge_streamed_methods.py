@@ -431,9 +431,9 @@ def test_slerp_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype, t: flo
     """The compiled statistic pass sums what the torch blocks sum (to float64
     rounding), and for the same coefficients the compiled mix writes the torch
     block path's bytes (v0 * c0, then + c1 v1 in one rounding), tails included."""
-    from surgeon.merge.kernels import slerp_compiled
+    from surgeon.merge.kernels import gram_compiled
 
-    if not slerp_compiled.available():
+    if not gram_compiled.available():
         pytest.skip("numba is off")
     g = torch.Generator().manual_seed(12)
     shape = (33, 70)  # 2310 entries: four whole chunks and a tail
@@ -464,9 +464,9 @@ def test_nuslerp_flat_compiled_passes_equal_the_torch_blocks(dtype: torch.dtype,
     to float64 rounding and, for the same coefficients, the compiled mix writes the torch
     block path's bytes (v0 c0, then + v1 c1 rounded apart, then + base) and the
     whole-tensor nuslerp's."""
-    from surgeon.merge.kernels import slerp_compiled
+    from surgeon.merge.kernels import gram_compiled
 
-    if not slerp_compiled.available():
+    if not gram_compiled.available():
         pytest.skip("numba is off")
     g = torch.Generator().manual_seed(13)
     shape = (33, 70)

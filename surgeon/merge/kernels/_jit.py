@@ -45,7 +45,6 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _MERGE / "kernels" / "della_compiled.py",
     _MERGE / "kernels" / "model_stock_compiled.py",
     _MERGE / "kernels" / "ram_compiled.py",
-    _MERGE / "kernels" / "slerp_compiled.py",
     _MERGE / "kernels" / "gram_compiled.py",
     _MERGE / "rng.py",
     _MERGE / "select" / "counting.py",

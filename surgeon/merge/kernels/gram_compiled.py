@@ -1,8 +1,9 @@
-"""Multi-SLERP's and the Karcher mean's statistic pass and mix compiled, from and to stored dtypes.
+"""The Gram pass and the linear-combination mix compiled, from and to stored dtypes.
 
-Why. Both methods sum the Gram matrix ``<x_i, x_j>`` of their inputs (the
-task vectors ``m_i - base`` or the models) in a pass, then write
-``sum_i c_i x_i`` (+ base). Through torch each product is a fresh float32
+Why. Multi-SLERP, the Karcher mean, SLERP and NuSLERP sum the Gram matrix
+``<x_i, x_j>`` of their inputs (the task vectors ``m_i - base`` or the
+models) in a pass, then write ``sum_i c_i x_i`` (+ base); Model Stock's pass
+is the same Gram matrix of its offsets (its mix is its own). Through torch each product is a fresh float32
 temporary of a float32 copy of every block; here each pass is one numba call
 per piece, a 512-entry chunk of every input widened in L1
 (:mod:`surgeon.merge.kernels._raw`).
@@ -13,8 +14,9 @@ rather than a block at a time: equal to float64 rounding); the mix is
 :func:`surgeon.merge.kernels.multislerp.combination`'s float32 operations in
 its order: ``x_0 * c_0``, then each ``+ c_i x_i`` in one rounding (torch's CPU
 ``add_(x, alpha=c)`` fuses them), then ``+ base``, the coefficients as float32
-as torch casts its scalars. For the same coefficients the bytes are the torch
-block path's.
+as torch casts its scalars. NuSLERP's mix (``out += x_i * c_i``) rounds the
+product first: ``fused=False``. For the same coefficients the bytes are the
+torch block path's.
 """
 from __future__ import annotations
 
@@ -73,9 +75,9 @@ def _kernels(jit: Any) -> Any:
                 p += 1
 
     @jit
-    def combine(ms, base_all, has_base, coef, out_all):  # pragma: no cover - compiled
-        # out = x_0 c_0, then fma(c_i, x_i, out) for i >= 1, then + base when has_base;
-        # returns whether every result was finite
+    def combine(ms, base_all, has_base, coef, fused, out_all):  # pragma: no cover - compiled
+        # out = x_0 c_0, then fma(c_i, x_i, out) for i >= 1 (fused; else out + (x_i c_i), two
+        # roundings), then + base when has_base; returns whether every result was finite
         k_in = len(ms)
         n = out_all.shape[0]
         b = np.empty(_CH, np.float32)
@@ -88,22 +90,24 @@ def _kernels(jit: Any) -> Any:
             if has_base:
                 _raw.load(base_all[s:e], b)
             _raw.load(ms[0][s:e], m)
-            c0 = coef[0]
             if has_base:
                 for j in range(k):
-                    o[j] = (m[j] - b[j]) * c0
-            else:
-                for j in range(k):
-                    o[j] = m[j] * c0
+                    m[j] = m[j] - b[j]
+            c0 = coef[0]
+            for j in range(k):
+                o[j] = m[j] * c0
             for i in range(1, k_in):
                 _raw.load(ms[i][s:e], m)
                 ci = coef[i]
                 if has_base:
                     for j in range(k):
-                        o[j] = _raw.fma(ci, m[j] - b[j], o[j])
-                else:
+                        m[j] = m[j] - b[j]
+                if fused:
                     for j in range(k):
                         o[j] = _raw.fma(ci, m[j], o[j])
+                else:
+                    for j in range(k):
+                        o[j] = o[j] + m[j] * ci
             if has_base:
                 for j in range(k):
                     o[j] = o[j] + b[j]
@@ -124,8 +128,11 @@ def gram_sums(models: tuple[np.ndarray, ...], base: np.ndarray | None, g: np.nda
     _kernels().gram(models, models[0] if base is None else base, base is not None, g)
 
 
-def combine(models: tuple[np.ndarray, ...], base: np.ndarray | None, coef: list[float], out: np.ndarray) -> bool:
+def combine(models: tuple[np.ndarray, ...], base: np.ndarray | None, coef: list[float], out: np.ndarray,
+            fused: bool = True) -> bool:
     """Write ``sum_i coef_i x_i`` (+ base) as the torch path rounds it into ``out``
-    (float32 or bf16 bits); returns whether every result was finite."""
+    (float32 or bf16 bits): each term added in one rounding (``fused``, torch's
+    ``add_(x, alpha=c)``) or after its product's (``out += x * c``); returns
+    whether every result was finite."""
     c = np.array(coef, dtype=np.float32)
-    return bool(_kernels().combine(models, models[0] if base is None else base, base is not None, c, out))
+    return bool(_kernels().combine(models, models[0] if base is None else base, base is not None, c, fused, out))

@@ -2,7 +2,8 @@
 
 The definition is :func:`surgeon.merge.methods.model_stock.model_stock`.
 With numba and one ratio per tensor, both passes take whole pieces in their
-stored dtype (:mod:`surgeon.merge.kernels.model_stock_compiled`); the torch
+stored dtype (the offsets' Gram matrix: :mod:`surgeon.merge.kernels.gram_compiled`;
+the mix: :mod:`surgeon.merge.kernels.model_stock_compiled`); the torch
 block path below is the fallback and the definition those loops follow.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from ..arith import stock_combine, stock_ratio, stock_stats
 from ..tensor import TensorMerge
-from . import model_stock_compiled
+from . import gram_compiled, model_stock_compiled
 from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
 
@@ -63,12 +64,11 @@ class ModelStockKernel(Kernel):
         raw = self._raw(piece)
         if raw is None:
             return False
-        sq = np.zeros(self.n, dtype=np.float64)
-        dots = np.zeros(self.n * (self.n - 1) // 2, dtype=np.float64)
-        model_stock_compiled.stock_sums(raw[0], raw[1], sq, dots)
+        g = np.zeros((self.n, self.n), dtype=np.float64)  # the offsets' Gram matrix
+        gram_compiled.gram_sums(raw[1], raw[0], g)
         pairs = [(i, j) for i in range(self.n) for j in range(i + 1, self.n)]  # stock_stats' order
-        sq_t = [torch.tensor(v, dtype=torch.float64) for v in sq.tolist()]
-        dots_t = {p: torch.tensor(v, dtype=torch.float64) for p, v in zip(pairs, dots.tolist())}
+        sq_t = [torch.tensor(float(g[i, i]), dtype=torch.float64) for i in range(self.n)]
+        dots_t = {(i, j): torch.tensor(float(g[i, j]), dtype=torch.float64) for i, j in pairs}
         if self.sq is None:
             self.sq, self.dots = sq_t, dots_t
         else:

@@ -1,4 +1,5 @@
-"""Model Stock's statistic pass and mix compiled, from and to stored dtypes.
+"""Model Stock's mix compiled, from and to stored dtypes (its statistic pass, the
+offsets' Gram matrix, is :func:`surgeon.merge.kernels.gram_compiled.gram_sums`).
 
 Why. Through torch, Model Stock's statistic pass casts every block of every
 input to float32, makes each offset ``m_i - b`` and sums its square and its
@@ -30,44 +31,8 @@ _CH = _raw.CHUNK
 
 @compiled
 def _kernels(jit: Any) -> Any:
-    """Model Stock's statistic and mix loops."""
+    """Model Stock's mix loop."""
     _raw.register()
-
-    @jit
-    def sums(b_all, ms, sq, dots):  # pragma: no cover - compiled
-        # sq[i] += sum (m_i - b)^2, dots[p] += sum (m_i - b)(m_j - b) over pairs i < j in
-        # lexicographic order; products in float32, sums in float64 lanes.
-        nm = len(ms)
-        n = b_all.shape[0]
-        b = np.empty(_CH, np.float32)
-        m = np.empty(_CH, np.float32)
-        o = np.empty((nm, _CH), np.float32)
-        lanes = np.zeros((nm + len(dots), _CH), np.float64)
-        for s in range(0, n, _CH):
-            e = min(n, s + _CH)
-            k = e - s
-            _raw.load(b_all[s:e], b)
-            for i in range(nm):
-                _raw.load(ms[i][s:e], m)
-                oi = o[i]
-                lane = lanes[i]
-                for j in range(k):
-                    x = m[j] - b[j]
-                    oi[j] = x
-                    lane[j] += np.float64(x * x)
-            p = nm
-            for i in range(nm):
-                oi = o[i]
-                for q in range(i + 1, nm):
-                    oq = o[q]
-                    lane = lanes[p]
-                    for j in range(k):
-                        lane[j] += np.float64(oi[j] * oq[j])
-                    p += 1
-        for i in range(nm):
-            sq[i] += lanes[i].sum()
-        for p in range(len(dots)):
-            dots[p] += lanes[nm + p].sum()
 
     @jit
     def mix(b_all, ms, ratio, out_all):  # pragma: no cover - compiled
@@ -95,18 +60,12 @@ def _kernels(jit: Any) -> Any:
             _raw.store_checked(avg[:k], out_all[s:e], chk)
         return _raw.all_finite(chk)
 
-    return SimpleNamespace(sums=sums, mix=mix)
+    return SimpleNamespace(mix=mix)
 
 
 def available() -> bool:
     """Whether the compiled loops can run (numba present and not switched off)."""
     return _kernels() is not None
-
-
-def stock_sums(base: np.ndarray, models: tuple[np.ndarray, ...], sq: np.ndarray, dots: np.ndarray) -> None:
-    """Add a piece's offset statistics (flat stored-dtype arrays) to ``sq``
-    (float64, one per model) and ``dots`` (float64, one per pair ``i < j``)."""
-    _kernels().sums(base, models, sq, dots)
 
 
 def stock_mix(base: np.ndarray, models: tuple[np.ndarray, ...], ratio: float, out: np.ndarray) -> bool:

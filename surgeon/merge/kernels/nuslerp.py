@@ -6,7 +6,7 @@ cut into vectors one of three ways (:func:`nuslerp_layout`): one flat vector
 dimension (no pass: blocks hold whole rows), or columns along the first
 dimension (one pass summing per column). With numba, a flat vector's pass
 and mix take whole pieces in their stored dtype
-(:mod:`surgeon.merge.kernels.slerp_compiled`); the torch block path below is
+(:mod:`surgeon.merge.kernels.gram_compiled`); the torch block path below is
 the fallback and the definition those loops follow.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..tensor import TensorMerge
-from . import slerp_compiled
+from . import gram_compiled
 from ._raw import raw_inputs, raw_view
 from .base import Kernel, PieceInputs
 
@@ -117,7 +117,7 @@ class NuslerpKernel(Kernel):
 
     # -- the compiled loops (one flat vector), on whole pieces in their stored dtype --------------
     def _raw(self, piece: PieceInputs) -> tuple[np.ndarray | None, tuple[np.ndarray, ...]] | None:
-        if self.kind != "flat" or len(piece.models) != 2 or not slerp_compiled.available():
+        if self.kind != "flat" or len(piece.models) != 2 or not gram_compiled.available():
             return None
         return raw_inputs(piece.base, piece.models)
 
@@ -125,9 +125,9 @@ class NuslerpKernel(Kernel):
         raw = self._raw(piece)
         if raw is None:
             return False
-        sums = np.zeros(3, dtype=np.float64)
-        slerp_compiled.task_vector_sums(raw[1][0], raw[1][1], raw[0], sums)
-        got = [torch.tensor(v, dtype=F64) for v in sums.tolist()]
+        g = np.zeros((2, 2), dtype=np.float64)
+        gram_compiled.gram_sums(raw[1], raw[0], g)
+        got = [torch.tensor(float(v), dtype=F64) for v in (g[0, 0], g[1, 1], g[0, 1])]
         self.sums = got if self.sums is None else [s + x for s, x in zip(self.sums, got)]
         return True
 
@@ -137,4 +137,4 @@ class NuslerpKernel(Kernel):
             return None
         assert self.coef is not None
         c0, c1 = (float(c.to(torch.float32)) for c in self.coef)  # nuslerp_combine's float32 casts
-        return slerp_compiled.task_vector_mix(raw[1][0], raw[1][1], raw[0], c0, c1, o)
+        return gram_compiled.combine(raw[1], raw[0], [c0, c1], o, fused=False)  # out += v1 * c1: two roundings

@@ -2,7 +2,7 @@
 
 The definition is :func:`surgeon.merge.methods.slerp.slerp`. With numba both
 passes take whole pieces in their stored dtype
-(:mod:`surgeon.merge.kernels.slerp_compiled`); the torch block path below is
+(:mod:`surgeon.merge.kernels.gram_compiled`); the torch block path below is
 the fallback and the definition those loops follow.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from ..arith import slerp_coefficients, slerp_sums
 from ..tensor import TensorMerge
-from . import slerp_compiled
-from ._raw import based_inputs, raw_view
+from . import gram_compiled
+from ._raw import raw_inputs, raw_view
 from .base import Kernel, PieceInputs
 
 
@@ -41,17 +41,21 @@ class SlerpKernel(Kernel):
         return out.add_(blk.models[0], alpha=self.coef[1])
 
     # -- the compiled loops, on whole pieces in their stored dtype -------------------------------
-    def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
-        return based_inputs(piece.base, piece.models, slerp_compiled.available())
+    def _raw(self, piece: PieceInputs) -> tuple[np.ndarray, ...] | None:
+        """(base, other) as one tuple of one raw dtype (the compiled loops index it), or None."""
+        if piece.base is None or not gram_compiled.available():
+            return None
+        raw = raw_inputs(None, [piece.base, *piece.models])
+        return None if raw is None else raw[1]
 
     def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
         raw = self._raw(piece)
         if raw is None:
             return False
-        sums = np.zeros(3, dtype=np.float64)
-        slerp_compiled.task_vector_sums(raw[0], raw[1][0], None, sums)
-        for i, v in enumerate(sums.tolist()):
-            self.sums[i] += v
+        g = np.zeros((2, 2), dtype=np.float64)
+        gram_compiled.gram_sums(raw, None, g)  # the two inputs themselves, no task vectors
+        for i, v in enumerate((g[0, 0], g[1, 1], g[0, 1])):
+            self.sums[i] += float(v)
         return True
 
     def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
@@ -59,4 +63,4 @@ class SlerpKernel(Kernel):
         if raw is None or o is None:
             return None
         assert self.coef is not None
-        return slerp_compiled.slerp_mix(raw[0], raw[1][0], self.coef[0], self.coef[1], o)
+        return gram_compiled.combine(raw, None, list(self.coef), o)  # base c0, then + c1 other fused
