@@ -29,7 +29,7 @@ import math
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, TypeVar
 
@@ -98,6 +98,7 @@ class _Read:
     piece: int
     passes: tuple[int, ...]
     nbytes: int
+    lane: int | None = None  # a cut job's lane (:class:`_Schedule`); None: any compute thread
 
 
 def plan_jobs(plan: MergePlan, kernels: list[tuple[TensorTask, Kernel, TensorMerge]], inputs: dict[str, Checkpoint],
@@ -131,26 +132,135 @@ _POOLED_OUTPUT = 1 << 20
 _SETTLE = None
 
 
-def _reads(jobs: list[_Job]) -> Iterator[_Read | None]:
-    """Every read the jobs need, in order. A tensor in several pieces is read
-    once per pass; before each statistic pass after the first comes a
-    :data:`_SETTLE` mark, so that the kernel has closed the previous pass
-    when it is asked whether it needs this one (TIES' selection usually
-    settles in its first pass: the rest are neither read nor computed)."""
+def _reads(jobs: list[_Job]) -> Iterator[_Read]:
+    """Each job's reads, job after job, for jobs without statistic passes
+    or in one piece: a one-piece job is one read that serves all of its
+    passes (a tensor that fits in one piece is read once). Cut jobs with
+    statistic passes are read by :class:`_Schedule`."""
     for job in jobs:
-        passes = job.kernel.stat_passes + 1
         if len(job.pieces) == 1:
-            yield _Read(job, 0, tuple(range(passes)), job.piece_bytes(0))
+            yield _Read(job, 0, tuple(range(job.kernel.stat_passes + 1)), job.piece_bytes(0))
             continue
-        for p in range(passes):
-            if 0 < p < job.kernel.stat_passes:
-                yield _SETTLE
-                if not job.kernel.pass_needed(p):
+        if job.kernel.stat_passes:
+            raise RuntimeError(f"tensor {job.task.name!r}: a cut job with statistic passes needs the schedule")
+        for i in range(len(job.pieces)):
+            yield _Read(job, i, (0,), job.piece_bytes(i))
+
+
+_BLOCKED = object()  # a cut job at a later statistic pass whose previous pass is still being processed
+
+
+class _CutStream:
+    """The reads of one cut job (a tensor in several pieces), on one lane: each
+    piece once per pass; a statistic pass after the first only when the kernel
+    needs it (TIES' selection usually settles in its first pass: the rest are
+    neither read nor computed)."""
+
+    def __init__(self, job: _Job, lane: int):
+        self.job, self.lane = job, lane
+        self.pass_no, self.piece = 0, 0
+        self.emitted = 0
+        self.processed = 0  # counted by the lane (:meth:`_Schedule.processed`)
+
+    def next(self) -> _Read | object | None:
+        """The next read, :data:`_BLOCKED`, or None once every read is out."""
+        job = self.job
+        stat = job.kernel.stat_passes
+        while self.pass_no <= stat:
+            if self.piece == 0 and 0 < self.pass_no < stat:
+                if self.processed < self.emitted:
+                    return _BLOCKED  # the kernel cannot say yet whether it needs this pass
+                if not job.kernel.pass_needed(self.pass_no):
+                    self.pass_no += 1
                     continue
-            for i in range(len(job.pieces)):
-                yield _Read(job, i, (p,), job.piece_bytes(i))
+            read = _Read(job, self.piece, (self.pass_no,), job.piece_bytes(self.piece), self.lane)
+            self.piece += 1
+            if self.piece == len(job.pieces):
+                self.pass_no, self.piece = self.pass_no + 1, 0
+            self.emitted += 1
+            return read
+        return None
 
 
+class _Schedule:
+    """The order of reads when cut jobs run on lanes beside the one-piece jobs.
+
+    A one-piece job is one read (all of its passes), computed on any compute
+    thread. A cut job is read piece by piece, pass by pass, and each of its
+    reads goes to its lane: one thread that processes them in that order
+    (kernels see a tensor's pieces in flat order, pass after pass). Up to
+    ``lanes`` cut jobs are open at a time, and reads go round-robin over the
+    open cut jobs and the one-piece jobs, so a large tensor is computed
+    beside the others instead of alone (the embedding and head matrices of a
+    1.1B model held one of two cores idle for ~1.7 s of a TIES merge; in a
+    7B model most tensors are cut). A cut job at the start of a later
+    statistic pass waits until every read of its previous pass has been
+    processed (only then can its kernel say whether it needs the pass:
+    :meth:`Kernel.pass_needed`) while the others go on; when none can go on,
+    a :data:`_SETTLE` mark makes the read-ahead wait for the consumer, then
+    the schedule waits for the lanes.
+    """
+
+    def __init__(self, jobs: list[_Job], lanes: int):
+        self._whole: Iterator[_Read] = _reads([j for j in jobs if len(j.pieces) == 1])
+        self._waiting_cut = deque(j for j in jobs if len(j.pieces) > 1)
+        self._free_lanes = list(range(max(1, lanes)))
+        self._open: list[_CutStream] = []
+        self._streams: dict[int, _CutStream] = {}
+        self._turn = 0
+        self._changed = threading.Condition()
+
+    def processed(self, read: _Read) -> None:
+        """Count a processed read of a cut job (from its lane: call it even when processing failed)."""
+        if read.lane is None:
+            return
+        with self._changed:
+            self._streams[id(read.job)].processed += 1
+            self._changed.notify_all()
+
+    def _open_jobs(self) -> None:
+        while self._free_lanes and self._waiting_cut:
+            job = self._waiting_cut.popleft()
+            stream = _CutStream(job, self._free_lanes.pop(0))
+            self._open.append(stream)
+            self._streams[id(job)] = stream
+
+    def __iter__(self) -> Iterator[_Read | None]:
+        whole_done = False
+        while True:
+            self._open_jobs()
+            if whole_done and not self._open:
+                return
+            candidates: list[_CutStream | None] = [*self._open, None]  # None: the one-piece jobs
+            found = None
+            blocked: list[_CutStream] = []
+            for k in range(len(candidates)):
+                stream = candidates[(self._turn + k) % len(candidates)]
+                if stream is None:
+                    if whole_done:
+                        continue
+                    found = next(self._whole, _END)
+                    if found is _END:
+                        whole_done, found = True, None
+                        continue
+                else:
+                    found = stream.next()
+                    if found is None:  # every read of this job is out: its lane takes the next cut job
+                        self._open.remove(stream)
+                        self._free_lanes.append(stream.lane)
+                        break
+                    if found is _BLOCKED:
+                        blocked.append(stream)
+                        found = None
+                        continue
+                self._turn = (self._turn + k + 1) % len(candidates)
+                break
+            if found is not None:
+                yield found
+            elif blocked and len(blocked) == len(self._open) and whole_done:
+                yield _SETTLE  # the read-ahead waits until everything before is handed over ...
+                with self._changed:  # ... then the lanes finish the blocked jobs' passes
+                    self._changed.wait_for(lambda: any(s.processed >= s.emitted for s in blocked))
 class _BufferPool:
     """Read buffers of one size, reused piece after piece.
 
@@ -299,8 +409,11 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
         for task, r0, rows, held in result[1]:
             out_queue.put_rows(task, r0, rows, (lambda held=held: out_buffers.give(held)) if held else None)
 
-    # On the CPU, several compute threads, each single-threaded: whole one-piece
-    # tensors run side by side; a tensor cut into pieces runs on this thread, in order.
+    # On the CPU, several compute threads, each single-threaded: one-piece tensors
+    # run side by side on a pool, and each cut tensor on a lane of its own (one
+    # thread, its pieces in order), beside them (_Schedule). At most `workers`
+    # reads are computed at once; finished ones are handed to the writer as they
+    # finish (it places rows at their offsets, in any order).
     # Why not torch's own (OpenMP) threads: a block's ops are small (~30-500 us),
     # so OpenMP's fork/join per op costs a share of every op, and when the cores
     # are shared with other processes a descheduled team member stalls every op
@@ -308,22 +421,40 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
     # with 2 compute threads on a quiet 2-core machine; a small merge on a busy
     # one 27.9 s against 4.8 s).
     workers = max(1, rt.compute_workers) if rt.device.type == "cpu" else 1
+    schedule = _Schedule(jobs, workers)
+
+    def run(read: _Read, piece: PieceInputs) -> _Done:
+        try:
+            return process(read, piece)
+        finally:
+            schedule.processed(read)
+
     with contextlib.ExitStack() as stack:
-        pool = None
+        pool, lanes = None, []
         if workers > 1:
             stack.enter_context(_torch_threads(1))
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surgeon-merge"))
-        inflight: deque[Future[_Done]] = deque()
-        for read, piece in prefetched(_reads(jobs), load, rt, _read_bytes):
-            if pool is None or len(read.job.pieces) > 1:
-                put(process(read, piece))
+            lanes = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"surgeon-lane{i}"))
+                     for i in range(workers)]
+        inflight: list[Future[_Done]] = []
+        for read, piece in prefetched(iter(schedule), load, rt, _read_bytes):
+            if pool is None:
+                put(run(read, piece))
             else:
-                inflight.append(pool.submit(process, read, piece))
-            while inflight and (len(inflight) >= workers or inflight[0].done()):
-                put(inflight.popleft().result())
+                inflight.append((pool if read.lane is None else lanes[read.lane]).submit(run, read, piece))
             del piece
-        while inflight:
-            put(inflight.popleft().result())
+            while inflight:
+                done = [f for f in inflight if f.done()]
+                if not done and len(inflight) < workers:
+                    break
+                if not done:
+                    wait(inflight, return_when=FIRST_COMPLETED)
+                    continue
+                for f in done:
+                    inflight.remove(f)
+                    put(f.result())
+        for f in inflight:
+            put(f.result())
     return compute
 
 
@@ -356,9 +487,8 @@ def prefetched(items: Iterator[T | None], load: Callable[[T], R], rt: Prefetch,
     current one, so the embedding and head matrices, which dwarf every other
     tensor, are never read ahead on top of each other. Nothing past a
     :data:`_SETTLE` mark (``None`` in ``items``) is loaded until the consumer
-    has processed every item before it (the consumer processes an item
-    before it asks for the next, except on compute threads, which only
-    one-piece tensors use, and those have no mark).
+    has taken every item before it (a consumer that hands items to other
+    threads waits for them itself after the mark: :class:`_Schedule`).
     """
     with ThreadPoolExecutor(max_workers=max(1, rt.threads), thread_name_prefix="surgeon-read") as pool:
         queue: deque[tuple[T, int, Future[R]]] = deque()
