@@ -2,8 +2,10 @@
 
 For a method with a block kernel (:mod:`surgeon.merge.kernels.base`) the engine
 never holds a whole tensor: each tensor is cut along its first dimension into
-*pieces* of at most ``piece_bytes`` stored bytes per input, read with one
-``pread`` each (in the stored dtype, bf16 stays bf16), merged (whole, by a
+*pieces* of at most ``piece_bytes`` stored bytes per input, each a view of
+the input file's cached pages on CPU (:meth:`Checkpoint.map_rows`: no copy;
+handed back once merged) or one ``pread`` into a reused buffer where a file
+cannot be mapped (in the stored dtype, bf16 stays bf16), merged (whole, by a
 compiled kernel that reads the stored dtype, or block by block in float32)
 into an output piece in the output dtype, and written at its final offset
 (:meth:`CheckpointWriter.write_rows`). Peak memory is therefore a few pieces
@@ -11,7 +13,10 @@ per input, whatever the size of the model or of its largest tensor (the
 embedding matrix of a large vocabulary used to dominate).
 
 Read-ahead: reader threads fetch the next pieces (bounded in count and in
-bytes) while the current one is merged; a background thread writes finished
+bytes; a mapped piece's pages are filled in by the reader, so the compute
+thread does not fault) while the current one is merged; one-piece tensors
+are merged side by side on compute threads and each cut tensor on a lane of
+its own beside them (:class:`_Schedule`); a background thread writes finished
 pieces (from a pool of output buffers the writer hands back). A kernel that
 needs statistic passes (TIES' exact selection) sees each tensor once per
 pass it needs: a tensor that fits in one piece is read once and kept for all
@@ -286,7 +291,6 @@ class _BufferPool:
     def give(self, buffers: list[torch.Tensor]) -> None:
         with self._lock:
             self._free.extend(b for b in buffers if b.numel() == self.size)
-        buffers.clear()
 
 
 class _PieceLoader:
@@ -305,24 +309,32 @@ class _PieceLoader:
             return PieceInputs(0, base.reshape(-1) if base is not None else None, [m.reshape(-1) for m in models])
 
         cuda = self.device.type == "cuda"
-        buffers: list[torch.Tensor] = []
+        release: list[Callable[[], None]] = []
 
         def get(mid: str) -> torch.Tensor:
-            # page-locked buffers let the copy to the GPU run asynchronously (the
-            # caching host allocator keeps a buffer until its copy has finished)
             ck = self.inputs[mid]
-            buf = None
-            if self.pool is not None:
-                buf = self.pool.take((r1 - r0) * job.row_elems * ck.info(job.task.name).dtype.itemsize)
-                if buf is not None:
-                    buffers.append(buf)
-            t = ck.get_rows(job.task.name, r0, r1, pin=cuda, out=buf).reshape(-1)
+            name = job.task.name
+            if self.pool is not None:  # CPU: view the file's cached pages where it can be mapped, else read
+                mapped = ck.map_rows(name, r0, r1)
+                if mapped is not None:
+                    t, give_back = mapped
+                    release.append(give_back)
+                else:
+                    buf = self.pool.take((r1 - r0) * job.row_elems * ck.info(name).dtype.itemsize)
+                    if buf is not None:
+                        release.append(lambda buf=buf: self.pool.give([buf]))  # type: ignore[union-attr]
+                    t = ck.get_rows(name, r0, r1, out=buf)
+            else:
+                # page-locked buffers let the copy to the GPU run asynchronously (the
+                # caching host allocator keeps a buffer until its copy has finished)
+                t = ck.get_rows(name, r0, r1, pin=cuda)
+            t = t.reshape(-1)
             if not t.is_floating_point():
-                raise InvalidInputError(f"tensor {job.task.name!r} of model {mid!r} is {t.dtype}, not a float")
+                raise InvalidInputError(f"tensor {name!r} of model {mid!r} is {t.dtype}, not a float")
             return t.to(self.device, non_blocking=cuda) if self.device.type != "cpu" else t
 
         base = get(self.plan.base_id) if self.plan.base_id else None
-        return PieceInputs(r0 * job.row_elems, base, [get(mid) for mid in self.plan.model_ids], buffers)
+        return PieceInputs(r0 * job.row_elems, base, [get(mid) for mid in self.plan.model_ids], release)
 
 
 @contextlib.contextmanager
@@ -400,7 +412,8 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
             if not finite and not rt.allow_nonfinite:
                 on_nonfinite(job.task, out)
             done.append((job.task, r0, out.reshape((r1 - r0, *shape[1:]) if shape else ()), held))
-        read_buffers.give(piece.buffers)  # nothing reads the piece any more (outputs are other buffers)
+        for give_back in piece.release:  # nothing reads the piece any more (outputs are other buffers)
+            give_back()
         return time.perf_counter() - c0, done
 
     def put(result: _Done) -> None:

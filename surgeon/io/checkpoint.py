@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..arch import layer_index, tied_embeddings
 from ..errors import CheckpointError
 from .header import Header, dtype_size, read_header
+from .mapped import FileMaps
 from .safe_files import check_inside, check_regular, open_regular, read_regular
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -70,6 +72,8 @@ class Checkpoint:
         self.config = config
         self._pickled = pickled
         self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()  # reader threads open files side by side
+        self._maps = FileMaps()
 
     # -- opening ---------------------------------------------------------------
     @classmethod
@@ -209,6 +213,37 @@ class Checkpoint:
         buf = self._read_bytes(info, info.offset + start * row_bytes, (stop - start) * row_bytes, pin=pin, out=out)
         return buf.view(info.dtype).reshape(shape)
 
+    def map_rows(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, Callable[[], None]] | None:
+        """Rows ``[start, stop)`` as :meth:`get_rows` gives them, but viewing
+        the file's cached pages instead of a copy (:mod:`surgeon.io.mapped`),
+        with the callable that hands those pages back once the caller is done
+        with the rows (the view stays readable after: it faults them back in).
+        None where a view does not apply (pickled weights, a reader that
+        overrides how bytes are read, a range a mapping cannot serve): read
+        with :meth:`get_rows` then."""
+        info = self.info(name)
+        if (self._pickled is not None or type(self).get is not Checkpoint.get
+                or type(self).get_rows is not Checkpoint.get_rows or type(self)._read_bytes is not Checkpoint._read_bytes):
+            return None
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.label}: rows {start}:{stop} out of range for tensor {name!r} ({rows} rows)")
+        row_bytes = info.nbytes // rows if rows else 0
+        mapped = self._maps.view(info.file, self._fd(info), info.offset + start * row_bytes, (stop - start) * row_bytes,
+                                 info.dtype.itemsize)
+        if mapped is None:
+            return None
+        t, release = mapped
+        return t.view(info.dtype).reshape((stop - start, *info.shape[1:]) if info.shape else ()), release
+
+    def _fd(self, info: TensorInfo) -> int:
+        with self._fds_lock:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = open_regular(info.file)
+                self._fds[info.file] = fd
+            return fd
+
     def _read(self, info: TensorInfo) -> torch.Tensor:
         return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
 
@@ -216,18 +251,13 @@ class Checkpoint:
                     out: torch.Tensor | None = None) -> torch.Tensor:
         """Read a tensor's bytes straight into a fresh buffer with ``pread``.
 
-        Not ``mmap``: pages touched through a mapping stay in this process's
-        resident set until unmapped, so RSS would grow with every tensor read
-        and a merge's peak memory would grow with the model. ``pread`` into a
-        buffer we own costs the same single copy (page cache -> tensor) and the
-        memory is freed with the tensor.
+        A tensor read here is the caller's own memory, freed with the tensor.
+        (The piece engine views its pieces through :meth:`map_rows` instead and
+        hands their pages back itself: no copy.)
         """
         buf = byte_buffer(nbytes, pin, out)
         if nbytes:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = open_regular(info.file)
-                self._fds[info.file] = fd
+            fd = self._fd(info)
             view = memoryview(buf.numpy())
             done = 0
             while done < nbytes:
@@ -241,6 +271,7 @@ class Checkpoint:
         return buf
 
     def close(self) -> None:
+        self._maps.forget()  # a mapping goes with its last view (closing it would unmap live views)
         for fd in self._fds.values():
             try:
                 os.close(fd)

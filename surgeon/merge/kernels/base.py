@@ -54,8 +54,9 @@ class PieceInputs:
     start: int
     base: torch.Tensor | None
     models: list[torch.Tensor]
-    # read buffers the data lives in, handed back to their pool once the piece is merged
-    buffers: list[torch.Tensor] = field(default_factory=list)
+    # called once the piece is merged: hand the memory its data lives in back (read buffers
+    # to their pool, mapped file pages to the page cache)
+    release: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
