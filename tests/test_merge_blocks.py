@@ -282,7 +282,7 @@ def test_compiled_counts_equal_bincount(n: int, dtype: torch.dtype) -> None:
         inside = torch.zeros(5, dtype=torch.int64)
         top = torch.zeros(5, _hist.TOP_BINS, dtype=torch.int64)
         fine = torch.zeros(5, width, dtype=torch.int32)
-        kept = torch.zeros(5, 2 * n, dtype=torch.int32)
+        kept = torch.zeros(5, 2 * n + 1, dtype=torch.int32)  # room for every entry, twice, and the spare slot
         for _ in range(2):  # counts accumulate
             _hist.count_deltas_compiled(b, ms, np.array(sel), np.array(kind, dtype=np.int8),
                                         np.array(los, dtype=np.uint32), np.array(widths, dtype=np.uint32),
@@ -311,6 +311,38 @@ def test_compiled_counts_equal_bincount(n: int, dtype: torch.dtype) -> None:
         assert torch.equal(inside_t, inside)
         for t in (3, 4):
             assert torch.equal(torch.cat(parts[t]), kept[t, :int(inside[t])].to(torch.int64))
+
+
+def test_compiled_collect_counts_past_its_capacity_and_keeps_the_first_entries() -> None:
+    """A bracket holding more entries than the buffer has room for: every entry
+    is counted, the first ``capacity`` are kept in flat order, and nothing is
+    written outside the buffer (its last column is the loop's spare slot)."""
+    import numpy as np
+
+    from surgeon.merge.kernels._raw import raw_inputs
+    from surgeon.merge.select import counting as _hist
+
+    if not _hist.compiled_counts_available():
+        pytest.skip("numba unavailable")
+    n = 5000 + 3  # ten chunks and a ragged end
+    base = torch.zeros(n)
+    model = torch.arange(n, dtype=torch.float32) / 64 - 30  # |delta| in [0, 48.1]
+    bits = model.abs().view(torch.int32).to(torch.int64)
+    lo, hi = int(torch.tensor(2.0).view(torch.int32)), int(torch.tensor(20.0).view(torch.int32))
+    inside_ref = bits[(bits >= lo) & (bits < hi)]
+    b, ms = raw_inputs(base, [model])
+    for capacity in (0, 7, 700, len(inside_ref), len(inside_ref) + 10):
+        kept = torch.full((1, capacity + 3), -1, dtype=torch.int32)
+        view = kept[:, :capacity + 1]  # the loop's buffer: capacity + the spare slot; two guard columns after
+        below, inside = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        _hist.count_deltas_compiled(b, ms, np.array([0]), np.array([_hist.COLLECT], dtype=np.int8),
+                                    np.array([lo], dtype=np.uint32), np.array([hi - lo], dtype=np.uint32), below.numpy(),
+                                    np.zeros((1, 0), dtype=np.int64), np.zeros((1, 0), dtype=np.int32), inside.numpy(),
+                                    view.numpy().view(np.uint32))
+        assert int(inside[0]) == len(inside_ref) and int(below[0]) == int((bits < lo).sum())
+        keep = min(capacity, len(inside_ref))
+        assert torch.equal(kept[0, :keep].to(torch.int64), inside_ref[:keep])
+        assert kept[0, capacity + 1:].tolist() == [-1, -1]  # nothing past the buffer
 
 
 def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:

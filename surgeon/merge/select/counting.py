@@ -45,11 +45,17 @@ def _kernels(jit: Any) -> Any:
         # Per chunk: widen the base once, then per series |m - b| into a
         # scratch row and its bit patterns counted. Loops index chunk slices
         # from 0 so that LLVM vectorises them (see surgeon.merge.kernels.ties_compiled).
+        # Brackets: one vectorised loop counts the entries below and flags those
+        # inside (a byte each); only the 8-entry words with a flag set are then
+        # visited one entry at a time (a bracket holds ~1-2 % of the entries:
+        # a scalar, branchy loop over every entry cost more than the rest).
         n = b_all.shape[0]
         b = np.empty(ch, np.float32)
         m = np.empty(ch, np.float32)
         d = np.empty(ch, np.float32)
         du = d.view(np.uint32)
+        flag = np.zeros(ch, np.uint8)
+        words = flag.view(np.uint64)  # ch is a multiple of 8
         for s in range(0, n, ch):
             e = min(n, s + ch)
             k = e - s
@@ -69,31 +75,31 @@ def _kernels(jit: Any) -> Any:
                 lo_t = lo[t]
                 w_t = width[t]
                 cnt = 0
-                hit = False
                 for j in range(k):
                     x = du[j]
                     cnt += 1 if x < lo_t else 0
-                    hit |= np.uint32(x - lo_t) < w_t   # modulo 2^32: also false below lo_t
+                    flag[j] = 1 if np.uint32(x - lo_t) < w_t else 0  # modulo 2^32: also 0 below lo_t
+                for j in range(k, ch):  # the last chunk of a piece: no flags past its end
+                    flag[j] = 0
                 below[t] += cnt
-                if not hit:  # no entry of this chunk in the bracket (narrow brackets, skewed chunks): done
-                    continue
                 if kind[t] == 2:
                     f = fine[t]
-                    for j in range(k):
-                        r = np.uint32(du[j] - lo_t)
-                        if r < w_t:
-                            f[r] += 1
+                    for q in range(ch // 8):
+                        if words[q] != 0:
+                            for j in range(8 * q, 8 * q + 8):
+                                if flag[j] != 0:
+                                    f[du[j] - lo_t] += 1
                     continue
-                # COLLECT: keep the patterns themselves while there is room, count them all
+                # COLLECT: keep the patterns themselves while there is room (one spare
+                # slot takes the writes past it, without a branch), count them all
                 keep = kept[t]
                 c = inside[t]
-                cap = keep.shape[0]
-                for j in range(k):
-                    x = du[j]
-                    if np.uint32(x - lo_t) < w_t:
-                        if c < cap:
-                            keep[c] = x
-                        c += 1
+                last = keep.shape[0] - 1
+                for q in range(ch // 8):
+                    if words[q] != 0:
+                        for j in range(8 * q, 8 * q + 8):
+                            keep[min(c, last)] = du[j]
+                            c += flag[j]
                 inside[t] = c
 
     return SimpleNamespace(delta_counts=delta_counts)
@@ -110,7 +116,8 @@ def count_deltas_compiled(base: np.ndarray, models: tuple[np.ndarray, ...], sel:
     (:func:`surgeon.merge.kernels._raw.raw_inputs`); ``lo``/``width`` uint32,
     ``below``/``inside`` int64, ``top`` int64 ``[series, TOP_BINS]`` (or
     ``[series, 0]`` when no series counts top bits), ``fine``
-    ``[series, >= max WINDOW width]``, ``kept`` uint32 ``[series, capacity]``."""
+    ``[series, >= max WINDOW width]``, ``kept`` uint32 ``[series, capacity + 1]`` (the last
+    column a spare slot the loop writes past the capacity into)."""
     _kernels().delta_counts(base, models, sel, kind, lo, width, below, top, fine, inside, kept)
 
 

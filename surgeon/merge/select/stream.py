@@ -9,10 +9,12 @@ so counting patterns finds it:
 - pass 0, *sampled window*: before the pass, an evenly spread sample of the
   tensor's ``|delta|`` (2^16 entries) brackets the k-th smallest by the
   sample's order statistics ``k/n * m -+ 3.5`` standard deviations; the pass
-  counts the entries below the bracket and histograms the bit patterns inside
-  it (at most 2^18 patterns). When the k-th smallest falls inside — always,
-  unless the sample misrepresents the tensor — it is exact after this one pass.
-- otherwise (a miss, or a bracket too wide to histogram): a pass counting the
+  counts the entries below the bracket and keeps the bit patterns inside it
+  (then partitioned; a narrow bracket, or one that holds too many entries to
+  keep, is histogrammed instead: at most 2^18 patterns). When the k-th
+  smallest falls inside — always, unless the sample misrepresents the
+  tensor — it is exact after this one pass.
+- otherwise (a miss, or a bracket too wide for either): a pass counting the
   top 16 bits of every value finds the bucket that holds it, and a pass over
   that bucket's 2^16 patterns finds the value: the two-pass method this
   module used before (at most three passes in all).
@@ -60,6 +62,11 @@ SAMPLE = 1 << 16
 Z = 3.5
 #: widest bracket, in bit patterns, that the first pass histograms
 MAX_WINDOW = 1 << 18
+#: brackets up to this wide are histogrammed rather than kept: the histogram
+#: stays in the core's cache (a wide one took a cache miss per entry counted:
+#: ~40 % of TIES' selection pass on bf16 fine-tunes, whose deltas fall on few
+#: distinct values spread over ~10^5 patterns)
+SMALL_WINDOW = 1 << 12
 #: most entries of a wider bracket that the first pass keeps (per series; 16 MB)
 MAX_KEPT = 1 << 22
 _DONE = -1
@@ -183,14 +190,15 @@ class StreamSelector:
         hi_bits = int(part[hi_i:hi_i + 1].view(np.uint32)[0])
         width = hi_bits - lo_bits + 1
         kind = WINDOW
-        if width > MAX_WINDOW:  # too wide to histogram: keep the entries inside, if they are few enough
+        if width > SMALL_WINDOW:  # keep the entries inside if they are few enough, else histogram them
             vb = values.view(np.uint32)
             share = float(((vb >= lo_bits) & (vb <= hi_bits)).sum()) / m
             cap = min(self.n, int(1.5 * share * self.n) + 4096)
-            if cap > MAX_KEPT:
+            if cap <= MAX_KEPT:
+                kind = COLLECT
+                self._cap[series] = cap
+            elif width > MAX_WINDOW:
                 return  # count top bits instead
-            kind = COLLECT
-            self._cap[series] = cap
         self._kind[series] = kind
         self._lo[series], self._width[series] = lo_bits, width
 
@@ -211,7 +219,8 @@ class StreamSelector:
                 top=torch.zeros((ns, TOP_BINS if TOP16 in kind else 0), dtype=torch.int64, device=device),
                 fine=torch.zeros((ns, fine_width), dtype=torch.int32 if self.n < 2**31 else torch.int64, device=device),
                 inside=torch.zeros(ns, dtype=torch.int64, device=device),
-                kept=torch.empty((ns, cap), dtype=torch.int32), kept_parts=[[] for _ in series])
+                kept=torch.empty((ns, cap + 1), dtype=torch.int32),  # + the compiled loop's spare slot
+                kept_parts=[[] for _ in series])
         return c
 
     def observe(self, pass_no: int, base: torch.Tensor, models: list[torch.Tensor]) -> None:
@@ -239,7 +248,7 @@ class StreamSelector:
     def _kept(self, c: _Counts, t: int) -> np.ndarray | None:
         """A COLLECT series' kept patterns (uint32), or None when they overflowed."""
         total = int(c.inside[t])
-        if total > c.kept.shape[1]:  # more than the sample promised: as the compiled loop, treat as a miss
+        if total > c.kept.shape[1] - 1:  # more than the sample promised: as the compiled loop, treat as a miss
             return None
         if c.compiled:
             return c.kept[t, :total].numpy().view(np.uint32)
