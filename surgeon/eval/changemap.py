@@ -114,6 +114,7 @@ class ChangeMapSampler:
         self._done: dict[str, dict[tuple[int, int], _Span]] = {}
         self._parts: dict[tuple[str, tuple[int, int]], list[tuple[int, torch.Tensor]]] = {}
         self._lock = threading.Lock()
+        self._preloaded = False
         self.failure: BaseException | None = None
 
     def _comparable(self, name: str, shape: tuple[int, ...]) -> list[Any] | None:
@@ -156,6 +157,14 @@ class ChangeMapSampler:
         """Rows ``[start, start + len(rows))`` of output tensor ``name`` (of ``shape``) were written."""
         if self.failure is not None:
             return
+        if not self._preloaded:
+            # the picture's imports once the merge is under way (its compute threads run
+            # without the GIL), not while the run starts: two imports on two threads only
+            # take turns holding the GIL, and the merge's own imports came later for it
+            from ..io.plot import preload
+
+            self._preloaded = True
+            preload()
         try:
             shape = tuple(shape)
             use = self._comparable(name, shape)
@@ -316,9 +325,6 @@ def sampler_for_merge(method: str, base: Any | None, inputs: Sequence[Any]) -> C
     reference is the base, the first input for base-free methods. None without inputs."""
     if not inputs:
         return None
-    from ..io.plot import preload
-
-    preload()  # the picture's imports on the other core while the merge runs
     return ChangeMapSampler(base if base is not None else inputs[0], inputs, method,
                             labels=("base" if base is not None else "first input", "output"))
 
