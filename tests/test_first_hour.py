@@ -379,6 +379,35 @@ def test_preload_imports_matplotlib_on_a_thread_and_respects_no_plot(monkeypatch
     assert preload() is None
 
 
+def test_drawing_waits_for_a_preload_still_drawing(monkeypatch, tmp_path):
+    """matplotlib is not thread-safe: a picture drawn while the preload thread still draws
+    its throw-away figure waits for it."""
+    pytest.importorskip("matplotlib")
+    import threading
+
+    from surgeon.io import plot
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_preload():
+        started.set()
+        release.wait(10)
+
+    thread = threading.Thread(target=slow_preload, daemon=True)
+    plot._preloads.append(thread)
+    thread.start()
+    started.wait(10)
+    done = threading.Event()
+    cm = {"layers": [0], "kinds": ["q"], "cells": [{"layer": 0, "kind": "q", "rel_change": 0.1}],
+          "sign_electing": False}
+    drawer = threading.Thread(target=lambda: (plot.plot_changemap(cm, tmp_path / "c.png"), done.set()), daemon=True)
+    drawer.start()
+    assert not done.wait(0.5)  # held back while the preload runs
+    release.set()
+    assert done.wait(30) and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_diff_plot(tiny_family, tmp_path, capsys):
     png = tmp_path / "d.png"
     assert main(["diff", str(tiny_family["base"]), str(tiny_family["ft1"]), "--plot", str(png)]) == 0
