@@ -464,7 +464,8 @@ def execute_merge(plan: MergePlan, inputs: dict[str, Any], writer: CheckpointWri
     if plan.method.prepare is not None:
         state = plan.method.prepare(_Restream(plan, inputs, rt, writer.owns), plan.tasks[0].params if plan.tasks else {})
     t_prep = time.perf_counter() - t0
-    pending = [t for t in plan.tasks if writer.owns(t.name) and not writer.is_written(t.name)]
+    pending = sorted((t for t in plan.tasks if writer.owns(t.name) and not writer.is_written(t.name)),
+                     key=lambda t: writer.position(t.name))  # bytes in file order: hashed as they are written
     template = inputs[plan.template_id]
     merged_tasks = [t for t in pending if t.merged]
     for t in pending:

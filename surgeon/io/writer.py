@@ -373,6 +373,15 @@ class CheckpointWriter:
     def is_written(self, name: str) -> bool:
         return name in self._written
 
+    def position(self, name: str) -> tuple[int, int]:
+        """Where a planned tensor lands: (shard, byte offset). Work done in this
+        order places bytes in file order, where each shard's running sha256 takes
+        them as they come (out of order, they wait and are read back:
+        :mod:`surgeon.io.stream_hash`); a shard lays its tensors out by name,
+        not in the plan's order."""
+        slot = self._slots[name]
+        return self._files.index(slot.file), slot.offset
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Place one tensor at its final offset (shape and dtype must match the plan)."""
         slot = self._slots.get(name)
