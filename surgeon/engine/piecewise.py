@@ -266,6 +266,8 @@ class _Schedule:
                 yield _SETTLE  # the read-ahead waits until everything before is handed over ...
                 with self._changed:  # ... then the lanes finish the blocked jobs' passes
                     self._changed.wait_for(lambda: any(s.processed >= s.emitted for s in blocked))
+
+
 class _BufferPool:
     """Read buffers of one size, reused piece after piece.
 
