@@ -20,15 +20,17 @@ change a private copy, never the file) and unmapped when the last view of
 it is gone: every view holds a reference to the mapping, and nothing here
 ever closes one explicitly (``mmap.close`` would unmap under live views).
 
-Where it does not apply (no ``mmap``/``madvise``, a file that cannot be
-mapped, a range not aligned to its dtype) :meth:`FileMaps.view` returns
-None and the caller reads with ``pread``. An input truncated by another
+Where it does not apply (off Linux, where ``MADV_DONTNEED`` need not drop
+a file page from the resident set; a file that cannot be mapped; a range not
+aligned to its dtype) :meth:`FileMaps.view` returns None and the caller
+reads with ``pread``. An input truncated by another
 process while it is mapped ends the process with SIGBUS where ``pread``
 would have failed with an error; inputs are never written during a run.
 """
 from __future__ import annotations
 
 import mmap
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +40,7 @@ import torch
 #: Linux 5.14+: fill the range's page-table entries now (reading from disk if needed)
 _MADV_POPULATE_READ = 22
 _PAGE = mmap.PAGESIZE
+_LINUX = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
 
 
 class FileMaps:
@@ -65,7 +68,7 @@ class FileMaps:
         ``align``: the element size the bytes will be viewed as. ``populate``
         fills the page tables now (on the calling thread, a reader), so the
         thread that computes on the view does not fault."""
-        if nbytes <= 0 or offset % max(1, align) or not hasattr(mmap.mmap, "madvise"):
+        if nbytes <= 0 or offset % max(1, align) or not _LINUX:
             return None
         mm = self._mapping(file, fd)
         if mm is None or offset + nbytes > len(mm):
