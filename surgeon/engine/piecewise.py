@@ -269,12 +269,14 @@ class _Schedule:
 
 
 class _BufferPool:
-    """Read buffers of one size, reused piece after piece.
+    """Buffers of one size, reused piece after piece: merged output pieces, and
+    read buffers for inputs that are not mapped (hub streaming, adapted or
+    pickled inputs, platforms other than Linux).
 
     A fresh buffer costs a page fault per page on first touch (the kernel
     zeroes it): reading 10 GB into fresh 32 MiB buffers ran at ~1 GB/s on
-    this machine, against several GB/s for a copy into memory already mapped.
-    At most as many buffers exist as pieces are in flight.
+    the development VM, against several GB/s for a copy into memory already
+    mapped. At most as many buffers exist as pieces are in flight.
     """
 
     def __init__(self, size: int):
