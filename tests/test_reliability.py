@@ -114,7 +114,11 @@ def _leftovers(folder: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- interrupted runs
 _HARNESS = r"""
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as at a terminal, however the suite was started: a shell that runs a job in the
+# background without job control (``( ... & )``) starts it with SIGINT ignored, and the
+# children inherit that (the interrupted run below then finished and exited 0)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from surgeon.io import writer as W
 _write = W.CheckpointWriter.write
 def write(self, name, tensor):
