@@ -202,16 +202,21 @@ class Checkpoint:
         asynchronous copy to a GPU; ``out`` (a uint8 tensor at least that
         large) is a buffer to read into instead of a fresh one."""
         info = self.info(name)
-        rows = info.shape[0] if info.shape else 1
-        if not 0 <= start <= stop <= rows:
-            raise CheckpointError(f"{self.label}: rows {start}:{stop} out of range for tensor {name!r} ({rows} rows)")
+        offset, nbytes, shape = self._row_bytes(info, start, stop)
         if self._pickled is not None or type(self).get is not Checkpoint.get:
             t = self.get(name)
             return t[start:stop].clone() if info.shape else t.reshape(1)[start:stop].reshape(())
+        buf = self._read_bytes(info, offset, nbytes, pin=pin, out=out)
+        return buf.view(info.dtype).reshape(shape)
+
+    def _row_bytes(self, info: TensorInfo, start: int, stop: int) -> tuple[int, int, tuple[int, ...]]:
+        """Rows ``[start, stop)`` of a tensor: their file offset, byte count and shape (checked in range)."""
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.label}: rows {start}:{stop} out of range for tensor {info.name!r} ({rows} rows)")
         row_bytes = info.nbytes // rows if rows else 0
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        buf = self._read_bytes(info, info.offset + start * row_bytes, (stop - start) * row_bytes, pin=pin, out=out)
-        return buf.view(info.dtype).reshape(shape)
+        return info.offset + start * row_bytes, (stop - start) * row_bytes, shape
 
     def map_rows(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, Callable[[], None]] | None:
         """Rows ``[start, stop)`` as :meth:`get_rows` gives them, but viewing
@@ -225,16 +230,12 @@ class Checkpoint:
         if (self._pickled is not None or type(self).get is not Checkpoint.get
                 or type(self).get_rows is not Checkpoint.get_rows or type(self)._read_bytes is not Checkpoint._read_bytes):
             return None
-        rows = info.shape[0] if info.shape else 1
-        if not 0 <= start <= stop <= rows:
-            raise CheckpointError(f"{self.label}: rows {start}:{stop} out of range for tensor {name!r} ({rows} rows)")
-        row_bytes = info.nbytes // rows if rows else 0
-        mapped = self._maps.view(info.file, self._fd(info), info.offset + start * row_bytes, (stop - start) * row_bytes,
-                                 info.dtype.itemsize)
+        offset, nbytes, shape = self._row_bytes(info, start, stop)
+        mapped = self._maps.view(info.file, self._fd(info), offset, nbytes, info.dtype.itemsize)
         if mapped is None:
             return None
         t, release = mapped
-        return t.view(info.dtype).reshape((stop - start, *info.shape[1:]) if info.shape else ()), release
+        return t.view(info.dtype).reshape(shape), release
 
     def _fd(self, info: TensorInfo) -> int:
         with self._fds_lock:
