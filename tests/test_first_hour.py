@@ -305,6 +305,62 @@ def test_the_change_map_is_gathered_while_the_merge_writes(tiny_family, tmp_path
             assert cell["sign_conflict"] == pytest.approx(conflict, abs=1e-12), cell
 
 
+def test_the_picture_is_drawn_beside_the_final_sync_from_the_planned_output(tiny_family, tmp_path, monkeypatch):
+    """Once the merge has written every span, the picture is drawn on a thread of its own while
+    the output is synced (not after the commit, on the main thread); it is the picture of the
+    numbers written (the same bytes as drawing changemap.json), drawn once."""
+    pytest.importorskip("matplotlib")
+    import threading
+
+    import surgeon.eval.changemap as cmod
+    from surgeon.io import plot
+    from surgeon.io.writer import CheckpointWriter
+
+    events: list[str] = []
+    real_render, real_commit = plot.render_changemap, CheckpointWriter.commit
+
+    def render(cm, title=None):
+        events.append(f"draw on {threading.current_thread().name}")
+        return real_render(cm, title)
+
+    def commit(self):
+        events.append("commit")
+        return real_commit(self)
+
+    monkeypatch.setattr(plot, "render_changemap", render)
+    monkeypatch.setattr(CheckpointWriter, "commit", commit)
+    fam, out = tiny_family, tmp_path / "m"
+    assert main(["merge", "ties", str(out), "--base", str(fam["base"]), "--model", str(fam["ft1"]),
+                 "--model", str(fam["ft2"]), "--set", "density=0.5", "--piece-size", "2KB", "-q"]) == 0
+    assert events.count("commit") == 1
+    draws = [e for e in events if e.startswith("draw")]
+    assert draws == ["draw on surgeon-changemap"], events
+    cm = json.loads((out / "changemap.json").read_text())
+    assert (out / "changemap.png").read_bytes() == real_render(cm, cmod.changemap_title("ties"))
+
+
+def test_an_early_picture_is_used_only_for_the_numbers_it_shows(tiny_family):
+    pytest.importorskip("matplotlib")
+    import surgeon.eval.changemap as cmod
+    from surgeon.io.checkpoint import Checkpoint
+
+    base, ft1, ft2 = (Checkpoint.open(tiny_family[k]) for k in ("base", "ft1", "ft2"))
+    sampler = cmod.ChangeMapSampler(base, [ft1], "linear")
+    assert sampler.picture({}, "t") is False  # nothing planned, nothing drawn
+    sampler.expect(ft2, "t")
+    names = list(ft2.names)
+    for name in names[:-1]:
+        sampler.rows_written(name, tuple(ft2.info(name).shape), 0, ft2.get(name))
+    assert sampler.picture({}, "t") is False  # one tensor still unwritten: no early drawing
+    last = names[-1]
+    sampler.rows_written(last, tuple(ft2.info(last).shape), 0, ft2.get(last))
+    cm = sampler.result(ft2)
+    png = sampler.picture(cm, "t")
+    assert isinstance(png, bytes) and png[:4] == b"\x89PNG"
+    assert sampler.picture(cm, "another title") is False
+    assert sampler.picture({**cm, "sampled": not cm["sampled"]}, "t") is False  # the output is not its plan
+
+
 def _same_changemap(a: dict, b: dict) -> None:
     assert {k: v for k, v in a.items() if k != "cells"} == {k: v for k, v in b.items() if k != "cells"}
     assert len(a["cells"]) == len(b["cells"])

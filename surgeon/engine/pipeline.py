@@ -283,7 +283,7 @@ class Pipeline:
                 self._say(f"step {step.id}: {step.kind} -> {dest}")
                 context = self._context(step, fp)
                 if step.id == final_id:
-                    sampler = self._changemap_sampler(step, available)
+                    sampler = self._changemap_sampler(step, available, sp.output)
                     if sampler is not None:
                         context = replace(context, watch_output=sampler.rows_written)
                 # a partial output of this step resumes only under the same fingerprint (the context's resume key)
@@ -492,17 +492,21 @@ class Pipeline:
                     f"`surgeon diff BASE {self.output_path} --plot changemap.png` draws it from local copies")
         return base, inputs
 
-    def _changemap_sampler(self, step: Step, available: dict[str, Any]) -> Any:
-        """A sampler to watch the final merge's output being written (surgeon.eval.changemap), or None."""
+    def _changemap_sampler(self, step: Step, available: dict[str, Any], planned: Any) -> Any:
+        """A sampler to watch the final merge's output being written (surgeon.eval.changemap), or
+        None; it draws the picture of the ``planned`` output as soon as the merge has written it."""
         if not self.coord.is_main:
             return None
         try:
             sources = self._changemap_sources(step, available)
             if not isinstance(sources, tuple):
                 return None
-            from ..eval.changemap import sampler_for_merge
+            from ..eval.changemap import changemap_title, sampler_for_merge
 
-            return sampler_for_merge(step.merge.method, *sources)
+            sampler = sampler_for_merge(step.merge.method, *sources)
+            if sampler is not None:
+                sampler.expect(planned, changemap_title(step.merge.method))
+            return sampler
         except Exception:  # noqa: BLE001 - the picture is an extra; _changemap says what failed
             return None
 

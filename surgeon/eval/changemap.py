@@ -116,6 +116,47 @@ class ChangeMapSampler:
         self._lock = threading.Lock()
         self._preloaded = False
         self.failure: BaseException | None = None
+        self._layout: Any = None  # the planned output (expect): its picture is drawn once every span is in
+        self._title: str | None = None
+        self._pending = -1  # spans of the planned output not compared yet (-1: no plan)
+        self._early: threading.Thread | None = None
+        self._drawn: tuple[dict[str, Any], str | None, bytes | None] | None = None
+
+    def expect(self, layout: Any, title: str | None = None) -> None:
+        """Draw the picture early: ``layout`` is the output as planned (``names``,
+        ``info``); once the merge has shown every span of it, the numbers
+        (:meth:`result` of ``layout``) and their picture titled ``title`` are
+        drawn on a thread of their own, beside the output's final sync, and
+        :meth:`picture` hands the picture out when the finished output's numbers
+        are the same. Call before the merge writes."""
+        spans = 0
+        for name in layout.names:
+            shape = tuple(layout.info(name).shape)
+            if self._comparable(name, shape) is not None:
+                spans += len(_spans(shape[0] if shape else 1, math.prod(shape[1:]) if len(shape) > 1 else 1))
+        with self._lock:
+            self._layout, self._title, self._pending = layout, title, spans
+
+    def _draw_early(self) -> None:
+        """The planned output's numbers and picture (on the early drawing thread)."""
+        from ..io.plot import render_changemap
+
+        try:
+            cm = self.result(self._layout)
+            self._drawn = (cm, self._title, render_changemap(cm, title=self._title))
+        except Exception:  # noqa: BLE001 - picture() then has none; the caller draws after the merge
+            self._drawn = None
+
+    def picture(self, cm: dict[str, Any], title: str | None) -> bytes | None | bool:
+        """The early drawing of ``cm`` titled ``title`` (PNG bytes, or None when there is no
+        matplotlib), waiting for it if it is still being drawn; False when none was drawn
+        of these numbers (no plan, spans never shown, or the output differs from its plan)."""
+        if self._early is None:
+            return False
+        self._early.join()
+        if self._drawn is None or self._drawn[0] != cm or self._drawn[1] != title:
+            return False
+        return self._drawn[2]
 
     def _comparable(self, name: str, shape: tuple[int, ...]) -> list[Any] | None:
         """The inputs a tensor of ``shape`` is compared with (None: not comparable to the reference)."""
@@ -187,7 +228,14 @@ class ChangeMapSampler:
                             continue
                         part = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0])])
                         del self._parts[(name, (s, e))]
+                    fresh = (s, e) not in done
                     done[(s, e)] = self._compare(name, shape, s, e, part.float(), use)
+                    if fresh and self._pending > 0:
+                        self._pending -= 1
+                    if self._pending == 0 and self._early is None:
+                        self._early = threading.Thread(target=self._draw_early, name="surgeon-changemap",
+                                                       daemon=True)
+                        self._early.start()
         except Exception as exc:  # noqa: BLE001 - the picture is an extra; result() reads the files instead
             self.failure = exc
             with self._lock:
@@ -207,13 +255,15 @@ class ChangeMapSampler:
         cells: dict[tuple[int | None, str], _Cell] = {}
         skipped: list[str] = []
         sampled = False
-        for name in output.names:
+        with self._lock:
+            seen = {name: dict(done) for name, done in self._done.items()}
+        for name in sorted(output.names):  # sorted: the planned output and the written one add up alike
             shape = tuple(output.info(name).shape)
             use = self._comparable(name, shape)
             if use is None:
                 skipped.append(name)
                 continue
-            done = self._done.get(name, {})
+            done = seen.get(name, {})
             cols = math.prod(shape[1:]) if len(shape) > 1 else 1
             cell = cells.setdefault((layer_index(name), tensor_kind(name)), _Cell())
             cell.tensors.append(name)
@@ -281,10 +331,12 @@ PLOT_HINT = "install matplotlib (`pip install 'surgeon[plot]'`) and rerun to get
 
 
 def write_changemap(folder: str | Path, cm: dict[str, Any], stem: str = "changemap",
-                    title: str | None = None) -> dict[str, Any]:
+                    title: str | None = None, picture: bytes | None | bool = False) -> dict[str, Any]:
     """Write ``<stem>.json`` and, with matplotlib, ``<stem>.png`` into ``folder``;
-    returns ``{"json": path, "png": path or None, "card": markdown section body}``."""
-    from ..io.plot import plot_changemap
+    returns ``{"json": path, "png": path or None, "card": markdown section body}``.
+    ``picture``: ``cm`` already drawn (:meth:`ChangeMapSampler.picture`: PNG bytes, or
+    None without matplotlib); False draws it here."""
+    from ..io.plot import render_changemap, write_png
 
     folder = Path(folder)
     js = folder / f"{stem}.json"
@@ -292,7 +344,10 @@ def write_changemap(folder: str | Path, cm: dict[str, Any], stem: str = "changem
     tmp.write_text(json.dumps(cm, indent=1) + "\n", encoding="utf-8")
     tmp.replace(js)
     png = folder / f"{stem}.png"
-    drawn = plot_changemap(cm, png, title=title)
+    image = render_changemap(cm, title=title) if picture is False else picture
+    drawn = image is not None
+    if image is not None:
+        write_png(image, png)
     return {"json": str(js), "png": str(png) if drawn else None,
             "card": card_section(cm, js.name, png.name if drawn else None)}
 
@@ -344,4 +399,10 @@ def changemap_for_merge(output_dir: str | Path, method: str, base: Any | None, i
         return None
     out = output if output is not None else Checkpoint.open(output_dir)
     cm = sampler.result(out)
-    return write_changemap(output_dir, cm, title=f"{method}: what changed where")
+    title = changemap_title(method)
+    return write_changemap(output_dir, cm, title=title, picture=sampler.picture(cm, title))
+
+
+def changemap_title(method: str) -> str:
+    """The title of a merge's change-map picture."""
+    return f"{method}: what changed where"

@@ -61,19 +61,49 @@ def preload() -> threading.Thread | None:
 _preloads: list[threading.Thread] = []
 
 
+#: held while a picture is drawn: pictures drawn on two threads (a merge's change map is
+#: drawn beside the output's final sync) take turns
+_drawing = threading.Lock()
+
+
 def _after_preloads() -> None:
     while _preloads:
         _preloads.pop().join()
 
 
 def plot_changemap(cm: dict[str, Any], path: str | Path, title: str | None = None) -> bool:
-    """Draw a change map (:func:`surgeon.eval.changemap.compute_changemap`) as heat maps:
-    kinds down, layers across (then ``other`` for tensors outside the layers); a second
-    panel with the sign-conflict share when the method elects signs. Returns False
-    (and writes nothing) without matplotlib."""
-    if not have_matplotlib():
+    """Draw a change map into the PNG file ``path`` (:func:`render_changemap`; written whole
+    or not at all). Returns False (and writes nothing) without matplotlib."""
+    png = render_changemap(cm, title)
+    if png is None:
         return False
+    write_png(png, path)
+    return True
+
+
+def write_png(png: bytes, path: str | Path) -> None:
+    """Write PNG bytes to ``path`` through a temporary file renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(png)
+    os.replace(tmp, path)
+
+
+def render_changemap(cm: dict[str, Any], title: str | None = None) -> bytes | None:
+    """PNG bytes of a change map (:func:`surgeon.eval.changemap.compute_changemap`) as
+    heat maps: kinds down, layers across (then ``other`` for tensors outside the layers);
+    a second panel with the sign-conflict share when the method elects signs. None
+    without matplotlib. Safe to call from any thread (drawings take turns)."""
+    if not have_matplotlib():
+        return None
+    with _drawing:
+        return _render_changemap(cm, title)
+
+
+def _render_changemap(cm: dict[str, Any], title: str | None) -> bytes:
     _after_preloads()
+    import io
+
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -115,11 +145,9 @@ def plot_changemap(cm: dict[str, Any], path: str | Path, title: str | None = Non
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return True
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def render_error_by_k(curves: dict[str, dict[str, Any]], k_used: int | None = None, title: str | None = None) -> bytes | None:
@@ -129,6 +157,11 @@ def render_error_by_k(curves: dict[str, dict[str, Any]], k_used: int | None = No
     per matrix label; ``k_used`` marks the k the transplant ran with."""
     if not have_matplotlib() or not curves:
         return None
+    with _drawing:
+        return _render_error_by_k(curves, k_used, title)
+
+
+def _render_error_by_k(curves: dict[str, dict[str, Any]], k_used: int | None, title: str | None) -> bytes:
     _after_preloads()
     import io
 
