@@ -60,14 +60,15 @@ class FileMaps:
                     self._maps[file] = None
             return self._maps[file]
 
-    def view(self, file: Path, fd: int, offset: int, nbytes: int,
-             align: int) -> tuple[torch.Tensor, Callable[[], None]] | None:
+    def view(self, file: Path, fd: int, offset: int, nbytes: int, align: int,
+             populate: bool = True) -> tuple[torch.Tensor, Callable[[], None]] | None:
         """Bytes ``[offset, offset + nbytes)`` of ``file`` (open as ``fd``) as a
         uint8 tensor viewing the mapping, and the callable that hands its pages
         back; None where a mapping does not apply (then read the bytes).
-        ``align``: the element size the bytes will be viewed as. The page
-        tables are filled now, on the calling thread (a reader), so the thread
-        that computes on the view does not fault."""
+        ``align``: the element size the bytes will be viewed as. ``populate``:
+        fill the page tables now, on the calling thread (a reader), so the
+        thread that computes on the view does not fault (False for a caller
+        that reads a few scattered parts of the range: only those fault in)."""
         if nbytes <= 0 or offset % max(1, align) or not _LINUX:
             return None
         mm = self._mapping(file, fd)
@@ -75,13 +76,14 @@ class FileMaps:
             return None
         lo = offset - offset % _PAGE  # advice starts on a page
         span = offset + nbytes - lo
-        try:
-            mm.madvise(_MADV_POPULATE_READ, lo, span)
-        except OSError:  # an older kernel: ask for read-ahead instead; the compute thread faults the pages in
+        if populate:
             try:
-                mm.madvise(mmap.MADV_WILLNEED, lo, span)
-            except OSError:
-                pass
+                mm.madvise(_MADV_POPULATE_READ, lo, span)
+            except OSError:  # an older kernel: ask for read-ahead; the compute thread faults the pages in
+                try:
+                    mm.madvise(mmap.MADV_WILLNEED, lo, span)
+                except OSError:
+                    pass
         t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
 
         def release() -> None:
