@@ -19,6 +19,12 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def _rss_file() -> int:
+    """Resident bytes of mapped files (RssFile)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
 @pytest.fixture
 def ckpt(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
@@ -87,6 +93,29 @@ def test_released_pages_leave_the_resident_set(ckpt) -> None:
     after = _rss() - before
     assert held > 12 * 2**20, held   # most of the 16 MiB
     assert after < 4 * 2**20, after
+
+
+def test_a_part_read_hands_back_the_folios_it_touched(ckpt) -> None:
+    """An unpopulated view maps only what is read (however large the page cache's folios make
+    that); releasing the part read drops every page the read mapped, whole 2 MiB blocks round it
+    included, and the view's values stay readable."""
+    folder, tensors = ckpt
+    ck = Checkpoint.open(folder)
+    flat = tensors["big"].reshape(-1)
+    assert torch.equal(flat[:8], flat[:8])  # torch's first-use allocations, before measuring
+    before = _rss_file()
+    t, release = ck.map_rows("big", 0, 4096, populate=False)
+    t = t.reshape(-1)
+    assert _rss_file() - before < 2**20  # nothing mapped yet (the 16 MiB were not filled in)
+    parts = [(r * 4096, r * 4096 + 4096) for r in range(0, 4096, 512)]  # 8 reads of one row, 2 MiB apart
+    for a, b in parts:
+        assert torch.equal(t[a // 2:b // 2], flat[a // 2:b // 2])
+    read = _rss_file() - before
+    for a, b in parts:
+        release(a, b)
+    left = _rss_file() - before
+    assert read >= 8 * 4096 and left <= 64 * 1024, (read, left)
+    assert torch.equal(t, tensors["big"].reshape(-1))  # faulted back in
 
 
 def test_a_merge_reads_its_pieces_through_mappings(tmp_path, tiny_family, monkeypatch) -> None:

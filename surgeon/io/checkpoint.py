@@ -16,14 +16,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from ..arch import layer_index, tied_embeddings
 from ..errors import CheckpointError
 from .header import Header, dtype_size, read_header
-from .mapped import FileMaps
+from .mapped import FileMaps, Release
 from .safe_files import check_inside, check_regular, open_regular, read_regular
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -219,11 +219,11 @@ class Checkpoint:
         return info.offset + start * row_bytes, (stop - start) * row_bytes, shape
 
     def map_rows(self, name: str, start: int, stop: int,
-                 populate: bool = True) -> tuple[torch.Tensor, Callable[[], None]] | None:
+                 populate: bool = True) -> tuple[torch.Tensor, Release] | None:
         """Rows ``[start, stop)`` as :meth:`get_rows` gives them, but viewing
         the file's cached pages instead of a copy (:mod:`surgeon.io.mapped`),
-        with the callable that hands those pages back once the caller is done
-        with the rows (the view stays readable after: it faults them back in).
+        with the :class:`~surgeon.io.mapped.Release` that hands those pages back
+        once the caller is done with the rows (the view stays readable after).
         ``populate``: map every page now (False: pages map as they are read).
         None where a view does not apply (pickled weights, a reader that
         overrides how bytes are read, a range a mapping cannot serve): read

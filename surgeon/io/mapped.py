@@ -32,14 +32,28 @@ from __future__ import annotations
 import mmap
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 #: Linux 5.14+: fill the range's page-table entries now (reading from disk if needed)
 _MADV_POPULATE_READ = 22
 _PAGE = mmap.PAGESIZE
+#: the largest page-cache folio (a PMD: 2 MiB on x86-64 and arm64 with 4 KiB pages). A fault
+#: maps the whole folio it falls in, so reading a few KB of a file cached in large folios maps
+#: up to this much (0.7 MB a touch on average on the development VM's ext4)
+_FOLIO = 2 << 20
+
+
+class Release(Protocol):
+    """Hands a view's pages back (``MADV_DONTNEED``; the view stays readable: it
+    faults them back in). No arguments: the view's pages. ``(start, stop)``: a
+    part of the view the caller read (bytes from its start), rounded out to
+    whole :data:`_FOLIO` blocks, which may reach into neighbouring bytes (their
+    readers fault them back in)."""
+
+    def __call__(self, start: int = 0, stop: int | None = None) -> None: ...
 _LINUX = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
 
 
@@ -61,10 +75,10 @@ class FileMaps:
             return self._maps[file]
 
     def view(self, file: Path, fd: int, offset: int, nbytes: int, align: int,
-             populate: bool = True) -> tuple[torch.Tensor, Callable[[], None]] | None:
+             populate: bool = True) -> tuple[torch.Tensor, Release] | None:
         """Bytes ``[offset, offset + nbytes)`` of ``file`` (open as ``fd``) as a
-        uint8 tensor viewing the mapping, and the callable that hands its pages
-        back; None where a mapping does not apply (then read the bytes).
+        uint8 tensor viewing the mapping, and the :class:`Release` that hands its
+        pages back; None where a mapping does not apply (then read the bytes).
         ``align``: the element size the bytes will be viewed as. ``populate``:
         fill the page tables now, on the calling thread (a reader), so the
         thread that computes on the view does not fault (False for a caller
@@ -86,9 +100,13 @@ class FileMaps:
                     pass
         t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
 
-        def release() -> None:
+        def release(start: int = 0, stop: int | None = None) -> None:
+            a, b = lo, lo + span
+            if start or stop is not None:  # a part read: the large folios it touched, whole
+                a = max(0, (offset + start) // _FOLIO * _FOLIO)
+                b = min(len(mm), -(-(offset + (nbytes if stop is None else stop)) // _FOLIO) * _FOLIO)
             try:
-                mm.madvise(mmap.MADV_DONTNEED, lo, span)
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
             except (OSError, ValueError):  # advice only
                 pass
 
