@@ -150,3 +150,43 @@ def test_trimming_the_heap_starts_no_process(monkeypatch: pytest.MonkeyPatch) ->
     for _ in range(3):
         assert allocator.release_free_memory()
     assert allocator._libc() is allocator._libc()
+
+
+def test_the_heap_is_trimmed_only_once_it_grew_past_the_slack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trim hands every free page back and the next allocations fault them in again, so the
+    engine's per-tensor trim happens only once anonymous memory grew by more than the slack
+    since the last trim; each trim moves the mark to the level after it."""
+    from surgeon import allocator
+
+    level = [100 << 20]
+    trims: list[int] = []
+    monkeypatch.setattr(allocator, "anon_bytes", lambda: level[0])
+
+    def trim() -> bool:
+        trims.append(level[0])
+        level[0] -= 10 << 20  # what the trim handed back
+        return True
+
+    monkeypatch.setattr(allocator, "release_free_memory", trim)
+    heap = allocator.HeapTrim(slack=64 << 20)
+    level[0] += 64 << 20
+    assert not heap() and trims == []            # grown by the slack exactly: no trim
+    level[0] += 1
+    assert heap() and len(trims) == 1            # past it: trimmed
+    level[0] += 60 << 20
+    assert not heap() and len(trims) == 1        # measured from the level after the trim
+    level[0] += 20 << 20
+    assert heap() and len(trims) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm")
+def test_anonymous_memory_is_measured() -> None:
+    import numpy as np
+
+    from surgeon import allocator
+
+    before = allocator.anon_bytes()
+    block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
+    grown = allocator.anon_bytes()
+    assert before is not None and grown is not None and grown - before > 48 << 20
+    del block

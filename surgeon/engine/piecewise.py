@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, TypeVar
 
 import torch
 
-from ..allocator import release_free_memory
+from ..allocator import HeapTrim
 from ..errors import InvalidInputError, StepError
 from ..io.checkpoint import Checkpoint
 from ..merge.kernels.base import Kernel, PieceInputs, merge_piece, observe_piece
@@ -379,6 +379,7 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
     out_buffers = _BufferPool(max((j.out_piece_bytes(i) for j in jobs for i in range(len(j.pieces))), default=0))
     compute = 0.0
     last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
+    trim = HeapTrim()
 
     def new_output(job: _Job, numel: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         dtype = job.task.spec.dtype
@@ -402,7 +403,7 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
                     job.kernel.end_pass(p)
                 continue
             if read.piece == 0 and job.kernel.stat_passes and rt.device.type == "cpu":
-                release_free_memory()  # the tensor's statistics are done: their heap holes go back
+                trim()  # the tensor's statistics are done: their heap holes go back (if they grew)
             r0, r1 = job.pieces[read.piece]
             shape = job.task.spec.shape
             out, held = new_output(job, piece.numel, piece.models[0].device)
