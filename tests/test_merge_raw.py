@@ -166,3 +166,31 @@ def test_widen_piece_from_bf16_into_bf16_equals_whole_matrix_then_cast() -> None
 def test_weights_summing_to_zero_still_get_the_clear_error() -> None:
     tm = build_merge("linear", None, [torch.ones(4), torch.ones(4)], [{"weight": 1.0}, {"weight": -1.0}], name="w")
     assert get_method("linear").block_kernel(tm).__class__.__name__ == "Elementwise"
+
+
+@needs_numba
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+def test_arcee_fusion_pieces_from_bf16_into_bf16_equal_fn_then_cast(base_dtype: torch.dtype) -> None:
+    """Arcee Fusion's compiled merge pass, over row pieces of a sampled tensor (> 1,000,000
+    entries), writes the bytes of the whole-tensor definition cast to bf16."""
+    shape = (1100, 1000)
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g).to(base_dtype)
+    model = (base.float() + 0.02 * torch.randn(shape, generator=g)).bfloat16()
+    method = get_method("arcee_fusion")
+
+    def tm():
+        return build_merge("arcee_fusion", base.float(), [model.float()], [{}], name="w", seed=5)
+
+    ref = method.fn(tm()).to(torch.bfloat16).reshape(-1)
+    kernel, meta = method.block_kernel(tm()), tm()
+    cuts = [0, 400 * 1000, 800 * 1000, base.numel()]
+    pieces = [PieceInputs(a, base.reshape(-1)[a:b], [model.reshape(-1)[a:b]]) for a, b in zip(cuts, cuts[1:])]
+    for piece in pieces:
+        observe_piece(kernel, meta, 0, piece)
+    kernel.end_pass(0)
+    out = torch.empty(base.numel(), dtype=torch.bfloat16)
+    for piece in pieces:
+        assert kernel.merge_raw(piece, out[piece.start:piece.start + piece.numel]) is True  # compiled
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+    assert 0 < int((ref != base.reshape(-1).bfloat16()).sum()) < ref.numel()  # some entries fused, not all

@@ -46,6 +46,7 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _MERGE / "kernels" / "model_stock_compiled.py",
     _MERGE / "kernels" / "ram_compiled.py",
     _MERGE / "kernels" / "gram_compiled.py",
+    _MERGE / "kernels" / "arcee_fusion.py",
     _MERGE / "rng.py",
     _MERGE / "select" / "counting.py",
     _MERGE / "select" / "ranks.py",

@@ -8,6 +8,14 @@ importance values the quartiles need (all of them up to
 block is merged with the threshold, its importance ``|m - b| * KL`` made
 from the kept KL values: the softmaxes are computed once, not once a pass.
 The quartiles are read by a partial sort (:func:`outlier_threshold`).
+
+With numba the merge pass is one compiled loop per piece from the stored
+dtype (:meth:`ArceeFusionKernel.merge_raw`): ``d = m - b``, kept where
+``|d| * KL >= threshold``, ``b + d * keep``, each a float32 operation with
+its own rounding as torch's block ops round them, then the output dtype's
+rounding (tests/test_merge_raw.py compares the bytes); through torch that
+was ~8 passes over float32 temporaries a block. The statistic pass stays
+torch's: its softmaxes decide which entries sit at the threshold.
 """
 from __future__ import annotations
 
@@ -15,9 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from types import SimpleNamespace
+from typing import Any
+
 from ..rng import stream_key
 from ..tensor import TensorMerge
-from .base import Kernel
+from . import _raw
+from ._jit import compiled
+from .base import Kernel, PieceInputs
 
 SAMPLE_SIZE = 1_000_000
 QUARTILES = (0.25, 0.5, 0.75)
@@ -27,16 +40,18 @@ _EPS = 1e-8
 def row_kl(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``KL(softmax(m) + 1e-8 || softmax(b) + 1e-8)`` of each row (the last
     dimension; shape ``[rows, 1]``), float32, with mergekit's operations in
-    mergekit's order (so the comparisons with the threshold agree)."""
-    p = F.softmax(m, dim=-1) + _EPS
-    q = F.softmax(b, dim=-1) + _EPS
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    mergekit's order (so the comparisons with the threshold agree). In place
+    where mergekit allocates (the same kernels, the same values: a fresh float32
+    temporary per op cost more than the arithmetic, 6.4 -> 2.9 ms a 2^18 block)."""
+    p = F.softmax(m, dim=-1).add_(_EPS)
+    q = F.softmax(b, dim=-1).add_(_EPS)
+    return torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True)
 
 
 def importance(m: torch.Tensor, b: torch.Tensor, kl: torch.Tensor | None = None) -> torch.Tensor:
     """``|m - b| * KL`` along the last dimension (``kl``: :func:`row_kl` of
     these rows when already known)."""
-    return (m - b).abs() * (row_kl(m, b) if kl is None else kl)
+    return (m - b).abs_().mul_(row_kl(m, b) if kl is None else kl)
 
 
 def outlier_threshold(values: torch.Tensor) -> torch.Tensor:
@@ -72,6 +87,37 @@ def sample_positions(n: int, seed: int, name: str) -> torch.Tensor | None:
     # machine, once a large tensor); the sorted multiset is the same whichever sorts it
     keys = drawn.astype(np.uint32) if n <= 1 << 32 else drawn
     return torch.from_numpy(np.sort(keys).astype(np.int64, copy=False))
+
+
+@compiled
+def _kernels(jit: Any) -> Any:
+    """The merge pass's loop."""
+    _raw.register()
+    ch = _raw.CHUNK
+
+    @jit
+    def fuse(b_all, m_all, kl, cols, thr, out_all):  # pragma: no cover - compiled
+        # rows of `cols` entries, stored dtype; kl[r]: row r's KL divergence (float32); thr: float32.
+        # Returns whether every result was finite.
+        b = np.empty(ch, np.float32)
+        m = np.empty(ch, np.float32)
+        o = np.empty(ch, np.float32)
+        chk = np.zeros(ch, np.float32)
+        one, zero = np.float32(1.0), np.float32(0.0)
+        for r in range(out_all.shape[0] // cols):
+            k_r = kl[r]
+            for s in range(r * cols, (r + 1) * cols, ch):
+                e = min((r + 1) * cols, s + ch)
+                _raw.load(b_all[s:e], b)
+                _raw.load(m_all[s:e], m)
+                for j in range(e - s):
+                    d = m[j] - b[j]
+                    keep = one if abs(d) * k_r >= thr else zero
+                    o[j] = b[j] + d * keep
+                _raw.store_checked(o, out_all[s:e], chk)
+        return _raw.all_finite(chk)
+
+    return SimpleNamespace(fuse=fuse)
 
 
 def row_length(shape: tuple[int, ...]) -> int:
@@ -136,6 +182,19 @@ class ArceeFusionKernel(Kernel):
         self.thr = outlier_threshold(torch.cat(self.parts))
         self.parts = []
         self.pos = None
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        whole_rows = piece.start % self.cols == 0 and piece.numel % self.cols == 0
+        raw = _raw.based_inputs(piece.base, piece.models, whole_rows and _kernels() is not None)
+        o = _raw.raw_view(out)
+        if raw is None or o is None or self.thr is None or self.kl is None or self.kl.device.type != "cpu":
+            return None
+        r0 = piece.start // self.cols
+        kl = self.kl[r0:r0 + piece.numel // self.cols].reshape(-1).numpy()
+        finite = bool(_kernels().fuse(raw[0], raw[1][0], kl, self.cols, np.float32(float(self.thr)), o))
+        if piece.start + piece.numel == self.meta.numel:
+            self.kl = None
+        return finite
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.thr is not None
