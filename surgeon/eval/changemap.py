@@ -127,9 +127,7 @@ class _Rows:
             size = self.raw.itemsize
             self.release(a * size, b * size)
             return rows
-        t = self.ck.get_rows(self.name, s, e) if self.shape else self.ck.get(self.name)
-        raw = _raw_numpy(t.reshape(-1))
-        return _widen(raw) if raw is not None else t.float().reshape(-1).numpy()
+        return _flat_f32(self.ck.get_rows(self.name, s, e) if self.shape else self.ck.get(self.name))
 
     def close(self) -> None:
         if self.release is not None:
@@ -308,10 +306,9 @@ class ChangeMapSampler:
                 finally:
                     for src in sources:
                         src.close()
-                    if self._pending == 0 and self._early is None:
-                        self._early = threading.Thread(target=self._draw_early, name="surgeon-changemap",
-                                                       daemon=True)
-                        self._early.start()
+                if self._pending == 0 and self._early is None:  # every planned span is in: draw now
+                    self._early = threading.Thread(target=self._draw_early, name="surgeon-changemap", daemon=True)
+                    self._early.start()
         except Exception as exc:  # noqa: BLE001 - the picture is an extra; result() reads the files instead
             self.failure = exc
             with self._lock:

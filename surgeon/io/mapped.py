@@ -44,6 +44,7 @@ _PAGE = mmap.PAGESIZE
 #: maps the whole folio it falls in, so reading a few KB of a file cached in large folios maps
 #: up to this much (0.7 MB a touch on average on the development VM's ext4)
 _FOLIO = 2 << 20
+_LINUX = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
 
 
 class Release(Protocol):
@@ -54,7 +55,6 @@ class Release(Protocol):
     readers fault them back in)."""
 
     def __call__(self, start: int = 0, stop: int | None = None) -> None: ...
-_LINUX = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
 
 
 class FileMaps:
