@@ -79,6 +79,16 @@ def _spans(rows: int, cols: int) -> list[tuple[int, int]]:
     return out
 
 
+def _row_size(shape: tuple[int, ...]) -> int:
+    """Entries per row (dim 0) of a tensor of ``shape`` (a 0-d or 1-D tensor: 1)."""
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _tensor_spans(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """:func:`_spans` of a tensor of ``shape`` (a 0-d tensor is one row of one entry)."""
+    return _spans(shape[0] if shape else 1, _row_size(shape))
+
+
 def _raw_numpy(t: torch.Tensor) -> np.ndarray | None:
     """A flat CPU tensor's entries as a numpy array :func:`_widen` takes (bfloat16 as its
     uint16 patterns), or None for a dtype it does not widen."""
@@ -106,7 +116,7 @@ class _Rows:
 
     def __init__(self, ck: Any, name: str, shape: tuple[int, ...], start: int, stop: int):
         self.ck, self.name, self.shape, self.start = ck, name, shape, start
-        self.cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        self.cols = _row_size(shape)
         self.raw: np.ndarray | None = None
         self.release: Any = None
         map_rows = getattr(ck, "map_rows", None)
@@ -195,7 +205,7 @@ class ChangeMapSampler:
         for name in layout.names:
             shape = tuple(layout.info(name).shape)
             if self._comparable(name, shape) is not None:
-                spans += len(_spans(shape[0] if shape else 1, math.prod(shape[1:]) if len(shape) > 1 else 1))
+                spans += len(_tensor_spans(shape))
         with self._lock:
             self._layout, self._title, self._pending = layout, title, spans
 
@@ -273,14 +283,14 @@ class ChangeMapSampler:
             use = self._comparable(name, shape)
             if use is None:
                 return
-            cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+            cols = _row_size(shape)
             flat = rows.reshape(-1) if shape else rows.reshape(1)
             stop = start + (flat.numel() // cols if shape else 1)
             with self._lock:
                 done = self._done.setdefault(name, {})
                 ready: list[tuple[int, int, np.ndarray]] = []
                 raw = _raw_numpy(flat)  # the written rows as numpy (a view; None: widened span by span)
-                for s, e in _spans(shape[0] if shape else 1, cols):
+                for s, e in _tensor_spans(shape):
                     a, b = max(s, start), min(e, stop)
                     if a >= b:
                         continue
@@ -337,11 +347,10 @@ class ChangeMapSampler:
                 skipped.append(name)
                 continue
             done = seen.get(name, {})
-            cols = math.prod(shape[1:]) if len(shape) > 1 else 1
             cell = cells.setdefault((layer_index(name), tensor_kind(name)), _Cell())
             cell.tensors.append(name)
             cell.total += output.info(name).numel
-            spans = _spans(shape[0] if shape else 1, cols)
+            spans = _tensor_spans(shape)
             missed = [se for se in spans if se not in done]
             if missed:  # rows the sampler did not see: read them, each checkpoint viewed once
                 lo, hi = missed[0][0], missed[-1][1]

@@ -19,12 +19,12 @@ torch's: its softmaxes decide which entries sit at the threshold.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from types import SimpleNamespace
-from typing import Any
 
 from ..rng import stream_key
 from ..tensor import TensorMerge
@@ -176,7 +176,7 @@ class ArceeFusionKernel(Kernel):
         lo, hi = torch.searchsorted(self.pos, torch.tensor([blk.offset, blk.offset + m.numel()])).tolist()
         if hi > lo:
             at = (self.pos[lo:hi] - blk.offset).to(m.device)
-            self.parts.append((m[at] - b[at]).abs() * kl.reshape(-1)[at // self.cols])
+            self.parts.append(importance(m[at], b[at], kl.reshape(-1)[at // self.cols]))
 
     def end_pass(self, pass_no: int) -> None:
         self.thr = outlier_threshold(torch.cat(self.parts))
