@@ -456,11 +456,12 @@ def test_passes_a_selection_does_not_need_are_not_read(tmp_path: Path, tiny_fami
 def test_sce_kernel_keeps_the_first_tied_entries_and_needs_the_weights_pass_only_then(compiled, dtype, split,
                                                                                       monkeypatch) -> None:
     """Entries (a, -a, 0), variance 2a^2/3: 50 distinct larger a, the rest a = 1, tied across blocks.
-    When k falls inside the tied group (``split``), the first tied entries in flat order are kept and
-    the weights need their own pass; when it falls among the distinct ones, the compiled selection
-    pass sums the weights itself. Equal to the whole-tensor definition either way."""
+    When k falls inside the tied group (``split``), the first tied entries in flat order are kept.
+    Compiled, the sampled window's pass settles the selection and the weights in one pass; through
+    torch, the top-16 and low-16 passes find the threshold and the weights take a pass of their
+    own. Equal to the whole-tensor definition either way."""
     from surgeon.merge.kernels.base import run_in_memory
-    from surgeon.merge.kernels.sce import SceKernel
+    from surgeon.merge.kernels.sce import LOW, TOP16, WEIGHTS, WINDOW, SceKernel
 
     if not compiled:
         monkeypatch.setenv("SURGEON_NO_NUMBA", "1")
@@ -476,15 +477,14 @@ def test_sce_kernel_keeps_the_first_tied_entries_and_needs_the_weights_pass_only
     mps = [{}, {}, {}]
     meta = TensorMerge.header("model.layers.0.mlp.up_proj.weight", (n,), mps, {"select_topk": topk}, True)
     kernel = SceKernel(meta)
-    needed: list[bool | None] = []
+    stages: list[str | None] = []
     end_pass = kernel.end_pass
 
-    def end_and_ask(pass_no: int) -> None:
+    def record_and_end(pass_no: int) -> None:
+        stages.append(kernel._stage)
         end_pass(pass_no)
-        if pass_no == 1:
-            needed.append(kernel.pass_needed(2))
 
-    kernel.end_pass = end_and_ask  # type: ignore[method-assign]
+    kernel.end_pass = record_and_end  # type: ignore[method-assign]
     out = run_in_memory(kernel, meta, base, models)
     ref = get_method("sce").fn(build_merge("sce", base, models, mps, select_topk=topk))
     assert torch.equal(out.to(dtype), ref.to(dtype))
@@ -492,7 +492,54 @@ def test_sce_kernel_keeps_the_first_tied_entries_and_needs_the_weights_pass_only
     if split:  # the first tied entries are the kept ones
         kept_ties = torch.nonzero((out != 0) & (a == 1.0)).squeeze(1)
         assert kept_ties.tolist() == torch.nonzero(a == 1.0).squeeze(1)[: k - 50].tolist()
-    assert needed == [not compiled or split]
+    if compiled:
+        assert stages == [WINDOW] and kernel.misses == 0
+    else:
+        assert stages == [TOP16, LOW, WEIGHTS]
+
+
+@pytest.mark.parametrize("records", ["plenty", "none"])
+def test_sce_kernel_after_a_missed_window_finds_the_threshold_from_its_bucket(records, monkeypatch) -> None:
+    """A sampled window that misses the threshold (moved here below every non-zero variance, as a
+    sample unlike the tensor would) costs passes, not exactness: the top-16 pass finds the bucket,
+    whose entries a second window pass gathers (or, when more than MAX_RECORDS, the low-16 and
+    weights passes count), and the result is the whole-tensor definition's, bit for bit."""
+    from surgeon.merge.kernels import sce
+    from surgeon.merge.kernels.base import run_in_memory
+
+    if not sce.sce_compiled.available():
+        pytest.skip("numba is off")
+    base, models = _family((600, 1000), True, seed=6)  # bf16 values: the threshold's ties are split
+    mps = [{}, {}, {}]
+    meta = TensorMerge.header("model.layers.0.mlp.up_proj.weight", (600, 1000), mps, {"select_topk": 0.3}, True)
+    kernel = sce.SceKernel(meta)
+    bracket = kernel._bracket
+
+    def misplaced(piece) -> None:
+        bracket(piece)
+        assert kernel._window is not None  # the sample did bracket it: now move the window off
+        kernel._window = (1, 1000, kernel._window[2])
+        if records == "none":
+            monkeypatch.setattr(sce, "MAX_RECORDS", 0)
+
+    kernel._bracket = misplaced  # type: ignore[method-assign]
+    stages: list[str | None] = []
+    end_pass = kernel.end_pass
+
+    def record_and_end(pass_no: int) -> None:
+        stages.append(kernel._stage)
+        end_pass(pass_no)
+
+    kernel.end_pass = record_and_end  # type: ignore[method-assign]
+    out = run_in_memory(kernel, meta, base, models)
+    ref = get_method("sce").fn(build_merge("sce", base, models, mps, select_topk=0.3))
+    assert torch.equal(out, ref)
+    assert kernel.misses == 1
+    if records == "plenty":
+        assert stages == [sce.WINDOW, sce.TOP16, sce.WINDOW]
+    else:
+        assert stages == [sce.WINDOW, sce.TOP16, sce.LOW, sce.WEIGHTS]
+    assert 0 < kernel._quota0  # the boundary splits a group of tied variances
 
 
 @pytest.mark.parametrize("compiled", [True, False])

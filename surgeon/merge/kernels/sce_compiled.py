@@ -151,6 +151,59 @@ def _kernels(jit: Any) -> Any:
                 sq_above[i] += lanes[i].sum()
 
     @jit
+    def window_pass(b_all, ms, lo, span, counts, sq_above, rec_bits, rec_sq):  # pragma: no cover - compiled
+        # counts[0] += entries of non-zero variance; counts[1] += entries whose variance's pattern is
+        # above the window [lo, lo + span] (uint32 patterns order like the non-negative variances),
+        # and sq_above[i] += model i's float32 squares of those, in float64 (one running sum per
+        # chunk lane); each entry inside the window appends its pattern and every model's square
+        # at slot counts[2], in flat order (past the last slot they overwrite it, while counts[2]
+        # goes on counting: the caller sees the overflow). Inside entries are ~1 % of the tensor:
+        # flags in a vectorised loop, then only the 8-entry words with a flag are visited.
+        nm = len(ms)
+        n = b_all.shape[0]
+        b, m, d, var = _scratch(nm)
+        bits = var.view(np.uint32)
+        flag = np.zeros(_CH, np.uint8)
+        words = flag.view(np.uint64)  # _CH is a multiple of 8
+        lanes = np.zeros((nm, _CH), np.float64)
+        zero = np.float32(0.0)
+        hi = lo + span
+        nonzero = 0
+        above = 0
+        c = counts[2]
+        last = rec_bits.shape[0] - 1
+        for s in range(0, n, _CH):
+            e = min(n, s + _CH)
+            k = e - s
+            _variance_chunk(b_all, ms, s, e, b, m, d, var)
+            for j in range(k):
+                x = bits[j]
+                nonzero += 1 if var[j] != zero else 0
+                above += 1 if x > hi else 0
+                flag[j] = 1 if np.uint32(x - lo) <= span else 0  # modulo 2^32: also 0 below lo
+            for j in range(k, _CH):  # the last chunk of a piece: no flags past its end
+                flag[j] = 0
+            for i in range(nm):
+                row = d[i]
+                lane = lanes[i]
+                for j in range(k):
+                    x = row[j] * row[j]
+                    lane[j] += np.float64(x) if bits[j] > hi else np.float64(0.0)
+            for q in range(_CH // 8):
+                if words[q] != 0:
+                    for j in range(8 * q, 8 * q + 8):
+                        slot = min(c, last)
+                        rec_bits[slot] = bits[j]
+                        for i in range(nm):
+                            rec_sq[i, slot] = d[i, j] * d[i, j]
+                        c += flag[j]
+        counts[0] += nonzero
+        counts[1] += above
+        counts[2] = c
+        for i in range(nm):
+            sq_above[i] += lanes[i].sum()
+
+    @jit
     def square_sums(b_all, ms, keep_all, t, quota, sq):  # pragma: no cover - compiled
         # sq[i] += sum of the float32 squares of model i's selected task vector, in float64 (one
         # running sum per chunk lane, added up at the end); returns the tie quota left
@@ -224,7 +277,8 @@ def _kernels(jit: Any) -> Any:
         state[0] = quota
         return _raw.all_finite(chk)
 
-    return SimpleNamespace(histograms=histograms, square_sums=square_sums, erase_mix=erase_mix)
+    return SimpleNamespace(histograms=histograms, window_pass=window_pass, square_sums=square_sums,
+                           erase_mix=erase_mix)
 
 
 def available() -> bool:
@@ -241,6 +295,17 @@ def histograms(base: np.ndarray, models: tuple[np.ndarray, ...], low_pass: bool,
     if sq_above is None or sq_low is None:
         sq_above, sq_low = np.zeros(len(models)), np.zeros((len(models), 1))
     _kernels().histograms(base, models, low_pass, np.uint32(bucket), hist, counts, sq_above, sq_low)
+
+
+def window_pass(base: np.ndarray, models: tuple[np.ndarray, ...], lo: int, span: int, counts: np.ndarray,
+                sq_above: np.ndarray, rec_bits: np.ndarray, rec_sq: np.ndarray) -> None:
+    """One piece of a window pass (:class:`surgeon.merge.kernels.sce.SceKernel`): ``counts`` (int64 [3])
+    gets the entries of non-zero variance, those above the window of patterns ``[lo, lo + span]``
+    and the running count of those inside; ``sq_above`` (float64 [models]) each model's squares
+    above the window; ``rec_bits`` (uint32 [capacity + 1]) and ``rec_sq`` (float32
+    [models, capacity + 1]) the inside entries' patterns and squares, in flat order (the last
+    slot is a spare that writes past the capacity go to)."""
+    _kernels().window_pass(base, models, np.uint32(lo), np.uint32(span), counts, sq_above, rec_bits, rec_sq)
 
 
 def square_sums(base: np.ndarray, models: tuple[np.ndarray, ...], keep_all: bool, t: float, quota: int,
