@@ -24,6 +24,21 @@ def test_importing_surgeon_writes_nothing_to_the_environment() -> None:
     assert out.stdout.strip() == "None"
 
 
+def test_importing_surgeon_and_numba_leaves_the_cycle_collector_as_it_found_it() -> None:
+    """The imports run with the collector off (they only create objects that live on), then
+    restore it: on when it was on, off when the caller had turned it off, with numba too."""
+    code = ("import gc, sys\n"
+            "gc.disable() if sys.argv[1] == 'off' else None\n"
+            "import surgeon\n"
+            "from surgeon.merge.kernels._jit import numba_module\n"
+            "numba_module()\n"
+            "print(gc.isenabled(), 'numba' in sys.modules)")
+    for state, want in (("on", "True True"), ("off", "False True")):
+        out = subprocess.run([sys.executable, "-c", code, state], capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if k != "SURGEON_NO_NUMBA"})
+        assert out.stdout.strip() == want
+
+
 def test_every_surgeon_variable_is_read_in_settings_only() -> None:
     """Other modules ask :func:`surgeon.settings.current`; the variables are documented there."""
     pattern = re.compile(r"""environ(?:\.get)?\s*[\[(]\s*["'](SURGEON_\w+)""")
