@@ -60,12 +60,15 @@ def _kernels(jit: Any) -> Any:
             e = min(n, s + ch)
             k = e - s
             _raw.load(b_all[s:e], b)
+            held = -1  # the model whose deltas d holds: consecutive series of one model (breadcrumbs' two cuts) share them
             for t in range(sel.shape[0]):
                 if kind[t] == 0:
                     continue
-                _raw.load(ms[sel[t]][s:e], m)
-                for j in range(k):
-                    d[j] = abs(m[j] - b[j])
+                if sel[t] != held:
+                    held = sel[t]
+                    _raw.load(ms[held][s:e], m)
+                    for j in range(k):
+                        d[j] = abs(m[j] - b[j])
                 if kind[t] == 1:
                     h = top[t]
                     for j in range(k):
