@@ -80,7 +80,7 @@ def test_readers_that_are_not_plain_files_are_not_mapped(ckpt) -> None:
 
 
 def test_released_pages_leave_the_resident_set(ckpt) -> None:
-    """The view's pages are resident once mapped (filled in by the reader) and
+    """The view's pages are resident once read through it and
     leave the process's resident set when released: a merge's RSS holds only the
     pieces in flight, as with read buffers."""
     folder, _ = ckpt
@@ -96,7 +96,7 @@ def test_released_pages_leave_the_resident_set(ckpt) -> None:
 
 
 def test_a_part_read_hands_back_the_folios_it_touched(ckpt) -> None:
-    """An unpopulated view maps only what is read (however large the page cache's folios make
+    """A view maps only what is read (however large the page cache's folios make
     that); releasing the part read drops every page the read mapped, whole 2 MiB blocks round it
     included, and the view's values stay readable."""
     folder, tensors = ckpt
@@ -104,7 +104,7 @@ def test_a_part_read_hands_back_the_folios_it_touched(ckpt) -> None:
     flat = tensors["big"].reshape(-1)
     assert torch.equal(flat[:8], flat[:8])  # torch's first-use allocations, before measuring
     before = _rss_file()
-    t, release = ck.map_rows("big", 0, 4096, populate=False)
+    t, release = ck.map_rows("big", 0, 4096)
     t = t.reshape(-1)
     assert _rss_file() - before < 2**20  # nothing mapped yet (the 16 MiB were not filled in)
     parts = [(r * 4096, r * 4096 + 4096) for r in range(0, 4096, 512)]  # 8 reads of one row, 2 MiB apart

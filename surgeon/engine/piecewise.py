@@ -13,8 +13,8 @@ per input, whatever the size of the model or of its largest tensor (the
 embedding matrix of a large vocabulary used to dominate).
 
 Read-ahead: reader threads fetch the next pieces (bounded in count and in
-bytes; a mapped piece's pages are filled in by the reader, so the compute
-thread does not fault) while the current one is merged; one-piece tensors
+bytes; a mapped piece's pages fault in as the compute thread reads them:
+:mod:`surgeon.io.mapped`) while the current one is merged; one-piece tensors
 are merged side by side on compute threads and each cut tensor on a lane of
 its own beside them (:class:`_Schedule`); a background thread writes finished
 pieces (from a pool of output buffers the writer hands back). A kernel that

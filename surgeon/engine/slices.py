@@ -71,8 +71,8 @@ class SliceView(Checkpoint):
     def get_rows(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.source.get_rows(self.name_map[name], *args, **kwargs)
 
-    def map_rows(self, name: str, start: int, stop: int, populate: bool = True) -> Any:
-        return self.source.map_rows(self.name_map[name], start, stop, populate)
+    def map_rows(self, name: str, start: int, stop: int) -> Any:
+        return self.source.map_rows(self.name_map[name], start, stop)
 
     def close(self) -> None:  # the source's files belong to the source
         pass

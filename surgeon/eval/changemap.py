@@ -121,7 +121,7 @@ class _Rows:
         self.release: Any = None
         map_rows = getattr(ck, "map_rows", None)
         if shape and map_rows is not None and stop > start:
-            mapped = map_rows(name, start, stop, populate=False)
+            mapped = map_rows(name, start, stop)
             if mapped is not None:
                 view, self.release = mapped
                 self.raw = _raw_numpy(view.reshape(-1))

@@ -218,13 +218,12 @@ class Checkpoint:
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         return info.offset + start * row_bytes, (stop - start) * row_bytes, shape
 
-    def map_rows(self, name: str, start: int, stop: int,
-                 populate: bool = True) -> tuple[torch.Tensor, Release] | None:
+    def map_rows(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, Release] | None:
         """Rows ``[start, stop)`` as :meth:`get_rows` gives them, but viewing
         the file's cached pages instead of a copy (:mod:`surgeon.io.mapped`),
         with the :class:`~surgeon.io.mapped.Release` that hands those pages back
-        once the caller is done with the rows (the view stays readable after).
-        ``populate``: map every page now (False: pages map as they are read).
+        once the caller is done with the rows (the view stays readable after);
+        pages map as they are read.
         None where a view does not apply (pickled weights, a reader that
         overrides how bytes are read, a range a mapping cannot serve): read
         with :meth:`get_rows` then."""
@@ -233,7 +232,7 @@ class Checkpoint:
                 or type(self).get_rows is not Checkpoint.get_rows or type(self)._read_bytes is not Checkpoint._read_bytes):
             return None
         offset, nbytes, shape = self._row_bytes(info, start, stop)
-        mapped = self._maps.view(info.file, self._fd(info), offset, nbytes, info.dtype.itemsize, populate)
+        mapped = self._maps.view(info.file, self._fd(info), offset, nbytes, info.dtype.itemsize)
         if mapped is None:
             return None
         t, release = mapped

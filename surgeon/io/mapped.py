@@ -14,6 +14,15 @@ once its piece is merged: the pages stay in the page cache, and RSS holds
 only the pieces in flight, as with read buffers. Dropping is always safe:
 a view used afterwards faults the same bytes back in.
 
+Faults, not populating. The thread that computes on a view faults its pages
+in as it reads them (the kernel maps a fault's neighbours with it, and whole
+large folios; on a cold file its read-ahead follows the sequential faults).
+Filling the page tables ahead on the reader thread (``MADV_POPULATE_READ``,
+as this module did) walked them a page at a time and held every prefetched
+piece's pages mapped at once: on the 1.1B family's TIES merge, alternating
+runs gave 12.7 -> 11.8 s wall and peak RSS 0.98 -> 0.79 GB without it (linear
+and DARE-TIES alike), and no slower with a cold page cache.
+
 Lifetimes. A file is mapped once (``MAP_PRIVATE``, readable and writable so
 that torch and numba see ordinary writable arrays; a write would only
 change a private copy, never the file) and unmapped when the last view of
@@ -37,8 +46,6 @@ from typing import Protocol
 
 import torch
 
-#: Linux 5.14+: fill the range's page-table entries now (reading from disk if needed)
-_MADV_POPULATE_READ = 22
 _PAGE = mmap.PAGESIZE
 #: the largest page-cache folio (a PMD: 2 MiB on x86-64 and arm64 with 4 KiB pages). A fault
 #: maps the whole folio it falls in, so reading a few KB of a file cached in large folios maps
@@ -74,15 +81,12 @@ class FileMaps:
                     self._maps[file] = None
             return self._maps[file]
 
-    def view(self, file: Path, fd: int, offset: int, nbytes: int, align: int,
-             populate: bool = True) -> tuple[torch.Tensor, Release] | None:
+    def view(self, file: Path, fd: int, offset: int, nbytes: int, align: int) -> tuple[torch.Tensor, Release] | None:
         """Bytes ``[offset, offset + nbytes)`` of ``file`` (open as ``fd``) as a
         uint8 tensor viewing the mapping, and the :class:`Release` that hands its
         pages back; None where a mapping does not apply (then read the bytes).
-        ``align``: the element size the bytes will be viewed as. ``populate``:
-        fill the page tables now, on the calling thread (a reader), so the
-        thread that computes on the view does not fault (False for a caller
-        that reads a few scattered parts of the range: only those fault in)."""
+        ``align``: the element size the bytes will be viewed as. Pages map as
+        they are read (see "Faults, not populating" above)."""
         if nbytes <= 0 or offset % max(1, align) or not _LINUX:
             return None
         mm = self._mapping(file, fd)
@@ -90,14 +94,6 @@ class FileMaps:
             return None
         lo = offset - offset % _PAGE  # advice starts on a page
         span = offset + nbytes - lo
-        if populate:
-            try:
-                mm.madvise(_MADV_POPULATE_READ, lo, span)
-            except OSError:  # an older kernel: ask for read-ahead; the compute thread faults the pages in
-                try:
-                    mm.madvise(mmap.MADV_WILLNEED, lo, span)
-                except OSError:
-                    pass
         t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
 
         def release(start: int = 0, stop: int | None = None) -> None:
