@@ -1,6 +1,7 @@
 """The sort-free selection helpers agree with a stable sort, ties included."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from surgeon.merge.select.exact import kth_smallest, largest_mask, rank_range_mask, smallest_mask, stable_ranks, stream_kth_smallest
@@ -225,3 +226,20 @@ def test_magnitude_ranks_equal_a_stable_sort_of_magnitudes(monkeypatch) -> None:
     monkeypatch.setenv("SURGEON_NO_NUMBA", "1")
     assert not compiled_available()
     assert torch.equal(magnitude_ranks(ties), _argsort_ranks(ties))
+
+
+def test_order_statistics_equal_a_full_sort_and_leave_the_input_alone() -> None:
+    """One partition per rank, each of the part below the last: the values at the ranks are
+    those of np.sort, for one to three ranks, repeated values and the ends included."""
+    from surgeon.merge.select.stream import order_statistics
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 10, 1000, 65536):
+        for trial in range(20):
+            u = rng.integers(0, 50 if trial % 2 else 2**31, n).astype(np.uint32)
+            ranks = sorted(set(rng.integers(0, n, rng.integers(1, 4)).tolist()) | ({0, n - 1} if trial % 5 == 0 else set()))
+            copy = u.copy()
+            got = order_statistics(u, ranks)
+            srt = np.sort(u)
+            assert got == {r: int(srt[r]) for r in ranks}, (n, ranks)
+            assert np.array_equal(u, copy)

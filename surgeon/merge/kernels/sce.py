@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..arith import elect_sign
-from ..select.stream import SAMPLE, Z, sample_stride
+from ..select.stream import SAMPLE, Z, order_statistics, sample_stride
 from ..tensor import TensorMerge
 from . import sce_compiled
 from ._raw import based_inputs, raw_view
@@ -336,10 +336,9 @@ class SceKernel(Kernel):
         p = min(1.0, max(0.0, 1.0 - p_nz * self.topk + 0.5 / self.n))
         spread = Z * (math.sqrt(m * p * (1 - p)) + self.topk * math.sqrt(m * p_nz * (1 - p_nz))) + 2
         lo_i, hi_i = math.floor(p * m - spread), math.ceil(p * m + spread)
-        ranks = [i for i in (lo_i, hi_i) if 0 <= i < m]
-        part = np.partition(pattern, ranks) if ranks else pattern
-        lo = max(1, int(part[lo_i])) if lo_i >= 0 else 1  # k <= nonzero entries: the k-th largest is not 0
-        hi = int(part[hi_i]) if hi_i < m else 0xFFFFFFFF
+        at = order_statistics(pattern, [i for i in (lo_i, hi_i) if 0 <= i < m])
+        lo = max(1, at[lo_i]) if lo_i >= 0 else 1  # k <= nonzero entries: the k-th largest is not 0
+        hi = at[hi_i] if hi_i < m else 0xFFFFFFFF
         if hi < lo:
             return
         share = float(((pattern >= lo) & (pattern <= hi)).sum()) / m

