@@ -9,15 +9,16 @@ copied rows are identical.
 
     .venv/bin/python scripts/bench_transplant.py                       # Gemma-3-270M onto SmolLM2's tokenizer
     .venv/bin/python scripts/bench_transplant.py --base zoo/bpe-base --donor zoo/sp-base
-    .venv/bin/python scripts/bench_transplant.py --screen none --screen 256 --eval-chars 0
+    .venv/bin/python scripts/bench_transplant.py --screen none --screen 256 --screen 128/4 --eval-chars 0
 
 Defaults use the real models of scripts/get_real_models.py. ``--screen`` may be
 repeated: each value is one surgeon run (``auto`` = the default, ``none`` = exact
-OMP, or a candidate count); default: ``auto`` and ``none``. Results are printed
-as a table and written as JSON (``--json``). Every output is scored in bits per
-byte on the first ``--eval-chars`` characters of each ``--text`` (default: the
-zoo's held-out WikiText-2 slice, tinyshakespeare, and Python source from this
-interpreter's standard library): the texts differ in how they write newlines,
+OMP, ``N`` candidates, or ``N/S``: N candidates re-ranked every S picks); default:
+``auto`` and ``none``. Results are printed as a table and written as JSON
+(``--json``). Every output is scored in bits per byte on the first
+``--eval-chars`` characters of each ``--text`` (default: the zoo's held-out
+WikiText-2 slice, tinyshakespeare, and Python source from this interpreter's
+standard library): the texts differ in how they write newlines,
 which matters (docs/transplant.md). Wall time depends on what else the machine
 runs; CPU time (user + system of the child) is the steadier comparison on a
 shared machine.
@@ -92,10 +93,18 @@ SURGEON_CHILD = r"""
 import json, sys
 from surgeon.transplant import transplant
 a = json.loads(sys.argv[1])
-rep = transplant(a["base"], a["donor"], a["out"], method="omp", k=a["k"], screen=a["screen"],
+extra = {"refresh": a["refresh"]} if a.get("refresh") is not None else {}
+rep = transplant(a["base"], a["donor"], a["out"], method="omp", k=a["k"], screen=a["screen"], **extra,
                  batch_size=a["batch_size"], device=a["device"], overwrite=True, progress=False)
 json.dump(rep, open(a["report"], "w"))
 """
+
+
+def parse_screen(text: str) -> tuple[int | str | None, int | None]:
+    """One ``--screen`` value: ``none`` (exact), ``auto``, ``N`` or ``N/S`` -> (screen, refresh or None)."""
+    head, _, tail = text.lower().partition("/")
+    screen = None if head == "none" else "auto" if head == "auto" else int(head)
+    return screen, (int(tail) if tail else None)
 
 
 def run_child(cmd: list[str], log: Path, threads: int | None) -> dict:
@@ -186,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--donor", type=Path, default=real / "smollm2-135m-instruct")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--screen", action="append", default=None,
-                    help="surgeon candidate screening per run ('auto' = the default, 'none' = exact, or N; "
-                         "repeatable; default: auto and none)")
+                    help="surgeon candidate screening per run ('auto' = the default, 'none' = exact, N, or N/S: "
+                         "N candidates re-ranked every S picks; repeatable; default: auto and none)")
     ap.add_argument("--batch-size", type=int, default=512, help="tokens per batch for both tools")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for both children")
@@ -209,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (p / "config.json").is_file():
             raise SystemExit(f"{p}: not a model folder (run scripts/get_real_models.py for the default models)")
     texts = args.text or [p for p in DEFAULT_TEXTS if p.is_file()]
-    screens = [None if s.lower() == "none" else ("auto" if s.lower() == "auto" else int(s))
-               for s in (args.screen or ["auto", "none"])]
+    runs = [parse_screen(s) for s in (args.screen or ["auto", "none"])]
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-transplant-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -219,11 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     new_ids: list[int] = []
     if not args.text and args.eval_chars:
         texts.append(stdlib_text(work))
-    for screen in screens:
-        label = "surgeon" + (" exact" if screen is None else " default" if screen == "auto" else f" screen={screen}")
-        out = work / f"surgeon-{screen or 'exact'}"
-        rep_path = work / f"surgeon-{screen or 'exact'}.json"
+    for screen, refresh in runs:
+        name = f"{screen or 'exact'}" + (f"-{refresh}" if refresh is not None else "")
+        label = "surgeon" + (" exact" if screen is None else " default" if screen == "auto" else f" screen={screen}") \
+            + (f" refresh={refresh}" if refresh is not None else "")
+        out = work / f"surgeon-{name}"
+        rep_path = work / f"surgeon-{name}.json"
         spec = {"base": str(args.base), "donor": str(args.donor), "out": str(out), "k": args.k, "screen": screen,
+                "refresh": refresh,
                 "batch_size": args.batch_size, "device": args.device, "report": str(rep_path)}
         prior = json.loads(args.prior.read_text())["runs"].get(label) if args.prior else None
         if prior and prior.get("ok") and out.is_dir() and rep_path.is_file():

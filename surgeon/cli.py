@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--screen", type=_screen_arg, default="auto",
                    help="OMP candidates per new token: N (its N nearest shared tokens, re-ranked every 8 picks), "
-                   "'auto' (default: exact when cheap, else 128 - several times faster than exact at the same "
-                   "bits per byte, see docs/transplant.md) or 'none' (exact OMP over all shared tokens)")
+                   "'auto' (default: exact when cheap, else 128 - about 4x less CPU than exact, up to 0.016 bits "
+                   "per byte worse on the two real pairs measured, see docs/transplant.md) or 'none' "
+                   "(exact OMP over all shared tokens)")
     g.add_argument("--exact", action="store_true", help="exact OMP over all shared tokens (same as --screen none)")
     p.add_argument("--batch-size", type=int, default=512, help="new tokens solved at once")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1")

@@ -108,3 +108,21 @@ def test_real_gemma_onto_smollm2_tokenizer(tmp_path):
     ids = torch.cat([torch.tensor([[model.config.bos_token_id]]), ids], 1)
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 3
+
+
+# ----------------------------------------------------------------------------- the real-model fetcher
+def test_get_real_models_fetches_the_bench_only_model_on_request(monkeypatch):
+    """The tests' fetch (no arguments, run by scripts/test.sh) takes SmolLM2 and Gemma only; Qwen2.5-Coder
+    (491 MB, the transplant bench's second pair) comes only with --only qwen-coder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("get_real_models", ROOT / "scripts" / "get_real_models.py")
+    grm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grm)
+    fetched: list[str] = []
+    monkeypatch.setattr(grm, "fetch", lambda key, *a, **kw: fetched.append(key))
+    assert grm.main([]) == 0 and fetched == ["smollm2", "gemma3"]
+    fetched.clear()
+    assert grm.main(["--only", "qwen-coder"]) == 0 and fetched == ["qwen-coder"]
+    spec_q = grm.MODELS["qwen-coder"]
+    assert len(spec_q["wheels"]) == len(spec_q["parts"]) == 6
