@@ -238,6 +238,19 @@ def test_write_rows_in_any_order_and_journal_on_completion(tmp_path: Path) -> No
 # ---------------------------------------------------------------------------
 # The compiled counting loops behind exact selection (numba on CPU) against bincount.
 
+def _record_stages(kernel) -> list[str | None]:
+    """Wrap ``kernel.end_pass`` so that the returned list gains the kernel's stage at each pass's end."""
+    stages: list[str | None] = []
+    end_pass = kernel.end_pass
+
+    def record_and_end(pass_no: int) -> None:
+        stages.append(kernel._stage)
+        end_pass(pass_no)
+
+    kernel.end_pass = record_and_end
+    return stages
+
+
 def _adversarial_magnitudes(n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     v = (torch.randn(n, generator=g) * 0.02).abs()
@@ -477,14 +490,7 @@ def test_sce_kernel_keeps_the_first_tied_entries_and_needs_the_weights_pass_only
     mps = [{}, {}, {}]
     meta = TensorMerge.header("model.layers.0.mlp.up_proj.weight", (n,), mps, {"select_topk": topk}, True)
     kernel = SceKernel(meta)
-    stages: list[str | None] = []
-    end_pass = kernel.end_pass
-
-    def record_and_end(pass_no: int) -> None:
-        stages.append(kernel._stage)
-        end_pass(pass_no)
-
-    kernel.end_pass = record_and_end  # type: ignore[method-assign]
+    stages = _record_stages(kernel)
     out = run_in_memory(kernel, meta, base, models)
     ref = get_method("sce").fn(build_merge("sce", base, models, mps, select_topk=topk))
     assert torch.equal(out.to(dtype), ref.to(dtype))
@@ -523,14 +529,7 @@ def test_sce_kernel_after_a_missed_window_finds_the_threshold_from_its_bucket(re
             monkeypatch.setattr(sce, "MAX_RECORDS", 0)
 
     kernel._bracket = misplaced  # type: ignore[method-assign]
-    stages: list[str | None] = []
-    end_pass = kernel.end_pass
-
-    def record_and_end(pass_no: int) -> None:
-        stages.append(kernel._stage)
-        end_pass(pass_no)
-
-    kernel.end_pass = record_and_end  # type: ignore[method-assign]
+    stages = _record_stages(kernel)
     out = run_in_memory(kernel, meta, base, models)
     ref = get_method("sce").fn(build_merge("sce", base, models, mps, select_topk=0.3))
     assert torch.equal(out, ref)
