@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidInputError
+from .products import DictionaryProducts, blas_threads
 
 _DEP_TOL = 1e-5  # relative: a new atom whose fresh part has less than this share of its norm^2 is dependent
 
@@ -112,21 +113,40 @@ def relative_residuals(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # rank-one step per pick: alpha -= (A q_t) z_t. Only the new direction's
 # correlations A q_t are computed per step; earlier ones never change. At the
 # end L^T x = z gives the least-squares coefficients on the picked atoms,
-# exactly the OMP solution (no triangular solve inside the loop).
+# exactly the OMP solution (no triangular solve inside the loop). On CPU the
+# residual r itself is kept instead (r -= q_t z_t) and A r recomputed per pick,
+# block by block (:mod:`surgeon.transplant.products`): the same product count.
 
 
 def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
-              residuals: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              residuals: Optional[torch.Tensor] = None,
+              products: Optional[DictionaryProducts] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP of each row of ``targets`` over all atoms of ``dictionary``.
 
     Returns ``(indices, coeffs)``, both B x k: the atoms in the order picked and
     their least-squares coefficients (0 for slots after an early stop).
     ``residuals`` (B x k, optional) receives :func:`relative_residuals`: the
-    fit's relative error after each pick.
+    fit's relative error after each pick. ``products``: the dictionary's
+    :class:`~surgeon.transplant.products.DictionaryProducts`, when the caller
+    keeps one across batches.
+
+    On CPU each pick correlates the residual itself with every atom
+    (:func:`_omp_exact_blocked`); elsewhere the correlations are held and
+    updated by one rank-one product per pick (:func:`_omp_exact_held`). The
+    two are the same pursuit with the same products, rounded differently.
     """
     _check(targets, dictionary, k)
     y = targets.float()
     A = dictionary.float()
+    if y.device.type == "cpu":
+        return _omp_exact_blocked(y, A, k, residuals, products or DictionaryProducts(A))
+    return _omp_exact_held(y, A, k, residuals)
+
+
+def _omp_exact_held(y: torch.Tensor, A: torch.Tensor, k: int,
+                    residuals: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`omp_exact` with the B x N correlations held and updated by one rank-one
+    product per pick, the picked atoms' set to exactly 0 (torch's products, any device)."""
     B, D = y.shape
     dev = y.device
     ar = torch.arange(B, device=dev)
@@ -163,19 +183,68 @@ def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
     return idx, _coefficients(L, z)
 
 
+def _omp_exact_blocked(y: torch.Tensor, A: torch.Tensor, k: int, residuals: Optional[torch.Tensor],
+                       products: DictionaryProducts) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`omp_exact` on CPU: the residuals ``r`` are kept (B x D) and each pick is the
+    atom of largest ``|<a, r>|``, searched block by block (:class:`DictionaryProducts`)
+    without holding the B x N correlations. The picked atoms' correlations are 0 up to
+    rounding; a target whose search lands on one of them all the same (its residual is
+    orthogonal to the dictionary, up to rounding) is searched again over the whole
+    dictionary with those atoms at exactly 0, as the held correlations are."""
+    B, D = y.shape
+    dev = y.device
+    norms2 = (A * A).sum(1)
+    idx = torch.zeros(B, k, dtype=torch.long, device=dev)
+    L = torch.zeros(B, k, k, dtype=y.dtype, device=dev)
+    Q = torch.zeros(B, k, D, dtype=y.dtype, device=dev)
+    z = torch.zeros(B, k, dtype=y.dtype, device=dev)
+    live = torch.ones(B, dtype=torch.bool, device=dev)
+    r = y.clone()
+    with _threads(1, dev):  # the products run on the BLAS's threads; the rest is small
+        for t in range(k):
+            j = products.argmax_abs(r)
+            if t:
+                again = torch.nonzero((j.unsqueeze(1) == idx[:, :t]).any(1)).squeeze(1)
+                if again.numel():
+                    full = r[again] @ A.T
+                    full.scatter_(1, idx[again, :t], 0.0)
+                    j[again] = full.abs_().argmax(1)
+            idx[:, t] = j
+            a = A[j]  # B x D
+            w = torch.bmm(Q[:, :t], a.unsqueeze(-1)).squeeze(-1) if t else None  # B x t
+            d, live = _new_direction(w, norms2[j], live)
+            q = a - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1) if t else a
+            q = q * torch.where(live, 1.0 / d, torch.zeros_like(d)).unsqueeze(1)
+            Q[:, t] = q
+            if t:
+                L[:, t, :t] = w * live.unsqueeze(1)
+            L[:, t, t] = d
+            zt = (q * r).sum(1)  # <q_t, r> = <a_j, r> / d; 0 where the pursuit ended
+            z[:, t] = zt
+            r.sub_(q * zt.unsqueeze(1))
+    if residuals is not None:
+        residuals.copy_(relative_residuals(y, z))
+    return idx, _coefficients(L, z)
+
+
 def screen_candidates(targets: torch.Tensor, dictionary: torch.Tensor, m: int,
-                      dict_normed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Indices (B x m) of each target's m atoms with the largest |cosine similarity|."""
-    if dict_normed is None:
-        dict_normed = torch.nn.functional.normalize(dictionary.float(), dim=1)
-    yn = torch.nn.functional.normalize(targets.float(), dim=1)
-    sims = (yn @ dict_normed.T).abs_()
-    return sims.topk(min(m, dictionary.shape[0]), dim=1, sorted=True).indices
+                      cosines: Optional[DictionaryProducts] = None) -> torch.Tensor:
+    """Indices (B x m, not in order) of each target's m atoms with the largest |cosine similarity|.
+
+    ``cosines``: :func:`cosine_products` of ``dictionary``, when the caller keeps one across batches."""
+    if cosines is None:
+        cosines = cosine_products(dictionary.float())
+    return cosines.top_abs(torch.nn.functional.normalize(targets.float(), dim=1), m)
+
+
+def cosine_products(dictionary: torch.Tensor) -> DictionaryProducts:
+    """Products with the atoms scaled to unit norm (a zero atom's stay 0): with unit rows, cosines."""
+    return DictionaryProducts(dictionary, scale=1.0 / dictionary.norm(dim=1).clamp_min(1e-12))
 
 
 def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candidates: torch.Tensor, *,
-                 refresh: int = 0, gram: Optional[bool] = None,
-                 residuals: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 refresh: int = 0, gram: Optional[bool] = None, residuals: Optional[torch.Tensor] = None,
+                 products: Optional[DictionaryProducts] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP of each target restricted to its own M candidate atoms (``candidates``: B x M indices).
 
     ``refresh=s`` (> 0) replaces each target's candidates every s steps by the
@@ -187,7 +256,9 @@ def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candid
     M x M Gram matrix (``gram=True``, one batched product per candidate set;
     the default for M <= 512) or from the gathered candidates each step
     (``gram=False``). With candidates covering the whole dictionary this is
-    exact OMP. ``residuals`` (B x k, optional) receives :func:`relative_residuals`.
+    exact OMP. ``residuals`` (B x k, optional) receives :func:`relative_residuals`;
+    ``products``: the dictionary's :class:`~surgeon.transplant.products.DictionaryProducts`
+    for the re-rankings, when the caller keeps one across batches.
     """
     _check(targets, dictionary, k)
     y = targets.float()
@@ -198,6 +269,8 @@ def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candid
         raise InvalidInputError(f"OMP: k={k} atoms requested from {M} screened candidates; raise screen to at least k")
     if gram is None:
         gram = M <= 512
+    if refresh and products is None:
+        products = DictionaryProducts(A)
     dev = y.device
     ar = torch.arange(B, device=dev)
     norms2 = (A * A).sum(1)
@@ -214,10 +287,9 @@ def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candid
         if t == 0 or (refresh and t % refresh == 0):
             if t:  # re-rank: the M atoms most correlated with the residual
                 r = y - torch.bmm(z[:, :t].unsqueeze(1), Q[:, :t]).squeeze(1)
-                full = (r @ A.T).abs_()  # in place: no second vocabulary-wide buffer
-                full.scatter_(1, idx[:, :t], 0.0)
-                cand = full.topk(M, dim=1, sorted=False).indices
-                del full
+                # the picked atoms' correlations are 0 up to rounding: they rank last, and
+                # where they come back (a residual orthogonal to nearly every atom) they are taken
+                cand = products.top_abs(r, M)
             C = A[cand]  # B x M x D
             # signed correlations of the candidates with the residual (y at t = 0)
             alpha = torch.bmm(C, (y if t == 0 else r).unsqueeze(-1)).squeeze(-1)
@@ -359,19 +431,20 @@ def batch_omp(
     n = targets.shape[0]
     use_screen = screen is not None and screen < A.shape[0]
     bs = batch_size or auto_batch_size(A.shape[0], A.shape[1], k, screen if use_screen else None)
-    An = torch.nn.functional.normalize(A, dim=1) if use_screen else None
+    products = DictionaryProducts(A) if refresh or not use_screen else None
+    cosines = cosine_products(A) if use_screen else None
     out_idx = torch.zeros(n, k, dtype=torch.long)
     out_coef = torch.zeros(n, k, dtype=torch.float32)
     steps = math.ceil(n / bs) if n else 0
-    with torch.inference_mode():
+    with torch.inference_mode(), blas_threads(torch.get_num_threads()):
         for s in tqdm(range(steps), desc=desc, unit="batch", disable=not progress, leave=False):
             y = targets[s * bs:(s + 1) * bs].to(dev, torch.float32)
             res = torch.empty(len(y), k, device=dev) if residuals is not None else None
             if use_screen:
-                cand = screen_candidates(y, A, screen, An)
-                i, c = omp_screened(y, A, k, cand, refresh=refresh, residuals=res)
+                cand = screen_candidates(y, A, screen, cosines)
+                i, c = omp_screened(y, A, k, cand, refresh=refresh, residuals=res, products=products)
             else:
-                i, c = omp_exact(y, A, k, residuals=res)
+                i, c = omp_exact(y, A, k, residuals=res, products=products)
             if res is not None:
                 residuals[s * bs:s * bs + len(y)] = res.cpu()
             out_idx[s * bs:s * bs + len(y)] = i.cpu()
