@@ -92,3 +92,11 @@ def test_blas_threads_limits_numpys_blas():
     with blas_threads(1):
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == [p["num_threads"] for p in blas]
+
+
+def test_scaled_products_share_the_atoms(small_blocks):
+    x, A = _pair(5)
+    plain = DictionaryProducts(A)
+    cos = omp.cosine_products(A, plain)
+    assert cos.at is plain.at and plain.scale is None
+    assert torch.equal(cos.top_abs(x, 9).sort(1).values, omp.cosine_products(A).top_abs(x, 9).sort(1).values)

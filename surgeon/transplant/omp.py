@@ -237,9 +237,11 @@ def screen_candidates(targets: torch.Tensor, dictionary: torch.Tensor, m: int,
     return cosines.top_abs(torch.nn.functional.normalize(targets.float(), dim=1), m)
 
 
-def cosine_products(dictionary: torch.Tensor) -> DictionaryProducts:
-    """Products with the atoms scaled to unit norm (a zero atom's stay 0): with unit rows, cosines."""
-    return DictionaryProducts(dictionary, scale=1.0 / dictionary.norm(dim=1).clamp_min(1e-12))
+def cosine_products(dictionary: torch.Tensor, products: Optional[DictionaryProducts] = None) -> DictionaryProducts:
+    """Products with the atoms scaled to unit norm (a zero atom's stay 0): with unit rows, cosines.
+    ``products``: the dictionary's plain products, whose copy of the atoms is then shared."""
+    scale = 1.0 / dictionary.norm(dim=1).clamp_min(1e-12)
+    return products.scaled(scale) if products is not None else DictionaryProducts(dictionary, scale=scale)
 
 
 def omp_screened(targets: torch.Tensor, dictionary: torch.Tensor, k: int, candidates: torch.Tensor, *,
@@ -431,8 +433,8 @@ def batch_omp(
     n = targets.shape[0]
     use_screen = screen is not None and screen < A.shape[0]
     bs = batch_size or auto_batch_size(A.shape[0], A.shape[1], k, screen if use_screen else None)
-    products = DictionaryProducts(A) if refresh or not use_screen else None
-    cosines = cosine_products(A) if use_screen else None
+    products = DictionaryProducts(A)
+    cosines = cosine_products(A, products) if use_screen else None
     out_idx = torch.zeros(n, k, dtype=torch.long)
     out_coef = torch.zeros(n, k, dtype=torch.float32)
     steps = math.ceil(n / bs) if n else 0

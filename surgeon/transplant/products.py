@@ -4,10 +4,11 @@ Nearly all of OMP's arithmetic is ``x @ A.T`` for a batch ``x`` (B x D) and the
 whole dictionary ``A`` (N x D), followed by a search of the B x N result for
 each row's largest ``|product|`` (exact OMP's pick) or its ``m`` largest
 (screening). :class:`DictionaryProducts` does both without forming the B x N
-result: on CPU it runs the products through numpy's BLAS one block of
-:data:`BLOCK` atoms at a time and searches each block while it is in the
-cache; on other devices (CUDA) it uses torch's products on the whole
-dictionary.
+result where it can: on CPU the largest ``|product|`` is searched one block of
+:data:`BLOCK` atoms at a time while the block is in the cache, the ``m``
+largest in one product with the whole dictionary (a top-k over whole rows is
+cheaper than over blocks); products run through numpy's BLAS. On other
+devices (CUDA): torch's products on the whole dictionary.
 
 Why numpy's BLAS on CPU: on the development VM's AMD EPYC (AVX-512, 2 cores)
 numpy's float32 GEMM (OpenBLAS, as numpy's wheels ship it) ran a (512 x 576)
@@ -44,7 +45,7 @@ class DictionaryProducts:
 
     ``scale`` (N, optional) multiplies atom j's products by ``scale[j]`` before
     they are compared (the screen's cosines: ``1 / |a_j|``). Ties between equal
-    magnitudes go to the lower atom index. Inputs are float32 on the
+    magnitudes go to the lower atom index in :meth:`argmax_abs`. Inputs are float32 on the
     dictionary's device; results are on that device.
     """
 
@@ -52,14 +53,30 @@ class DictionaryProducts:
         self.n = atoms.shape[0]
         self.scale = scale
         self.on_cpu = atoms.device.type == "cpu"
+        self._whole_buf: Optional[torch.Tensor] = None
         if self.on_cpu:
-            at = atoms.float().numpy().T  # D x N view
-            self.blocks = [(s, np.ascontiguousarray(at[:, s:s + BLOCK])) for s in range(0, self.n, BLOCK)]
+            self.at = np.ascontiguousarray(atoms.float().numpy().T)  # D x N
+            self.blocks = [(s, self.at[:, s:s + BLOCK]) for s in range(0, self.n, BLOCK)]  # views, BLAS-ready
         else:
             self.atoms_t = atoms.float().T
 
+    def scaled(self, scale: torch.Tensor) -> "DictionaryProducts":
+        """The same products with atom j's multiplied by ``scale[j]``, sharing this one's copy of the atoms."""
+        other = object.__new__(DictionaryProducts)
+        other.__dict__.update(self.__dict__)
+        other.scale, other._whole_buf = scale, None
+        return other
+
     def _whole(self, x: torch.Tensor) -> torch.Tensor:
-        out = (x @ self.atoms_t).abs_()
+        """|x @ A.T| (B x N), scaled; on CPU in a buffer the next call overwrites."""
+        if self.on_cpu:
+            if self._whole_buf is None or self._whole_buf.shape[0] < x.shape[0]:
+                self._whole_buf = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+            out = self._whole_buf[:x.shape[0]]  # reused: fresh pages cost as much as the top-k
+            np.matmul(np.ascontiguousarray(x.detach().float().numpy()), self.at, out=out.numpy())
+            out.abs_()
+        else:
+            out = (x @ self.atoms_t).abs_()
         return out.mul_(self.scale) if self.scale is not None else out
 
     def _block_products(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -90,13 +107,6 @@ class DictionaryProducts:
     def top_abs(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """For each row of ``x`` (B x D) the indices of the ``m`` atoms with the largest
         ``|<atom, row>|`` (B x m, long, not in order)."""
-        m = min(m, self.n)
-        if not self.on_cpu:
-            return self._whole(x).topk(m, dim=1, sorted=False).indices
-        vals, idx = [], []
-        for s, out in self._block_products(x):
-            v, j = out.topk(min(m, out.shape[1]), dim=1, sorted=False)
-            vals.append(v)
-            idx.append(j + s)
-        v, j = torch.cat(vals, 1), torch.cat(idx, 1)
-        return j.gather(1, v.topk(m, dim=1, sorted=False).indices)
+        # one product with the whole dictionary, then one top-k: torch's top-k over a whole
+        # row (radix selection) costs ~0.04 s for 512 x 39,237, per 4096-atom block ~0.02 s
+        return self._whole(x).topk(min(m, self.n), dim=1, sorted=False).indices
