@@ -319,6 +319,9 @@ class ChangeMapSampler:
                 if self._pending == 0 and self._early is None:  # every planned span is in: draw now
                     self._early = threading.Thread(target=self._draw_early, name="surgeon-changemap", daemon=True)
                     self._early.start()
+                    from ..io.plot import finish_before_exit
+
+                    finish_before_exit(self._early)
         except Exception as exc:  # noqa: BLE001 - the picture is an extra; result() reads the files instead
             self.failure = exc
             with self._lock:

@@ -5,6 +5,7 @@ switch), so drawing never touches a caller's matplotlib state or a display.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import math
 import os
@@ -38,7 +39,7 @@ def preload() -> threading.Thread | None:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
 
-            fig = Figure(figsize=(1, 1), dpi=20)
+            fig = Figure(figsize=(2, 1.5), dpi=20)  # big enough that tight_layout fits it: no warning
             FigureCanvasAgg(fig)
             ax = fig.add_subplot(1, 1, 1)
             image = ax.imshow([[0.0, 1.0]], cmap="viridis")
@@ -53,7 +54,32 @@ def preload() -> threading.Thread | None:
     thread = threading.Thread(target=load, name="surgeon-plot-preload", daemon=True)
     _preloads.append(thread)
     thread.start()
+    finish_before_exit(thread)
     return thread
+
+
+#: drawing threads the process waits for before it exits (:func:`finish_before_exit`)
+_exiting: list[threading.Thread] = []
+
+
+def finish_before_exit(thread: threading.Thread) -> None:
+    """Have the process's exit wait (up to ``EXIT_WAIT_S`` each) for the daemon ``thread``, which
+    draws with matplotlib: a daemon thread still inside matplotlib's C and C++ code while the
+    interpreter tears down aborted the process (an interrupted run exited with SIGABRT or
+    SIGSEGV instead of 130). atexit runs before the teardown, in ``sys.exit`` and in
+    :func:`surgeon.settings.exit_process` alike."""
+    if not _exiting:
+        atexit.register(_wait_for_drawings)
+    _exiting.append(thread)
+
+
+#: seconds the exit waits for one drawing thread (a picture takes about one)
+EXIT_WAIT_S = 10.0
+
+
+def _wait_for_drawings() -> None:
+    while _exiting:
+        _exiting.pop().join(EXIT_WAIT_S)
 
 
 #: preload threads started so far: drawing waits for them (matplotlib is not thread-safe: the
