@@ -87,6 +87,23 @@ def _new_direction(w: torch.Tensor | None, g_jj: torch.Tensor, live: torch.Tenso
     return torch.where(ok, d2.clamp_min(1e-30).sqrt(), torch.ones_like(d2)), ok
 
 
+def _add_direction(A: torch.Tensor, j: torch.Tensor, norms2: torch.Tensor, Q: torch.Tensor, L: torch.Tensor,
+                   t: int, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gram-Schmidt step of exact OMP's pick ``t`` (atoms ``j``, B): the new orthonormal
+    directions ``q`` (B x D, 0 where the pursuit ended) go into ``Q[:, t]``, the atoms'
+    coordinates into row ``t`` of ``L``; returns ``(q, d, live)`` (:func:`_new_direction`)."""
+    a = A[j]  # B x D
+    w = torch.bmm(Q[:, :t], a.unsqueeze(-1)).squeeze(-1) if t else None  # B x t
+    d, live = _new_direction(w, norms2[j], live)
+    q = a - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1) if t else a
+    q = q * torch.where(live, 1.0 / d, torch.zeros_like(d)).unsqueeze(1)
+    Q[:, t] = q
+    if t:
+        L[:, t, :t] = w * live.unsqueeze(1)
+    L[:, t, t] = d
+    return q, d, live
+
+
 def _coefficients(L: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Solve L^T x = z (L lower triangular, B x k x k): the atoms' coefficients."""
     return torch.linalg.solve_triangular(L.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
@@ -164,15 +181,7 @@ def _omp_exact_held(y: torch.Tensor, A: torch.Tensor, k: int,
         lo, j_lo = alpha.min(1)
         j = torch.where(hi >= -lo, j_hi, j_lo)
         idx[:, t] = j
-        a = A[j]  # B x D
-        w = torch.bmm(Q[:, :t], a.unsqueeze(-1)).squeeze(-1) if t else None  # B x t
-        d, live = _new_direction(w, norms2[j], live)
-        q = a - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1) if t else a
-        q = q * torch.where(live, 1.0 / d, torch.zeros_like(d)).unsqueeze(1)
-        Q[:, t] = q
-        if t:
-            L[:, t, :t] = w * live.unsqueeze(1)
-        L[:, t, t] = d
+        q, d, live = _add_direction(A, j, norms2, Q, L, t, live)
         zt = alpha[ar, j] / d * live
         z[:, t] = zt
         if t + 1 < k:
@@ -210,15 +219,7 @@ def _omp_exact_blocked(y: torch.Tensor, A: torch.Tensor, k: int, residuals: Opti
                     full.scatter_(1, idx[again, :t], 0.0)
                     j[again] = full.abs_().argmax(1)
             idx[:, t] = j
-            a = A[j]  # B x D
-            w = torch.bmm(Q[:, :t], a.unsqueeze(-1)).squeeze(-1) if t else None  # B x t
-            d, live = _new_direction(w, norms2[j], live)
-            q = a - torch.bmm(w.unsqueeze(1), Q[:, :t]).squeeze(1) if t else a
-            q = q * torch.where(live, 1.0 / d, torch.zeros_like(d)).unsqueeze(1)
-            Q[:, t] = q
-            if t:
-                L[:, t, :t] = w * live.unsqueeze(1)
-            L[:, t, t] = d
+            q, d, live = _add_direction(A, j, norms2, Q, L, t, live)
             zt = (q * r).sum(1)  # <q_t, r> = <a_j, r> / d; 0 where the pursuit ended
             z[:, t] = zt
             r.sub_(q * zt.unsqueeze(1))
