@@ -156,7 +156,7 @@ def omp_exact(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
     y = targets.float()
     A = dictionary.float()
     if y.device.type == "cpu":
-        return _omp_exact_blocked(y, A, k, residuals, products or DictionaryProducts(A))
+        return _omp_exact_blocked(y, A, k, residuals, DictionaryProducts(A) if products is None else products)
     return _omp_exact_held(y, A, k, residuals)
 
 

@@ -40,6 +40,11 @@ def blas_threads(n: int) -> Iterator[None]:
         yield
 
 
+def _rows(x: torch.Tensor) -> np.ndarray:
+    """``x`` (B x D, on CPU) as the contiguous float32 array numpy's BLAS takes without a copy of its own."""
+    return np.ascontiguousarray(x.detach().float().numpy())
+
+
 class DictionaryProducts:
     """Products of batches of vectors with every atom of one dictionary (N x D, float32).
 
@@ -73,7 +78,7 @@ class DictionaryProducts:
             if self._whole_buf is None or self._whole_buf.shape[0] < x.shape[0]:
                 self._whole_buf = torch.empty(x.shape[0], self.n, dtype=torch.float32)
             out = self._whole_buf[:x.shape[0]]  # reused: fresh pages cost as much as the top-k
-            np.matmul(np.ascontiguousarray(x.detach().float().numpy()), self.at, out=out.numpy())
+            np.matmul(_rows(x), self.at, out=out.numpy())
             out.abs_()
         else:
             out = (x @ self.atoms_t).abs_()
@@ -81,7 +86,7 @@ class DictionaryProducts:
 
     def _block_products(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """(first atom, |products| of that block) for each block in turn; the tensor is reused."""
-        xn = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        xn = _rows(x)
         buf = torch.empty(x.shape[0], min(BLOCK, self.n), dtype=torch.float32)
         for s, block in self.blocks:
             out = buf[:, :block.shape[1]]
