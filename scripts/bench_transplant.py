@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             r["omp"] = rep["approximation"].get("embed")
             r["counts"] = {k: rep["counts"][k] for k in ("shared", "new", "output_rows")}
             r["screen_used"] = rep.get("screen")
-            r["pursuits"] = len(rep["approximation"])
+            r["pursuits"] = sum(1 for st in rep["approximation"].values() if not st.get("same_pursuit_as"))
             r["refresh"] = rep.get("refresh")
             if not new_ids:
                 from surgeon.transplant import load_tokenizer_info, match_vocabularies

@@ -375,6 +375,8 @@ def format_transplant(report: dict[str, Any]) -> str:
         if "donor_cosine_mean" in st:
             lines.append(f"fit of {label} in the donor space: mean cosine {st['donor_cosine_mean']:.3f}, "
                          f"mean relative error {st['donor_rel_error_mean']:.3f}")
+        elif st.get("same_pursuit_as"):
+            lines.append(f"{label}: rows from the pursuit of {st['same_pursuit_as']} (the donor ties the two)")
     curve = report.get("error_by_k")
     if curve:
         lines.append("error by k: " + (curve["png"] or f"{curve['json']} (no picture: install matplotlib)"))

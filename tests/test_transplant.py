@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from surgeon.errors import InvalidInputError
 from surgeon.io import Checkpoint
 from surgeon.transplant import load_tokenizer_info, match_vocabularies, plan_transplant, transplant
+from surgeon.transplant.init import omp_rows
 from transplant_fixtures import make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:digit splitting differs")
@@ -58,7 +59,15 @@ def test_untied_base_onto_tied_donor(models, tmp_path):
     assert rep["counts"]["shared"] == len(match.shared) > 0
     assert rep["counts"]["new"] == rows - len(match.shared)
     assert rep["counts"]["padding_rows"] == 12
-    assert set(rep["approximation"]) == {"embed", "lm_head"}  # untied: both done separately
+    assert set(rep["approximation"]) == {"embed", "lm_head"}  # untied: both rebuilt
+    # the donor ties its head to its embeddings: one pursuit serves both base matrices, and its
+    # coefficients on the base head's rows are what a pursuit of its own would give
+    assert rep["approximation"]["lm_head"]["same_pursuit_as"] == "embed"
+    assert "donor_cosine_mean" in rep["approximation"]["embed"]
+    new_ids = [d for d in range(rows) if d not in {d for d, _ in match.shared}]
+    alone, _ = omp_rows(w_base["lm_head.weight"], _weights(models["sp"])["model.embed_tokens.weight"], match.shared,
+                        new_ids, 8, progress=False)
+    assert torch.allclose(w_out["lm_head.weight"][new_ids], alone, atol=1e-6)
     assert not rep["tensors"]["tied"]
 
     cfg = json.loads((out / "config.json").read_text())

@@ -17,6 +17,7 @@ per requested donor id, given
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -37,11 +38,31 @@ def row_mean(w: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     return (acc / max(1, w.shape[0])).float()
 
 
-def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[int], k: int,
-             *, screen: Optional[int] | str = "auto", refresh: int = DEFAULT_REFRESH, batch_size: Optional[int] = None,
-             device: str = "cpu", progress: bool = True, desc: str = "OMP") -> tuple[torch.Tensor, dict[str, Any]]:
-    """OMP rows for ``new_ids`` and statistics of the fit in the donor space
-    (``error_by_k``: :func:`surgeon.transplant.error_curve.summarize` of the fit after each pick).
+@dataclass
+class OmpFit:
+    """One pursuit's result: each new token's ``k`` shared-token atoms (``indices`` into
+    ``shared``, B x k) and coefficients (B x k), fitted in the donor space, plus
+    ``stats`` (:func:`omp_fit`). Applying it to any base matrix whose rows ``shared``
+    names gives that matrix's new rows (:meth:`rows`): a transplant whose donor ties
+    its head to its embeddings pursues once for the base's embeddings and head alike."""
+
+    indices: torch.Tensor
+    coeffs: torch.Tensor
+    shared: list[tuple[int, int]]
+    stats: dict[str, Any]
+
+    def rows(self, base_w: torch.Tensor) -> torch.Tensor:
+        """The new rows in ``base_w``'s space (float32, B x base width)."""
+        b_ids = torch.tensor([b for _, b in self.shared], dtype=torch.long)
+        return reconstruct(self.indices, self.coeffs, base_w[b_ids])
+
+
+def omp_fit(donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[int], k: int,
+            *, screen: Optional[int] | str = "auto", refresh: int = DEFAULT_REFRESH, batch_size: Optional[int] = None,
+            device: str = "cpu", progress: bool = True, desc: str = "OMP") -> OmpFit:
+    """The pursuit for ``new_ids`` over the donor rows of ``shared`` tokens, with statistics of
+    the fit in the donor space (``error_by_k``: :func:`surgeon.transplant.error_curve.summarize`
+    of the fit after each pick).
 
     ``screen``: ``"auto"`` (exact when cheap, else screened; see
     :func:`surgeon.transplant.omp.choose_screen`), an integer, or ``None`` (exact).
@@ -49,18 +70,15 @@ def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int
     if not shared:
         raise InvalidInputError("OMP needs at least one token shared by both vocabularies; none is")
     if not new_ids:
-        return torch.zeros(0, base_w.shape[1]), {"k": k, "targets": 0}
+        return OmpFit(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), shared, {"k": k, "targets": 0})
     k_eff = min(k, len(shared))
     d_ids = torch.tensor([d for d, _ in shared], dtype=torch.long)
-    b_ids = torch.tensor([b for _, b in shared], dtype=torch.long)
     atoms_donor = donor_w[d_ids].float()
     targets = donor_w[torch.tensor(new_ids, dtype=torch.long)].float()
     scr = choose_screen(len(new_ids), len(shared), int(donor_w.shape[1]), k_eff, screen, refresh)
     residuals = torch.empty(len(new_ids), k_eff)
     idx, coef = batch_omp(targets, atoms_donor, k_eff, screen=scr, refresh=refresh, batch_size=batch_size,
                           device=device, progress=progress, desc=desc, residuals=residuals)
-    atoms_base = base_w[b_ids]
-    rows = reconstruct(idx, coef, atoms_base)
     approx = reconstruct(idx, coef, atoms_donor)
     tn = targets.norm(dim=1).clamp_min(1e-12)
     rel = ((targets - approx).norm(dim=1) / tn)
@@ -68,7 +86,17 @@ def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int
     stats = {"k": k_eff, "screen": scr, "refresh": refresh if scr else None, "targets": len(new_ids), "atoms": len(shared),
              "donor_rel_error_mean": float(rel.mean()), "donor_cosine_mean": float(cos.mean()),
              "error_by_k": summarize(residuals)}
-    return rows, stats
+    return OmpFit(idx, coef, shared, stats)
+
+
+def omp_rows(base_w: torch.Tensor, donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[int], k: int,
+             **options: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """OMP rows for ``new_ids`` in ``base_w``'s space and the fit's statistics (:func:`omp_fit`,
+    whose keyword ``options`` this takes)."""
+    if not new_ids:
+        return torch.zeros(0, base_w.shape[1]), {"k": k, "targets": 0}
+    fit = omp_fit(donor_w, shared, new_ids, k, **options)
+    return fit.rows(base_w), fit.stats
 
 
 def subword_rows(base_w: torch.Tensor, base_tok: TokenizerInfo, donor_tok: TokenizerInfo, new_ids: list[int],

@@ -36,7 +36,7 @@ from ..io import Checkpoint, CheckpointWriter, TensorSpec
 from ..io.virtual import VirtualCheckpoint
 from ..step import StepContext, StepPlan
 from .error_curve import SECTION, write_error_curve
-from .init import METHODS, new_rows
+from .init import METHODS, OmpFit, new_rows, omp_fit
 from .omp import DEFAULT_REFRESH
 from .vocab import ROLES, TokenizerInfo, load_tokenizer_info, match_vocabularies, same_tokenizer
 
@@ -271,22 +271,31 @@ def _transplant(base: Checkpoint, donor: Checkpoint, out_dir: Path, method: str,
     jobs = [("embed", embed, d_embed)]
     if head is not None and not tied:
         jobs.append(("lm_head", head, d_head or d_embed))
+    fits: dict[str, tuple[str, OmpFit]] = {}  # donor tensor -> (job, its pursuit): one pursuit per donor matrix
     for label, b_name, d_name in jobs:
         bw = base.get(b_name)
-        dw = donor.get(d_name) if method == "omp" else None
         out = torch.empty(rows_out, bw.shape[1], dtype=bw.dtype)
         if shared:
             d_idx = torch.tensor([d for d, _ in shared])
             b_idx = torch.tensor([b for _, b in shared])
             out[d_idx] = bw[b_idx]
-        if new_ids:
-            rows, st = new_rows(method, bw, dw if dw is not None else bw, shared, new_ids, k=k, screen=screen,
-                                refresh=refresh, batch_size=batch_size, device=device, progress=progress, base_tok=base_tok,
-                                donor_tok=donor_tok, desc=f"OMP {label}")
-            out[torch.tensor(new_ids)] = rows.to(bw.dtype)
+        if new_ids and method == "omp":
+            if d_name in fits:  # a donor whose head is its embedding matrix: the same targets and atoms
+                first, fit = fits[d_name]
+                st = {"same_pursuit_as": first, "k": fit.stats.get("k"), "targets": fit.stats.get("targets")}
+            else:
+                fit = omp_fit(donor.get(d_name), shared, new_ids, k, screen=screen, refresh=refresh,
+                              batch_size=batch_size, device=device, progress=progress, desc=f"OMP {label}")
+                fits[d_name] = (label, fit)
+                st = fit.stats
+            out[torch.tensor(new_ids)] = fit.rows(bw).to(bw.dtype)
             stats[label] = st
+        elif new_ids:
+            rows, stats[label] = new_rows(method, bw, bw, shared, new_ids, k=k, base_tok=base_tok, donor_tok=donor_tok)
+            out[torch.tensor(new_ids)] = rows.to(bw.dtype)
         new_tensors[b_name] = out
-        del bw, dw
+        del bw
+    del fits
     if head is not None and tied:
         new_tensors[head] = new_tensors[embed]
     t_compute = time.time()
@@ -429,6 +438,9 @@ def model_card(report: dict[str, Any]) -> str:
         if "donor_cosine_mean" in st:
             lines.append(f"OMP fit of `{label}` in the donor space: mean cosine {st['donor_cosine_mean']:.3f}, "
                          f"mean relative error {st['donor_rel_error_mean']:.3f} over {st['targets']} tokens.")
+        elif st.get("same_pursuit_as"):
+            lines.append(f"Rows of `{label}`: the coefficients of the `{st['same_pursuit_as']}` pursuit (the donor's "
+                         "head is its embedding matrix) applied to the base's own rows.")
     if report.get("error_by_k"):
         lines += ["", f"## {SECTION}", "", report["error_by_k"]["card"]]
     if report["warnings"]:
