@@ -195,11 +195,9 @@ def _omp_exact_held(y: torch.Tensor, A: torch.Tensor, k: int,
 def _omp_exact_blocked(y: torch.Tensor, A: torch.Tensor, k: int, residuals: Optional[torch.Tensor],
                        products: DictionaryProducts) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`omp_exact` on CPU: the residuals ``r`` are kept (B x D) and each pick is the
-    atom of largest ``|<a, r>|``, searched block by block (:class:`DictionaryProducts`)
-    without holding the B x N correlations. The picked atoms' correlations are 0 up to
-    rounding; a target whose search lands on one of them all the same (its residual is
-    orthogonal to the dictionary, up to rounding) is searched again over the whole
-    dictionary with those atoms at exactly 0, as the held correlations are."""
+    atom of largest ``|<a, r>|`` among those not yet picked
+    (:meth:`DictionaryProducts.argmax_abs`: float32 block by block, or certified from
+    bfloat16 products), without holding the B x N float32 correlations."""
     B, D = y.shape
     dev = y.device
     norms2 = (A * A).sum(1)
@@ -211,13 +209,7 @@ def _omp_exact_blocked(y: torch.Tensor, A: torch.Tensor, k: int, residuals: Opti
     r = y.clone()
     with _threads(1, dev):  # the products run on the BLAS's threads; the rest is small
         for t in range(k):
-            j = products.argmax_abs(r)
-            if t:
-                again = torch.nonzero((j.unsqueeze(1) == idx[:, :t]).any(1)).squeeze(1)
-                if again.numel():
-                    full = r[again] @ A.T
-                    full.scatter_(1, idx[again, :t], 0.0)
-                    j[again] = full.abs_().argmax(1)
+            j = products.argmax_abs(r, idx[:, :t])
             idx[:, t] = j
             q, d, live = _add_direction(A, j, norms2, Q, L, t, live)
             zt = (q * r).sum(1)  # <q_t, r> = <a_j, r> / d; 0 where the pursuit ended

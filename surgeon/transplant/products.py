@@ -17,17 +17,70 @@ ran at 50-54. Searching 8 MiB blocks while they are cached instead of the
 80 MB whole costs a few passes over cached data instead of over memory.
 :func:`blas_threads` gives numpy's BLAS torch's thread count, so a
 ``--threads`` or ``torch.set_num_threads`` holds for both.
+
+Where the CPU has bfloat16 dot products (AVX512-BF16, AMX) and they pay
+(:func:`bf16_search_pays`), exact OMP's search runs on one bfloat16 product
+with the whole dictionary instead (torch's, about 1.8x numpy's float32 rate on
+that EPYC) and each row's few candidates that the rounding bound cannot rule
+out are re-scored exactly: the same picks, certified
+(:mod:`surgeon.transplant.search_compiled`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import functools
+import time
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 #: Atoms per block on CPU: a block of products for 512 vectors is 8 MiB, inside a 32 MiB L3.
 BLOCK = 4096
+#: How :meth:`DictionaryProducts.argmax_abs` may search: ``auto`` takes bfloat16 where it pays
+#: (:func:`bf16_search_pays`), ``float32`` never, ``bfloat16`` always (tests; slow without the instructions).
+SEARCHES = ("auto", "float32", "bfloat16")
+
+
+def _cpu_has_bf16_dot() -> bool:
+    """Whether the CPU advertises bfloat16 dot products (Linux: avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+@functools.lru_cache(maxsize=8)
+def bf16_search_pays(dim: int) -> bool:
+    """Whether exact OMP's search is faster from bfloat16 products here: the CPU has bfloat16
+    dot products, the compiled pick is available, and torch's bfloat16 product of a
+    (256 x ``dim``) @ (``dim`` x 8192) block beats numpy's float32 one by at least 1.3x (timed
+    once per process and width, a few milliseconds)."""
+    from .search_compiled import available
+
+    if not (_cpu_has_bf16_dot() and available()):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, dim, generator=g)
+    a = torch.randn(8192, dim, generator=g)
+    xb, ab = x.to(torch.bfloat16), a.to(torch.bfloat16)
+    xn, at = x.numpy(), np.ascontiguousarray(a.numpy().T)
+
+    def best(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: xn @ at) >= 1.3 * best(lambda: torch.mm(xb, ab.T))
 
 
 @contextlib.contextmanager
@@ -54,16 +107,31 @@ class DictionaryProducts:
     dictionary's device; results are on that device.
     """
 
-    def __init__(self, atoms: torch.Tensor, scale: Optional[torch.Tensor] = None):
+    def __init__(self, atoms: torch.Tensor, scale: Optional[torch.Tensor] = None, search: str = "auto"):
         self.n = atoms.shape[0]
         self.scale = scale
         self.on_cpu = atoms.device.type == "cpu"
         self._whole_buf: Optional[torch.Tensor] = None
+        self._bf16: Optional[torch.Tensor] = None
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         if self.on_cpu:
             self.at = np.ascontiguousarray(atoms.float().numpy().T)  # D x N
             self.blocks = [(s, self.at[:, s:s + BLOCK]) for s in range(0, self.n, BLOCK)]  # views, BLAS-ready
+            if scale is None and (search == "bfloat16" or (search == "auto" and bf16_search_pays(atoms.shape[1]))):
+                # exact picks from bfloat16 products (:mod:`surgeon.transplant.search_compiled`)
+                self.threads = torch.get_num_threads()
+                self._atoms = np.ascontiguousarray(atoms.float().numpy())  # N x D, the candidates' exact products
+                self._norms = np.sqrt(np.einsum("ij,ij->i", self._atoms, self._atoms, dtype=np.float64)).astype(np.float32)
+                self._bf16 = atoms.to(torch.bfloat16)
+                self._bits_buf: Optional[torch.Tensor] = None
         else:
             self.atoms_t = atoms.float().T
+
+    @property
+    def search(self) -> str:
+        """How :meth:`argmax_abs` searches: ``"bfloat16"`` (certified, compiled) or ``"float32"``."""
+        return "bfloat16" if self._bf16 is not None else "float32"
 
     def scaled(self, scale: torch.Tensor) -> "DictionaryProducts":
         """The same products with atom j's multiplied by ``scale[j]``, sharing this one's copy of the atoms."""
@@ -96,10 +164,20 @@ class DictionaryProducts:
                 out.mul_(self.scale[s:s + block.shape[1]])
             yield s, out
 
-    def argmax_abs(self, x: torch.Tensor) -> torch.Tensor:
-        """For each row of ``x`` (B x D) the index of the atom with the largest ``|<atom, row>|`` (B, long)."""
+    def argmax_abs(self, x: torch.Tensor, taken: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """For each row of ``x`` (B x D) the index of the atom with the largest ``|<atom, row>|``
+        (B, long), among the atoms not in that row of ``taken`` (B x t indices, optional).
+
+        Ties between equal magnitudes go to the lower index. The picked atoms' products with an
+        OMP residual are 0 up to rounding, so the float32 search searches a row again over the
+        whole dictionary, those atoms at exactly 0, only where one of them came out on top."""
+        if self._bf16 is not None:
+            return self._certified(x, taken)
         if not self.on_cpu:
-            return self._whole(x).argmax(1)
+            best_all = self._whole(x)
+            if taken is not None and taken.shape[1]:
+                best_all.scatter_(1, taken, -1.0)
+            return best_all.argmax(1)
         best = torch.full((x.shape[0],), -1.0)
         where = torch.zeros(x.shape[0], dtype=torch.long)
         for s, out in self._block_products(x):
@@ -107,7 +185,37 @@ class DictionaryProducts:
             better = v > best
             best = torch.where(better, v, best)
             where = torch.where(better, j + s, where)
+        if taken is not None and taken.shape[1]:
+            again = torch.nonzero((where.unsqueeze(1) == taken).any(1)).squeeze(1)
+            if again.numel():
+                full = x[again] @ torch.from_numpy(self.at)
+                full.abs_()
+                if self.scale is not None:
+                    full.mul_(self.scale)
+                where[again] = full.scatter_(1, taken[again], 0.0).argmax(1)
         return where
+
+    def _certified(self, x: torch.Tensor, taken: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`argmax_abs` from one bfloat16 product with the whole dictionary, each row's
+        candidates re-scored exactly (:func:`surgeon.transplant.search_compiled.certified_picks`)."""
+        from .search_compiled import certified_picks
+
+        B = x.shape[0]
+        if self._bits_buf is None or self._bits_buf.shape[0] < B:
+            self._bits_buf = torch.empty(B, self.n, dtype=torch.bfloat16)
+        prods = self._bits_buf[:B]
+        saved = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # the pursuit's small ops run on one thread; the product on all
+        try:
+            torch.mm(x.to(torch.bfloat16), self._bf16.T, out=prods)
+        finally:
+            torch.set_num_threads(saved)
+        t = 0 if taken is None else taken.shape[1]
+        tk = np.ascontiguousarray(taken.numpy()) if t else np.zeros((B, 1), np.int64)
+        out = np.empty(B, np.int64)
+        certified_picks(prods.view(torch.int16).numpy(), self._atoms, self._norms, _rows(x), tk, t, out,
+                        workers=self.threads)
+        return torch.from_numpy(out)
 
     def top_abs(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """For each row of ``x`` (B x D) the indices of the ``m`` atoms with the largest
