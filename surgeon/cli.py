@@ -164,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=64, help="OMP atoms per new token (default 64)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--screen", type=_screen_arg, default="auto",
-                   help="OMP candidates per new token: N (its N nearest shared tokens, re-ranked every 8 picks), "
-                   "'auto' (default: exact when cheap, else 128 - about 4x less CPU than exact, up to 0.016 bits "
-                   "per byte worse on the two real pairs measured, see docs/transplant.md) or 'none' "
-                   "(exact OMP over all shared tokens)")
+                   help="OMP candidates per new token: N (its N nearest shared tokens, re-ranked every 8 picks: "
+                   "several times faster than exact, a near-equal fit, bits per byte within about 0.006 either way "
+                   "on the real pairs of docs/transplant.md), 'auto' (default: exact unless its products exceed "
+                   "1e14 FLOPs, then 128) or 'none' (exact OMP over all shared tokens)")
     g.add_argument("--exact", action="store_true", help="exact OMP over all shared tokens (same as --screen none)")
     p.add_argument("--batch-size", type=int, default=512, help="new tokens solved at once")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1")

@@ -193,8 +193,10 @@ def test_auto_screen_is_exact_when_cheap_and_screened_when_not():
     from surgeon.transplant.omp import DEFAULT_SCREEN, choose_screen
 
     assert choose_screen(1757, 2339, 96, 8) is None  # a zoo pair: seconds exact
-    assert choose_screen(3004, 46148, 576, 64) == DEFAULT_SCREEN  # Gemma-3 -> SmolLM2: ~10 TFLOP exact
-    assert choose_screen(3004, 46148, 576, 200) == 200  # never fewer candidates than k
+    assert choose_screen(3004, 46148, 576, 64) is None  # Gemma-3 -> SmolLM2: ~10 TFLOP exact, minutes
+    assert choose_screen(9915, 39237, 576, 64) is None  # Qwen2.5 -> SmolLM2: ~29 TFLOP
+    assert choose_screen(50_000, 80_000, 4096, 64) == DEFAULT_SCREEN  # ~2 PFLOP exact: hours
+    assert choose_screen(50_000, 80_000, 4096, 200) == 200  # never fewer candidates than k
     assert choose_screen(3004, 46148, 576, 64, None) is None
     assert choose_screen(3004, 46148, 576, 64, 256) == 256
     assert choose_screen(3004, 46148, 576, 64, 50_000) is None  # covers the dictionary: exact

@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 #: Atoms per block on CPU: a block of products for 512 vectors is 8 MiB, inside a 32 MiB L3.
 BLOCK = 4096
-#: How :meth:`DictionaryProducts.argmax_abs` may search: ``auto`` takes bfloat16 where it pays
-#: (:func:`bf16_search_pays`), ``float32`` never, ``bfloat16`` always (tests; slow without the instructions).
+#: How :meth:`DictionaryProducts.argmax_abs` may search: ``auto`` takes bfloat16 where the CPU has
+#: the instructions (:func:`bf16_search_pays`), ``float32`` never, ``bfloat16`` always (tests; slow
+#: without the instructions).
 SEARCHES = ("auto", "float32", "bfloat16")
 
 
@@ -55,32 +55,16 @@ def _cpu_has_bf16_dot() -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=8)
-def bf16_search_pays(dim: int) -> bool:
-    """Whether exact OMP's search is faster from bfloat16 products here: the CPU has bfloat16
-    dot products, the compiled pick is available, and torch's bfloat16 product of a
-    (256 x ``dim``) @ (``dim`` x 8192) block beats numpy's float32 one by at least 1.3x (timed
-    once per process and width, a few milliseconds)."""
+@functools.lru_cache(maxsize=1)
+def bf16_search_pays() -> bool:
+    """Whether exact OMP's search runs from bfloat16 products here: the CPU has bfloat16 dot
+    products (then torch's oneDNN product runs on them: ~1.8x numpy's float32 GEMM on an
+    AVX512-BF16 EPYC, scripts/bench_transplant.py), torch has oneDNN, and the compiled pick
+    is available. Decided from what the machine has, not timed: a timed probe on a busy
+    2-core machine came out either way from one run to the next."""
     from .search_compiled import available
 
-    if not (_cpu_has_bf16_dot() and available()):
-        return False
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, dim, generator=g)
-    a = torch.randn(8192, dim, generator=g)
-    xb, ab = x.to(torch.bfloat16), a.to(torch.bfloat16)
-    xn, at = x.numpy(), np.ascontiguousarray(a.numpy().T)
-
-    def best(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    return best(lambda: xn @ at) >= 1.3 * best(lambda: torch.mm(xb, ab.T))
+    return _cpu_has_bf16_dot() and torch.backends.mkldnn.is_available() and available()
 
 
 @contextlib.contextmanager
@@ -118,12 +102,14 @@ class DictionaryProducts:
         if self.on_cpu:
             self.at = np.ascontiguousarray(atoms.float().numpy().T)  # D x N
             self.blocks = [(s, self.at[:, s:s + BLOCK]) for s in range(0, self.n, BLOCK)]  # views, BLAS-ready
-            if scale is None and (search == "bfloat16" or (search == "auto" and bf16_search_pays(atoms.shape[1]))):
+            if scale is None and (search == "bfloat16" or (search == "auto" and bf16_search_pays())):
                 # exact picks from bfloat16 products (:mod:`surgeon.transplant.search_compiled`)
+                from .search_compiled import AtomBounds
+
                 self.threads = torch.get_num_threads()
                 self._atoms = np.ascontiguousarray(atoms.float().numpy())  # N x D, the candidates' exact products
-                self._norms = np.sqrt(np.einsum("ij,ij->i", self._atoms, self._atoms, dtype=np.float64)).astype(np.float32)
                 self._bf16 = atoms.to(torch.bfloat16)
+                self._bounds = AtomBounds(self._atoms, self._bf16.float().numpy())
                 self._bits_buf: Optional[torch.Tensor] = None
         else:
             self.atoms_t = atoms.float().T
@@ -206,14 +192,15 @@ class DictionaryProducts:
         prods = self._bits_buf[:B]
         saved = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # the pursuit's small ops run on one thread; the product on all
+        xb = x.to(torch.bfloat16)
         try:
-            torch.mm(x.to(torch.bfloat16), self._bf16.T, out=prods)
+            torch.mm(xb, self._bf16.T, out=prods)
         finally:
             torch.set_num_threads(saved)
         t = 0 if taken is None else taken.shape[1]
         tk = np.ascontiguousarray(taken.numpy()) if t else np.zeros((B, 1), np.int64)
         out = np.empty(B, np.int64)
-        certified_picks(prods.view(torch.int16).numpy(), self._atoms, self._norms, _rows(x), tk, t, out,
+        certified_picks(prods.view(torch.int16).numpy(), self._atoms, self._bounds, _rows(x), _rows(xb), tk, t, out,
                         workers=self.threads)
         return torch.from_numpy(out)
 

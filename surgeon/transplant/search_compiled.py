@@ -8,24 +8,28 @@ float32 (tests measure nothing; scripts/bench_transplant.py does). Its
 results are rounded, so the largest rounded product need not be the largest
 product. :func:`certified_picks` makes the pick exact all the same:
 
-With ``u = 2**-8`` (bfloat16 keeps 8 significant bits) the atom and the
-residual are rounded to within a relative ``u`` per entry, the products of
-those entries summed in float32 (error at most ``gamma_D``, D float32
-additions), and the sum rounded to bfloat16 (relative ``u``). So the true
-product ``s`` and the computed ``t`` satisfy
+Write ``a' `` and ``r' `` for the atom and the residual rounded to bfloat16,
+``d_a = a - a'``, ``d_r = r - r'``. Then ``<a, r> - <a', r'> = <d_a, r> + <a', d_r>``,
+so by Cauchy-Schwarz the rounding of the inputs moves a product by at most
+``|d_a| |r| + |a'| |d_r|``; torch sums the products of bfloat16 entries (exact
+in float32) in float32, off by at most ``gamma_D |a'| |r'|`` (D additions,
+``gamma_D = D u32 / (1 - D u32)``, ``u32 = 2**-24``), and rounds the sum to
+bfloat16 (relative ``u = 2**-8``). So with ``e_a = |d_a| R1 + |a'| R2``, ``R1 = |r|``,
+``R2 = |d_r| + gamma_D |r'|``, the true product ``s`` and the computed ``t`` satisfy
 
-    |s| >= |t| (1 - c2) - c1 |a| |r|   and   |s| <= |t| (1 + c2) + c1 |a| |r|,
+    |t| (1 - c) - e_a  <=  |s|  <=  |t| (1 + c) + e_a,     c = u / (1 - u).
 
-``c2 = u / (1 - u)``, ``c1 = 2u + u^2 + gamma_D (1 + u)^2`` (Cauchy-Schwarz
-bounds ``sum |a_i r_i|`` by ``|a| |r|``); :func:`bounds` doubles both for
-margin. Per row, pass 1 finds the best lower bound ``lb`` over the atoms that
-may still be picked; every atom whose upper bound reaches ``lb`` may be the
+The norms are the actual rounding errors' (about half the worst case ``u |a|``),
+and :func:`row_bounds` and :class:`AtomBounds` round every term up by 0.1 %.
+Per row, pass 1 finds the best lower bound ``lb`` over the atoms that may
+still be picked; every atom whose upper bound reaches ``lb`` may be the
 largest, and pass 2 computes those candidates' products exactly (float64 sums
 of the float32 entries) and picks the largest, ties to the lower index, as
 :meth:`surgeon.transplant.products.DictionaryProducts.argmax_abs` does. The
-atom the float32 search would pick is always among the candidates; on the
-real pairs of docs/transplant.md a row has a few dozen (the bound is loose by
-about the square root of D, and atoms of different norms share it).
+atom the float32 search would pick is always among the candidates. The bound
+is loose by about the square root of D (rounding errors mostly cancel): on
+the Gemma-3 / SmolLM2 pair a row has about ten candidates at the first pick
+and a few dozen once the residual's products flatten out.
 
 Atoms already picked (``taken``) are never candidates: their products with
 the residual are 0 up to rounding. A residual of exactly 0 picks the
@@ -50,13 +54,46 @@ CHUNK = 64
 LANES = 16
 
 
-def bounds(dim: int) -> tuple[float, float]:
-    """``(c1, c2)`` of the module docstring for atoms of ``dim`` entries, each doubled."""
-    u, u32 = U_BF16, 2.0 ** -24
-    gamma = dim * u32 / (1.0 - dim * u32)
-    c1 = 2 * u + u * u + gamma * (1 + u) ** 2
-    c2 = u / (1 - u)
-    return 2.0 * c1, 2.0 * c2
+#: every bound term is rounded up by this factor (the bound's own float32 arithmetic)
+SLACK = 1.001
+
+
+class AtomBounds:
+    """The dictionary's side of the bound: for each atom (N x D float32 ``atoms``) the norm
+    of its bfloat16 rounding error ``|d_a|`` and of the rounded atom ``|a'|``, zero-padded
+    to whole :data:`CHUNK` s (a padded atom's bound is 0 and it is never picked), and each
+    chunk's largest (pass 2 skips a chunk whose best case cannot reach the bound)."""
+
+    def __init__(self, atoms: np.ndarray, rounded: np.ndarray):
+        # rounded: the atoms in bfloat16, widened to float32 (N x D)
+        err = np.sqrt(np.einsum("ij,ij->i", atoms - rounded, atoms - rounded, dtype=np.float64)) * SLACK
+        size = np.sqrt(np.einsum("ij,ij->i", rounded, rounded, dtype=np.float64)) * SLACK
+        pad = (-len(atoms)) % CHUNK
+        self.err = np.concatenate([err, np.zeros(pad)]).astype(np.float32)
+        self.size = np.concatenate([size, np.zeros(pad)]).astype(np.float32)
+        self.err_chunk = np.ascontiguousarray(self.err.reshape(-1, CHUNK).max(1))
+        self.size_chunk = np.ascontiguousarray(self.size.reshape(-1, CHUNK).max(1))
+        self.gamma = _gamma(atoms.shape[1])
+
+
+def _gamma(dim: int) -> float:
+    u32 = 2.0 ** -24
+    return dim * u32 / (1.0 - dim * u32)
+
+
+def row_bounds(x: np.ndarray, rounded: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The residuals' side of the bound, ``(R1, R2)`` (B each, float32), from the residuals ``x``
+    and their bfloat16 rounding widened to float32 (``rounded``, B x D)."""
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    err = np.sqrt(np.einsum("ij,ij->i", x - rounded, x - rounded, dtype=np.float64))
+    size = np.sqrt(np.einsum("ij,ij->i", rounded, rounded, dtype=np.float64))
+    # 1e-30: room for entries below float32's normal range, flushed to 0 by bfloat16 dot products
+    return (norm * SLACK).astype(np.float32), ((err + gamma * size) * SLACK + 1e-30).astype(np.float32)
+
+
+def rounding_factor() -> float:
+    """``c`` of the module docstring, rounded up."""
+    return U_BF16 / (1.0 - U_BF16) * SLACK
 
 
 #: numba's fast-math flags for the pick: vectorised max and sums; inputs are finite
@@ -78,13 +115,14 @@ def _lowest_free(taken: Any, b: int, n_taken: int) -> int:  # pragma: no cover -
     return pick
 
 
-def _picks(bits, atoms, norms, chunk_norms, x, xnorm, taken, n_taken, c1, c2, out, lo, hi):  # pragma: no cover - compiled
-    # bits: B x N int16 (bfloat16 products); atoms: N x D float32; norms: the N atoms' norms, float32,
-    # zero-padded to whole CHUNKs, chunk_norms: the largest of each CHUNK; x: B x D float32 residuals;
-    # xnorm: B float32; taken: B x T int64 (first n_taken columns); out: B int64 receives the picks
+def _picks(bits, atoms, err, size, err_chunk, size_chunk, x, r1, r2, taken, n_taken, c2, out, lo,
+           hi):  # pragma: no cover - compiled
+    # bits: B x N int16 (bfloat16 products); atoms: N x D float32; err, size: AtomBounds' padded
+    # per-atom norms, err_chunk, size_chunk: their chunk maxima; x: B x D float32 residuals; r1, r2:
+    # row_bounds; taken: B x T int64 (first n_taken columns); out: B int64 receives the picks
     n = bits.shape[1]
     d = atoms.shape[1]
-    n_chunks = chunk_norms.shape[0]
+    n_chunks = err_chunk.shape[0]
     mag = np.zeros(n_chunks * CHUNK, np.float32)  # the padding stays 0
     mag_bits = mag.view(np.uint32)
     ubits = bits.view(np.uint16)
@@ -94,13 +132,14 @@ def _picks(bits, atoms, norms, chunk_norms, x, xnorm, taken, n_taken, c1, c2, ou
     lo_f = np.float32(1.0 - c2)
     hi_f = np.float32(1.0 + c2)
     for b in range(lo, hi):
-        if not xnorm[b] > 0.0:  # every product is 0: the lowest index not taken
+        if not r1[b] > 0.0:  # every product is 0: the lowest index not taken
             out[b] = _lowest_free(taken, b, n_taken)
             continue
         row = ubits[b]
         for a in range(n):  # |t| as float32: the bfloat16 bits, sign cleared, in the upper half
             mag_bits[a] = (np.uint32(row[a]) << np.uint32(16)) & np.uint32(0x7FFF0000)
-        e = np.float32(c1 * xnorm[b])
+        e1 = r1[b]
+        e2 = r2[b]
         lanes[:] = -3.0e38  # pass 1: the best lower bound, and each chunk's largest |t| ...
         for c in range(n_chunks):
             top[:] = 0.0
@@ -108,28 +147,28 @@ def _picks(bits, atoms, norms, chunk_norms, x, xnorm, taken, n_taken, c1, c2, ou
                 for j in range(LANES):
                     m = mag[a0 + j]
                     top[j] = top[j] if top[j] > m else m
-                    v = m * lo_f - e * norms[a0 + j]
+                    v = m * lo_f - (e1 * err[a0 + j] + e2 * size[a0 + j])
                     lanes[j] = lanes[j] if lanes[j] > v else v
             chunk_max[c] = top.max()
         lb = lanes.max()
         hit = False  # ... over the atoms not taken (a taken atom's product is ~0: it is rarely the one)
         for i in range(n_taken):
             a = taken[b, i]
-            if mag[a] * lo_f - e * norms[a] >= lb:
+            if mag[a] * lo_f - (e1 * err[a] + e2 * size[a]) >= lb:
                 hit = True
         if hit:
             lb = np.float32(-3.0e38)
             for a in range(n):
-                v = mag[a] * lo_f - e * norms[a]
+                v = mag[a] * lo_f - (e1 * err[a] + e2 * size[a])
                 if v > lb and not _taken(taken, b, n_taken, a):
                     lb = v
         best = -1.0
         pick = -1
         for c in range(n_chunks):  # pass 2: every atom that may beat lb, its product computed exactly
-            if chunk_max[c] * hi_f + e * chunk_norms[c] < lb:
+            if chunk_max[c] * hi_f + e1 * err_chunk[c] + e2 * size_chunk[c] < lb:
                 continue
             for a in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-                if mag[a] * hi_f + e * norms[a] >= lb and not _taken(taken, b, n_taken, a):
+                if mag[a] * hi_f + (e1 * err[a] + e2 * size[a]) >= lb and not _taken(taken, b, n_taken, a):
                     s = 0.0
                     for i in range(d):
                         s += np.float64(atoms[a, i]) * np.float64(x[b, i])
@@ -163,34 +202,25 @@ def available() -> bool:
     return _kernels() is not None
 
 
-def padded_norms(norms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(norms zero-padded to whole CHUNKs, the largest of each CHUNK)``, float32: the kernel's
-    view of the atoms' norms (a padded atom's bound is 0, and no padded atom is ever picked)."""
-    pad = (-len(norms)) % CHUNK
-    full = np.concatenate([norms.astype(np.float32), np.zeros(pad, np.float32)])
-    return full, np.ascontiguousarray(full.reshape(-1, CHUNK).max(1))
-
-
-def certified_picks(bits: np.ndarray, atoms: np.ndarray, norms: np.ndarray, x: np.ndarray, taken: np.ndarray,
-                    n_taken: int, out: np.ndarray, workers: int = 1,
-                    padded: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-    """Each row's exact pick into ``out`` (B, int64); arguments as in the module docstring:
-    ``bits`` the B x N bfloat16 products viewed as int16, ``atoms`` N x D and ``x`` B x D float32,
-    ``norms`` the atoms' norms (``padded``: their :func:`padded_norms`, when the caller keeps
-    them), ``taken[:, :n_taken]`` the atoms each row has picked. ``workers`` threads share the rows."""
+def certified_picks(bits: np.ndarray, atoms: np.ndarray, bounds: AtomBounds, x: np.ndarray, x_rounded: np.ndarray,
+                    taken: np.ndarray, n_taken: int, out: np.ndarray, workers: int = 1) -> None:
+    """Each row's exact pick into ``out`` (B, int64): ``bits`` the B x N bfloat16 products of
+    ``x_rounded`` (the residuals ``x``, B x D float32, rounded to bfloat16 and widened back)
+    with the ``atoms`` (N x D float32) rounded to bfloat16, viewed as int16; ``bounds`` the
+    atoms' :class:`AtomBounds`; ``taken[:, :n_taken]`` the atoms each row has picked.
+    ``workers`` threads share the rows."""
     kernel = _kernels()
-    c1, c2 = bounds(atoms.shape[1])
-    pn, cn = padded_norms(norms) if padded is None else padded
-    xnorm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32) * np.float32(1 + 1e-6)
+    r1, r2 = row_bounds(x, x_rounded, bounds.gamma)
+    c2 = rounding_factor()
+    args = (bits, atoms, bounds.err, bounds.size, bounds.err_chunk, bounds.size_chunk, x, r1, r2, taken, n_taken, c2,
+            out)
     B = bits.shape[0]
     if workers <= 1 or B < 2 * workers:
-        kernel(bits, atoms, pn, cn, x, xnorm, taken, n_taken, c1, c2, out, 0, B)
+        kernel(*args, 0, B)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     step = math.ceil(B / workers)
     with ThreadPoolExecutor(workers) as pool:
-        jobs = [pool.submit(kernel, bits, atoms, pn, cn, x, xnorm, taken, n_taken, c1, c2, out, s, min(B, s + step))
-                for s in range(0, B, step)]
-        for j in jobs:
-            j.result()
+        for job in [pool.submit(kernel, *args, s, min(B, s + step)) for s in range(0, B, step)]:
+            job.result()

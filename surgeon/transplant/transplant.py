@@ -200,7 +200,7 @@ def transplant(
     ``screen`` candidates — its nearest shared tokens by |cosine|, re-ranked
     every ``refresh`` steps by correlation with the residual (``refresh=0``:
     never) — several times faster, nearly the same fit; ``"auto"`` (default):
-    exact OMP when it is cheap (small vocabularies), else 128 candidates
+    exact OMP unless its products exceed 1e14 FLOPs, then 128 candidates
     re-ranked every 8 picks (:func:`surgeon.transplant.omp.choose_screen`);
     ``None`` = exact OMP over all shared tokens (what mergekit computes);
     ``batch_size``: new tokens per OMP batch (``None``
