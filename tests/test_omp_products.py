@@ -153,11 +153,11 @@ def test_float32_search_where_asked_or_without_numba(monkeypatch):
     x, A = _pair(13)
     assert DictionaryProducts(A, search="float32").search == "float32"
     monkeypatch.setenv("SURGEON_NO_NUMBA", "1")
-    products.bf16_search_pays.cache_clear()
+    products.bf16_search_available.cache_clear()
     try:
         assert DictionaryProducts(A).search == "float32"  # auto: nothing compiled, nothing certified
     finally:
-        products.bf16_search_pays.cache_clear()
+        products.bf16_search_available.cache_clear()
     with pytest.raises(ValueError, match="search must be one of"):
         DictionaryProducts(A, search="fp8")
 

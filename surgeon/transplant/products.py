@@ -18,8 +18,8 @@ ran at 50-54. Searching 8 MiB blocks while they are cached instead of the
 :func:`blas_threads` gives numpy's BLAS torch's thread count, so a
 ``--threads`` or ``torch.set_num_threads`` holds for both.
 
-Where the CPU has bfloat16 dot products (AVX512-BF16, AMX) and they pay
-(:func:`bf16_search_pays`), exact OMP's search runs on one bfloat16 product
+Where the CPU has bfloat16 dot products (AVX512-BF16, AMX;
+:func:`bf16_search_available`), exact OMP's search runs on one bfloat16 product
 with the whole dictionary instead (torch's, about 1.8x numpy's float32 rate on
 that EPYC) and each row's few candidates that the rounding bound cannot rule
 out are re-scored exactly: the same picks, certified
@@ -37,7 +37,7 @@ import torch
 #: Atoms per block on CPU: a block of products for 512 vectors is 8 MiB, inside a 32 MiB L3.
 BLOCK = 4096
 #: How :meth:`DictionaryProducts.argmax_abs` may search: ``auto`` takes bfloat16 where the CPU has
-#: the instructions (:func:`bf16_search_pays`), ``float32`` never, ``bfloat16`` always (tests; slow
+#: the instructions (:func:`bf16_search_available`), ``float32`` never, ``bfloat16`` always (tests; slow
 #: without the instructions).
 SEARCHES = ("auto", "float32", "bfloat16")
 
@@ -56,7 +56,7 @@ def _cpu_has_bf16_dot() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def bf16_search_pays() -> bool:
+def bf16_search_available() -> bool:
     """Whether exact OMP's search runs from bfloat16 products here: the CPU has bfloat16 dot
     products (then torch's oneDNN product runs on them: ~1.8x numpy's float32 GEMM on an
     AVX512-BF16 EPYC, scripts/bench_transplant.py), torch has oneDNN, and the compiled pick
@@ -96,34 +96,42 @@ class DictionaryProducts:
         self.scale = scale
         self.on_cpu = atoms.device.type == "cpu"
         self._whole_buf: Optional[torch.Tensor] = None
-        self._bf16: Optional[torch.Tensor] = None
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-        if self.on_cpu:
-            self.at = np.ascontiguousarray(atoms.float().numpy().T)  # D x N
-            self.blocks = [(s, self.at[:, s:s + BLOCK]) for s in range(0, self.n, BLOCK)]  # views, BLAS-ready
-            if scale is None and (search == "bfloat16" or (search == "auto" and bf16_search_pays())):
-                # exact picks from bfloat16 products (:mod:`surgeon.transplant.search_compiled`)
-                from .search_compiled import AtomBounds
-
-                self.threads = torch.get_num_threads()
-                self._atoms = np.ascontiguousarray(atoms.float().numpy())  # N x D, the candidates' exact products
-                self._bf16 = atoms.to(torch.bfloat16)
-                self._bounds = AtomBounds(self._atoms, self._bf16.float().numpy())
-                self._bits_buf: Optional[torch.Tensor] = None
-        else:
+        self._atoms_in = atoms
+        self._at: Optional[np.ndarray] = None
+        # the certified bfloat16 search (:mod:`surgeon.transplant.search_compiled`), set up on first use
+        self._certify = self.on_cpu and scale is None and (
+            search == "bfloat16" or (search == "auto" and bf16_search_available()))
+        self._bf16: Optional[torch.Tensor] = None
+        if not self.on_cpu:
             self.atoms_t = atoms.float().T
+
+    @property
+    def at(self) -> np.ndarray:
+        """The atoms as a D x N float32 array for numpy's BLAS (CPU; made on first use: the
+        bfloat16 search never needs it)."""
+        if self._at is None:
+            self._at = np.ascontiguousarray(self._atoms_in.float().numpy().T)
+        return self._at
+
+    @property
+    def blocks(self) -> list[tuple[int, np.ndarray]]:
+        """(first atom, D x BLOCK view of :attr:`at`) for each block of atoms in turn."""
+        return [(s, self.at[:, s:s + BLOCK]) for s in range(0, self.n, BLOCK)]
 
     @property
     def search(self) -> str:
         """How :meth:`argmax_abs` searches: ``"bfloat16"`` (certified, compiled) or ``"float32"``."""
-        return "bfloat16" if self._bf16 is not None else "float32"
+        return "bfloat16" if self._certify else "float32"
 
     def scaled(self, scale: torch.Tensor) -> "DictionaryProducts":
         """The same products with atom j's multiplied by ``scale[j]``, sharing this one's copy of the atoms."""
+        if self.on_cpu:
+            self._at = self.at  # made now, so that both share it
         other = object.__new__(DictionaryProducts)
         other.__dict__.update(self.__dict__)
-        other.scale, other._whole_buf = scale, None
+        other.scale, other._whole_buf, other._certify, other._bf16 = scale, None, False, None
         return other
 
     def _whole(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +165,7 @@ class DictionaryProducts:
         Ties between equal magnitudes go to the lower index. The picked atoms' products with an
         OMP residual are 0 up to rounding, so the float32 search searches a row again over the
         whole dictionary, those atoms at exactly 0, only where one of them came out on top."""
-        if self._bf16 is not None:
+        if self._certify:
             return self._certified(x, taken)
         if not self.on_cpu:
             best_all = self._whole(x)
@@ -184,14 +192,20 @@ class DictionaryProducts:
     def _certified(self, x: torch.Tensor, taken: Optional[torch.Tensor]) -> torch.Tensor:
         """:meth:`argmax_abs` from one bfloat16 product with the whole dictionary, each row's
         candidates re-scored exactly (:func:`surgeon.transplant.search_compiled.certified_picks`)."""
-        from .search_compiled import certified_picks
+        from .search_compiled import AtomBounds, certified_picks
 
+        if self._bf16 is None:
+            self.threads = torch.get_num_threads()
+            self._atoms = np.ascontiguousarray(self._atoms_in.float().numpy())  # N x D: the candidates' products
+            self._bf16 = self._atoms_in.to(torch.bfloat16)
+            self._bounds = AtomBounds(self._atoms, self._bf16.float().numpy())
+            self._bits_buf: Optional[torch.Tensor] = None
         B = x.shape[0]
         if self._bits_buf is None or self._bits_buf.shape[0] < B:
             self._bits_buf = torch.empty(B, self.n, dtype=torch.bfloat16)
         prods = self._bits_buf[:B]
         saved = torch.get_num_threads()
-        torch.set_num_threads(self.threads)  # the pursuit's small ops run on one thread; the product on all
+        torch.set_num_threads(self.threads)  # all threads for the product, whatever the caller's small ops use
         xb = x.to(torch.bfloat16)
         try:
             torch.mm(xb, self._bf16.T, out=prods)
