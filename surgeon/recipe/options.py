@@ -39,7 +39,8 @@ class TransplantOptions(BaseModel):
 
     method: Literal["omp", "mean", "zero", "subword"] = "omp"
     k: int = Field(default=64, ge=1, le=4096)
-    # OMP candidates per new token: "auto" (exact when cheap, else 128), an integer, or null (exact OMP)
+    # OMP candidates per new token: "auto" (exact unless its products exceed 1e14 FLOP, then 128), an
+    # integer, or null (exact OMP)
     screen: Union[Annotated[int, Field(ge=1)], Literal["auto"], None] = "auto"
     batch_size: int = Field(default=512, ge=1)
 

@@ -64,7 +64,7 @@ def omp_fit(donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[
     the fit in the donor space (``error_by_k``: :func:`surgeon.transplant.error_curve.summarize`
     of the fit after each pick).
 
-    ``screen``: ``"auto"`` (exact when cheap, else screened; see
+    ``screen``: ``"auto"`` (exact unless its products exceed 1e14 FLOP, else screened; see
     :func:`surgeon.transplant.omp.choose_screen`), an integer, or ``None`` (exact).
     """
     if not shared:
