@@ -373,7 +373,9 @@ def format_transplant(report: dict[str, Any]) -> str:
              f"{c.get('output_rows', '?')} rows in the output"]
     for label, st in (report.get("approximation") or {}).items():
         if "donor_cosine_mean" in st:
-            lines.append(f"fit of {label} in the donor space: mean cosine {st['donor_cosine_mean']:.3f}, "
+            how = (f"screened, {st['screen']} candidates" if st.get("screen") else
+                   "exact, picks certified from bfloat16 products" if st.get("search") == "bfloat16" else "exact")
+            lines.append(f"fit of {label} in the donor space ({how}): mean cosine {st['donor_cosine_mean']:.3f}, "
                          f"mean relative error {st['donor_rel_error_mean']:.3f}")
         elif st.get("same_pursuit_as"):
             lines.append(f"{label}: rows from the pursuit of {st['same_pursuit_as']} (the donor ties the two)")

@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from surgeon.errors import InvalidInputError
 from surgeon.io import Checkpoint
 from surgeon.transplant import load_tokenizer_info, match_vocabularies, plan_transplant, transplant
+from surgeon.cli import format_transplant
 from surgeon.transplant.init import omp_rows
+from surgeon.transplant.products import exact_search
 from transplant_fixtures import make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:digit splitting differs")
@@ -64,6 +66,9 @@ def test_untied_base_onto_tied_donor(models, tmp_path):
     # coefficients on the base head's rows are what a pursuit of its own would give
     assert rep["approximation"]["lm_head"]["same_pursuit_as"] == "embed"
     assert "donor_cosine_mean" in rep["approximation"]["embed"]
+    # exact here (tiny vocabularies): the search this machine runs, and the summary says which
+    assert rep["approximation"]["embed"]["search"] == exact_search("cpu") in ("bfloat16", "float32")
+    assert "in the donor space (exact" in format_transplant(rep)
     new_ids = [d for d in range(rows) if d not in {d for d, _ in match.shared}]
     alone, _ = omp_rows(w_base["lm_head.weight"], _weights(models["sp"])["model.embed_tokens.weight"], match.shared,
                         new_ids, 8, progress=False)
@@ -247,6 +252,7 @@ def test_overwrite_replaces_atomically(models, tmp_path):
     transplant(models["bpe"], models["sp"], out, method="mean", progress=False)
     rep = transplant(models["bpe"], models["sp"], out, method="omp", k=4, screen=50, overwrite=True, progress=False)
     assert rep["screen"] == 50 and rep["approximation"]["embed"]["screen"] == 50
+    assert rep["approximation"]["embed"]["search"] is None  # screened: no whole-dictionary search
     assert not list(tmp_path.glob(".out*"))
 
 

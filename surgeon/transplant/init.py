@@ -25,6 +25,7 @@ import torch
 from ..errors import InvalidInputError
 from .error_curve import summarize
 from .omp import DEFAULT_REFRESH, batch_omp, choose_screen, reconstruct
+from .products import exact_search
 from .vocab import TokenizerInfo, _base_index, subword_pieces
 
 METHODS = ("omp", "mean", "zero", "subword")
@@ -83,7 +84,9 @@ def omp_fit(donor_w: torch.Tensor, shared: list[tuple[int, int]], new_ids: list[
     tn = targets.norm(dim=1).clamp_min(1e-12)
     rel = ((targets - approx).norm(dim=1) / tn)
     cos = torch.nn.functional.cosine_similarity(targets, approx, dim=1)
-    stats = {"k": k_eff, "screen": scr, "refresh": refresh if scr else None, "targets": len(new_ids), "atoms": len(shared),
+    stats = {"k": k_eff, "screen": scr, "refresh": refresh if scr else None,
+             "search": None if scr else exact_search(device),  # how exact OMP found each pick
+             "targets": len(new_ids), "atoms": len(shared),
              "donor_rel_error_mean": float(rel.mean()), "donor_cosine_mean": float(cos.mean()),
              "error_by_k": summarize(residuals)}
     return OmpFit(idx, coef, shared, stats)

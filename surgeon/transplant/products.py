@@ -67,6 +67,14 @@ def bf16_search_available() -> bool:
     return _cpu_has_bf16_dot() and torch.backends.mkldnn.is_available() and available()
 
 
+def exact_search(device: torch.device | str, search: str = "auto") -> str:
+    """How exact OMP searches on ``device``: ``"bfloat16"`` (certified, CPU only: asked for, or
+    ``auto`` where :func:`bf16_search_available`) or ``"float32"``."""
+    if torch.device(device).type != "cpu":
+        return "float32"
+    return "bfloat16" if search == "bfloat16" or (search == "auto" and bf16_search_available()) else "float32"
+
+
 @contextlib.contextmanager
 def blas_threads(n: int) -> Iterator[None]:
     """Run numpy's BLAS on at most ``n`` threads inside the block (unchanged where
@@ -101,8 +109,7 @@ class DictionaryProducts:
         self._atoms_in = atoms
         self._at: Optional[np.ndarray] = None
         # the certified bfloat16 search (:mod:`surgeon.transplant.search_compiled`), set up on first use
-        self._certify = self.on_cpu and scale is None and (
-            search == "bfloat16" or (search == "auto" and bf16_search_available()))
+        self._certify = scale is None and exact_search(atoms.device, search) == "bfloat16"
         self._bf16: Optional[torch.Tensor] = None
         if not self.on_cpu:
             self.atoms_t = atoms.float().T
