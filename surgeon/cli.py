@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--screen", type=_screen_arg, default="auto",
                    help="OMP candidates per new token: N (its N nearest shared tokens, re-ranked every 8 picks: "
-                   "several times faster than exact, a near-equal fit, bits per byte within about 0.006 either way "
+                   "several times faster than exact, a near-equal fit, bits per byte within about 0.008 either way "
                    "on the real pairs of docs/transplant.md), 'auto' (default: exact unless its products exceed "
                    "1e14 FLOPs, then 128) or 'none' (exact OMP over all shared tokens)")
     g.add_argument("--exact", action="store_true", help="exact OMP over all shared tokens (same as --screen none)")

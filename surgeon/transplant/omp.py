@@ -368,7 +368,7 @@ def choose_screen(n_targets: int, n_atoms: int, dim: int, k: int, screen: Option
     ``AUTO_EXACT_FLOPS`` and screening saves at least 3x of them; then
     ``DEFAULT_SCREEN`` candidates re-ranked every ``refresh`` picks. Exact is the
     default because screening's near-equal fits (the same error in the donor
-    space, other atoms) moved held-out bits per byte by up to ±0.006 against
+    space, other atoms) moved held-out bits per byte by up to ±0.008 against
     exact on the real pairs of docs/transplant.md, either way: the default
     computes what mergekit computes. An integer is taken as given
     (``>= n_atoms`` is exact), ``None`` is exact. The choice depends on the
