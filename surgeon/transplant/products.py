@@ -189,11 +189,7 @@ class DictionaryProducts:
         if taken is not None and taken.shape[1]:
             again = torch.nonzero((where.unsqueeze(1) == taken).any(1)).squeeze(1)
             if again.numel():
-                full = x[again] @ torch.from_numpy(self.at)
-                full.abs_()
-                if self.scale is not None:
-                    full.mul_(self.scale)
-                where[again] = full.scatter_(1, taken[again], 0.0).argmax(1)
+                where[again] = self._whole(x[again]).scatter_(1, taken[again], 0.0).argmax(1)
         return where
 
     def _certified(self, x: torch.Tensor, taken: Optional[torch.Tensor]) -> torch.Tensor:
@@ -202,7 +198,6 @@ class DictionaryProducts:
         from .search_compiled import AtomBounds, certified_picks
 
         if self._bf16 is None:
-            self.threads = torch.get_num_threads()
             self._atoms = np.ascontiguousarray(self._atoms_in.float().numpy())  # N x D: the candidates' products
             self._bf16 = self._atoms_in.to(torch.bfloat16)
             self._bounds = AtomBounds(self._atoms, self._bf16.float().numpy())
@@ -211,18 +206,13 @@ class DictionaryProducts:
         if self._bits_buf is None or self._bits_buf.shape[0] < B:
             self._bits_buf = torch.empty(B, self.n, dtype=torch.bfloat16)
         prods = self._bits_buf[:B]
-        saved = torch.get_num_threads()
-        torch.set_num_threads(self.threads)  # all threads for the product, whatever the caller's small ops use
         xb = x.to(torch.bfloat16)
-        try:
-            torch.mm(xb, self._bf16.T, out=prods)
-        finally:
-            torch.set_num_threads(saved)
+        torch.mm(xb, self._bf16.T, out=prods)
         t = 0 if taken is None else taken.shape[1]
         tk = np.ascontiguousarray(taken.numpy()) if t else np.zeros((B, 1), np.int64)
         out = np.empty(B, np.int64)
         certified_picks(prods.view(torch.int16).numpy(), self._atoms, self._bounds, _rows(x), _rows(xb), tk, t, out,
-                        workers=self.threads)
+                        workers=torch.get_num_threads())
         return torch.from_numpy(out)
 
     def top_abs(self, x: torch.Tensor, m: int) -> torch.Tensor:

@@ -66,7 +66,8 @@ class AtomBounds:
 
     def __init__(self, atoms: np.ndarray, rounded: np.ndarray):
         # rounded: the atoms in bfloat16, widened to float32 (N x D)
-        err = np.sqrt(np.einsum("ij,ij->i", atoms - rounded, atoms - rounded, dtype=np.float64)) * SLACK
+        d = atoms - rounded
+        err = np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64)) * SLACK
         size = np.sqrt(np.einsum("ij,ij->i", rounded, rounded, dtype=np.float64)) * SLACK
         pad = (-len(atoms)) % CHUNK
         self.err = np.concatenate([err, np.zeros(pad)]).astype(np.float32)
@@ -85,7 +86,8 @@ def row_bounds(x: np.ndarray, rounded: np.ndarray, gamma: float) -> tuple[np.nda
     """The residuals' side of the bound, ``(R1, R2)`` (B each, float32), from the residuals ``x``
     and their bfloat16 rounding widened to float32 (``rounded``, B x D)."""
     norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    err = np.sqrt(np.einsum("ij,ij->i", x - rounded, x - rounded, dtype=np.float64))
+    d = x - rounded
+    err = np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64))
     size = np.sqrt(np.einsum("ij,ij->i", rounded, rounded, dtype=np.float64))
     # 1e-30: room for entries below float32's normal range, flushed to 0 by bfloat16 dot products
     return (norm * SLACK).astype(np.float32), ((err + gamma * size) * SLACK + 1e-30).astype(np.float32)
