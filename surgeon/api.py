@@ -62,7 +62,7 @@ def run(recipe: str | Path | LoadedRecipe, output: str | None = None, *, overwri
         prefetch: int = 1, allow_nonfinite: bool = False, allow_pickle: bool = False,
         max_shard_size: str | int | None = None, piece_size: str | int | None = None, evaluate: bool = True,
         push: bool = True, distributed: bool = False, progress: bool | None = None,
-        remote_stream: bool | None = None) -> dict[str, Any]:
+        remote_stream: bool | None = None, digests: bool = True) -> dict[str, Any]:
     """Execute a recipe (or a mergekit config); returns the run report.
 
     The keywords are :class:`surgeon.engine.pipeline.RunOptions` (documented
@@ -71,7 +71,8 @@ def run(recipe: str | Path | LoadedRecipe, output: str | None = None, *, overwri
     opts = RunOptions(output=output, overwrite=overwrite, work_dir=work_dir, device=device, quiet=quiet,
                       threads=threads, prefetch=prefetch, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
                       max_shard_size=max_shard_size, piece_size=piece_size, evaluate=evaluate, push=push,
-                      distributed=distributed, progress=progress, remote_stream=remote_stream)
+                      distributed=distributed, progress=progress, remote_stream=remote_stream,
+                      digests=digests)
     return Pipeline(loaded, opts).run()
 
 

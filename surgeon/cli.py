@@ -84,6 +84,8 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_shard_size": getattr(args, "max_shard_size", None),
         "piece_size": getattr(args, "piece_size", None),
         "remote_stream": getattr(args, "remote_stream", None),
+        # the output's sha256 is hashed only for a report that is written (--report)
+        "digests": getattr(args, "report", None) is not None,
     }
 
 

@@ -80,6 +80,8 @@ class StepContext:
     quiet: bool = False
     #: writers write Inf/NaN in float16/float8 tensors instead of refusing them (--allow-nonfinite)
     allow_nonfinite: bool = False
+    #: writers hash their shards as they write them (the report's sha256; off where nothing asks for it)
+    hash_output: bool = True
     options: Any = None
     say: Callable[[str], None] = _print_note
     resolve_path: Callable[[str], str] = str
@@ -95,10 +97,11 @@ class StepContext:
         """The output writer, configured by the engine: shards at ``max_shard_size``,
         ranks coordinated, a partial output resumed only under ``resume_key``,
         non-finite stored values refused unless ``allow_nonfinite``, written rows
-        shown to ``watch_output``."""
+        shown to ``watch_output``, shards hashed while written if ``hash_output``."""
         return CheckpointWriter(dest, specs, max_shard_size=self.max_shard_size, overwrite=overwrite,
                                 metadata=metadata, coordinator=self.coordinator, resume_key=self.resume_key,
-                                allow_nonfinite=self.allow_nonfinite, watch=self.watch_output)
+                                allow_nonfinite=self.allow_nonfinite, watch=self.watch_output,
+                                hash_shards=self.hash_output)
 
     def bound(self, tokenizer_from: Any, aux_from: Any, **changes: Any) -> StepContext:
         """This context with :attr:`finish` set: ``finish(writer, config, notes)``

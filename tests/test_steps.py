@@ -159,6 +159,48 @@ def test_report_takes_shard_digests_from_the_writer(tmp_path: Path, make_tiny_ll
         {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
+def test_output_is_hashed_only_where_a_report_asks(tmp_path: Path, make_tiny_llama, monkeypatch) -> None:
+    """The CLI hashes the output only when it writes a report (``--report``); without one, no
+    shard is hashed while written nor read back. ``surgeon.run(digests=False)``: ``sha256`` null."""
+    import hashlib
+
+    import surgeon.engine.pipeline as pipeline
+    import surgeon.io.writer as writer_mod
+    from surgeon.cli import main
+
+    hashed: list[int] = []
+    real_stream = writer_mod.ShardHashStream
+
+    def counting_stream(*args, **kwargs):  # type: ignore[no-untyped-def]
+        hashed.append(1)
+        return real_stream(*args, **kwargs)
+
+    def no_reread(path: Path) -> str:
+        raise AssertionError(f"{path} was read back to hash it")
+
+    monkeypatch.setattr(writer_mod, "ShardHashStream", counting_stream)
+    monkeypatch.setattr(pipeline, "file_sha256", no_reread)
+    a = make_tiny_llama("a", seed=0, dtype=torch.float32)
+    b = make_tiny_llama("b", seed=1, dtype=torch.float32, tokenizer_from=a)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: d\nseed: 0\nmodels: {{a: {a}, b: {b}}}\n"
+                      "steps:\n  - id: s\n    merge: {method: linear, models: [a, b]}\n"
+                      "output: {path: ./out}\n")
+    assert main(["run", str(recipe), str(tmp_path / "plain"), "-q"]) == 0
+    assert hashed == []
+    report_file = tmp_path / "r.json"
+    assert main(["run", str(recipe), str(tmp_path / "reported"), "-q", "--report", str(report_file)]) == 0
+    assert hashed == [1]
+    files = json.loads(report_file.read_text())["output"]["files"]
+    shard = tmp_path / "reported" / "model.safetensors"
+    assert files == {"model.safetensors": {"sha256": hashlib.sha256(shard.read_bytes()).hexdigest(),
+                                           "bytes": shard.stat().st_size}}
+    report = surgeon.run(recipe, output=str(tmp_path / "api"), quiet=True, digests=False)
+    assert report["output"]["files"] == {"model.safetensors": {
+        "sha256": None, "bytes": (tmp_path / "api" / "model.safetensors").stat().st_size}}
+    assert hashed == [1]
+
+
 def test_fuse_options_paths_are_relative_to_the_recipe(tmp_path: Path, make_tiny_llama, monkeypatch) -> None:
     """``options.eval_path`` (like ``data``) is read relative to the recipe's folder, whatever the
     working folder; a missing one is refused before training, naming the recipe's line."""
