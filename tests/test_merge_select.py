@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from surgeon.merge.select.exact import kth_smallest, largest_mask, rank_range_mask, smallest_mask, stable_ranks, stream_kth_smallest
@@ -229,8 +230,8 @@ def test_magnitude_ranks_equal_a_stable_sort_of_magnitudes(monkeypatch) -> None:
 
 
 def test_order_statistics_equal_a_full_sort_and_leave_the_input_alone() -> None:
-    """One partition per rank, each of the part below the last: the values at the ranks are
-    those of np.sort, for one to three ranks, repeated values and the ends included."""
+    """One partition at all the ranks: the values at the ranks are those of np.sort, for one
+    to three ranks, repeated values and the ends included."""
     from surgeon.merge.select.stream import order_statistics
 
     rng = np.random.default_rng(0)
@@ -243,3 +244,23 @@ def test_order_statistics_equal_a_full_sort_and_leave_the_input_alone() -> None:
             srt = np.sort(u)
             assert got == {r: int(srt[r]) for r in ranks}, (n, ranks)
             assert np.array_equal(u, copy)
+
+
+@pytest.mark.parametrize("width", [1, 50, 4097, 1 << 20, (1 << 20) + 1, 1 << 31])
+def test_rank_in_window_equals_a_full_sort(width: int) -> None:
+    """The k-th smallest pattern of a window with the entries below and equal to it, by a
+    histogram (width up to 2^20) or a sort: as np.sort counts them, for few distinct values
+    repeated (the case that made np.partition slow), all distinct, and every rank's ends."""
+    from surgeon.merge.select.stream import HISTOGRAM_WIDTH, rank_in_window
+
+    assert HISTOGRAM_WIDTH == 1 << 20  # the parametrisation covers both paths
+    rng = np.random.default_rng(width)
+    lo = 1_000_000
+    for n, distinct in ((1, 1), (7, 3), (5000, 40), (20000, 20000)):
+        values = rng.choice(rng.integers(0, width, min(distinct, width), dtype=np.int64), n) + lo
+        u = values.astype(np.uint32)
+        srt = np.sort(u)
+        for rank in sorted({1, n, *rng.integers(1, n + 1, 5).tolist()}):
+            v = int(srt[rank - 1])
+            expected = (v, int((u < v).sum()), int((u == v).sum()))
+            assert rank_in_window(u, rank, lo, width) == expected, (n, distinct, rank)

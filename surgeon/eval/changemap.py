@@ -193,6 +193,7 @@ class ChangeMapSampler:
         self._pending = -1  # spans of the planned output not compared yet (-1: no plan)
         self._early: threading.Thread | None = None
         self._drawn: tuple[dict[str, Any], str | None, bytes | None] | None = None
+        self._name_sets: dict[int, tuple[Any, frozenset[str]]] = {}
 
     def expect(self, layout: Any, title: str | None = None) -> None:
         """Draw the picture early: ``layout`` is the output as planned (``names``,
@@ -232,11 +233,19 @@ class ChangeMapSampler:
 
     def _comparable(self, name: str, shape: tuple[int, ...]) -> list[Any] | None:
         """The inputs a tensor of ``shape`` is compared with (None: not comparable to the reference)."""
-        if name not in self.reference.names or tuple(self.reference.info(name).shape) != shape:
+        if name not in self._names(self.reference) or tuple(self.reference.info(name).shape) != shape:
             return None
         if not self.signs:
             return []
-        return [i for i in self.inputs if name in i.names and tuple(i.info(name).shape) == shape]
+        return [i for i in self.inputs if name in self._names(i) and tuple(i.info(name).shape) == shape]
+
+    def _names(self, ck: Any) -> frozenset[str]:
+        """``ck.names`` as a set, made once per checkpoint (``names`` builds a list per call;
+        :meth:`_comparable` asks for every written piece)."""
+        known = self._name_sets.get(id(ck))
+        if known is None or known[0] is not ck:
+            known = self._name_sets[id(ck)] = (ck, frozenset(ck.names))
+        return known[1]
 
     def _compare(self, s: int, e: int, out: np.ndarray, sources: list[_Rows]) -> _Span:
         """Rows ``[s, e)`` of one tensor: ``out`` the output's (flat float32), ``sources`` the

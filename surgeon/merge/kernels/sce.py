@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..arith import elect_sign
-from ..select.stream import SAMPLE, Z, order_statistics, sample_stride
+from ..select.stream import SAMPLE, Z, order_statistics, rank_in_window, sample_stride
 from ..tensor import TensorMerge
 from . import sce_compiled
 from ._raw import based_inputs, raw_view
@@ -267,7 +267,7 @@ class SceKernel(Kernel):
             return self._settle(None)
         if inside <= cap and above < self.k <= above + inside:
             r = self.k - above  # the k-th largest is the r-th largest inside the window
-            t_bits = int(np.partition(bits, inside - r)[inside - r])
+            t_bits = rank_in_window(bits, inside - r + 1, lo, span + 1)[0]  # the window holds every pattern
             greater = bits > t_bits
             tied = np.flatnonzero(bits == t_bits)[:self.k - above - int(greater.sum())]
             sums = self._sq_above_w + sq[:, greater].sum(axis=1, dtype=np.float64) \
