@@ -83,15 +83,21 @@ def sample_positions(n: int, seed: int, name: str) -> torch.Tensor | None:
         return None
     gen = torch.Generator().manual_seed(stream_key(seed, name, "arcee_fusion") & ((1 << 63) - 1))
     drawn = torch.randint(n, (SAMPLE_SIZE,), generator=gen).numpy()
-    # numpy sorts uint32 keys ~4x faster than torch sorts int64 (9 vs 35 ms on the 2-core
-    # machine, once a large tensor); the sorted multiset is the same whichever sorts it
-    keys = drawn.astype(np.uint32) if n <= 1 << 32 else drawn
-    return torch.from_numpy(np.sort(keys).astype(np.int64, copy=False))
+    # the sorted multiset is the same whichever sorts it: with numba a two-pass radix sort
+    # of the uint32 keys (~4 ms a tensor on the 2-core machine), else numpy's sort (~31 ms
+    # there: 4.7 of a 1.1B merge's 20 CPU-s went to it)
+    if n <= 1 << 32:
+        keys = drawn.astype(np.uint32)
+        loops = _kernels()
+        if loops is not None:
+            return torch.from_numpy(loops.radix_sort(keys).astype(np.int64))
+        return torch.from_numpy(np.sort(keys).astype(np.int64, copy=False))
+    return torch.from_numpy(np.sort(drawn))
 
 
 @compiled
 def _kernels(jit: Any) -> Any:
-    """The merge pass's loop."""
+    """The merge pass's loop and the sample positions' sort."""
     _raw.register()
     ch = _raw.CHUNK
 
@@ -117,7 +123,31 @@ def _kernels(jit: Any) -> Any:
                 _raw.store_checked(o, out_all[s:e], chk)
         return _raw.all_finite(chk)
 
-    return SimpleNamespace(fuse=fuse)
+    @jit
+    def radix_sort(keys):  # pragma: no cover - compiled
+        # uint32 keys sorted ascending: least significant 16 bits first, then the top 16,
+        # each a stable counting pass (a histogram, its prefix sums, a scatter)
+        n = keys.shape[0]
+        src = keys.copy()
+        dst = np.empty_like(src)
+        count = np.empty(1 << 16, np.int64)
+        for shift in (0, 16):
+            count[:] = 0
+            for i in range(n):
+                count[(src[i] >> shift) & 0xFFFF] += 1
+            total = 0
+            for d in range(1 << 16):
+                c = count[d]
+                count[d] = total
+                total += c
+            for i in range(n):
+                d = (src[i] >> shift) & 0xFFFF
+                dst[count[d]] = src[i]
+                count[d] += 1
+            src, dst = dst, src
+        return src
+
+    return SimpleNamespace(fuse=fuse, radix_sort=radix_sort)
 
 
 def row_length(shape: tuple[int, ...]) -> int:
