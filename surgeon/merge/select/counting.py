@@ -32,6 +32,13 @@ from ..kernels._jit import compiled
 TOP_BINS = 1 << 15
 #: count kinds of the counting loop, per series
 SKIP, TOP16, WINDOW, COLLECT = 0, 1, 2, 3
+#: the index of a uint64's only set bit ``b``: ``_DEBRUIJN[(b * _DEBRUIJN_MAGIC) >> 58]``
+#: (the top 6 bits of a de Bruijn sequence shifted left by the index are distinct)
+_DEBRUIJN_MAGIC = np.uint64(0x03F79D71B4CB0A89)
+_DEBRUIJN = np.zeros(64, dtype=np.int64)
+for _i in range(64):
+    _DEBRUIJN[((int(_DEBRUIJN_MAGIC) << _i) & ((1 << 64) - 1)) >> 58] = _i
+del _i
 
 
 @compiled
@@ -94,15 +101,22 @@ def _kernels(jit: Any) -> Any:
                                     f[du[j] - lo_t] += 1
                     continue
                 # COLLECT: keep the patterns themselves while there is room (one spare
-                # slot takes the writes past it, without a branch), count them all
+                # slot takes the writes past it, without a branch), count them all. Only
+                # the flagged entries are visited: each set flag byte of an 8-entry word is
+                # found by its lowest set bit (a de Bruijn multiply); visiting all 8 entries
+                # of every word with a flag (12 % of words at a 1.8 % bracket) cost 2/3 of
+                # the pass
                 keep = kept[t]
                 c = inside[t]
                 last = keep.shape[0] - 1
                 for q in range(ch // 8):
-                    if words[q] != 0:
-                        for j in range(8 * q, 8 * q + 8):
-                            keep[min(c, last)] = du[j]
-                            c += flag[j]
+                    w = words[q]
+                    while w != 0:
+                        low = w & (~w + np.uint64(1))
+                        j = 8 * q + (_DEBRUIJN[(low * _DEBRUIJN_MAGIC) >> np.uint64(58)] >> 3)
+                        keep[min(c, last)] = du[j]
+                        c += 1
+                        w ^= low
                 inside[t] = c
 
     return SimpleNamespace(delta_counts=delta_counts)
