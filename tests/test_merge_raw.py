@@ -93,6 +93,8 @@ CASES = [
     ("linear", [{"weight": 1.0}, {"weight": -0.4}], {"normalize": False}),
     ("task_arithmetic", [{"weight": 0.3}, {"weight": 0.7}, {"weight": 1.0}], {"lambda": 0.9}),
     ("task_arithmetic", [{"weight": 0.5}, {"weight": 0.25}], {"normalize": True}),
+    ("nearswap", [{}], {"t": 0.005}),
+    ("nearswap", [{}], {"t": 0.0}),
 ]
 
 

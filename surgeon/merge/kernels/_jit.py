@@ -41,6 +41,7 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _MERGE / "kernels" / "_raw.py",
     _MERGE / "kernels" / "ties_compiled.py",
     _MERGE / "kernels" / "linear.py",
+    _MERGE / "kernels" / "nearswap.py",
     _MERGE / "kernels" / "widen_compiled.py",
     _MERGE / "kernels" / "sce_compiled.py",
     _MERGE / "kernels" / "della_compiled.py",

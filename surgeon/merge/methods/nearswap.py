@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import nearswap as nearswap_kernels
 from ..method import merge_method
 from ..params import Param
 from ..tensor import TensorMerge
@@ -24,6 +25,16 @@ from .common import check_inputs
 
 #: |a - b| is clamped below at this before dividing (mergekit's constant)
 MIN_DIFF = 1e-6
+
+
+def _kernel(meta: TensorMerge) -> nearswap_kernels.NearSwapKernel | None:
+    """The compiled blend on CPU with numba; None (``fn`` serves the blocks) elsewhere
+    and where ``fn`` must raise its clear error (no base, not exactly one model)."""
+    if meta.device.type != "cpu" or not nearswap_kernels.available():
+        return None
+    if not meta.has_base or len(meta.model_params) != 1:
+        return None
+    return nearswap_kernels.NearSwapKernel(meta, MIN_DIFF)
 
 
 @merge_method(
@@ -36,6 +47,7 @@ MIN_DIFF = 1e-6
     elementwise=True,
     paper="alchemonaut 2024, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
     mergekit_name="nearswap",
+    kernel=_kernel,
 )
 def nearswap(t: TensorMerge) -> torch.Tensor:
     """NearSwap: the other model's value where |base - other| <= t, the base's far away, blended in between."""
