@@ -360,15 +360,19 @@ def test_breadcrumbs_band_splits_ties_at_both_cuts_in_flat_order(method: str, ro
 
 
 def test_arcee_fusion_threshold_reads_the_sorted_values_quartiles() -> None:
-    """The partial sort reads the values a full sort puts at ``floor(q (n - 1))``:
-    ties, NaN (last) and small sizes included."""
+    """The select (compiled, or numpy's partial sorts) reads the values a full sort puts at
+    ``floor(q (n - 1))``: ties, NaN (last), negatives, both zeros and small sizes included."""
     from surgeon.merge.kernels.arcee_fusion import QUARTILES, outlier_threshold
 
     g = torch.Generator().manual_seed(0)
     cases = [torch.rand(1001, generator=g), torch.randint(0, 4, (999,), generator=g).float(), torch.tensor([2.5]),
              torch.tensor([3.0, 1.0]), torch.cat([torch.rand(100, generator=g), torch.full((7,), float("nan"))]),
              torch.tensor([1.0, float("nan"), 0.5]), torch.tensor([4.0, 1.0, 3.0, 2.0]),
-             torch.cat([torch.full((60,), float("nan")), torch.rand(40, generator=g)])]
+             torch.cat([torch.full((60,), float("nan")), torch.rand(40, generator=g)]),
+             # negatives, both zeros, infinities and a negative NaN (the radix select's keys)
+             torch.cat([torch.randn(500, generator=g), torch.tensor([-0.0, 0.0, float("inf"), -float("inf")]),
+                        -torch.full((3,), float("nan"))]),
+             torch.randint(-3, 4, (2001,), generator=g).float()]
     for v in cases:
         s = v.sort().values
         q1, med, q3 = (s[int(q * (v.numel() - 1))] for q in QUARTILES)

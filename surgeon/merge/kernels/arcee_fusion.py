@@ -57,11 +57,19 @@ def importance(m: torch.Tensor, b: torch.Tensor, kl: torch.Tensor | None = None)
 def outlier_threshold(values: torch.Tensor) -> torch.Tensor:
     """``median + 1.5 * (q3 - q1)`` of float32 values, each quartile the value at
     index ``floor(q (n - 1))`` of the sorted values (NaN last; a 0-d float32
-    tensor). On CPU the three are read by one partial sort (``np.partition``,
-    linear time) instead of sorting every value."""
+    tensor). On CPU the three are read in linear time instead of sorting every value:
+    with numba by a radix select (:func:`_kernels` ``select_sorted``), else by
+    partial sorts (``np.partition``)."""
     n = values.numel()
     idx = [int(q * (n - 1)) for q in QUARTILES]
-    if values.device.type == "cpu":
+    loops = _kernels() if values.device.type == "cpu" and n > 0 else None
+    if loops is not None:
+        # a compiled radix select: ~3 ms on 1,000,000 values where numpy's three partitions
+        # took ~13 ms (2 of a 1.1B merge's 17 CPU-s)
+        flat = values.detach().reshape(-1).to(torch.float32).contiguous().numpy()
+        q1, med, q3 = (torch.tensor(x, dtype=torch.float32)
+                       for x in loops.select_sorted(flat, np.array(idx, dtype=np.int64)))
+    elif values.device.type == "cpu":
         # the median first, then each quartile within its half: three one-index partitions
         # cost ~7 ms on 1,000,000 values where one partition at three indices took ~21 ms
         i1, i2, i3 = idx
@@ -97,7 +105,7 @@ def sample_positions(n: int, seed: int, name: str) -> torch.Tensor | None:
 
 @compiled
 def _kernels(jit: Any) -> Any:
-    """The merge pass's loop and the sample positions' sort."""
+    """The merge pass's loop, the sample positions' sort and the quartiles' select."""
     _raw.register()
     ch = _raw.CHUNK
 
@@ -147,7 +155,54 @@ def _kernels(jit: Any) -> Any:
             src, dst = dst, src
         return src
 
-    return SimpleNamespace(fuse=fuse, radix_sort=radix_sort)
+    @jit
+    def select_sorted(values, ranks):  # pragma: no cover - compiled
+        # The values a full ascending sort (NaN last) puts at each of `ranks` (0-based, in range).
+        # Each float32 maps to a uint32 key that orders like it (negative: all bits flipped;
+        # otherwise the sign bit set; every NaN the largest key); one pass counts the keys' top
+        # 16 bits, a second gathers the keys of the buckets holding the ranks, whose low 16
+        # bits are counted in turn. -0.0 sorts before 0.0 (a sort may put either first: equal).
+        n = values.shape[0]
+        bits = values.view(np.uint32)
+        keys = np.empty(n, np.uint32)
+        top = np.zeros(1 << 16, np.int64)
+        for i in range(n):
+            b = bits[i]
+            k = ~b if (b >> np.uint32(31)) != 0 else b | np.uint32(0x80000000)
+            if values[i] != values[i]:
+                k = np.uint32(0xFFFFFFFF)
+            keys[i] = k
+            top[k >> np.uint32(16)] += 1
+        nr = ranks.shape[0]
+        bucket = np.empty(nr, np.int64)
+        within = np.empty(nr, np.int64)  # rank inside its bucket
+        for r in range(nr):
+            seen = 0
+            h = 0
+            while seen + top[h] <= ranks[r]:
+                seen += top[h]
+                h += 1
+            bucket[r] = h
+            within[r] = ranks[r] - seen
+        low = np.zeros((nr, 1 << 16), np.int64)
+        for i in range(n):
+            hi = np.int64(keys[i] >> np.uint32(16))
+            for r in range(nr):
+                if hi == bucket[r]:
+                    low[r, keys[i] & np.uint32(0xFFFF)] += 1
+        out = np.empty(nr, np.float32)
+        for r in range(nr):
+            seen = 0
+            j = 0
+            while seen + low[r, j] <= within[r]:
+                seen += low[r, j]
+                j += 1
+            k = (np.uint32(bucket[r]) << np.uint32(16)) | np.uint32(j)
+            b = k ^ np.uint32(0x80000000) if (k >> np.uint32(31)) != 0 else ~k
+            out[r] = np.array([b], np.uint32).view(np.float32)[0]
+        return out
+
+    return SimpleNamespace(fuse=fuse, radix_sort=radix_sort, select_sorted=select_sorted)
 
 
 def row_length(shape: tuple[int, ...]) -> int:
