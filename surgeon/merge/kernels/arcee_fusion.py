@@ -160,8 +160,8 @@ def _kernels(jit: Any) -> Any:
         # The values a full ascending sort (NaN last) puts at each of `ranks` (0-based, in range).
         # Each float32 maps to a uint32 key that orders like it (negative: all bits flipped;
         # otherwise the sign bit set; every NaN the largest key); one pass counts the keys' top
-        # 16 bits, a second gathers the keys of the buckets holding the ranks, whose low 16
-        # bits are counted in turn. -0.0 sorts before 0.0 (a sort may put either first: equal).
+        # 16 bits, a second counts the low 16 bits of the keys in the buckets that hold the
+        # ranks. -0.0 sorts before 0.0 (a sort may put either first: they are equal).
         n = values.shape[0]
         bits = values.view(np.uint32)
         keys = np.empty(n, np.uint32)
