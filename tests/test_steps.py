@@ -135,10 +135,8 @@ def test_fuse_step_honours_allow_nonfinite(tmp_path: Path, make_tiny_llama) -> N
                                  "      options: {dtype: float16}\n")
 
 
-def test_report_takes_shard_digests_from_the_writer(tmp_path: Path, make_tiny_llama, monkeypatch) -> None:
-    """The engine hands the writer's digests (hashed while writing) to the report: no re-read."""
-    import hashlib
-
+def _linear_recipe(tmp_path: Path, make_tiny_llama, monkeypatch, output: str) -> Path:
+    """A two-model linear merge recipe writing ``output``; reading a shard back to hash it fails."""
     import surgeon.engine.pipeline as pipeline
 
     def no_reread(path: Path) -> str:
@@ -150,7 +148,15 @@ def test_report_takes_shard_digests_from_the_writer(tmp_path: Path, make_tiny_ll
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: d\nseed: 0\nmodels: {{a: {a}, b: {b}}}\n"
                       "steps:\n  - id: s\n    merge: {method: linear, models: [a, b]}\n"
-                      "output: {path: ./out, max_shard_size: 12KB}\n")
+                      f"output: {output}\n")
+    return recipe
+
+
+def test_report_takes_shard_digests_from_the_writer(tmp_path: Path, make_tiny_llama, monkeypatch) -> None:
+    """The engine hands the writer's digests (hashed while writing) to the report: no re-read."""
+    import hashlib
+
+    recipe = _linear_recipe(tmp_path, make_tiny_llama, monkeypatch, "{path: ./out, max_shard_size: 12KB}")
     report = surgeon.run(recipe, quiet=True)
     out = Path(report["output"]["path"])
     files = sorted(out.glob("*.safetensors"))
@@ -164,7 +170,6 @@ def test_output_is_hashed_only_where_a_report_asks(tmp_path: Path, make_tiny_lla
     shard is hashed while written nor read back. ``surgeon.run(digests=False)``: ``sha256`` null."""
     import hashlib
 
-    import surgeon.engine.pipeline as pipeline
     import surgeon.io.writer as writer_mod
     from surgeon.cli import main
 
@@ -175,17 +180,8 @@ def test_output_is_hashed_only_where_a_report_asks(tmp_path: Path, make_tiny_lla
         hashed.append(1)
         return real_stream(*args, **kwargs)
 
-    def no_reread(path: Path) -> str:
-        raise AssertionError(f"{path} was read back to hash it")
-
     monkeypatch.setattr(writer_mod, "ShardHashStream", counting_stream)
-    monkeypatch.setattr(pipeline, "file_sha256", no_reread)
-    a = make_tiny_llama("a", seed=0, dtype=torch.float32)
-    b = make_tiny_llama("b", seed=1, dtype=torch.float32, tokenizer_from=a)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"name: d\nseed: 0\nmodels: {{a: {a}, b: {b}}}\n"
-                      "steps:\n  - id: s\n    merge: {method: linear, models: [a, b]}\n"
-                      "output: {path: ./out}\n")
+    recipe = _linear_recipe(tmp_path, make_tiny_llama, monkeypatch, "{path: ./out}")
     assert main(["run", str(recipe), str(tmp_path / "plain"), "-q"]) == 0
     assert hashed == []
     report_file = tmp_path / "r.json"
