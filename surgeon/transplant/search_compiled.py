@@ -66,15 +66,19 @@ class AtomBounds:
 
     def __init__(self, atoms: np.ndarray, rounded: np.ndarray):
         # rounded: the atoms in bfloat16, widened to float32 (N x D)
-        d = atoms - rounded
-        err = np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64)) * SLACK
-        size = np.sqrt(np.einsum("ij,ij->i", rounded, rounded, dtype=np.float64)) * SLACK
+        err = _row_norms(atoms - rounded) * SLACK
+        size = _row_norms(rounded) * SLACK
         pad = (-len(atoms)) % CHUNK
         self.err = np.concatenate([err, np.zeros(pad)]).astype(np.float32)
         self.size = np.concatenate([size, np.zeros(pad)]).astype(np.float32)
         self.err_chunk = np.ascontiguousarray(self.err.reshape(-1, CHUNK).max(1))
         self.size_chunk = np.ascontiguousarray(self.size.reshape(-1, CHUNK).max(1))
         self.gamma = _gamma(atoms.shape[1])
+
+
+def _row_norms(m: np.ndarray) -> np.ndarray:
+    """The Euclidean norm of each row of the float32 matrix ``m``, summed in float64."""
+    return np.sqrt(np.einsum("ij,ij->i", m, m, dtype=np.float64))
 
 
 def _gamma(dim: int) -> float:
@@ -85,10 +89,9 @@ def _gamma(dim: int) -> float:
 def row_bounds(x: np.ndarray, rounded: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
     """The residuals' side of the bound, ``(R1, R2)`` (B each, float32), from the residuals ``x``
     and their bfloat16 rounding widened to float32 (``rounded``, B x D)."""
-    norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    d = x - rounded
-    err = np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64))
-    size = np.sqrt(np.einsum("ij,ij->i", rounded, rounded, dtype=np.float64))
+    norm = _row_norms(x)
+    err = _row_norms(x - rounded)
+    size = _row_norms(rounded)
     # 1e-30: room for entries below float32's normal range, flushed to 0 by bfloat16 dot products
     return (norm * SLACK).astype(np.float32), ((err + gamma * size) * SLACK + 1e-30).astype(np.float32)
 
