@@ -8,8 +8,9 @@ Variables (all optional):
 ``SURGEON_COMPUTE_WORKERS=N``
     compute threads of a merge (default: the run's ``threads``).
 ``SURGEON_KEEP_WRITE_CACHE=1``
-    leave written output in the page cache (the writer normally drops it
-    once hashed).
+    write the output through the page cache and leave it there (the writer
+    normally writes it past the cache with ``O_DIRECT``, or drops it from the
+    cache behind itself: :mod:`surgeon.io.direct_write`).
 ``SURGEON_NO_PLOT=1``
     draw no pictures (cards and ``surgeon diff --plot`` behave as without matplotlib).
 ``SURGEON_FULL_EXIT=1``
@@ -41,7 +42,7 @@ from typing import NoReturn
 VARIABLES: dict[str, str] = {
     "SURGEON_NO_NUMBA": "1: torch ops instead of the compiled merge loops",
     "SURGEON_COMPUTE_WORKERS": "compute threads of a merge (default: the run's threads)",
-    "SURGEON_KEEP_WRITE_CACHE": "1: leave written output in the page cache",
+    "SURGEON_KEEP_WRITE_CACHE": "1: write the output through the page cache and leave it there",
     "SURGEON_NO_PLOT": "1: draw no pictures, as without matplotlib",
     "SURGEON_FULL_EXIT": "1: end the command through the interpreter's whole teardown",
 }

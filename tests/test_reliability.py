@@ -279,8 +279,11 @@ def test_disk_full_fails_cleanly_naming_the_file(tmp_path: Path, family: dict[st
         code = tmp_path / "code"
         shutil.copytree(REPO / "surgeon", code / "surgeon", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+    # run from tmp_path: ``-m`` puts the working directory first on sys.path, so from the repository the
+    # "cold" run imported the repository's package (and its numba cache) instead of the copy
     proc = subprocess.run([sys.executable, "-m", "surgeon", "run", str(recipe), "-o", str(out), "-q"], env=env,
-                          capture_output=True, text=True, preexec_fn=_limit_file_size(24_000), timeout=300)
+                          capture_output=True, text=True, preexec_fn=_limit_file_size(24_000), timeout=300,
+                          cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     msg = proc.stderr.strip().splitlines()[-1]

@@ -5,7 +5,9 @@ front — the engine's plan knows it before any weight is read. That lets it lay
 out every shard and write every header immediately, then place each tensor at
 its final offset with ``pwrite`` as it arrives, in any order. Memory therefore
 never holds more than the tensor being written (no shard buffering), no byte
-is copied twice, and several processes could fill different shards.
+is copied twice, and several processes could fill different shards. One
+process writes its shards past the page cache (:mod:`surgeon.io.direct_write`);
+several, or ``SURGEON_KEEP_WRITE_CACHE=1``, write buffered (:class:`DropBehind`).
 
 Everything happens in a staging folder beside the destination
 (``.NAME.surgeon-partial``); :meth:`CheckpointWriter.commit` renames it into
@@ -37,6 +39,7 @@ import torch
 
 from .. import settings
 from ..errors import InvalidInputError, StepError
+from .direct_write import AlignedBuffer, DirectFile, open_direct
 from .destination import MARKER, check_destination, destination_lock, written_by_surgeon
 from .header import CODES, dtype_size
 from .safe_files import check_inside, read_regular
@@ -224,6 +227,7 @@ class CheckpointWriter:
         self._slots: dict[str, _Slot] = {}
         self._files: list[str] = []
         self._fds: dict[str, int] = {}
+        self._direct: dict[str, DirectFile] = {}  # shard files written with O_DIRECT (open_direct)
         self._written: set[str] = set()
         self._filled: dict[str, int] = {}  # bytes placed so far of tensors written in parts
         self._journal: Any = None
@@ -329,14 +333,25 @@ class CheckpointWriter:
             raise StepError(f"{path}: cannot prepare output ({exc.strerror or exc})") from None
 
     def _open_shards(self, shards: list[list[TensorSpec]]) -> None:
+        buffer = None  # the direct writes' copy buffer, one for every shard
         for fname, shard in zip(self._files, shards):
             header, offsets = _header_bytes(shard, self.metadata)
             self._fds[fname] = os.open(self.staging / fname, os.O_RDWR)
+            size = len(header) + sum(s.nbytes for s in shard)
+            if self._direct_writes():
+                buffer = buffer or AlignedBuffer()
+                direct = open_direct(self.staging / fname, size, self._fds[fname], buffer)
+                if direct is not None:
+                    self._direct[fname] = direct
             if self.hash_shards:
-                self._streams[fname] = ShardHashStream(self._fds[fname], len(header) + sum(s.nbytes for s in shard),
-                                                       header)
+                self._streams[fname] = ShardHashStream(self._fds[fname], size, header)
             for s in shard:
                 self._slots[s.name] = _Slot(fname, len(header) + offsets[s.name], s)
+
+    def _direct_writes(self) -> bool:
+        """Whether shards go past the page cache: one process writes them (several would
+        patch the blocks they share at once) and nobody asked to keep the output cached."""
+        return self.coord.world == 1 and not settings.current().keep_write_cache
 
     def _journal_path(self, rank: int) -> Path:
         return self.staging / (self.JOURNAL if rank == 0 else f"{self.JOURNAL}.{rank}")
@@ -445,12 +460,19 @@ class CheckpointWriter:
     def _place(self, slot: _Slot, name: str, data: memoryview, at: int) -> None:
         """``pwrite`` bytes ``at`` bytes into a tensor's slot; journal the tensor once all of it is placed."""
         fd = self._fds[slot.file]
+        direct = self._direct.get(slot.file)
         try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], slot.offset + at + done)
+            if direct is not None:
+                direct.pwrite(data, slot.offset + at)
+            else:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], slot.offset + at + done)
             stream = self._streams.get(slot.file)
-            if stream is None:
+            if direct is not None:
+                if stream is not None:  # waiting ranges are read back (from the device) through ``fd``
+                    stream.placed(slot.offset + at, data)
+            elif stream is None:
                 self._behind.wrote(fd, slot.offset + at, len(data))
             else:  # drop only what is hashed: waiting ranges are read back from the cache
                 before = stream.prefix
@@ -516,6 +538,8 @@ class CheckpointWriter:
 
         Returns the destination; :attr:`digests` then holds the shards' sha256 hashed while writing."""
         try:
+            while self._direct:
+                self._direct.popitem()[1].close()
             for fd in self._fds.values():
                 os.fsync(fd)
                 os.close(fd)
@@ -590,6 +614,8 @@ class CheckpointWriter:
 
     def abort(self, keep_partial: bool = False) -> None:
         """Close files; remove the staging folder (rank 0) unless asked to keep it for resuming."""
+        while self._direct:
+            self._direct.popitem()[1].abandon()
         for fd in self._fds.values():
             try:
                 os.close(fd)
