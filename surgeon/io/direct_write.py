@@ -6,9 +6,11 @@ page-cache pages that the kernel then writes back and (with
 the writer thread spent ~1.5 CPU-s of kernel time (``copy_folio_from_iter``,
 ext4's delayed allocation) on a 1.1B model's 2.2 GB, a fifth of a linear
 merge's CPU. With ``O_DIRECT`` the device reads the bytes from our buffer:
-2.2 GB written and synced in 1.3-1.5 s of wall time and 0.13 CPU-s, against
-3.5-6.2 s and 2.7-5.3 CPU-s buffered (``write`` + ``fsync``, same file
-system, alternating runs).
+2.2 GB written and synced in 1.2-1.5 s of wall time and 0.13-0.3 CPU-s (the
+copy into the aligned buffer included), against 3.5-6.2 s and 2.7-5.3 CPU-s
+buffered in 8 MB writes (``write`` + ``fsync``, same file system,
+alternating runs; the merge bench's best-of-two floor: 1.5 s against 1.7-1.8
+for 2.5 GB).
 
 The rule ``O_DIRECT`` imposes. File offsets, lengths and memory addresses
 must be multiples of the device's block (:data:`BLOCK` covers 512- and
