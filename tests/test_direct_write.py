@@ -150,3 +150,69 @@ def test_checkpoint_written_directly_equals_the_buffered_one(tmp_path: Path, mon
         assert direct.digests[name].current() == hashlib.sha256((tmp_path / "direct" / name).read_bytes()).hexdigest()
     loaded = {k: v for name in files for k, v in load_file(str(tmp_path / "direct" / name)).items()}
     assert all(loaded[n].equal(t) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize("congruent", [True, False])
+def test_blocks_go_from_the_callers_memory_when_it_sits_on_block_boundaries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, congruent: bool) -> None:
+    import mmap
+
+    path = tmp_path / "shard"
+    size, at = 12 * BLOCK + 300, BLOCK + 100  # the write starts 100 bytes into a block
+    fd, f = _open(path, size, b"")
+    memory = mmap.mmap(-1, 16 * BLOCK)  # page-aligned
+    lead = 100 if congruent else 101    # the same place within a block as the file offset, or not
+    n = 9 * BLOCK + 50
+    payload = random.Random(2).randbytes(n)
+    memory[lead:lead + n] = payload
+    copies: list[int] = []
+    real = direct_write.ctypes.memmove
+    monkeypatch.setattr(direct_write.ctypes, "memmove", lambda d, s, k: (copies.append(k), real(d, s, k))[1])
+    try:
+        with memoryview(memory) as view:
+            f.pwrite(view[lead:lead + n], at)
+        assert f.direct
+        f.close()
+    finally:
+        os.close(fd)
+    assert copies == ([] if congruent else [8 * BLOCK])  # the whole blocks inside the write: copied or not
+    want = bytearray(size)
+    want[at:at + n] = payload
+    assert path.read_bytes() == bytes(want)
+
+
+def test_a_merge_writes_its_output_pieces_without_a_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine places each pooled output piece at its file offset modulo a block (RowSink.file_offset)."""
+    import surgeon
+    from safetensors.torch import save_file
+
+    from surgeon.io import Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        sd = {"model.layers.0.mlp.up_proj.weight": torch.randn(1031, 701, generator=g).bfloat16(),  # 1.4 MB
+              "model.layers.0.mlp.down_proj.weight": torch.randn(701, 1031, generator=g).bfloat16(),
+              "model.norm.weight": torch.randn(701, generator=g).bfloat16()}
+        save_file(sd, tmp_path / name / "model.safetensors")
+        inputs.append(sd)
+    copies: list[int] = []
+    direct: list[int] = []
+    real_copy, real_write = direct_write.ctypes.memmove, direct_write.DirectFile.pwrite
+    monkeypatch.setattr(direct_write.ctypes, "memmove", lambda d, s, k: (copies.append(k), real_copy(d, s, k))[1])
+
+    def spy(self: direct_write.DirectFile, data: memoryview, offset: int) -> None:
+        direct.append(len(data))
+        real_write(self, data, offset)
+
+    monkeypatch.setattr(direct_write.DirectFile, "pwrite", spy)
+    out = tmp_path / "out"
+    surgeon.merge_models("linear", [str(tmp_path / "a"), str(tmp_path / "b")], str(out), quiet=True)
+    if not direct:
+        pytest.skip(f"{tmp_path}: this file system has no O_DIRECT")
+    assert max(direct) >= 1031 * 701 * 2 // 2 and copies == []
+    ck = Checkpoint.open(out)
+    for name, a in inputs[0].items():
+        want = ((a.float() + inputs[1][name].float()) / 2).bfloat16()
+        assert torch.allclose(ck.get(name).float(), want.float(), rtol=1e-2, atol=1e-2)

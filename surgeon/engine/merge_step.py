@@ -417,6 +417,10 @@ class _BackgroundWriter:
     def put(self, task: TensorTask, out: torch.Tensor) -> None:
         self._submit(self._write, task, out)
 
+    def file_offset(self, task: TensorTask, start: int) -> int:
+        """Where row ``start`` of ``task`` lands in its shard file (bytes)."""
+        return self.writer.byte_offset(task.name, start)
+
     def put_rows(self, task: TensorTask, start: int, rows: torch.Tensor,
                  release: Callable[[], None] | None = None) -> None:
         """Write rows of a tensor; ``release`` is called once their buffer is no longer needed."""

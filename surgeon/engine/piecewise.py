@@ -43,6 +43,7 @@ import torch
 from ..allocator import HeapTrim
 from ..errors import InvalidInputError, StepError
 from ..io.checkpoint import Checkpoint
+from ..io.direct_write import BLOCK
 from ..merge.kernels.base import Kernel, PieceInputs, merge_piece, observe_piece
 from ..merge.tensor import TensorMerge
 
@@ -59,6 +60,10 @@ class RowSink(Protocol):
     def put_rows(self, task: TensorTask, start: int, rows: torch.Tensor,
                  release: Callable[[], None] | None = None) -> None:
         """Write ``rows`` of ``task`` from row ``start``; call ``release`` once their buffer is free."""
+
+    def file_offset(self, task: TensorTask, start: int) -> int:
+        """Where row ``start`` of ``task`` lands in its file, in bytes (an output piece placed at
+        the same address modulo :data:`surgeon.io.direct_write.BLOCK` is written without a copy)."""
 
 
 class Prefetch(Protocol):
@@ -376,19 +381,24 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
     load = _PieceLoader(plan, inputs, rt.device, whole_loader, read_buffers)
     # merged pieces go to the writer thread in buffers that come back once written: a fresh
     # output buffer per piece page-faulted (and zeroed) every output byte again
-    out_buffers = _BufferPool(max((j.out_piece_bytes(i) for j in jobs for i in range(len(j.pieces))), default=0))
+    # each output buffer has room to start its piece at the piece's file offset modulo a block
+    out_buffers = _BufferPool(max((j.out_piece_bytes(i) for j in jobs for i in range(len(j.pieces))), default=0)
+                              + BLOCK)
     compute = 0.0
     last_piece_of_pass = {id(j): len(j.pieces) - 1 for j in jobs}
     trim = HeapTrim()
 
-    def new_output(job: _Job, numel: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def new_output(job: _Job, numel: int, device: torch.device, r0: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         dtype = job.task.spec.dtype
         nbytes = numel * dtype.itemsize
         # small outputs (norms, biases) come from malloc's heaps, which reuse them anyway
-        buf = out_buffers.take(nbytes) if device.type == "cpu" and nbytes >= _POOLED_OUTPUT else None
+        buf = out_buffers.take(nbytes + BLOCK) if device.type == "cpu" and nbytes >= _POOLED_OUTPUT else None
         if buf is None:
             return torch.empty(numel, dtype=dtype, device=device), []
-        return buf[:nbytes].view(dtype), [buf]
+        # the piece starts where its file offset falls within a block, so that a direct write sends its
+        # whole blocks from here (surgeon.io.direct_write); both are multiples of the element size
+        shift = (out_queue.file_offset(job.task, r0) - buf.data_ptr()) % BLOCK
+        return buf[shift:shift + nbytes].view(dtype), [buf]
 
     def process(read: _Read, piece: PieceInputs) -> _Done:
         job = read.job
@@ -406,7 +416,7 @@ def _execute_pieces(plan: MergePlan, inputs: dict[str, Checkpoint], jobs: list[_
                 trim()  # the tensor's statistics are done: their heap holes go back (if they grew)
             r0, r1 = job.pieces[read.piece]
             shape = job.task.spec.shape
-            out, held = new_output(job, piece.numel, piece.models[0].device)
+            out, held = new_output(job, piece.numel, piece.models[0].device, r0)
             try:
                 finite = merge_piece(job.kernel, job.meta, piece, out)
             except (InvalidInputError, StepError):

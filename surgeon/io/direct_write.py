@@ -15,8 +15,10 @@ for 2.5 GB).
 The rule ``O_DIRECT`` imposes. File offsets, lengths and memory addresses
 must be multiples of the device's block (:data:`BLOCK` covers 512- and
 4096-byte devices). A tensor's bytes start and end anywhere, so each write
-is split into whole blocks inside it, copied through one page-aligned buffer
-(a memcpy: ~0.1 s a GB) and written directly, and at most two *edge* blocks
+is split into whole blocks inside it, written directly from the caller's
+memory where that sits on block boundaries too (the merge engine places its
+output pieces so: ``RowSink.file_offset``), else copied through one
+page-aligned buffer first (a memcpy: ~0.1 s a GB), and at most two *edge* blocks
 it shares with its neighbours: those are read (from :attr:`DirectFile._edges`,
 the blocks this file touched last, or from the file), patched with the
 write's bytes and written back whole. Every byte therefore goes through
@@ -50,6 +52,8 @@ import numpy as np
 BLOCK = 4096
 #: bytes of a write copied into the aligned buffer and written per system call
 CHUNK = 4 << 20
+#: most bytes one direct write sends from the caller's memory (the kernel pins them meanwhile)
+DIRECT_MAX = 64 << 20
 #: edge blocks kept in memory (a piece's last block is the next piece's first)
 EDGES = 64
 
@@ -137,25 +141,31 @@ class DirectFile:
             return
         if offset < first:
             self._patch(offset // BLOCK, offset % BLOCK, data[:first - offset])
-        src = np.frombuffer(data, dtype=np.uint8)
-        addr = src.ctypes.data
+        addr = np.frombuffer(data, dtype=np.uint8).ctypes.data
         at = first
-        while at < last:
-            k = min(CHUNK, last - at)
-            ctypes.memmove(self._buf_addr, addr + (at - offset), k)  # ctypes lets go of the GIL
-            self._write_all(k, at)
-            at += k
+        if (addr + first - offset) % BLOCK == 0:  # the whole blocks sit on block boundaries in memory too: no copy
+            while at < last:
+                k = min(DIRECT_MAX, last - at)
+                self._write_from(data[at - offset:at - offset + k], at)
+                at += k
+        else:
+            while at < last:
+                k = min(CHUNK, last - at)
+                ctypes.memmove(self._buf_addr, addr + (at - offset), k)  # ctypes lets go of the GIL
+                with memoryview(self._buf) as view:
+                    self._write_from(view[:k], at)
+                at += k
         if end > last:
             self._patch(last // BLOCK, 0, data[last - offset:])
 
-    def _write_all(self, k: int, at: int) -> None:
-        with memoryview(self._buf) as view:
-            done = 0
-            while done < k:  # a short direct write ends on a block: the rest follows aligned
-                w = os.pwrite(self.fd, view[done:k], at + done)
-                if w <= 0:
-                    raise OSError(errno.EIO, f"direct write of {k} bytes at {at} wrote nothing")
-                done += w
+    def _write_from(self, view: memoryview, at: int) -> None:
+        """Write the block-aligned ``view`` (address and length) at the block offset ``at``."""
+        done, k = 0, len(view)
+        while done < k:  # a short direct write ends on a block: the rest follows aligned
+            w = os.pwrite(self.fd, view[done:], at + done)
+            if w <= 0:
+                raise OSError(errno.EIO, f"direct write of {k} bytes at {at} wrote nothing")
+            done += w
 
     def _patch(self, block: int, start: int, part: memoryview) -> None:
         """Put ``part`` at ``start`` of edge block ``block`` and write the block whole."""
@@ -167,7 +177,8 @@ class DirectFile:
         while len(self._edges) > EDGES:
             self._edges.popitem(last=False)
         self._buf[:BLOCK] = edge
-        self._write_all(BLOCK, block * BLOCK)
+        with memoryview(self._buf) as view:
+            self._write_from(view[:BLOCK], block * BLOCK)
 
     def _read_block(self, block: int) -> bytearray:
         """Block ``block`` as it is in the file (zeros past its end: a direct read is short only there)."""

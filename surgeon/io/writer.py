@@ -403,6 +403,14 @@ class CheckpointWriter:
         slot = self._slots[name]
         return self._files.index(slot.file), slot.offset
 
+    def byte_offset(self, name: str, start_row: int = 0) -> int:
+        """Where row ``start_row`` of a planned tensor lands in its shard file, in bytes (callers
+        that can choose where a piece sits in memory put it at the same offset modulo
+        :data:`surgeon.io.direct_write.BLOCK`: it is then written without a copy)."""
+        slot = self._slots[name]
+        rows = slot.spec.shape[0] if slot.spec.shape else 1
+        return slot.offset + start_row * (slot.spec.nbytes // rows if rows else 0)
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Place one tensor at its final offset (shape and dtype must match the plan)."""
         slot = self._slots.get(name)
