@@ -102,7 +102,6 @@ class DirectFile:
         self.size = size
         self._fallback = fallback_fd
         self.direct = True
-        self._shared = buffer
         self._buf = buffer.buf
         self._buf_addr = buffer.addr
         self._edges: collections.OrderedDict[int, bytearray] = collections.OrderedDict()
