@@ -15,18 +15,23 @@ from safetensors.torch import load_file
 
 from surgeon.io import CheckpointWriter, TensorSpec
 from surgeon.io import direct_write
-from surgeon.io.direct_write import BLOCK, open_direct
+from surgeon.io.direct_write import BLOCK, file_system, open_direct
 
 
 def _open(path: Path, size: int, head: bytes) -> tuple[int, direct_write.DirectFile]:
+    """The file ``path`` of ``size`` bytes starting with ``head``, and a DirectFile on it (made here, not
+    through open_direct's list of file systems, so that any file system taking O_DIRECT runs these)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     os.pwrite(fd, head, 0)
     os.ftruncate(fd, size)
-    f = open_direct(path, size, fd)
-    if f is None:
+    try:
+        direct_fd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0)) if direct_write.supported() else -1
+    except OSError:
+        direct_fd = -1
+    if direct_fd < 0:
         os.close(fd)
         pytest.skip(f"{path.parent}: this file system has no O_DIRECT")
-    return fd, f
+    return fd, direct_write.DirectFile(direct_fd, size, fd, direct_write.AlignedBuffer())
 
 
 def _pieces(rng: random.Random, start: int, stop: int, cuts: int) -> list[tuple[int, int]]:
@@ -216,3 +221,40 @@ def test_a_merge_writes_its_output_pieces_without_a_copy(tmp_path: Path, monkeyp
     for name, a in inputs[0].items():
         want = ((a.float() + inputs[1][name].float()) / 2).bfloat16()
         assert torch.allclose(ck.get(name).float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+MOUNTINFO = """\
+22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+30 22 0:26 / /tmp rw shared:2 - tmpfs tmpfs rw
+31 22 0:40 / /mnt/my\\040models rw shared:3 - nfs4 server:/export rw
+32 31 252:2 / /mnt/my\\040models/local rw shared:4 - xfs /dev/vdb rw
+33 22 0:50 / /work rw shared:5 - ext4 /dev/vdc rw
+34 22 0:51 / /work rw shared:6 - fuse.sshfs host:/ rw
+"""
+
+
+@pytest.mark.parametrize("path, kind", [("/home/u/out", "ext4"), ("/tmp/x", "tmpfs"), ("/mnt/my models/out", "nfs4"),
+                                        ("/mnt/my models/local/out", "xfs"), ("/mnt/my", "ext4"),
+                                        ("/work/out", "fuse.sshfs")])  # mounted over: the last one counts
+def test_file_system_is_the_deepest_mount_above_the_path(path: str, kind: str) -> None:
+    assert file_system(path, MOUNTINFO) == kind
+
+
+def test_outputs_on_other_file_systems_are_written_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(direct_write, "file_system", lambda path, mountinfo=None: "nfs4")
+    path = tmp_path / "f"
+    path.write_bytes(bytes(BLOCK))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert open_direct(path, BLOCK, fd) is None  # NFS: a direct write can be a round trip per call
+    finally:
+        os.close(fd)
+    used: list[int] = []
+    real = direct_write.DirectFile.pwrite
+    monkeypatch.setattr(direct_write.DirectFile, "pwrite", lambda self, d, o: (used.append(len(d)), real(self, d, o))[1])
+    t = torch.arange(10_000, dtype=torch.float32).reshape(100, 100)
+    with CheckpointWriter(tmp_path / "out", [TensorSpec("t", (100, 100), torch.float32)]) as w:
+        w.write_rows("t", 50, t[50:])
+        w.write_rows("t", 0, t[:50])
+        w.commit()
+    assert used == [] and load_file(str(tmp_path / "out" / "model.safetensors"))["t"].equal(t)

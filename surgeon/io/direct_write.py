@@ -35,7 +35,8 @@ file back and syncs it. Where the file system refuses ``O_DIRECT`` (at open,
 or at the first write), :func:`open_direct` returns None or the file falls
 back to the buffered descriptor for every later write: blocks written
 directly before are on the device, so later buffered writes read them back
-correctly.
+correctly. Only local block-device file systems (:data:`DIRECT_FILE_SYSTEMS`) are
+written directly; on NFS, FUSE or overlay a direct write can cost a round trip per call.
 """
 from __future__ import annotations
 
@@ -59,10 +60,40 @@ EDGES = 64
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
+#: file systems on local block devices, where a direct write goes to the disk as fast as writeback
+#: would. Elsewhere (NFS, SMB, FUSE, overlay, tmpfs, cluster file systems) the output is written
+#: buffered: a direct write there can be a synchronous round trip per call
+DIRECT_FILE_SYSTEMS = frozenset({"ext4", "ext3", "xfs", "btrfs", "f2fs", "bcachefs"})
+
 
 def supported() -> bool:
     """Whether this platform has ``O_DIRECT`` at all (Linux does; macOS does not)."""
     return _O_DIRECT != 0
+
+
+def file_system(path: os.PathLike[str] | str, mountinfo: str | None = None) -> str | None:
+    """The type of the file system holding ``path`` (the deepest mount point above it in
+    Linux's ``/proc/self/mountinfo``, or in ``mountinfo``), or None where that cannot be read."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+                mountinfo = fh.read()
+        except OSError:
+            return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, after = left.split(), right.split()
+        if not sep or len(fields) < 5 or not after:
+            continue
+        mount = fields[4]
+        for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            mount = mount.replace(code, char)
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):  # the deepest mount point; of equal ones, the last mounted
+            best, kind = mount, after[0]
+    return kind
 
 
 class AlignedBuffer:
@@ -81,11 +112,11 @@ class AlignedBuffer:
 def open_direct(path: os.PathLike[str] | str, size: int, fallback_fd: int,
                 buffer: AlignedBuffer | None = None) -> DirectFile | None:
     """A :class:`DirectFile` writing into the existing file ``path`` of planned ``size``
-    bytes, or None where the platform or the file system has no ``O_DIRECT`` (tmpfs
-    before Linux 6.6, some network and FUSE file systems). ``fallback_fd``: an open,
+    bytes, or None where the platform has no ``O_DIRECT``, the file system is not one of
+    :data:`DIRECT_FILE_SYSTEMS`, or it refuses the flag. ``fallback_fd``: an open,
     buffered, writable descriptor of the same file, used if a direct write is refused;
     ``buffer``: shared with the checkpoint's other files (default: its own)."""
-    if not supported():
+    if not supported() or file_system(path) not in DIRECT_FILE_SYSTEMS:
         return None
     try:
         fd = os.open(path, os.O_RDWR | _O_DIRECT)
