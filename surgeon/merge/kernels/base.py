@@ -36,10 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..tensor import TensorMerge
+from ._raw import flat_array, raw_inputs, raw_view
 
 #: elements per block on CPU (1 MiB of float32 per operand); on other devices
 #: a block is a whole piece (GPUs want large kernels, not cache blocking)
@@ -117,6 +119,33 @@ class Kernel:
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         """The float32 merged values of one block (same shape as ``blk.base``)."""
         raise NotImplementedError
+
+
+class CompiledLoop(Kernel):
+    """Base of kernels whose one compiled loop, ``_run(base, models, out)``, merges flat arrays
+    both from the stored dtype (:meth:`merge_raw`, whole pieces) and as float32 (:meth:`merge`,
+    blocks): this class makes the arrays for it. ``reads_base``: False for loops that never read
+    the base (then ``base`` is None)."""
+
+    reads_base = True
+
+    def _run(self, base: Any, models: tuple[Any, ...], out: Any) -> bool:
+        """Merge into ``out``; whether every result was finite."""
+        raise NotImplementedError
+
+    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
+        raw = raw_inputs(piece.base if self.reads_base else None, piece.models)
+        o = raw_view(out)
+        if raw is None or o is None or (self.reads_base and raw[0] is None):
+            return None
+        return self._run(raw[0], raw[1], o)
+
+    def merge(self, blk: TensorMerge) -> torch.Tensor:
+        ref = blk.models[0]
+        out = torch.empty(ref.numel(), dtype=torch.float32)
+        base = flat_array(blk.base) if self.reads_base else None
+        self._run(base, tuple(flat_array(m) for m in blk.models), out.numpy())
+        return out.reshape(ref.shape)
 
 
 class Elementwise(Kernel):

@@ -22,13 +22,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..tensor import TensorMerge
 from . import _raw
 from ._jit import compiled
-from ._raw import raw_inputs, raw_view
-from .base import Kernel, PieceInputs
+from .base import CompiledLoop
 
 _CH = _raw.CHUNK
 
@@ -81,7 +79,7 @@ def available() -> bool:
     return _kernels() is not None
 
 
-class WeightedSumKernel(Kernel):
+class WeightedSumKernel(CompiledLoop):
     """``linear`` (``task=False``) or ``task_arithmetic`` (``task=True``) on CPU,
     whole pieces from their stored dtype, or float32 blocks."""
 
@@ -94,25 +92,13 @@ class WeightedSumKernel(Kernel):
         self.total = np.float32(sum(weights))
         self.lam = np.float32(float(p["lambda"]) if task else 1.0)
 
-
+    @property
+    def reads_base(self) -> bool:  # type: ignore[override]
+        return self.task  # task arithmetic adds to the base; linear never reads it
 
     def _run(self, base: Any, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
         b = base if self.task else models[0]  # linear reads no base; any array of the right type will do
         return bool(_kernels().weighted_sum(b, models, self.w, self.task, self.normalize, self.total, self.lam,
                                             out))
-
-    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
-        raw = raw_inputs(piece.base if self.task else None, piece.models)
-        o = raw_view(out)
-        if raw is None or o is None or (self.task and raw[0] is None):
-            return None
-        return self._run(raw[0], raw[1], o)
-
-    def merge(self, blk: TensorMerge) -> torch.Tensor:
-        ref = blk.models[0]
-        out = torch.empty(ref.numel(), dtype=torch.float32)
-        base = _raw.flat_array(blk.base) if self.task else None
-        self._run(base, tuple(_raw.flat_array(m) for m in blk.models), out.numpy())
-        return out.reshape(ref.shape)
 
 

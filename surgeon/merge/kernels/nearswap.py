@@ -20,13 +20,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..tensor import TensorMerge
 from . import _raw
 from ._jit import compiled
-from ._raw import raw_inputs, raw_view
-from .base import Kernel, PieceInputs
+from .base import CompiledLoop
 
 _CH = _raw.CHUNK
 
@@ -70,25 +68,12 @@ def available() -> bool:
     return _kernels() is not None
 
 
-class NearSwapKernel(Kernel):
+class NearSwapKernel(CompiledLoop):
     """``nearswap`` on CPU: whole pieces from their stored dtype, or float32 blocks."""
 
     def __init__(self, meta: TensorMerge, min_diff: float):
         self.t = np.float32(float(meta.params["t"]))  # torch casts the scalar to the tensor's float32
         self.min_diff = np.float32(min_diff)
 
-    def _run(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
-        return bool(_kernels().blend(a, b, self.t, self.min_diff, out))
-
-    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
-        raw = raw_inputs(piece.base, piece.models)
-        o = raw_view(out)
-        if raw is None or o is None or raw[0] is None:
-            return None
-        return self._run(raw[0], raw[1][0], o)
-
-    def merge(self, blk: TensorMerge) -> torch.Tensor:
-        assert blk.base is not None
-        out = torch.empty(blk.base.numel(), dtype=torch.float32)
-        self._run(_raw.flat_array(blk.base), _raw.flat_array(blk.models[0]), out.numpy())
-        return out.reshape(blk.base.shape)
+    def _run(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
+        return bool(_kernels().blend(base, models[0], self.t, self.min_diff, out))
