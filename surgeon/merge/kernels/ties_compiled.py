@@ -20,6 +20,7 @@ catches it; which NaN or sign of zero shows may differ.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import rng as _random
+from ..select.counting import DEBRUIJN_INDEX, DEBRUIJN_MAGIC
 from . import _raw
 from ._jit import compiled, numba_module
 
@@ -89,15 +91,25 @@ def _kernels(jit: Any) -> Any:
 
     @jit
     def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, masks, scales, band,
-              band_quota, w, mode, zero_sign, normalize, positive_weights, total, lam,
-              out_all):  # pragma: no cover - compiled
+              band_quota, w, mode, zero_sign, normalize, positive_weights, total, lam, br_lo, br_hi, br_below,
+              br_pos, br_b, br_m, br_count, out_all):  # pragma: no cover - compiled
         # Inputs and output in their stored dtype (float32, or bf16 bits as
         # uint16: see surgeon.merge.kernels._raw), widened one chunk at a time. Loops
         # index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with an
         # offset index LLVM kept every loop scalar (6x slower).
+        # Brackets (TIES in one pass, when br_lo is not empty): model i with br_hi[i] > 0 keeps
+        # the entries with |x| >= br_hi[i] (instead of its trim), counts those with
+        # |x| < br_lo[i] into br_below[i], and the entries inside [br_lo[i], br_hi[i]) of any
+        # model are listed in br_pos (flat indices; one spare last slot takes the writes past its
+        # capacity; br_count[0] counts them all), words of flags scanned as the counting loop does,
+        # their inputs copied to br_b and br_m (stored dtype; [models, capacity + 1]).
         # Returns whether every result was finite.
         nm = len(ms)
         n = b_all.shape[0]
+        bracketed = br_lo.shape[0] > 0
+        flag = np.zeros(_CH, np.uint8)
+        words = flag.view(np.uint64)
+        last = br_pos.shape[0] - 1
         d = np.empty((nm, _CH), np.float32)
         b = np.empty(_CH, np.float32)
         m = np.empty(_CH, np.float32)
@@ -142,6 +154,17 @@ def _kernels(jit: Any) -> Any:
                         if rescale:
                             for j in range(k):
                                 row[j] = row[j] / dn
+                elif bracketed and br_hi[i] > zero:  # keep above the bracket, count below it, flag inside
+                    lo_i = br_lo[i]
+                    hi_i = br_hi[i]
+                    cnt = 0
+                    for j in range(k):
+                        x = m[j] - b[j]
+                        a = abs(x)
+                        row[j] = zero if a < hi_i else x  # a NaN stays, as in the trim
+                        cnt += 1 if a < lo_i else 0
+                        flag[j] |= 1 if (a >= lo_i) & (a < hi_i) else 0
+                    br_below[i] += cnt
                 else:
                     t = strict[i]
                     q = quota[i]
@@ -174,6 +197,23 @@ def _kernels(jit: Any) -> Any:
                 if wi != one:
                     for j in range(k):
                         row[j] = row[j] * wi
+            if bracketed:  # list the chunk's flagged entries (each set byte of a word by its lowest bit)
+                listed = br_count[0]
+                for qw in range(_CH // 8):
+                    wd = words[qw]
+                    if wd != 0:
+                        words[qw] = 0
+                        while wd != 0:
+                            low = wd & (~wd + np.uint64(1))
+                            at = min(listed, last)
+                            jj = s + 8 * qw + (DEBRUIJN_INDEX[(low * DEBRUIJN_MAGIC) >> np.uint64(58)] >> 3)
+                            br_pos[at] = jj
+                            br_b[at] = b_all[jj]  # in cache now: gathering them later read every line again
+                            for i in range(nm):
+                                br_m[i, at] = ms[i][jj]
+                            listed += 1
+                            wd ^= low
+                br_count[0] = listed
             # acc: the weighted sum (modes 0 and 2) or the sum of signs (mode 1)
             row = d[0]
             if mode == 1:
@@ -241,7 +281,37 @@ def _kernels(jit: Any) -> Any:
             _raw.store_checked(mixed, out_all[s:e], chk)
         return _raw.all_finite(chk)
 
-    return SimpleNamespace(merge=merge)
+    @jit
+    def patterns(b_at, m_at, lo, hi, kept, kept_n):  # pragma: no cover - compiled
+        # Of each model with hi[i] > 0, the bit patterns of |m_at[i] - b_at| inside [lo[i], hi[i])
+        # into kept[i, :kept_n[i]] (inputs in their stored dtype, m_at a tuple of rows; kept one
+        # entry longer than b_at).
+        nm = len(m_at)
+        listed = b_at.shape[0]
+        b = np.empty(_CH, np.float32)
+        m = np.empty(_CH, np.float32)
+        mag = np.empty(_CH, np.float32)
+        mag_bits = mag.view(np.uint32)
+        for i in range(nm):
+            if not hi[i] > np.float32(0.0):
+                continue
+            lo_i = lo[i]
+            hi_i = hi[i]
+            dst = kept[i]
+            c = 0
+            for s in range(0, listed, _CH):
+                e = min(listed, s + _CH)
+                _raw.load(b_at[s:e], b)
+                _raw.load(m_at[i][s:e], m)
+                for j in range(e - s):
+                    mag[j] = abs(m[j] - b[j])
+                for j in range(e - s):  # branch-free: about a third of the entries are inside
+                    a = mag[j]
+                    dst[c] = mag_bits[j]
+                    c += 1 if (a >= lo_i) & (a < hi_i) else 0
+            kept_n[i] = c
+
+    return SimpleNamespace(merge=merge, patterns=patterns)
 
 
 def available() -> bool:
@@ -321,21 +391,93 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockA
 _NO_MASKS = np.zeros((0, 0), dtype=np.uint8)
 _NO_BAND = np.zeros((0, 2), dtype=np.float32)
 _NO_BAND_QUOTA = np.zeros((0, 2), dtype=np.int64)
+_NO_BRACKETS = np.zeros(0, dtype=np.float32)
+_NO_COUNTS = np.zeros(0, dtype=np.int64)
+_NO_POSITIONS = np.zeros(1, dtype=np.int64)
+
+
+_THREAD = threading.local()
+
+
+def thread_scratch(key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` (contents undefined) in memory this thread reuses
+    under ``key``: fresh arrays of tens of MB per tensor cost page faults each time (their
+    pages went back to the system when freed); these stay mapped while the thread lives."""
+    bufs: dict[str, np.ndarray] = _THREAD.__dict__.setdefault("bufs", {})
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buf = bufs.get(key)
+    if buf is None or buf.nbytes < need:
+        buf = bufs[key] = np.empty(need + need // 4, np.uint8)  # grows by a quarter more than asked
+    return buf[:need].view(dtype).reshape(shape)
+
+
+@dataclass
+class Brackets:
+    """TIES in one pass (:meth:`surgeon.merge.kernels.ties.TiesKernel.merge_raw`): per model,
+    a range ``[lo, hi)`` of ``|delta|`` (``hi`` 0: none) that the merge keeps above, drops
+    below and counts around. Filled in by :func:`merge_raw`: ``below`` (entries under each
+    model's range), and of the piece's entries inside any model's range, in flat order,
+    ``positions`` (flat indices) and ``base``/``models`` (their inputs, stored dtype), the
+    first ``count`` of each (``count`` may exceed the capacity: then the lists are cut)."""
+
+    lo: np.ndarray         # float32 [models]
+    hi: np.ndarray         # float32 [models]
+    below: np.ndarray      # int64 [models], added to
+    positions: np.ndarray  # int64 [capacity + 1]: the last slot takes the writes past the capacity
+    base: np.ndarray       # [capacity + 1], the base's stored dtype
+    models: np.ndarray     # [models, capacity + 1], the models' stored dtype
+    count: np.ndarray      # int64 [1], added to
+
+    @classmethod
+    def empty(cls, lo: np.ndarray, hi: np.ndarray, capacity: int, base_dtype: np.dtype,
+              model_dtype: np.dtype) -> Brackets:
+        nm = len(lo)
+        return cls(lo.astype(np.float32), hi.astype(np.float32), np.zeros(nm, np.int64),
+                   thread_scratch("positions", (capacity + 1,), np.int64),
+                   thread_scratch("base", (capacity + 1,), base_dtype),
+                   thread_scratch("models", (nm, capacity + 1), model_dtype), np.zeros(1, np.int64))
+
+    @property
+    def overflowed(self) -> bool:
+        return int(self.count[0]) > self.positions.shape[0] - 1
+
+    def listed(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+        """The listed positions, base values and model values (call when not :attr:`overflowed`)."""
+        c = int(self.count[0])
+        return self.positions[:c], self.base[:c], tuple(self.models[i, :c] for i in range(self.models.shape[0]))
+
+    def inside(self) -> dict[int, np.ndarray]:
+        """Per bracketed model, the bit patterns (uint32) of its listed ``|delta|`` inside its range."""
+        _, b_at, m_at = self.listed()
+        nm = len(m_at)
+        kept = thread_scratch("inside", (nm, b_at.shape[0] + 1), np.uint32)  # + a slot for the last entry's write
+        kept_n = np.zeros(nm, np.int64)
+        _kernels().patterns(b_at, m_at, self.lo, self.hi, kept, kept_n)
+        return {i: kept[i, :int(kept_n[i])] for i in range(nm) if self.hi[i] > 0}
 
 
 def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs, out: np.ndarray,
               keys: Sequence[int] = (), offset: int = 0, masks: np.ndarray | None = None,
-              band: np.ndarray | None = None, band_quota: np.ndarray | None = None) -> bool:
+              band: np.ndarray | None = None, band_quota: np.ndarray | None = None,
+              brackets: Brackets | None = None) -> bool:
     """Merge flat stored-dtype arrays (:func:`surgeon.merge.kernels._raw.raw_inputs`)
     into ``out`` (float32, or uint16 for bf16); returns whether every result
     was finite. ``masks`` (DELLA): uint8 ``[models, ceil(n / 8)]``, entry ``j``
     of the piece kept by model ``i`` when bit ``7 - j % 8`` of ``masks[i, j // 8]`` is set.
     ``band``, ``band_quota`` (breadcrumbs, ``kinds == 4``): float32 and int64
     ``[models, 2]``, each model's start and stop cut and how many entries equal
-    to each cut its set still takes (updated in place)."""
+    to each cut its set still takes (updated in place). ``brackets`` (TIES'
+    trim only): counted and listed as :class:`Brackets` says."""
     ks = np.array([_random.signed_key(k) for k in keys] if args.drop else [], dtype=np.int64)
+    br = brackets
     return bool(_kernels().merge(base, models, ks, offset, args.strict, args.with_ties, args.quota, args.kinds,
                                  args.dens, args.rescale, _NO_MASKS if masks is None else masks, args.scales,
                                  _NO_BAND if band is None else band,
-                                 _NO_BAND_QUOTA if band_quota is None else band_quota, args.weights, args.mode, args.zero_sign, args.normalize, args.positive_weights,
-                                 args.total, args.lam, out))
+                                 _NO_BAND_QUOTA if band_quota is None else band_quota, args.weights, args.mode,
+                                 args.zero_sign, args.normalize, args.positive_weights, args.total, args.lam,
+                                 _NO_BRACKETS if br is None else br.lo, _NO_BRACKETS if br is None else br.hi,
+                                 _NO_COUNTS if br is None else br.below,
+                                 _NO_POSITIONS if br is None else br.positions,
+                                 base[:0] if br is None else br.base,
+                                 np.empty((len(models), 0), models[0].dtype) if br is None else br.models,
+                                 _NO_POSITIONS if br is None else br.count, out))

@@ -32,12 +32,12 @@ from ..kernels._jit import compiled
 TOP_BINS = 1 << 15
 #: count kinds of the counting loop, per series
 SKIP, TOP16, WINDOW, COLLECT = 0, 1, 2, 3
-#: the index of a uint64's only set bit ``b``: ``_DEBRUIJN[(b * _DEBRUIJN_MAGIC) >> 58]``
+#: the index of a uint64's only set bit ``b``: ``DEBRUIJN_INDEX[(b * DEBRUIJN_MAGIC) >> 58]``
 #: (the top 6 bits of a de Bruijn sequence shifted left by the index are distinct)
-_DEBRUIJN_MAGIC = np.uint64(0x03F79D71B4CB0A89)
-_DEBRUIJN = np.zeros(64, dtype=np.int64)
+DEBRUIJN_MAGIC = np.uint64(0x03F79D71B4CB0A89)
+DEBRUIJN_INDEX = np.zeros(64, dtype=np.int64)
 for _i in range(64):
-    _DEBRUIJN[((int(_DEBRUIJN_MAGIC) << _i) & ((1 << 64) - 1)) >> 58] = _i
+    DEBRUIJN_INDEX[((int(DEBRUIJN_MAGIC) << _i) & ((1 << 64) - 1)) >> 58] = _i
 del _i
 
 
@@ -113,7 +113,7 @@ def _kernels(jit: Any) -> Any:
                     w = words[q]
                     while w != 0:
                         low = w & (~w + np.uint64(1))
-                        j = 8 * q + (_DEBRUIJN[(low * _DEBRUIJN_MAGIC) >> np.uint64(58)] >> 3)
+                        j = 8 * q + (DEBRUIJN_INDEX[(low * DEBRUIJN_MAGIC) >> np.uint64(58)] >> 3)
                         keep[min(c, last)] = du[j]
                         c += 1
                         w ^= low

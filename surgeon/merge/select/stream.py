@@ -99,7 +99,8 @@ class _Counts:
     compiled: bool | None = None
 
 
-def _float(bits: int) -> float:
+def pattern_value(bits: int) -> float:
+    """The float32 whose bit pattern is ``bits``."""
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
@@ -171,6 +172,7 @@ class StreamSelector:
         self._width: dict[object, int] = {}
         self._cap: dict[object, int] = {}     # COLLECT: entries the compiled loop keeps
         self._from_top: set[object] = set()   # windows that are a top-16 bucket: they must hold the k-th
+        self._share: dict[object, float] = {}  # the sampled share of entries inside each bracket
         self._counts: _Counts | None = None
         self._ended = 0                       # passes closed so far
         self.sampled = False
@@ -226,9 +228,9 @@ class StreamSelector:
         hi_bits = at[hi_i]
         width = hi_bits - lo_bits + 1
         kind = WINDOW
+        vb = values.view(np.uint32)
+        share = self._share[series] = float(((vb >= lo_bits) & (vb <= hi_bits)).sum()) / m
         if width > SMALL_WINDOW:  # keep the entries inside if they are few enough, else histogram them
-            vb = values.view(np.uint32)
-            share = float(((vb >= lo_bits) & (vb <= hi_bits)).sum()) / m
             cap = min(self.n, int(1.5 * share * self.n) + 4096)
             if cap <= MAX_KEPT:
                 kind = COLLECT
@@ -237,6 +239,34 @@ class StreamSelector:
                 return  # count top bits instead
         self._kind[series] = kind
         self._lo[series], self._width[series] = lo_bits, width
+
+    def bracket(self, series: object) -> tuple[int, int, float] | None:
+        """The sampled bracket of ``series`` before the first pass: (lowest bit pattern,
+        width in patterns, sampled share of entries inside), or None without one."""
+        if self._ended or self._kind[series] not in (WINDOW, COLLECT) or series not in self._share:
+            return None
+        return self._lo[series], self._width[series], self._share[series]
+
+    def settle(self, below: dict[object, int], inside: dict[object, np.ndarray]) -> bool:
+        """Close the first pass from counts made outside it (a merge that counted around the
+        brackets while it merged: :meth:`surgeon.merge.kernels.ties.TiesKernel.merge_raw`):
+        per series, the entries below its :meth:`bracket` and the bit patterns (uint32) of
+        those inside it. True when every k-th smallest lies inside its bracket (:attr:`result`
+        then holds them all); False changes nothing (count with passes instead)."""
+        if self._ended or self._counts is not None:
+            raise RuntimeError("settle() closes the first pass, which is already under way")
+        result = {}
+        for s, k in self.ks.items():
+            rank, kept = k - below[s], inside[s]
+            if self.bracket(s) is None or not 1 <= rank <= kept.shape[0]:
+                return False
+            v, under, equal = rank_in_window(kept, rank, self._lo[s], self._width[s])
+            result[s] = Selected(pattern_value(v), below[s] + under, equal)
+        self.result.update(result)
+        for s in result:
+            self._kind[s] = _DONE
+        self._ended = 1
+        return True
 
     # -- counting ---------------------------------------------------------------
     def _counts_for(self, device: torch.device) -> _Counts:
@@ -315,7 +345,7 @@ class StreamSelector:
                 cum = torch.cumsum(fine, 0)
                 if 1 <= rank <= (int(cum[-1]) if cum.numel() else 0):
                     j = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype)))
-                    self.result[s] = Selected(_float(c.lo[t] + j), below + (int(cum[j - 1]) if j > 0 else 0),
+                    self.result[s] = Selected(pattern_value(c.lo[t] + j), below + (int(cum[j - 1]) if j > 0 else 0),
                                               int(fine[j]))
                     self._kind[s] = _DONE
                     continue
@@ -323,7 +353,7 @@ class StreamSelector:
                 kept = self._kept(c, t)
                 if kept is not None and 1 <= rank <= kept.shape[0]:
                     v, under, equal = rank_in_window(kept, rank, c.lo[t], c.width[t])
-                    self.result[s] = Selected(_float(v), below + under, equal)
+                    self.result[s] = Selected(pattern_value(v), below + under, equal)
                     self._kind[s] = _DONE
                     continue
             if s in self._from_top:
@@ -361,7 +391,7 @@ class SelectionPasses(Kernel):
         self.selector.observe(pass_no, blk.base, blk.models)
 
 
-def next_float(x: float, toward: float) -> float:
+def nextpattern_value(x: float, toward: float) -> float:
     """The float32 next to ``x`` in the direction of ``toward``."""
     import numpy as np
 
@@ -387,7 +417,7 @@ class RankCut:
         """Float mask (1 keep, 0 drop) for one block of the series (float ops: no bool tensors)."""
         t = self.t
         # [v < c] with c = t, or just above t when every tied entry belongs
-        c = next_float(t, float("inf")) if self.all_tied else t
+        c = nextpattern_value(t, float("inf")) if self.all_tied else t
         mask = (c - values).relu_().sign_()
         if not self.all_tied and self.quota > 0:
             idx = torch.nonzero((values == t).reshape(-1)).squeeze(1)

@@ -1,0 +1,186 @@
+"""TIES on a tensor in one piece reads its inputs once and equals the two-pass merge.
+
+The reference is the whole-tensor ``ties`` (``MergeMethod.fn``); the kernel is driven
+as the engine drives it (:func:`surgeon.merge.kernels.base.run_in_memory`: one piece,
+the statistic passes then the merge) on stored bf16 or float32 inputs. Counting calls
+of the selection's counting loop tells whether a statistic pass read the inputs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgeon.merge.apply import build_merge
+from surgeon.merge.kernels import ties_compiled
+from surgeon.merge.kernels.base import run_in_memory
+from surgeon.merge.kernels.ties import TiesKernel
+from surgeon.merge.registry import get_method
+from surgeon.merge.select import stream
+
+pytestmark = pytest.mark.skipif(not ties_compiled.available(), reason="the one-pass merge is the compiled loop's")
+
+CASES = [
+    dict(mps=[{"density": 0.3}, {"density": 0.5}, {"density": 1.0}]),
+    dict(mps=[{"density": 0.2, "weight": 1.0}, {"density": 0.7, "weight": 0.5}, {"density": 0.0, "weight": 2.0}]),
+    dict(mps=[{"density": 0.4}] * 3, consensus="count", normalize=False),
+    dict(mps=[{"density": 0.9999, "weight": -0.5}, {"density": 0.01}, {"density": 0.5}], mixing="sum"),
+    dict(mps=[{"density": 0.3, "weight": 0.7}] * 3, **{"lambda": 1.5}),
+]
+
+
+def _family(shape, dtype, seed=0, weights=0.02, deltas=0.002):
+    """bf16-representable values at an LLM's scales (weights ~0.02, fine-tune deltas a tenth
+    of that: each |delta| value repeats, hundreds of entries tie at each threshold), stored
+    as ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    base = (weights * torch.randn(shape, generator=g)).bfloat16()
+    models = [(base.float() + deltas * torch.randn(shape, generator=g)).bfloat16() for _ in range(3)]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+def _run(base, models, kw, counted):
+    """The kernel's result (float32) and the kernel, with the counting loop's calls recorded."""
+    kw = dict(kw)
+    mps = kw.pop("mps")
+    tm = build_merge("ties", base.float(), [m.float() for m in models], mps, **kw)
+    ref = get_method("ties").fn(tm)
+    kernel = get_method("ties").block_kernel(tm)
+    assert isinstance(kernel, TiesKernel)
+    counted.clear()
+    out = run_in_memory(kernel, tm, base, models)
+    return out, ref, kernel
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Calls of the selection's compiled counting loop (each reads every input once)."""
+    calls: list[int] = []
+    real = stream.count_deltas_compiled
+
+    def record(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(stream, "count_deltas_compiled", record)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_one_piece_is_merged_in_one_pass_equal_to_the_reference(dtype, case, counted) -> None:
+    base, models = _family((600, 1000), dtype, seed=case)
+    out, ref, kernel = _run(base, models, CASES[case], counted)
+    assert torch.equal(out, ref)
+    assert kernel._one_pass and kernel.selector.misses == 0 and kernel.selector.done
+    assert counted == []  # no statistic pass read the inputs
+
+
+def test_the_listed_entries_are_every_entry_a_bracket_left_open(counted) -> None:
+    """The merge lists exactly the entries inside some model's bracket, in flat order."""
+    base, models = _family((300, 700), torch.bfloat16, seed=5)
+    tm = build_merge("ties", base.float(), [m.float() for m in models], [{"density": 0.3}] * 3)
+    kernel = get_method("ties").block_kernel(tm)
+    flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
+    from surgeon.merge.kernels.base import PieceInputs
+
+    assert kernel.observe_raw(0, PieceInputs(0, flat_b, flat_m)) and kernel._one_pass
+    lo, hi, room = kernel._brackets()
+    seen = {}
+    real_merge = ties_compiled.merge_raw
+
+    def spy(*a, brackets=None, **kw):
+        r = real_merge(*a, brackets=brackets, **kw)
+        if brackets is not None:
+            seen["pos"] = brackets.listed()[0].copy()
+            seen["below"] = brackets.below.copy()
+        return r
+
+    ties_compiled.merge_raw, saved = spy, ties_compiled.merge_raw
+    try:
+        kernel.merge_raw(PieceInputs(0, flat_b, flat_m), torch.empty(base.numel(), dtype=torch.bfloat16))
+    finally:
+        ties_compiled.merge_raw = saved
+    mags = [(m.float() - flat_b.float()).abs() for m in flat_m]
+    inside = torch.zeros(base.numel(), dtype=torch.bool)
+    for i, a in enumerate(mags):
+        inside |= (a >= float(lo[i])) & (a < float(hi[i]))
+        assert int(seen["below"][i]) == int((a < float(lo[i])).sum())
+    assert seen["pos"].tolist() == torch.nonzero(inside).squeeze(1).tolist()
+    assert 0 < len(seen["pos"]) <= room
+
+
+def test_a_bracket_that_misses_counts_with_passes_and_gives_the_same_result(counted, monkeypatch) -> None:
+    """A sampled bracket moved below the threshold (as a sample of other data would put it):
+    the merge's counts do not settle the selection, the passes count it, the result is exact."""
+    base, models = _family((600, 1000), torch.bfloat16, seed=7)
+    real = stream.StreamSelector.bracket
+
+    def low(self, series):
+        b = real(self, series)
+        return None if b is None else (b[0] // 2, b[1], b[2])  # half the pattern: far below
+
+    monkeypatch.setattr(stream.StreamSelector, "bracket", low)
+    out, ref, kernel = _run(base, models, CASES[0], counted)
+    assert torch.equal(out, ref)
+    assert kernel.selector.misses == 1 and not kernel._one_pass and counted  # counted with passes
+
+
+def test_more_listed_entries_than_room_count_with_passes(counted, monkeypatch) -> None:
+    base, models = _family((600, 1000), torch.float32, seed=8)
+    real = TiesKernel._brackets
+
+    def cramped(self):
+        b = real(self)
+        return None if b is None else (b[0], b[1], 10)
+
+    monkeypatch.setattr(TiesKernel, "_brackets", cramped)
+    out, ref, kernel = _run(base, models, CASES[4], counted)
+    assert torch.equal(out, ref)
+    assert kernel.selector.misses == 1 and counted
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "none"])
+def test_non_finite_inputs_are_reported_and_merged_as_the_reference(bad, counted) -> None:
+    from surgeon.merge.kernels.base import PieceInputs, merge_piece, observe_piece
+
+    base, models = _family((600, 1000), torch.float32, seed=9)
+    if bad != "none":
+        models[1].view(-1)[17] = float(bad)
+    tm = build_merge("ties", base.float(), [m.float() for m in models], [{"density": 0.3}] * 3)
+    ref = get_method("ties").fn(tm)
+    kernel = get_method("ties").block_kernel(tm)
+    piece = PieceInputs(0, base.reshape(-1), [m.reshape(-1) for m in models])
+    observe_piece(kernel, tm, 0, piece)
+    kernel.end_pass(0)
+    assert kernel._one_pass and not kernel.pass_needed(1)
+    out = torch.empty(base.numel())
+    assert merge_piece(kernel, tm, piece, out) == (bad == "none")
+    assert counted == []
+    assert torch.equal(out.isfinite(), ref.reshape(-1).isfinite())
+    finite = ref.reshape(-1).isfinite()
+    assert torch.equal(out[finite], ref.reshape(-1)[finite])
+
+
+def test_a_tensor_cut_into_pieces_keeps_its_statistic_pass(counted) -> None:
+    """Only a whole tensor in one piece is merged in one pass (a piece's output is written
+    before the next is read)."""
+    from surgeon.merge.kernels.base import PieceInputs
+
+    base, models = _family((600, 1000), torch.bfloat16, seed=1)
+    tm = build_merge("ties", base.float(), [m.float() for m in models], [{"density": 0.3}] * 3)
+    kernel = get_method("ties").block_kernel(tm)
+    half = base.numel() // 2
+    piece = PieceInputs(0, base.reshape(-1)[:half], [m.reshape(-1)[:half] for m in models])
+    assert kernel.observe_raw(0, piece) and not kernel._one_pass and counted
+
+
+def test_brackets_holding_much_of_the_tensor_keep_the_statistic_pass(counted) -> None:
+    """Deltas of a few bf16 steps (a fifth of the entries tie at one threshold): the brackets
+    would list more than ONE_PASS_SHARE of the tensor, so the selection is counted first."""
+    from surgeon.merge.kernels.ties import ONE_PASS_SHARE
+
+    base, models = _family((600, 1000), torch.bfloat16, seed=0, weights=1.0, deltas=0.01)
+    out, ref, kernel = _run(base, models, CASES[0], counted)
+    assert torch.equal(out, ref)
+    shares = [kernel.selector._share[s] for s in kernel.selector.ks]
+    assert sum(shares) > ONE_PASS_SHARE and not kernel._one_pass and counted
