@@ -391,7 +391,7 @@ class SelectionPasses(Kernel):
         self.selector.observe(pass_no, blk.base, blk.models)
 
 
-def nextpattern_value(x: float, toward: float) -> float:
+def next_float(x: float, toward: float) -> float:
     """The float32 next to ``x`` in the direction of ``toward``."""
     import numpy as np
 
@@ -417,7 +417,7 @@ class RankCut:
         """Float mask (1 keep, 0 drop) for one block of the series (float ops: no bool tensors)."""
         t = self.t
         # [v < c] with c = t, or just above t when every tied entry belongs
-        c = nextpattern_value(t, float("inf")) if self.all_tied else t
+        c = next_float(t, float("inf")) if self.all_tied else t
         mask = (c - values).relu_().sign_()
         if not self.all_tied and self.quota > 0:
             idx = torch.nonzero((values == t).reshape(-1)).squeeze(1)
