@@ -13,20 +13,23 @@ import numpy as np
 import torch
 
 from ..arith import combine, weight_total
-from ..select.stream import RankCut, SelectionPasses, StreamSelector
+from ..select.stream import RankCut, StreamSelector
 from ..tensor import TensorMerge
 from . import ties_compiled
-from ._raw import based_inputs, raw_view
-from .base import PieceInputs
+from .one_pass import OnePassSelection
 
 
-class BreadcrumbsKernel(SelectionPasses):
+class BreadcrumbsKernel(OnePassSelection):
     """Breadcrumbs streamed: the two rank boundaries of each task vector
     (``n_bot`` and ``n_bot + target`` smallest magnitudes) come from the same
     counting passes as TIES' selection; the merge pass keeps the entries
-    between them, ties split by flat index exactly as :func:`breadcrumbs_mask`."""
+    between them, ties split by flat index exactly as :func:`breadcrumbs_mask`. A tensor in
+    one piece on CPU is merged in one pass (:mod:`surgeon.merge.kernels.one_pass`; bracket 0
+    of a model is its stop cut's, 1 its start cut's)."""
 
     def __init__(self, meta: TensorMerge, consensus: str | None):
+        self.meta = meta
+        self.compiled = meta.device.type == "cpu" and ties_compiled.available()
         self.consensus = consensus
         self.normalize = bool(meta.params["normalize"])
         self.lam = float(meta.params["lambda"])
@@ -52,11 +55,13 @@ class BreadcrumbsKernel(SelectionPasses):
         self.weights = [float(mp["weight"]) for mp in meta.model_params]
         self.n_models = len(meta.model_params)
 
-    def end_pass(self, pass_no: int) -> None:
-        self.selector.end_pass(pass_no)
-        if self.selector.done:
-            for key, sel in self.selector.result.items():
-                self.cuts[key] = RankCut(sel, self.selector.ks[key])
+    # -- the selection's cuts (OnePassSelection) ----------------------------------------------
+    def bracket_slots(self) -> dict[object, tuple[int, int]]:
+        return {key: (key[0], 0 if key[1] == "stop" else 1) for key in self.selector.ks}  # type: ignore[index]
+
+    def selection_done(self) -> None:
+        for key, sel in self.selector.result.items():
+            self.cuts[key] = RankCut(sel, self.selector.ks[key])
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         deltas = []
@@ -92,16 +97,27 @@ class BreadcrumbsKernel(SelectionPasses):
                 band[i, c], quota[i, c] = (cut.t, max(cut.quota, 0)) if cut is not None else none
         return kinds, band, quota
 
-    def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
-        """The whole piece from and to its stored dtypes through the compiled loop
-        (None: these inputs need float32 blocks)."""
-        raw, o = based_inputs(piece.base, piece.models, ties_compiled.available()), raw_view(out)
-        if raw is None or o is None:
-            return None
-        kinds, band, quota = self._band()
-        args = ties_compiled.mask_args(kinds, np.array(self.weights, np.float32), self.consensus is not None,
+    # -- the compiled merges (OnePassSelection.merge_raw) ----------------------------------------
+    def _args(self, kinds: np.ndarray) -> ties_compiled.BlockArgs:
+        return ties_compiled.mask_args(kinds, np.array(self.weights, np.float32), self.consensus is not None,
                                        self.normalize, weight_total(self.weights), self.lam)
-        finite = ties_compiled.merge_raw(raw[0], raw[1], args, o, band=band, band_quota=quota)
+
+    def provisional_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray,
+                          brackets: ties_compiled.Brackets) -> bool:
+        """Bands whose cuts are their brackets' far ends: the entries below the start bracket's top
+        and those from the stop bracket's bottom up are out (those inside are merged again)."""
+        kinds, band, quota = self._band()
+        for i, c in self.bracket_slots().values():
+            if c == 0:  # the stop cut
+                band[i, 1], quota[i, 1] = brackets.lo[i, 0], 0
+            else:
+                band[i, 0], quota[i, 0] = brackets.hi[i, 1], 0
+        return ties_compiled.merge_raw(base, models, self._args(kinds), out, band=band, band_quota=quota,
+                                       brackets=brackets)
+
+    def exact_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
+        kinds, band, quota = self._band()
+        finite = ties_compiled.merge_raw(base, models, self._args(kinds), out, band=band, band_quota=quota)
         for i in self.ranges:  # the quotas the loop used up, back to the cuts (blocks may follow)
             for c, which in enumerate(("start", "stop")):
                 cut = self.cuts.get((i, which))

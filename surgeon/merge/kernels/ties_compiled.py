@@ -40,7 +40,7 @@ _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 @compiled
 def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
-    global _band_chunk  # helpers are globals, not closure cells: see _jit.py
+    global _band_chunk, _count_brackets  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
@@ -89,6 +89,23 @@ def _kernels(jit: Any) -> Any:
             quota[0] = ql
             quota[1] = qh
 
+    @inline
+    def _count_brackets(m, b, k, lo, hi, flag, below):  # pragma: no cover - compiled
+        # below[c] += #(|x| < lo[c]), flag[j] |= lo[c] <= |x| < hi[c], for both brackets c; x = m - b
+        lo0 = lo[0]
+        hi0 = hi[0]
+        lo1 = lo[1]
+        hi1 = hi[1]
+        c0 = 0
+        c1 = 0
+        for j in range(k):
+            a = abs(m[j] - b[j])
+            c0 += 1 if a < lo0 else 0
+            c1 += 1 if a < lo1 else 0
+            flag[j] |= 1 if ((a >= lo0) & (a < hi0)) | ((a >= lo1) & (a < hi1)) else 0
+        below[0] += c0
+        below[1] += c1
+
     @jit
     def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, masks, scales, band,
               band_quota, w, mode, zero_sign, normalize, positive_weights, total, lam, br_lo, br_hi, br_below,
@@ -97,12 +114,13 @@ def _kernels(jit: Any) -> Any:
         # uint16: see surgeon.merge.kernels._raw), widened one chunk at a time. Loops
         # index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with an
         # offset index LLVM kept every loop scalar (6x slower).
-        # Brackets (TIES in one pass, when br_lo is not empty): model i with br_hi[i] > 0 keeps
-        # the entries with |x| >= br_hi[i] (instead of its trim), counts those with
-        # |x| < br_lo[i] into br_below[i], and the entries inside [br_lo[i], br_hi[i]) of any
-        # model are listed in br_pos (flat indices; one spare last slot takes the writes past its
-        # capacity; br_count[0] counts them all), words of flags scanned as the counting loop does,
-        # their inputs copied to br_b and br_m (stored dtype; [models, capacity + 1]).
+        # Brackets (one pass, when br_lo is not empty; [models, 2]): each bracket c of model i
+        # with br_hi[i, c] > 0 counts the entries with |x| < br_lo[i, c] into br_below[i, c],
+        # and the entries inside [br_lo[i, c], br_hi[i, c]) of any bracket are listed in br_pos
+        # (flat indices; one spare last slot takes the writes past its capacity; br_count[0]
+        # counts them all), words of flags scanned as the counting loop does, their inputs copied
+        # to br_b and br_m (stored dtype; [models, capacity + 1]). TIES' trim (no kinds) with
+        # bracket 0 keeps the entries with |x| >= br_hi[i, 0] instead of trimming by threshold.
         # Returns whether every result was finite.
         nm = len(ms)
         n = b_all.shape[0]
@@ -147,6 +165,9 @@ def _kernels(jit: Any) -> Any:
                             row[j] = ((m[j] - b[j]) * np.float32(kb)) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
                         _band_chunk(m, b, k, row, band[i], band_quota[i])
+                        if bracketed:  # an absent bracket is [0, 0): it counts and flags nothing
+                            below = br_below[i]
+                            _count_brackets(m, b, k, br_lo[i], br_hi[i], flag, below)
                     else:
                         _random.fill_uniform(keys[i], start + s, u[:k])
                         for j in range(k):
@@ -154,9 +175,9 @@ def _kernels(jit: Any) -> Any:
                         if rescale:
                             for j in range(k):
                                 row[j] = row[j] / dn
-                elif bracketed and br_hi[i] > zero:  # keep above the bracket, count below it, flag inside
-                    lo_i = br_lo[i]
-                    hi_i = br_hi[i]
+                elif bracketed and br_hi[i, 0] > zero:  # keep above the bracket, count below it, flag inside
+                    lo_i = br_lo[i, 0]
+                    hi_i = br_hi[i, 0]
                     cnt = 0
                     for j in range(k):
                         x = m[j] - b[j]
@@ -164,7 +185,7 @@ def _kernels(jit: Any) -> Any:
                         row[j] = zero if a < hi_i else x  # a NaN stays, as in the trim
                         cnt += 1 if a < lo_i else 0
                         flag[j] |= 1 if (a >= lo_i) & (a < hi_i) else 0
-                    br_below[i] += cnt
+                    br_below[i, 0] += cnt
                 else:
                     t = strict[i]
                     q = quota[i]
@@ -283,9 +304,9 @@ def _kernels(jit: Any) -> Any:
 
     @jit
     def patterns(b_at, m_at, lo, hi, kept, kept_n):  # pragma: no cover - compiled
-        # Of each model with hi[i] > 0, the bit patterns of |m_at[i] - b_at| inside [lo[i], hi[i])
-        # into kept[i, :kept_n[i]] (inputs in their stored dtype, m_at a tuple of rows; kept one
-        # entry longer than b_at).
+        # Of each bracket c of model i (lo, hi: [models, 2]; an absent one is [0, 0)), the bit
+        # patterns of |m_at[i] - b_at| inside [lo[i, c], hi[i, c]) into kept[2 i + c, :kept_n[i, c]]
+        # (inputs in their stored dtype, m_at a tuple of rows; kept one entry longer than b_at).
         nm = len(m_at)
         listed = b_at.shape[0]
         b = np.empty(_CH, np.float32)
@@ -293,12 +314,16 @@ def _kernels(jit: Any) -> Any:
         mag = np.empty(_CH, np.float32)
         mag_bits = mag.view(np.uint32)
         for i in range(nm):
-            if not hi[i] > np.float32(0.0):
+            if not (hi[i, 0] > np.float32(0.0) or hi[i, 1] > np.float32(0.0)):
                 continue
-            lo_i = lo[i]
-            hi_i = hi[i]
-            dst = kept[i]
-            c = 0
+            lo0 = lo[i, 0]
+            hi0 = hi[i, 0]
+            lo1 = lo[i, 1]
+            hi1 = hi[i, 1]
+            dst0 = kept[2 * i]
+            dst1 = kept[2 * i + 1]
+            n0 = 0
+            n1 = 0
             for s in range(0, listed, _CH):
                 e = min(listed, s + _CH)
                 _raw.load(b_at[s:e], b)
@@ -307,9 +332,12 @@ def _kernels(jit: Any) -> Any:
                     mag[j] = abs(m[j] - b[j])
                 for j in range(e - s):  # branch-free: about a third of the entries are inside
                     a = mag[j]
-                    dst[c] = mag_bits[j]
-                    c += 1 if (a >= lo_i) & (a < hi_i) else 0
-            kept_n[i] = c
+                    dst0[n0] = mag_bits[j]
+                    n0 += 1 if (a >= lo0) & (a < hi0) else 0
+                    dst1[n1] = mag_bits[j]
+                    n1 += 1 if (a >= lo1) & (a < hi1) else 0
+            kept_n[i, 0] = n0
+            kept_n[i, 1] = n1
 
     return SimpleNamespace(merge=merge, patterns=patterns)
 
@@ -391,8 +419,8 @@ def merge_block(base: torch.Tensor, models: Sequence[torch.Tensor], args: BlockA
 _NO_MASKS = np.zeros((0, 0), dtype=np.uint8)
 _NO_BAND = np.zeros((0, 2), dtype=np.float32)
 _NO_BAND_QUOTA = np.zeros((0, 2), dtype=np.int64)
-_NO_BRACKETS = np.zeros(0, dtype=np.float32)
-_NO_COUNTS = np.zeros(0, dtype=np.int64)
+_NO_BRACKETS = np.zeros((0, 2), dtype=np.float32)
+_NO_COUNTS = np.zeros((0, 2), dtype=np.int64)
 _NO_POSITIONS = np.zeros(1, dtype=np.int64)
 
 
@@ -413,16 +441,16 @@ def thread_scratch(key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> 
 
 @dataclass
 class Brackets:
-    """TIES in one pass (:meth:`surgeon.merge.kernels.ties.TiesKernel.merge_raw`): per model,
-    a range ``[lo, hi)`` of ``|delta|`` (``hi`` 0: none) that the merge keeps above, drops
-    below and counts around. Filled in by :func:`merge_raw`: ``below`` (entries under each
-    model's range), and of the piece's entries inside any model's range, in flat order,
-    ``positions`` (flat indices) and ``base``/``models`` (their inputs, stored dtype), the
-    first ``count`` of each (``count`` may exceed the capacity: then the lists are cut)."""
+    """A merge in one pass (:class:`surgeon.merge.kernels.one_pass.OnePassSelection`): per model,
+    up to two ranges ``[lo, hi)`` of ``|delta|`` (``hi`` 0: none) that the merge counts around.
+    Filled in by :func:`merge_raw`: ``below`` (entries under each range), and of the piece's
+    entries inside any range, in flat order, ``positions`` (flat indices) and
+    ``base``/``models`` (their inputs, stored dtype), the first ``count`` of each (``count``
+    may exceed the capacity: then the lists are cut)."""
 
-    lo: np.ndarray         # float32 [models]
-    hi: np.ndarray         # float32 [models]
-    below: np.ndarray      # int64 [models], added to
+    lo: np.ndarray         # float32 [models, 2]
+    hi: np.ndarray         # float32 [models, 2]
+    below: np.ndarray      # int64 [models, 2], added to
     positions: np.ndarray  # int64 [capacity + 1]: the last slot takes the writes past the capacity
     base: np.ndarray       # [capacity + 1], the base's stored dtype
     models: np.ndarray     # [models, capacity + 1], the models' stored dtype
@@ -431,8 +459,8 @@ class Brackets:
     @classmethod
     def empty(cls, lo: np.ndarray, hi: np.ndarray, capacity: int, base_dtype: np.dtype,
               model_dtype: np.dtype) -> Brackets:
-        nm = len(lo)
-        return cls(lo.astype(np.float32), hi.astype(np.float32), np.zeros(nm, np.int64),
+        nm = lo.shape[0]
+        return cls(lo.astype(np.float32), hi.astype(np.float32), np.zeros((nm, 2), np.int64),
                    thread_scratch("positions", (capacity + 1,), np.int64),
                    thread_scratch("base", (capacity + 1,), base_dtype),
                    thread_scratch("models", (nm, capacity + 1), model_dtype), np.zeros(1, np.int64))
@@ -446,14 +474,14 @@ class Brackets:
         c = int(self.count[0])
         return self.positions[:c], self.base[:c], tuple(self.models[i, :c] for i in range(self.models.shape[0]))
 
-    def inside(self) -> dict[int, np.ndarray]:
-        """Per bracketed model, the bit patterns (uint32) of its listed ``|delta|`` inside its range."""
+    def inside(self) -> dict[tuple[int, int], np.ndarray]:
+        """Per range ``(model, 0 or 1)``, the bit patterns (uint32) of its listed ``|delta|`` inside it."""
         _, b_at, m_at = self.listed()
         nm = len(m_at)
-        kept = thread_scratch("inside", (nm, b_at.shape[0] + 1), np.uint32)  # + a slot for the last entry's write
-        kept_n = np.zeros(nm, np.int64)
+        kept = thread_scratch("inside", (2 * nm, b_at.shape[0] + 1), np.uint32)  # + a slot for the last write
+        kept_n = np.zeros((nm, 2), np.int64)
         _kernels().patterns(b_at, m_at, self.lo, self.hi, kept, kept_n)
-        return {i: kept[i, :int(kept_n[i])] for i in range(nm) if self.hi[i] > 0}
+        return {(i, c): kept[2 * i + c, :int(kept_n[i, c])] for i in range(nm) for c in range(2) if self.hi[i, c] > 0}
 
 
 def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs, out: np.ndarray,
@@ -467,7 +495,7 @@ def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs,
     ``band``, ``band_quota`` (breadcrumbs, ``kinds == 4``): float32 and int64
     ``[models, 2]``, each model's start and stop cut and how many entries equal
     to each cut its set still takes (updated in place). ``brackets`` (TIES'
-    trim only): counted and listed as :class:`Brackets` says."""
+    trim or breadcrumbs' band): counted and listed as :class:`Brackets` says."""
     ks = np.array([_random.signed_key(k) for k in keys] if args.drop else [], dtype=np.int64)
     br = brackets
     return bool(_kernels().merge(base, models, ks, offset, args.strict, args.with_ties, args.quota, args.kinds,

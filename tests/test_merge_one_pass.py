@@ -1,4 +1,4 @@
-"""TIES on a tensor in one piece reads its inputs once and equals the two-pass merge.
+"""TIES and breadcrumbs on a tensor in one piece read its inputs once and equal the two-pass merge.
 
 The reference is the whole-tensor ``ties`` (``MergeMethod.fn``); the kernel is driven
 as the engine drives it (:func:`surgeon.merge.kernels.base.run_in_memory`: one piece,
@@ -13,6 +13,7 @@ import torch
 from surgeon.merge.apply import build_merge
 from surgeon.merge.kernels import ties_compiled
 from surgeon.merge.kernels.base import run_in_memory
+from surgeon.merge.kernels.one_pass import OnePassSelection
 from surgeon.merge.kernels.ties import TiesKernel
 from surgeon.merge.registry import get_method
 from surgeon.merge.select import stream
@@ -38,14 +39,15 @@ def _family(shape, dtype, seed=0, weights=0.02, deltas=0.002):
     return base.to(dtype), [m.to(dtype) for m in models]
 
 
-def _run(base, models, kw, counted):
-    """The kernel's result (float32) and the kernel, with the counting loop's calls recorded."""
+def _run(base, models, kw, counted, method="ties"):
+    """The kernel's result (float32), the reference's and the kernel, with the counting
+    loop's calls recorded."""
     kw = dict(kw)
     mps = kw.pop("mps")
-    tm = build_merge("ties", base.float(), [m.float() for m in models], mps, **kw)
-    ref = get_method("ties").fn(tm)
-    kernel = get_method("ties").block_kernel(tm)
-    assert isinstance(kernel, TiesKernel)
+    tm = build_merge(method, base.float(), [m.float() for m in models], mps, **kw)
+    ref = get_method(method).fn(tm)
+    kernel = get_method(method).block_kernel(tm)
+    assert isinstance(kernel, OnePassSelection)
     counted.clear()
     out = run_in_memory(kernel, tm, base, models)
     return out, ref, kernel
@@ -85,6 +87,7 @@ def test_the_listed_entries_are_every_entry_a_bracket_left_open(counted) -> None
 
     assert kernel.observe_raw(0, PieceInputs(0, flat_b, flat_m)) and kernel._one_pass
     lo, hi, room = kernel._brackets()
+    lo, hi = lo[:, 0], hi[:, 0]
     seen = {}
     real_merge = ties_compiled.merge_raw
 
@@ -92,7 +95,7 @@ def test_the_listed_entries_are_every_entry_a_bracket_left_open(counted) -> None
         r = real_merge(*a, brackets=brackets, **kw)
         if brackets is not None:
             seen["pos"] = brackets.listed()[0].copy()
-            seen["below"] = brackets.below.copy()
+            seen["below"] = brackets.below[:, 0].copy()
         return r
 
     ties_compiled.merge_raw, saved = spy, ties_compiled.merge_raw
@@ -177,10 +180,53 @@ def test_a_tensor_cut_into_pieces_keeps_its_statistic_pass(counted) -> None:
 def test_brackets_holding_much_of_the_tensor_keep_the_statistic_pass(counted) -> None:
     """Deltas of a few bf16 steps (a fifth of the entries tie at one threshold): the brackets
     would list more than ONE_PASS_SHARE of the tensor, so the selection is counted first."""
-    from surgeon.merge.kernels.ties import ONE_PASS_SHARE
+    from surgeon.merge.kernels.one_pass import ONE_PASS_SHARE
 
     base, models = _family((600, 1000), torch.bfloat16, seed=0, weights=1.0, deltas=0.01)
     out, ref, kernel = _run(base, models, CASES[0], counted)
     assert torch.equal(out, ref)
     shares = [kernel.selector._share[s] for s in kernel.selector.ks]
     assert sum(shares) > ONE_PASS_SHARE and not kernel._one_pass and counted
+
+
+BREADCRUMBS_CASES = [
+    dict(mps=[{"density": 0.3, "gamma": 0.01}] * 3),
+    dict(mps=[{"density": 0.2, "gamma": 0.1, "weight": 0.5}, {"density": 0.9, "gamma": 0.05}, {"density": 1.0}]),
+    dict(mps=[{"density": 0.4, "gamma": 0.3}, {"density": 0.5, "gamma": 0.2}, {"density": 0.3, "gamma": 0.0}],
+         **{"lambda": 0.8}),
+]
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(BREADCRUMBS_CASES)))
+def test_breadcrumbs_one_piece_is_merged_in_one_pass_equal_to_the_reference(method, dtype, case, counted) -> None:
+    base, models = _family((600, 1000), dtype, seed=10 + case)
+    out, ref, kernel = _run(base, models, BREADCRUMBS_CASES[case], counted, method)
+    assert torch.equal(out, ref)
+    assert kernel._one_pass and kernel.selector.misses == 0 and kernel.selector.done
+    assert counted == []
+
+
+def test_breadcrumbs_edge_ranges_equal_the_reference(counted) -> None:
+    """A start cut at 0 (only the stop cut is selected), no entries kept, a stop cut so close to
+    the top that the sample cannot bracket it (then the counting pass runs)."""
+    base, models = _family((600, 1000), torch.bfloat16, seed=3)
+    mps = [{"density": 0.5, "gamma": 0.6}, {"density": 0.0}, {"density": 0.999, "gamma": 0.0}]
+    for method in ("breadcrumbs", "breadcrumbs_ties"):
+        out, ref, _ = _run(base, models, dict(mps=mps), counted, method)
+        assert torch.equal(out, ref)
+
+
+def test_a_missed_breadcrumbs_bracket_counts_with_passes(counted, monkeypatch) -> None:
+    base, models = _family((600, 1000), torch.bfloat16, seed=12)
+    real = stream.StreamSelector.bracket
+
+    def high(self, series):
+        b = real(self, series)
+        return None if b is None else (b[0] + (1 << 23), b[1], b[2])  # twice the magnitude: far above
+
+    monkeypatch.setattr(stream.StreamSelector, "bracket", high)
+    out, ref, kernel = _run(base, models, BREADCRUMBS_CASES[0], counted, "breadcrumbs_ties")
+    assert torch.equal(out, ref)
+    assert kernel.selector.misses == 1 and not kernel._one_pass and counted
