@@ -230,3 +230,78 @@ def test_a_missed_breadcrumbs_bracket_counts_with_passes(counted, monkeypatch) -
     out, ref, kernel = _run(base, models, BREADCRUMBS_CASES[0], counted, "breadcrumbs_ties")
     assert torch.equal(out, ref)
     assert kernel.selector.misses == 1 and not kernel._one_pass and counted
+
+
+def _sparse_family(shape, dtype, seed, changed=0.9):
+    """Fine-tunes that each leave a share of the entries alone (``1 - changed``): entries one
+    model alone changed (RAM+ scales those by lambda_i) are ~3 % of them at 0.9, ~43 % at 0.4."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.02 * torch.randn(shape, generator=g)).bfloat16()
+    models = []
+    for _ in range(3):
+        keep = torch.rand(shape, generator=g) < changed
+        models.append((base.float() + 0.002 * torch.randn(shape, generator=g) * keep).bfloat16())
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+@pytest.fixture
+def ram_counted(monkeypatch):
+    """Calls of RAM+'s compiled counting pass (each reads every input once), and the lengths
+    of the arrays each compiled mix got (``ram_counted.mixes``)."""
+    from surgeon.merge.kernels import ram_compiled
+
+    class Calls(list):
+        mixes: list[int] = []
+
+    calls = Calls()
+    calls.mixes = []
+    real_counts, real_mix = ram_compiled.ram_counts, ram_compiled.ram_mix
+    monkeypatch.setattr(ram_compiled, "ram_counts", lambda *a, **kw: calls.append(1) or real_counts(*a, **kw))
+    monkeypatch.setattr(ram_compiled, "ram_mix", lambda *a, **kw: calls.mixes.append(a[0].shape[0])
+                        or real_mix(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# alpha 1000: lambda follows the exact shared/unique counts (the default clamp hides them)
+@pytest.mark.parametrize("params", [{}, {"r": 0.001, "alpha": 1000.0}, {"epsilon": 0.00005, "alpha": 1000.0}])
+def test_ramplus_one_piece_is_merged_in_one_pass_equal_to_the_reference(dtype, params, ram_counted) -> None:
+    from surgeon.merge.kernels.ram import RamKernel
+
+    base, models = _sparse_family((600, 1000), dtype, seed=20)
+    tm = build_merge("ramplus_tl", base.float(), [m.float() for m in models], [{}] * 3, **params)
+    ref = get_method("ramplus_tl").fn(tm)
+    kernel = get_method("ramplus_tl").block_kernel(tm)
+    assert isinstance(kernel, RamKernel)
+    out = run_in_memory(kernel, tm, base, models)
+    assert torch.equal(out, ref)
+    assert ram_counted == [] and kernel.lambdas is not None and any(v != 1.0 for v in kernel.lambdas)
+    n = base.numel()
+    assert len(ram_counted.mixes) == 2 and ram_counted.mixes[0] == n and 0 < ram_counted.mixes[1] < n // 16
+
+
+def test_ramplus_with_more_lone_entries_than_room_mixes_again(ram_counted) -> None:
+    base, models = _sparse_family((600, 1000), torch.bfloat16, seed=21, changed=0.4)  # ~43 % listed
+    tm = build_merge("ramplus_tl", base.float(), [m.float() for m in models], [{}] * 3)
+    ref = get_method("ramplus_tl").fn(tm)
+    out = run_in_memory(get_method("ramplus_tl").block_kernel(tm), tm, base, models)
+    assert torch.equal(out, ref)
+    assert ram_counted.mixes == [base.numel(), base.numel()] and ram_counted == []
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_ramplus_non_finite_inputs_are_reported_as_the_reference(bad, ram_counted) -> None:
+    from surgeon.merge.kernels.base import PieceInputs, merge_piece, observe_piece
+
+    base, models = _sparse_family((600, 1000), torch.float32, seed=22)
+    models[1].view(-1)[17] = float(bad)
+    tm = build_merge("ramplus_tl", base.float(), [m.float() for m in models], [{}] * 3)
+    ref = get_method("ramplus_tl").fn(tm).reshape(-1)
+    kernel = get_method("ramplus_tl").block_kernel(tm)
+    piece = PieceInputs(0, base.reshape(-1), [m.reshape(-1) for m in models])
+    observe_piece(kernel, tm, 0, piece)
+    kernel.end_pass(0)
+    out = torch.empty(base.numel())
+    assert merge_piece(kernel, tm, piece, out) is False and ram_counted == []
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    assert torch.equal(out[ref.isfinite()], ref[ref.isfinite()])

@@ -27,6 +27,7 @@ from ..select.stream import SelectionPasses, StreamSelector, pattern_value
 from . import ties_compiled
 from ._raw import based_inputs, raw_view
 from .base import PieceInputs
+from .scratch import thread_scratch
 
 #: most of a tensor (the sampled shares of all brackets, summed) that a one-pass merge may
 #: list; past it the selection is counted in a pass of its own
@@ -140,7 +141,7 @@ class OnePassSelection(SelectionPasses):
                                     {s: inside[ic] for s, ic in slots.items()}):
                 self.selection_done()
                 pos, b_at, m_at = br.listed()
-                redone = ties_compiled.thread_scratch("redone", pos.shape, out.dtype)
+                redone = thread_scratch("redone", pos.shape, out.dtype)
                 finite_at = self.exact_merge(b_at, m_at, redone)
                 out[pos] = redone
                 if not finite:  # the first merge's check also saw the entries merged again

@@ -14,6 +14,12 @@ from ..tensor import TensorMerge
 from . import ram_compiled
 from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
+from .one_pass import all_finite
+from .scratch import thread_scratch
+
+#: a one-pass RAM+ lists up to 1/ONE_PASS_ROOM of the tensor's entries (plus 4096) before it
+#: mixes the whole tensor again instead
+ONE_PASS_ROOM = 16
 
 
 def _masks(base: torch.Tensor, models: list[torch.Tensor], eps: float
@@ -75,7 +81,8 @@ def ramplus_lambdas(shared: list[int], unique: list[int], r: float, alpha: float
 
 class RamKernel(Kernel):
     """RAM, and RAM+ streamed (``plus``: one pass counts shared/unique entries
-    per model, then each piece is merged with the resulting ``lambda_i``).
+    per model, then each piece is merged with the resulting ``lambda_i``; a tensor in one
+    piece on CPU is merged in one pass: :meth:`_one_pass_mix`).
     With numba both passes take whole pieces in their stored dtype
     (:mod:`surgeon.merge.kernels.ram_compiled`); the torch block path is the
     fallback and the definition those loops follow."""
@@ -88,16 +95,22 @@ class RamKernel(Kernel):
             self.r = float(meta.params["r"])
             self.alpha = float(meta.params["alpha"])
         n = len(meta.model_params)
+        self.numel = meta.numel
         self.shared, self.unique = [0] * n, [0] * n
         self.lambdas: list[float] | None = None
+        self._one_pass = False  # the tensor is one piece: the merge counts it (RAM+)
 
     def observe(self, pass_no: int, blk: TensorMerge) -> None:
         s, u = ramplus_counts(blk.base, list(blk.models), self.eps)
         self.shared = [a + b for a, b in zip(self.shared, s)]
         self.unique = [a + b for a, b in zip(self.unique, u)]
 
+    def pass_needed(self, pass_no: int) -> bool | None:
+        return not self._one_pass
+
     def end_pass(self, pass_no: int) -> None:
-        self.lambdas = ramplus_lambdas(self.shared, self.unique, self.r, self.alpha, self.eps)
+        if not self._one_pass:
+            self.lambdas = ramplus_lambdas(self.shared, self.unique, self.r, self.alpha, self.eps)
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         assert self.lambdas is not None or not self.plus
@@ -110,15 +123,53 @@ class RamKernel(Kernel):
         raw = self._raw(piece)
         if raw is None:
             return False
+        if piece.start == 0 and piece.numel == self.numel:  # the whole tensor: the merge counts it
+            self._one_pass = True
+            return True
+        self._count(raw)
+        return True
+
+    def _count(self, raw: tuple[np.ndarray, tuple[np.ndarray, ...]]) -> None:
         shared = np.zeros(len(self.shared), dtype=np.int64)
         unique = np.zeros(len(self.unique), dtype=np.int64)
         ram_compiled.ram_counts(raw[0], raw[1], self.eps, shared, unique)
         self.shared = [a + int(b) for a, b in zip(self.shared, shared)]
         self.unique = [a + int(b) for a, b in zip(self.unique, unique)]
-        return True
 
     def merge_raw(self, piece: PieceInputs, out: torch.Tensor) -> bool | None:
         raw, o = self._raw(piece), raw_view(out)
+        if self._one_pass and raw is not None and o is None:  # float32 blocks need the lambdas: count first
+            self._one_pass = False
+            self._count(raw)
+            self.end_pass(0)
         if raw is None or o is None:
             return None
+        if self._one_pass:
+            return self._one_pass_mix(raw[0], raw[1], o)
         return ram_compiled.ram_mix(raw[0], raw[1], self.eps, self.lambdas, o)
+
+    def _one_pass_mix(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
+        """RAM+ of the whole tensor in one pass over its inputs, equal to the two-pass merge.
+
+        ``lambda_i`` scales only the entries model i alone contributes to (0.15 % of a 1.1B
+        fine-tune's): the mix runs with every ``lambda_i`` at 1 while it counts the shared and
+        unique entries and lists those entries (their inputs copied while in cache); the counts
+        give the lambdas, and the listed entries are mixed again with them and written over the
+        first results. When more entries are listed than there is room for, the whole tensor is
+        mixed again."""
+        n, nm = base.shape[0], len(models)
+        alone = ram_compiled.Alone.empty(nm, min(n, n // ONE_PASS_ROOM + 4096), base.dtype, models[0].dtype)
+        finite = ram_compiled.ram_mix(base, models, self.eps, None, out, alone)
+        self.shared = [a + int(b) for a, b in zip(self.shared, alone.shared)]
+        self.unique = [a + int(b) for a, b in zip(self.unique, alone.unique)]
+        self._one_pass = False
+        self.end_pass(0)
+        if alone.overflowed:
+            return ram_compiled.ram_mix(base, models, self.eps, self.lambdas, out)
+        pos, b_at, m_at = alone.listed()
+        redone = thread_scratch("redone", pos.shape, out.dtype)
+        finite_at = ram_compiled.ram_mix(b_at, m_at, self.eps, self.lambdas, redone)
+        out[pos] = redone
+        if not finite:  # the first mix's check also saw the entries mixed again
+            finite = all_finite(out)
+        return finite and finite_at

@@ -17,6 +17,7 @@ equal the torch block path's (tests/test_merge_conformance.py, bit for bit).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from . import _raw
 from ._jit import compiled, numba_module
+from .scratch import thread_scratch
 
 _CH = _raw.CHUNK
 
@@ -80,9 +82,16 @@ def _kernels(jit: Any) -> Any:
                 unique[i] += un
 
     @jit
-    def mix(b_all, ms, eps, lam, scaled, out_all):  # pragma: no cover - compiled
+    def mix(b_all, ms, eps, lam, scaled, shared, unique, alone_pos, alone_b, alone_m, alone_count,
+            out_all):  # pragma: no cover - compiled
         # out = b + sum_i term_i, term_i = d_i [|d_i| > eps] / max(count, 1), or d_i * lam_i where the entry is
         # model i's alone and scaled[i]. Returns whether every result was finite.
+        # Counting as well (RAM+ in one pass, when shared is not empty): adds the counts of `counts`
+        # to shared and unique, and lists the entries only one model contributes to (alone_pos:
+        # flat indices, alone_b/alone_m: their inputs, stored dtype; one spare last slot takes the
+        # writes past the capacity; alone_count[0] counts them all).
+        counting = shared.shape[0] > 0
+        last = alone_pos.shape[0] - 1
         nm = len(ms)
         n = b_all.shape[0]
         b = np.empty(_CH, np.float32)
@@ -110,6 +119,26 @@ def _kernels(jit: Any) -> Any:
             for j in range(k):
                 acc[j] = b[j] + acc[j]
             _raw.store_checked(acc[:k], out_all[s:e], chk)
+            if counting:
+                for i in range(nm):
+                    row = nz[i]
+                    sh = 0
+                    un = 0
+                    for j in range(k):
+                        sh += row[j] if count[j] > 1 else 0
+                        un += row[j] if count[j] == 1 else 0
+                    shared[i] += sh
+                    unique[i] += un
+                listed = alone_count[0]
+                for j in range(k):
+                    if count[j] == 1:  # rare (0.15 % of a 1.1B fine-tune's entries): a branch is cheap
+                        at = min(listed, last)
+                        alone_pos[at] = s + j
+                        alone_b[at] = b_all[s + j]
+                        for i in range(nm):
+                            alone_m[i, at] = ms[i][s + j]
+                        listed += 1
+                alone_count[0] = listed
         return _raw.all_finite(chk)
 
     return SimpleNamespace(counts=counts, mix=mix)
@@ -127,11 +156,52 @@ def ram_counts(base: np.ndarray, models: tuple[np.ndarray, ...], epsilon: float,
     _kernels().counts(base, models, np.float32(epsilon), shared, unique)
 
 
+_NO_COUNTS = np.zeros(0, dtype=np.int64)
+
+
 def ram_mix(base: np.ndarray, models: tuple[np.ndarray, ...], epsilon: float, lambdas: list[float] | None,
-            out: np.ndarray) -> bool:
+            out: np.ndarray, alone: Alone | None = None) -> bool:
     """RAM (``lambdas`` None) or RAM+ of a piece into ``out`` (float32 or bf16
-    bits); returns whether every result was finite."""
+    bits); returns whether every result was finite. ``alone``: also count the
+    piece's shared and unique contributions and list its entries only one model
+    contributes to (:class:`Alone`)."""
     n = len(models)
     lam = np.array(lambdas if lambdas is not None else [1.0] * n, dtype=np.float32)
     scaled = np.array([lambdas is not None and float(v) != 1.0 for v in lam.tolist()], dtype=np.bool_)
-    return bool(_kernels().mix(base, models, np.float32(epsilon), lam, scaled, out))
+    if alone is None:
+        return bool(_kernels().mix(base, models, np.float32(epsilon), lam, scaled, _NO_COUNTS, _NO_COUNTS,
+                                   _NO_COUNTS[:0], base[:0], np.empty((n, 0), models[0].dtype),
+                                   np.zeros(1, np.int64), out))
+    return bool(_kernels().mix(base, models, np.float32(epsilon), lam, scaled, alone.shared, alone.unique,
+                               alone.positions, alone.base, alone.models, alone.count, out))
+
+
+@dataclass
+class Alone:
+    """RAM+ in one pass (:meth:`surgeon.merge.kernels.ram.RamKernel.merge_raw`): per model, its
+    shared and unique contributing entries (added to), and of the piece's entries only one model
+    contributes to, in flat order, ``positions`` and their inputs ``base``/``models`` (stored
+    dtype), the first ``count`` of each (``count`` may exceed the capacity: the lists are cut)."""
+
+    shared: np.ndarray     # int64 [models]
+    unique: np.ndarray     # int64 [models]
+    positions: np.ndarray  # int64 [capacity + 1]: the last slot takes the writes past the capacity
+    base: np.ndarray       # [capacity + 1]
+    models: np.ndarray     # [models, capacity + 1]
+    count: np.ndarray      # int64 [1]
+
+    @classmethod
+    def empty(cls, n_models: int, capacity: int, base_dtype: np.dtype, model_dtype: np.dtype) -> Alone:
+        return cls(np.zeros(n_models, np.int64), np.zeros(n_models, np.int64),
+                   thread_scratch("alone positions", (capacity + 1,), np.int64),
+                   thread_scratch("alone base", (capacity + 1,), base_dtype),
+                   thread_scratch("alone models", (n_models, capacity + 1), model_dtype), np.zeros(1, np.int64))
+
+    @property
+    def overflowed(self) -> bool:
+        return int(self.count[0]) > self.positions.shape[0] - 1
+
+    def listed(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+        """The listed positions, base values and model values (call when not :attr:`overflowed`)."""
+        c = int(self.count[0])
+        return self.positions[:c], self.base[:c], tuple(self.models[i, :c] for i in range(self.models.shape[0]))

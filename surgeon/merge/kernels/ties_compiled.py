@@ -20,7 +20,6 @@ catches it; which NaN or sign of zero shows may differ.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -33,6 +32,7 @@ from .. import rng as _random
 from ..select.counting import DEBRUIJN_INDEX, DEBRUIJN_MAGIC
 from . import _raw
 from ._jit import compiled, numba_module
+from .scratch import thread_scratch
 
 _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 
@@ -520,21 +520,6 @@ _NO_BAND_QUOTA = np.zeros((0, 2), dtype=np.int64)
 _NO_BRACKETS = np.zeros((0, 2), dtype=np.float32)
 _NO_COUNTS = np.zeros((0, 2), dtype=np.int64)
 _NO_POSITIONS = np.zeros(1, dtype=np.int64)
-
-
-_THREAD = threading.local()
-
-
-def thread_scratch(key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """An array of ``shape`` and ``dtype`` (contents undefined) in memory this thread reuses
-    under ``key``: fresh arrays of tens of MB per tensor cost page faults each time (their
-    pages went back to the system when freed); these stay mapped while the thread lives."""
-    bufs: dict[str, np.ndarray] = _THREAD.__dict__.setdefault("bufs", {})
-    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    buf = bufs.get(key)
-    if buf is None or buf.nbytes < need:
-        buf = bufs[key] = np.empty(need + need // 4, np.uint8)  # grows by a quarter more than asked
-    return buf[:need].view(dtype).reshape(shape)
 
 
 @dataclass
