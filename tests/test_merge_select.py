@@ -246,12 +246,18 @@ def test_order_statistics_equal_a_full_sort_and_leave_the_input_alone() -> None:
             assert np.array_equal(u, copy)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("width", [1, 50, 4097, 1 << 20, (1 << 20) + 1, 1 << 31])
-def test_rank_in_window_equals_a_full_sort(width: int) -> None:
+def test_rank_in_window_equals_a_full_sort(width: int, compiled: bool, monkeypatch) -> None:
     """The k-th smallest pattern of a window with the entries below and equal to it, by a
-    histogram (width up to 2^20) or a sort: as np.sort counts them, for few distinct values
-    repeated (the case that made np.partition slow), all distinct, and every rank's ends."""
+    histogram (width up to 2^20; compiled, or numpy's bincount without numba) or a sort: as
+    np.sort counts them, for few distinct values repeated (the case that made np.partition
+    slow), all distinct, and every rank's ends."""
+    from surgeon.merge.select import stream
     from surgeon.merge.select.stream import HISTOGRAM_WIDTH, rank_in_window
+
+    if not compiled:
+        monkeypatch.setattr(stream, "compiled_counts_available", lambda: False)
 
     assert HISTOGRAM_WIDTH == 1 << 20  # the parametrisation covers both paths
     rng = np.random.default_rng(width)

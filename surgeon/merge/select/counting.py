@@ -27,6 +27,7 @@ import torch
 
 from ..kernels import _raw
 from ..kernels._jit import compiled
+from ..kernels.scratch import thread_scratch
 
 #: top-16-bit buckets of non-negative float32 (sign bit 0)
 TOP_BINS = 1 << 15
@@ -119,7 +120,25 @@ def _kernels(jit: Any) -> Any:
                         w ^= low
                 inside[t] = c
 
-    return SimpleNamespace(delta_counts=delta_counts)
+    @jit
+    def window_rank(patterns, rank, lo, width, counts, out):  # pragma: no cover - compiled
+        # out = (the rank-th smallest pattern, entries below it, entries equal to it); patterns all
+        # in [lo, lo + width), counts: scratch of at least width entries
+        for j in range(width):
+            counts[j] = 0
+        for p in range(patterns.shape[0]):
+            counts[np.int64(patterns[p]) - lo] += 1
+        c = 0
+        for j in range(width):
+            nc = c + counts[j]
+            if nc >= rank:
+                out[0] = lo + j
+                out[1] = c
+                out[2] = counts[j]
+                return
+            c = nc
+
+    return SimpleNamespace(delta_counts=delta_counts, window_rank=window_rank)
 
 
 def compiled_counts_available() -> bool:
@@ -136,6 +155,15 @@ def count_deltas_compiled(base: np.ndarray, models: tuple[np.ndarray, ...], sel:
     ``[series, >= max WINDOW width]``, ``kept`` uint32 ``[series, capacity + 1]`` (the last
     column a spare slot the loop writes past the capacity into)."""
     _kernels().delta_counts(base, models, sel, kind, lo, width, below, top, fine, inside, kept)
+
+
+def window_rank_compiled(patterns: np.ndarray, rank: int, lo: int, width: int) -> tuple[int, int, int]:
+    """:func:`surgeon.merge.select.stream.rank_in_window` by a histogram in this thread's reused
+    scratch memory (no fresh counts per call: a selection asks once per series and tensor)."""
+    counts = thread_scratch("window counts", (width,), np.int64)
+    out = np.zeros(3, np.int64)
+    _kernels().window_rank(patterns, rank, lo, width, counts, out)
+    return int(out[0]), int(out[1]), int(out[2])
 
 
 def count_deltas_torch(base: torch.Tensor, models: list[torch.Tensor], sel: list[int], kind: list[int],
