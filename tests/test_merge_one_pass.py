@@ -94,7 +94,7 @@ def test_the_listed_entries_are_every_entry_a_bracket_left_open(counted) -> None
     def spy(*a, brackets=None, **kw):
         r = real_merge(*a, brackets=brackets, **kw)
         if brackets is not None:
-            seen["pos"] = brackets.listed()[0].copy()
+            seen["pos"] = brackets.entries.listed()[0].copy()
             seen["below"] = brackets.below[:, 0].copy()
         return r
 

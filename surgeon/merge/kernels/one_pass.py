@@ -135,12 +135,12 @@ class OnePassSelection(SelectionPasses):
         br = ties_compiled.Brackets.empty(lo, hi, room, base.dtype, models[0].dtype)
         finite = self.provisional_merge(base, models, out, br)
         slots = self.bracket_slots()
-        if not br.overflowed:
+        if not br.entries.overflowed:
             inside = br.inside()
             if self.selector.settle({s: int(br.below[ic]) for s, ic in slots.items()},
                                     {s: inside[ic] for s, ic in slots.items()}):
                 self.selection_done()
-                pos, b_at, m_at = br.listed()
+                pos, b_at, m_at = br.entries.listed()
                 redone = thread_scratch("redone", pos.shape, out.dtype)
                 finite_at = self.exact_merge(b_at, m_at, redone)
                 out[pos] = redone

@@ -164,9 +164,9 @@ class RamKernel(Kernel):
         self.unique = [a + int(b) for a, b in zip(self.unique, alone.unique)]
         self._one_pass = False
         self.end_pass(0)
-        if alone.overflowed:
+        if alone.entries.overflowed:
             return ram_compiled.ram_mix(base, models, self.eps, self.lambdas, out)
-        pos, b_at, m_at = alone.listed()
+        pos, b_at, m_at = alone.entries.listed()
         redone = thread_scratch("redone", pos.shape, out.dtype)
         finite_at = ram_compiled.ram_mix(b_at, m_at, self.eps, self.lambdas, redone)
         out[pos] = redone

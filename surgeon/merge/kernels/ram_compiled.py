@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _raw
 from ._jit import compiled, numba_module
-from .scratch import thread_scratch
+from .scratch import ListedEntries
 
 _CH = _raw.CHUNK
 
@@ -33,7 +33,7 @@ _CH = _raw.CHUNK
 @compiled
 def _kernels(jit: Any) -> Any:
     """RAM's counting and mix loops."""
-    global _contributions  # helpers are globals, not closure cells: see _jit.py
+    global _contributions, _add_counts  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 
@@ -57,6 +57,19 @@ def _kernels(jit: Any) -> Any:
                 flags[j] = c
                 count[j] += c
 
+    @inline
+    def _add_counts(nz, count, k, shared, unique):  # pragma: no cover - compiled
+        # per model, its contributing entries of the chunk that others share, and that are its alone
+        for i in range(nz.shape[0]):
+            row = nz[i]
+            sh = 0
+            un = 0
+            for j in range(k):
+                sh += row[j] if count[j] > 1 else 0
+                un += row[j] if count[j] == 1 else 0
+            shared[i] += sh
+            unique[i] += un
+
     @jit
     def counts(b_all, ms, eps, shared, unique):  # pragma: no cover - compiled
         # per model, its contributing entries (|m_i - b| > eps) that others share, and that are its alone
@@ -71,15 +84,7 @@ def _kernels(jit: Any) -> Any:
             e = min(n, s + _CH)
             k = e - s
             _contributions(b_all, ms, s, e, eps, b, m, d, nz, count)
-            for i in range(nm):
-                row = nz[i]
-                sh = 0
-                un = 0
-                for j in range(k):
-                    sh += row[j] if count[j] > 1 else 0
-                    un += row[j] if count[j] == 1 else 0
-                shared[i] += sh
-                unique[i] += un
+            _add_counts(nz, count, k, shared, unique)
 
     @jit
     def mix(b_all, ms, eps, lam, scaled, shared, unique, alone_pos, alone_b, alone_m, alone_count,
@@ -120,15 +125,7 @@ def _kernels(jit: Any) -> Any:
                 acc[j] = b[j] + acc[j]
             _raw.store_checked(acc[:k], out_all[s:e], chk)
             if counting:
-                for i in range(nm):
-                    row = nz[i]
-                    sh = 0
-                    un = 0
-                    for j in range(k):
-                        sh += row[j] if count[j] > 1 else 0
-                        un += row[j] if count[j] == 1 else 0
-                    shared[i] += sh
-                    unique[i] += un
+                _add_counts(nz, count, k, shared, unique)
                 listed = alone_count[0]
                 for j in range(k):
                     if count[j] == 1:  # rare (0.15 % of a 1.1B fine-tune's entries): a branch is cheap
@@ -172,36 +169,22 @@ def ram_mix(base: np.ndarray, models: tuple[np.ndarray, ...], epsilon: float, la
         return bool(_kernels().mix(base, models, np.float32(epsilon), lam, scaled, _NO_COUNTS, _NO_COUNTS,
                                    _NO_COUNTS[:0], base[:0], np.empty((n, 0), models[0].dtype),
                                    np.zeros(1, np.int64), out))
+    listed = alone.entries
     return bool(_kernels().mix(base, models, np.float32(epsilon), lam, scaled, alone.shared, alone.unique,
-                               alone.positions, alone.base, alone.models, alone.count, out))
+                               listed.positions, listed.base, listed.models, listed.count, out))
 
 
 @dataclass
 class Alone:
     """RAM+ in one pass (:meth:`surgeon.merge.kernels.ram.RamKernel.merge_raw`): per model, its
-    shared and unique contributing entries (added to), and of the piece's entries only one model
-    contributes to, in flat order, ``positions`` and their inputs ``base``/``models`` (stored
-    dtype), the first ``count`` of each (``count`` may exceed the capacity: the lists are cut)."""
+    shared and unique contributing entries (added to), and ``entries``: the piece's entries only
+    one model contributes to."""
 
     shared: np.ndarray     # int64 [models]
     unique: np.ndarray     # int64 [models]
-    positions: np.ndarray  # int64 [capacity + 1]: the last slot takes the writes past the capacity
-    base: np.ndarray       # [capacity + 1]
-    models: np.ndarray     # [models, capacity + 1]
-    count: np.ndarray      # int64 [1]
+    entries: ListedEntries
 
     @classmethod
     def empty(cls, n_models: int, capacity: int, base_dtype: np.dtype, model_dtype: np.dtype) -> Alone:
         return cls(np.zeros(n_models, np.int64), np.zeros(n_models, np.int64),
-                   thread_scratch("alone positions", (capacity + 1,), np.int64),
-                   thread_scratch("alone base", (capacity + 1,), base_dtype),
-                   thread_scratch("alone models", (n_models, capacity + 1), model_dtype), np.zeros(1, np.int64))
-
-    @property
-    def overflowed(self) -> bool:
-        return int(self.count[0]) > self.positions.shape[0] - 1
-
-    def listed(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
-        """The listed positions, base values and model values (call when not :attr:`overflowed`)."""
-        c = int(self.count[0])
-        return self.positions[:c], self.base[:c], tuple(self.models[i, :c] for i in range(self.models.shape[0]))
+                   ListedEntries.empty("alone", n_models, capacity, base_dtype, model_dtype))

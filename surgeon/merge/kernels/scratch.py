@@ -1,7 +1,9 @@
-"""Per-thread scratch arrays that compiled merges reuse from tensor to tensor."""
+"""Per-thread scratch arrays that compiled merges reuse from tensor to tensor, and the entries a
+one-pass merge lists in them for a second look."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,3 +21,32 @@ def thread_scratch(key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> 
     if buf is None or buf.nbytes < need:
         buf = bufs[key] = np.empty(need + need // 4, np.uint8)  # grows by a quarter more than asked
     return buf[:need].view(dtype).reshape(shape)
+
+
+@dataclass
+class ListedEntries:
+    """Entries a one-pass merge lists for a second look, in flat order: ``positions`` (flat
+    indices) and their inputs ``base``/``models`` (stored dtype), the first ``count`` of each,
+    in this thread's scratch memory under ``key``. The compiled loop writes past the capacity
+    into one spare last slot and counts on, so ``count`` may exceed it (:attr:`overflowed`)."""
+
+    positions: np.ndarray  # int64 [capacity + 1]
+    base: np.ndarray       # [capacity + 1], the base's stored dtype
+    models: np.ndarray     # [models, capacity + 1], the models' stored dtype
+    count: np.ndarray      # int64 [1], added to
+
+    @classmethod
+    def empty(cls, key: str, n_models: int, capacity: int, base_dtype: np.dtype,
+              model_dtype: np.dtype) -> ListedEntries:
+        return cls(thread_scratch(f"{key} positions", (capacity + 1,), np.int64),
+                   thread_scratch(f"{key} base", (capacity + 1,), base_dtype),
+                   thread_scratch(f"{key} models", (n_models, capacity + 1), model_dtype), np.zeros(1, np.int64))
+
+    @property
+    def overflowed(self) -> bool:
+        return int(self.count[0]) > self.positions.shape[0] - 1
+
+    def listed(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+        """The listed positions, base values and model values (call when not :attr:`overflowed`)."""
+        c = int(self.count[0])
+        return self.positions[:c], self.base[:c], tuple(self.models[i, :c] for i in range(self.models.shape[0]))

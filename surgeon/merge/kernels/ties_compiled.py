@@ -32,7 +32,7 @@ from .. import rng as _random
 from ..select.counting import DEBRUIJN_INDEX, DEBRUIJN_MAGIC
 from . import _raw
 from ._jit import compiled, numba_module
-from .scratch import thread_scratch
+from .scratch import ListedEntries, thread_scratch
 
 _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 
@@ -526,40 +526,24 @@ _NO_POSITIONS = np.zeros(1, dtype=np.int64)
 class Brackets:
     """A merge in one pass (:class:`surgeon.merge.kernels.one_pass.OnePassSelection`): per model,
     up to two ranges ``[lo, hi)`` of ``|delta|`` (``hi`` 0: none) that the merge counts around.
-    Filled in by :func:`merge_raw`: ``below`` (entries under each range), and of the piece's
-    entries inside any range, in flat order, ``positions`` (flat indices) and
-    ``base``/``models`` (their inputs, stored dtype), the first ``count`` of each (``count``
-    may exceed the capacity: then the lists are cut)."""
+    Filled in by :func:`merge_raw`: ``below`` (entries under each range) and ``entries`` (the
+    piece's entries inside any range)."""
 
     lo: np.ndarray         # float32 [models, 2]
     hi: np.ndarray         # float32 [models, 2]
     below: np.ndarray      # int64 [models, 2], added to
-    positions: np.ndarray  # int64 [capacity + 1]: the last slot takes the writes past the capacity
-    base: np.ndarray       # [capacity + 1], the base's stored dtype
-    models: np.ndarray     # [models, capacity + 1], the models' stored dtype
-    count: np.ndarray      # int64 [1], added to
+    entries: ListedEntries
 
     @classmethod
     def empty(cls, lo: np.ndarray, hi: np.ndarray, capacity: int, base_dtype: np.dtype,
               model_dtype: np.dtype) -> Brackets:
         nm = lo.shape[0]
         return cls(lo.astype(np.float32), hi.astype(np.float32), np.zeros((nm, 2), np.int64),
-                   thread_scratch("positions", (capacity + 1,), np.int64),
-                   thread_scratch("base", (capacity + 1,), base_dtype),
-                   thread_scratch("models", (nm, capacity + 1), model_dtype), np.zeros(1, np.int64))
-
-    @property
-    def overflowed(self) -> bool:
-        return int(self.count[0]) > self.positions.shape[0] - 1
-
-    def listed(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
-        """The listed positions, base values and model values (call when not :attr:`overflowed`)."""
-        c = int(self.count[0])
-        return self.positions[:c], self.base[:c], tuple(self.models[i, :c] for i in range(self.models.shape[0]))
+                   ListedEntries.empty("bracketed", nm, capacity, base_dtype, model_dtype))
 
     def inside(self) -> dict[tuple[int, int], np.ndarray]:
         """Per range ``(model, 0 or 1)``, the bit patterns (uint32) of its listed ``|delta|`` inside it."""
-        _, b_at, m_at = self.listed()
+        _, b_at, m_at = self.entries.listed()
         nm = len(m_at)
         kept = thread_scratch("inside", (2 * nm, b_at.shape[0] + 1), np.uint32)  # + a slot for the last write
         kept_n = np.zeros((nm, 2), np.int64)
@@ -588,7 +572,7 @@ def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs,
                                  args.zero_sign, args.normalize, args.positive_weights, args.total, args.lam,
                                  _NO_BRACKETS if br is None else br.lo, _NO_BRACKETS if br is None else br.hi,
                                  _NO_COUNTS if br is None else br.below,
-                                 _NO_POSITIONS if br is None else br.positions,
-                                 base[:0] if br is None else br.base,
-                                 np.empty((len(models), 0), models[0].dtype) if br is None else br.models,
-                                 _NO_POSITIONS if br is None else br.count, out))
+                                 _NO_POSITIONS if br is None else br.entries.positions,
+                                 base[:0] if br is None else br.entries.base,
+                                 np.empty((len(models), 0), models[0].dtype) if br is None else br.entries.models,
+                                 _NO_POSITIONS if br is None else br.entries.count, out))
