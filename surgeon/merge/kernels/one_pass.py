@@ -27,18 +27,10 @@ from ..select.stream import SelectionPasses, StreamSelector, pattern_value
 from . import ties_compiled
 from ._raw import based_inputs, raw_view
 from .base import PieceInputs
-from .scratch import thread_scratch
 
 #: most of a tensor (the sampled shares of all brackets, summed) that a one-pass merge may
 #: list; past it the selection is counted in a pass of its own
 ONE_PASS_SHARE = 0.25
-
-
-def all_finite(raw: np.ndarray) -> bool:
-    """Whether every stored value (float32, or bf16 bits as uint16) is finite."""
-    if raw.dtype == np.uint16:
-        return bool(((raw & np.uint16(0x7F80)) != np.uint16(0x7F80)).all())
-    return bool(np.isfinite(raw).all())
 
 
 class OnePassSelection(SelectionPasses):
@@ -140,13 +132,7 @@ class OnePassSelection(SelectionPasses):
             if self.selector.settle({s: int(br.below[ic]) for s, ic in slots.items()},
                                     {s: inside[ic] for s, ic in slots.items()}):
                 self.selection_done()
-                pos, b_at, m_at = br.entries.listed()
-                redone = thread_scratch("redone", pos.shape, out.dtype)
-                finite_at = self.exact_merge(b_at, m_at, redone)
-                out[pos] = redone
-                if not finite:  # the first merge's check also saw the entries merged again
-                    finite = all_finite(out)
-                return finite and finite_at
+                return br.entries.merge_again(out, self.exact_merge, finite)
         sel = self.selector
         self.selector = StreamSelector(sel.ks, sel.n, sel.model_of)  # count with passes, unsampled
         self.selector.misses = sel.misses + 1

@@ -14,8 +14,6 @@ from ..tensor import TensorMerge
 from . import ram_compiled
 from ._raw import based_inputs, raw_view
 from .base import Kernel, PieceInputs
-from .one_pass import all_finite
-from .scratch import thread_scratch
 
 #: a one-pass RAM+ lists up to 1/ONE_PASS_ROOM of the tensor's entries (plus 4096) before it
 #: mixes the whole tensor again instead
@@ -166,10 +164,5 @@ class RamKernel(Kernel):
         self.end_pass(0)
         if alone.entries.overflowed:
             return ram_compiled.ram_mix(base, models, self.eps, self.lambdas, out)
-        pos, b_at, m_at = alone.entries.listed()
-        redone = thread_scratch("redone", pos.shape, out.dtype)
-        finite_at = ram_compiled.ram_mix(b_at, m_at, self.eps, self.lambdas, redone)
-        out[pos] = redone
-        if not finite:  # the first mix's check also saw the entries mixed again
-            finite = all_finite(out)
-        return finite and finite_at
+        return alone.entries.merge_again(
+            out, lambda b, ms, into: ram_compiled.ram_mix(b, ms, self.eps, self.lambdas, into), finite)

@@ -3,6 +3,7 @@ one-pass merge lists in them for a second look."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,3 +51,23 @@ class ListedEntries:
         """The listed positions, base values and model values (call when not :attr:`overflowed`)."""
         c = int(self.count[0])
         return self.positions[:c], self.base[:c], tuple(self.models[i, :c] for i in range(self.models.shape[0]))
+
+    def merge_again(self, out: np.ndarray, merge: Callable[[np.ndarray, tuple[np.ndarray, ...], np.ndarray], bool],
+                    first_finite: bool) -> bool:
+        """Merge the listed entries again with ``merge(base, models, into)`` (stored dtypes; it
+        returns whether its results are finite) and write them over their first results in
+        ``out`` (call when not :attr:`overflowed`); returns whether every value of ``out`` is
+        finite now, given ``first_finite``: the first merge's check, which also saw the entries
+        merged again (so only a failed one is looked into)."""
+        pos, b_at, m_at = self.listed()
+        redone = thread_scratch("redone", pos.shape, out.dtype)
+        finite_at = merge(b_at, m_at, redone)
+        out[pos] = redone
+        return finite_at and (first_finite or _stored_finite(out))
+
+
+def _stored_finite(raw: np.ndarray) -> bool:
+    """Whether every stored value (float32, or bf16 bits as uint16) is finite."""
+    if raw.dtype == np.uint16:
+        return bool(((raw & np.uint16(0x7F80)) != np.uint16(0x7F80)).all())
+    return bool(np.isfinite(raw).all())

@@ -162,9 +162,7 @@ class TiesKernel(OnePassSelection):
 
     def provisional_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray,
                           brackets: ties_compiled.Brackets) -> bool:
-        strict, with_ties, quota = self._trim_thresholds()  # of the models not selected
-        for i, _ in self.bracket_slots().values():  # the selected: kept from the bracket's top up
-            strict[i] = with_ties[i] = _below(float(brackets.hi[i, 0]))
+        strict, with_ties, quota = self._trim_thresholds()  # of the models not selected (the selected: their brackets)
         args = ties_compiled.ties_args(strict, with_ties, quota, np.array(self.weights, dtype=np.float32),
                                        self.consensus == "count", self.zero_sign, self.normalize, self.lam)
         return ties_compiled.merge_raw(base, models, args, out, brackets=brackets)

@@ -253,7 +253,7 @@ class StreamSelector:
 
     def settle(self, below: dict[object, int], inside: dict[object, np.ndarray]) -> bool:
         """Close the first pass from counts made outside it (a merge that counted around the
-        brackets while it merged: :meth:`surgeon.merge.kernels.ties.TiesKernel.merge_raw`):
+        brackets while it merged: :class:`surgeon.merge.kernels.one_pass.OnePassSelection`):
         per series, the entries below its :meth:`bracket` and the bit patterns (uint32) of
         those inside it. True when every k-th smallest lies inside its bracket (:attr:`result`
         then holds them all); False changes nothing (count with passes instead)."""
