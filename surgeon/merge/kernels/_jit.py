@@ -118,18 +118,20 @@ def _install_locator() -> bool:
     return True
 
 
-def jit_options() -> Any:
+def jit_options(**extra: Any) -> Any:
     """numba's ``njit`` with the options every compiled loop of surgeon uses,
     or None without numba: ``nogil`` (the engine's compute threads run them
     side by side), ``cache`` (compiled once per machine, recompiled when any
     kernel source changes; best effort, :func:`best_effort_cache`), no bounds
     checks, and numpy's error model (IEEE results such as x / 0 = inf instead
-    of Python exceptions, and no checks inside the loops)."""
+    of Python exceptions, and no checks inside the loops). ``extra``: more
+    ``njit`` options for one helper (``fastmath={"reassoc"}`` lets a float
+    sum whose order is free run in vector lanes)."""
     nb = numba_module()
     if nb is None:
         return None
     _install_locator()
-    njit = nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+    njit = nb.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", **extra)
 
     def jit(fn: Callable[..., Any]) -> Any:
         return best_effort_cache(njit(fn))

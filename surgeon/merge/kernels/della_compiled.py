@@ -10,7 +10,10 @@ non-decreasing in the rank, so an entry whose rank is only known to lie in
 (dropped). One counting sweep puts every entry in a bucket of its magnitude
 (buckets are ranges of the bit pattern, which orders like the magnitude),
 and the bucket's first and last ranks decide all but the few entries whose
-uniform falls inside their bucket's probability range. Each of those is
+uniform falls inside their bucket's probability range. Only entries whose
+uniform lies in ``[p(0), p(n - 1))`` (a share of ``2 epsilon``: 20 % at
+epsilon 0.1) look their bucket up at all; the rest are kept or dropped by the
+uniform alone, in a loop the compiler vectorises. Each undecided entry is
 ranked exactly by counting, over the row, the smaller magnitudes and the
 equal ones before it (ties by index, as the stable sort); when a row has more
 than :data:`EXACT_MAX` of them, the row is radix-sorted instead.
@@ -31,56 +34,85 @@ import numpy as np
 
 from .. import rng as _random
 from ..select import ranks
-from . import _raw
+from . import _jit, _raw
 from ._jit import compiled
 
 #: rows with more undecided entries than this are radix-sorted instead of counted one by one
 EXACT_MAX = 48
 
+#: buckets span at most the top ``2**SPAN_BINADES`` binades of a row's magnitudes; smaller
+#: non-zero magnitudes share the lowest bucket (a tiny outlier would otherwise coarsen every bucket)
+SPAN_BINADES = 4
+
 
 def bucket_count(n: int) -> int:
-    """Buckets for a row of ``n`` entries: a power of two near ``n / 4``, 64 to 4096.
+    """Buckets for a row of ``n`` entries: a power of two near ``n / 8``, 64 to 4096.
     Any count gives the same decisions; fewer buckets mean a shorter walk over them
     per row but more undecided entries to rank. On the 1.1B family's rows (2048 and
-    5632 entries, AVX2 host) ``n / 4`` was the fastest: 7.6 and 9.3 ns an entry
-    against 8.1 and 9.5 with ``n / 2``, 7.7-8.0 and 9.7 with ``n / 8``."""
+    5632 entries, AVX-512 host) ``n / 8`` was the fastest: 3.5 and 4.2 ns an entry
+    against 3.7 and 4.3 with ``n / 4``, 4.0 and 4.5 with ``n / 2``."""
     b = 64
-    while b < 4096 and b * 8 <= n:
+    while b < 4096 and b * 16 <= n:
         b *= 2
     return b
+
+
+def shift_cap(nb: int) -> int:
+    """The widest bucket (a right shift of the magnitude's bit pattern) with which
+    ``nb`` buckets still span no more than :data:`SPAN_BINADES` binades' worth of patterns."""
+    return max(0, 23 + SPAN_BINADES - (nb - 1).bit_length())
 
 
 @compiled
 def _kernels(jit: Any) -> Any:
     """The statistic loop of one model over a piece of whole rows."""
-    global _order  # helpers are globals, not closure cells: see _jit.py
+    global _order, _l1_sums  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     _order = ranks._kernels().order
 
+    @_jit.jit_options(fastmath={"reassoc"})
+    def _l1_sums(d, keep, n):  # pragma: no cover - compiled
+        # (sum |d|, sum |d kept|) in float64; reassociation lets the sums run in vector
+        # lanes (the reference is torch's whole-tensor float64 sum: no order to keep). The
+        # kept value is d times keep as a float (0 or 1), not a choice between d and 0: a
+        # choice compiled to a branch on random bits, mispredicted ~1 in 3
+        before = 0.0
+        after = 0.0
+        for i in range(n):
+            x = d[i]
+            before += abs(np.float64(x))
+            after += abs(np.float64(x * np.float32(keep[i])))
+        return before, after
+
     @jit
-    def keep_bits(b_all, m_all, n, nb, key, start, table, bits, sums):  # pragma: no cover - compiled
-        # b_all, m_all: a piece's rows of length n, stored dtype; key: the model's uniform stream;
-        # start: the piece's flat index in the tensor; table: float32 [n], keep probability by rank;
-        # bits: uint8, zeroed, one bit per entry (msb first); sums[0] += sum |d|, sums[1] += sum |kept d|.
-        # Choices below are branch-free where the data is random (the uniforms): a mispredicted
-        # branch per entry cost more than all the arithmetic.
+    def keep_bits(b_all, m_all, n, nb, cap, key, start, table, bits, sums):  # pragma: no cover - compiled
+        # b_all, m_all: a piece's rows of length n, stored dtype; nb buckets, at most 2**cap
+        # patterns wide; key: the model's uniform stream; start: the piece's flat index in the
+        # tensor; table: float32 [n], keep probability by rank; bits: uint8, zeroed, one bit per
+        # entry (msb first); sums[0] += sum |d|, sums[1] += sum |kept d|.
+        # Choices are branch-free where the data is random (the uniforms): a mispredicted
+        # branch per entry cost more than all the arithmetic. Loops that compilers vectorise
+        # (the whole row) are kept apart from those that gather (the band's entries).
         rows = m_all.shape[0] // n
         base = np.empty(n, np.float32)
         d = np.empty(n, np.float32)
         u = np.empty(n, np.float32)
-        bucket = np.empty(n, np.int64)
+        bucket = np.empty(n, np.int32)
+        mags = np.empty(n, np.uint32)
         keep = np.empty(n, np.uint8)
+        in_band = np.empty(n, np.uint8)
+        band = np.empty(n + 1, np.int64)
         undecided = np.empty(n + 1, np.int64)
-        cnt = np.zeros(nb + 1, np.int64)
-        cnt2 = np.zeros(nb + 1, np.int64)  # odd entries: two count arrays halve the store-to-load chains
-        t_lo = np.empty(nb + 1, np.float32)
-        t_hi = np.empty(nb + 1, np.float32)
+        cnt = np.zeros((4, nb + 1), np.int32)  # four count rows: shorter store-to-load chains
+        probs = np.empty((nb + 1, 2), np.float32)  # a bucket's lowest and highest keep probability
         va = np.empty(n, np.uint64)
         vb = np.empty(n, np.uint64)
         rcnt = np.zeros((4, 256), np.int64)
         mag = np.uint32(0x7FFFFFFF)
         low = np.uint64(0xFFFFFFFF)
+        p_lo = table[0]
+        p_hi = table[n - 1]
         before = 0.0
         after = 0.0
         for r in range(rows):
@@ -90,7 +122,8 @@ def _kernels(jit: Any) -> Any:
             for i in range(n):
                 d[i] = d[i] - base[i]
             keys = d.view(np.uint32)
-            # buckets: 0 holds the zeros; the others split [kmin, kmax] of the non-zero magnitudes' patterns
+            # buckets: 0 holds the zeros; the others split [klo, kmax] of the non-zero
+            # magnitudes' bit patterns (which order as the magnitudes do)
             kmin = mag
             kmax = np.uint32(0)
             for i in range(n):
@@ -98,37 +131,53 @@ def _kernels(jit: Any) -> Any:
                 kmax = max(kmax, k)
                 kmin = min(kmin, k if k != 0 else mag)
             shift = np.uint32(0)
+            klo = kmin
             if kmax >= kmin:
                 while ((kmax - kmin) >> shift) >= np.uint32(nb):
                     shift += np.uint32(1)
+                if shift > cap:
+                    shift = np.uint32(cap)
+                    klo = kmax - (np.uint32(nb - 1) << shift)
             for i in range(n):
                 k = keys[i] & mag
-                bucket[i] = 0 if k == 0 else 1 + np.int64((k - kmin) >> shift)
-            for i in range(0, n - 1, 2):
-                cnt[bucket[i]] += 1
-                cnt2[bucket[i + 1]] += 1
-            if n & 1:
-                cnt[bucket[n - 1]] += 1
+                mags[i] = k
+                h = np.int32(1) + np.int32((max(k, klo) - klo) >> shift)
+                bucket[i] = h if k != 0 else np.int32(0)
+            n4 = n >> 2
+            for g in range(n4):
+                cnt[0, bucket[4 * g]] += 1
+                cnt[1, bucket[4 * g + 1]] += 1
+                cnt[2, bucket[4 * g + 2]] += 1
+                cnt[3, bucket[4 * g + 3]] += 1
+            for i in range(4 * n4, n):
+                cnt[0, bucket[i]] += 1
             first = 0
             for h in range(nb + 1):
-                c = cnt[h] + cnt2[h]
-                cnt[h] = 0
-                cnt2[h] = 0
-                if c > 0:
-                    t_lo[h] = table[first]
-                    t_hi[h] = table[first + c - 1]
+                c = cnt[0, h] + cnt[1, h] + cnt[2, h] + cnt[3, h]
+                probs[h, 0] = table[min(first, n - 1)]
+                probs[h, 1] = table[max(first + c - 1, 0)]
                 first += c
+            cnt[:, :] = 0
             _random.fill_uniform(key, start + s, u)
-            # kept when u is below the bucket's lowest probability; undecided when below its highest
-            na = 0
+            # below the lowest probability of any rank: kept; at or above the highest:
+            # dropped; in between (the band), decided by the rank range of the entry's bucket
             for i in range(n):
+                x = u[i]
+                keep[i] = np.uint8(x < p_lo)
+                in_band[i] = np.uint8((x >= p_lo) & (x < p_hi))
+            nband = 0
+            for i in range(n):
+                band[nband] = i
+                nband += np.int64(in_band[i])
+            na = 0
+            for a in range(nband):
+                i = band[a]
                 h = bucket[i]
                 x = u[i]
-                below = x < t_lo[h]
-                inside = (x < t_hi[h]) & (h != 0)
+                below = x < probs[h, 0]
                 keep[i] = np.uint8(below)
                 undecided[na] = i
-                na += np.int64(inside & ~below)
+                na += np.int64((x < probs[h, 1]) & ~below & (h != 0))
             if na > EXACT_MAX:  # many undecided entries (a row of few distinct magnitudes): sort the row
                 for a in range(na):
                     keep[undecided[a]] = 2
@@ -137,37 +186,19 @@ def _kernels(jit: Any) -> Any:
                     i = np.int64(srt[p] & low)
                     if keep[i] == 2:
                         keep[i] = 1 if u[i] < table[p] else 0
-            else:
+            else:  # the rank: smaller magnitudes, and equal ones before it (ties by index)
                 for a in range(na):
                     i = undecided[a]
-                    k = keys[i] & mag
+                    k = mags[i]
                     rank = 0
                     for j in range(n):
-                        rank += 1 if (keys[j] & mag) < k else 0
+                        rank += 1 if mags[j] < k else 0
                     for j in range(i):
-                        rank += 1 if (keys[j] & mag) == k else 0
+                        rank += 1 if mags[j] == k else 0
                     keep[i] = 1 if u[i] < table[rank] else 0
-            # the L1 sums in four float64 lanes (one running sum would wait on each add); the kept
-            # value is x times keep as a float (0 or 1), not a choice between x and 0: a choice
-            # compiled to a branch on random data, mispredicted ~1 in 3 (4 ns an entry on AVX2)
-            b0, b1, b2, b3 = 0.0, 0.0, 0.0, 0.0
-            a0, a1, a2, a3 = 0.0, 0.0, 0.0, 0.0
-            n4 = n >> 2
-            for g in range(n4):
-                x0, x1, x2, x3 = d[4 * g], d[4 * g + 1], d[4 * g + 2], d[4 * g + 3]
-                b0 += abs(np.float64(x0))
-                b1 += abs(np.float64(x1))
-                b2 += abs(np.float64(x2))
-                b3 += abs(np.float64(x3))
-                a0 += abs(np.float64(x0 * np.float32(keep[4 * g])))
-                a1 += abs(np.float64(x1 * np.float32(keep[4 * g + 1])))
-                a2 += abs(np.float64(x2 * np.float32(keep[4 * g + 2])))
-                a3 += abs(np.float64(x3 * np.float32(keep[4 * g + 3])))
-            for i in range(4 * n4, n):
-                b0 += abs(np.float64(d[i]))
-                a0 += abs(np.float64(d[i] * np.float32(keep[i])))
-            before += (b0 + b1) + (b2 + b3)
-            after += (a0 + a1) + (a2 + a3)
+            row_before, row_after = _l1_sums(d, keep, n)
+            before += row_before
+            after += row_after
             # the bits, a byte at a time where the row starts on a byte
             done = 0
             if (s & 7) == 0:
@@ -198,4 +229,5 @@ def keep_bits(base: np.ndarray, model: np.ndarray, row: int, key: int, start: in
     and add ``sum |d|`` and ``sum |kept d|`` (float64) to ``sums[0]`` and
     ``sums[1]``. ``key``: the model's uniform stream; ``start``: the piece's
     flat index in the tensor; ``table``: :func:`surgeon.merge.kernels.della.keep_table`."""
-    _kernels()(base, model, row, bucket_count(row), _random.signed_key(key), start, table, bits, sums)
+    nb = bucket_count(row)
+    _kernels()(base, model, row, nb, shift_cap(nb), _random.signed_key(key), start, table, bits, sums)
