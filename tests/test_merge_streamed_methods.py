@@ -248,6 +248,11 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
         x[2] = 0.0
         x[:, ::3] = 0.0
         return x
+    if kind == "wide_range":  # magnitudes over ~70 binades: buckets span the top 16, the rest share the lowest
+        x = torch.randn(9, 64, generator=g)
+        x[:, ::5] *= 1e-20
+        x[:, 1::7] *= 1e-3
+        return x
     if kind == "non_finite":
         x = torch.randn(5, 40, generator=g)
         x[1, 3], x[2, 7], x[3, 9] = float("inf"), float("-inf"), float("nan")
@@ -255,7 +260,8 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
     return torch.randn(6, 1, generator=g)  # rows of one entry: probability density
 
 
-@pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "zeros_and_odd", "non_finite", "width_one"])
+@pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "zeros_and_odd", "wide_range", "non_finite",
+                                  "width_one"])
 @pytest.mark.parametrize("start_row", [0, 3])
 def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int) -> None:
     """The compiled statistic loop keeps exactly the entries MagPrune's reference
@@ -291,6 +297,38 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
         return
     assert sums[0] == pytest.approx(float(d.abs().sum(dtype=torch.float64)), rel=1e-12)
     assert sums[1] == pytest.approx(float((d * want).abs().sum(dtype=torch.float64)), rel=1e-12)
+
+
+@pytest.mark.parametrize("rank_zero", [True, False])
+def test_della_compiled_keep_bits_decide_a_uniform_on_the_lowest_probability_by_its_rank(rank_zero: bool) -> None:
+    """An entry whose uniform equals the lowest keep probability ``p(0)`` is not decided
+    by its uniform alone: dropped at rank 0 (``u < p(0)`` fails), kept at any higher
+    rank (``p(rank) > p(0)``), as the reference decides."""
+    from surgeon.merge.kernels import della_compiled
+    from surgeon.merge.kernels.della import keep_table, magprune_keep
+    from surgeon.merge.rng import stream_key, uniform_stream
+    from surgeon.merge.select.exact import stable_ranks
+
+    if not della_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(8, 32, generator=g)
+    n, eps = d.shape[1], 0.05
+    key = stream_key(5, "t", "della:0")
+    u = uniform_stream(key, 0, d.numel()).reshape(d.shape)
+    ranks = stable_ranks(d.abs(), dim=1)
+    r, i = next((r, i) for r in range(d.shape[0]) for i in range(n)
+                if bool(ranks[r, i] == 0) == rank_zero and 0.01 < float(u[r, i]) < 0.85)
+    density = float(u[r, i]) + eps
+    table = keep_table(n, density, eps)
+    assert float(table[0]) == float(u[r, i])  # the uniform sits exactly on p(0)
+    want = magprune_keep(d, density, eps, u)
+    assert bool(want[r, i]) is not rank_zero
+    bits = np.zeros((d.numel() + 7) // 8, dtype=np.uint8)
+    della_compiled.keep_bits(np.zeros(d.numel(), np.float32), d.reshape(-1).numpy(), n, key, 0,
+                             table.numpy(), bits, np.zeros(2))
+    got = torch.from_numpy(np.unpackbits(bits, count=d.numel()).astype(bool)).reshape(d.shape)
+    assert torch.equal(got, want)
 
 
 def test_della_blocks_take_their_bits_from_the_compiled_pass_pieces(monkeypatch) -> None:
