@@ -100,7 +100,9 @@ def _kernels(jit: Any) -> Any:
         u = np.empty(n, np.float32)
         bucket = np.empty(n, np.int32)
         mags = np.empty(n, np.uint32)
-        keep = np.empty(n, np.uint8)
+        keep = np.zeros((n + 7) // 8 * 8, np.uint8)
+        words = keep.view(np.uint64)  # little-endian: keep[8 g] is the low byte of words[g]
+        gather8 = np.uint64(0x8040201008040201)
         in_band = np.empty(n, np.uint8)
         band = np.empty(n + 1, np.int64)
         undecided = np.empty(n + 1, np.int64)
@@ -186,26 +188,43 @@ def _kernels(jit: Any) -> Any:
                     i = np.int64(srt[p] & low)
                     if keep[i] == 2:
                         keep[i] = 1 if u[i] < table[p] else 0
-            else:  # the rank: smaller magnitudes, and equal ones before it (ties by index)
-                for a in range(na):
+            else:
+                # the rank: smaller magnitudes, and equal ones before it (ties by index). The
+                # undecided entries are put in (magnitude, index) order, so that entries of one
+                # magnitude (bf16 task vectors hold few distinct ones) share one count of the
+                # smaller magnitudes and one sweep over the equal ones up to the last of them
+                for a in range(1, na):
                     i = undecided[a]
                     k = mags[i]
+                    b = a
+                    while b > 0 and mags[undecided[b - 1]] > k:
+                        undecided[b] = undecided[b - 1]
+                        b -= 1
+                    undecided[b] = i
+                a = 0
+                while a < na:
+                    k = mags[undecided[a]]
                     rank = 0
                     for j in range(n):
                         rank += 1 if mags[j] < k else 0
-                    for j in range(i):
-                        rank += 1 if mags[j] == k else 0
-                    keep[i] = 1 if u[i] < table[rank] else 0
+                    j0 = 0
+                    while a < na and mags[undecided[a]] == k:
+                        i = undecided[a]
+                        seg = mags[j0:i]
+                        for j in range(i - j0):
+                            rank += 1 if seg[j] == k else 0
+                        keep[i] = 1 if u[i] < table[rank] else 0
+                        rank += 1  # entry i itself, for the next of its magnitude
+                        j0 = i + 1
+                        a += 1
             row_before, row_after = _l1_sums(d, keep, n)
             before += row_before
             after += row_after
             # the bits, a byte at a time where the row starts on a byte
             done = 0
             if (s & 7) == 0:
-                for g in range(n >> 3):
-                    kk = keep[8 * g:8 * g + 8]
-                    bits[(s >> 3) + g] = ((kk[0] << 7) | (kk[1] << 6) | (kk[2] << 5) | (kk[3] << 4)
-                                          | (kk[4] << 3) | (kk[5] << 2) | (kk[6] << 1) | kk[7])
+                for g in range(n >> 3):  # 8 bytes of 0/1 to one byte, the first byte's in bit 7
+                    bits[(s >> 3) + g] = np.uint8((words[g] * gather8) >> np.uint64(56))
                 done = 8 * (n >> 3)
             for i in range(done, n):
                 q = s + i
