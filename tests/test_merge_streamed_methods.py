@@ -248,6 +248,9 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
         x[2] = 0.0
         x[:, ::3] = 0.0
         return x
+    if kind == "tie_groups":  # 9 magnitudes over 512 entries: several undecided entries of one magnitude a row
+        mags = (1 + torch.randint(9, (6, 512), generator=g)).float() * 0.01
+        return torch.where(torch.rand(6, 512, generator=g) < 0.5, -mags, mags)
     if kind == "wide_range":  # magnitudes over ~70 binades: buckets span the top 16, the rest share the lowest
         x = torch.randn(9, 64, generator=g)
         x[:, ::5] *= 1e-20
@@ -260,8 +263,8 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
     return torch.randn(6, 1, generator=g)  # rows of one entry: probability density
 
 
-@pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "zeros_and_odd", "wide_range", "non_finite",
-                                  "width_one"])
+@pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "tie_groups", "zeros_and_odd", "wide_range",
+                                  "non_finite", "width_one"])
 @pytest.mark.parametrize("start_row", [0, 3])
 def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int) -> None:
     """The compiled statistic loop keeps exactly the entries MagPrune's reference
