@@ -176,6 +176,52 @@ def test_arcee_fusion_kernel_draws_its_sample_only_while_it_runs() -> None:
     assert torch.equal(got, m.fn(tm))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(SAMPLE_SIZE // 1000 + 9, 1000), (300, 700)])
+def test_arcee_fusion_statistic_pass_from_stored_values_equals_the_block_pass(
+        monkeypatch, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """The compiled statistic pass (rows widened into reused float32 blocks, the
+    sampled or all importances computed from the stored values) keeps the same
+    per-row KL divergences, the same sample values and so the same threshold as
+    torch's pass over float32 blocks, over pieces of odd row counts, sampled or not;
+    the merged tensors are the reference's."""
+    from surgeon.merge.kernels import arcee_fusion
+
+    if arcee_fusion._kernels() is None:
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(shape, generator=g).to(dtype)
+    model = (base.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype)
+    m = get_method("arcee_fusion")
+    tm = build_merge("arcee_fusion", base.float(), [model.float()], [{}], name="t", seed=5)
+    header = TensorMerge.header("t", shape, tm.model_params, tm.params, True, seed=5)
+    monkeypatch.setattr(kbase, "BLOCK_ELEMS", 37 * shape[1])  # blocks of 37 rows inside pieces of 101
+    kernels = {}
+    for how in ("raw", "blocks"):
+        kernel = m.block_kernel(header)
+        assert isinstance(kernel, ArceeFusionKernel)
+        if how == "blocks":
+            monkeypatch.setattr(kernel, "observe_raw", lambda pass_no, piece: False)
+        kernels[how] = kernel
+        pieces = [kbase.PieceInputs(r * shape[1], base[r:r + 101].reshape(-1), [model[r:r + 101].reshape(-1)])
+                  for r in range(0, shape[0], 101)]
+        for piece in pieces:
+            kbase.observe_piece(kernel, header, 0, piece)
+        kl, parts = kernel.kl.clone(), torch.cat(kernel.parts)
+        kernel.end_pass(0)
+        kernels[how + "_all"] = (kl, parts, kernel.thr)
+        out = torch.empty(base.numel(), dtype=torch.float32)
+        for piece in pieces:
+            kbase.merge_piece(kernel, header, piece, out[piece.start:piece.start + piece.numel])
+        kernels[how + "_out"] = out.reshape(shape)
+    kl_raw, parts_raw, thr_raw = kernels["raw_all"]
+    kl_blk, parts_blk, thr_blk = kernels["blocks_all"]
+    assert torch.equal(kl_raw, kl_blk) and torch.equal(parts_raw, parts_blk) and torch.equal(thr_raw, thr_blk)
+    assert parts_raw.numel() == (SAMPLE_SIZE if base.numel() > SAMPLE_SIZE else base.numel())
+    assert torch.equal(kernels["raw_out"], kernels["blocks_out"])
+    assert torch.equal(kernels["raw_out"], m.fn(tm))
+
+
 def test_arcee_fusion_sample_is_the_seeded_draw_in_order() -> None:
     """The quartiles' sample: SAMPLE_SIZE positions drawn with replacement by torch's
     generator seeded from (recipe seed, tensor name), sorted (repeats kept), int64,
