@@ -1,10 +1,12 @@
-"""The compiled TIES/DARE merge's fused loop for three models equals the reference functions.
+"""The compiled merges' fused loops for three models equal the reference functions.
 
 Three models electing signs (TIES' trim, DARE's drop) take one fused loop per chunk in
 :mod:`surgeon.merge.kernels.ties_compiled` instead of a loop per operation; every
 setting it folds into selects (consensus by sum or count, normalize with positive or
 mixed-sign weights, lambda, a model kept whole or trimmed away) is checked here against
-the whole-tensor reference, with NaN and infinite inputs, bit for bit.
+the whole-tensor reference, with NaN and infinite inputs, bit for bit. SCE's
+erase-and-mix (:mod:`surgeon.merge.kernels.sce_compiled`) likewise, with entries whose
+sign hangs on the order of the additions and variances tied at the threshold.
 """
 from __future__ import annotations
 
@@ -65,3 +67,19 @@ def test_dare_three_models(method, rescale, normalize, weights, lam) -> None:
     m = get_method(method)
     ref = m.fn(build_merge(method, base, models, mps, name=name, seed=5, **kw))
     assert _same(apply_method(m, build_merge(method, base, models, mps, name=name, seed=5, **kw)), ref)
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.3])
+@pytest.mark.parametrize("bad", [False, True])
+def test_sce_three_models(topk, bad) -> None:
+    # the weights are sums of squares: with a NaN or infinite input every entry is NaN or infinite
+    base, models = _family(2 * BLOCK_ELEMS + 333, seed=20, bad=bad)
+    # sum of signs hanging on the order of the additions: ((1 - 2^-24) + -1) < 0, 1 + (-2^-24 + -1) == 0
+    for j in (5, 77, BLOCK_ELEMS + 5):
+        base[j] = 0.0
+        models[0][j], models[1][j], models[2][j] = 1.0, -(2.0 ** -24), -1.0
+    kw = {"select_topk": topk}
+    m = get_method("sce")
+    ref = m.fn(build_merge("sce", base, models, **kw))
+    assert bad or bool(ref[5] < 0)  # the elected sign is the one the ordered sum gives
+    assert _same(apply_method(m, build_merge("sce", base, models, **kw)), ref)

@@ -6,7 +6,10 @@ variance in some twenty op dispatches over 1 MiB temporaries; on the 1.1B
 family a three-model SCE took 51-59 s, ten times the whole job's floor. Here
 each pass is one numba call per piece: a 512-entry chunk of every input is
 widened in L1 (:mod:`surgeon.merge.kernels._raw`), its task vectors and
-variance computed once, and the pass's work done on them.
+variance computed once, and the pass's work done on them. Three models'
+erase-and-mix runs as one loop over each chunk that keeps every entry in
+registers (:func:`_kernels` ``erase_mix``; about twenty loops over the chunk
+otherwise, which still take a chunk where tied variances meet the tie quota).
 
 Exactness. Every float32 operation is the one :class:`surgeon.merge.kernels.sce.SceKernel`
 does with torch, in the same order: the mean as a running sum divided by the
@@ -244,9 +247,55 @@ def _kernels(jit: Any) -> Any:
         zero = np.float32(0.0)
         one = np.float32(1.0)
         floor = np.float32(1e-6)
+        third = np.float32(nm)
+        res = np.empty(_CH, np.float32)
+        d3 = np.empty((3, _CH), np.float32)
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
+            if nm == 3:
+                # three models: one loop keeps each entry in registers (about 20 loops over the
+                # chunk below), the same float ops in the same order; a chunk holding entries tied
+                # at the threshold while the tie quota lasts is done again by the loops below
+                _raw.load(b_all[s:e], b)
+                for i in range(3):  # a runtime index: ms may hold fewer models when this never runs
+                    _raw.load(ms[i][s:e], d3[i])
+                m0 = d3[0]
+                m1 = d3[1]
+                m2 = d3[2]
+                w0 = w[0]
+                w1 = w[1]
+                w2 = w[2]
+                for j in range(k):
+                    bj = b[j]
+                    y0 = m0[j] - bj
+                    y1 = m1[j] - bj
+                    y2 = m2[j] - bj
+                    mu = ((y0 + y1) + y2) / third
+                    z0 = y0 - mu
+                    z1 = y1 - mu
+                    z2 = y2 - mu
+                    v = (((zero + z0 * z0) + z1 * z1) + z2 * z2) / third
+                    sel = one if (keep_all or v > t) else zero
+                    var[j] = v
+                    y0 = y0 * sel
+                    y1 = y1 * sel
+                    y2 = y2 * sel
+                    a = ((zero + y0) + y1) + y2
+                    sg = -one if a < zero else (one if a >= zero else a)
+                    g0 = one if (one if y0 > zero else (-one if y0 < zero else zero)) == sg else zero
+                    g1 = one if (one if y1 > zero else (-one if y1 < zero else zero)) == sg else zero
+                    g2 = one if (one if y2 > zero else (-one if y2 < zero else zero)) == sg else zero
+                    mx = _raw.fma(w2, y2 * g2, _raw.fma(w1, y1 * g1, _raw.fma(w0, y0 * g0, zero)))
+                    ws = _raw.fma(w2, g2, _raw.fma(w1, g1, _raw.fma(w0, g0, zero)))
+                    res[j] = mx / (floor if ws < floor else ws) + bj  # noqa: FURB136 - NaN stays NaN
+                ties = 0
+                if not keep_all and quota > 0:
+                    for j in range(k):
+                        ties += 1 if var[j] == t else 0
+                if ties == 0:
+                    _raw.store_checked(res[:k], out_all[s:e], chk)
+                    continue
             _variance_chunk(b_all, ms, s, e, b, m, d, var)
             if not keep_all:
                 quota = _select_chunk(k, var, d, keep, t, quota)
