@@ -83,3 +83,30 @@ def test_sce_three_models(topk, bad) -> None:
     ref = m.fn(build_merge("sce", base, models, **kw))
     assert bad or bool(ref[5] < 0)  # the elected sign is the one the ordered sum gives
     assert _same(apply_method(m, build_merge("sce", base, models, **kw)), ref)
+
+
+@pytest.mark.parametrize("models_n", [2, 3, 4])
+def test_sce_variance_patterns_equal_torch(models_n) -> None:
+    """The compiled variance (one fused loop for three models, per-operation loops
+    otherwise) has torch's bits on every entry: a window over every pattern records
+    them all, in flat order. Task vectors of mixed magnitudes make the order of the
+    additions show in the last bits."""
+    import numpy as np
+
+    from surgeon.merge.kernels import sce_compiled
+    from surgeon.merge.kernels.sce import variance
+
+    g = torch.Generator().manual_seed(31)
+    n = 3 * 512 + 77
+    base = torch.randn(n, generator=g)
+    models = [base + torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 4, (n,), generator=g).float())
+              for _ in range(models_n)]
+    want = variance([m - base for m in models]).numpy().view(np.uint32)
+    counts = np.zeros(3, np.int64)
+    rec_bits = np.zeros(n + 1, np.uint32)
+    rec_sq = np.zeros((models_n, n + 1), np.float32)
+    sce_compiled.window_pass(base.numpy(), tuple(m.numpy() for m in models), 0, 0xFFFFFFFF, counts,
+                             np.zeros(models_n), rec_bits, rec_sq)
+    assert counts[2] == n
+    assert np.array_equal(rec_bits[:n], want)
+    assert np.array_equal(rec_sq[:, :n], np.stack([((m - base) ** 2).numpy() for m in models]))
