@@ -110,3 +110,20 @@ def test_sce_variance_patterns_equal_torch(models_n) -> None:
     assert counts[2] == n
     assert np.array_equal(rec_bits[:n], want)
     assert np.array_equal(rec_sq[:, :n], np.stack([((m - base) ** 2).numpy() for m in models]))
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("rescale,normalize,weights,lam", list(itertools.product(
+    [True, False], [True, False], range(len(WEIGHTS)), [1.0, 0.8])))
+def test_della_three_models(method, rescale, normalize, weights, lam) -> None:
+    """DELLA's keep bits (and a model kept whole) through the fused loop, with the
+    consensus (della) and without (della_linear), bit for bit."""
+    base, models = _family(491 * 1069, seed=40 + weights, bad=lam == 0.8)  # 2 blocks and a bit
+    base, models = base.reshape(491, 1069), [m.reshape(491, 1069) for m in models]  # MagPrune ranks rows
+    mps = [{"weight": w, "density": d, "epsilon": e}
+           for w, d, e in zip(WEIGHTS[weights], [0.3, 1.0, 0.55], [0.1, 0.0, 0.2])]
+    kw = dict(rescale=rescale, normalize=normalize, **{"lambda": lam})
+    name = "model.layers.3.mlp.up_proj.weight"
+    m = get_method(method)
+    ref = m.fn(build_merge(method, base, models, mps, name=name, seed=5, **kw))
+    assert _same(apply_method(m, build_merge(method, base, models, mps, name=name, seed=5, **kw)), ref)

@@ -40,7 +40,7 @@ _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 @compiled
 def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
-    global _band_chunk, _count_brackets, _sign, _consensus3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
+    global _band_chunk, _count_brackets, _sign, _consensus3, _sum3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
@@ -136,6 +136,14 @@ def _kernels(jit: Any) -> Any:
         return (mx * sg) * lam + bj
 
     @inline
+    def _sum3(x0, x1, x2, bj, normalize, total, lam):  # pragma: no cover - compiled
+        # one entry of the general path's weighted sum without consensus, the same float ops in
+        # the same order (a lambda of 1 multiplies exactly, so it is always applied)
+        a = (x0 + x1) + x2
+        a = a / total if normalize else a
+        return a * lam + bj
+
+    @inline
     def _list_flagged(s, words, b_all, ms, br_pos, br_b, br_m, br_count):  # pragma: no cover - compiled
         # the chunk's flagged entries (each set byte of a word by its lowest bit) onto the lists
         last = br_pos.shape[0] - 1
@@ -195,13 +203,14 @@ def _kernels(jit: Any) -> Any:
         # 3.13 -> 2.85 ns an entry, TIES 2.22 -> 2.03; with brackets (TIES in one pass) the counting
         # beside it made the fused loop no faster than the general one, which those chunks keep
         drawing = len(kinds) > 0
-        fused = nm == 3 and mode != 2 and not bracketed
+        fused = nm == 3 and not bracketed and (drawing or mode != 2)
         if drawing:
             for i in range(nm):
-                fused = fused and (kinds[i] == 0 or kinds[i] == 2)
-        keep_below = np.ones(3, np.float32)  # DARE: kept where u < keep_below (u 0 for a model kept whole)
+                fused = fused and (kinds[i] == 0 or kinds[i] == 2 or kinds[i] == 3)
+        keep_below = np.ones(3, np.float32)  # kept where u < keep_below (u 0 for a model kept whole)
         divisor = np.ones(3, np.float32)     # DARE's rescale
-        u3 = np.zeros((3, _CH), np.float32)
+        scale3 = np.ones(3, np.float32)      # DELLA's rescale
+        u3 = np.zeros((3, _CH), np.float32)  # DARE: the uniforms; DELLA: 0 where the keep bit is set, else 1
         res = np.empty(_CH, np.float32)
         by_count = mode == 1
         if fused:
@@ -209,6 +218,8 @@ def _kernels(jit: Any) -> Any:
                 if drawing and kinds[i] == 2:
                     keep_below[i] = dens[i]
                     divisor[i] = dens[i] if rescale else one
+                if drawing and kinds[i] == 3:
+                    scale3[i] = scales[i]
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
@@ -226,6 +237,12 @@ def _kernels(jit: Any) -> Any:
                     for i in range(3):
                         if kinds[i] == 2:
                             _random.fill_uniform(keys[i], start + s, u3[i, :k])
+                        elif kinds[i] == 3:  # the keep bits (piece-local, msb first) as 0 (kept) or 1
+                            bits = masks[i]
+                            ui = u3[i]
+                            for j in range(k):
+                                q = s + j
+                                ui[j] = np.float32(1 - ((bits[q >> 3] >> (7 - (q & 7))) & 1))
                     u0 = u3[0]
                     u1 = u3[1]
                     u2 = u3[2]
@@ -235,12 +252,26 @@ def _kernels(jit: Any) -> Any:
                     dv0 = divisor[0]
                     dv1 = divisor[1]
                     dv2 = divisor[2]
-                    for j in range(k):
-                        bj = b[j]
-                        x0 = (((m0[j] - bj) * (one if u0[j] < kb0 else zero)) / dv0) * w0
-                        x1 = (((m1[j] - bj) * (one if u1[j] < kb1 else zero)) / dv1) * w1
-                        x2 = (((m2[j] - bj) * (one if u2[j] < kb2 else zero)) / dv2) * w2
-                        res[j] = _consensus3(x0, x1, x2, w0, w1, w2, bj, by_count, zs, normalize, positive_weights, lam)
+                    sc0 = scale3[0]
+                    sc1 = scale3[1]
+                    sc2 = scale3[2]
+                    # each model's entry as the general loops make it: ((m - b) * keep) / divisor (DARE),
+                    # * scale (DELLA), * weight; a divisor or scale of 1 changes no bit
+                    if mode == 2:  # no consensus: the weighted sum (dare_linear, della_linear)
+                        for j in range(k):
+                            bj = b[j]
+                            x0 = ((((m0[j] - bj) * (one if u0[j] < kb0 else zero)) / dv0) * sc0) * w0
+                            x1 = ((((m1[j] - bj) * (one if u1[j] < kb1 else zero)) / dv1) * sc1) * w1
+                            x2 = ((((m2[j] - bj) * (one if u2[j] < kb2 else zero)) / dv2) * sc2) * w2
+                            res[j] = _sum3(x0, x1, x2, bj, normalize, total, lam)
+                    else:
+                        for j in range(k):
+                            bj = b[j]
+                            x0 = ((((m0[j] - bj) * (one if u0[j] < kb0 else zero)) / dv0) * sc0) * w0
+                            x1 = ((((m1[j] - bj) * (one if u1[j] < kb1 else zero)) / dv1) * sc1) * w1
+                            x2 = ((((m2[j] - bj) * (one if u2[j] < kb2 else zero)) / dv2) * sc2) * w2
+                            res[j] = _consensus3(x0, x1, x2, w0, w1, w2, bj, by_count, zs, normalize, positive_weights,
+                                                 lam)
                 else:
                     t0 = strict[0]
                     t1 = strict[1]
