@@ -237,12 +237,13 @@ def _kernels(jit: Any) -> Any:
                     for i in range(3):
                         if kinds[i] == 2:
                             _random.fill_uniform(keys[i], start + s, u3[i, :k])
-                        elif kinds[i] == 3:  # the keep bits (piece-local, msb first) as 0 (kept) or 1
-                            bits = masks[i]
+                        elif kinds[i] == 3:  # the keep bits (piece-local, msb first) as 0 (kept) or 1,
+                            bits = masks[i]   # a byte at a time: chunks start on a byte (_CH % 8 == 0)
                             ui = u3[i]
-                            for j in range(k):
-                                q = s + j
-                                ui[j] = np.float32(1 - ((bits[q >> 3] >> (7 - (q & 7))) & 1))
+                            for g in range((k + 7) >> 3):
+                                byte = np.int32(bits[(s >> 3) + g])
+                                for t in range(8):
+                                    ui[8 * g + t] = np.float32(1 - ((byte >> (7 - t)) & 1))
                     u0 = u3[0]
                     u1 = u3[1]
                     u2 = u3[2]
@@ -303,10 +304,12 @@ def _kernels(jit: Any) -> Any:
                     elif kinds[i] == 3:  # DELLA: the statistic pass's keep bits (piece-local, msb first), scaled
                         bits = masks[i]
                         sc = scales[i]
+                        for g in range((k + 7) >> 3):  # a byte at a time: chunks start on a byte (_CH % 8 == 0)
+                            byte = np.int32(bits[(s >> 3) + g])
+                            for t in range(8):
+                                u[8 * g + t] = np.float32((byte >> (7 - t)) & 1)
                         for j in range(k):
-                            q = s + j
-                            kb = (bits[q >> 3] >> (7 - (q & 7))) & 1
-                            row[j] = ((m[j] - b[j]) * np.float32(kb)) * sc  # 0 or 1 as a float: no branch
+                            row[j] = ((m[j] - b[j]) * u[j]) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
                         _band_chunk(m, b, k, row, band[i], band_quota[i])
                         if bracketed:  # an absent bracket is [0, 0): it counts and flags nothing
