@@ -310,7 +310,7 @@ class ArceeFusionKernel(Kernel):
         loops = _kernels()
         whole_rows = piece.start % self.cols == 0 and piece.numel % self.cols == 0
         raw = _raw.based_inputs(piece.base, piece.models, whole_rows and loops is not None)
-        if raw is None:
+        if raw is None or piece.numel == 0:
             return False
         if self.pos is None and piece.start == 0:
             self.pos = sample_positions(self.meta.numel, self.meta.seed, self.meta.name)

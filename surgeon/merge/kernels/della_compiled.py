@@ -59,7 +59,8 @@ def bucket_count(n: int) -> int:
 
 def shift_cap(nb: int) -> int:
     """The widest bucket (a right shift of the magnitude's bit pattern) with which
-    ``nb`` buckets still span no more than :data:`SPAN_BINADES` binades' worth of patterns."""
+    ``nb`` buckets still span no more than ``2**SPAN_BINADES`` binades' worth of patterns
+    (``nb`` a power of two)."""
     return max(0, 23 + SPAN_BINADES - (nb - 1).bit_length())
 
 
@@ -101,7 +102,7 @@ def _kernels(jit: Any) -> Any:
         bucket = np.empty(n, np.int32)
         mags = np.empty(n, np.uint32)
         keep = np.zeros((n + 7) // 8 * 8, np.uint8)
-        words = keep.view(np.uint64)  # little-endian: keep[8 g] is the low byte of words[g]
+        words = keep.view(np.uint64)  # keep[8 g] is the low byte of words[g]: numba's platforms are little-endian
         gather8 = np.uint64(0x8040201008040201)
         in_band = np.empty(n, np.uint8)
         band = np.empty(n + 1, np.int64)

@@ -39,7 +39,7 @@ _CH = _raw.CHUNK
 @compiled
 def _kernels(jit: Any) -> Any:
     """SCE's statistic and merge loops."""
-    global _scratch, _variance_chunk, _select_chunk  # helpers are globals, not closure cells: see _jit.py
+    global _scratch, _variance3, _variance_chunk, _select_chunk  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 
@@ -48,6 +48,16 @@ def _kernels(jit: Any) -> Any:
         # a chunk's rows: base, one model (then the mean), the task vectors, their variance
         return (np.empty(_CH, np.float32), np.empty(_CH, np.float32), np.empty((nm, _CH), np.float32),
                 np.empty(_CH, np.float32))
+
+    @inline
+    def _variance3(y0, y1, y2, n):  # pragma: no cover - compiled
+        # three task-vector entries' population variance (n: 3.0), as the loops of
+        # _variance_chunk round it: a running mean, then a running sum of squared differences
+        mu = ((y0 + y1) + y2) / n
+        z0 = y0 - mu
+        z1 = y1 - mu
+        z2 = y2 - mu
+        return (((np.float32(0.0) + z0 * z0) + z1 * z1) + z2 * z2) / n
 
     @inline
     def _variance_chunk(b_all, ms, s, e, b, m, d, var):  # pragma: no cover - compiled
@@ -62,20 +72,15 @@ def _kernels(jit: Any) -> Any:
             r0 = d[0]
             r1 = d[1]
             r2 = d[2]
-            zero = np.float32(0.0)
             for j in range(k):
                 bj = b[j]
                 y0 = r0[j] - bj
                 y1 = r1[j] - bj
                 y2 = r2[j] - bj
-                mu = ((y0 + y1) + y2) / n
-                z0 = y0 - mu
-                z1 = y1 - mu
-                z2 = y2 - mu
                 r0[j] = y0
                 r1[j] = y1
                 r2[j] = y2
-                var[j] = (((zero + z0 * z0) + z1 * z1) + z2 * z2) / n
+                var[j] = _variance3(y0, y1, y2, n)
             return
         for i in range(nm):
             _raw.load(ms[i][s:e], m)
@@ -292,11 +297,7 @@ def _kernels(jit: Any) -> Any:
                     y0 = m0[j] - bj
                     y1 = m1[j] - bj
                     y2 = m2[j] - bj
-                    mu = ((y0 + y1) + y2) / third
-                    z0 = y0 - mu
-                    z1 = y1 - mu
-                    z2 = y2 - mu
-                    v = (((zero + z0 * z0) + z1 * z1) + z2 * z2) / third
+                    v = _variance3(y0, y1, y2, third)
                     sel = one if (keep_all or v > t) else zero
                     var[j] = v
                     y0 = y0 * sel
