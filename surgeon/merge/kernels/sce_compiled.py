@@ -273,36 +273,28 @@ def _kernels(jit: Any) -> Any:
         zero = np.float32(0.0)
         one = np.float32(1.0)
         floor = np.float32(1e-6)
-        third = np.float32(nm)
         res = np.empty(_CH, np.float32)
-        d3 = np.empty((3, _CH), np.float32)
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
+            _variance_chunk(b_all, ms, s, e, b, m, d, var)
             if nm == 3:
-                # three models: one loop keeps each entry in registers (about 20 loops over the
-                # chunk below), the same float ops in the same order; a chunk holding entries tied
-                # at the threshold while the tie quota lasts is done again by the loops below
-                _raw.load(b_all[s:e], b)
-                for i in range(3):  # a runtime index: ms may hold fewer models when this never runs
-                    _raw.load(ms[i][s:e], d3[i])
-                m0 = d3[0]
-                m1 = d3[1]
-                m2 = d3[2]
+                # three models: after the variance loop, one loop keeps each entry in registers
+                # (about 20 loops over the chunk below), the same float ops in the same order; a
+                # chunk holding entries tied at the threshold while the tie quota lasts is done by
+                # the loops below
+                r0 = d[0]
+                r1 = d[1]
+                r2 = d[2]
                 w0 = w[0]
                 w1 = w[1]
                 w2 = w[2]
                 for j in range(k):
-                    bj = b[j]
-                    y0 = m0[j] - bj
-                    y1 = m1[j] - bj
-                    y2 = m2[j] - bj
-                    v = _variance3(y0, y1, y2, third)
+                    v = var[j]
                     sel = one if (keep_all or v > t) else zero
-                    var[j] = v
-                    y0 = y0 * sel
-                    y1 = y1 * sel
-                    y2 = y2 * sel
+                    y0 = r0[j] * sel
+                    y1 = r1[j] * sel
+                    y2 = r2[j] * sel
                     a = ((zero + y0) + y1) + y2
                     sg = -one if a < zero else (one if a >= zero else a)
                     g0 = one if (one if y0 > zero else (-one if y0 < zero else zero)) == sg else zero
@@ -310,7 +302,7 @@ def _kernels(jit: Any) -> Any:
                     g2 = one if (one if y2 > zero else (-one if y2 < zero else zero)) == sg else zero
                     mx = _raw.fma(w2, y2 * g2, _raw.fma(w1, y1 * g1, _raw.fma(w0, y0 * g0, zero)))
                     ws = _raw.fma(w2, g2, _raw.fma(w1, g1, _raw.fma(w0, g0, zero)))
-                    res[j] = mx / (floor if ws < floor else ws) + bj  # noqa: FURB136 - NaN stays NaN
+                    res[j] = mx / (floor if ws < floor else ws) + b[j]  # noqa: FURB136 - NaN stays NaN
                 ties = 0
                 if not keep_all and quota > 0:
                     for j in range(k):
@@ -318,7 +310,6 @@ def _kernels(jit: Any) -> Any:
                 if ties == 0:
                     _raw.store_checked(res[:k], out_all[s:e], chk)
                     continue
-            _variance_chunk(b_all, ms, s, e, b, m, d, var)
             if not keep_all:
                 quota = _select_chunk(k, var, d, keep, t, quota)
             for j in range(k):
