@@ -40,7 +40,7 @@ _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 @compiled
 def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
-    global _band_chunk, _count_brackets, _sign, _consensus3, _sum3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
+    global _band_chunk, _count_brackets, _sign, _consensus3, _keep_floats, _drawn, _sum3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
@@ -134,6 +134,23 @@ def _kernels(jit: Any) -> Any:
         den = (dv if dv > tiny else tiny) if positive_weights else (one if dv == zero else dv)
         mx = mx / den if normalize else mx
         return (mx * sg) * lam + bj
+
+    @inline
+    def _keep_floats(bits, s, k, out, flip):  # pragma: no cover - compiled
+        # out[:k] = the keep bits of a chunk's entries s... (piece-local, msb first) as floats,
+        # each bit xor flip (flip 1: 0 where kept), a byte at a time (eight constant shifts; a
+        # chunk starts on a byte: _CH % 8 == 0)
+        for g in range((k + 7) >> 3):
+            byte = np.int32(bits[(s >> 3) + g])
+            for t in range(8):
+                out[8 * g + t] = np.float32(((byte >> (7 - t)) & 1) ^ flip)
+
+    @inline
+    def _drawn(y, u, kb, dv, sc, w):  # pragma: no cover - compiled
+        # one drawn model's entry as the general loops make it from y = m - b: kept where
+        # u < kb, / divisor (DARE's rescale), * scale (DELLA's), * weight; a divisor or scale
+        # of 1 changes no bit
+        return (((y * (np.float32(1.0) if u < kb else np.float32(0.0))) / dv) * sc) * w
 
     @inline
     def _sum3(x0, x1, x2, bj, normalize, total, lam):  # pragma: no cover - compiled
@@ -237,13 +254,8 @@ def _kernels(jit: Any) -> Any:
                     for i in range(3):
                         if kinds[i] == 2:
                             _random.fill_uniform(keys[i], start + s, u3[i, :k])
-                        elif kinds[i] == 3:  # the keep bits (piece-local, msb first) as 0 (kept) or 1,
-                            bits = masks[i]   # a byte at a time: chunks start on a byte (_CH % 8 == 0)
-                            ui = u3[i]
-                            for g in range((k + 7) >> 3):
-                                byte = np.int32(bits[(s >> 3) + g])
-                                for t in range(8):
-                                    ui[8 * g + t] = np.float32(1 - ((byte >> (7 - t)) & 1))
+                        elif kinds[i] == 3:  # the keep bits as 0 (kept) or 1
+                            _keep_floats(masks[i], s, k, u3[i], 1)
                     u0 = u3[0]
                     u1 = u3[1]
                     u2 = u3[2]
@@ -256,21 +268,19 @@ def _kernels(jit: Any) -> Any:
                     sc0 = scale3[0]
                     sc1 = scale3[1]
                     sc2 = scale3[2]
-                    # each model's entry as the general loops make it: ((m - b) * keep) / divisor (DARE),
-                    # * scale (DELLA), * weight; a divisor or scale of 1 changes no bit
                     if mode == 2:  # no consensus: the weighted sum (dare_linear, della_linear)
                         for j in range(k):
                             bj = b[j]
-                            x0 = ((((m0[j] - bj) * (one if u0[j] < kb0 else zero)) / dv0) * sc0) * w0
-                            x1 = ((((m1[j] - bj) * (one if u1[j] < kb1 else zero)) / dv1) * sc1) * w1
-                            x2 = ((((m2[j] - bj) * (one if u2[j] < kb2 else zero)) / dv2) * sc2) * w2
+                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0)
+                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1)
+                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2)
                             res[j] = _sum3(x0, x1, x2, bj, normalize, total, lam)
                     else:
                         for j in range(k):
                             bj = b[j]
-                            x0 = ((((m0[j] - bj) * (one if u0[j] < kb0 else zero)) / dv0) * sc0) * w0
-                            x1 = ((((m1[j] - bj) * (one if u1[j] < kb1 else zero)) / dv1) * sc1) * w1
-                            x2 = ((((m2[j] - bj) * (one if u2[j] < kb2 else zero)) / dv2) * sc2) * w2
+                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0)
+                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1)
+                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2)
                             res[j] = _consensus3(x0, x1, x2, w0, w1, w2, bj, by_count, zs, normalize, positive_weights,
                                                  lam)
                 else:
@@ -302,12 +312,8 @@ def _kernels(jit: Any) -> Any:
                         for j in range(k):
                             row[j] = zero
                     elif kinds[i] == 3:  # DELLA: the statistic pass's keep bits (piece-local, msb first), scaled
-                        bits = masks[i]
                         sc = scales[i]
-                        for g in range((k + 7) >> 3):  # a byte at a time: chunks start on a byte (_CH % 8 == 0)
-                            byte = np.int32(bits[(s >> 3) + g])
-                            for t in range(8):
-                                u[8 * g + t] = np.float32((byte >> (7 - t)) & 1)
+                        _keep_floats(masks[i], s, k, u, 0)
                         for j in range(k):
                             row[j] = ((m[j] - b[j]) * u[j]) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
