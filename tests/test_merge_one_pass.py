@@ -164,6 +164,23 @@ def test_non_finite_inputs_are_reported_and_merged_as_the_reference(bad, counted
     assert torch.equal(out[finite], ref.reshape(-1)[finite])
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_a_model_trimmed_away_drops_its_infinite_entries_in_one_pass(bad, counted) -> None:
+    """A model of density 0 beside bracketed ones: its trim (zero where |delta| <= inf) drops
+    infinite deltas as the reference does; a NaN delta makes its entry NaN (the compiled
+    loop's rule, ties_compiled's docstring: the engine then stops on the non-finite output)."""
+    base, models = _family((600, 1000), torch.float32, seed=11)
+    at = [17, 5000, 77777]
+    models[1].view(-1)[at] = float(bad)
+    mps = [{"density": 0.3}, {"density": 0.0}, {"density": 0.6}]
+    out, ref, kernel = _run(base, models, dict(mps=mps), counted)
+    assert kernel._one_pass and counted == []
+    if bad == "nan":
+        assert bool(out.view(-1)[at].isnan().all())
+        out.view(-1)[at] = ref.view(-1)[at]
+    assert torch.equal(out, ref)
+
+
 def test_a_tensor_cut_into_pieces_keeps_its_statistic_pass(counted) -> None:
     """Only a whole tensor in one piece is merged in one pass (a piece's output is written
     before the next is read)."""
