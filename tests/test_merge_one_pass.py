@@ -86,8 +86,8 @@ def test_the_listed_entries_are_every_entry_a_bracket_left_open(counted) -> None
     from surgeon.merge.kernels.base import PieceInputs
 
     assert kernel.observe_raw(0, PieceInputs(0, flat_b, flat_m)) and kernel._one_pass
-    lo, hi, room = kernel._brackets()
-    lo, hi = lo[:, 0], hi[:, 0]
+    lo, hi, room, tie = kernel._brackets()
+    lo, hi, tie = lo[:, 0], hi[:, 0], tie[:, 0]
     seen = {}
     real_merge = ties_compiled.merge_raw
 
@@ -106,7 +106,8 @@ def test_the_listed_entries_are_every_entry_a_bracket_left_open(counted) -> None
     mags = [(m.float() - flat_b.float()).abs() for m in flat_m]
     inside = torch.zeros(base.numel(), dtype=torch.bool)
     for i, a in enumerate(mags):
-        inside |= (a >= float(lo[i])) & (a < float(hi[i]))
+        if not tie[i]:  # a tie bracket's entries are counted, not listed
+            inside |= (a >= float(lo[i])) & (a < float(hi[i]))
         assert int(seen["below"][i]) == int((a < float(lo[i])).sum())
     assert seen["pos"].tolist() == torch.nonzero(inside).squeeze(1).tolist()
     assert 0 < len(seen["pos"]) <= room
@@ -134,7 +135,7 @@ def test_more_listed_entries_than_room_count_with_passes(counted, monkeypatch) -
 
     def cramped(self):
         b = real(self)
-        return None if b is None else (b[0], b[1], 10)
+        return None if b is None else (b[0], b[1], 10, b[3])
 
     monkeypatch.setattr(TiesKernel, "_brackets", cramped)
     out, ref, kernel = _run(base, models, CASES[4], counted)
@@ -194,16 +195,32 @@ def test_a_tensor_cut_into_pieces_keeps_its_statistic_pass(counted) -> None:
     assert kernel.observe_raw(0, piece) and not kernel._one_pass and counted
 
 
-def test_brackets_holding_much_of_the_tensor_keep_the_statistic_pass(counted) -> None:
-    """Deltas of a few bf16 steps (a fifth of the entries tie at one threshold): the brackets
-    would list more than ONE_PASS_SHARE of the tensor, so the selection is counted first."""
-    from surgeon.merge.kernels.one_pass import ONE_PASS_SHARE
+def test_brackets_listing_much_of_the_tensor_keep_the_statistic_pass(counted, monkeypatch) -> None:
+    """Brackets that would list more than ONE_PASS_SHARE of the tensor (here a limit lowered
+    below their share) leave the selection to a counting pass first."""
+    from surgeon.merge.kernels import one_pass
 
-    base, models = _family((600, 1000), torch.bfloat16, seed=0, weights=1.0, deltas=0.01)
+    monkeypatch.setattr(one_pass, "ONE_PASS_SHARE", 0.001)
+    g = torch.Generator().manual_seed(0)  # float32 values all apart: no tie brackets
+    base = 0.02 * torch.randn((600, 1000), generator=g)
+    models = [base + 0.002 * torch.randn((600, 1000), generator=g) for _ in range(3)]
     out, ref, kernel = _run(base, models, CASES[0], counted)
     assert torch.equal(out, ref)
-    shares = [kernel.selector._share[s] for s in kernel.selector.ks]
-    assert sum(shares) > ONE_PASS_SHARE and not kernel._one_pass and counted
+    assert not kernel._one_pass and counted
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_a_fifth_of_the_entries_tied_at_a_cut_is_counted_not_listed(method, counted) -> None:
+    """Deltas of a few bf16 steps: a fifth of the entries tie at one value, where a cut falls.
+    Its bracket holds that value alone; the merge counts those entries (the listed share stays
+    small) and settles in one pass, equal to the reference."""
+    base, models = _family((600, 1000), torch.bfloat16, seed=0, weights=1.0, deltas=0.01)
+    case = CASES[0] if method == "ties" else BREADCRUMBS_CASES[0]
+    out, ref, kernel = _run(base, models, case, counted, method)
+    ties = [s for s in kernel.selector.ks if kernel.selector._width.get(s) == 1]
+    assert ties and max(kernel.selector._share[s] for s in ties) > (0.15 if method == "ties" else 0.02)
+    assert kernel._one_pass and counted == [] and kernel.selector.misses == 0
+    assert torch.equal(out, ref)
 
 
 BREADCRUMBS_CASES = [

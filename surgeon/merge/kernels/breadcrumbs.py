@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..arith import combine, weight_total
-from ..select.stream import RankCut, StreamSelector
+from ..select.stream import RankCut, StreamSelector, next_float
 from ..tensor import TensorMerge
 from . import ties_compiled
 from .one_pass import OnePassSelection
@@ -103,17 +103,37 @@ class BreadcrumbsKernel(OnePassSelection):
                                        self.normalize, weight_total(self.weights), self.lam)
 
     def provisional_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray,
-                          brackets: ties_compiled.Brackets) -> bool:
+                          brackets: ties_compiled.Brackets, quotas: dict[object, int]) -> bool:
         """Bands whose cuts are their brackets' far ends: the entries below the start bracket's top
-        and those from the stop bracket's bottom up are out (those inside are merged again)."""
+        and those from the stop bracket's bottom up are out (those inside are merged again); a
+        tie bracket's cut is its value, with the guessed quota."""
         kinds, band, quota = self._band()
-        for i, c in self.bracket_slots().values():
-            if c == 0:  # the stop cut
+        for series, (i, c) in self.bracket_slots().items():
+            col = 1 if c == 0 else 0  # bracket 0 is the stop cut's, band column 1
+            if series in quotas:
+                band[i, col], quota[i, col] = brackets.lo[i, c], quotas[series]
+            elif c == 0:
                 band[i, 1], quota[i, 1] = brackets.lo[i, 0], 0
             else:
                 band[i, 0], quota[i, 0] = brackets.hi[i, 1], 0
         return ties_compiled.merge_raw(base, models, self._args(kinds), out, band=band, band_quota=quota,
                                        brackets=brackets)
+
+    def tie_quota(self, series: object, below: int, equal: int) -> int:
+        return self.selector.ks[series] - below  # the set's entries equal to its cut (RankCut.quota)
+
+    def fixed_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._band()
+
+    def fixed_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray,
+                    groups: dict[object, bool], state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> bool:
+        kinds, band, quota = state
+        band = band.copy()
+        for (i, which), in_set in groups.items():  # type: ignore[misc]  # breadcrumbs' series: (model, cut)
+            col = 0 if which == "start" else 1
+            v = self.cuts[(i, which)].t
+            band[i, col], quota[i, col] = (next_float(v, float("inf")) if in_set else v), 0
+        return ties_compiled.merge_raw(base, models, self._args(kinds), out, band=band, band_quota=quota)
 
     def exact_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
         kinds, band, quota = self._band()

@@ -63,10 +63,10 @@ class ListedEntries:
         redone = thread_scratch("redone", pos.shape, out.dtype)
         finite_at = merge(b_at, m_at, redone)
         out[pos] = redone
-        return finite_at and (first_finite or _stored_finite(out))
+        return finite_at and (first_finite or stored_finite(out))
 
 
-def _stored_finite(raw: np.ndarray) -> bool:
+def stored_finite(raw: np.ndarray) -> bool:
     """Whether every stored value (float32, or bf16 bits as uint16) is finite."""
     if raw.dtype == np.uint16:
         return bool(((raw & np.uint16(0x7F80)) != np.uint16(0x7F80)).all())

@@ -5,6 +5,7 @@ proven equal to it by tests/test_merge_conformance.py.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,11 @@ def resolve_zero_sign(params: dict[str, Any]) -> str:
 def _below(x: float) -> float:
     """The largest float32 below ``x`` (>= 0): ``hardshrink(d, _below(t))`` keeps ``|d| >= t``."""
     return next_float(x, 0.0)
+
+
+def _keep_from(v: float) -> float:
+    """The compiled trim's threshold (zero where ``|d| <=`` it) that keeps ``|d| >= v``."""
+    return -1.0 if v <= 0 else _below(v)
 
 
 class TiesKernel(OnePassSelection):
@@ -151,9 +157,7 @@ class TiesKernel(OnePassSelection):
 
     def _compiled_args(self) -> ties_compiled.BlockArgs:
         if self._fused_args is None:  # thresholds are final once the passes are done
-            self._fused_args = ties_compiled.ties_args(*self._trim_thresholds(), np.array(self.weights, dtype=np.float32),
-                                                     self.consensus == "count", self.zero_sign, self.normalize,
-                                                     self.lam)
+            self._fused_args = self._args(*self._trim_thresholds())
         return self._fused_args
 
     # -- the compiled merges (OnePassSelection.merge_raw) ----------------------------------------
@@ -161,14 +165,34 @@ class TiesKernel(OnePassSelection):
         self._in_order(piece.start, piece.numel)
 
     def provisional_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray,
-                          brackets: ties_compiled.Brackets) -> bool:
+                          brackets: ties_compiled.Brackets, quotas: dict[object, int]) -> bool:
         strict, with_ties, quota = self._trim_thresholds()  # of the models not selected (the selected: their brackets)
-        args = ties_compiled.ties_args(strict, with_ties, quota, np.array(self.weights, dtype=np.float32),
-                                       self.consensus == "count", self.zero_sign, self.normalize, self.lam)
-        return ties_compiled.merge_raw(base, models, args, out, brackets=brackets)
+        for i, q in quotas.items():  # a tie bracket: the trim at its value, keeping the first q entries there
+            v = float(brackets.lo[i, 0])  # type: ignore[index]
+            strict[i], with_ties[i], quota[i] = v, _keep_from(v), q
+        return ties_compiled.merge_raw(base, models, self._args(strict, with_ties, quota), out, brackets=brackets)
 
     def exact_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray) -> bool:
         return ties_compiled.merge_raw(base, models, self._compiled_args(), out)
+
+    def tie_quota(self, series: object, below: int, equal: int) -> int:
+        return self.ks[series] - (self.meta.numel - below - equal)  # type: ignore[call-overload,operator]  # kept
+
+    def fixed_state(self) -> ties_compiled.BlockArgs:
+        return self._args(*self._trim_thresholds())
+
+    def fixed_merge(self, base: np.ndarray, models: tuple[np.ndarray, ...], out: np.ndarray,
+                    groups: dict[object, bool], state: ties_compiled.BlockArgs) -> bool:
+        strict, with_ties = state.strict.copy(), state.with_ties.copy()
+        for i, kept in groups.items():
+            v = self.selector.result[i].value
+            strict[i] = with_ties[i] = _keep_from(v) if kept else v  # type: ignore[index]
+            state.quota[i] = 0  # type: ignore[index]
+        return ties_compiled.merge_raw(base, models, replace(state, strict=strict, with_ties=with_ties), out)
+
+    def _args(self, strict: np.ndarray, with_ties: np.ndarray, quota: np.ndarray) -> ties_compiled.BlockArgs:
+        return ties_compiled.ties_args(strict, with_ties, quota, np.array(self.weights, dtype=np.float32),
+                                       self.consensus == "count", self.zero_sign, self.normalize, self.lam)
 
     def merge(self, blk: TensorMerge) -> torch.Tensor:
         self._in_order(blk.offset, blk.base.numel())

@@ -50,6 +50,7 @@ def _kernels(jit: Any) -> Any:
         # row[j] = x * [x's magnitude in the stop set and not in the start set], x = m - b.
         # A set holds the magnitudes below its cut and, of those equal to it, the
         # first quota[c] in flat order (quota: int64 [2], start then stop, counted down).
+        # Returns how many magnitudes equal each cut.
         zero = np.float32(0.0)
         one = np.float32(1.0)
         lo = cut[0]
@@ -88,6 +89,7 @@ def _kernels(jit: Any) -> Any:
                 row[j] = x * (one if (in_hi and not in_lo) else zero)
             quota[0] = ql
             quota[1] = qh
+        return tl, th
 
     @inline
     def _count_brackets(m, b, k, lo, hi, flag, below):  # pragma: no cover - compiled
@@ -183,8 +185,8 @@ def _kernels(jit: Any) -> Any:
 
     @jit
     def merge(b_all, ms, keys, start, strict, with_ties, quota, kinds, dens, rescale, masks, scales, band,
-              band_quota, w, mode, zero_sign, normalize, positive_weights, total, lam, br_lo, br_hi, br_below,
-              br_pos, br_b, br_m, br_count, out_all):  # pragma: no cover - compiled
+              band_quota, w, mode, zero_sign, normalize, positive_weights, total, lam, br_lo, br_hi, br_tie, br_below,
+              br_inside, br_pos, br_b, br_m, br_count, out_all):  # pragma: no cover - compiled
         # Inputs and output in their stored dtype (float32, or bf16 bits as
         # uint16: see surgeon.merge.kernels._raw), widened one chunk at a time. Loops
         # index chunk slices from 0 (``x[s:e][j]``, not ``x[s + j]``): with an
@@ -196,6 +198,10 @@ def _kernels(jit: Any) -> Any:
         # counts them all), words of flags scanned as the counting loop does, their inputs copied
         # to br_b and br_m (stored dtype; [models, capacity + 1]). TIES' trim (no kinds) with
         # bracket 0 keeps the entries with |x| >= br_hi[i, 0] instead of trimming by threshold.
+        # A tie bracket (br_tie[i, c] != 0: it holds one value v) is counted, not listed: the entries
+        # below v into br_below, those equal to v per chunk into br_inside[i, c, chunk], and the cut at
+        # v decides them (TIES: the trim by its thresholds and quota; breadcrumbs: the band, whose
+        # bracket is passed empty, [v, v)).
         # Returns whether every result was finite.
         nm = len(ms)
         n = b_all.shape[0]
@@ -317,10 +323,16 @@ def _kernels(jit: Any) -> Any:
                         for j in range(k):
                             row[j] = ((m[j] - b[j]) * u[j]) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
-                        _band_chunk(m, b, k, row, band[i], band_quota[i])
+                        tl, th = _band_chunk(m, b, k, row, band[i], band_quota[i])
                         if bracketed:  # an absent bracket is [0, 0): it counts and flags nothing
                             below = br_below[i]
                             _count_brackets(m, b, k, br_lo[i], br_hi[i], flag, below)
+                            # a tie bracket is empty here ([v, v): flags nothing), its cut is its value:
+                            # the band counted the entries at it (bracket 0 is the stop cut's)
+                            if br_tie[i, 0] != 0:
+                                br_inside[i, 0, s // _CH] = th
+                            if br_tie[i, 1] != 0:
+                                br_inside[i, 1, s // _CH] = tl
                     else:
                         _random.fill_uniform(keys[i], start + s, u[:k])
                         for j in range(k):
@@ -328,7 +340,7 @@ def _kernels(jit: Any) -> Any:
                         if rescale:
                             for j in range(k):
                                 row[j] = row[j] / dn
-                elif bracketed and br_hi[i, 0] > zero:  # keep above the bracket, count below it, flag inside
+                elif bracketed and br_hi[i, 0] > zero and br_tie[i, 0] == 0:  # keep above the bracket, count below it, flag inside
                     lo_i = br_lo[i, 0]
                     hi_i = br_hi[i, 0]
                     cnt = 0
@@ -340,6 +352,16 @@ def _kernels(jit: Any) -> Any:
                         flag[j] |= 1 if (a >= lo_i) & (a < hi_i) else 0
                     br_below[i, 0] += cnt
                 else:
+                    if bracketed and br_tie[i, 0] != 0:  # a tie bracket: counted here, trimmed below
+                        lo_i = br_lo[i, 0]
+                        cnt = 0
+                        tied = 0
+                        for j in range(k):
+                            a = abs(m[j] - b[j])
+                            cnt += 1 if a < lo_i else 0
+                            tied += 1 if a == lo_i else 0
+                        br_below[i, 0] += cnt
+                        br_inside[i, 0, s // _CH] = tied
                     t = strict[i]
                     q = quota[i]
                     if q > 0:
@@ -559,6 +581,8 @@ _NO_BAND = np.zeros((0, 2), dtype=np.float32)
 _NO_BAND_QUOTA = np.zeros((0, 2), dtype=np.int64)
 _NO_BRACKETS = np.zeros((0, 2), dtype=np.float32)
 _NO_COUNTS = np.zeros((0, 2), dtype=np.int64)
+_NO_TIES = np.zeros((0, 2), dtype=np.int8)
+_NO_INSIDE = np.zeros((0, 2, 0), dtype=np.int32)
 _NO_POSITIONS = np.zeros(1, dtype=np.int64)
 
 
@@ -573,22 +597,30 @@ class Brackets:
     hi: np.ndarray         # float32 [models, 2]
     below: np.ndarray      # int64 [models, 2], added to
     entries: ListedEntries
+    tie: np.ndarray        # int8 [models, 2]: 1 where the range holds one value (counted per chunk, not listed)
+    per_chunk: np.ndarray  # int32 [models, 2, chunks]: entries inside each range, per chunk of CHUNK entries
 
     @classmethod
     def empty(cls, lo: np.ndarray, hi: np.ndarray, capacity: int, base_dtype: np.dtype,
-              model_dtype: np.dtype) -> Brackets:
+              model_dtype: np.dtype, n: int, tie: np.ndarray | None = None) -> Brackets:
+        """Ranges for a piece of ``n`` entries (``tie``: the ranges counted per chunk instead of
+        listed; none by default)."""
         nm = lo.shape[0]
+        tie = np.zeros((nm, 2), np.int8) if tie is None else tie.astype(np.int8)
         return cls(lo.astype(np.float32), hi.astype(np.float32), np.zeros((nm, 2), np.int64),
-                   ListedEntries.empty("bracketed", nm, capacity, base_dtype, model_dtype))
+                   ListedEntries.empty("bracketed", nm, capacity, base_dtype, model_dtype), tie,
+                   thread_scratch("bracket counts", (nm, 2, -(-n // _CH)), np.int32))
 
     def inside(self) -> dict[tuple[int, int], np.ndarray]:
-        """Per range ``(model, 0 or 1)``, the bit patterns (uint32) of its listed ``|delta|`` inside it."""
+        """Per range ``(model, 0 or 1)`` but the tie ranges, the bit patterns (uint32) of its listed
+        ``|delta|`` inside it."""
         _, b_at, m_at = self.entries.listed()
         nm = len(m_at)
         kept = thread_scratch("inside", (2 * nm, b_at.shape[0] + 1), np.uint32)  # + a slot for the last write
         kept_n = np.zeros((nm, 2), np.int64)
-        _kernels().patterns(b_at, m_at, self.lo, self.hi, kept, kept_n)
-        return {(i, c): kept[2 * i + c, :int(kept_n[i, c])] for i in range(nm) for c in range(2) if self.hi[i, c] > 0}
+        wide = (self.hi > 0) & (self.tie == 0)
+        _kernels().patterns(b_at, m_at, self.lo, np.where(wide, self.hi, np.float32(0.0)), kept, kept_n)
+        return {(i, c): kept[2 * i + c, :int(kept_n[i, c])] for i in range(nm) for c in range(2) if wide[i, c]}
 
 
 def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs, out: np.ndarray,
@@ -611,7 +643,8 @@ def merge_raw(base: np.ndarray, models: tuple[np.ndarray, ...], args: BlockArgs,
                                  _NO_BAND_QUOTA if band_quota is None else band_quota, args.weights, args.mode,
                                  args.zero_sign, args.normalize, args.positive_weights, args.total, args.lam,
                                  _NO_BRACKETS if br is None else br.lo, _NO_BRACKETS if br is None else br.hi,
-                                 _NO_COUNTS if br is None else br.below,
+                                 _NO_TIES if br is None else br.tie, _NO_COUNTS if br is None else br.below,
+                                 _NO_INSIDE if br is None else br.per_chunk,
                                  _NO_POSITIONS if br is None else br.entries.positions,
                                  base[:0] if br is None else br.entries.base,
                                  np.empty((len(models), 0), models[0].dtype) if br is None else br.entries.models,

@@ -177,6 +177,7 @@ class StreamSelector:
         self._cap: dict[object, int] = {}     # COLLECT: entries the compiled loop keeps
         self._from_top: set[object] = set()   # windows that are a top-16 bucket: they must hold the k-th
         self._share: dict[object, float] = {}  # the sampled share of entries inside each bracket
+        self._below_share: dict[object, float] = {}  # ... and below it
         self._counts: _Counts | None = None
         self._ended = 0                       # passes closed so far
         self.sampled = False
@@ -234,6 +235,7 @@ class StreamSelector:
         kind = WINDOW
         vb = values.view(np.uint32)
         share = self._share[series] = float(((vb >= lo_bits) & (vb <= hi_bits)).sum()) / m
+        self._below_share[series] = float((vb < lo_bits).sum()) / m
         if width > SMALL_WINDOW:  # keep the entries inside if they are few enough, else histogram them
             cap = min(self.n, int(1.5 * share * self.n) + 4096)
             if cap <= MAX_KEPT:
@@ -250,6 +252,10 @@ class StreamSelector:
         if self._ended or self._kind[series] not in (WINDOW, COLLECT) or series not in self._share:
             return None
         return self._lo[series], self._width[series], self._share[series]
+
+    def sampled_below(self, series: object) -> float:
+        """The sampled share of entries below :meth:`bracket` (call when it is not None)."""
+        return self._below_share[series]
 
     def settle(self, below: dict[object, int], inside: dict[object, np.ndarray]) -> bool:
         """Close the first pass from counts made outside it (a merge that counted around the
