@@ -598,7 +598,7 @@ class Brackets:
     below: np.ndarray      # int64 [models, 2], added to
     entries: ListedEntries
     tie: np.ndarray        # int8 [models, 2]: 1 where the range holds one value (counted per chunk, not listed)
-    per_chunk: np.ndarray  # int32 [models, 2, chunks]: entries inside each range, per chunk of CHUNK entries
+    per_chunk: np.ndarray  # int32 [models, 2, chunks]: a tie range's entries (at its value) per chunk of CHUNK entries
 
     @classmethod
     def empty(cls, lo: np.ndarray, hi: np.ndarray, capacity: int, base_dtype: np.dtype,
