@@ -202,12 +202,12 @@ class OnePassSelection(SelectionPasses):
         def position(s: object, rank: int) -> int:  # where the tie of this rank (0-based, flat order) is
             return _tie_position(base, models[ties[s][0]], value[s], counts[s], rank)
 
-        ends = {s: position(s, self.tie_quota(s, sel[s].below, sel[s].equal)) for s in ties}
+        exact = {s: self.tie_quota(s, sel[s].below, sel[s].equal) for s in ties}
+        ends = {s: position(s, exact[s]) for s in ties}  # each quota's first entry left out (n: none)
         wrong = []
         for s in ties:
-            exact = self.tie_quota(s, sel[s].below, sel[s].equal)
             total = int(counts[s][-1]) if counts[s].size else 0
-            a, b = sorted((min(guess[s], total), min(exact, total)))
+            a, b = sorted((min(guess[s], total), min(exact[s], total)))
             if a < b:
                 wrong.append((position(s, a), position(s, b - 1) + 1))
         redone_finite = True
