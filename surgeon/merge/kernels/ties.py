@@ -139,7 +139,7 @@ class TiesKernel(OnePassSelection):
             if k == 0 or thr == float("inf"):
                 t = tt = float("inf")       # drop everything
             elif thr is not None:
-                t = tt = -1.0 if thr <= 0 else _below(thr)
+                t = tt = _keep_from(thr)
             elif i in self._thr:
                 t, tt = self._thr[i], _below(self._thr[i])
             else:
