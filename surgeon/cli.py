@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows in the summary table")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw the per-layer relative change of B against A "
-                   "(needs matplotlib: pip install 'surgeon[plot]'); its numbers go to PNG's .json")
+                   "(needs Pillow: pip install 'surgeon[plot]'); its numbers go to PNG's .json")
 
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face hub", epilog=EPILOG)
     p.add_argument("folder", help="checkpoint folder written by surgeon")
@@ -360,7 +360,7 @@ def _print_run(report: dict[str, Any]) -> None:
     print(f"output: {report['output']['path']}")
     cm = report.get("changemap")
     if cm:
-        from .eval.changemap import PLOT_HINT
+        from .io.plot import PLOT_HINT
 
         print(f"what changed where: {cm.get('png') or cm.get('json') + ' (' + PLOT_HINT + ')'}")
     if report.get("push"):
@@ -525,17 +525,15 @@ def _quiet_libraries() -> None:
 
 def _diff_plot(a: str, b: str, png: str) -> dict[str, Any]:
     """``diff --plot``: the change map of B against A, drawn to ``png`` (numbers beside it as .json)."""
-    from .eval.changemap import PLOT_HINT, compute_changemap, summary_lines, write_changemap
+    from .eval.changemap import compute_changemap, summary_lines, write_changemap
     from .io.checkpoint import Checkpoint
+    from .io.plot import PLOT_HINT
 
     target = Path(png)
     if target.suffix.lower() != ".png":
         raise InvalidInputError(f"--plot {png}: expected a .png file name")
     if not target.parent.is_dir():
         raise InvalidInputError(f"--plot {png}: no such folder {target.parent}")
-    from .io.plot import preload
-
-    preload()  # matplotlib's imports overlap the numbers
     cm = compute_changemap(Checkpoint.open(a), Checkpoint.open(b), labels=("A", "B"))
     written = write_changemap(target.parent, cm, stem=target.stem, title=f"{Path(b).name} vs {Path(a).name}")
     return {"png": written["png"], "json": written["json"], "summary": summary_lines(cm),

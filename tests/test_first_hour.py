@@ -458,64 +458,31 @@ def test_without_matplotlib_the_card_says_how_to_get_the_picture(tiny_family, tm
     assert cm["reference"] == "first input" and not cm["sign_electing"]
 
 
-def test_preload_imports_matplotlib_on_a_thread_and_respects_no_plot(monkeypatch):
-    pytest.importorskip("matplotlib")
-    from surgeon.io.plot import preload
+def test_a_merge_draws_its_picture_without_importing_matplotlib(tiny_family, tmp_path):
+    """The change map is drawn with Pillow (surgeon.io.heatmap): matplotlib's imports and first
+    figure cost ~0.8 CPU-s that a merge keeping both cores busy paid on every run."""
+    pytest.importorskip("PIL")
+    out = tmp_path / "m"
+    code = ("import sys; from surgeon.cli import main; "
+            f"rc = main(['merge', 'ties', {str(out)!r}, '--base', {str(tiny_family['base'])!r}, "
+            f"'--model', {str(tiny_family['ft1'])!r}, '--model', {str(tiny_family['ft2'])!r}, "
+            "'--set', 'density=0.5', '-q']); "
+            "print(rc, 'matplotlib' in sys.modules, 'PIL.Image' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-3:] == ["0", "False", "True"], done.stdout + done.stderr
+    assert (out / "changemap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    thread = preload()
-    assert thread is not None and thread.daemon
-    thread.join(60)
-    assert "matplotlib.figure" in sys.modules and "matplotlib.backends.backend_agg" in sys.modules
-    monkeypatch.setenv("SURGEON_NO_PLOT", "1")
-    assert preload() is None
 
-
-def test_the_preload_draws_without_warnings_and_the_exit_waits_for_it():
-    """The throw-away figure raises no warning: surgeon shows warnings as notes, and one printed
-    after "interrupted: ..." broke that line's place as the last (tests/test_reliability.py).
-    The process's exit waits for the thread: an interrupted run whose preload was still inside
-    matplotlib when the interpreter tore down aborted (SIGABRT / SIGSEGV instead of 130) about
-    one run in four of that test."""
-    pytest.importorskip("matplotlib")
-    import warnings
-
+def test_the_exit_waits_for_the_drawing_thread(tiny_family, tmp_path):
+    """The early drawing thread is a daemon the process's exit joins (atexit, before the
+    teardown): a daemon thread still inside a drawing library's C code while the interpreter
+    tore down aborted the process (SIGABRT / SIGSEGV instead of 130)."""
+    pytest.importorskip("PIL")
     from surgeon.io import plot
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        thread = plot.preload()
-        thread.join(60)
-    assert [str(w.message) for w in caught] == []
-    assert thread in plot._exiting  # joined by the exit (atexit) before the teardown
-
-
-def test_drawing_waits_for_a_preload_still_drawing(monkeypatch, tmp_path):
-    """matplotlib is not thread-safe: a picture drawn while the preload thread still draws
-    its throw-away figure waits for it."""
-    pytest.importorskip("matplotlib")
-    import threading
-
-    from surgeon.io import plot
-
-    release = threading.Event()
-    started = threading.Event()
-
-    def slow_preload():
-        started.set()
-        release.wait(10)
-
-    thread = threading.Thread(target=slow_preload, daemon=True)
-    plot._preloads.append(thread)
-    thread.start()
-    started.wait(10)
-    done = threading.Event()
-    cm = {"layers": [0], "kinds": ["q"], "cells": [{"layer": 0, "kind": "q", "rel_change": 0.1}],
-          "sign_electing": False}
-    drawer = threading.Thread(target=lambda: (plot.plot_changemap(cm, tmp_path / "c.png"), done.set()), daemon=True)
-    drawer.start()
-    assert not done.wait(0.5)  # held back while the preload runs
-    release.set()
-    assert done.wait(30) and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    out, fam = tmp_path / "m", tiny_family
+    assert main(["merge", "linear", str(out), "--model", str(fam["ft1"]), "--model", str(fam["ft2"]), "-q"]) == 0
+    assert any(t.name == "surgeon-changemap" and t.daemon for t in plot._exiting)
 
 
 def test_diff_plot(tiny_family, tmp_path, capsys):

@@ -23,7 +23,7 @@ than :data:`SAMPLE_ELEMENTS` is estimated from evenly spaced row blocks adding
 up to about that many entries (the result says how many entries were read).
 A merge run gathers the numbers as its output is written
 (:class:`ChangeMapSampler`, watching the writer): the output is never read
-back. The picture is drawn by :mod:`surgeon.io.plot` when matplotlib is installed
+back. The picture is drawn by :mod:`surgeon.io.plot` when Pillow is installed
 (``pip install 'surgeon[plot]'``); the numbers are written either way.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..arch import KINDS, layer_index, tensor_kind
+from ..io.plot import PLOT_HINT
 
 BLOCK_ELEMENTS = 1 << 21  # entries per input and block (8 MiB as float32)
 SAMPLE_ELEMENTS = 1 << 16  # entries read per tensor at most (evenly spaced row blocks): ~1 s for a 300M model
@@ -186,7 +187,6 @@ class ChangeMapSampler:
         self._done: dict[str, dict[tuple[int, int], _Span]] = {}
         self._parts: dict[tuple[str, tuple[int, int]], list[tuple[int, torch.Tensor]]] = {}
         self._lock = threading.Lock()
-        self._preloaded = False
         self.failure: BaseException | None = None
         self._layout: Any = None  # the planned output (expect): its picture is drawn once every span is in
         self._title: str | None = None
@@ -222,7 +222,7 @@ class ChangeMapSampler:
 
     def picture(self, cm: dict[str, Any], title: str | None) -> bytes | None | bool:
         """The early drawing of ``cm`` titled ``title`` (PNG bytes, or None when there is no
-        matplotlib), waiting for it if it is still being drawn; False when none was drawn
+        Pillow), waiting for it if it is still being drawn; False when none was drawn
         of these numbers (no plan, spans never shown, or the output differs from its plan)."""
         if self._early is None:
             return False
@@ -279,14 +279,6 @@ class ChangeMapSampler:
         """Rows ``[start, start + len(rows))`` of output tensor ``name`` (of ``shape``) were written."""
         if self.failure is not None:
             return
-        if not self._preloaded:
-            # the picture's imports once the merge is under way (its compute threads run
-            # without the GIL), not while the run starts: two imports on two threads only
-            # take turns holding the GIL, and the merge's own imports came later for it
-            from ..io.plot import preload
-
-            self._preloaded = True
-            preload()
         try:
             shape = tuple(shape)
             use = self._comparable(name, shape)
@@ -429,15 +421,14 @@ def summary_lines(cm: dict[str, Any]) -> list[str]:
     return lines
 
 
-PLOT_HINT = "install matplotlib (`pip install 'surgeon[plot]'`) and rerun to get the picture"
 
 
 def write_changemap(folder: str | Path, cm: dict[str, Any], stem: str = "changemap",
                     title: str | None = None, picture: bytes | None | bool = False) -> dict[str, Any]:
-    """Write ``<stem>.json`` and, with matplotlib, ``<stem>.png`` into ``folder``;
+    """Write ``<stem>.json`` and, with Pillow, ``<stem>.png`` into ``folder``;
     returns ``{"json": path, "png": path or None, "card": markdown section body}``.
     ``picture``: ``cm`` already drawn (:meth:`ChangeMapSampler.picture`: PNG bytes, or
-    None without matplotlib); False draws it here."""
+    None without Pillow); False draws it here."""
     from ..io.plot import render_changemap, write_png
 
     folder = Path(folder)

@@ -1,7 +1,10 @@
-"""Small PNG pictures; matplotlib is optional (``pip install 'surgeon[plot]'``).
+"""Small PNG pictures; their libraries are optional (``pip install 'surgeon[plot]'``).
 
-Only the object-oriented Agg API is used (no pyplot, no global backend
-switch), so drawing never touches a caller's matplotlib state or a display.
+A merge's change map is a heat map drawn with Pillow (:mod:`surgeon.io.heatmap`:
+cheap enough to draw at the end of every run); a transplant's error-by-k curve
+is drawn with matplotlib, through its object-oriented Agg API only (no pyplot,
+no global backend switch), so drawing never touches a caller's matplotlib
+state or a display.
 """
 from __future__ import annotations
 
@@ -13,7 +16,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import settings
+
+#: what a card or a command says where a picture could not be drawn
+PLOT_HINT = "install the plot extra (`pip install 'surgeon[plot]'`) and rerun to get the picture"
 
 
 def have_matplotlib() -> bool:
@@ -23,39 +31,11 @@ def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def preload() -> threading.Thread | None:
-    """Start importing matplotlib's Agg figure machinery on a daemon thread (about 0.6 s of
-    CPU) and drawing a tiny throw-away figure (~0.1 s: it loads the fonts and the PNG
-    writer, which otherwise cost the first real picture ~0.4 s more), so that a caller can
-    overlap both with other work before drawing; returns the thread (join it or not: a
-    later import simply waits for it), or None without matplotlib."""
-    if not have_matplotlib():
-        return None
-
-    def load() -> None:
-        try:
-            import io
-
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-
-            fig = Figure(figsize=(2, 1.5), dpi=20)  # big enough that tight_layout fits it: no warning
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot(1, 1, 1)
-            image = ax.imshow([[0.0, 1.0]], cmap="viridis")
-            ax.set_xticks([0, 1], ["0", "1"], fontsize=7)
-            ax.set_title("-", fontsize=8)
-            fig.colorbar(image, ax=ax)
-            fig.tight_layout()
-            fig.savefig(io.BytesIO(), format="png")
-        except Exception:  # noqa: BLE001 - the drawing itself reports a broken install
-            pass
-
-    thread = threading.Thread(target=load, name="surgeon-plot-preload", daemon=True)
-    _preloads.append(thread)
-    thread.start()
-    finish_before_exit(thread)
-    return thread
+def have_pillow() -> bool:
+    """Whether Pillow can be imported (``SURGEON_NO_PLOT=1`` pretends it cannot)."""
+    if settings.current().no_plot:
+        return False
+    return importlib.util.find_spec("PIL") is not None
 
 
 #: drawing threads the process waits for before it exits (:func:`finish_before_exit`)
@@ -64,8 +44,8 @@ _exiting: list[threading.Thread] = []
 
 def finish_before_exit(thread: threading.Thread) -> None:
     """Have the process's exit wait (up to ``EXIT_WAIT_S`` each) for the daemon ``thread``, which
-    draws with matplotlib: a daemon thread still inside matplotlib's C and C++ code while the
-    interpreter tears down aborted the process (an interrupted run exited with SIGABRT or
+    draws: a daemon thread still inside a drawing library's C and C++ code (matplotlib's,
+    before the change map moved to Pillow) while the interpreter tore down aborted the process (an interrupted run exited with SIGABRT or
     SIGSEGV instead of 130). atexit runs before the teardown, in ``sys.exit`` and in
     :func:`surgeon.settings.exit_process` alike."""
     if not _exiting:
@@ -82,24 +62,13 @@ def _wait_for_drawings() -> None:
         _exiting.pop().join(EXIT_WAIT_S)
 
 
-#: preload threads started so far: drawing waits for them (matplotlib is not thread-safe: the
-#: throw-away figure and a real one must not share its font objects at the same time)
-_preloads: list[threading.Thread] = []
-
-
-#: held while a picture is drawn: pictures drawn on two threads (a merge's change map is
-#: drawn beside the output's final sync) take turns
+#: held while matplotlib draws: it is not thread-safe (Pillow's pictures need no turns)
 _drawing = threading.Lock()
-
-
-def _after_preloads() -> None:
-    while _preloads:
-        _preloads.pop().join()
 
 
 def plot_changemap(cm: dict[str, Any], path: str | Path, title: str | None = None) -> bool:
     """Draw a change map into the PNG file ``path`` (:func:`render_changemap`; written whole
-    or not at all). Returns False (and writes nothing) without matplotlib."""
+    or not at all). Returns False (and writes nothing) without Pillow."""
     png = render_changemap(cm, title)
     if png is None:
         return False
@@ -117,22 +86,12 @@ def write_png(png: bytes, path: str | Path) -> None:
 
 def render_changemap(cm: dict[str, Any], title: str | None = None) -> bytes | None:
     """PNG bytes of a change map (:func:`surgeon.eval.changemap.compute_changemap`) as
-    heat maps: kinds down, layers across (then ``other`` for tensors outside the layers);
-    a second panel with the sign-conflict share when the method elects signs. None
-    without matplotlib. Safe to call from any thread (drawings take turns)."""
-    if not have_matplotlib():
+    heat maps (:mod:`surgeon.io.heatmap`): kinds down, layers across (then ``other`` for
+    tensors outside the layers); a second panel with the sign-conflict share when the
+    method elects signs. None without Pillow. Safe to call from any thread."""
+    if not have_pillow():
         return None
-    with _drawing:
-        return _render_changemap(cm, title)
-
-
-def _render_changemap(cm: dict[str, Any], title: str | None) -> bytes:
-    _after_preloads()
-    import io
-
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .heatmap import Panel, render_heatmaps
 
     layers = list(cm["layers"])
     cols = [str(x) for x in layers] + (["other"] if any(c["layer"] is None for c in cm["cells"]) else [])
@@ -141,13 +100,11 @@ def _render_changemap(cm: dict[str, Any], title: str | None) -> bytes:
     ref, out = cm.get("reference", "base"), cm.get("output", "output")
     ref = "base" if ref in ("base", "first input") else ref
     out = "out" if out == "output" else out
-    panels = [("rel_change", f"relative change ||{out} - {ref}|| / ||{ref}||")]
+    panels = [("rel_change", f"relative change ||{out} - {ref}|| / ||{ref}||", "viridis")]
     if cm.get("sign_electing"):
-        panels.append(("sign_conflict", "share of entries whose task-vector signs conflict"))
-    width = min(12.0, 2.2 + 0.32 * len(cols)) * len(panels)
-    fig = Figure(figsize=(max(4.5, width), 0.9 + 0.3 * len(kinds)), dpi=110)
-    FigureCanvasAgg(fig)
-    for p, (key, label) in enumerate(panels):
+        panels.append(("sign_conflict", "share of entries whose task-vector signs conflict", "magma"))
+    grids = []
+    for key, label, colour_map in panels:
         grid = np.full((len(kinds), len(cols)), np.nan)
         for c in cm["cells"]:
             v = c.get(key)
@@ -155,25 +112,12 @@ def _render_changemap(cm: dict[str, Any], title: str | None) -> bytes:
                 continue
             col = layers.index(c["layer"]) if c["layer"] is not None else len(cols) - 1
             grid[index[c["kind"]], col] = v
-        ax = fig.add_subplot(1, len(panels), p + 1)
-        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis" if p == 0 else "magma",
-                       interpolation="nearest")
-        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
-        step = max(1, len(cols) // 16)
-        ticks = list(range(0, len(cols), step))
-        if cols and cols[-1] == "other" and len(cols) - 1 not in ticks:
-            ticks.append(len(cols) - 1)
-        ax.set_xticks(ticks, [cols[i] for i in ticks], fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.set_title(label, fontsize=8)
-        cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-        cb.ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+        grids.append(Panel(grid, label, colour_map))
+    step = max(1, len(cols) // 16)
+    ticks = list(range(0, len(cols), step))
+    if cols and cols[-1] == "other" and len(cols) - 1 not in ticks:
+        ticks.append(len(cols) - 1)
+    return render_heatmaps(grids, kinds, cols, ticks, xlabel="layer", title=title)
 
 
 def render_error_by_k(curves: dict[str, dict[str, Any]], k_used: int | None = None, title: str | None = None) -> bytes | None:
@@ -188,7 +132,6 @@ def render_error_by_k(curves: dict[str, dict[str, Any]], k_used: int | None = No
 
 
 def _render_error_by_k(curves: dict[str, dict[str, Any]], k_used: int | None, title: str | None) -> bytes:
-    _after_preloads()
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -21,11 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..io.plot import render_error_by_k
+from ..io.plot import PLOT_HINT, render_error_by_k
 
 STEM = "omp_error"
 SECTION = "Reconstruction error by k"
-PLOT_HINT = "install matplotlib (`pip install 'surgeon[plot]'`) and rerun to get the picture"
 
 
 class _BytesWriter(Protocol):
