@@ -26,7 +26,11 @@ measured and printed too, but not added: a tool can overlap it with reading.)
 ``--repeats N`` times each tool's run N times and keeps the fastest, as the floor's
 read and write parts are the best of two.
 Before each timed run the inputs are read through once, untimed, so every run
-starts with them in the page cache, as the read floor does.
+starts with them in the page cache, as the read floor does. Tools run as
+installed: with their modules' bytecode caches (``pip install`` writes them; an
+editable install writes them on first import), so a ``PYTHONDONTWRITEBYTECODE``
+in this bench's environment is not passed on (it would recompile surgeon's ~100
+modules on every start, ~0.13 s, while torch's and mergekit's caches exist).
 Every registry method with a config here runs (``--methods all``, the default);
 methods mergekit lacks (widen) show only surgeon.
 
@@ -53,6 +57,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -231,6 +236,11 @@ def measure_startup(repeats: int = 3) -> float:
     return best
 
 
+def without_bytecode_switch(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less ``PYTHONDONTWRITEBYTECODE``: the timed tools keep their bytecode caches."""
+    return {k: v for k, v in environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def warm_kernels(root: Path, methods: list[str], device: str, env: dict[str, str]) -> None:
     """Run each surgeon method untimed on the tiny family, whole and in small row
     pieces (the two paths the engine takes): the first run after installing
@@ -307,7 +317,7 @@ def main() -> None:
     print(f"whole-job floor = start-up + read + write = {startup_s:.1f} + {read_s:.1f} + {write_s:.1f} = "
           f"{job_floor:.1f}s (old floor max(read, cast) {floor:.1f}s)")
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**without_bytecode_switch(os.environ), "HF_HUB_OFFLINE": "1"}
     if not a.no_warmup:
         warm_kernels(a.root, a.methods, a.device, env)
     bindir = Path(sys.executable).parent
@@ -407,7 +417,7 @@ def bench_remote(a: argparse.Namespace) -> None:
             out = fam_root / f"out-remote{mode}"
             shutil.rmtree(home, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-            env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+            env = {**without_bytecode_switch(os.environ), "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
                    "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
             env.pop("HF_TOKEN", None)
             report = fam_root / f"report-remote{mode}.json"
