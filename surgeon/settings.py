@@ -90,7 +90,7 @@ def current() -> Settings:
 
 
 def configure_process(*, threads: int | None = None, huge_pages: bool = False, keep_freed_memory: bool = True,
-                      freeze_gc: bool = True) -> dict[str, bool]:
+                      freeze_gc: bool = True, quiet_late_blas: bool = True) -> dict[str, bool]:
     """Apply surgeon's process-wide policies to *this* process (the CLI calls it once).
 
     - ``keep_freed_memory``: raise glibc malloc's trim/mmap thresholds so freed
@@ -102,13 +102,19 @@ def configure_process(*, threads: int | None = None, huge_pages: bool = False, k
       (``THP_MEM_ALLOC_ENABLE``, effective only before torch's first allocation);
     - ``threads``: torch's intra-op threads (None: unchanged);
     - ``freeze_gc``: move the objects alive now (torch's import) out of the cycle
-      collector's sight (~4 % of a TIES merge's CPU time went to full collections).
+      collector's sight (~4 % of a TIES merge's CPU time went to full collections);
+    - ``quiet_late_blas``: BLAS libraries loaded from now on start with one thread
+      (``OPENBLAS_NUM_THREADS=1`` unless set): a merge's first compiled loop imports numba's
+      array maths, which loads scipy's OpenBLAS where scipy is installed, whose extra thread
+      busy-waited ~0.1 CPU-s beside the merge's compute threads. numpy's BLAS, loaded with torch, keeps its threads; code that
+      wants more asks threadpoolctl (a transplant's products do).
 
     Returns which of them took effect.
     """
     from . import allocator
 
-    done = {"keep_freed_memory": False, "huge_pages_off": False, "threads": False, "freeze_gc": False}
+    done = {"keep_freed_memory": False, "huge_pages_off": False, "threads": False, "freeze_gc": False,
+            "quiet_late_blas": False}
     if keep_freed_memory:
         done["keep_freed_memory"] = allocator.keep_freed_memory()
     if huge_pages:
@@ -123,6 +129,9 @@ def configure_process(*, threads: int | None = None, huge_pages: bool = False, k
     if freeze_gc:
         gc.freeze()
         done["freeze_gc"] = True
+    if quiet_late_blas and "OPENBLAS_NUM_THREADS" not in os.environ:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        done["quiet_late_blas"] = True
     return done
 
 

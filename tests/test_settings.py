@@ -1,6 +1,7 @@
 """surgeon/settings.py: SURGEON_* read in one place, no side effects at import, threads restored."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -79,10 +80,41 @@ def test_configure_process_is_offered_to_library_users() -> None:
     assert surgeon.configure_process is settings.configure_process
     before = torch.get_num_threads()
     try:
-        done = settings.configure_process(threads=1, freeze_gc=False, keep_freed_memory=False)
+        done = settings.configure_process(threads=1, freeze_gc=False, keep_freed_memory=False, quiet_late_blas=False)
         assert done["threads"] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_quiet_late_blas_asks_one_thread_of_blas_loaded_later_unless_the_user_chose(monkeypatch) -> None:
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    assert settings.configure_process(freeze_gc=False, keep_freed_memory=False)["quiet_late_blas"]
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert not settings.configure_process(freeze_gc=False, keep_freed_memory=False)["quiet_late_blas"]
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def test_numbas_import_then_loads_scipys_blas_with_one_thread_and_numpys_keeps_its_own() -> None:
+    """The thread an OpenBLAS starts beside its caller busy-waits ~0.1 CPU-s after it loads:
+    scipy's, loaded with numba's array maths as a merge starts, now starts none; numpy's (loaded with
+    torch, before the CLI configures anything) is left as it was."""
+    pytest.importorskip("scipy")
+    pytest.importorskip("threadpoolctl")
+    code = ("import json, numpy; from threadpoolctl import threadpool_info\n"
+            "def blas(): return {i['filepath']: i['num_threads'] for i in threadpool_info() if i['internal_api'] == 'openblas'}\n"
+            "before = blas()\n"
+            "from surgeon.settings import configure_process\n"
+            "configure_process(freeze_gc=False, keep_freed_memory=False)\n"
+            "import numba.np.arraymath\n"  # what a merge's first compiled loop imports (scipy.linalg with it)
+            "after = blas()\n"
+            "print(json.dumps({'late': [n for f, n in after.items() if f not in before], "
+            "'early_kept': all(after[f] == n for f, n in before.items())}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["late"] == [1] and got["early_kept"], got
 
 
 # --------------------------------------------------------------------------- exit_process
