@@ -229,20 +229,36 @@ def test_magnitude_ranks_equal_a_stable_sort_of_magnitudes(monkeypatch) -> None:
     assert torch.equal(magnitude_ranks(ties), _argsort_ranks(ties))
 
 
-def test_order_statistics_equal_a_full_sort_and_leave_the_input_alone() -> None:
-    """One partition at all the ranks: the values at the ranks are those of np.sort, for one
-    to three ranks, repeated values and the ends included."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_order_statistics_equal_a_full_sort_and_leave_the_input_alone(compiled: bool, monkeypatch) -> None:
+    """The radix select (compiled) or one partition at all the ranks: the values at the ranks
+    are those of np.sort, for one to four ranks, repeated values, the whole uint32 range, the
+    |delta| patterns of bf16 fine-tunes (few distinct values, most in a few bins), a strided
+    input, and the ends included."""
+    from surgeon.merge.select import stream
     from surgeon.merge.select.stream import order_statistics
 
+    if not compiled:
+        monkeypatch.setattr(stream, "compiled_counts_available", lambda: False)
     rng = np.random.default_rng(0)
     for n in (1, 2, 10, 1000, 65536):
         for trial in range(20):
-            u = rng.integers(0, 50 if trial % 2 else 2**31, n).astype(np.uint32)
-            ranks = sorted(set(rng.integers(0, n, rng.integers(1, 4)).tolist()) | ({0, n - 1} if trial % 5 == 0 else set()))
+            kind = trial % 4
+            if kind == 0:
+                u = rng.integers(0, 50, n).astype(np.uint32)
+            elif kind == 1:
+                u = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+            elif kind == 2:  # |b16(m) - b16(b)| as float32 patterns
+                b = torch.randn(n).to(torch.bfloat16)
+                m = (b.float() + 0.01 * torch.randn(n)).to(torch.bfloat16)
+                u = (m.float() - b.float()).abs().numpy().view(np.uint32)
+            else:
+                u = rng.integers(0, 2**31, 2 * n).astype(np.uint32)[::2]  # not contiguous
+            ranks = sorted(set(rng.integers(0, n, rng.integers(1, 5)).tolist()) | ({0, n - 1} if trial % 5 == 0 else set()))
             copy = u.copy()
             got = order_statistics(u, ranks)
             srt = np.sort(u)
-            assert got == {r: int(srt[r]) for r in ranks}, (n, ranks)
+            assert got == {r: int(srt[r]) for r in ranks}, (n, ranks, kind)
             assert np.array_equal(u, copy)
 
 

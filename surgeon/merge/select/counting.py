@@ -138,7 +138,48 @@ def _kernels(jit: Any) -> Any:
                 return
             c = nc
 
-    return SimpleNamespace(delta_counts=delta_counts, window_rank=window_rank)
+    @jit
+    def select_patterns(patterns, ranks, out):  # pragma: no cover - compiled
+        # out[q] = the ranks[q]-th smallest (0-based, in range) of the uint32 patterns, digit by
+        # digit: one histogram of every pattern's top 11 bits (shared by all ranks), then per
+        # rank the patterns of its bin gathered once and their next 11 and last 10 bits counted
+        n = patterns.shape[0]
+        top = np.zeros(2048, np.int64)
+        for i in range(n):
+            top[patterns[i] >> np.uint32(21)] += 1
+        buf = np.empty(n, np.uint32)
+        mid = np.empty(2048, np.int64)
+        low = np.empty(1024, np.int64)
+        for q in range(ranks.shape[0]):
+            r = ranks[q]
+            h = 0
+            while r >= top[h]:
+                r -= top[h]
+                h += 1
+            k = 0
+            for i in range(n):  # branch-free gather of the bin's patterns
+                p = patterns[i]
+                buf[k] = p
+                k += np.int64((p >> np.uint32(21)) == np.uint32(h))
+            mid[:] = 0
+            for i in range(k):
+                mid[(buf[i] >> np.uint32(10)) & np.uint32(2047)] += 1
+            g = 0
+            while r >= mid[g]:
+                r -= mid[g]
+                g += 1
+            low[:] = 0
+            for i in range(k):
+                p = buf[i]
+                if ((p >> np.uint32(10)) & np.uint32(2047)) == np.uint32(g):
+                    low[p & np.uint32(1023)] += 1
+            j = 0
+            while r >= low[j]:
+                r -= low[j]
+                j += 1
+            out[q] = (np.uint32(h) << np.uint32(21)) | (np.uint32(g) << np.uint32(10)) | np.uint32(j)
+
+    return SimpleNamespace(delta_counts=delta_counts, window_rank=window_rank, select_patterns=select_patterns)
 
 
 def compiled_counts_available() -> bool:
@@ -164,6 +205,14 @@ def window_rank_compiled(patterns: np.ndarray, rank: int, lo: int, width: int) -
     out = np.zeros(3, np.int64)
     _kernels().window_rank(patterns, rank, lo, width, counts, out)
     return int(out[0]), int(out[1]), int(out[2])
+
+
+def select_patterns_compiled(patterns: np.ndarray, ranks: list[int]) -> list[int]:
+    """The values at ``ranks`` (0-based, each in range) of the uint32 ``patterns`` sorted
+    ascending, by a compiled radix select (:func:`surgeon.merge.select.stream.order_statistics`)."""
+    out = np.zeros(len(ranks), np.uint32)
+    _kernels().select_patterns(np.ascontiguousarray(patterns), np.asarray(ranks, dtype=np.int64), out)
+    return [int(x) for x in out]
 
 
 def count_deltas_torch(base: torch.Tensor, models: list[torch.Tensor], sel: list[int], kind: list[int],
