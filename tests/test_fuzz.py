@@ -155,6 +155,7 @@ _values = st.recursive(_scalars, lambda c: st.lists(c, max_size=3) | st.dictiona
 
 @FUZZ
 @given(st.dictionaries(_keys, _values, max_size=6))
+@example({"models": {"\r": None}, "name": None})  # a key that does not print: one error line, escaped
 def test_recipe_random_structures(data: dict) -> None:
     _load(yaml.safe_dump(data, allow_unicode=True))
 

@@ -172,7 +172,7 @@ def _format_errors(exc: ValidationError, located: Located) -> str:
     for err in exc.errors():
         loc = tuple(err["loc"])
         where = located.where(loc)
-        key = ".".join(str(x) for x in loc) or "(top level)"
+        key = ".".join(_shown_key(x) for x in loc) or "(top level)"
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # models / pydantic dataclasses
             valid = _fields_at(Recipe, loc[:-1])
             hint = did_you_mean(str(loc[-1]), valid)
@@ -185,6 +185,13 @@ def _format_errors(exc: ValidationError, located: Located) -> str:
             shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
             lines.append(f"{where}: {key}: {err['msg']}{shown}")
     return "\n".join(lines)
+
+
+def _shown_key(part: Any) -> str:
+    """A key of an error's path as printed: as written, or quoted with escapes when it holds
+    characters that do not print (a ``"\\r"`` key once split its error line in two)."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
