@@ -89,8 +89,19 @@ def current() -> Settings:
     return _cache[1]
 
 
+#: whether numba, once surgeon's first compiled loop loads it, may load scipy's BLAS (a process
+#: policy :func:`configure_process` sets; read by :mod:`surgeon.merge.kernels._jit`)
+_numba_blas = True
+
+
+def numba_blas_wanted() -> bool:
+    """Whether numba may load scipy's BLAS when surgeon first loads it (True unless
+    :func:`configure_process` turned it off for this process)."""
+    return _numba_blas
+
+
 def configure_process(*, threads: int | None = None, huge_pages: bool = False, keep_freed_memory: bool = True,
-                      freeze_gc: bool = True, quiet_late_blas: bool = True) -> dict[str, bool]:
+                      freeze_gc: bool = True, quiet_late_blas: bool = True, numba_blas: bool = False) -> dict[str, bool]:
     """Apply surgeon's process-wide policies to *this* process (the CLI calls it once).
 
     - ``keep_freed_memory``: raise glibc malloc's trim/mmap thresholds so freed
@@ -107,14 +118,21 @@ def configure_process(*, threads: int | None = None, huge_pages: bool = False, k
       (``OPENBLAS_NUM_THREADS=1`` unless set): a merge's first compiled loop imports numba's
       array maths, which loads scipy's OpenBLAS where scipy is installed, whose extra thread
       busy-waited ~0.1 CPU-s beside the merge's compute threads. numpy's BLAS, loaded with torch, keeps its threads; code that
-      wants more asks threadpoolctl (a transplant's products do).
+      wants more asks threadpoolctl (a transplant's products do);
+    - ``numba_blas``: False lets surgeon's first compiled loop set numba up without scipy's
+      BLAS (numba imports ``scipy.linalg`` to offer ``np.dot`` inside compiled code, which
+      surgeon's loops never call: ~0.2 s at the start of every merge, before its first
+      piece). numba code compiled later in this process then cannot call ``np.dot`` or
+      ``np.linalg``; ``scipy.linalg`` itself imports as usual. No effect once numba has
+      set its array maths up (``numba.np.arraymath`` imported).
 
     Returns which of them took effect.
     """
     from . import allocator
 
+    global _numba_blas
     done = {"keep_freed_memory": False, "huge_pages_off": False, "threads": False, "freeze_gc": False,
-            "quiet_late_blas": False}
+            "quiet_late_blas": False, "numba_without_blas": False}
     if keep_freed_memory:
         done["keep_freed_memory"] = allocator.keep_freed_memory()
     if huge_pages:
@@ -132,6 +150,8 @@ def configure_process(*, threads: int | None = None, huge_pages: bool = False, k
     if quiet_late_blas and "OPENBLAS_NUM_THREADS" not in os.environ:
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
         done["quiet_late_blas"] = True
+    _numba_blas = numba_blas
+    done["numba_without_blas"] = not numba_blas and "numba.np.arraymath" not in sys.modules
     return done
 
 

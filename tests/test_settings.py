@@ -237,3 +237,34 @@ def test_anonymous_memory_is_measured() -> None:
     grown = allocator.anon_bytes()
     assert before is not None and grown is not None and grown - before > 48 << 20
     del block
+
+
+_NUMBA_SETUP = """
+import json, sys
+import numpy as np
+from surgeon import settings
+if sys.argv[1] == "cli":
+    settings.configure_process(freeze_gc=False, keep_freed_memory=False)
+from surgeon.merge.kernels._jit import numba_module
+from surgeon.merge.select.counting import select_patterns_compiled
+numba_module()
+import numba.np.arraymath
+seen = "scipy.linalg" in sys.modules
+values = select_patterns_compiled(np.array([5, 1, 4, 1, 3], dtype=np.uint32), [0, 2, 4])
+import scipy.linalg.cython_blas  # importable as usual afterwards
+print(json.dumps({"blas": numba.np.arraymath._HAVE_BLAS, "scipy_seen": seen, "values": values}))
+"""
+
+
+@pytest.mark.parametrize("configured", [True, False])
+def test_the_cli_sets_numba_up_without_scipys_blas_and_library_users_keep_it(configured: bool) -> None:
+    """configure_process (the CLI's) lets numba start without importing scipy.linalg (~0.2 s
+    before a merge's first piece; surgeon's loops call no BLAS): the loops still run, scipy
+    still imports afterwards. Without it (a library user's process) numba is left as it is."""
+    pytest.importorskip("scipy")
+    done = subprocess.run([sys.executable, "-c", _NUMBA_SETUP, "cli" if configured else "library"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["values"] == [1, 3, 5]
+    assert got["blas"] is (not configured) and got["scipy_seen"] is (not configured), got

@@ -25,9 +25,11 @@ under those names; tests/test_merge_conformance.py checks every loop.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -63,13 +65,39 @@ def numba_module() -> Any:
     collecting = gc.isenabled()
     gc.disable()  # numba's first import: ~60 cycle collections, ~0.25 s, for objects that all live on
     try:
-        import numba
+        if settings.numba_blas_wanted():
+            import numba
+        else:
+            with _scipy_blas_hidden():
+                import numba
+                import numba.np.arraymath  # noqa: F401 - where numba looks for scipy's BLAS, once a process
     except ImportError:  # pragma: no cover - numba is a dependency; keep merges working without it
         return None
     finally:
         if collecting:
             gc.enable()
     return numba
+
+
+#: the modules numba imports to offer BLAS and LAPACK inside compiled code
+_SCIPY_BLAS = ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack")
+
+
+@contextlib.contextmanager
+def _scipy_blas_hidden() -> Iterator[None]:
+    """Inside the block, importing scipy's BLAS and LAPACK modules fails (as where scipy is
+    not installed), unless something imported them already; afterwards they import as
+    usual. numba's array maths, imported inside, then record that compiled code has no
+    BLAS (:func:`surgeon.settings.configure_process`, ``numba_blas``)."""
+    hide = [name for name in _SCIPY_BLAS if name not in sys.modules]
+    for name in hide:
+        sys.modules[name] = None  # type: ignore[assignment] - Python's marker for "cannot be imported"
+    try:
+        yield
+    finally:
+        for name in hide:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 @lru_cache(maxsize=1)
