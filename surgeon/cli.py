@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows in the summary table")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw the per-layer relative change of B against A "
-                   "(needs Pillow: pip install 'surgeon[plot]'); its numbers go to PNG's .json")
+                   "as a PNG (drawn with Pillow); its numbers go to PNG's .json")
 
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face hub", epilog=EPILOG)
     p.add_argument("folder", help="checkpoint folder written by surgeon")

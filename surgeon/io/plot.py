@@ -44,8 +44,8 @@ _exiting: list[threading.Thread] = []
 
 def finish_before_exit(thread: threading.Thread) -> None:
     """Have the process's exit wait (up to ``EXIT_WAIT_S`` each) for the daemon ``thread``, which
-    draws: a daemon thread still inside a drawing library's C and C++ code (matplotlib's,
-    before the change map moved to Pillow) while the interpreter tore down aborted the process (an interrupted run exited with SIGABRT or
+    draws: a daemon thread still inside a drawing library's C or C++ code while the interpreter
+    tears down can abort the process (with matplotlib an interrupted run exited with SIGABRT or
     SIGSEGV instead of 130). atexit runs before the teardown, in ``sys.exit`` and in
     :func:`surgeon.settings.exit_process` alike."""
     if not _exiting:
