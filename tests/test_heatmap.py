@@ -98,3 +98,15 @@ def test_the_same_inputs_give_the_same_bytes():
     panels = [Panel(np.arange(12.0).reshape(3, 4), "t")]
     args = (panels, ["a", "b", "c"], ["0", "1", "2", "3"], [0, 2], "layer", "title")
     assert render_heatmaps(*args) == render_heatmaps(*args)
+
+
+def test_without_a_pillow_that_draws_text_there_is_no_picture_and_no_error(monkeypatch):
+    """A Pillow built without FreeType has only a bitmap font, which cannot anchor text:
+    no picture then (the card says how to get one), rather than a failed drawing."""
+    from surgeon.io import plot
+
+    cm = {"layers": [0], "kinds": ["q"], "cells": [{"layer": 0, "kind": "q", "rel_change": 0.1}],
+          "sign_electing": False}
+    assert plot.render_changemap(cm, "t")[:4] == b"\x89PNG"
+    monkeypatch.setattr(plot, "_pillow_draws_text", lambda: False)
+    assert plot.render_changemap(cm, "t") is None

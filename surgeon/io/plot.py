@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,21 @@ def have_matplotlib() -> bool:
 
 
 def have_pillow() -> bool:
-    """Whether Pillow can be imported (``SURGEON_NO_PLOT=1`` pretends it cannot)."""
+    """Whether Pillow can draw the heat maps: installed, with FreeType (its scalable default
+    font; a build without it has only a bitmap font, which cannot anchor text).
+    ``SURGEON_NO_PLOT=1`` pretends it cannot."""
     if settings.current().no_plot:
         return False
-    return importlib.util.find_spec("PIL") is not None
+    return _pillow_draws_text()
+
+
+@lru_cache(maxsize=1)
+def _pillow_draws_text() -> bool:
+    if importlib.util.find_spec("PIL") is None:
+        return False
+    from PIL import features
+
+    return bool(features.check_module("freetype2"))
 
 
 #: drawing threads the process waits for before it exits (:func:`finish_before_exit`)
