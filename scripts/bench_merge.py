@@ -417,8 +417,8 @@ def bench_remote(a: argparse.Namespace) -> None:
             out = fam_root / f"out-remote{mode}"
             shutil.rmtree(home, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-            env = {**without_bytecode_switch(os.environ), "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-                   "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+            env = {**without_bytecode_switch(os.environ), "HF_ENDPOINT": hub.url, "HF_HOME": str(home),
+                   "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
             env.pop("HF_TOKEN", None)
             report = fam_root / f"report-remote{mode}.json"
             report.unlink(missing_ok=True)

@@ -117,8 +117,9 @@ def configure_process(*, threads: int | None = None, huge_pages: bool = False, k
     - ``quiet_late_blas``: BLAS libraries loaded from now on start with one thread
       (``OPENBLAS_NUM_THREADS=1`` unless set): a merge's first compiled loop imports numba's
       array maths, which loads scipy's OpenBLAS where scipy is installed, whose extra thread
-      busy-waited ~0.1 CPU-s beside the merge's compute threads. numpy's BLAS, loaded with torch, keeps its threads; code that
-      wants more asks threadpoolctl (a transplant's products do);
+      busy-waited ~0.1 CPU-s beside the merge's compute threads. numpy's BLAS, loaded with
+      torch, keeps its threads; code that wants more asks threadpoolctl (a transplant's
+      products do);
     - ``numba_blas``: False lets surgeon's first compiled loop set numba up without scipy's
       BLAS (numba imports ``scipy.linalg`` to offer ``np.dot`` inside compiled code, which
       surgeon's loops never call: ~0.2 s at the start of every merge, before its first

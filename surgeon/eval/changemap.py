@@ -421,8 +421,6 @@ def summary_lines(cm: dict[str, Any]) -> list[str]:
     return lines
 
 
-
-
 def write_changemap(folder: str | Path, cm: dict[str, Any], stem: str = "changemap",
                     title: str | None = None, picture: bytes | None | bool = False) -> dict[str, Any]:
     """Write ``<stem>.json`` and, with Pillow, ``<stem>.png`` into ``folder``;

@@ -45,14 +45,11 @@ WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 @dataclass(frozen=True)
 class Panel:
     """One heat map: ``grid`` (float ``[rows, cols]``; NaN or inf: no value, drawn white),
-    its title, and its colour map (a key of :data:`COLOUR_MAPS`)."""
+    its title, and its colour map (``"viridis"`` or ``"magma"``)."""
 
     grid: np.ndarray
     title: str
     colour_map: str = "viridis"
-
-
-COLOUR_MAPS = tuple(_COLOURS)
 
 
 def colour_table(name: str) -> np.ndarray:
