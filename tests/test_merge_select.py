@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from surgeon.merge.select.exact import kth_smallest, largest_mask, rank_range_mask, smallest_mask, stable_ranks, stream_kth_smallest
+from surgeon.merge.select.exact import kth_smallest, largest_mask, rank_range_mask, smallest_mask, stream_kth_smallest
 
 
 def _stable_positions(v: torch.Tensor, descending: bool = False) -> torch.Tensor:
@@ -39,11 +39,6 @@ def test_tie_goes_to_lowest_index():
     v = torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0])
     assert largest_mask(v, 2).tolist() == [False, True, False, True, False]
     assert smallest_mask(torch.tensor([2.0, 1.0, 2.0, 2.0]), 2).tolist() == [True, True, False, False]
-
-
-def test_stable_ranks():
-    v = torch.tensor([[3.0, 1.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    assert stable_ranks(v, dim=1).tolist() == [[2, 1, 3, 0], [0, 1, 2, 3]]
 
 
 def test_stream_kth_smallest_is_exact():
@@ -197,36 +192,6 @@ def test_stream_selector_treats_an_overflowing_bracket_as_a_miss(monkeypatch) ->
         sel._cap[0] = 10
         assert _run(sel, base, [model]) == 3 and sel.misses == 1
         _check(sel, mag, {0: n // 2})
-
-
-def _argsort_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks by the definition, independent of stable_ranks: position of each entry in the
-    stable ascending sort of |x| along dim 1 (argsort of argsort)."""
-    return torch.argsort(torch.argsort(x.abs(), dim=1, stable=True), dim=1, stable=True)
-
-
-def test_magnitude_ranks_equal_a_stable_sort_of_magnitudes(monkeypatch) -> None:
-    """The compiled radix ranking (DELLA's MagPrune) against torch's stable sort: bf16-derived
-    task vectors (many exact ties), signs, zeros of both signs, subnormals, inf, NaN of both
-    signs, one-entry rows, rows of one value; the torch fallback (SURGEON_NO_NUMBA) too."""
-    from surgeon.merge.select.ranks import compiled_available, magnitude_ranks
-
-    g = torch.Generator().manual_seed(5)
-    ties = (torch.randn(64, 700, generator=g).bfloat16().float() - torch.randn(64, 700, generator=g).bfloat16().float())
-    ties[3] = 0.25  # one digit everywhere: every pass skipped
-    ties[4, 0:350] = -ties[4, 350:700]  # equal magnitudes of opposite sign
-    special = torch.tensor([[0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), 1e-45, -1e-45,
-                             3.0, -3.0, 3.0, 2.0**-126, -(2.0**-127)]])
-    cases = [ties, special, torch.randn(5, 1, generator=g), torch.randn(3, 2, generator=g),
-             torch.randn(2, 300, generator=g) * 1e30]
-    for x in cases:
-        want = _argsort_ranks(x)
-        assert torch.equal(magnitude_ranks(x), want), x.shape
-        assert torch.equal(stable_ranks(x.abs(), dim=1), want), x.shape
-    assert compiled_available()
-    monkeypatch.setenv("SURGEON_NO_NUMBA", "1")
-    assert not compiled_available()
-    assert torch.equal(magnitude_ranks(ties), _argsort_ranks(ties))
 
 
 @pytest.mark.parametrize("compiled", [True, False])

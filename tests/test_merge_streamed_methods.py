@@ -8,6 +8,7 @@ arcee_fusion.py.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -282,22 +283,22 @@ def test_della_ranks_a_1d_tensor_larger_than_a_piece_as_one_row(tmp_path: Path) 
 
 def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
     """Task-vector rows that take the compiled loop down each of its paths."""
-    if kind == "float32":  # distinct magnitudes: few undecided entries, each ranked by counting
+    if kind == "float32":  # distinct magnitudes: every comparison decided by the magnitudes
         return torch.randn(9, 64, generator=g)
-    if kind == "bf16_ties":  # differences of bf16 values: many equal magnitudes
+    if kind == "bf16_ties":  # differences of bf16 values: many equal magnitudes, decided by index
         b = (torch.randn(9, 96, generator=g) * 0.02).bfloat16().float()
         return (b + torch.randn(9, 96, generator=g) * 0.002).bfloat16().float() - b
-    if kind == "one_value":  # one magnitude, both signs: every entry in one bucket, the row radix-sorted
+    if kind == "one_value":  # one magnitude, both signs: every comparison a tie
         return torch.where(torch.rand(4, 512, generator=g) < 0.5, -0.25, 0.25)
-    if kind == "zeros_and_odd":  # zero rows and entries, 13-wide rows (not byte-aligned), a single entry row
+    if kind == "zeros_and_odd":  # zero rows and entries, 13-wide rows (not byte-aligned)
         x = torch.randn(7, 13, generator=g)
         x[2] = 0.0
         x[:, ::3] = 0.0
         return x
-    if kind == "tie_groups":  # 9 magnitudes over 512 entries: several undecided entries of one magnitude a row
+    if kind == "tie_groups":  # 9 magnitudes over 512 entries
         mags = (1 + torch.randint(9, (6, 512), generator=g)).float() * 0.01
         return torch.where(torch.rand(6, 512, generator=g) < 0.5, -mags, mags)
-    if kind == "wide_range":  # magnitudes over ~70 binades: buckets span the top 16, the rest share the lowest
+    if kind == "wide_range":  # magnitudes over ~70 binades, subnormal products included
         x = torch.randn(9, 64, generator=g)
         x[:, ::5] *= 1e-20
         x[:, 1::7] *= 1e-3
@@ -309,17 +310,29 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
     return torch.randn(6, 1, generator=g)  # rows of one entry: probability density
 
 
+def _compiled_keep(base: torch.Tensor, model: torch.Tensor, keys: tuple[int, int], start: int,
+                   density: float, eps: float) -> tuple[torch.Tensor, np.ndarray]:
+    """The compiled statistic loop's keep mask (shaped like ``base``) and L1 sums."""
+    from surgeon.merge.kernels import della_compiled
+    from surgeon.merge.kernels.della import keep_bounds
+
+    bits = np.zeros((base.numel() + 7) // 8, dtype=np.uint8)
+    sums = np.zeros(2)
+    della_compiled.keep_bits(base.reshape(-1).numpy(), model.reshape(-1).numpy(), base.shape[-1], keys, start,
+                             keep_bounds(density, eps), bits, sums)
+    return torch.from_numpy(np.unpackbits(bits, count=base.numel()).astype(bool)).reshape(base.shape), sums
+
+
 @pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "tie_groups", "zeros_and_odd", "wide_range",
                                   "non_finite", "width_one"])
 @pytest.mark.parametrize("start_row", [0, 3])
 def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int) -> None:
     """The compiled statistic loop keeps exactly the entries MagPrune's reference
-    keeps (stable ranks, the same uniforms), wherever the piece starts, and its
-    L1 sums equal torch's to float64 rounding. Entries that are 0 may differ
-    (a pruned 0 is 0 kept or not)."""
+    keeps (the same uniforms, words and comparisons), wherever the piece starts,
+    and its L1 sums equal torch's to float64 rounding."""
     from surgeon.merge.kernels import della_compiled
-    from surgeon.merge.kernels.della import keep_table, magprune_keep
-    from surgeon.merge.rng import stream_key, uniform_stream
+    from surgeon.merge.kernels.della import magprune_keep
+    from surgeon.merge.rng import stream_key, uniform_stream, word_stream
 
     if not della_compiled.available():
         pytest.skip("numba is off")
@@ -330,17 +343,14 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
     base = torch.randn(d.shape, generator=g) if kind != "bf16_ties" else torch.zeros(d.shape)
     model = base + d
     d = model - base  # the task vector the loop computes
-    key = stream_key(5, "t", "della:0")
+    keys = stream_key(5, "t", "della:0"), stream_key(5, "t", "della-partner:0")
     start = start_row * n
-    u = uniform_stream(key, start, d.numel()).reshape(d.shape)
-    want = magprune_keep(d, density, eps, u)
-    bits = np.zeros((d.numel() + 7) // 8, dtype=np.uint8)
-    sums = np.zeros(2)
-    della_compiled.keep_bits(base.reshape(-1).numpy(), model.reshape(-1).numpy(), n, key, start,
-                             keep_table(n, density, eps).numpy(), bits, sums)
-    got = torch.from_numpy(np.unpackbits(bits, count=d.numel()).astype(bool)).reshape(d.shape)
-    nonzero = d != 0
-    assert torch.equal(got & nonzero, want & nonzero)
+    u = uniform_stream(keys[0], start, d.numel()).reshape(d.shape)
+    words = word_stream(keys[1], start, d.numel()).reshape(d.shape)
+    want = magprune_keep(d, density, eps, u, words)
+    got, sums = _compiled_keep(base, model, keys, start, density, eps)
+    assert torch.equal(got, want)
+    assert 0 < int(want.sum()) < want.numel()
     if kind == "non_finite":
         assert np.isnan(sums).all()
         return
@@ -348,36 +358,67 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
     assert sums[1] == pytest.approx(float((d * want).abs().sum(dtype=torch.float64)), rel=1e-12)
 
 
-@pytest.mark.parametrize("rank_zero", [True, False])
-def test_della_compiled_keep_bits_decide_a_uniform_on_the_lowest_probability_by_its_rank(rank_zero: bool) -> None:
-    """An entry whose uniform equals the lowest keep probability ``p(0)`` is not decided
-    by its uniform alone: dropped at rank 0 (``u < p(0)`` fails), kept at any higher
-    rank (``p(rank) > p(0)``), as the reference decides."""
+@pytest.mark.parametrize("edge", ["lo", "hi"])
+def test_della_keep_decides_a_uniform_on_a_bound_as_the_definition_says(edge: str) -> None:
+    """A uniform equal to ``density - epsilon`` is in the band (kept only when the entry
+    outranks its partner); one equal to ``density + epsilon`` is dropped. Reference and
+    compiled loop agree, and the reference's partner comparison is checked by hand."""
     from surgeon.merge.kernels import della_compiled
-    from surgeon.merge.kernels.della import keep_table, magprune_keep
-    from surgeon.merge.rng import stream_key, uniform_stream
-    from surgeon.merge.select.exact import stable_ranks
+    from surgeon.merge.kernels.della import keep_bounds, magprune_keep, partner_offsets
+    from surgeon.merge.rng import stream_key, uniform_stream, word_stream
 
     if not della_compiled.available():
         pytest.skip("numba is off")
     g = torch.Generator().manual_seed(3)
     d = torch.randn(8, 32, generator=g)
     n, eps = d.shape[1], 0.05
-    key = stream_key(5, "t", "della:0")
-    u = uniform_stream(key, 0, d.numel()).reshape(d.shape)
-    ranks = stable_ranks(d.abs(), dim=1)
+    keys = stream_key(5, "t", "della:0"), stream_key(5, "t", "della-partner:0")
+    u = uniform_stream(keys[0], 0, d.numel()).reshape(d.shape)
+    words = word_stream(keys[1], 0, d.numel()).reshape(d.shape)
+    off = partner_offsets(words, n - 1)
+    partner = off + (off >= torch.arange(n))
+    outranks = (d.abs() > d.abs().gather(1, partner))  # distinct magnitudes: no ties to break
     r, i = next((r, i) for r in range(d.shape[0]) for i in range(n)
-                if bool(ranks[r, i] == 0) == rank_zero and 0.01 < float(u[r, i]) < 0.85)
-    density = float(u[r, i]) + eps
-    table = keep_table(n, density, eps)
-    assert float(table[0]) == float(u[r, i])  # the uniform sits exactly on p(0)
-    want = magprune_keep(d, density, eps, u)
-    assert bool(want[r, i]) is not rank_zero
-    bits = np.zeros((d.numel() + 7) // 8, dtype=np.uint8)
-    della_compiled.keep_bits(np.zeros(d.numel(), np.float32), d.reshape(-1).numpy(), n, key, 0,
-                             table.numpy(), bits, np.zeros(2))
-    got = torch.from_numpy(np.unpackbits(bits, count=d.numel()).astype(bool)).reshape(d.shape)
+                if 0.1 < float(u[r, i]) < 0.85 and (edge == "hi" or bool(outranks[r, i])))
+    density = float(u[r, i]) + (eps if edge == "lo" else -eps)
+    lo, hi = keep_bounds(density, eps)
+    assert (lo if edge == "lo" else hi) == float(u[r, i])  # the uniform sits exactly on the bound
+    want = magprune_keep(d, density, eps, u, words)
+    assert bool(want[r, i]) is (edge == "lo")
+    band = (u >= lo) & (u < hi)
+    assert torch.equal(want, (u < lo) | (band & outranks))
+    got, _ = _compiled_keep(torch.zeros(d.shape), d, keys, 0, density, eps)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_della_keep_frequency_by_rank_is_the_magprune_probability(compiled: bool) -> None:
+    """Over 60,000 rows of the same eight magnitudes (three tied: ranked by index)
+    with random signs, each position is kept with ``density - epsilon + 2 epsilon
+    rank / 7`` (within 4.5 standard errors), reference and compiled loop alike; two
+    positions' decisions are independent (their joint frequency is the product)."""
+    from surgeon.merge.kernels import della_compiled
+    from surgeon.merge.kernels.della import magprune_keep
+    from surgeon.merge.rng import stream_key, uniform_stream, word_stream
+
+    if compiled and not della_compiled.available():
+        pytest.skip("numba is off")
+    rows, n, density, eps = 60_000, 8, 0.45, 0.3
+    mags = torch.tensor([0.5, 4.0, 1.0, 1.0, 2.0, 3.0, 1.0, 0.125])  # neither end holds the largest or smallest
+    rank = torch.tensor([1.0, 7.0, 2.0, 3.0, 5.0, 6.0, 4.0, 0.0])
+    g = torch.Generator().manual_seed(11)
+    d = mags * torch.where(torch.rand(rows, n, generator=g) < 0.5, -1.0, 1.0)
+    keys = stream_key(1, "w", "della:0"), stream_key(1, "w", "della-partner:0")
+    if compiled:
+        keep, _ = _compiled_keep(torch.zeros(d.shape), d, keys, 0, density, eps)
+    else:
+        u = uniform_stream(keys[0], 0, d.numel()).reshape(d.shape)
+        keep = magprune_keep(d, density, eps, u, word_stream(keys[1], 0, d.numel()).reshape(d.shape))
+    freq = keep.double().mean(0)
+    p = density - eps + 2 * eps * rank.double() / (n - 1)
+    assert ((freq - p).abs() / (p * (1 - p) / rows).sqrt()).max() < 4.5
+    joint = (keep[:, 2] & keep[:, 3]).double().mean()
+    assert abs(joint - p[2] * p[3]) < 4.5 * math.sqrt(p[2] * p[3] * (1 - p[2] * p[3]) / rows)
 
 
 def test_della_blocks_take_their_bits_from_the_compiled_pass_pieces(monkeypatch) -> None:

@@ -19,6 +19,10 @@ Two numbers per 64-bit output because the hash, not the drawing, is the
 cost: AVX2 has no 64-bit vector multiply, so the finaliser's two multiplies
 run one lane at a time (~1.2 ns per hash on the development CPU, 4.5 of a
 1.1B ``dare_ties`` merge's CPU seconds at one number per hash).
+
+A word stream (:func:`word_stream`, :func:`word` in compiled loops) gives
+entry ``i`` the whole 64-bit output for counter ``i``: DELLA draws each
+entry's comparison partner from it.
 """
 from __future__ import annotations
 
@@ -48,6 +52,11 @@ def fill_uniform(key: Any, start: Any, out: Any) -> None:  # pragma: no cover - 
     """Inside compiled loops: ``out[i]`` = entry ``start + i`` of stream ``key``
     (``key`` as int64 bits, ``start`` an integer, ``out`` float32)."""
     raise NotImplementedError("fill_uniform is only callable from compiled loops")
+
+
+def word(key: Any, counter: Any) -> Any:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: entry ``counter`` of word stream ``key`` (uint64)."""
+    raise NotImplementedError("word is only callable from compiled loops")
 
 
 @lru_cache(maxsize=1)
@@ -94,6 +103,15 @@ def register() -> bool:
                 out[n - 1] = np.float32(np.int64(z >> np.uint64(40))) * scale
         return fill
 
+    @overload(word, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
+    def _word(key, counter):  # pragma: no cover - compiled
+        def one(key, counter):
+            z = np.uint64(key) + np.uint64(counter) * np.uint64(_GAMMA)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+            return z ^ (z >> np.uint64(31))
+        return one
+
     return True
 
 
@@ -123,6 +141,16 @@ def stream_key(seed: int, name: str, salt: str) -> int:
 def signed_key(key: int) -> int:
     """``key`` as the int64 the compiled loops take."""
     return _signed(key)
+
+
+def word_stream(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Entries ``[start, start + n)`` of the word stream ``key``: SplitMix64's
+    output for counters ``start..start + n - 1``, as int64 bit patterns."""
+    c = torch.arange(start, start + n, dtype=torch.int64, device=torch.device(device))
+    z = c * _signed(_GAMMA) + _signed(key)  # int64 products wrap modulo 2^64
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    return z ^ _shr(z, 31)
 
 
 def uniform_stream(key: int, start: int, n: int, device: torch.device | str = "cpu",

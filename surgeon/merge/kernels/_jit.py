@@ -53,7 +53,6 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _MERGE / "kernels" / "arcee_fusion.py",
     _MERGE / "rng.py",
     _MERGE / "select" / "counting.py",
-    _MERGE / "select" / "ranks.py",
 )
 
 

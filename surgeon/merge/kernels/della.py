@@ -3,19 +3,20 @@
 The definition is :func:`surgeon.merge.methods.della.della` /
 ``della_linear``; tests/test_merge_conformance.py proves this kernel equal to it.
 
-MagPrune ranks the entries of each row (dim 1) by magnitude, so pieces and
-blocks hold whole rows (``align``: the entries under one index of dim 0).
-The uniforms are counter-based (:meth:`TensorMerge.uniform`, salt
-``della:<i>``): entry ``j`` gets the same number whatever piece, block or
-device computes it. ``rescale`` needs each task vector's L1 norm before and
+MagPrune keeps an entry with a probability set by its magnitude's rank in
+its row (dim 1), decided by comparing it with a random partner from the same
+row (:func:`magprune_keep`), so pieces and blocks hold whole rows (``align``:
+the entries under one index of dim 0). The uniforms and the partners' words
+are counter-based (:meth:`TensorMerge.uniform`, salt ``della:<i>``;
+:meth:`TensorMerge.words`, salt ``della-partner:<i>``): entry ``j`` gets the
+same numbers whatever piece, block or device computes it. ``rescale`` needs each task vector's L1 norm before and
 after pruning over the whole tensor: one statistic pass sums them (float64,
 as the reference does) and keeps each piece's keep mask packed to bits (1/16
 of the bf16 inputs of a pruned model, for the tensor being merged only), so
 the merge pass neither ranks nor draws again.
 
 With numba, the statistic pass is one compiled call per piece and model
-(:mod:`surgeon.merge.kernels.della_compiled`: most entries are decided
-without their exact rank) and the merge pass the TIES/DARE loop reading
+(:mod:`surgeon.merge.kernels.della_compiled`) and the merge pass the TIES/DARE loop reading
 the keep bits (:mod:`surgeon.merge.kernels.ties_compiled`); the torch block
 path below is the fallback and the definition those loops follow.
 """
@@ -28,8 +29,6 @@ import torch
 
 from ..arith import L1_EPS, combine, weight_total
 from ..rng import stream_key
-from ..select.exact import stable_ranks
-from ..select.ranks import magnitude_ranks
 from ..tensor import TensorMerge
 from . import della_compiled, ties_compiled
 from ._raw import based_inputs, raw_view
@@ -49,33 +48,54 @@ def rows_view(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return delta.reshape(-1, *shape[1:])
 
 
-def keep_table(n: int, density: float, epsilon: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """MagPrune's keep probability by rank in a row of ``n`` (float32 ``[n]``):
-    ``density - epsilon + 2 epsilon rank / (n - 1)``, as float32 ops in that
-    order (rank 0.5 when ``n == 1``). Non-decreasing in the rank (each op is
-    monotone), which :mod:`surgeon.merge.kernels.della_compiled` relies on."""
-    if n > 1:
-        rank = torch.arange(n, dtype=torch.float32, device=device).div_(n - 1)
-    else:
-        rank = torch.full((max(n, 0),), 0.5, dtype=torch.float32, device=device)
-    return rank.mul_(2 * epsilon).add_(density - epsilon)
+def keep_bounds(density: float, epsilon: float) -> tuple[float, float]:
+    """MagPrune's lowest and highest keep probability, ``density -+ epsilon`` as float32 values."""
+    lo, hi = np.float32(density - epsilon), np.float32(density + epsilon)
+    return float(lo), float(hi)
+
+
+def magnitude_keys(rows: torch.Tensor) -> torch.Tensor:
+    """``|rows|`` as integers that order as the magnitudes do (the bit patterns
+    of the absolute values, sign bit clear; NaN above infinity, as sorts put it)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]
+    return rows.abs().view(ints)
+
+
+def partner_offsets(words: torch.Tensor, m: int) -> torch.Tensor:
+    """``floor(w m / 2^64)`` of each 64-bit word ``w`` (int64 bit patterns): a
+    uniform draw from ``0..m-1`` (bias at most ``m / 2^64``), ``m < 2^31``."""
+    if not 0 < m < 2 ** 31:
+        raise ValueError(f"partner_offsets: a row of {m + 1} entries is out of range")
+    high = (words >> 32) & 0xFFFFFFFF
+    low = words & 0xFFFFFFFF
+    return (high * m + ((low * m) >> 32)) >> 32  # < 2^63 throughout: exact in int64
 
 
 def magprune_keep(rows: torch.Tensor, density: float, epsilon: float, u: torch.Tensor,
-                  compiled: bool = False) -> torch.Tensor:
-    """MagPrune's keep mask (bool, shape of ``rows``): rank ``|rows|`` along
-    dim 1 (stable: equal magnitudes by index), keep where ``u`` (uniforms
-    shaped like ``rows``) is below :func:`keep_table` at the rank.
-    ``compiled``: rank 2-D rows with the compiled radix loop
-    (:func:`surgeon.merge.select.ranks.magnitude_ranks`, the same ranks); the
-    reference function ranks with torch."""
+                  words: torch.Tensor) -> torch.Tensor:
+    """MagPrune's keep mask (bool, shape of ``rows``), with the uniforms ``u``
+    and random words ``words`` (both shaped like ``rows``).
+
+    Entry ``j`` of a row of ``n`` must be kept with probability
+    ``p_j = lo + (hi - lo) r_j / (n - 1)`` (:func:`keep_bounds`; ``r_j`` its rank
+    by magnitude, ties by index). It is kept when ``u_j < lo``, dropped when
+    ``u_j >= hi``, and in between (probability ``hi - lo``) kept when it
+    outranks a partner drawn uniformly from the row's other ``n - 1`` entries
+    (its word, :func:`partner_offsets`), which happens with probability exactly
+    ``r_j / (n - 1)``: so ``P(keep) = p_j``, each entry decided by its own
+    numbers, independently of the others, with no sort. A row of one entry
+    keeps in between with probability 1/2 (the word's top bit): ``p = density``."""
     n = rows.shape[1]
-    table = keep_table(n, density, epsilon, rows.device)
+    lo, hi = keep_bounds(density, epsilon)
     if n > 1:
-        ranks = magnitude_ranks(rows) if compiled and rows.dim() == 2 else stable_ranks(rows.abs(), dim=1)
+        pos = torch.arange(n, device=rows.device).expand(rows.shape)
+        off = partner_offsets(words, n - 1)
+        mags = magnitude_keys(rows)
+        theirs = mags.gather(1, off + (off >= pos))
+        outranks = (mags > theirs) | ((mags == theirs) & (off < pos))
     else:
-        ranks = torch.zeros(rows.shape, dtype=torch.int64, device=rows.device)
-    return u < table[ranks]
+        outranks = words < 0
+    return (u < lo) | ((u < hi) & outranks)
 
 
 def l1_sum(t: torch.Tensor) -> float:
@@ -113,12 +133,12 @@ class DellaKernel(Kernel):
         self.stat_passes = 1 if self.rescale and any(self.prunes) else 0
         n = len(self.dens)
         self.salts = [f"della:{i}" for i in range(n)]
+        self.partner_salts = [f"della-partner:{i}" for i in range(n)]
         self.before = [0.0] * n
         self.after = [0.0] * n
         self.scale: list[float | None] = [None] * n
         # the statistic pass's keep masks in flat order: (offset, numel, packed bits [models, ceil(numel / 8)])
         self._masks: deque[tuple[int, int, np.ndarray]] = deque()
-        self._tables: list[np.ndarray] | None = None
 
     # -- torch blocks (the fallback, and the definition the compiled loops follow) --------------
     def _pruned(self, blk: TensorMerge, keep_bits: np.ndarray | None = None
@@ -136,7 +156,8 @@ class DellaKernel(Kernel):
             rows = rows_view(d, shape)
             if keep_bits is None:
                 u = blk.uniform(self.salts[i]).reshape(rows.shape)
-                keep = magprune_keep(rows, self.dens[i], self.eps[i], u, compiled=True)
+                words = blk.words(self.partner_salts[i]).reshape(rows.shape)
+                keep = magprune_keep(rows, self.dens[i], self.eps[i], u, words)
             else:
                 keep = torch.from_numpy(np.unpackbits(keep_bits[i], count=n).view(np.bool_)).reshape(rows.shape)
             out.append((d, (rows * keep).reshape(d.shape), keep))
@@ -193,16 +214,16 @@ class DellaKernel(Kernel):
 
     def _piece_bits(self, piece: PieceInputs, raw: tuple[np.ndarray, tuple[np.ndarray, ...]]) -> np.ndarray:
         """Each pruned model's keep bits over the piece (the L1 sums added to :attr:`before`/:attr:`after`)."""
-        if self._tables is None:
-            self._tables = [keep_table(self.row, d, e).numpy() for d, e in zip(self.dens, self.eps)]
         bits = np.zeros((len(self.dens), (piece.numel + 7) // 8), dtype=np.uint8)
         sums = np.zeros(2, dtype=np.float64)
         for i, prunes in enumerate(self.prunes):
             if not prunes:
                 continue
             sums[:] = 0.0
-            key = stream_key(self.meta.seed, self.meta.name, self.salts[i])
-            della_compiled.keep_bits(raw[0], raw[1][i], self.row, key, piece.start, self._tables[i], bits[i], sums)
+            keys = (stream_key(self.meta.seed, self.meta.name, self.salts[i]),
+                    stream_key(self.meta.seed, self.meta.name, self.partner_salts[i]))
+            della_compiled.keep_bits(raw[0], raw[1][i], self.row, keys, piece.start,
+                                     keep_bounds(self.dens[i], self.eps[i]), bits[i], sums)
             self.before[i] += float(sums[0])
             self.after[i] += float(sums[1])
         return bits

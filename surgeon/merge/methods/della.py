@@ -16,11 +16,16 @@ own keep probability). ``della`` then elects signs (mass, a zero sum counts
 as positive) and takes the weighted disjoint mean (``normalize`` true);
 ``della_linear`` adds the weighted task vectors (``normalize`` false).
 
-Differences from mergekit: ranks are 0..n-1 from one stable sort (mergekit
-double-argsorts, unstable, so equal magnitudes rank arbitrarily); a row of
+Differences from mergekit: ranks are 0..n-1 in (magnitude, index) order
+(mergekit double-argsorts, unstable, so equal magnitudes rank arbitrarily); a row of
 length 1 gets rank 0.5 (keep probability ``density``; mergekit computes 0/0);
-the uniforms are counter-based, per tensor and model (salt ``"della:<i>"``,
-:meth:`TensorMerge.uniform`: any piece, block or device draws the same
+each entry's keep decision has the same probability as mergekit's but is drawn
+without ranking the row: a uniform decides it outside ``[density - epsilon,
+density + epsilon)``, inside it the entry is kept when it outranks a random
+partner from its row (:func:`surgeon.merge.kernels.della.magprune_keep`);
+the numbers are counter-based, per tensor and model (salts ``"della:<i>"``
+and ``"della-partner:<i>"``, :meth:`TensorMerge.uniform` and
+:meth:`TensorMerge.words`: any piece, block or device draws the same
 numbers; mergekit draws from torch's global generator); the rescale's L1 norms are summed in float64
 (mergekit: in the tensor's dtype), so that the block kernel
 (:mod:`surgeon.merge.kernels.della`), which sums them block by block, agrees.
@@ -56,8 +61,9 @@ def _params(normalize: bool) -> tuple[Param, ...]:
 
 
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
-             u: torch.Tensor, where: str) -> torch.Tensor:
-    """MagPrune a task vector with the uniforms ``u`` (shaped like it; returns a new or the same tensor)."""
+             u: torch.Tensor, words: torch.Tensor, where: str) -> torch.Tensor:
+    """MagPrune a task vector with the uniforms ``u`` and random words ``words``
+    (both shaped like it; returns a new or the same tensor)."""
     if density >= 1:
         return delta
     if density <= 0:
@@ -68,7 +74,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
             f"got density {density} and epsilon {epsilon}"
         )
     rows = rows_view(delta, tuple(delta.shape))
-    pruned = rows * magprune_keep(rows, density, epsilon, u.reshape(rows.shape))
+    pruned = rows * magprune_keep(rows, density, epsilon, u.reshape(rows.shape), words.reshape(rows.shape))
     if rescale:
         scale = l1_scale(l1_sum(rows), l1_sum(pruned))
         if scale is not None:
@@ -81,7 +87,7 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
     for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
         d = m - t.base
         out.append(magprune(d, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"],
-                            t.uniform(f"della:{i}"), f"tensor {t.name!r}, model {i}"))
+                            t.uniform(f"della:{i}"), t.words(f"della-partner:{i}"), f"tensor {t.name!r}, model {i}"))
     return out
 
 

@@ -28,7 +28,6 @@ __all__ = [
     "largest_mask",
     "rank_range_mask",
     "smallest_mask",
-    "stable_ranks",
     "stream_kth_smallest",
 ]
 
@@ -98,21 +97,6 @@ def rank_range_mask(values: torch.Tensor, start: int, stop: int) -> torch.Tensor
     if start > 0:
         mask &= ~smallest_mask(values, start)
     return mask
-
-
-def stable_ranks(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """0-based stable ascending ranks along ``dim`` (one sort, then a scatter).
-
-    Ranking needs a sort by definition; this avoids the second ``argsort``
-    that ``argsort(argsort(x))`` costs.
-    """
-    order = torch.argsort(values, dim=dim, stable=True)
-    shape = [1] * values.dim()
-    shape[dim] = values.shape[dim]
-    ar = torch.arange(values.shape[dim], device=values.device).reshape(shape).expand_as(order)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(dim, order, ar)
-    return ranks
 
 
 # ---------------------------------------------------------------------------
