@@ -24,26 +24,30 @@ from .. import rng as _random
 from . import _jit, _raw
 from ._jit import compiled
 
+#: byte ``b`` of a word (0 or 1) to bit ``56 + b`` of the product: eight flags packed into one byte
+PACK8_LSB_FIRST = 0x0102040810204080
+
 
 @compiled
 def _kernels(jit: Any) -> Any:
     """The statistic loop of one model over a piece of whole rows."""
-    global _l1_sums  # helpers are globals, not closure cells: see _jit.py
+    global _l1_sums, _trailing_zeros  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
+    from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 
     @_jit.jit_options(fastmath={"reassoc"})
     def _l1_sums(d, keep, n):  # pragma: no cover - compiled
         # (sum |d|, sum |d kept|) in float64; reassociation lets the sums run in vector
         # lanes (the reference is torch's whole-tensor float64 sum: no order to keep). The
-        # kept value is d times keep as a float (0 or 1), not a choice between d and 0: a
-        # choice compiled to a branch on random bits, mispredicted ~1 in 3
+        # kept magnitude is |d| times keep as a float (0 or 1), not a choice between |d| and
+        # 0: a choice compiled to a branch on random bits, mispredicted ~1 in 3
         before = 0.0
         after = 0.0
         for i in range(n):
-            x = d[i]
-            before += abs(np.float64(x))
-            after += abs(np.float64(x * np.float32(keep[i])))
+            x = abs(np.float64(d[i]))
+            before += x
+            after += x * np.float64(keep[i])
         return before, after
 
     @jit
@@ -54,7 +58,8 @@ def _kernels(jit: Any) -> Any:
         # sums[0] += sum |d|, sums[1] += sum |kept d|.
         # Choices are branch-free where the data is random (the uniforms): a mispredicted
         # branch per entry cost more than all the arithmetic. The loop over the whole row
-        # (vectorised) is kept apart from the one over the band's entries (gathers).
+        # (vectorised) is kept apart from the one over the band's entries, which walks the
+        # set bits of 64-entry band masks (one mispredicted loop exit a word, not one an entry).
         rows = m_all.shape[0] // n
         base = np.empty(n, np.float32)
         d = np.empty(n, np.float32)
@@ -63,8 +68,9 @@ def _kernels(jit: Any) -> Any:
         keep = np.zeros((n + 7) // 8 * 8, np.uint8)
         words = keep.view(np.uint64)  # keep[8 g] is the low byte of words[g]: numba's platforms are little-endian
         gather8 = np.uint64(0x8040201008040201)
-        in_band = np.empty(n, np.uint8)
-        band = np.empty(n + 1, np.int64)
+        in_band = np.zeros((n + 63) // 64 * 64, np.uint8)  # 0/1 an entry, whole words of 64 entries
+        flags = in_band.view(np.uint64)
+        pack8 = np.uint64(PACK8_LSB_FIRST)
         mag = np.uint32(0x7FFFFFFF)
         low32 = np.uint64(0xFFFFFFFF)
         m = np.uint64(max(n - 1, 1))
@@ -75,32 +81,31 @@ def _kernels(jit: Any) -> Any:
             s = r * n
             _raw.load(b_all[s:s + n], base)
             _raw.load(m_all[s:s + n], d)
+            _random.fill_uniform(ukey, start + s, u)
             keys = d.view(np.uint32)
             for i in range(n):
                 d[i] = d[i] - base[i]
                 mags[i] = keys[i] & mag
-            _random.fill_uniform(ukey, start + s, u)
-            for i in range(n):
-                x = u[i]
-                keep[i] = np.uint8(x < lo)
-                in_band[i] = np.uint8((x >= lo) & (x < hi))
-            nband = 0
-            for i in range(n):
-                band[nband] = i
-                nband += np.int64(in_band[i])
-            if n > 1:
-                for a in range(nband):
-                    i = band[a]
+                v = u[i]
+                keep[i] = np.uint8(v < lo)
+                in_band[i] = np.uint8((v >= lo) & (v < hi))
+            for w in range((n + 63) >> 6):
+                band = np.uint64(0)  # bit b: entry 64 w + b is in the band
+                for q in range(8):
+                    band |= ((flags[8 * w + q] * pack8) >> np.uint64(56)) << np.uint64(8 * q)
+                while band != np.uint64(0):
+                    i = 64 * w + np.int64(_trailing_zeros(band))
+                    band &= band - np.uint64(1)
                     z = _random.word(wkey, start + s + i)
-                    # floor(z m / 2^64): the partner's offset among the other n - 1 entries
-                    off = np.int64(((z >> np.uint64(32)) * m + (((z & low32) * m) >> np.uint64(32))) >> np.uint64(32))
-                    j = off + (off >= i)
-                    k, kj = mags[i], mags[j]
-                    keep[i] = np.uint8((k > kj) | ((k == kj) & (off < i)))
-            else:
-                for a in range(nband):
-                    i = band[a]
-                    keep[i] = np.uint8(_random.word(wkey, start + s + i) >> top)
+                    if n > 1:
+                        # floor(z m / 2^64): the partner's offset among the other n - 1 entries
+                        off = np.int64(((z >> np.uint64(32)) * m + (((z & low32) * m) >> np.uint64(32)))
+                                       >> np.uint64(32))
+                        j = off + (off >= i)
+                        k, kj = mags[i], mags[j]
+                        keep[i] = np.uint8((k > kj) | ((k == kj) & (off < i)))
+                    else:
+                        keep[i] = np.uint8(z >> top)
             row_before, row_after = _l1_sums(d, keep, n)
             before += row_before
             after += row_after
