@@ -223,21 +223,35 @@ def test_arcee_fusion_statistic_pass_from_stored_values_equals_the_block_pass(
     assert torch.equal(kernels["raw_out"], m.fn(tm))
 
 
-def test_arcee_fusion_sample_is_the_seeded_draw_in_order() -> None:
-    """The quartiles' sample: SAMPLE_SIZE positions drawn with replacement by torch's
-    generator seeded from (recipe seed, tensor name), sorted (repeats kept), int64,
-    whichever library sorts them."""
-    from surgeon.merge.kernels.arcee_fusion import sample_positions
-    from surgeon.merge.rng import stream_key
+@pytest.mark.parametrize("n", [3 * SAMPLE_SIZE + 7, 1 << 32, (1 << 32) + 5, 3 << 33])
+def test_arcee_fusion_sample_is_the_seeded_draw_in_order(n: int, monkeypatch) -> None:
+    """The quartiles' sample: SAMPLE_SIZE positions drawn with replacement from the
+    word stream of (recipe seed, tensor name), each ``floor(u n)`` with ``u`` the word's
+    top 53 bits over 2^53 (computed here by hand in Python integers), sorted (repeats
+    kept), int64; the compiled loop (uint32 or int64 keys) and torch alike."""
+    from surgeon.merge.kernels import arcee_fusion
+    from surgeon.merge.rng import stream_key, word_stream
 
-    n = 3 * SAMPLE_SIZE + 7
-    got = sample_positions(n, 5, "model.layers.0.mlp.up_proj.weight")
-    gen = torch.Generator().manual_seed(stream_key(5, "model.layers.0.mlp.up_proj.weight", "arcee_fusion")
-                                        & ((1 << 63) - 1))
-    want = torch.randint(n, (SAMPLE_SIZE,), generator=gen).sort().values
-    assert got.dtype == torch.int64 and torch.equal(got, want)
+    name = "model.layers.0.mlp.up_proj.weight"
+    got = arcee_fusion.sample_positions(n, 5, name)
+    words = word_stream(stream_key(5, name, "arcee_fusion"), 0, SAMPLE_SIZE).tolist()
+    by_hand = sorted(min(int(float(w % (1 << 64) >> 11) * 2.0 ** -53 * n), n - 1) for w in words)
+    assert got.dtype == torch.int64 and got.tolist() == by_hand
     assert int((got[1:] == got[:-1]).sum()) > 0  # with replacement: repeats are kept
-    assert sample_positions(SAMPLE_SIZE, 5, "t") is None
+    assert arcee_fusion.sample_positions(SAMPLE_SIZE, 5, "t") is None
+    monkeypatch.setattr(arcee_fusion, "_kernels", lambda: None)
+    assert torch.equal(arcee_fusion.sample_positions(n, 5, name), got)
+
+
+def test_arcee_fusion_sample_positions_are_uniform() -> None:
+    """A million draws below 1,000,003 fall into 100 equal ranges as a uniform draw does
+    (chi-square with 99 degrees of freedom below its 0.9999 quantile, 155.9)."""
+    from surgeon.merge.kernels.arcee_fusion import sample_positions
+
+    n = SAMPLE_SIZE + 3
+    counts = torch.bincount(sample_positions(n, 9, "w") * 100 // n, minlength=100).double()
+    expected = SAMPLE_SIZE / 100
+    assert float(((counts - expected) ** 2 / expected).sum()) < 155.9
 
 
 def test_della_kernel_rescale_keeps_each_task_vectors_l1_norm(monkeypatch) -> None:

@@ -3,7 +3,8 @@
 The definition is :func:`surgeon.merge.methods.arcee_fusion.arcee_fusion`.
 Blocks hold whole rows (the KL divergence is per row); one pass keeps the
 importance values the quartiles need (all of them up to
-:data:`SAMPLE_SIZE` entries, else a seeded sample of that many: at most
+:data:`SAMPLE_SIZE` entries, else a seeded sample of that many
+(:func:`sample_positions`): at most
 1,000,000 floats) and each row's KL divergence (4 bytes a row), then each
 block is merged with the threshold, its importance ``|m - b| * KL`` made
 from the kept KL values: the softmaxes are computed once, not once a pass.
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..rng import stream_key
+from .. import rng as _random
+from ..rng import positions_below, signed_key, stream_key, word_stream
 from ..tensor import TensorMerge
 from . import _raw
 from ._jit import compiled
@@ -89,29 +91,37 @@ def outlier_threshold(values: torch.Tensor) -> torch.Tensor:
 
 
 def sample_positions(n: int, seed: int, name: str) -> torch.Tensor | None:
-    """The sorted flat positions (drawn with replacement, seeded by the recipe
-    seed and the tensor name) whose importance estimates the quartiles, or
-    None when all ``n`` values are used (``n <= SAMPLE_SIZE``)."""
+    """The sorted flat positions (int64, drawn with replacement) whose importance
+    estimates the quartiles, or None when all ``n`` values are used (``n <=
+    SAMPLE_SIZE``). Draw ``j`` is :func:`surgeon.merge.rng.positions_below` of
+    entry ``j`` of the word stream keyed by (recipe seed, tensor name,
+    ``"arcee_fusion"``): the same positions from the compiled loop and torch, on
+    any device."""
     if n <= SAMPLE_SIZE:
         return None
-    gen = torch.Generator().manual_seed(stream_key(seed, name, "arcee_fusion") & ((1 << 63) - 1))
-    drawn = torch.randint(n, (SAMPLE_SIZE,), generator=gen).numpy()
-    # the sorted multiset is the same whichever sorts it: with numba a two-pass radix sort
-    # of the uint32 keys (~4 ms a tensor on the 2-core machine), else numpy's sort (~31 ms
-    # there: 4.7 of a 1.1B merge's 20 CPU-s went to it)
-    if n <= 1 << 32:
-        keys = drawn.astype(np.uint32)
-        loops = _kernels()
-        if loops is not None:
-            return torch.from_numpy(loops.radix_sort(keys).astype(np.int64))
-        return torch.from_numpy(np.sort(keys).astype(np.int64, copy=False))
-    return torch.from_numpy(np.sort(drawn))
+    key = stream_key(seed, name, "arcee_fusion")
+    loops = _kernels()
+    if loops is not None:
+        # uint32 keys where they fit: the sort's passes move half the bytes
+        pos = np.empty(SAMPLE_SIZE, np.uint32 if n <= 1 << 32 else np.int64)
+        return torch.from_numpy(loops.sample(signed_key(key), n, *radix_digits(n), pos).astype(np.int64, copy=False))
+    return positions_below(word_stream(key, 0, SAMPLE_SIZE), n).sort().values
+
+
+def radix_digits(n: int) -> tuple[int, int]:
+    """(passes, bits a digit) of an LSD radix sort of keys below ``n``: digits of at
+    most 12 bits (4096 counters and as many write streams stay in the L2 cache;
+    16-bit digits cost three times as much a pass on a 1,000,000-key sort)."""
+    width = max(1, (n - 1).bit_length())
+    passes = -(-width // 12)
+    return passes, -(-width // passes)
 
 
 @compiled
 def _kernels(jit: Any) -> Any:
-    """The merge pass's loop, the sample positions' sort and the quartiles' select."""
+    """The merge pass's loop, the sample's positions and the quartiles' select."""
     _raw.register()
+    _random.register()
     ch = _raw.CHUNK
 
     @jit
@@ -169,25 +179,33 @@ def _kernels(jit: Any) -> Any:
                 out[t] = abs(fm[t - s] - fb[t - s]) * kl[row]
 
     @jit
-    def radix_sort(keys):  # pragma: no cover - compiled
-        # uint32 keys sorted ascending: least significant 16 bits first, then the top 16,
-        # each a stable counting pass (a histogram, its prefix sums, a scatter)
-        n = keys.shape[0]
-        src = keys.copy()
-        dst = np.empty_like(src)
-        count = np.empty(1 << 16, np.int64)
-        for shift in (0, 16):
+    def sample(key, n, passes, bits, pos):  # pragma: no cover - compiled
+        # pos[j]: position j below n from word stream `key` (rng.positions_below's float64
+        # ops), then the positions sorted by an LSD radix sort of `passes` digits of `bits`
+        # bits (radix_digits(n)); returns the sorted array (pos or its scratch twin)
+        k = pos.shape[0]
+        scale = np.float64(2.0 ** -53)
+        fn = np.float64(n)
+        for j in range(k):
+            u = np.float64(_random.word(key, j) >> np.uint64(11)) * scale * fn
+            pos[j] = min(np.int64(np.floor(u)), n - 1)
+        mask = (1 << bits) - 1
+        count = np.empty(1 << bits, np.int64)
+        src, dst = pos, np.empty_like(pos)
+        for p in range(passes):
+            shift = p * bits
             count[:] = 0
-            for i in range(n):
-                count[(src[i] >> shift) & 0xFFFF] += 1
+            for j in range(k):
+                count[(np.int64(src[j]) >> shift) & mask] += 1
             total = 0
-            for d in range(1 << 16):
+            for d in range(count.shape[0]):
                 c = count[d]
                 count[d] = total
                 total += c
-            for i in range(n):
-                d = (src[i] >> shift) & 0xFFFF
-                dst[count[d]] = src[i]
+            for j in range(k):
+                x = src[j]
+                d = (np.int64(x) >> shift) & mask
+                dst[count[d]] = x
                 count[d] += 1
             src, dst = dst, src
         return src
@@ -239,7 +257,7 @@ def _kernels(jit: Any) -> Any:
             out[r] = np.array([b], np.uint32).view(np.float32)[0]
         return out
 
-    return SimpleNamespace(fuse=fuse, widen=widen, importance_at=importance_at, radix_sort=radix_sort,
+    return SimpleNamespace(fuse=fuse, widen=widen, importance_at=importance_at, sample=sample,
                            select_sorted=select_sorted)
 
 
