@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -380,6 +381,38 @@ def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 2e-3 and abs(float(u.var()) - 1 / 12) < 2e-3
     assert float((u[1:] - u[:-1]).abs().mean()) == pytest.approx(1 / 3, abs=2e-3)  # neighbours independent
+
+
+def test_word_stream_is_splitmix64_in_torch_and_compiled_loops() -> None:
+    """Entry ``i`` of a word stream: SplitMix64's whole output for counter ``i`` (by hand in
+    Python integers), as int64 bit patterns from torch ops and as uint64 from ``rng.word``
+    in a compiled loop."""
+    from surgeon.merge import rng
+    from surgeon.merge.kernels._jit import numba_module
+
+    def splitmix64(key: int, i: int) -> int:
+        m = (1 << 64) - 1
+        z = (key + i * 0x9E3779B97F4A7C15) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    key, start = 0xDEADBEEFCAFEF00D, (1 << 40) - 3
+    want = [splitmix64(key, start + i) for i in range(64)]
+    assert [w % (1 << 64) for w in rng.word_stream(key, start, 64).tolist()] == want
+    nb = numba_module()
+    if nb is None:
+        return
+    rng.register()
+
+    @nb.njit
+    def words(k, s, n):
+        out = np.empty(n, np.uint64)
+        for i in range(n):
+            out[i] = rng.word(k, s + i)
+        return out
+
+    assert words(rng.signed_key(key), start, 64).tolist() == want
 
 
 DARE_CASES = [

@@ -61,47 +61,13 @@ def word(key: Any, counter: Any) -> Any:  # pragma: no cover - replaced in compi
 
 @lru_cache(maxsize=1)
 def register() -> bool:
-    """Teach numba :func:`fill_uniform` (once; False without numba), so that
-    compiled merges draw their uniforms in-line, chunk by chunk."""
+    """Teach numba :func:`fill_uniform` and :func:`word` (once; False without
+    numba), so that compiled merges draw their numbers in-line, chunk by chunk."""
     nb = _numba()
     if nb is None:
         return False
     import numpy as np
     from numba.extending import overload
-
-    @overload(fill_uniform, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
-    def _fill(key, start, out):  # pragma: no cover - compiled
-        @nb.njit(inline="always")
-        def mix(k, c):
-            z = k + c * np.uint64(_GAMMA)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-            return z ^ (z >> np.uint64(31))
-
-        def fill(key, start, out):
-            k = np.uint64(key)
-            scale = np.float32(_SCALE)
-            n = out.shape[0]
-            i = 0
-            if n > 0 and start & 1:  # an odd first entry: the low half of its counter's output
-                z = mix(k, np.uint64(start >> 1))
-                out[0] = np.float32(np.int64((z >> np.uint64(8)) & np.uint64(0xFFFFFF))) * scale
-                i = 1
-            c0 = np.uint64((start + i) >> 1)
-            pairs = (n - i) >> 1
-            body = out[i:i + 2 * pairs]
-            g, m1, m2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
-            for p in range(pairs):  # mix, written out: the inlined call kept this loop ~25 % slower
-                z = k + (c0 + np.uint64(p)) * g
-                z = (z ^ (z >> np.uint64(30))) * m1
-                z = (z ^ (z >> np.uint64(27))) * m2
-                z = z ^ (z >> np.uint64(31))
-                body[2 * p] = np.float32(np.int64(z >> np.uint64(40))) * scale
-                body[2 * p + 1] = np.float32(np.int64((z >> np.uint64(8)) & np.uint64(0xFFFFFF))) * scale
-            if i + 2 * pairs < n:  # an even last entry: the high half
-                z = mix(k, c0 + np.uint64(pairs))
-                out[n - 1] = np.float32(np.int64(z >> np.uint64(40))) * scale
-        return fill
 
     @overload(word, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
     def _word(key, counter):  # pragma: no cover - compiled
@@ -111,6 +77,33 @@ def register() -> bool:
             z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
             return z ^ (z >> np.uint64(31))
         return one
+
+    @overload(fill_uniform, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _fill(key, start, out):  # pragma: no cover - compiled
+        def fill(key, start, out):
+            k = np.uint64(key)
+            scale = np.float32(_SCALE)
+            n = out.shape[0]
+            i = 0
+            if n > 0 and start & 1:  # an odd first entry: the low half of its counter's output
+                z = word(k, np.uint64(start >> 1))
+                out[0] = np.float32(np.int64((z >> np.uint64(8)) & np.uint64(0xFFFFFF))) * scale
+                i = 1
+            c0 = np.uint64((start + i) >> 1)
+            pairs = (n - i) >> 1
+            body = out[i:i + 2 * pairs]
+            g, m1, m2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
+            for p in range(pairs):  # word(), written out: the inlined call kept this loop ~25 % slower
+                z = k + (c0 + np.uint64(p)) * g
+                z = (z ^ (z >> np.uint64(30))) * m1
+                z = (z ^ (z >> np.uint64(27))) * m2
+                z = z ^ (z >> np.uint64(31))
+                body[2 * p] = np.float32(np.int64(z >> np.uint64(40))) * scale
+                body[2 * p + 1] = np.float32(np.int64((z >> np.uint64(8)) & np.uint64(0xFFFFFF))) * scale
+            if i + 2 * pairs < n:  # an even last entry: the high half
+                z = word(k, c0 + np.uint64(pairs))
+                out[n - 1] = np.float32(np.int64(z >> np.uint64(40))) * scale
+        return fill
 
     return True
 
