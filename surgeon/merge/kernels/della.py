@@ -9,16 +9,16 @@ row (:func:`magprune_keep`), so pieces and blocks hold whole rows (``align``:
 the entries under one index of dim 0). The uniforms and the partners' words
 are counter-based (:meth:`TensorMerge.uniform`, salt ``della:<i>``;
 :meth:`TensorMerge.words`, salt ``della-partner:<i>``): entry ``j`` gets the
-same numbers whatever piece, block or device computes it. ``rescale`` needs each task vector's L1 norm before and
-after pruning over the whole tensor: one statistic pass sums them (float64,
-as the reference does) and keeps each piece's keep mask packed to bits (1/16
-of the bf16 inputs of a pruned model, for the tensor being merged only), so
-the merge pass neither ranks nor draws again.
+same numbers whatever piece, block or device computes it. ``rescale`` needs
+each task vector's L1 norm before and after pruning over the whole tensor:
+one statistic pass sums them (float64, as the reference does) and keeps each
+piece's keep mask packed to bits (1/16 of the bf16 inputs of a pruned model,
+for the tensor being merged only), so the merge pass draws nothing again.
 
 With numba, the statistic pass is one compiled call per piece and model
-(:mod:`surgeon.merge.kernels.della_compiled`) and the merge pass the TIES/DARE loop reading
-the keep bits (:mod:`surgeon.merge.kernels.ties_compiled`); the torch block
-path below is the fallback and the definition those loops follow.
+(:mod:`surgeon.merge.kernels.della_compiled`) and the merge pass the TIES/DARE
+loop reading the keep bits (:mod:`surgeon.merge.kernels.ties_compiled`); the
+torch block path below is the fallback and the definition those loops follow.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def magnitude_keys(rows: torch.Tensor) -> torch.Tensor:
 
 def partner_offsets(words: torch.Tensor, m: int) -> torch.Tensor:
     """``floor(w m / 2^64)`` of each 64-bit word ``w`` (int64 bit patterns): a
-    uniform draw from ``0..m-1`` (bias at most ``m / 2^64``), ``m < 2^31``."""
+    uniform draw from ``0..m-1`` (uneven by at most ``m / 2^64``), ``m < 2^31``
+    (rows of up to 2^31 entries; the compiled loop computes the same in uint64)."""
     if not 0 < m < 2 ** 31:
         raise ValueError(f"partner_offsets: a row of {m + 1} entries is out of range")
     high = (words >> 32) & 0xFFFFFFFF
