@@ -32,6 +32,8 @@ numbers; mergekit draws from torch's global generator); the rescale's L1 norms a
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...errors import InvalidInputError
@@ -61,9 +63,9 @@ def _params(normalize: bool) -> tuple[Param, ...]:
 
 
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
-             u: torch.Tensor, words: torch.Tensor, where: str) -> torch.Tensor:
-    """MagPrune a task vector with the uniforms ``u`` and random words ``words``
-    (both shaped like it; returns a new or the same tensor)."""
+             draw: Callable[[], tuple[torch.Tensor, torch.Tensor]], where: str) -> torch.Tensor:
+    """MagPrune a task vector (returns a new or the same tensor); ``draw()`` gives its
+    uniforms and random words (both shaped like it), called only when something is drawn."""
     if density >= 1:
         return delta
     if density <= 0:
@@ -74,6 +76,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
             f"got density {density} and epsilon {epsilon}"
         )
     rows = rows_view(delta, tuple(delta.shape))
+    u, words = draw()
     pruned = rows * magprune_keep(rows, density, epsilon, u.reshape(rows.shape), words.reshape(rows.shape))
     if rescale:
         scale = l1_scale(l1_sum(rows), l1_sum(pruned))
@@ -86,8 +89,11 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
     out = []
     for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
         d = m - t.base
-        out.append(magprune(d, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"],
-                            t.uniform(f"della:{i}"), t.words(f"della-partner:{i}"), f"tensor {t.name!r}, model {i}"))
+        def draw(i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
+            return t.uniform(f"della:{i}"), t.words(f"della-partner:{i}")
+
+        out.append(magprune(d, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"], draw,
+                            f"tensor {t.name!r}, model {i}"))
     return out
 
 
