@@ -223,35 +223,49 @@ def test_arcee_fusion_statistic_pass_from_stored_values_equals_the_block_pass(
     assert torch.equal(kernels["raw_out"], m.fn(tm))
 
 
-@pytest.mark.parametrize("n", [3 * SAMPLE_SIZE + 7, 1 << 32, (1 << 32) + 5, 3 << 33])
-def test_arcee_fusion_sample_is_the_seeded_draw_in_order(n: int, monkeypatch) -> None:
-    """The quartiles' sample: SAMPLE_SIZE positions drawn with replacement from the
-    word stream of (recipe seed, tensor name), each ``floor(u n)`` with ``u`` the word's
-    top 53 bits over 2^53 (computed here by hand in Python integers), sorted (repeats
-    kept), int64; the compiled loop (uint32 or int64 keys) and torch alike."""
+@pytest.mark.parametrize("n", [3 * SAMPLE_SIZE + 7, SAMPLE_SIZE + 1, 1 << 32, (1 << 32) + 5, 3 << 33])
+def test_arcee_fusion_sample_is_the_seeded_stratified_draw(n: int, monkeypatch) -> None:
+    """The quartiles' sample: position ``j`` drawn from the ``j``-th of SAMPLE_SIZE
+    consecutive ranges ``[floor(j n / k), floor((j + 1) n / k))`` as ``start + floor(u
+    size)``, ``u`` the top 53 bits of word ``j`` of the (recipe seed, tensor name) stream
+    over 2^53 (computed here by hand in Python integers): ascending without repeats,
+    int64, from the compiled loop and torch alike."""
     from surgeon.merge.kernels import arcee_fusion
     from surgeon.merge.rng import stream_key, word_stream
 
     name = "model.layers.0.mlp.up_proj.weight"
     got = arcee_fusion.sample_positions(n, 5, name)
     words = word_stream(stream_key(5, name, "arcee_fusion"), 0, SAMPLE_SIZE).tolist()
-    by_hand = sorted(min(int(float(w % (1 << 64) >> 11) * 2.0 ** -53 * n), n - 1) for w in words)
+    k = SAMPLE_SIZE
+    by_hand = []
+    for j, w in enumerate(words):
+        lo, hi = j * n // k, (j + 1) * n // k
+        by_hand.append(lo + min(int(float(w % (1 << 64) >> 11) * 2.0 ** -53 * (hi - lo)), hi - lo - 1))
     assert got.dtype == torch.int64 and got.tolist() == by_hand
-    assert int((got[1:] == got[:-1]).sum()) > 0  # with replacement: repeats are kept
+    assert bool((got[1:] > got[:-1]).all())
     assert arcee_fusion.sample_positions(SAMPLE_SIZE, 5, "t") is None
     monkeypatch.setattr(arcee_fusion, "_kernels", lambda: None)
     assert torch.equal(arcee_fusion.sample_positions(n, 5, name), got)
 
 
-def test_arcee_fusion_sample_positions_are_uniform() -> None:
-    """A million draws below 1,000,003 fall into 100 equal ranges as a uniform draw does
-    (chi-square with 99 degrees of freedom below its 0.9999 quantile, 155.9)."""
+def test_arcee_fusion_sample_positions_are_uniform_within_their_ranges() -> None:
+    """n = 11.5 M: ranges of 11 and of 12 entries. In each kind, the draw's offset in its
+    range takes every value as often as a uniform draw does (chi-square below its 0.9999
+    quantile: 35.6 with 10 degrees of freedom, 37.4 with 11): no offset favoured, the
+    ranges' last entries included."""
     from surgeon.merge.kernels.arcee_fusion import sample_positions
 
-    n = SAMPLE_SIZE + 3
-    counts = torch.bincount(sample_positions(n, 9, "w") * 100 // n, minlength=100).double()
-    expected = SAMPLE_SIZE / 100
-    assert float(((counts - expected) ** 2 / expected).sum()) < 155.9
+    n, k = 11 * SAMPLE_SIZE + 534_336, SAMPLE_SIZE
+    pos = sample_positions(n, 9, "w")
+    j = torch.arange(k)
+    lo, hi = j * n // k, (j + 1) * n // k
+    size, offset = hi - lo, pos - lo
+    assert bool((offset >= 0).all()) and bool((offset < size).all())
+    for width, limit in ((11, 35.6), (12, 37.4)):
+        counts = torch.bincount(offset[size == width], minlength=width).double()
+        assert counts.shape[0] == width and counts.sum() > 100_000
+        expected = float(counts.sum()) / width
+        assert float(((counts - expected) ** 2 / expected).sum()) < limit
 
 
 def test_della_kernel_rescale_keeps_each_task_vectors_l1_norm(monkeypatch) -> None:

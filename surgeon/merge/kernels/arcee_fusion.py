@@ -91,30 +91,25 @@ def outlier_threshold(values: torch.Tensor) -> torch.Tensor:
 
 
 def sample_positions(n: int, seed: int, name: str) -> torch.Tensor | None:
-    """The sorted flat positions (int64, drawn with replacement) whose importance
-    estimates the quartiles, or None when all ``n`` values are used (``n <=
-    SAMPLE_SIZE``). Draw ``j`` is :func:`surgeon.merge.rng.positions_below` of
-    entry ``j`` of the word stream keyed by (recipe seed, tensor name,
-    ``"arcee_fusion"``): the same positions from the compiled loop and torch, on
-    any device."""
+    """The flat positions (int64, ascending) whose importance estimates the
+    quartiles, or None when all ``n`` values are used (``n <= SAMPLE_SIZE``).
+
+    A stratified sample: position ``j`` is drawn uniformly from the ``j``-th of
+    ``SAMPLE_SIZE`` consecutive ranges ``[floor(j n / k), floor((j + 1) n / k))``
+    by :func:`surgeon.merge.rng.positions_below` of entry ``j`` of the word stream
+    keyed by (recipe seed, tensor name, ``"arcee_fusion"``). An entry is drawn
+    with probability 1 / (its range's size): ``floor(n / k)`` or one more, spread
+    evenly through the tensor (mergekit's draws with replacement: ``k / n`` each).
+    No range goes unsampled, and the sample comes sorted: no sort. The compiled
+    loop and torch draw the same positions, on any device."""
     if n <= SAMPLE_SIZE:
         return None
     key = stream_key(seed, name, "arcee_fusion")
     loops = _kernels()
     if loops is not None:
-        # uint32 keys where they fit: the sort's passes move half the bytes
-        pos = np.empty(SAMPLE_SIZE, np.uint32 if n <= 1 << 32 else np.int64)
-        return torch.from_numpy(loops.sample(signed_key(key), n, *radix_digits(n), pos).astype(np.int64, copy=False))
-    return positions_below(word_stream(key, 0, SAMPLE_SIZE), n).sort().values
-
-
-def radix_digits(n: int) -> tuple[int, int]:
-    """(passes, bits a digit) of an LSD radix sort of keys below ``n``: digits of at
-    most 12 bits (4096 counters and as many write streams stay in the L2 cache;
-    16-bit digits cost three times as much a pass on a 1,000,000-key sort)."""
-    width = max(1, (n - 1).bit_length())
-    passes = -(-width // 12)
-    return passes, -(-width // passes)
+        return torch.from_numpy(loops.sample(signed_key(key), n, np.empty(SAMPLE_SIZE, np.int64)))
+    edges = torch.arange(SAMPLE_SIZE + 1, dtype=torch.int64).mul_(n).div_(SAMPLE_SIZE, rounding_mode="floor")
+    return edges[:-1] + positions_below(word_stream(key, 0, SAMPLE_SIZE), edges[1:] - edges[:-1])
 
 
 @compiled
@@ -179,36 +174,27 @@ def _kernels(jit: Any) -> Any:
                 out[t] = abs(fm[t - s] - fb[t - s]) * kl[row]
 
     @jit
-    def sample(key, n, passes, bits, pos):  # pragma: no cover - compiled
-        # pos[j]: position j below n from word stream `key` (rng.positions_below's float64
-        # ops), then the positions sorted by an LSD radix sort of `passes` digits of `bits`
-        # bits (radix_digits(n)); returns the sorted array (pos or its scratch twin)
+    def sample(key, n, pos):  # pragma: no cover - compiled
+        # sample_positions' stratified draw into pos (int64 [k]): the ranges' starts
+        # floor(j n / k) by an integer accumulator (no division a draw), then each start
+        # plus rng.positions_below's float64 ops on the range's size
         k = pos.shape[0]
-        scale = np.float64(2.0 ** -53)
-        fn = np.float64(n)
+        size = np.empty(k, np.int64)
+        q, r = n // k, n % k
+        start = 0
+        acc = 0  # (j r) mod k
         for j in range(k):
-            u = np.float64(_random.word(key, j) >> np.uint64(11)) * scale * fn
-            pos[j] = min(np.int64(np.floor(u)), n - 1)
-        mask = (1 << bits) - 1
-        count = np.empty(1 << bits, np.int64)
-        src, dst = pos, np.empty_like(pos)
-        for p in range(passes):
-            shift = p * bits
-            count[:] = 0
-            for j in range(k):
-                count[(np.int64(src[j]) >> shift) & mask] += 1
-            total = 0
-            for d in range(count.shape[0]):
-                c = count[d]
-                count[d] = total
-                total += c
-            for j in range(k):
-                x = src[j]
-                d = (np.int64(x) >> shift) & mask
-                dst[count[d]] = x
-                count[d] += 1
-            src, dst = dst, src
-        return src
+            pos[j] = start
+            acc += r
+            step = q + (acc >= k)
+            acc -= k * (acc >= k)
+            size[j] = step
+            start += step
+        scale = np.float64(2.0 ** -53)
+        for j in range(k):
+            u = np.float64(_random.word(key, j) >> np.uint64(11)) * scale * np.float64(size[j])
+            pos[j] += min(np.int64(np.floor(u)), size[j] - 1)
+        return pos
 
     @jit
     def select_sorted(values, ranks):  # pragma: no cover - compiled

@@ -15,10 +15,11 @@ model's entries where the importance is an upper outlier.
 
 One deliberate difference: for tensors of more than 1,000,000 entries
 mergekit estimates the quartiles from 1,000,000 entries drawn at random with
-replacement, unseeded (its result varies from run to run); surgeon draws as
-many from a generator seeded by the recipe seed and the tensor name, so its
-result is reproducible. Up to 1,000,000 entries both sort all values and
-agree exactly.
+replacement, unseeded (its result varies from run to run); surgeon takes a
+stratified sample of as many, seeded by the recipe seed and the tensor name
+(:func:`surgeon.merge.kernels.arcee_fusion.sample_positions`), so its result
+is reproducible. Up to 1,000,000 entries both sort all values and agree
+exactly.
 """
 from __future__ import annotations
 
