@@ -146,17 +146,15 @@ def word_stream(key: int, start: int, n: int, device: torch.device | str = "cpu"
     return z ^ _shr(z, 31)
 
 
-def positions_below(words: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+def positions_below(words: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """A uniform draw from ``0..n-1`` for each 64-bit word (int64 bit patterns;
-    ``n`` one bound or one per word): ``floor(u n)`` with ``u`` the word's top 53
-    bits over ``2^53`` (float64 ops, exact but for the product's one rounding;
-    ``n - 1`` where that rounds up to ``n``), so uneven by at most ~``n / 2^53``.
-    Compiled loops compute it with the same operations
+    ``n`` its bound, int64, shaped like ``words``): ``floor(u n)`` with ``u`` the
+    word's top 53 bits over ``2^53`` (float64 ops, exact but for the product's one
+    rounding; ``n - 1`` where that rounds up to ``n``), so uneven by at most
+    ~``n / 2^53``. Compiled loops compute it with the same operations
     (:func:`surgeon.merge.kernels.arcee_fusion` ``sample``)."""
     u = _shr(words, 11).to(torch.float64).mul_(2.0 ** -53)
-    if isinstance(n, torch.Tensor):
-        return torch.minimum(u.mul_(n.to(torch.float64)).floor_().to(torch.int64), n - 1)
-    return u.mul_(float(n)).floor_().to(torch.int64).clamp_(max=n - 1)
+    return torch.minimum(u.mul_(n.to(torch.float64)).floor_().to(torch.int64), n - 1)
 
 
 def uniform_stream(key: int, start: int, n: int, device: torch.device | str = "cpu",
