@@ -48,6 +48,11 @@ def rows_view(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return delta.reshape(-1, *shape[1:])
 
 
+def draw_salts(i: int) -> tuple[str, str]:
+    """Model ``i``'s stream salts: its uniforms' and its partners' words'."""
+    return f"della:{i}", f"della-partner:{i}"
+
+
 def keep_bounds(density: float, epsilon: float) -> tuple[float, float]:
     """MagPrune's lowest and highest keep probability, ``density -+ epsilon`` as float32 values."""
     lo, hi = np.float32(density - epsilon), np.float32(density + epsilon)
@@ -133,8 +138,6 @@ class DellaKernel(Kernel):
         self.rescale = bool(p["rescale"])
         self.stat_passes = 1 if self.rescale and any(self.prunes) else 0
         n = len(self.dens)
-        self.salts = [f"della:{i}" for i in range(n)]
-        self.partner_salts = [f"della-partner:{i}" for i in range(n)]
         self.before = [0.0] * n
         self.after = [0.0] * n
         self.scale: list[float | None] = [None] * n
@@ -156,8 +159,9 @@ class DellaKernel(Kernel):
                 continue
             rows = rows_view(d, shape)
             if keep_bits is None:
-                u = blk.uniform(self.salts[i]).reshape(rows.shape)
-                words = blk.words(self.partner_salts[i]).reshape(rows.shape)
+                u_salt, word_salt = draw_salts(i)
+                u = blk.uniform(u_salt).reshape(rows.shape)
+                words = blk.words(word_salt).reshape(rows.shape)
                 keep = magprune_keep(rows, self.dens[i], self.eps[i], u, words)
             else:
                 keep = torch.from_numpy(np.unpackbits(keep_bits[i], count=n).view(np.bool_)).reshape(rows.shape)
@@ -221,8 +225,9 @@ class DellaKernel(Kernel):
             if not prunes:
                 continue
             sums[:] = 0.0
-            keys = (stream_key(self.meta.seed, self.meta.name, self.salts[i]),
-                    stream_key(self.meta.seed, self.meta.name, self.partner_salts[i]))
+            u_salt, word_salt = draw_salts(i)
+            keys = (stream_key(self.meta.seed, self.meta.name, u_salt),
+                    stream_key(self.meta.seed, self.meta.name, word_salt))
             della_compiled.keep_bits(raw[0], raw[1][i], self.row, keys, piece.start,
                                      keep_bounds(self.dens[i], self.eps[i]), bits[i], sums)
             self.before[i] += float(sums[0])

@@ -38,7 +38,15 @@ import torch
 
 from ...errors import InvalidInputError
 from ..arith import combine
-from ..kernels.della import DellaKernel, della_params_ok, l1_scale, l1_sum, magprune_keep, rows_view
+from ..kernels.della import (
+    DellaKernel,
+    della_params_ok,
+    draw_salts,
+    l1_scale,
+    l1_sum,
+    magprune_keep,
+    rows_view,
+)
 from ..method import merge_method
 from ..params import Param
 from ..tensor import TensorMerge
@@ -90,7 +98,8 @@ def _pruned(t: TensorMerge) -> list[torch.Tensor]:
     for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
         d = m - t.base
         def draw(i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
-            return t.uniform(f"della:{i}"), t.words(f"della-partner:{i}")
+            u_salt, word_salt = draw_salts(i)
+            return t.uniform(u_salt), t.words(word_salt)
 
         out.append(magprune(d, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"], draw,
                             f"tensor {t.name!r}, model {i}"))
