@@ -179,6 +179,58 @@ def test_every_compiled_module_stamps_the_kernel_cache() -> None:
     assert all(p.exists() for p in _jit.KERNEL_SOURCES)
 
 
+_VECTOR_PROBE = """
+import json, sys
+from surgeon.merge.kernels._jit import numba_module
+nb = numba_module()
+from numba.core import codegen
+from numba.core.registry import cpu_target
+host = codegen.get_host_cpu_features().split(",")
+
+@nb.njit
+def scale(x, y):
+    for j in range(x.shape[0]):
+        y[j] = x[j] * 2.0 + 1.0
+
+import numpy as np
+x = np.ones(1024, np.float32); y = np.empty_like(x); scale(x, y)
+asm = next(iter(scale.inspect_asm().values()))
+print(json.dumps({"avx512": "+avx512f" in host, "features": cpu_target.target_context.codegen().magic_tuple()[2],
+                  "zmm": "zmm" in asm, "ok": bool((y == 3).all())}))
+"""
+
+
+def _vector_probe(env: dict[str, str]) -> dict[str, Any]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _VECTOR_PROBE], capture_output=True, text=True, timeout=300,
+                         env={**{k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}, **env})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_numba_compiles_with_wide_vectors_on_avx512_unless_the_user_chose() -> None:
+    """On an AVX-512 host numba compiles surgeon's loops without LLVM's 256-bit preference
+    (kernels/_jit.py allow_wide_vectors): 512-bit registers in the code; elsewhere, and where
+    the user set numba's CPU features, nothing is changed."""
+    if numba_module() is None:
+        pytest.skip("numba is off")
+    from numba.core import codegen
+
+    probe = _vector_probe({})
+    assert probe["ok"]
+    if probe["avx512"]:
+        assert probe["features"].endswith(",-prefer-256-bit") and probe["zmm"], probe
+    else:
+        assert "prefer-256-bit" not in probe["features"], probe
+    mine = codegen.get_host_cpu_features()
+    chosen = _vector_probe({"NUMBA_CPU_FEATURES": mine})
+    assert chosen["ok"] and chosen["features"] == mine, chosen
+
+
 def test_no_compiled_loop_closes_over_a_dispatcher() -> None:
     """numba's cache key pickles a loop's closure cells, and a dispatcher pickles
     differently in every process: a loop closing over an inline helper was
