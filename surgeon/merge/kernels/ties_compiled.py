@@ -40,41 +40,64 @@ _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
 @compiled
 def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
-    global _band_chunk, _count_brackets, _sign, _consensus3, _keep_floats, _drawn, _sum3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
+    global _band_chunk, _sign, _consensus3, _keep_floats, _drawn, _sum3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 
     @inline
-    def _band_chunk(m, b, k, row, cut, quota):  # pragma: no cover - compiled
+    def _band_chunk(m, b, k, row, cut, quota, counting, lo2, hi2, flag, below):  # pragma: no cover - compiled
         # row[j] = x * [x's magnitude in the stop set and not in the start set], x = m - b.
         # A set holds the magnitudes below its cut and, of those equal to it, the
         # first quota[c] in flat order (quota: int64 [2], start then stop, counted down).
-        # Returns how many magnitudes equal each cut.
+        # With ``counting``, also below[c] += #(|x| < lo2[c]) and flag[j] |= lo2[c] <= |x| < hi2[c]
+        # for both brackets c, in the same loop. Returns how many magnitudes equal each cut.
+        # One loop takes every tie at a cut with a quota left (each cut's ties in a chunk all fit,
+        # but in the one chunk where its quota runs out, which then takes the loop in flat order).
         zero = np.float32(0.0)
         one = np.float32(1.0)
         lo = cut[0]
         hi = cut[1]
-        tl = 0
-        th = 0
-        for j in range(k):
-            a = abs(m[j] - b[j])
-            tl += 1 if a == lo else 0
-            th += 1 if a == hi else 0
         ql = quota[0]
         qh = quota[1]
-        if (ql == 0 or tl <= ql) and (qh == 0 or th <= qh):  # each cut takes all of the chunk's ties or none
-            all_lo = tl <= ql and ql > 0
-            all_hi = th <= qh and qh > 0
+        all_lo = ql > 0
+        all_hi = qh > 0
+        tl = 0
+        th = 0
+        if counting:
+            lo0 = lo2[0]
+            hi0 = hi2[0]
+            lo1 = lo2[1]
+            hi1 = hi2[1]
+            c0 = 0
+            c1 = 0
             for j in range(k):
                 x = m[j] - b[j]
                 a = abs(x)
-                in_lo = (a < lo) | ((a == lo) & all_lo)
-                in_hi = (a < hi) | ((a == hi) & all_hi)
+                at_lo = a == lo
+                at_hi = a == hi
+                tl += 1 if at_lo else 0
+                th += 1 if at_hi else 0
+                in_lo = (a < lo) | (at_lo & all_lo)
+                in_hi = (a < hi) | (at_hi & all_hi)
                 row[j] = x * (one if (in_hi & ~in_lo) else zero)
-            quota[0] = ql - (tl if all_lo else 0)
-            quota[1] = qh - (th if all_hi else 0)
-        else:  # the chunk where a quota runs out: tied entries in flat order
+                c0 += 1 if a < lo0 else 0
+                c1 += 1 if a < lo1 else 0
+                flag[j] |= 1 if ((a >= lo0) & (a < hi0)) | ((a >= lo1) & (a < hi1)) else 0
+            below[0] += c0
+            below[1] += c1
+        else:
+            for j in range(k):
+                x = m[j] - b[j]
+                a = abs(x)
+                at_lo = a == lo
+                at_hi = a == hi
+                tl += 1 if at_lo else 0
+                th += 1 if at_hi else 0
+                in_lo = (a < lo) | (at_lo & all_lo)
+                in_hi = (a < hi) | (at_hi & all_hi)
+                row[j] = x * (one if (in_hi & ~in_lo) else zero)
+        if (all_lo and tl > ql) or (all_hi and th > qh):  # a quota runs out here: ties in flat order
             for j in range(k):
                 x = m[j] - b[j]
                 a = abs(x)
@@ -89,24 +112,10 @@ def _kernels(jit: Any) -> Any:
                 row[j] = x * (one if (in_hi and not in_lo) else zero)
             quota[0] = ql
             quota[1] = qh
+        else:
+            quota[0] = ql - (tl if all_lo else 0)
+            quota[1] = qh - (th if all_hi else 0)
         return tl, th
-
-    @inline
-    def _count_brackets(m, b, k, lo, hi, flag, below):  # pragma: no cover - compiled
-        # below[c] += #(|x| < lo[c]), flag[j] |= lo[c] <= |x| < hi[c], for both brackets c; x = m - b
-        lo0 = lo[0]
-        hi0 = hi[0]
-        lo1 = lo[1]
-        hi1 = hi[1]
-        c0 = 0
-        c1 = 0
-        for j in range(k):
-            a = abs(m[j] - b[j])
-            c0 += 1 if a < lo0 else 0
-            c1 += 1 if a < lo1 else 0
-            flag[j] |= 1 if ((a >= lo0) & (a < hi0)) | ((a >= lo1) & (a < hi1)) else 0
-        below[0] += c0
-        below[1] += c1
 
     @inline
     def _sign(x):  # pragma: no cover - compiled
@@ -216,6 +225,8 @@ def _kernels(jit: Any) -> Any:
         mixed = np.empty(_CH, np.float32)
         div = np.empty(_CH, np.float32)
         chk = np.zeros(_CH, np.float32)  # the output check (_raw.store_checked)
+        no_cut = np.zeros(2, np.float32)  # the band's brackets where there are none
+        no_count = np.zeros(2, np.int64)
         zero = np.float32(0.0)
         one = np.float32(1.0)
         tiny = np.float32(1.1754944e-38)
@@ -323,10 +334,14 @@ def _kernels(jit: Any) -> Any:
                         for j in range(k):
                             row[j] = ((m[j] - b[j]) * u[j]) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
-                        tl, th = _band_chunk(m, b, k, row, band[i], band_quota[i])
-                        if bracketed:  # an absent bracket is [0, 0): it counts and flags nothing
-                            below = br_below[i]
-                            _count_brackets(m, b, k, br_lo[i], br_hi[i], flag, below)
+                        # an absent bracket is [0, 0): it counts and flags nothing
+                        if bracketed:
+                            tl, th = _band_chunk(m, b, k, row, band[i], band_quota[i], True, br_lo[i], br_hi[i],
+                                                 flag, br_below[i])
+                        else:
+                            tl, th = _band_chunk(m, b, k, row, band[i], band_quota[i], False, no_cut, no_cut, flag,
+                                                 no_count)
+                        if bracketed:
                             # a tie bracket is empty here ([v, v): flags nothing), its cut is its value:
                             # the band counted the entries at it (bracket 0 is the stop cut's)
                             if br_tie[i, 0] != 0:
