@@ -176,8 +176,8 @@ class OnePassSelection(SelectionPasses):
         finite = self.provisional_merge(base, models, out, br, guess)
         if not br.entries.overflowed:
             inside = br.inside()
-            for s, (i, c) in ties.items():  # every entry inside is the bracket's value
-                inside[i, c] = np.full(int(br.per_chunk[i, c].sum()), np.float32(lo[i, c]).view(np.uint32))
+            for s, (i, c) in ties.items():  # every entry inside is the bracket's value (a view: no copies)
+                inside[i, c] = np.broadcast_to(np.float32(lo[i, c]).view(np.uint32), (int(br.per_chunk[i, c].sum()),))
             if self.selector.settle({s: int(br.below[ic]) for s, ic in slots.items()},
                                     {s: inside[ic] for s, ic in slots.items()}):
                 self.selection_done()

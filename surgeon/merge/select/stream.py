@@ -136,7 +136,12 @@ def rank_in_window(patterns: np.ndarray, rank: int, lo: int, width: int) -> tupl
     memory, where numba is: a fresh one took ~1 ms a call, 0.7 CPU-s of a 1.1B TIES merge), else a sort;
     never ``np.partition``, whose introselect fell back to a slow sort on the entries a
     selection pass keeps from bf16 fine-tunes (165,000 entries of ~150 distinct values:
-    15 ms against 0.5 ms for the histogram; 1.3 of a 1.1B TIES merge's 14 CPU-s)."""
+    15 ms against 0.5 ms for the histogram; 1.3 of a 1.1B TIES merge's 14 CPU-s). A window of
+    one pattern is answered without reading ``patterns`` (every one is ``lo``): a one-pass
+    merge's tie brackets, whose entries it counts rather than lists, pass a stand-in of the
+    right length (``np.broadcast_to``)."""
+    if width == 1:
+        return lo, 0, int(patterns.shape[0])
     if width <= HISTOGRAM_WIDTH and compiled_counts_available():
         return window_rank_compiled(patterns, rank, lo, width)
     if width <= HISTOGRAM_WIDTH:
