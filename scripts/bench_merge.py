@@ -23,6 +23,9 @@ measured on the spot —
 
 floor = start-up + read + write. (The bf16 -> float32 pass over the inputs is
 measured and printed too, but not added: a tool can overlap it with reading.)
+Each row also gives ``wall / floor here``: over the floor with its start-up and
+read parts measured again just before that run (:func:`floor_here`), which a
+shared host's drift over a long bench leaves comparable.
 ``--repeats N`` times each tool's run N times and keeps the fastest, as the floor's
 read and write parts are the best of two.
 Before each timed run the inputs are read through once, untimed, so every run
@@ -181,6 +184,21 @@ def read_through(files: list[Path]) -> None:
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass
+
+
+def floor_here(files: list[Path], write_s: float) -> float:
+    """The whole-job floor again, just before a timed run: start-up (best of two) and the read
+    re-timed (after an untimed read that brings back what a previous run evicted), with the
+    write measured at the start (re-timing it costs two output-sized writes a run). A shared
+    host's pace drifts over a bench of many minutes (on the development VM the read floor
+    went 1.6 -> 1.9 s and every method ~10 % slower within an hour): a run's ``wall / floor
+    here`` compares it with the machine as it was then, which the one floor measured at the
+    start does not."""
+    read_through(files)
+    t0 = time.perf_counter()
+    read_through(files)
+    read_s = time.perf_counter() - t0
+    return measure_startup(2) + read_s + write_s
 
 
 def measure_write(nbytes: int, folder: Path) -> tuple[float, float | None]:
@@ -342,35 +360,39 @@ def main() -> None:
                     ["--cuda"] if a.device.startswith("cuda") else [])
             runs = []
             for _ in range(max(1, a.repeats)):
-                read_through(files)
+                here = floor_here(files, write_s)
                 wall, rss, code, cpu = run_measured(cmd, env)
-                runs.append((wall, rss, code, cpu))
+                runs.append((wall, rss, code, cpu, here))
                 if code != 0:
                     break
                 shutil.rmtree(out, ignore_errors=True)
             walls = [r[0] for r in runs]
-            wall, rss, code, cpu = min(runs, key=lambda r: (r[2] != 0, r[0]))  # the fastest clean run
+            wall, rss, code, cpu, here = min(runs, key=lambda r: (r[2] != 0, r[0]))  # the fastest clean run
             rows.append({"method": method, "tool": tool, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                          "peak_rss_gb": round(rss / 1e9, 3), "x_job_floor": round(wall / job_floor, 2),
+                         "job_floor_here_s": round(here, 2), "x_job_floor_here": round(wall / here, 2),
                          "input_gbps": round(size / 1e9 / wall, 3), "x_floor": round(wall / floor, 2),
                          "x_floor_startup": round(wall / (floor + startup_s), 2), "exit": code,
                          "processes": a.processes if tool == "surgeon" else 1, "device": a.device,
                          "walls_s": [round(w, 2) for w in walls]})
             shutil.rmtree(out, ignore_errors=True)
             print(f"  {method:<16} {tool:<9} {wall:8.1f}s wall {cpu:8.1f}s cpu  RSS {rss / 1e9:6.2f} GB"
+                  f"  floor here {here:4.1f}s"
                   + ("" if code == 0 else f"  (exit {code})")
                   + (f"  (best of {len(walls)}: {', '.join(f'{w:.1f}' for w in walls)})" if len(walls) > 1 else ""),
                   flush=True)
 
     print()
-    print("| method | tool | wall s | cpu s | peak RSS GB | in GB/s | wall / job floor | speed-up vs mergekit |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | tool | wall s | cpu s | peak RSS GB | in GB/s | wall / job floor | wall / floor here "
+          "| speed-up vs mergekit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mk = next((x for x in rows if x["method"] == r["method"] and x["tool"] == "mergekit"), None)
         speed = f"{mk['wall_s'] / r['wall_s']:.1f}x" if mk and r["tool"] == "surgeon" else ""
         fail = "" if r["exit"] == 0 else f" (exit {r['exit']})"
         print(f"| {r['method']} | {r['tool']}{fail} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-              f"{r['peak_rss_gb']:.2f} | {r['input_gbps']:.2f} | {r['x_job_floor']:.2f} | {speed} |")
+              f"{r['peak_rss_gb']:.2f} | {r['input_gbps']:.2f} | {r['x_job_floor']:.2f} | "
+              f"{r['x_job_floor_here']:.2f} | {speed} |")
     print(f"whole-job floor {job_floor:.1f}s = start-up {startup_s:.1f} + read {read_s:.1f} + write+fsync {write_s:.1f}")
     if a.json:
         a.json.write_text(json.dumps({"preset": a.preset, "host": machine, "repeats": a.repeats,
