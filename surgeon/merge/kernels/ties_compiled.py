@@ -64,39 +64,28 @@ def _kernels(jit: Any) -> Any:
         all_hi = qh > 0
         tl = 0
         th = 0
-        if counting:
-            lo0 = lo2[0]
-            hi0 = hi2[0]
-            lo1 = lo2[1]
-            hi1 = hi2[1]
-            c0 = 0
-            c1 = 0
-            for j in range(k):
-                x = m[j] - b[j]
-                a = abs(x)
-                at_lo = a == lo
-                at_hi = a == hi
-                tl += 1 if at_lo else 0
-                th += 1 if at_hi else 0
-                in_lo = (a < lo) | (at_lo & all_lo)
-                in_hi = (a < hi) | (at_hi & all_hi)
-                row[j] = x * (one if (in_hi & ~in_lo) else zero)
+        lo0 = lo2[0]
+        hi0 = hi2[0]
+        lo1 = lo2[1]
+        hi1 = hi2[1]
+        c0 = 0
+        c1 = 0
+        for j in range(k):  # one loop either way: LLVM unswitches it on ``counting``
+            x = m[j] - b[j]
+            a = abs(x)
+            at_lo = a == lo
+            at_hi = a == hi
+            tl += 1 if at_lo else 0
+            th += 1 if at_hi else 0
+            in_lo = (a < lo) | (at_lo & all_lo)
+            in_hi = (a < hi) | (at_hi & all_hi)
+            row[j] = x * (one if (in_hi & ~in_lo) else zero)
+            if counting:
                 c0 += 1 if a < lo0 else 0
                 c1 += 1 if a < lo1 else 0
                 flag[j] |= 1 if ((a >= lo0) & (a < hi0)) | ((a >= lo1) & (a < hi1)) else 0
-            below[0] += c0
-            below[1] += c1
-        else:
-            for j in range(k):
-                x = m[j] - b[j]
-                a = abs(x)
-                at_lo = a == lo
-                at_hi = a == hi
-                tl += 1 if at_lo else 0
-                th += 1 if at_hi else 0
-                in_lo = (a < lo) | (at_lo & all_lo)
-                in_hi = (a < hi) | (at_hi & all_hi)
-                row[j] = x * (one if (in_hi & ~in_lo) else zero)
+        below[0] += c0
+        below[1] += c1
         if (all_lo and tl > ql) or (all_hi and th > qh):  # a quota runs out here: ties in flat order
             for j in range(k):
                 x = m[j] - b[j]
