@@ -223,7 +223,7 @@ def test_arcee_fusion_statistic_pass_from_stored_values_equals_the_block_pass(
     assert torch.equal(kernels["raw_out"], m.fn(tm))
 
 
-@pytest.mark.parametrize("n", [3 * SAMPLE_SIZE + 7, SAMPLE_SIZE + 1, 1 << 32, (1 << 32) + 5, 3 << 33])
+@pytest.mark.parametrize("n", [3 * SAMPLE_SIZE + 7, SAMPLE_SIZE + 1, 1 << 32, (1 << 32) + 5, (1 << 33) - 1, 3 << 33])
 def test_arcee_fusion_sample_is_the_seeded_stratified_draw(n: int, monkeypatch) -> None:
     """The quartiles' sample: position ``j`` drawn from the ``j``-th of SAMPLE_SIZE
     consecutive ranges ``[floor(j n / k), floor((j + 1) n / k))`` as ``start + floor(u

@@ -18,10 +18,8 @@ rounding (tests/test_merge_raw.py compares the bytes); through torch that
 was ~8 passes over float32 temporaries a block. The statistic pass keeps
 torch's softmaxes (their bits decide which entries sit at the threshold), fed
 rows the compiled loop widens into two reused float32 blocks; the sampled
-importances come from the stored values through the same float32 operations
-(:meth:`ArceeFusionKernel.observe_raw`: 5.5 -> 4.8 ns an entry on a
-5632 x 2048 bf16 tensor; torch's ``.to(float32)`` of each block and the sample's
-fancy indexing were the difference).
+importances come from those blocks, while they are in cache, through the same
+float32 operations (:meth:`ArceeFusionKernel.observe_raw`).
 """
 from __future__ import annotations
 
@@ -105,7 +103,7 @@ def sample_positions(n: int, seed: int, name: str) -> torch.Tensor | None:
     if n <= SAMPLE_SIZE:
         return None
     key = stream_key(seed, name, "arcee_fusion")
-    loops = _kernels()
+    loops = _kernels() if n < 2 ** 33 else None  # the compiled loop's float64 quotients are exact below
     if loops is not None:
         return torch.from_numpy(loops.sample(signed_key(key), n, np.empty(SAMPLE_SIZE, np.int64)))
     edges = torch.arange(SAMPLE_SIZE + 1, dtype=torch.int64).mul_(n).div_(SAMPLE_SIZE, rounding_mode="floor")
@@ -149,51 +147,43 @@ def _kernels(jit: Any) -> Any:
             _raw.load(src[s:e], dst[s:e])
 
     @jit
-    def importance_at(b_all, m_all, cols, kl, at, out):  # pragma: no cover - compiled
+    def importance_at(b, m, cols, kl, at, out):  # pragma: no cover - compiled
         # out[t] = |m - b| * kl[row] at flat position at[t] (ascending; at is None: position t)
-        # of rows of `cols` entries: the same float32 operations as torch's
+        # of float32 rows of `cols` entries: the same float32 operations as torch's
         # (m - b).abs_().mul_(kl) on those entries, so the same bits
-        gb = np.empty(ch, b_all.dtype)
-        gm = np.empty(ch, m_all.dtype)
-        fb = np.empty(ch, np.float32)
-        fm = np.empty(ch, np.float32)
+        if at is None:
+            for r in range(out.shape[0] // cols):
+                k = kl[r]
+                for q in range(r * cols, (r + 1) * cols):
+                    out[q] = abs(m[q] - b[q]) * k
+            return
         row = 0
-        n = out.shape[0]
-        for s in range(0, n, ch):
-            e = min(n, s + ch)
-            for t in range(s, e):
-                q = at[t] if at is not None else t
-                gb[t - s] = b_all[q]
-                gm[t - s] = m_all[q]
-            _raw.load(gb[:e - s], fb)
-            _raw.load(gm[:e - s], fm)
-            for t in range(s, e):
-                q = at[t] if at is not None else t
-                while q >= (row + 1) * cols:  # ascending positions: the row moves forward
-                    row += 1
-                out[t] = abs(fm[t - s] - fb[t - s]) * kl[row]
+        end = cols  # the end of row `row`: ascending positions move it forward
+        for t in range(out.shape[0]):
+            q = at[t]
+            while q >= end:
+                row += 1
+                end += cols
+            out[t] = abs(m[q] - b[q]) * kl[row]
 
     @jit
     def sample(key, n, pos):  # pragma: no cover - compiled
-        # sample_positions' stratified draw into pos (int64 [k]): the ranges' starts
-        # floor(j n / k) by an integer accumulator (no division a draw), then each start
-        # plus rng.positions_below's float64 ops on the range's size
+        # sample_positions' stratified draw into pos (int64 [k]): range j's start floor(j n / k)
+        # from a float64 quotient corrected to the exact floor (j n < 2^53: the quotient is off
+        # by at most one), then the start plus rng.positions_below's float64 ops on the size
         k = pos.shape[0]
-        size = np.empty(k, np.int64)
-        q, r = n // k, n % k
-        start = 0
-        acc = 0  # (j r) mod k
-        for j in range(k):
-            pos[j] = start
-            acc += r
-            step = q + (acc >= k)
-            acc -= k * (acc >= k)
-            size[j] = step
-            start += step
+        inv = np.float64(1.0) / np.float64(k)
         scale = np.float64(2.0 ** -53)
         for j in range(k):
-            u = np.float64(_random.word(key, j) >> np.uint64(11)) * scale * np.float64(size[j])
-            pos[j] += min(np.int64(np.floor(u)), size[j] - 1)
+            t0 = j * n
+            q0 = np.int64(np.float64(t0) * inv)
+            q0 += np.int64((q0 + 1) * k <= t0) - np.int64(q0 * k > t0)
+            t1 = t0 + n
+            q1 = np.int64(np.float64(t1) * inv)
+            q1 += np.int64((q1 + 1) * k <= t1) - np.int64(q1 * k > t1)
+            size = q1 - q0
+            u = np.float64(_random.word(key, j) >> np.uint64(11)) * scale * np.float64(size)
+            pos[j] = q0 + min(np.int64(np.floor(u)), size - 1)
         return pos
 
     @jit
@@ -308,9 +298,11 @@ class ArceeFusionKernel(Kernel):
     def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:
         """The statistic pass over a piece of whole rows from its stored dtype: rows widened
         by the compiled loop into two reused float32 blocks for :func:`row_kl` (torch's
-        ``.to(float32)`` of each block cost as much as the softmaxes), the importance of the
-        sampled (or all) entries computed by the compiled loop from the stored values.
-        The same float32 values and operations as :meth:`observe`, so the same bits."""
+        ``.to(float32)`` of each block cost as much as the softmaxes), then the importance of
+        the block's sampled (or all) entries computed by the compiled loop from those blocks
+        while they are in cache (from the stored values after the whole piece, the sample's
+        loads were ~3 ns each). The same float32 values and operations as :meth:`observe`,
+        so the same bits."""
         loops = _kernels()
         whole_rows = piece.start % self.cols == 0 and piece.numel % self.cols == 0
         raw = _raw.based_inputs(piece.base, piece.models, whole_rows and loops is not None)
@@ -324,21 +316,28 @@ class ArceeFusionKernel(Kernel):
         step = (block_size_for(torch.device("cpu"), self.cols) or self.cols) // self.cols  # the blocks observe() sees
         bufs = torch.empty((2, min(step, rows), self.cols), dtype=torch.float32)
         flat = bufs.reshape(2, -1).numpy()
+        pos = self.pos.numpy() if self.pos is not None else None
+        first = 0 if pos is None else int(np.searchsorted(pos, piece.start))
+        last = piece.numel if pos is None else int(np.searchsorted(pos, piece.start + piece.numel))
+        imp = np.empty(last - first, dtype=np.float32)
+        done = 0
         for a in range(0, rows, step):
             e = min(rows, a + step)
             lo, hi = a * self.cols, e * self.cols
             loops.widen(b_raw[lo:hi], flat[0])
             loops.widen(m_raw[lo:hi], flat[1])
-            self._row_kl(bufs[1, :e - a], bufs[0, :e - a], r0 + a)
-        assert self.kl is not None
-        kl = self.kl[r0:r0 + rows].reshape(-1).numpy()
-        at = None
-        if self.pos is not None:
-            lo, hi = np.searchsorted(self.pos.numpy(), [piece.start, piece.start + piece.numel])
-            at = self.pos.numpy()[lo:hi] - piece.start
-        imp = np.empty(piece.numel if at is None else at.shape[0], dtype=np.float32)
+            kl = self._row_kl(bufs[1, :e - a], bufs[0, :e - a], r0 + a).reshape(-1).numpy()
+            # the block's sampled (or all) importances, from the widened rows while they are in cache
+            at = None
+            count = hi - lo
+            if pos is not None:
+                end = first + done + int(np.searchsorted(pos[first + done:last], piece.start + hi))
+                at = pos[first + done:end] - (piece.start + lo)
+                count = end - first - done
+            if count:
+                loops.importance_at(flat[0], flat[1], self.cols, kl, at, imp[done:done + count])
+            done += count
         if imp.shape[0]:
-            loops.importance_at(b_raw, m_raw, self.cols, kl, at, imp)
             self.parts.append(torch.from_numpy(imp))
         return True
 
