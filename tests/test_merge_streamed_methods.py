@@ -338,7 +338,7 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
     return torch.randn(6, 1, generator=g)  # rows of one entry: probability density
 
 
-def _compiled_keep(base: torch.Tensor, model: torch.Tensor, keys: tuple[int, int], start: int,
+def _compiled_keep(base: torch.Tensor, model: torch.Tensor, draws, start: int,
                    density: float, eps: float) -> tuple[torch.Tensor, np.ndarray]:
     """The compiled statistic loop's keep mask (shaped like ``base``) and L1 sums."""
     from surgeon.merge.kernels import della_compiled
@@ -346,9 +346,18 @@ def _compiled_keep(base: torch.Tensor, model: torch.Tensor, keys: tuple[int, int
 
     bits = np.zeros((base.numel() + 7) // 8, dtype=np.uint8)
     sums = np.zeros(2)
-    della_compiled.keep_bits(base.reshape(-1).numpy(), model.reshape(-1).numpy(), base.shape[-1], keys, start,
-                             keep_bounds(density, eps), bits, sums)
+    della_compiled.keep_bits(base.reshape(-1).numpy(), model.reshape(-1).numpy(), base.shape[-1],
+                             (draws.coarse, draws.fine, draws.partner), start, keep_bounds(density, eps), bits, sums)
     return torch.from_numpy(np.unpackbits(bits, count=base.numel()).astype(bool)).reshape(base.shape), sums
+
+
+def _splitmix64(key: int, i: int) -> int:
+    """SplitMix64's output for counter ``i`` under ``key``, in Python integers."""
+    m = (1 << 64) - 1
+    z = (key + i * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
 
 
 @pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "tie_groups", "zeros_and_odd", "wide_range",
@@ -356,11 +365,11 @@ def _compiled_keep(base: torch.Tensor, model: torch.Tensor, keys: tuple[int, int
 @pytest.mark.parametrize("start_row", [0, 3])
 def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int) -> None:
     """The compiled statistic loop keeps exactly the entries MagPrune's reference
-    keeps (the same uniforms, words and comparisons), wherever the piece starts,
-    and its L1 sums equal torch's to float64 rounding."""
+    keeps (the same uniforms, words and comparisons), wherever the piece starts
+    (rows of 13 from row 3: mid-word in the four-entry hashes), and its L1 sums equal
+    torch's to float64 rounding."""
     from surgeon.merge.kernels import della_compiled
-    from surgeon.merge.kernels.della import magprune_keep
-    from surgeon.merge.rng import stream_key, uniform_stream, word_stream
+    from surgeon.merge.kernels.della import DellaDraws, magprune_keep
 
     if not della_compiled.available():
         pytest.skip("numba is off")
@@ -371,12 +380,10 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
     base = torch.randn(d.shape, generator=g) if kind != "bf16_ties" else torch.zeros(d.shape)
     model = base + d
     d = model - base  # the task vector the loop computes
-    keys = stream_key(5, "t", "della:0"), stream_key(5, "t", "della-partner:0")
+    draws = DellaDraws.of(5, "t", 0)
     start = start_row * n
-    u = uniform_stream(keys[0], start, d.numel()).reshape(d.shape)
-    words = word_stream(keys[1], start, d.numel()).reshape(d.shape)
-    want = magprune_keep(d, density, eps, u, words)
-    got, sums = _compiled_keep(base, model, keys, start, density, eps)
+    want = magprune_keep(d, density, eps, draws, start)
+    got, sums = _compiled_keep(base, model, draws, start, density, eps)
     assert torch.equal(got, want)
     assert 0 < int(want.sum()) < want.numel()
     if kind == "non_finite":
@@ -386,36 +393,83 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
     assert sums[1] == pytest.approx(float((d * want).abs().sum(dtype=torch.float64)), rel=1e-12)
 
 
-@pytest.mark.parametrize("edge", ["lo", "hi"])
-def test_della_keep_decides_a_uniform_on_a_bound_as_the_definition_says(edge: str) -> None:
-    """A uniform equal to ``density - epsilon`` is in the band (kept only when the entry
-    outranks its partner); one equal to ``density + epsilon`` is dropped. Reference and
-    compiled loop agree, and the reference's partner comparison is checked by hand."""
+def test_della_draws_are_the_documented_splitmix_streams() -> None:
+    """By hand in Python integers: entry ``j``'s uniform is bits ``16 (j mod 4)..`` of
+    SplitMix64's output for counter ``j // 4`` under the coarse key (its top half) and the
+    top 16 bits of the fine key's output for ``j`` (its low half); the bounds are
+    ``ceil(lo 2^32)`` of the float32 bounds; the ``k``-th band entry of a row takes the
+    partner key's word for the flat index of the row's ``k``-th entry, and its partner is
+    ``floor(word (n - 1) / 2^64)`` among the others. The reference's mask follows."""
+    from surgeon.merge.kernels.della import DellaDraws, keep_bounds, magprune_keep
+
+    draws = DellaDraws.of(3, "model.layers.0.mlp.up_proj.weight", 1)
+    assert draws == DellaDraws.of(3, "model.layers.0.mlp.up_proj.weight", 1)
+    assert len({draws.coarse, draws.fine, draws.partner}) == 3
+    start, n_rows, n = 3 * 21, 4, 21  # rows starting mid-word of the coarse stream
+    u = draws.uniforms(start, n_rows * n)
+    for j in range(start, start + n_rows * n):
+        top = (_splitmix64(draws.coarse, j // 4) >> (16 * (j % 4))) & 0xFFFF
+        low = _splitmix64(draws.fine, j) >> 48
+        assert int(u[j - start]) == (top << 16) | low
+    density, eps = 0.45, 0.3
+    lo, hi = keep_bounds(density, eps)
+    assert lo == math.ceil(float(np.float32(0.15)) * 2 ** 32) and hi == math.ceil(float(np.float32(0.75)) * 2 ** 32)
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(n_rows, n, generator=g)
+    keep = magprune_keep(rows, density, eps, draws, start)
+    mags = rows.abs()
+    banded = 0
+    for r in range(n_rows):
+        k = 0
+        for c in range(n):
+            v = int(u[r * n + c])
+            if v < lo:
+                assert keep[r, c]
+            elif v >= hi:
+                assert not keep[r, c]
+            else:
+                word = _splitmix64(draws.partner, start + r * n + k)
+                off = (word * (n - 1)) >> 64
+                partner = off + (off >= c)
+                assert bool(keep[r, c]) == bool(mags[r, c] > mags[r, partner])  # distinct magnitudes
+                k += 1
+                banded += 1
+    assert 0.4 * n_rows * n < banded < 0.8 * n_rows * n
+
+
+@pytest.mark.parametrize("bound", ["lo", "hi"])
+def test_della_keep_decides_uniforms_whose_top_half_is_a_bound_s_by_their_low_half(bound: str) -> None:
+    """A bound set exactly on a drawn uniform: a uniform equal to ``L`` is in the band
+    (kept only by outranking its partner), one equal to ``H`` dropped; that uniform's top
+    16 bits are the bound's, so the compiled loop decides it (and any other such entry)
+    on its rare path, by all 32 bits, and agrees with the reference entry for entry."""
     from surgeon.merge.kernels import della_compiled
-    from surgeon.merge.kernels.della import keep_bounds, magprune_keep, partner_offsets
-    from surgeon.merge.rng import stream_key, uniform_stream, word_stream
+    from surgeon.merge.kernels.della import DellaDraws, keep_bounds, magprune_keep
 
     if not della_compiled.available():
         pytest.skip("numba is off")
     g = torch.Generator().manual_seed(3)
-    d = torch.randn(8, 32, generator=g)
-    n, eps = d.shape[1], 0.05
-    keys = stream_key(5, "t", "della:0"), stream_key(5, "t", "della-partner:0")
-    u = uniform_stream(keys[0], 0, d.numel()).reshape(d.shape)
-    words = word_stream(keys[1], 0, d.numel()).reshape(d.shape)
-    off = partner_offsets(words, n - 1)
-    partner = off + (off >= torch.arange(n))
-    outranks = (d.abs() > d.abs().gather(1, partner))  # distinct magnitudes: no ties to break
-    r, i = next((r, i) for r in range(d.shape[0]) for i in range(n)
-                if 0.1 < float(u[r, i]) < 0.85 and (edge == "hi" or bool(outranks[r, i])))
-    density = float(u[r, i]) + (eps if edge == "lo" else -eps)
+    d = torch.randn(16, 64, generator=g)
+    draws = DellaDraws.of(5, "t", 0)
+    u = draws.uniforms(0, d.numel()).reshape(d.shape)
+    eps = 0.05
+    # a uniform that is a float32 value times 2^32 (low 8 bits zero) inside (0.1, 0.85): a bound lands on it
+    r, c = next((r, c) for r in range(d.shape[0]) for c in range(d.shape[1])
+                if int(u[r, c]) & 0xFF == 0 and 0.1 * 2 ** 32 < int(u[r, c]) < 0.85 * 2 ** 32)
+    target = int(u[r, c])
+    density = target / 2 ** 32 + (eps if bound == "lo" else -eps)
     lo, hi = keep_bounds(density, eps)
-    assert (lo if edge == "lo" else hi) == float(u[r, i])  # the uniform sits exactly on the bound
-    want = magprune_keep(d, density, eps, u, words)
-    assert bool(want[r, i]) is (edge == "lo")
+    assert (lo if bound == "lo" else hi) == target
+    want = magprune_keep(d, density, eps, draws, 0)
     band = (u >= lo) & (u < hi)
-    assert torch.equal(want, (u < lo) | (band & outranks))
-    got, _ = _compiled_keep(torch.zeros(d.shape), d, keys, 0, density, eps)
+    if bound == "lo":
+        assert bool(band[r, c]) and not bool(want[r, c] & (u[r, c] < lo))
+    else:
+        assert not bool(want[r, c]) and not bool(band[r, c])
+    same_top = ((u >> 16) == (lo >> 16)) | ((u >> 16) == (hi >> 16))
+    assert bool(same_top[r, c])
+    assert torch.equal(want & ~band, u < lo)
+    got, _ = _compiled_keep(torch.zeros(d.shape), d, draws, 0, density, eps)
     assert torch.equal(got, want)
 
 
@@ -426,8 +480,7 @@ def test_della_keep_frequency_by_rank_is_the_magprune_probability(compiled: bool
     rank / 7`` (within 4.5 standard errors), reference and compiled loop alike; two
     positions' decisions are independent (their joint frequency is the product)."""
     from surgeon.merge.kernels import della_compiled
-    from surgeon.merge.kernels.della import magprune_keep
-    from surgeon.merge.rng import stream_key, uniform_stream, word_stream
+    from surgeon.merge.kernels.della import DellaDraws, magprune_keep
 
     if compiled and not della_compiled.available():
         pytest.skip("numba is off")
@@ -436,17 +489,55 @@ def test_della_keep_frequency_by_rank_is_the_magprune_probability(compiled: bool
     rank = torch.tensor([1.0, 7.0, 2.0, 3.0, 5.0, 6.0, 4.0, 0.0])
     g = torch.Generator().manual_seed(11)
     d = mags * torch.where(torch.rand(rows, n, generator=g) < 0.5, -1.0, 1.0)
-    keys = stream_key(1, "w", "della:0"), stream_key(1, "w", "della-partner:0")
+    draws = DellaDraws.of(1, "w", 0)
     if compiled:
-        keep, _ = _compiled_keep(torch.zeros(d.shape), d, keys, 0, density, eps)
+        keep, _ = _compiled_keep(torch.zeros(d.shape), d, draws, 0, density, eps)
     else:
-        u = uniform_stream(keys[0], 0, d.numel()).reshape(d.shape)
-        keep = magprune_keep(d, density, eps, u, word_stream(keys[1], 0, d.numel()).reshape(d.shape))
+        keep = magprune_keep(d, density, eps, draws, 0)
     freq = keep.double().mean(0)
     p = density - eps + 2 * eps * rank.double() / (n - 1)
     assert ((freq - p).abs() / (p * (1 - p) / rows).sqrt()).max() < 4.5
-    joint = (keep[:, 2] & keep[:, 3]).double().mean()
-    assert abs(joint - p[2] * p[3]) < 4.5 * math.sqrt(p[2] * p[3] * (1 - p[2] * p[3]) / rows)
+    for a, b in ((2, 3), (0, 7), (1, 5)):  # neighbours, and two whose band slots often follow each other
+        joint = (keep[:, a] & keep[:, b]).double().mean()
+        assert abs(joint - p[a] * p[b]) < 4.5 * math.sqrt(p[a] * p[b] * (1 - p[a] * p[b]) / rows)
+
+
+def test_della_ranks_a_3d_tensor_along_dim_1_whole_and_in_blocks(monkeypatch) -> None:
+    """A stacked tensor [experts, n, k] is ranked along dim 1 (each of its k lines of n per
+    expert): the reference keeps each line's largest magnitude more often than its smallest
+    (as the rank probabilities say), and the block kernel (blocks of whole experts, inside
+    pieces of two) writes the reference's values. (The reference used to fail on 3-D
+    tensors: its positions were laid along the last dim.)"""
+    from surgeon.merge.kernels.della import DellaDraws, magprune_keep, rows_view
+
+    g = torch.Generator().manual_seed(6)
+    shape = (6, 10, 7)
+    base = torch.randn(shape, generator=g)
+    models = [base + torch.randn(shape, generator=g) for _ in range(2)]
+    mps = [{"weight": 0.6, "density": 0.5, "epsilon": 0.4}, {"weight": 0.9, "density": 0.4, "epsilon": 0.3}]
+    m = get_method("della")
+    tm = build_merge("della", base, models, mps, name="experts", seed=2)
+    want = m.fn(tm)
+    big = torch.randn(2000, 10, 3, generator=g)
+    keep = magprune_keep(rows_view(big, tuple(big.shape)), 0.5, 0.4, DellaDraws.of(1, "x", 0), 0)
+    order = big.abs().argsort(dim=1)
+    top = keep.gather(1, order[:, -1:]).double().mean()
+    bottom = keep.gather(1, order[:, :1]).double().mean()
+    assert float(top) == pytest.approx(0.9, abs=0.03) and float(bottom) == pytest.approx(0.1, abs=0.03)
+    header = TensorMerge.header("experts", shape, tm.model_params, tm.params, True, seed=2)
+    kernel = m.block_kernel(header)
+    assert kernel is not None and kernel.stat_passes == 1
+    monkeypatch.setattr(kbase, "BLOCK_ELEMS", 70)  # one expert a block
+    slab = 70
+    pieces = [kbase.PieceInputs(e * slab, base[e:e + 2].reshape(-1), [x[e:e + 2].reshape(-1) for x in models])
+              for e in (0, 2, 4)]
+    for piece in pieces:
+        kbase.observe_piece(kernel, header, 0, piece)
+    kernel.end_pass(0)
+    out = torch.empty(base.numel())
+    for piece in pieces:
+        kbase.merge_piece(kernel, header, piece, out[piece.start:piece.start + piece.numel])
+    assert torch.equal(out.reshape(shape), want)
 
 
 def test_della_blocks_take_their_bits_from_the_compiled_pass_pieces(monkeypatch) -> None:

@@ -20,9 +20,11 @@ cost: AVX2 has no 64-bit vector multiply, so the finaliser's two multiplies
 run one lane at a time (~1.2 ns per hash on the development CPU, 4.5 of a
 1.1B ``dare_ties`` merge's CPU seconds at one number per hash).
 
-A word stream (:func:`word_stream`, :func:`word` in compiled loops) gives
-entry ``i`` the whole 64-bit output for counter ``i``: DELLA draws each
-entry's comparison partner from it.
+A word stream (:func:`word_stream`, :func:`words_at`; :func:`word` and
+:func:`fill_words` in compiled loops) gives entry ``i`` the whole 64-bit
+output for counter ``i``; a 16-bit stream (:func:`slice16_stream`) cuts each
+output into four entries. DELLA draws from both
+(:mod:`surgeon.merge.kernels.della`).
 """
 from __future__ import annotations
 
@@ -54,6 +56,12 @@ def fill_uniform(key: Any, start: Any, out: Any) -> None:  # pragma: no cover - 
     raise NotImplementedError("fill_uniform is only callable from compiled loops")
 
 
+def fill_words(key: Any, start: Any, out: Any) -> None:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: ``out[i]`` = entry ``start + i`` of word stream ``key``
+    (``key`` as int64 bits, ``start`` an integer, ``out`` uint64)."""
+    raise NotImplementedError("fill_words is only callable from compiled loops")
+
+
 def word(key: Any, counter: Any) -> Any:  # pragma: no cover - replaced in compiled code
     """Inside compiled loops: entry ``counter`` of word stream ``key`` (uint64)."""
     raise NotImplementedError("word is only callable from compiled loops")
@@ -61,7 +69,7 @@ def word(key: Any, counter: Any) -> Any:  # pragma: no cover - replaced in compi
 
 @lru_cache(maxsize=1)
 def register() -> bool:
-    """Teach numba :func:`fill_uniform` and :func:`word` (once; False without
+    """Teach numba :func:`fill_uniform`, :func:`fill_words` and :func:`word` (once; False without
     numba), so that compiled merges draw their numbers in-line, chunk by chunk."""
     nb = _numba()
     if nb is None:
@@ -105,6 +113,19 @@ def register() -> bool:
                 out[n - 1] = np.float32(np.int64(z >> np.uint64(40))) * scale
         return fill
 
+    @overload(fill_words, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    def _fill_words(key, start, out):  # pragma: no cover - compiled
+        def fill(key, start, out):
+            k = np.uint64(key)
+            c0 = np.uint64(start)
+            g, m1, m2 = np.uint64(_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
+            for p in range(out.shape[0]):  # word(), written out, as in fill_uniform
+                z = k + (c0 + np.uint64(p)) * g
+                z = (z ^ (z >> np.uint64(30))) * m1
+                z = (z ^ (z >> np.uint64(27))) * m2
+                out[p] = z ^ (z >> np.uint64(31))
+        return fill
+
     return True
 
 
@@ -136,14 +157,28 @@ def signed_key(key: int) -> int:
     return _signed(key)
 
 
-def word_stream(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Entries ``[start, start + n)`` of the word stream ``key``: SplitMix64's
-    output for counters ``start..start + n - 1``, as int64 bit patterns."""
-    c = torch.arange(start, start + n, dtype=torch.int64, device=torch.device(device))
-    z = c * _signed(_GAMMA) + _signed(key)  # int64 products wrap modulo 2^64
+def words_at(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output for each counter of ``counters`` (int64, any shape and device)
+    under ``key``, as int64 bit patterns: entry ``c`` of the word stream ``key``."""
+    z = counters * _signed(_GAMMA) + _signed(key)  # int64 products wrap modulo 2^64
     z = (z ^ _shr(z, 30)) * _signed(_MIX1)
     z = (z ^ _shr(z, 27)) * _signed(_MIX2)
     return z ^ _shr(z, 31)
+
+
+def word_stream(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Entries ``[start, start + n)`` of the word stream ``key``: SplitMix64's
+    output for counters ``start..start + n - 1``, as int64 bit patterns."""
+    return words_at(key, torch.arange(start, start + n, dtype=torch.int64, device=torch.device(device)))
+
+
+def slice16_stream(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Entries ``[start, start + n)`` of the 16-bit stream ``key`` (int64 values in
+    ``[0, 2^16)``): entry ``j`` is bits ``16 (j mod 4)`` to ``16 (j mod 4) + 15`` of
+    SplitMix64's output for counter ``floor(j / 4)``, four entries a hash (compiled
+    loops view the outputs as uint16, little-endian)."""
+    j = torch.arange(start, start + n, dtype=torch.int64, device=torch.device(device))
+    return (words_at(key, j >> 2) >> (16 * (j & 3))) & 0xFFFF  # the mask drops the arithmetic shift's sign bits
 
 
 def positions_below(words: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

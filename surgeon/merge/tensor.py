@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
-from .rng import stream_key, uniform_stream, word_stream
+from .rng import stream_key, uniform_stream
 
 
 @dataclass
@@ -78,14 +78,6 @@ class TensorMerge:
         ref = self.base if self.base is not None else self.models[0]
         return uniform_stream(stream_key(self.seed, self.name, salt), self.offset, ref.numel(),
                               ref.device).reshape(ref.shape)
-
-    def words(self, salt: str = "") -> torch.Tensor:
-        """Random 64-bit words (int64 bit patterns) for this tensor's entries,
-        shaped like the inputs: entry ``i`` (flat index ``offset + i``) a pure
-        function of (recipe seed, tensor name, ``salt``, flat index), as :meth:`uniform`."""
-        ref = self.base if self.base is not None else self.models[0]
-        return word_stream(stream_key(self.seed, self.name, salt), self.offset, ref.numel(),
-                           ref.device).reshape(ref.shape)
 
     def weights(self, key: str = "weight") -> list[float]:
         return [float(p[key]) for p in self.model_params]

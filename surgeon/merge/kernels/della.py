@@ -7,9 +7,8 @@ MagPrune keeps an entry with a probability set by its magnitude's rank in
 its row (dim 1), decided by comparing it with a random partner from the same
 row (:func:`magprune_keep`), so pieces and blocks hold whole rows (``align``:
 the entries under one index of dim 0). The uniforms and the partners' words
-are counter-based (:meth:`TensorMerge.uniform`, salt ``della:<i>``;
-:meth:`TensorMerge.words`, salt ``della-partner:<i>``): entry ``j`` gets the
-same numbers whatever piece, block or device computes it. ``rescale`` needs
+are counter-based (:class:`DellaDraws`): entry ``j`` gets the same numbers
+whatever piece, block or device computes it. ``rescale`` needs
 each task vector's L1 norm before and after pruning over the whole tensor:
 one statistic pass sums them (float64, as the reference does) and keeps each
 piece's keep mask packed to bits (1/16 of the bf16 inputs of a pruned model,
@@ -22,13 +21,15 @@ torch block path below is the fallback and the definition those loops follow.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..arith import L1_EPS, combine, weight_total
-from ..rng import stream_key
+from ..rng import slice16_stream, stream_key, word_stream, words_at
 from ..tensor import TensorMerge
 from . import della_compiled, ties_compiled
 from ._raw import based_inputs, raw_view
@@ -48,15 +49,47 @@ def rows_view(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return delta.reshape(-1, *shape[1:])
 
 
-def draw_salts(i: int) -> tuple[str, str]:
-    """Model ``i``'s stream salts: its uniforms' and its partners' words'."""
-    return f"della:{i}", f"della-partner:{i}"
+#: the uniforms' resolution: an entry's uniform is a 32-bit integer ``U``, ``u = U / 2^32``
+U_BITS = 32
 
 
-def keep_bounds(density: float, epsilon: float) -> tuple[float, float]:
-    """MagPrune's lowest and highest keep probability, ``density -+ epsilon`` as float32 values."""
+@dataclass(frozen=True)
+class DellaDraws:
+    """One model's random numbers over one tensor: three counter-based streams keyed by
+    (recipe seed, tensor name, salt), so a piece, a block or a device draws what the whole
+    tensor would.
+
+    - ``coarse`` (salt ``della:<i>``): the 16-bit stream (:func:`slice16_stream`) giving
+      entry ``j``'s uniform its top 16 bits, four entries a hash;
+    - ``fine`` (salt ``della-fine:<i>``): the top 16 bits of word ``j``, its low 16 bits
+      (a compiled loop draws them only for the rare entry whose top half sits on a bound's);
+    - ``partner`` (salt ``della-partner:<i>``): the band's words. The ``k``-th band entry of a
+      line (the entries ranked together, dim 1) takes the word at the flat position of that
+      line's ``k``-th entry: one word a band entry, each a distinct counter."""
+
+    coarse: int
+    fine: int
+    partner: int
+
+    @classmethod
+    def of(cls, seed: int, name: str, i: int) -> DellaDraws:
+        """Model ``i``'s streams over tensor ``name``."""
+        return cls(stream_key(seed, name, f"della:{i}"), stream_key(seed, name, f"della-fine:{i}"),
+                   stream_key(seed, name, f"della-partner:{i}"))
+
+    def uniforms(self, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Entries ``[start, start + n)``'s uniforms ``U`` (int64 values in ``[0, 2^32)``)."""
+        top = slice16_stream(self.coarse, start, n, device)
+        low = (word_stream(self.fine, start, n, device) >> 48) & 0xFFFF
+        return (top << 16) | low
+
+
+def keep_bounds(density: float, epsilon: float) -> tuple[int, int]:
+    """MagPrune's lowest and highest keep probability, ``density -+ epsilon`` rounded to
+    float32, as the integers ``L``, ``H`` that a uniform ``U`` is compared with:
+    ``U < L`` exactly when ``U / 2^32 < lo`` (``L = ceil(lo 2^32)``, exact in float64)."""
     lo, hi = np.float32(density - epsilon), np.float32(density + epsilon)
-    return float(lo), float(hi)
+    return math.ceil(float(lo) * 2.0 ** U_BITS), math.ceil(float(hi) * 2.0 ** U_BITS)
 
 
 def magnitude_keys(rows: torch.Tensor) -> torch.Tensor:
@@ -77,31 +110,40 @@ def partner_offsets(words: torch.Tensor, m: int) -> torch.Tensor:
     return (high * m + ((low * m) >> 32)) >> 32  # < 2^63 throughout: exact in int64
 
 
-def magprune_keep(rows: torch.Tensor, density: float, epsilon: float, u: torch.Tensor,
-                  words: torch.Tensor) -> torch.Tensor:
-    """MagPrune's keep mask (bool, shape of ``rows``), with the uniforms ``u``
-    and random words ``words`` (both shaped like ``rows``).
+def magprune_keep(rows: torch.Tensor, density: float, epsilon: float, draws: DellaDraws,
+                  start: int) -> torch.Tensor:
+    """MagPrune's keep mask (bool, shape of ``rows``: :func:`rows_view` of the task vector,
+    or of a block of whole rows of it starting at flat index ``start``).
 
-    Entry ``j`` of a row of ``n`` must be kept with probability
-    ``p_j = lo + (hi - lo) r_j / (n - 1)`` (:func:`keep_bounds`; ``r_j`` its rank
-    by magnitude, ties by index). It is kept when ``u_j < lo``, dropped when
-    ``u_j >= hi``, and in between (probability ``hi - lo``) kept when it
-    outranks a partner drawn uniformly from the row's other ``n - 1`` entries
-    (its word, :func:`partner_offsets`), which happens with probability exactly
-    ``r_j / (n - 1)``: so ``P(keep) = p_j``, each entry decided by its own
-    numbers, independently of the others, with no sort. A row of one entry
-    keeps in between with probability 1/2 (the word's top bit): ``p = density``."""
+    Entry ``j`` of a line of ``n`` (the entries along dim 1) must be kept with probability
+    ``p_j = lo + (hi - lo) r_j / (n - 1)`` (:func:`keep_bounds`; ``r_j`` its rank by
+    magnitude, ties by index). With ``u`` its uniform it is kept when ``u < lo``, dropped
+    when ``u >= hi``, and in between (the band, probability ``hi - lo``) kept when it
+    outranks a partner drawn uniformly from the line's other ``n - 1`` entries by its word
+    (:class:`DellaDraws`, :func:`partner_offsets`), which happens with probability exactly
+    ``r_j / (n - 1)``: so ``P(keep) = p_j``, each entry decided by numbers no other entry
+    uses, independently of the others, with no sort. A line of one entry keeps in the
+    band with probability 1/2 (the word's top bit): ``p = density``."""
     n = rows.shape[1]
     lo, hi = keep_bounds(density, epsilon)
+    u = draws.uniforms(start, rows.numel(), rows.device).reshape(rows.shape)
+    band = (u >= lo) & (u < hi)
+    keep = u < lo
+    if not bool(band.any()):
+        return keep
+    # the k-th band entry of a line takes the word at the flat position of the line's k-th entry
+    flat = torch.arange(start, start + rows.numel(), dtype=torch.int64, device=rows.device).reshape(rows.shape)
+    slot = band.to(torch.int64).cumsum(1).sub_(1).clamp_(min=0)
+    words = words_at(draws.partner, flat.gather(1, slot))
     if n > 1:
-        pos = torch.arange(n, device=rows.device).expand(rows.shape)
+        pos = torch.arange(n, device=rows.device).reshape(1, n, *([1] * (rows.dim() - 2))).expand(rows.shape)
         off = partner_offsets(words, n - 1)
         mags = magnitude_keys(rows)
         theirs = mags.gather(1, off + (off >= pos))
         outranks = (mags > theirs) | ((mags == theirs) & (off < pos))
     else:
         outranks = words < 0
-    return (u < lo) | ((u < hi) & outranks)
+    return keep | (band & outranks)
 
 
 def l1_sum(t: torch.Tensor) -> float:
@@ -130,6 +172,7 @@ class DellaKernel(Kernel):
         self.dens = [float(mp["density"]) for mp in meta.model_params]
         self.eps = [float(mp["epsilon"]) for mp in meta.model_params]
         self.prunes = [0 < d < 1 for d in self.dens]
+        self.draws = [DellaDraws.of(meta.seed, meta.name, i) for i in range(len(self.dens))]
         shape = tuple(meta.shape)
         self.row = meta.numel if len(shape) < 2 else meta.numel // max(1, shape[0])
         self.align = self.row
@@ -159,10 +202,7 @@ class DellaKernel(Kernel):
                 continue
             rows = rows_view(d, shape)
             if keep_bits is None:
-                u_salt, word_salt = draw_salts(i)
-                u = blk.uniform(u_salt).reshape(rows.shape)
-                words = blk.words(word_salt).reshape(rows.shape)
-                keep = magprune_keep(rows, self.dens[i], self.eps[i], u, words)
+                keep = magprune_keep(rows, self.dens[i], self.eps[i], self.draws[i], blk.offset)
             else:
                 keep = torch.from_numpy(np.unpackbits(keep_bits[i], count=n).view(np.bool_)).reshape(rows.shape)
             out.append((d, (rows * keep).reshape(d.shape), keep))
@@ -225,11 +265,9 @@ class DellaKernel(Kernel):
             if not prunes:
                 continue
             sums[:] = 0.0
-            u_salt, word_salt = draw_salts(i)
-            keys = (stream_key(self.meta.seed, self.meta.name, u_salt),
-                    stream_key(self.meta.seed, self.meta.name, word_salt))
-            della_compiled.keep_bits(raw[0], raw[1][i], self.row, keys, piece.start,
-                                     keep_bounds(self.dens[i], self.eps[i]), bits[i], sums)
+            draws = self.draws[i]
+            della_compiled.keep_bits(raw[0], raw[1][i], self.row, (draws.coarse, draws.fine, draws.partner),
+                                     piece.start, keep_bounds(self.dens[i], self.eps[i]), bits[i], sums)
             self.before[i] += float(sums[0])
             self.after[i] += float(sums[1])
         return bits

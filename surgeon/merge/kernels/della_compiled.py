@@ -1,12 +1,19 @@
 """DELLA's MagPrune compiled: a piece's keep bits and L1 sums in one numba call per model.
 
 What. :func:`surgeon.merge.kernels.della.magprune_keep`, entry for entry: an
-entry whose uniform ``u`` is below ``lo`` is kept, at or above ``hi``
-dropped, and in between kept when its magnitude outranks (ties by index) a
-partner drawn from its row's other entries by the entry's own 64-bit word.
-Only the band's entries (a share ``hi - lo = 2 epsilon`` of them) draw a
-word and look at their partner; the rest are decided by the uniform alone,
-in a loop the compiler vectorises. No row is ranked.
+entry whose uniform ``U`` is below ``L`` is kept, at or above ``H`` dropped,
+and in between (the band) kept when its magnitude outranks (ties by index) a
+partner drawn from its row's other entries by its band slot's 64-bit word.
+No row is ranked. Per row:
+
+- the uniforms' top halves come four to a hash (a vectorised loop filling
+  64-bit words, read as uint16) and decide every entry whose top half differs
+  from both bounds' (all but ~2 in 65,536); the rest read their low half (the
+  ``fine`` stream) in a scalar loop that runs only for rows holding one;
+- the band's columns are listed eight entries a step, branch-free (a table of
+  each byte's set bits), its words drawn in one vectorised loop (one per band
+  entry: slot ``k``'s counter is the flat index of the row's ``k``-th entry),
+  and each band entry compared with its partner.
 
 Exactness. The same uniforms, words, bounds and comparisons as the reference,
 so the same keep bits; the L1 norms are float64 sums of the same float32
@@ -31,17 +38,16 @@ PACK8_LSB_FIRST = 0x0102040810204080
 @compiled
 def _kernels(jit: Any) -> Any:
     """The statistic loop of one model over a piece of whole rows."""
-    global _l1_sums, _trailing_zeros  # helpers are globals, not closure cells: see _jit.py
+    global _l1_sums  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
-    from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 
     @_jit.jit_options(fastmath={"reassoc"})
     def _l1_sums(d, keep, n):  # pragma: no cover - compiled
         # (sum |d|, sum |d kept|) in float64; reassociation lets the sums run in vector
         # lanes (the reference is torch's whole-tensor float64 sum: no order to keep). The
-        # kept magnitude is |d| times keep as a float (0 or 1), not a choice between |d| and
-        # 0: a choice compiled to a branch on random bits, mispredicted ~1 in 3
+        # kept magnitude is |d| times keep as a float (0 or 1), as the reference's |d * keep|:
+        # a dropped inf or NaN makes the sum NaN there too
         before = 0.0
         after = 0.0
         for i in range(n):
@@ -51,69 +57,93 @@ def _kernels(jit: Any) -> Any:
         return before, after
 
     @jit
-    def keep_bits(b_all, m_all, n, ukey, wkey, start, lo, hi, bits, sums):  # pragma: no cover - compiled
-        # b_all, m_all: a piece's rows of length n, stored dtype; ukey, wkey: the model's
-        # uniform and word streams; start: the piece's flat index in the tensor; lo, hi:
-        # float32 keep bounds; bits: uint8, zeroed, one bit per entry (msb first);
-        # sums[0] += sum |d|, sums[1] += sum |kept d|.
-        # Choices are branch-free where the data is random (the uniforms): a mispredicted
-        # branch per entry cost more than all the arithmetic. The loop over the whole row
-        # (vectorised) is kept apart from the one over the band's entries, which walks the
-        # set bits of 64-entry band masks (one mispredicted loop exit a word, not one an entry).
+    def keep_bits(b_all, m_all, n, ckey, fkey, wkey, start, lo, hi, bits, sums):  # pragma: no cover - compiled
+        # b_all, m_all: a piece's rows of length n, stored dtype; ckey, fkey, wkey: the model's
+        # coarse, fine and partner streams; start: the piece's flat index in the tensor (a
+        # row's start); lo, hi: the bounds L, H (uint64, <= 2^32); bits: uint8, zeroed, one bit
+        # per entry (msb first); sums[0] += sum |d|, sums[1] += sum |kept d|.
+        # Choices are branch-free where the data is random: a mispredicted branch an entry
+        # cost more than all the arithmetic.
         rows = m_all.shape[0] // n
         base = np.empty(n, np.float32)
         d = np.empty(n, np.float32)
-        u = np.empty(n, np.float32)
+        hw = np.empty((n + 3) // 4 + 1, np.uint64)  # the row's coarse words (one more: a row may start mid-word)
+        top = hw.view(np.uint16)  # entry 4 c + q's top half is bits 16 q.. of word c: little-endian uint16 q
+        partner = np.empty(n, np.uint64)  # the band slots' words
+        offs = np.empty(n, np.uint32)  # and their partners' offsets
+        slots = np.empty(n + 8, np.int32)  # the band's columns, in order
         mags = np.empty(n, np.uint32)
         keep = np.zeros((n + 7) // 8 * 8, np.uint8)
         words = keep.view(np.uint64)  # keep[8 g] is the low byte of words[g]: numba's platforms are little-endian
         gather8 = np.uint64(0x8040201008040201)
-        in_band = np.zeros((n + 63) // 64 * 64, np.uint8)  # 0/1 an entry, whole words of 64 entries
+        in_band = np.zeros((n + 7) // 8 * 8, np.uint8)  # 0/1 an entry; past n stays 0
         flags = in_band.view(np.uint64)
         pack8 = np.uint64(PACK8_LSB_FIRST)
-        mag = np.uint32(0x7FFFFFFF)
+        table = np.zeros((256, 8), np.int32)  # byte b's set bits, lowest first
+        count = np.zeros(256, np.int64)
+        for b in range(256):
+            for q in range(8):
+                if (b >> q) & 1:
+                    table[b, count[b]] = q
+                    count[b] += 1
         low32 = np.uint64(0xFFFFFFFF)
-        m = np.uint64(max(n - 1, 1))
-        top = np.uint64(63)
+        lo16, hi16 = np.uint16(lo >> np.uint64(16)), np.uint16(hi >> np.uint64(16))
+        mag = np.uint32(0x7FFFFFFF)
+        m = np.uint64(max(n - 1, 1)) & low32  # < 2^31: 32-bit products
         before = 0.0
         after = 0.0
         for r in range(rows):
             s = r * n
+            g = start + s  # the row's flat index
             _raw.load(b_all[s:s + n], base)
             _raw.load(m_all[s:s + n], d)
-            _random.fill_uniform(ukey, start + s, u)
+            a = g & 3
+            _random.fill_words(ckey, g >> 2, hw[:(a + n + 3) >> 2])
             keys = d.view(np.uint32)
+            edge = np.int32(0)
             for i in range(n):
                 d[i] = d[i] - base[i]
                 mags[i] = keys[i] & mag
-                v = u[i]
-                keep[i] = np.uint8(v < lo)
-                in_band[i] = np.uint8((v >= lo) & (v < hi))
-            for w in range((n + 63) >> 6):
-                band = np.uint64(0)  # bit b: entry 64 w + b is in the band
+                c = top[a + i]
+                keep[i] = np.uint8(c < lo16)
+                in_band[i] = np.uint8((c > lo16) & (c < hi16))
+                edge += np.int32((c == lo16) | (c == hi16))
+            if edge != 0:  # an entry whose top half is a bound's: its low half decides
+                for i in range(n):
+                    c = top[a + i]
+                    if c == lo16 or c == hi16:
+                        u = (np.uint64(c) << np.uint64(16)) | (_random.word(fkey, g + i) >> np.uint64(48))
+                        keep[i] = np.uint8(u < lo)
+                        in_band[i] = np.uint8((u >= lo) & (u < hi))
+            nb = 0
+            for e in range((n + 7) >> 3):  # the band's columns, eight entries a step
+                byte = (flags[e] * pack8) >> np.uint64(56)
                 for q in range(8):
-                    band |= ((flags[8 * w + q] * pack8) >> np.uint64(56)) << np.uint64(8 * q)
-                while band != np.uint64(0):
-                    i = 64 * w + np.int64(_trailing_zeros(band))
-                    band &= band - np.uint64(1)
-                    z = _random.word(wkey, start + s + i)
-                    if n > 1:
-                        # floor(z m / 2^64): the partner's offset among the other n - 1 entries
-                        off = np.int64(((z >> np.uint64(32)) * m + (((z & low32) * m) >> np.uint64(32)))
-                                       >> np.uint64(32))
-                        j = off + (off >= i)
-                        k, kj = mags[i], mags[j]
-                        keep[i] = np.uint8((k > kj) | ((k == kj) & (off < i)))
-                    else:
-                        keep[i] = np.uint8(z >> top)
+                    slots[nb + q] = np.int32(8 * e) + table[byte, q]
+                nb += count[byte]
+            _random.fill_words(wkey, g, partner[:nb])
+            if n > 1:
+                for k in range(nb):  # floor(z m / 2^64): the partner's offset among the other n - 1 entries
+                    z = partner[k]
+                    offs[k] = np.uint32(((z >> np.uint64(32)) * m + (((z & low32) * m) >> np.uint64(32)))
+                                        >> np.uint64(32))
+                for k in range(nb):
+                    i = np.int64(slots[k])
+                    off = np.int64(offs[k])
+                    j = off + (off >= i)
+                    x, y = mags[i], mags[j]
+                    keep[i] = np.uint8((x > y) | ((x == y) & (off < i)))
+            else:
+                for k in range(nb):
+                    keep[slots[k]] = np.uint8(partner[k] >> np.uint64(63))
             row_before, row_after = _l1_sums(d, keep, n)
             before += row_before
             after += row_after
             # the bits, a byte at a time where the row starts on a byte
             done = 0
             if (s & 7) == 0:
-                for g in range(n >> 3):  # 8 bytes of 0/1 to one byte, the first byte's in bit 7
-                    bits[(s >> 3) + g] = np.uint8((words[g] * gather8) >> np.uint64(56))
+                for e in range(n >> 3):  # 8 bytes of 0/1 to one byte, the first byte's in bit 7
+                    bits[(s >> 3) + e] = np.uint8((words[e] * gather8) >> np.uint64(56))
                 done = 8 * (n >> 3)
             for i in range(done, n):
                 q = s + i
@@ -129,15 +159,17 @@ def available() -> bool:
     return _kernels() is not None
 
 
-def keep_bits(base: np.ndarray, model: np.ndarray, row: int, keys: tuple[int, int], start: int,
-              bounds: tuple[float, float], bits: np.ndarray, sums: np.ndarray) -> None:
+def keep_bits(base: np.ndarray, model: np.ndarray, row: int, keys: tuple[int, int, int], start: int,
+              bounds: tuple[int, int], bits: np.ndarray, sums: np.ndarray) -> None:
     """MagPrune one model over a piece of whole rows of ``row`` entries (flat
     stored-dtype arrays, :func:`surgeon.merge.kernels._raw.raw_inputs`):
     set the kept entries' bits in ``bits`` (uint8, zeroed, ``ceil(n / 8)``),
     and add ``sum |d|`` and ``sum |kept d|`` (float64) to ``sums[0]`` and
-    ``sums[1]``. ``keys``: the model's uniform and word streams; ``start``: the
+    ``sums[1]``. ``keys``: the model's coarse, fine and partner stream keys
+    (:class:`surgeon.merge.kernels.della.DellaDraws`); ``start``: the
     piece's flat index in the tensor; ``bounds``:
     :func:`surgeon.merge.kernels.della.keep_bounds`."""
     lo, hi = bounds
-    _kernels()(base, model, row, _random.signed_key(keys[0]), _random.signed_key(keys[1]), start,
-               np.float32(lo), np.float32(hi), bits, sums)
+    coarse, fine, partner = (_random.signed_key(k) for k in keys)
+    _kernels()(base, model, row, coarse, fine, partner, start,
+               np.uint64(lo), np.uint64(hi), bits, sums)

@@ -23,25 +23,23 @@ each entry's keep decision has the same probability as mergekit's but is drawn
 without ranking the row: a uniform decides it outside ``[density - epsilon,
 density + epsilon)``, inside it the entry is kept when it outranks a random
 partner from its row (:func:`surgeon.merge.kernels.della.magprune_keep`);
-the numbers are counter-based, per tensor and model (salts ``"della:<i>"``
-and ``"della-partner:<i>"``, :meth:`TensorMerge.uniform` and
-:meth:`TensorMerge.words`: any piece, block or device draws the same
-numbers; mergekit draws from torch's global generator); the rescale's L1 norms are summed in float64
+the numbers are counter-based, per tensor and model
+(:class:`surgeon.merge.kernels.della.DellaDraws`: any piece, block or device
+draws the same numbers; mergekit draws from torch's global generator); the
+rescale's L1 norms are summed in float64
 (mergekit: in the tensor's dtype), so that the block kernel
 (:mod:`surgeon.merge.kernels.della`), which sums them block by block, agrees.
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 from ...errors import InvalidInputError
 from ..arith import combine
 from ..kernels.della import (
+    DellaDraws,
     DellaKernel,
     della_params_ok,
-    draw_salts,
     l1_scale,
     l1_sum,
     magprune_keep,
@@ -70,10 +68,11 @@ def _params(normalize: bool) -> tuple[Param, ...]:
     return (WEIGHT, DENSITY, EPSILON, LAMBDA, normalize_param(normalize), _RESCALE)
 
 
-def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
-             draw: Callable[[], tuple[torch.Tensor, torch.Tensor]], where: str) -> torch.Tensor:
-    """MagPrune a task vector (returns a new or the same tensor); ``draw()`` gives its
-    uniforms and random words (both shaped like it), called only when something is drawn."""
+def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool, draws: DellaDraws,
+             start: int, where: str) -> torch.Tensor:
+    """MagPrune a task vector (returns a new or the same tensor) whose first entry is the
+    tensor's flat index ``start`` (0: the whole tensor), with ``draws``, its model's
+    streams over the tensor (used only when something is drawn)."""
     if density >= 1:
         return delta
     if density <= 0:
@@ -84,8 +83,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
             f"got density {density} and epsilon {epsilon}"
         )
     rows = rows_view(delta, tuple(delta.shape))
-    u, words = draw()
-    pruned = rows * magprune_keep(rows, density, epsilon, u.reshape(rows.shape), words.reshape(rows.shape))
+    pruned = rows * magprune_keep(rows, density, epsilon, draws, start)
     if rescale:
         scale = l1_scale(l1_sum(rows), l1_sum(pruned))
         if scale is not None:
@@ -96,13 +94,8 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
 def _pruned(t: TensorMerge) -> list[torch.Tensor]:
     out = []
     for i, (m, mp) in enumerate(zip(t.models, t.model_params)):
-        d = m - t.base
-        def draw(i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
-            u_salt, word_salt = draw_salts(i)
-            return t.uniform(u_salt), t.words(word_salt)
-
-        out.append(magprune(d, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"], draw,
-                            f"tensor {t.name!r}, model {i}"))
+        out.append(magprune(m - t.base, float(mp["density"]), float(mp["epsilon"]), t.params["rescale"],
+                            DellaDraws.of(t.seed, t.name, i), t.offset, f"tensor {t.name!r}, model {i}"))
     return out
 
 
