@@ -344,11 +344,11 @@ def _compiled_keep(base: torch.Tensor, model: torch.Tensor, draws, start: int,
     from surgeon.merge.kernels import della_compiled
     from surgeon.merge.kernels.della import keep_bounds
 
-    bits = np.zeros((base.numel() + 7) // 8, dtype=np.uint8)
-    sums = np.zeros(2)
-    della_compiled.keep_bits(base.reshape(-1).numpy(), model.reshape(-1).numpy(), base.shape[-1],
-                             (draws.coarse, draws.fine, draws.partner), start, keep_bounds(density, eps), bits, sums)
-    return torch.from_numpy(np.unpackbits(bits, count=base.numel()).astype(bool)).reshape(base.shape), sums
+    bits = np.zeros((1, (base.numel() + 7) // 8), dtype=np.uint8)
+    sums = np.zeros((1, 2))
+    della_compiled.keep_bits(base.reshape(-1).numpy(), (model.reshape(-1).numpy(),), base.shape[-1], [0],
+                             [(draws.coarse, draws.fine, draws.partner)], start, [keep_bounds(density, eps)], bits, sums)
+    return torch.from_numpy(np.unpackbits(bits[0], count=base.numel()).astype(bool)).reshape(base.shape), sums[0]
 
 
 def _splitmix64(key: int, i: int) -> int:

@@ -260,16 +260,14 @@ class DellaKernel(Kernel):
     def _piece_bits(self, piece: PieceInputs, raw: tuple[np.ndarray, tuple[np.ndarray, ...]]) -> np.ndarray:
         """Each pruned model's keep bits over the piece (the L1 sums added to :attr:`before`/:attr:`after`)."""
         bits = np.zeros((len(self.dens), (piece.numel + 7) // 8), dtype=np.uint8)
-        sums = np.zeros(2, dtype=np.float64)
-        for i, prunes in enumerate(self.prunes):
-            if not prunes:
-                continue
-            sums[:] = 0.0
-            draws = self.draws[i]
-            della_compiled.keep_bits(raw[0], raw[1][i], self.row, (draws.coarse, draws.fine, draws.partner),
-                                     piece.start, keep_bounds(self.dens[i], self.eps[i]), bits[i], sums)
-            self.before[i] += float(sums[0])
-            self.after[i] += float(sums[1])
+        sums = np.zeros((len(self.dens), 2), dtype=np.float64)
+        which = [i for i, prunes in enumerate(self.prunes) if prunes]
+        della_compiled.keep_bits(raw[0], raw[1], self.row, which,
+                                 [(self.draws[i].coarse, self.draws[i].fine, self.draws[i].partner) for i in which],
+                                 piece.start, [keep_bounds(self.dens[i], self.eps[i]) for i in which], bits, sums)
+        for i in which:
+            self.before[i] += float(sums[i, 0])
+            self.after[i] += float(sums[i, 1])
         return bits
 
     def observe_raw(self, pass_no: int, piece: PieceInputs) -> bool:

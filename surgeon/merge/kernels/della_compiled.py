@@ -1,4 +1,4 @@
-"""DELLA's MagPrune compiled: a piece's keep bits and L1 sums in one numba call per model.
+"""DELLA's MagPrune compiled: a piece's keep bits and L1 sums, every model in one numba call.
 
 What. :func:`surgeon.merge.kernels.della.magprune_keep`, entry for entry: an
 entry whose uniform ``U`` is below ``L`` is kept, at or above ``H`` dropped,
@@ -37,7 +37,7 @@ PACK8_LSB_FIRST = 0x0102040810204080
 
 @compiled
 def _kernels(jit: Any) -> Any:
-    """The statistic loop of one model over a piece of whole rows."""
+    """The statistic loop of a piece of whole rows."""
     global _l1_sums  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
@@ -57,14 +57,16 @@ def _kernels(jit: Any) -> Any:
         return before, after
 
     @jit
-    def keep_bits(b_all, m_all, n, ckey, fkey, wkey, start, lo, hi, bits, sums):  # pragma: no cover - compiled
-        # b_all, m_all: a piece's rows of length n, stored dtype; ckey, fkey, wkey: the model's
-        # coarse, fine and partner streams; start: the piece's flat index in the tensor (a
-        # row's start); lo, hi: the bounds L, H (uint64, <= 2^32); bits: uint8, zeroed, one bit
-        # per entry (msb first); sums[0] += sum |d|, sums[1] += sum |kept d|.
+    def keep_bits(b_all, m_all, n, which, keys, start, bounds, bits, sums):  # pragma: no cover - compiled
+        # b_all: a piece's base rows of length n, m_all: the models' (a tuple), stored dtype;
+        # which: the models to prune; keys[t]: model which[t]'s coarse, fine and partner
+        # streams; start: the piece's flat index in the tensor (a row's start); bounds[t]: its
+        # L, H (uint64, <= 2^32); bits[i]: model i's, uint8, zeroed, one bit per entry (msb
+        # first); sums[i, 0] += sum |d|, sums[i, 1] += sum |kept d|. Row by row, every model
+        # in turn: the base row is widened once and stays in L1.
         # Choices are branch-free where the data is random: a mispredicted branch an entry
         # cost more than all the arithmetic.
-        rows = m_all.shape[0] // n
+        rows = b_all.shape[0] // n
         base = np.empty(n, np.float32)
         d = np.empty(n, np.float32)
         hw = np.empty((n + 3) // 4 + 1, np.uint64)  # the row's coarse words (one more: a row may start mid-word)
@@ -87,69 +89,70 @@ def _kernels(jit: Any) -> Any:
                     table[b, count[b]] = q
                     count[b] += 1
         low32 = np.uint64(0xFFFFFFFF)
-        lo16, hi16 = np.uint16(lo >> np.uint64(16)), np.uint16(hi >> np.uint64(16))
         mag = np.uint32(0x7FFFFFFF)
         m = np.uint64(max(n - 1, 1)) & low32  # < 2^31: 32-bit products
-        before = 0.0
-        after = 0.0
         for r in range(rows):
             s = r * n
             g = start + s  # the row's flat index
-            _raw.load(b_all[s:s + n], base)
-            _raw.load(m_all[s:s + n], d)
             a = g & 3
-            _random.fill_words(ckey, g >> 2, hw[:(a + n + 3) >> 2])
-            keys = d.view(np.uint32)
-            edge = np.int32(0)
-            for i in range(n):
-                d[i] = d[i] - base[i]
-                mags[i] = keys[i] & mag
-                c = top[a + i]
-                keep[i] = np.uint8(c < lo16)
-                in_band[i] = np.uint8((c > lo16) & (c < hi16))
-                edge += np.int32((c == lo16) | (c == hi16))
-            if edge != 0:  # an entry whose top half is a bound's: its low half decides
+            _raw.load(b_all[s:s + n], base)
+            for t in range(which.shape[0]):
+                i_model = which[t]
+                ckey, fkey, wkey = keys[t, 0], keys[t, 1], keys[t, 2]
+                lo, hi = bounds[t, 0], bounds[t, 1]
+                lo16, hi16 = np.uint16(lo >> np.uint64(16)), np.uint16(hi >> np.uint64(16))
+                _raw.load(m_all[i_model][s:s + n], d)
+                _random.fill_words(ckey, g >> 2, hw[:(a + n + 3) >> 2])
+                ints = d.view(np.uint32)
+                edge = np.int32(0)
                 for i in range(n):
+                    d[i] = d[i] - base[i]
+                    mags[i] = ints[i] & mag
                     c = top[a + i]
-                    if c == lo16 or c == hi16:
-                        u = (np.uint64(c) << np.uint64(16)) | (_random.word(fkey, g + i) >> np.uint64(48))
-                        keep[i] = np.uint8(u < lo)
-                        in_band[i] = np.uint8((u >= lo) & (u < hi))
-            nb = 0
-            for e in range((n + 7) >> 3):  # the band's columns, eight entries a step
-                byte = (flags[e] * pack8) >> np.uint64(56)
-                for q in range(8):
-                    slots[nb + q] = np.int32(8 * e) + table[byte, q]
-                nb += count[byte]
-            _random.fill_words(wkey, g, partner[:nb])
-            if n > 1:
-                for k in range(nb):  # floor(z m / 2^64): the partner's offset among the other n - 1 entries
-                    z = partner[k]
-                    offs[k] = np.uint32(((z >> np.uint64(32)) * m + (((z & low32) * m) >> np.uint64(32)))
-                                        >> np.uint64(32))
-                for k in range(nb):
-                    i = np.int64(slots[k])
-                    off = np.int64(offs[k])
-                    j = off + (off >= i)
-                    x, y = mags[i], mags[j]
-                    keep[i] = np.uint8((x > y) | ((x == y) & (off < i)))
-            else:
-                for k in range(nb):
-                    keep[slots[k]] = np.uint8(partner[k] >> np.uint64(63))
-            row_before, row_after = _l1_sums(d, keep, n)
-            before += row_before
-            after += row_after
-            # the bits, a byte at a time where the row starts on a byte
-            done = 0
-            if (s & 7) == 0:
-                for e in range(n >> 3):  # 8 bytes of 0/1 to one byte, the first byte's in bit 7
-                    bits[(s >> 3) + e] = np.uint8((words[e] * gather8) >> np.uint64(56))
-                done = 8 * (n >> 3)
-            for i in range(done, n):
-                q = s + i
-                bits[q >> 3] |= np.uint8(keep[i] << (7 - (q & 7)))
-        sums[0] += before
-        sums[1] += after
+                    keep[i] = np.uint8(c < lo16)
+                    in_band[i] = np.uint8((c > lo16) & (c < hi16))
+                    edge += np.int32((c == lo16) | (c == hi16))
+                if edge != 0:  # an entry whose top half is a bound's: its low half decides
+                    for i in range(n):
+                        c = top[a + i]
+                        if c == lo16 or c == hi16:
+                            u = (np.uint64(c) << np.uint64(16)) | (_random.word(fkey, g + i) >> np.uint64(48))
+                            keep[i] = np.uint8(u < lo)
+                            in_band[i] = np.uint8((u >= lo) & (u < hi))
+                nb = 0
+                for e in range((n + 7) >> 3):  # the band's columns, eight entries a step
+                    byte = (flags[e] * pack8) >> np.uint64(56)
+                    for q in range(8):
+                        slots[nb + q] = np.int32(8 * e) + table[byte, q]
+                    nb += count[byte]
+                _random.fill_words(wkey, g, partner[:nb])
+                if n > 1:
+                    for k in range(nb):  # floor(z m / 2^64): the partner's offset among the other n - 1 entries
+                        z = partner[k]
+                        offs[k] = np.uint32(((z >> np.uint64(32)) * m + (((z & low32) * m) >> np.uint64(32)))
+                                            >> np.uint64(32))
+                    for k in range(nb):
+                        i = np.int64(slots[k])
+                        off = np.int64(offs[k])
+                        j = off + (off >= i)
+                        x, y = mags[i], mags[j]
+                        keep[i] = np.uint8((x > y) | ((x == y) & (off < i)))
+                else:
+                    for k in range(nb):
+                        keep[slots[k]] = np.uint8(partner[k] >> np.uint64(63))
+                row_before, row_after = _l1_sums(d, keep, n)
+                sums[i_model, 0] += row_before
+                sums[i_model, 1] += row_after
+                # the bits, a byte at a time where the row starts on a byte
+                out = bits[i_model]
+                done = 0
+                if (s & 7) == 0:
+                    for e in range(n >> 3):  # 8 bytes of 0/1 to one byte, the first byte's in bit 7
+                        out[(s >> 3) + e] = np.uint8((words[e] * gather8) >> np.uint64(56))
+                    done = 8 * (n >> 3)
+                for i in range(done, n):
+                    q = s + i
+                    out[q >> 3] |= np.uint8(keep[i] << (7 - (q & 7)))
 
     return keep_bits
 
@@ -159,17 +162,19 @@ def available() -> bool:
     return _kernels() is not None
 
 
-def keep_bits(base: np.ndarray, model: np.ndarray, row: int, keys: tuple[int, int, int], start: int,
-              bounds: tuple[int, int], bits: np.ndarray, sums: np.ndarray) -> None:
-    """MagPrune one model over a piece of whole rows of ``row`` entries (flat
-    stored-dtype arrays, :func:`surgeon.merge.kernels._raw.raw_inputs`):
-    set the kept entries' bits in ``bits`` (uint8, zeroed, ``ceil(n / 8)``),
-    and add ``sum |d|`` and ``sum |kept d|`` (float64) to ``sums[0]`` and
-    ``sums[1]``. ``keys``: the model's coarse, fine and partner stream keys
-    (:class:`surgeon.merge.kernels.della.DellaDraws`); ``start``: the
-    piece's flat index in the tensor; ``bounds``:
+def keep_bits(base: np.ndarray, models: tuple[np.ndarray, ...], row: int, which: list[int],
+              keys: list[tuple[int, int, int]], start: int, bounds: list[tuple[int, int]], bits: np.ndarray,
+              sums: np.ndarray) -> None:
+    """MagPrune models ``which`` over a piece of whole rows of ``row`` entries (flat
+    stored-dtype arrays, :func:`surgeon.merge.kernels._raw.raw_inputs`): set model
+    ``i``'s kept entries' bits in ``bits[i]`` (uint8, zeroed, ``ceil(n / 8)`` a model),
+    and add its ``sum |d|`` and ``sum |kept d|`` (float64) to ``sums[i]``. ``keys``:
+    each pruned model's coarse, fine and partner stream keys
+    (:class:`surgeon.merge.kernels.della.DellaDraws`); ``start``: the piece's flat
+    index in the tensor; ``bounds``: each one's
     :func:`surgeon.merge.kernels.della.keep_bounds`."""
-    lo, hi = bounds
-    coarse, fine, partner = (_random.signed_key(k) for k in keys)
-    _kernels()(base, model, row, coarse, fine, partner, start,
-               np.uint64(lo), np.uint64(hi), bits, sums)
+    if not which:
+        return
+    _kernels()(base, models, row, np.array(which, np.int64),
+               np.array([[_random.signed_key(k) for k in ks] for ks in keys], np.int64), start,
+               np.array(bounds, np.uint64), bits, sums)
