@@ -342,7 +342,7 @@ class ArceeFusionKernel(Kernel):
         return True
 
     def end_pass(self, pass_no: int) -> None:
-        self.thr = outlier_threshold(torch.cat(self.parts))
+        self.thr = outlier_threshold(self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts))
         self.parts = []
         self.pos = None
 
