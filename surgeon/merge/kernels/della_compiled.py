@@ -10,10 +10,12 @@ No row is ranked. Per row:
   64-bit words, read as uint16) and decide every entry whose top half differs
   from both bounds' (all but ~2 in 65,536); the rest read their low half (the
   ``fine`` stream) in a scalar loop that runs only for rows holding one;
-- the band's columns are listed eight entries a step, branch-free (a table of
-  each byte's set bits), its words drawn in one vectorised loop (one per band
-  entry: slot ``k``'s counter is the flat index of the row's ``k``-th entry),
-  and each band entry compared with its partner.
+- the band's words are drawn in one vectorised loop (one per band entry: slot
+  ``k``'s counter is the flat index of the row's ``k``-th entry) and turned
+  into partner offsets in another; then the band's entries, found by walking
+  the set bits of 64-entry masks (one mispredicted loop exit a mask, not one
+  an entry; listing them first by a table of each byte's set bits was slower),
+  are compared with their partners, slot by slot.
 
 Exactness. The same uniforms, words, bounds and comparisons as the reference,
 so the same keep bits; the L1 norms are float64 sums of the same float32
@@ -38,9 +40,10 @@ PACK8_LSB_FIRST = 0x0102040810204080
 @compiled
 def _kernels(jit: Any) -> Any:
     """The statistic loop of a piece of whole rows."""
-    global _l1_sums  # helpers are globals, not closure cells: see _jit.py
+    global _l1_sums, _trailing_zeros  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
+    from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 
     @_jit.jit_options(fastmath={"reassoc"})
     def _l1_sums(d, keep, n):  # pragma: no cover - compiled
@@ -73,21 +76,13 @@ def _kernels(jit: Any) -> Any:
         top = hw.view(np.uint16)  # entry 4 c + q's top half is bits 16 q.. of word c: little-endian uint16 q
         partner = np.empty(n, np.uint64)  # the band slots' words
         offs = np.empty(n, np.uint32)  # and their partners' offsets
-        slots = np.empty(n + 8, np.int32)  # the band's columns, in order
         mags = np.empty(n, np.uint32)
         keep = np.zeros((n + 7) // 8 * 8, np.uint8)
         words = keep.view(np.uint64)  # keep[8 g] is the low byte of words[g]: numba's platforms are little-endian
         gather8 = np.uint64(0x8040201008040201)
-        in_band = np.zeros((n + 7) // 8 * 8, np.uint8)  # 0/1 an entry; past n stays 0
+        in_band = np.zeros((n + 63) // 64 * 64, np.uint8)  # 0/1 an entry; past n stays 0
         flags = in_band.view(np.uint64)
         pack8 = np.uint64(PACK8_LSB_FIRST)
-        table = np.zeros((256, 8), np.int32)  # byte b's set bits, lowest first
-        count = np.zeros(256, np.int64)
-        for b in range(256):
-            for q in range(8):
-                if (b >> q) & 1:
-                    table[b, count[b]] = q
-                    count[b] += 1
         low32 = np.uint64(0xFFFFFFFF)
         mag = np.uint32(0x7FFFFFFF)
         m = np.uint64(max(n - 1, 1)) & low32  # < 2^31: 32-bit products
@@ -105,6 +100,7 @@ def _kernels(jit: Any) -> Any:
                 _random.fill_words(ckey, g >> 2, hw[:(a + n + 3) >> 2])
                 ints = d.view(np.uint32)
                 edge = np.int32(0)
+                nb = 0
                 for i in range(n):
                     d[i] = d[i] - base[i]
                     mags[i] = ints[i] & mag
@@ -112,34 +108,40 @@ def _kernels(jit: Any) -> Any:
                     keep[i] = np.uint8(c < lo16)
                     in_band[i] = np.uint8((c > lo16) & (c < hi16))
                     edge += np.int32((c == lo16) | (c == hi16))
+                    nb += np.int64(in_band[i])
                 if edge != 0:  # an entry whose top half is a bound's: its low half decides
                     for i in range(n):
                         c = top[a + i]
                         if c == lo16 or c == hi16:
                             u = (np.uint64(c) << np.uint64(16)) | (_random.word(fkey, g + i) >> np.uint64(48))
                             keep[i] = np.uint8(u < lo)
+                            nb += np.int64((u >= lo) & (u < hi)) - np.int64(in_band[i])
                             in_band[i] = np.uint8((u >= lo) & (u < hi))
-                nb = 0
-                for e in range((n + 7) >> 3):  # the band's columns, eight entries a step
-                    byte = (flags[e] * pack8) >> np.uint64(56)
-                    for q in range(8):
-                        slots[nb + q] = np.int32(8 * e) + table[byte, q]
-                    nb += count[byte]
                 _random.fill_words(wkey, g, partner[:nb])
                 if n > 1:
                     for k in range(nb):  # floor(z m / 2^64): the partner's offset among the other n - 1 entries
                         z = partner[k]
                         offs[k] = np.uint32(((z >> np.uint64(32)) * m + (((z & low32) * m) >> np.uint64(32)))
                                             >> np.uint64(32))
-                    for k in range(nb):
-                        i = np.int64(slots[k])
-                        off = np.int64(offs[k])
-                        j = off + (off >= i)
-                        x, y = mags[i], mags[j]
-                        keep[i] = np.uint8((x > y) | ((x == y) & (off < i)))
+                    k = 0
+                    for e in range((n + 63) >> 6):  # the band's entries, walking 64-entry masks
+                        band = np.uint64(0)
+                        for q in range(8):
+                            band |= ((flags[8 * e + q] * pack8) >> np.uint64(56)) << np.uint64(8 * q)
+                        while band != np.uint64(0):
+                            i = 64 * e + np.int64(_trailing_zeros(band))
+                            band &= band - np.uint64(1)
+                            off = np.int64(offs[k])
+                            k += 1
+                            j = off + (off >= i)
+                            x, y = mags[i], mags[j]
+                            keep[i] = np.uint8((x > y) | ((x == y) & (off < i)))
                 else:
-                    for k in range(nb):
-                        keep[slots[k]] = np.uint8(partner[k] >> np.uint64(63))
+                    k1 = 0
+                    for i in range(n):  # rows of one entry: the word's top bit
+                        if in_band[i]:
+                            keep[i] = np.uint8(partner[k1] >> np.uint64(63))
+                            k1 += 1
                 row_before, row_after = _l1_sums(d, keep, n)
                 sums[i_model, 0] += row_before
                 sums[i_model, 1] += row_after
