@@ -146,11 +146,14 @@ def _kernels(jit: Any) -> Any:
                 out[8 * g + t] = np.float32(((byte >> (7 - t)) & 1) ^ flip)
 
     @inline
-    def _drawn(y, u, kb, dv, sc, w):  # pragma: no cover - compiled
+    def _drawn(y, u, kb, dv, sc, w, divide):  # pragma: no cover - compiled
         # one drawn model's entry as the general loops make it from y = m - b: kept where
         # u < kb, / divisor (DARE's rescale), * scale (DELLA's), * weight; a divisor or scale
-        # of 1 changes no bit
-        return (((y * (np.float32(1.0) if u < kb else np.float32(0.0))) / dv) * sc) * w
+        # of 1 changes no bit, so `divide` (a literal at each call) False skips the division
+        # where every divisor is 1 (DELLA; DARE without rescale): a division a model and entry
+        # was ~15 % of della_linear's merge pass
+        kept = y * (np.float32(1.0) if u < kb else np.float32(0.0))
+        return ((kept / dv if divide else kept) * sc) * w
 
     @inline
     def _sum3(x0, x1, x2, bj, normalize, total, lam):  # pragma: no cover - compiled
@@ -243,6 +246,7 @@ def _kernels(jit: Any) -> Any:
                     divisor[i] = dens[i] if rescale else one
                 if drawing and kinds[i] == 3:
                     scale3[i] = scales[i]
+        divides = divisor[0] != one or divisor[1] != one or divisor[2] != one
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
@@ -274,19 +278,34 @@ def _kernels(jit: Any) -> Any:
                     sc0 = scale3[0]
                     sc1 = scale3[1]
                     sc2 = scale3[2]
-                    if mode == 2:  # no consensus: the weighted sum (dare_linear, della_linear)
+                    if mode == 2 and divides:  # no consensus: the weighted sum (dare_linear, della_linear)
                         for j in range(k):
                             bj = b[j]
-                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0)
-                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1)
-                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2)
+                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0, True)
+                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1, True)
+                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2, True)
                             res[j] = _sum3(x0, x1, x2, bj, normalize, total, lam)
+                    elif mode == 2:
+                        for j in range(k):
+                            bj = b[j]
+                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0, False)
+                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1, False)
+                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2, False)
+                            res[j] = _sum3(x0, x1, x2, bj, normalize, total, lam)
+                    elif divides:
+                        for j in range(k):
+                            bj = b[j]
+                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0, True)
+                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1, True)
+                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2, True)
+                            res[j] = _consensus3(x0, x1, x2, w0, w1, w2, bj, by_count, zs, normalize, positive_weights,
+                                                 lam)
                     else:
                         for j in range(k):
                             bj = b[j]
-                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0)
-                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1)
-                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2)
+                            x0 = _drawn(m0[j] - bj, u0[j], kb0, dv0, sc0, w0, False)
+                            x1 = _drawn(m1[j] - bj, u1[j], kb1, dv1, sc1, w1, False)
+                            x2 = _drawn(m2[j] - bj, u2[j], kb2, dv2, sc2, w2, False)
                             res[j] = _consensus3(x0, x1, x2, w0, w1, w2, bj, by_count, zs, normalize, positive_weights,
                                                  lam)
                 else:
