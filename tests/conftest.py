@@ -64,6 +64,16 @@ def build_tiny_llama(folder: Path, *, seed: int = 0, layers: int = 2, hidden: in
     return folder
 
 
+def splitmix64(key: int, i: int) -> int:
+    """SplitMix64's output for counter ``i`` under ``key``, by hand in Python integers (the
+    reference for surgeon.merge.rng's streams)."""
+    m = (1 << 64) - 1
+    z = (key + i * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
 def models_section(models: dict[str, Path]) -> str:
     """A recipe's ``models:`` block naming each model of a family (``base``, ``ft1``, ...) by its folder."""
     return "models:\n" + "".join(f"  {name}: {path}\n" for name, path in models.items())

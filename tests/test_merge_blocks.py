@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import surgeon
-from conftest import models_section
+from conftest import models_section, splitmix64
 from surgeon.io import Checkpoint
 from surgeon.io.writer import CheckpointWriter, TensorSpec
 from surgeon.merge import build_merge
@@ -362,18 +362,14 @@ def test_compiled_collect_counts_past_its_capacity_and_keeps_the_first_entries()
 def test_counter_uniform_compiled_equals_torch_ops_and_splitmix64() -> None:
     from surgeon.merge.rng import uniform_stream
 
-    def splitmix64(key: int, i: int) -> float:  # the published algorithm, in Python integers
-        m = (1 << 64) - 1
-        z = (key + (i >> 1) * 0x9E3779B97F4A7C15) & m
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-        z ^= z >> 31
-        return ((z >> 40) if i % 2 == 0 else ((z >> 8) & 0xFFFFFF)) / 2 ** 24  # two numbers per output
+    def uniform(key: int, i: int) -> float:  # two numbers per SplitMix64 output
+        z = splitmix64(key, i >> 1)
+        return ((z >> 40) if i % 2 == 0 else ((z >> 8) & 0xFFFFFF)) / 2 ** 24
 
     key = 0xDEADBEEFCAFEF00D   # a key above 2^63
     for start in ((1 << 40) - 3, (1 << 40) - 2):  # counters past 2^32; odd and even first entries
         ops = uniform_stream(key, start, 5001, compiled=False)
-        assert ops.tolist()[:50] + ops.tolist()[-3:] == [splitmix64(key, start + i) for i in [*range(50), 4998, 4999, 5000]]
+        assert ops.tolist()[:50] + ops.tolist()[-3:] == [uniform(key, start + i) for i in [*range(50), 4998, 4999, 5000]]
         if __import__("surgeon.merge.kernels._jit", fromlist=["x"]).numba_module() is not None:
             assert torch.equal(uniform_stream(key, start, 5001), ops)
             assert torch.equal(uniform_stream(key, start + 1, 5000), ops[1:])  # any slice of the stream
@@ -389,13 +385,6 @@ def test_word_stream_is_splitmix64_in_torch_and_compiled_loops() -> None:
     in a compiled loop."""
     from surgeon.merge import rng
     from surgeon.merge.kernels._jit import numba_module
-
-    def splitmix64(key: int, i: int) -> int:
-        m = (1 << 64) - 1
-        z = (key + i * 0x9E3779B97F4A7C15) & m
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-        return z ^ (z >> 31)
 
     key, start = 0xDEADBEEFCAFEF00D, (1 << 40) - 3
     want = [splitmix64(key, start + i) for i in range(64)]

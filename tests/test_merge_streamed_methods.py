@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import surgeon
-from conftest import models_section
+from conftest import models_section, splitmix64
 from surgeon.merge import build_merge
 from surgeon.merge.kernels import base as kbase
 from surgeon.merge.kernels.arcee_fusion import SAMPLE_SIZE, ArceeFusionKernel
@@ -351,15 +351,6 @@ def _compiled_keep(base: torch.Tensor, model: torch.Tensor, draws, start: int,
     return torch.from_numpy(np.unpackbits(bits[0], count=base.numel()).astype(bool)).reshape(base.shape), sums[0]
 
 
-def _splitmix64(key: int, i: int) -> int:
-    """SplitMix64's output for counter ``i`` under ``key``, in Python integers."""
-    m = (1 << 64) - 1
-    z = (key + i * 0x9E3779B97F4A7C15) & m
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return z ^ (z >> 31)
-
-
 @pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "tie_groups", "zeros_and_odd", "wide_range",
                                   "non_finite", "width_one"])
 @pytest.mark.parametrize("start_row", [0, 3])
@@ -408,8 +399,8 @@ def test_della_draws_are_the_documented_splitmix_streams() -> None:
     start, n_rows, n = 3 * 21, 4, 21  # rows starting mid-word of the coarse stream
     u = draws.uniforms(start, n_rows * n)
     for j in range(start, start + n_rows * n):
-        top = (_splitmix64(draws.coarse, j // 4) >> (16 * (j % 4))) & 0xFFFF
-        low = _splitmix64(draws.fine, j) >> 48
+        top = (splitmix64(draws.coarse, j // 4) >> (16 * (j % 4))) & 0xFFFF
+        low = splitmix64(draws.fine, j) >> 48
         assert int(u[j - start]) == (top << 16) | low
     density, eps = 0.45, 0.3
     lo, hi = keep_bounds(density, eps)
@@ -428,7 +419,7 @@ def test_della_draws_are_the_documented_splitmix_streams() -> None:
             elif v >= hi:
                 assert not keep[r, c]
             else:
-                word = _splitmix64(draws.partner, start + r * n + k)
+                word = splitmix64(draws.partner, start + r * n + k)
                 off = (word * (n - 1)) >> 64
                 partner = off + (off >= c)
                 assert bool(keep[r, c]) == bool(mags[r, c] > mags[r, partner])  # distinct magnitudes
