@@ -136,20 +136,18 @@ def _kernels(jit: Any) -> Any:
         return (mx * sg) * lam + bj
 
     @inline
-    def _keep_floats(bits, s, k, out, flip, spread):  # pragma: no cover - compiled
+    def _keep_floats(bits, s, k, out, flip, spread, spread_of):  # pragma: no cover - compiled
         # out[:k] = the keep bits of a chunk's entries s... (piece-local, msb first) as floats,
-        # each bit xor flip (flip 1: 0 where kept). Each byte is spread to eight 0/1 bytes in
-        # one 64-bit word (replicated, each byte masked to its own bit, that bit carried to the
-        # byte's top and shifted down; `spread`: uint64 scratch of _CH / 8 words), then widened
-        # to floats in a vector loop: half the time of eight shifts a byte (a chunk starts on a
-        # byte: _CH % 8 == 0)
-        flags = spread.view(np.uint8)
+        # each bit xor flip (flip 1: 0 where kept): each byte (xor 0xFF for flip) looked up in
+        # `spread_of` (the 256 bytes' eight 0/1 bytes as one word) into `spread` (uint64
+        # scratch of _CH / 8 words), then widened in a vector loop (a chunk starts on a byte:
+        # _CH % 8 == 0)
+        mask = np.uint8(0xFF) if flip else np.uint8(0)
         for g in range((k + 7) >> 3):
-            x = (np.uint64(bits[(s >> 3) + g]) * np.uint64(0x0101010101010101)) & np.uint64(0x0102040810204080)
-            spread[g] = ((x + np.uint64(0x7F7F7F7F7F7F7F7F)) & np.uint64(0x8080808080808080)) >> np.uint64(7)
-        f = np.uint8(flip)
+            spread[g] = spread_of[bits[(s >> 3) + g] ^ mask]
+        flags = spread.view(np.uint8)
         for j in range(k):
-            out[j] = np.float32(flags[j] ^ f)
+            out[j] = np.float32(flags[j])
 
     @inline
     def _drawn(y, u, kb, dv, sc, w, divide):  # pragma: no cover - compiled
@@ -224,6 +222,10 @@ def _kernels(jit: Any) -> Any:
         div = np.empty(_CH, np.float32)
         chk = np.zeros(_CH, np.float32)  # the output check (_raw.store_checked)
         spread = np.empty(_CH // 8, np.uint64)  # DELLA: a chunk's keep bits, a byte an entry
+        spread_of = np.zeros(256, np.uint64)  # byte b's bits, msb first, as eight 0/1 bytes
+        for v in range(256):
+            for t in range(8):
+                spread_of[v] |= np.uint64((v >> (7 - t)) & 1) << np.uint64(8 * t)
         no_cut = np.zeros(2, np.float32)  # the band's brackets where there are none
         no_count = np.zeros(2, np.int64)
         zero = np.float32(0.0)
@@ -272,7 +274,7 @@ def _kernels(jit: Any) -> Any:
                         if kinds[i] == 2:
                             _random.fill_uniform(keys[i], start + s, u3[i, :k])
                         elif kinds[i] == 3:  # the keep bits as 0 (kept) or 1
-                            _keep_floats(masks[i], s, k, u3[i], 1, spread)
+                            _keep_floats(masks[i], s, k, u3[i], 1, spread, spread_of)
                     u0 = u3[0]
                     u1 = u3[1]
                     u2 = u3[2]
@@ -345,7 +347,7 @@ def _kernels(jit: Any) -> Any:
                             row[j] = zero
                     elif kinds[i] == 3:  # DELLA: the statistic pass's keep bits (piece-local, msb first), scaled
                         sc = scales[i]
-                        _keep_floats(masks[i], s, k, u, 0, spread)
+                        _keep_floats(masks[i], s, k, u, 0, spread, spread_of)
                         for j in range(k):
                             row[j] = ((m[j] - b[j]) * u[j]) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
