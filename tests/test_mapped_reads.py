@@ -51,6 +51,26 @@ def test_mapped_rows_are_the_rows_get_rows_reads(ckpt) -> None:
         ck.map_rows("big", 4000, 4097)
 
 
+def test_row_bytes_are_the_rows_get_rows_reads(ckpt) -> None:
+    """read_row_bytes: the stored bytes of the rows (one pread), for plain files only."""
+    folder, tensors = ckpt
+    ck = Checkpoint.open(folder)
+    for name, (a, b) in [("big", (0, 4096)), ("big", (17, 19)), ("small", (2, 5)), ("small", (0, 0))]:
+        got = ck.read_row_bytes(name, a, b)
+        want = ck.get_rows(name, a, b)
+        assert got == want.reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert torch.equal(torch.frombuffer(bytearray(got), dtype=want.dtype).reshape(want.shape)
+                           if got else want, tensors[name][a:b])
+    with pytest.raises(Exception, match="out of range"):
+        ck.read_row_bytes("big", 4000, 4097)
+
+    class Adapted(Checkpoint):  # a reader with its own rows: no raw bytes
+        def get_rows(self, name, start, stop, pin=False, out=None):
+            return super().get_rows(name, start, stop) * 2
+
+    assert Adapted(ck.path, {n: ck.info(n) for n in ck.names}, None).read_row_bytes("big", 0, 2) is None
+
+
 def test_a_view_outlives_its_checkpoint(ckpt) -> None:
     """Closing the checkpoint drops its reference to the mapping, never the mapping under a live view."""
     folder, tensors = ckpt
@@ -77,6 +97,7 @@ def test_readers_that_are_not_plain_files_are_not_mapped(ckpt) -> None:
     t, release = view.map_rows("renamed", 3, 9)
     assert torch.equal(t, tensors["big"][3:9])
     release()
+    assert view.read_row_bytes("renamed", 3, 9) == ck.read_row_bytes("big", 3, 9)
 
 
 def test_released_pages_leave_the_resident_set(ckpt) -> None:

@@ -74,6 +74,9 @@ class SliceView(Checkpoint):
     def map_rows(self, name: str, start: int, stop: int) -> Any:
         return self.source.map_rows(self.name_map[name], start, stop)
 
+    def read_row_bytes(self, name: str, start: int, stop: int) -> Any:
+        return self.source.read_row_bytes(self.name_map[name], start, stop)
+
     def close(self) -> None:  # the source's files belong to the source
         pass
 

@@ -107,43 +107,35 @@ def _widen(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-class _Rows:
-    """Rows ``[start, stop)`` of one tensor of a checkpoint, handed out span by span as
-    flat float32 numpy arrays. Where the checkpoint can view the rows in the page cache
-    (:meth:`surgeon.io.checkpoint.Checkpoint.map_rows`, pages mapped as read) each span
-    is a slice of that one view; else each span is read with ``get_rows``. Per span,
-    torch's per-call cost (~5-10 us an op on the development VM, a dozen ops a read)
-    was most of the change map's time: ~0.3-0.45 ms a span, 2.5k spans a 1.1B TIES run."""
+#: stored dtypes :class:`_Rows` reads as raw bytes (bfloat16 as its uint16 patterns, for :func:`_widen`)
+_RAW_DTYPES = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}
 
-    def __init__(self, ck: Any, name: str, shape: tuple[int, ...], start: int, stop: int):
-        self.ck, self.name, self.shape, self.start = ck, name, shape, start
+
+class _Rows:
+    """Rows of one tensor of a checkpoint, handed out span by span as flat float32 numpy
+    arrays. Where the checkpoint reads plain files
+    (:meth:`surgeon.io.checkpoint.Checkpoint.read_row_bytes`) each span is one ``pread``
+    of its bytes; else it is read with ``get_rows``. A span is a few KB: torch's per-call
+    cost (~5-10 us an op on the development VM, a dozen ops a read) and, for a view of the
+    page cache, the faults (a whole large folio, up to 2 MB, mapped at a touch) and the
+    page-table teardown after it (~35 us a span) cost more than the copy (~3 us): 10k spans
+    of four checkpoints a 1.1B merge."""
+
+    def __init__(self, ck: Any, name: str, shape: tuple[int, ...]):
+        self.ck, self.name, self.shape = ck, name, shape
         self.cols = _row_size(shape)
-        self.raw: np.ndarray | None = None
-        self.release: Any = None
-        map_rows = getattr(ck, "map_rows", None)
-        if shape and map_rows is not None and stop > start:
-            mapped = map_rows(name, start, stop)
-            if mapped is not None:
-                view, self.release = mapped
-                self.raw = _raw_numpy(view.reshape(-1))
+        read = getattr(ck, "read_row_bytes", None)
+        dtype = _RAW_DTYPES.get(ck.info(name).dtype) if shape and read is not None else None
+        self.raw_dtype = dtype
 
     def span(self, s: int, e: int) -> np.ndarray:
-        """Rows ``[s, e)`` (inside this object's rows), flat float32."""
-        if self.raw is not None:
-            a, b = (s - self.start) * self.cols, (e - self.start) * self.cols
-            rows = _widen(self.raw[a:b])  # a copy
-            # reading a few KB of a file cached in large folios maps whole folios (up to 2 MB, some
-            # of them past the tensor): each span's go back as soon as it is read (+0.1 GB peak RSS
-            # on a 1.1B TIES run when the tensor's range was dropped once at the end)
-            size = self.raw.itemsize
-            self.release(a * size, b * size)
-            return rows
+        """Rows ``[s, e)``, flat float32 (a copy)."""
+        if self.raw_dtype is not None:
+            data = self.ck.read_row_bytes(self.name, s, e)
+            if data is not None:
+                return _widen(np.frombuffer(data, dtype=self.raw_dtype))
+            self.raw_dtype = None
         return _flat_f32(self.ck.get_rows(self.name, s, e) if self.shape else self.ck.get(self.name))
-
-    def close(self) -> None:
-        if self.release is not None:
-            self.release()
-            self.release = None
 
 
 def _flat_f32(t: torch.Tensor) -> np.ndarray:
@@ -271,9 +263,9 @@ class ChangeMapSampler:
         return _Span(float(np.square(d).sum()), float(np.square(r).sum()),
                      conflicts, entries, ref.size)
 
-    def _sources(self, name: str, shape: tuple[int, ...], start: int, stop: int, use: list[Any]) -> list[_Rows]:
-        """Rows ``[start, stop)`` of the reference and of ``use`` (:meth:`_comparable`)."""
-        return [_Rows(ck, name, shape, start, stop) for ck in [self.reference, *use]]
+    def _sources(self, name: str, shape: tuple[int, ...], use: list[Any]) -> list[_Rows]:
+        """The rows of tensor ``name`` in the reference and in ``use`` (:meth:`_comparable`)."""
+        return [_Rows(ck, name, shape) for ck in [self.reference, *use]]
 
     def rows_written(self, name: str, shape: tuple[int, ...], start: int, rows: torch.Tensor) -> None:
         """Rows ``[start, start + len(rows))`` of output tensor ``name`` (of ``shape``) were written."""
@@ -307,16 +299,12 @@ class ChangeMapSampler:
                     ready.append((s, e, _widen(raw[a:b]) if raw is not None else _flat_f32(flat[a:b])))
                 if not ready:
                     return
-                sources = self._sources(name, shape, ready[0][0], ready[-1][1], use)
-                try:
-                    for s, e, part in ready:
-                        fresh = (s, e) not in done
-                        done[(s, e)] = self._compare(s, e, part, sources)
-                        if fresh and self._pending > 0:
-                            self._pending -= 1
-                finally:
-                    for src in sources:
-                        src.close()
+                sources = self._sources(name, shape, use)
+                for s, e, part in ready:
+                    fresh = (s, e) not in done
+                    done[(s, e)] = self._compare(s, e, part, sources)
+                    if fresh and self._pending > 0:
+                        self._pending -= 1
                 if self._pending == 0 and self._early is None:  # every planned span is in: draw now
                     self._early = threading.Thread(target=self._draw_early, name="surgeon-changemap", daemon=True)
                     self._early.start()
@@ -356,15 +344,10 @@ class ChangeMapSampler:
             cell.total += output.info(name).numel
             spans = _tensor_spans(shape)
             missed = [se for se in spans if se not in done]
-            if missed:  # rows the sampler did not see: read them, each checkpoint viewed once
-                lo, hi = missed[0][0], missed[-1][1]
-                sources = [_Rows(output, name, shape, lo, hi), *self._sources(name, shape, lo, hi, use)]
-                try:
-                    done = {**done, **{(s, e): self._compare(s, e, sources[0].span(s, e), sources[1:])
-                                       for s, e in missed}}
-                finally:
-                    for src in sources:
-                        src.close()
+            if missed:  # rows the sampler did not see: read them
+                sources = [_Rows(output, name, shape), *self._sources(name, shape, use)]
+                done = {**done, **{(s, e): self._compare(s, e, sources[0].span(s, e), sources[1:])
+                                   for s, e in missed}}
             for s, e in spans:  # one order, however the rows came
                 span = done[(s, e)]
                 cell.delta_sq += span.delta_sq

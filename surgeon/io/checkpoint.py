@@ -218,6 +218,13 @@ class Checkpoint:
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         return info.offset + start * row_bytes, (stop - start) * row_bytes, shape
 
+    def _plain_reads(self) -> bool:
+        """Whether a tensor's bytes are read straight from its file (not pickled weights, not a
+        reader that overrides how bytes are read): what :meth:`map_rows` and
+        :meth:`read_row_bytes` need."""
+        return (self._pickled is None and type(self).get is Checkpoint.get
+                and type(self).get_rows is Checkpoint.get_rows and type(self)._read_bytes is Checkpoint._read_bytes)
+
     def map_rows(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, Release] | None:
         """Rows ``[start, stop)`` as :meth:`get_rows` gives them, but viewing
         the file's cached pages instead of a copy (:mod:`surgeon.io.mapped`),
@@ -228,8 +235,7 @@ class Checkpoint:
         overrides how bytes are read, a range a mapping cannot serve): read
         with :meth:`get_rows` then."""
         info = self.info(name)
-        if (self._pickled is not None or type(self).get is not Checkpoint.get
-                or type(self).get_rows is not Checkpoint.get_rows or type(self)._read_bytes is not Checkpoint._read_bytes):
+        if not self._plain_reads():
             return None
         offset, nbytes, shape = self._row_bytes(info, start, stop)
         mapped = self._maps.view(info.file, self._fd(info), offset, nbytes, info.dtype.itemsize)
@@ -237,6 +243,30 @@ class Checkpoint:
             return None
         t, release = mapped
         return t.view(info.dtype).reshape(shape), release
+
+    def read_row_bytes(self, name: str, start: int, stop: int) -> bytes | None:
+        """Rows ``[start, stop)`` of a tensor as their stored bytes (row-major, the
+        header's dtype), read with ``pread`` into a bytes object: for small reads (a few
+        KB) where a torch buffer's per-call cost or a mapping's faults and page-table
+        teardown would cost more than the copy. None where :meth:`map_rows` would
+        be None too (pickled weights, a reader that overrides how bytes are read)."""
+        info = self.info(name)
+        if not self._plain_reads():
+            return None
+        offset, nbytes, _ = self._row_bytes(info, start, stop)
+        fd = self._fd(info)
+        parts: list[bytes] = []
+        done = 0
+        while done < nbytes:
+            try:
+                part = os.pread(fd, nbytes - done, offset + done)
+            except OSError as exc:
+                raise CheckpointError(f"{info.file}: reading tensor {info.name!r} failed ({exc.strerror or exc})") from None
+            if not part:
+                raise CheckpointError(f"{info.file}: file ended while reading tensor {info.name!r} (truncated?)")
+            parts.append(part)
+            done += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fd(self, info: TensorInfo) -> int:
         with self._fds_lock:
