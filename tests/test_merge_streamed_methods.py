@@ -384,6 +384,32 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
     assert sums[1] == pytest.approx(float((d * want).abs().sum(dtype=torch.float64)), rel=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_della_compiled_sums_keep_the_references_non_finite_semantics(seed: int) -> None:
+    """The kept sum is the reference's ``sum |d * keep|``: an infinite entry kept makes it
+    inf, one dropped makes it NaN (inf * 0); rows whose entries are all finite sum the same
+    as a masked add, which the loop uses there."""
+    from surgeon.merge.kernels import della_compiled
+    from surgeon.merge.kernels.della import DellaDraws, magprune_keep
+
+    if not della_compiled.available():
+        pytest.skip("numba is off")
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(4, 64, generator=g)
+    d[2, int(torch.randint(64, (1,), generator=g))] = float("inf")
+    base = torch.zeros_like(d)
+    draws = DellaDraws.of(seed, "t", 0)
+    want = magprune_keep(d, 0.4, 0.2, draws, 0)
+    got, sums = _compiled_keep(base, d.clone(), draws, 0, 0.4, 0.2)
+    assert torch.equal(got, want)
+    kept_inf = bool(want[d.isinf()].all())
+    assert sums[0] == float("inf")
+    assert (sums[1] == float("inf")) if kept_inf else np.isnan(sums[1])
+    finite = d[[0, 1, 3]]
+    got_f, sums_f = _compiled_keep(torch.zeros_like(finite), finite.clone(), draws, 0, 0.4, 0.2)
+    assert sums_f[1] == pytest.approx(float((finite * got_f).abs().sum(dtype=torch.float64)), rel=1e-12)
+
+
 def test_della_draws_are_the_documented_splitmix_streams() -> None:
     """By hand in Python integers: entry ``j``'s uniform is bits ``16 (j mod 4)..`` of
     SplitMix64's output for counter ``j // 4`` under the coarse key (its top half) and the

@@ -49,14 +49,21 @@ def _kernels(jit: Any) -> Any:
     def _l1_sums(d, keep, n):  # pragma: no cover - compiled
         # (sum |d|, sum |d kept|) in float64; reassociation lets the sums run in vector
         # lanes (the reference is torch's whole-tensor float64 sum: no order to keep). The
-        # kept magnitude is |d| times keep as a float (0 or 1), as the reference's |d * keep|:
-        # a dropped inf or NaN makes the sum NaN there too
+        # reference's kept magnitude is |d * keep|, so a dropped inf or NaN makes its sum NaN:
+        # where the row's |d| are all finite (its sum is), a masked add is the same sum (x * 1
+        # = x, x * 0 = +0 for finite x >= 0) at ~0.08 ns an entry less than the product (a
+        # byte widened to float64 and a multiply); otherwise the row's is summed again as
+        # the product
         before = 0.0
         after = 0.0
         for i in range(n):
             x = abs(np.float64(d[i]))
             before += x
-            after += x * np.float64(keep[i])
+            after += x if keep[i] else 0.0
+        if not before < np.inf:  # an inf or NaN in the row
+            after = 0.0
+            for i in range(n):
+                after += abs(np.float64(d[i])) * np.float64(keep[i])
         return before, after
 
     @jit
