@@ -339,26 +339,32 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
 
 
 def _compiled_keep(base: torch.Tensor, model: torch.Tensor, draws, start: int,
-                   density: float, eps: float) -> tuple[torch.Tensor, np.ndarray]:
-    """The compiled statistic loop's keep mask (shaped like ``base``) and L1 sums."""
+                   density: float, eps: float, gathers: bool | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """The compiled statistic loop's keep mask (shaped like ``base``) and L1 sums (``gathers``:
+    the band decided by della_vector's 16-lane operations or by the scalar walk; None: the
+    host's preference)."""
     from surgeon.merge.kernels import della_compiled
     from surgeon.merge.kernels.della import keep_bounds
 
     bits = np.zeros((1, (base.numel() + 7) // 8), dtype=np.uint8)
     sums = np.zeros((1, 2))
     della_compiled.keep_bits(base.reshape(-1).numpy(), (model.reshape(-1).numpy(),), base.shape[-1], [0],
-                             [(draws.coarse, draws.fine, draws.partner)], start, [keep_bounds(density, eps)], bits, sums)
+                             [(draws.coarse, draws.fine, draws.partner)], start, [keep_bounds(density, eps)], bits, sums,
+                             gathers)
     return torch.from_numpy(np.unpackbits(bits[0], count=base.numel()).astype(bool)).reshape(base.shape), sums[0]
 
 
 @pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "tie_groups", "zeros_and_odd", "wide_range",
                                   "non_finite", "width_one"])
 @pytest.mark.parametrize("start_row", [0, 3])
-def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int) -> None:
+@pytest.mark.parametrize("gathers", [False, True], ids=["walk", "gathers"])
+def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int, gathers: bool) -> None:
     """The compiled statistic loop keeps exactly the entries MagPrune's reference
     keeps (the same uniforms, words and comparisons), wherever the piece starts
     (rows of 13 from row 3: mid-word in the four-entry hashes), and its L1 sums equal
-    torch's to float64 rounding."""
+    torch's to float64 rounding; with the band decided by the scalar walk or by 16-lane
+    compress-stores and gathers (della_vector: vector instructions with AVX-512, LLVM's
+    scalar expansion elsewhere: both run on every machine)."""
     from surgeon.merge.kernels import della_compiled
     from surgeon.merge.kernels.della import DellaDraws, magprune_keep
 
@@ -374,7 +380,7 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
     draws = DellaDraws.of(5, "t", 0)
     start = start_row * n
     want = magprune_keep(d, density, eps, draws, start)
-    got, sums = _compiled_keep(base, model, draws, start, density, eps)
+    got, sums = _compiled_keep(base, model, draws, start, density, eps, gathers)
     assert torch.equal(got, want)
     assert 0 < int(want.sum()) < want.numel()
     if kind == "non_finite":

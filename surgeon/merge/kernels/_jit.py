@@ -47,6 +47,7 @@ KERNEL_SOURCES: tuple[Path, ...] = (
     _MERGE / "kernels" / "widen_compiled.py",
     _MERGE / "kernels" / "sce_compiled.py",
     _MERGE / "kernels" / "della_compiled.py",
+    _MERGE / "kernels" / "della_vector.py",
     _MERGE / "kernels" / "model_stock_compiled.py",
     _MERGE / "kernels" / "ram_compiled.py",
     _MERGE / "kernels" / "gram_compiled.py",
