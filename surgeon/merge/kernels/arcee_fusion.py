@@ -147,9 +147,9 @@ def _kernels(jit: Any) -> Any:
             _raw.load(src[s:e], dst[s:e])
 
     @jit
-    def importance_at(b, m, cols, kl, at, out):  # pragma: no cover - compiled
-        # out[t] = |m - b| * kl[row] at flat position at[t] (ascending; at is None: position t)
-        # of float32 rows of `cols` entries: the same float32 operations as torch's
+    def importance_at(b, m, cols, kl, at, origin, out):  # pragma: no cover - compiled
+        # out[t] = |m - b| * kl[row] at flat position at[t] - origin (ascending; at is None:
+        # position t) of float32 rows of `cols` entries: the same float32 operations as torch's
         # (m - b).abs_().mul_(kl) on those entries, so the same bits
         if at is None:
             for r in range(out.shape[0] // cols):
@@ -160,7 +160,7 @@ def _kernels(jit: Any) -> Any:
         row = 0
         end = cols  # the end of row `row`: ascending positions move it forward
         for t in range(out.shape[0]):
-            q = at[t]
+            q = at[t] - origin
             while q >= end:
                 row += 1
                 end += cols
@@ -332,10 +332,10 @@ class ArceeFusionKernel(Kernel):
             count = hi - lo
             if pos is not None:
                 end = first + done + int(np.searchsorted(pos[first + done:last], piece.start + hi))
-                at = pos[first + done:end] - (piece.start + lo)
+                at = pos[first + done:end]  # the block's entries at[t] - (piece.start + lo)
                 count = end - first - done
             if count:
-                loops.importance_at(flat[0], flat[1], self.cols, kl, at, imp[done:done + count])
+                loops.importance_at(flat[0], flat[1], self.cols, kl, at, piece.start + lo, imp[done:done + count])
             done += count
         if imp.shape[0]:
             self.parts.append(torch.from_numpy(imp))
