@@ -44,6 +44,14 @@ log = logging.getLogger("surgeon")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 
+#: merged results that may wait for the writer thread before the engine stops handing out work.
+#: Each holds one output piece (at most the piece size, 32 MiB by default), so this bounds the
+#: extra memory whatever the model. A shared disk's writes slow down now and then (right after
+#: another process wrote and deleted a checkpoint, a 1.1B DELLA merge waited on them: 2 results
+#: 6.0-6.1 s wall, 8 results 5.7-5.9, alternating runs); more room absorbs that, and in a quiet
+#: hour changes nothing (the same times and peak RSS for 2, 4 and 8).
+WRITE_QUEUE_DEPTH = 6
+
 
 @dataclass
 class TensorTask:
@@ -85,7 +93,8 @@ class MergePlan:
         """Estimated working memory of the merge (the interpreter and torch, ~0.35 GB, come on top).
 
         Block-wise methods: a piece of every input for each read queued
-        (``prefetch`` + 1) and each compute thread, three output pieces, and
+        (``prefetch`` + 1) and each compute thread, the output pieces waiting for the writer
+        (:data:`WRITE_QUEUE_DEPTH`) and the one being written, and
         the float32 blocks — independent of the model's size. Whole-tensor
         methods: the largest tensor's float32 inputs, ~3 working copies, and
         the read-ahead.
@@ -96,7 +105,7 @@ class MergePlan:
             piece = min(largest_numel * 2, piece_bytes)  # bf16-sized; float32 inputs make pieces of half the rows
             queued = min(prefetch + 1, 1 + prefetch_bytes // max(1, n_in * piece))
             blocks = workers * (n_in + 8) * (1 << 18) * 4
-            return n_in * piece * (queued + workers) + 3 * piece + blocks
+            return n_in * piece * (queued + workers) + (WRITE_QUEUE_DEPTH + 1) * piece + blocks
         largest = largest_numel * 4
         return largest * (n_in + 3) + min(prefetch_bytes, largest * n_in * prefetch)
 
@@ -381,6 +390,8 @@ def _raise_nonfinite(plan: MergePlan, inputs: dict[str, Any], task: TensorTask, 
                     "(check the inputs and parameters; --allow-nonfinite writes it anyway)")
 
 
+
+
 class _BackgroundWriter:
     """Writes merged tensors on one background thread while the next is computed.
 
@@ -388,7 +399,8 @@ class _BackgroundWriter:
     in the merging thread at the next ``put`` or when the block ends.
     """
 
-    def __init__(self, writer: CheckpointWriter, progress: Callable[[int], None] | None, depth: int = 2):
+    def __init__(self, writer: CheckpointWriter, progress: Callable[[int], None] | None,
+                 depth: int = WRITE_QUEUE_DEPTH):
         self.writer, self.progress = writer, progress
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgeon-write")
         self.pending: deque[Future] = deque()
