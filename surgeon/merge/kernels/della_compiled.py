@@ -76,8 +76,9 @@ def _kernels(jit: Any) -> Any:
         # which: the models to prune; keys[t]: model which[t]'s coarse, fine and partner
         # streams; start: the piece's flat index in the tensor (a row's start); bounds[t]: its
         # L, H (uint64, <= 2^32); bits[i]: model i's, uint8, zeroed, one bit per entry (msb
-        # first); sums[i, 0] += sum |d|, sums[i, 1] += sum |kept d|. Row by row, every model
-        # in turn: the base row is widened once and stays in L1.
+        # first); sums[i, 0] += sum |d|, sums[i, 1] += sum |kept d|; gathers: the band by
+        # della_vector (else the walk). Row by row, every model in turn: the base row is
+        # widened once and stays in L1.
         # Choices are branch-free where the data is random: a mispredicted branch an entry
         # cost more than all the arithmetic.
         rows = b_all.shape[0] // n
@@ -204,7 +205,10 @@ def keep_bits(base: np.ndarray, models: tuple[np.ndarray, ...], row: int, which:
     each pruned model's coarse, fine and partner stream keys
     (:class:`surgeon.merge.kernels.della.DellaDraws`); ``start``: the piece's flat
     index in the tensor; ``bounds``: each one's
-    :func:`surgeon.merge.kernels.della.keep_bounds`."""
+    :func:`surgeon.merge.kernels.della.keep_bounds`; ``gathers``: decide each row's band
+    by :mod:`surgeon.merge.kernels.della_vector`'s 16-lane operations (True) or by the
+    scalar walk (False), the same bits either way (None: where the CPU runs them as
+    vector instructions, :func:`~surgeon.merge.kernels.della_vector.preferred`)."""
     if not which:
         return
     _kernels()(base, models, row, np.array(which, np.int64),
