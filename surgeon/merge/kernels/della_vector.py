@@ -49,17 +49,25 @@ def band_compare16(mags: np.ndarray, idx: np.ndarray, offs: np.ndarray, bm: np.n
     raise NotImplementedError("band_compare16 is only callable from compiled loops")
 
 
+def llvm_opaque_pointers() -> bool:
+    """Whether numba's LLVM has only opaque pointers (LLVM 17 on)."""
+    from llvmlite import binding
+
+    return tuple(binding.llvm_version_info) >= (17,)
+
+
 @lru_cache(maxsize=1)
 def preferred() -> bool:
     """Whether the host CPU runs the intrinsics as vector instructions (AVX-512F: numba
-    compiles for the host); else the statistic loop keeps its scalar walk."""
+    compiles for the host, with an LLVM that takes the gather intrinsic); else the
+    statistic loop keeps its scalar walk."""
     nb = _numba()
     if nb is None:
         return False
     try:
         from llvmlite import binding
 
-        return bool(binding.get_host_cpu_features().get("avx512f", False))
+        return llvm_opaque_pointers() and bool(binding.get_host_cpu_features().get("avx512f", False))
     except Exception:  # noqa: BLE001 - a feature query that fails means: do not rely on it
         return False
 
@@ -75,6 +83,10 @@ def register() -> bool:
     from numba.core import cgutils
     from numba.extending import intrinsic, overload
 
+    # LLVM 17 on has only opaque pointers: the gather's name is ``...v16p0``; before, the name
+    # spells the pointee type (and depends on how llvmlite emits pointers), so older LLVMs get
+    # sixteen loads instead, which :func:`preferred` does not choose
+    opaque = llvm_opaque_pointers()
     i1, i8, i16, i32, i64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
     v1, v8, v32, v64 = (ir.VectorType(t, LANES) for t in (i1, i8, i32, i64))
 
@@ -132,8 +144,14 @@ def register() -> bool:
             row = builder.ptrtoint(at(context, builder, mt, mags_, context.get_constant(types.intp, 0), v32), i64)
             addrs = builder.add(splat(builder, row, v64), builder.shl(builder.zext(j, v64), ir.Constant(v64, [2] * LANES)))
             ptrs = builder.inttoptr(addrs, ir.VectorType(i32.as_pointer(), LANES))
-            gather = declare(builder, "llvm.masked.gather.v16i32.v16p0", v32, [ptrs.type, i32, v1, v32])
-            theirs = builder.call(gather, [ptrs, i32(4), ir.Constant(v1, [1] * LANES), ir.Constant(v32, None)])
+            if opaque:
+                gather = declare(builder, "llvm.masked.gather.v16i32.v16p0", v32, [ptrs.type, i32, v1, v32])
+                theirs = builder.call(gather, [ptrs, i32(4), ir.Constant(v1, [1] * LANES), ir.Constant(v32, None)])
+            else:  # an LLVM whose intrinsic names spell the pointee: one load a lane (valid everywhere)
+                theirs = ir.Constant(v32, None)
+                for lane in range(LANES):
+                    theirs = builder.insert_element(
+                        theirs, builder.load(builder.extract_element(ptrs, i32(lane)), align=4), i32(lane))
             kept = builder.or_(builder.icmp_unsigned(">", mine, theirs),
                                builder.and_(builder.icmp_unsigned("==", mine, theirs),
                                             builder.icmp_unsigned("<", off, pos)))
