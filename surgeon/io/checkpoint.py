@@ -244,9 +244,9 @@ class Checkpoint:
         t, release = mapped
         return t.view(info.dtype).reshape(shape), release
 
-    def read_row_bytes(self, name: str, start: int, stop: int) -> bytes | None:
+    def read_row_bytes(self, name: str, start: int, stop: int) -> bytearray | None:
         """Rows ``[start, stop)`` of a tensor as their stored bytes (row-major, the
-        header's dtype), read with ``pread`` into a bytes object: for small reads (a few
+        header's dtype), read with ``pread`` into a new bytearray: for small reads (a few
         KB) where a torch buffer's per-call cost or a mapping's faults and page-table
         teardown would cost more than the copy. None where :meth:`map_rows` would
         be None too (pickled weights, a reader that overrides how bytes are read)."""
@@ -254,19 +254,9 @@ class Checkpoint:
         if not self._plain_reads():
             return None
         offset, nbytes, _ = self._row_bytes(info, start, stop)
-        fd = self._fd(info)
-        parts: list[bytes] = []
-        done = 0
-        while done < nbytes:
-            try:
-                part = os.pread(fd, nbytes - done, offset + done)
-            except OSError as exc:
-                raise CheckpointError(f"{info.file}: reading tensor {info.name!r} failed ({exc.strerror or exc})") from None
-            if not part:
-                raise CheckpointError(f"{info.file}: file ended while reading tensor {info.name!r} (truncated?)")
-            parts.append(part)
-            done += len(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        data = bytearray(nbytes)
+        self._pread_into(info, memoryview(data), offset)
+        return data
 
     def _fd(self, info: TensorInfo) -> int:
         with self._fds_lock:
@@ -289,18 +279,22 @@ class Checkpoint:
         """
         buf = byte_buffer(nbytes, pin, out)
         if nbytes:
-            fd = self._fd(info)
-            view = memoryview(buf.numpy())
-            done = 0
-            while done < nbytes:
-                try:
-                    n = os.preadv(fd, [view[done:]], offset + done)
-                except OSError as exc:
-                    raise CheckpointError(f"{info.file}: reading tensor {info.name!r} failed ({exc.strerror or exc})") from None
-                if n == 0:
-                    raise CheckpointError(f"{info.file}: file ended while reading tensor {info.name!r} (truncated?)")
-                done += n
+            self._pread_into(info, memoryview(buf.numpy()), offset)
         return buf
+
+    def _pread_into(self, info: TensorInfo, view: memoryview, offset: int) -> None:
+        """Fill ``view`` with tensor ``info``'s file bytes from ``offset`` on (``pread``
+        until full; a failed or short read is a :class:`CheckpointError`)."""
+        fd = self._fd(info)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise CheckpointError(f"{info.file}: reading tensor {info.name!r} failed ({exc.strerror or exc})") from None
+            if n == 0:
+                raise CheckpointError(f"{info.file}: file ended while reading tensor {info.name!r} (truncated?)")
+            done += n
 
     def close(self) -> None:
         self._maps.forget()  # a mapping goes with its last view (closing it would unmap live views)
