@@ -90,14 +90,17 @@ def _tensor_spans(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return _spans(shape[0] if shape else 1, _row_size(shape))
 
 
+#: the stored dtypes :func:`_widen` takes, as numpy reads them (bfloat16 as its uint16 patterns)
+_RAW_DTYPES = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}
+
+
 def _raw_numpy(t: torch.Tensor) -> np.ndarray | None:
     """A flat CPU tensor's entries as a numpy array :func:`_widen` takes (bfloat16 as its
     uint16 patterns), or None for a dtype it does not widen."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype in (torch.float16, torch.float32):
-        return t.numpy()
-    return None
+    dtype = _RAW_DTYPES.get(t.dtype)
+    if dtype is None:
+        return None
+    return t.view(torch.int16).numpy().view(dtype) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _widen(raw: np.ndarray) -> np.ndarray:
@@ -105,10 +108,6 @@ def _widen(raw: np.ndarray) -> np.ndarray:
     if raw.dtype == np.uint16:
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32)
-
-
-#: stored dtypes :class:`_Rows` reads as raw bytes (bfloat16 as its uint16 patterns, for :func:`_widen`)
-_RAW_DTYPES = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}
 
 
 class _Rows:
@@ -124,9 +123,8 @@ class _Rows:
     def __init__(self, ck: Any, name: str, shape: tuple[int, ...]):
         self.ck, self.name, self.shape = ck, name, shape
         self.cols = _row_size(shape)
-        read = getattr(ck, "read_row_bytes", None)
-        dtype = _RAW_DTYPES.get(ck.info(name).dtype) if shape and read is not None else None
-        self.raw_dtype = dtype
+        plain = shape and getattr(ck, "read_row_bytes", None) is not None
+        self.raw_dtype = _RAW_DTYPES.get(ck.info(name).dtype) if plain else None
 
     def span(self, s: int, e: int) -> np.ndarray:
         """Rows ``[s, e)``, flat float32 (a copy)."""
