@@ -43,7 +43,7 @@ PACK8_LSB_FIRST = 0x0102040810204080
 @compiled
 def _kernels(jit: Any) -> Any:
     """The statistic loop of a piece of whole rows."""
-    global _l1_sums, _trailing_zeros  # helpers are globals, not closure cells: see _jit.py
+    global _l1_sums, _outranks, _trailing_zeros  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     della_vector.register()
@@ -69,6 +69,13 @@ def _kernels(jit: Any) -> Any:
             for i in range(n):
                 after += abs(np.float64(d[i])) * np.float64(keep[i])
         return before, after
+
+    @_jit.jit_options(inline="always")
+    def _outranks(x, y, off, i):  # pragma: no cover - compiled
+        # a band entry at position i with magnitude x against its partner at offset off among
+        # the row's other entries, magnitude y: kept (1) when x is larger, or equal and the
+        # partner lies before it (ties by position; della_vector.band_compare16 is the same rule)
+        return np.uint8((x > y) | ((x == y) & (off < i)))
 
     @jit
     def keep_bits(b_all, m_all, n, which, keys, start, bounds, bits, sums, gathers):  # pragma: no cover - compiled
@@ -149,8 +156,7 @@ def _kernels(jit: Any) -> Any:
                         for q in range(q, nb):
                             i = np.int64(idx[q])
                             off = np.int64(offs[q])
-                            y = mags[off + (off >= i)]
-                            kb[q] = np.uint8((bm[q] > y) | ((bm[q] == y) & (off < i)))
+                            kb[q] = _outranks(bm[q], mags[off + (off >= i)], off, i)
                         for q in range(nb):
                             keep[idx[q]] = kb[q]
                     else:
@@ -164,9 +170,7 @@ def _kernels(jit: Any) -> Any:
                                 band &= band - np.uint64(1)
                                 off = np.int64(offs[k])
                                 k += 1
-                                j = off + (off >= i)
-                                x, y = mags[i], mags[j]
-                                keep[i] = np.uint8((x > y) | ((x == y) & (off < i)))
+                                keep[i] = _outranks(mags[i], mags[off + (off >= i)], off, i)
                 else:
                     k1 = 0
                     for i in range(n):  # rows of one entry: the word's top bit
