@@ -390,8 +390,6 @@ def _raise_nonfinite(plan: MergePlan, inputs: dict[str, Any], task: TensorTask, 
                     "(check the inputs and parameters; --allow-nonfinite writes it anyway)")
 
 
-
-
 class _BackgroundWriter:
     """Writes merged tensors on one background thread while the next is computed.
 
