@@ -35,6 +35,9 @@ from ._jit import compiled, numba_module
 from .scratch import ListedEntries, thread_scratch
 
 _CH = _raw.CHUNK  # entries per chunk: every scratch row of a chunk stays in L1
+#: byte ``b``'s eight bits, msb first, as eight 0/1 bytes of one word (DELLA's keep bits spread;
+#: a module constant, which numba compiles in, as ``DEBRUIJN_INDEX``)
+SPREAD_OF = np.array([sum(((b >> (7 - t)) & 1) << (8 * t) for t in range(8)) for b in range(256)], np.uint64)
 
 
 @compiled
@@ -222,10 +225,6 @@ def _kernels(jit: Any) -> Any:
         div = np.empty(_CH, np.float32)
         chk = np.zeros(_CH, np.float32)  # the output check (_raw.store_checked)
         spread = np.empty(_CH // 8, np.uint64)  # DELLA: a chunk's keep bits, a byte an entry
-        spread_of = np.zeros(256, np.uint64)  # byte b's bits, msb first, as eight 0/1 bytes
-        for v in range(256):
-            for t in range(8):
-                spread_of[v] |= np.uint64((v >> (7 - t)) & 1) << np.uint64(8 * t)
         no_cut = np.zeros(2, np.float32)  # the band's brackets where there are none
         no_count = np.zeros(2, np.int64)
         zero = np.float32(0.0)
@@ -274,7 +273,7 @@ def _kernels(jit: Any) -> Any:
                         if kinds[i] == 2:
                             _random.fill_uniform(keys[i], start + s, u3[i, :k])
                         elif kinds[i] == 3:  # the keep bits as 0 (kept) or 1
-                            _keep_floats(masks[i], s, k, u3[i], 1, spread, spread_of)
+                            _keep_floats(masks[i], s, k, u3[i], 1, spread, SPREAD_OF)
                     u0 = u3[0]
                     u1 = u3[1]
                     u2 = u3[2]
@@ -347,7 +346,7 @@ def _kernels(jit: Any) -> Any:
                             row[j] = zero
                     elif kinds[i] == 3:  # DELLA: the statistic pass's keep bits (piece-local, msb first), scaled
                         sc = scales[i]
-                        _keep_floats(masks[i], s, k, u, 0, spread, spread_of)
+                        _keep_floats(masks[i], s, k, u, 0, spread, SPREAD_OF)
                         for j in range(k):
                             row[j] = ((m[j] - b[j]) * u[j]) * sc  # 0 or 1 as a float: no branch
                     elif kinds[i] == 4:  # breadcrumbs: |x| among the `stop` smallest and not the `start` smallest
