@@ -17,8 +17,11 @@ A NaN becomes 0xFFFF, as in torch's vectorised CPU conversion (its scalar
 path, used for the last few entries of a tensor, writes 0x7FC0).
 
 ``load(src, dst)``, ``store(src, dst)`` (and ``store_checked`` with
-``all_finite``, the output check every merge kernel makes) and ``fma(a, b, c)``
-are numba overloads usable inside any compiled loop; ``src``/``dst`` of the
+``all_finite``, the output check every merge kernel makes), ``add_if(count, cond)``
+and ``fma(a, b, c)`` are numba overloads usable inside any compiled loop, the
+first five inlined into it (as calls, each chunk paid a call and two atomic
+reference counts per array: a loop of four bf16 loads and a store, 1.05 -> 0.81 ns
+an entry); ``src``/``dst`` of the
 loads and stores are either float32 arrays or uint16 arrays holding bf16
 bits. Editing this file recompiles every loop that inlines it on next use
 (the cache is stamped with all kernel sources: :mod:`surgeon.merge.kernels._jit`).
@@ -59,6 +62,15 @@ def all_finite(chk: np.ndarray) -> bool:  # pragma: no cover - replaced in compi
     raise NotImplementedError("all_finite is only callable from compiled loops")
 
 
+def add_if(count: int, cond: bool) -> int:  # pragma: no cover - replaced in compiled code
+    """Inside compiled loops: ``count + 1`` where ``cond``, else ``count``, as an int32 (start
+    counts at ``np.int32(0)``), for counts that stay under 2^31 (those of a chunk or of a piece's
+    slice). numba widens int32 sums to int64, and a loop keeping int64 counts lanes went from
+    16 float32 lanes to 8 and spilled its counts to the stack (breadcrumbs' counting merge:
+    1.93 -> 1.13 ns an entry in cache, with the narrowing)."""
+    raise NotImplementedError("add_if is only callable from compiled loops")
+
+
 def fma(a: float, b: float, c: float) -> float:  # pragma: no cover - replaced in compiled code
     """Inside compiled loops: ``a * b + c`` in float32 with one rounding, as
     torch's CPU ``add_(x, alpha=w)`` computes (its vectorised kernel fuses the
@@ -76,7 +88,7 @@ def register() -> bool:
     from numba import types
     from numba.extending import intrinsic, overload
 
-    @overload(load, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    @overload(load, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
     def _load(src, dst):  # pragma: no cover - compiled
         if isinstance(src.dtype, types.Integer):  # bf16 bits
             def widen(src, dst):
@@ -90,7 +102,7 @@ def register() -> bool:
                 dst[j] = src[j]
         return copy
 
-    @overload(store, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    @overload(store, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
     def _store(src, dst):  # pragma: no cover - compiled
         if isinstance(dst.dtype, types.Integer):  # bf16 bits, rounded as torch's vectorised cast
             def narrow(src, dst):
@@ -107,7 +119,7 @@ def register() -> bool:
                 dst[j] = src[j]
         return copy
 
-    @overload(store_checked, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    @overload(store_checked, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
     def _store_checked(src, dst, chk):  # pragma: no cover - compiled
         def checked(src, dst, chk):
             for j in range(dst.shape[0]):
@@ -115,7 +127,7 @@ def register() -> bool:
             store(src, dst)
         return checked
 
-    @overload(all_finite, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    @overload(all_finite, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
     def _all_finite(chk):  # pragma: no cover - compiled
         def finite(chk):
             bad = np.float32(0.0)
@@ -123,6 +135,12 @@ def register() -> bool:
                 bad += chk[j]
             return bad == np.float32(0.0)
         return finite
+
+    @overload(add_if, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
+    def _add_if(count, cond):  # pragma: no cover - compiled
+        def narrowed(count, cond):
+            return np.int32(count + np.int32(cond))
+        return narrowed
 
     @intrinsic
     def _fma32(typingctx, a, b, c):  # pragma: no cover - compiled
