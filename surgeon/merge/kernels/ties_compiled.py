@@ -43,7 +43,7 @@ SPREAD_OF = np.array([sum(((b >> (7 - t)) & 1) << (8 * t) for t in range(8)) for
 @compiled
 def _kernels(jit: Any) -> Any:
     """The TIES/DARE block merge."""
-    global _band_chunk, _sign, _consensus3, _keep_floats, _drawn, _sum3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
+    global _band_chunk, _in_band, _bands3, _sign, _consensus3, _keep_floats, _drawn, _sum3, _list_flagged  # helpers are globals, not closure cells: see _jit.py
     _raw.register()
     _random.register()
     inline = numba_module().njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
@@ -65,27 +65,27 @@ def _kernels(jit: Any) -> Any:
         qh = quota[1]
         all_lo = ql > 0
         all_hi = qh > 0
-        tl = 0
-        th = 0
+        tl = np.int32(0)
+        th = np.int32(0)
         lo0 = lo2[0]
         hi0 = hi2[0]
         lo1 = lo2[1]
         hi1 = hi2[1]
-        c0 = 0
-        c1 = 0
+        c0 = np.int32(0)
+        c1 = np.int32(0)
         for j in range(k):  # one loop either way: each call site passes ``counting`` as a literal
             x = m[j] - b[j]
             a = abs(x)
             at_lo = a == lo
             at_hi = a == hi
-            tl += 1 if at_lo else 0
-            th += 1 if at_hi else 0
+            tl = _raw.add_if(tl, at_lo)
+            th = _raw.add_if(th, at_hi)
             in_lo = (a < lo) | (at_lo & all_lo)
             in_hi = (a < hi) | (at_hi & all_hi)
             row[j] = x * (one if (in_hi & ~in_lo) else zero)
             if counting:
-                c0 += 1 if a < lo0 else 0
-                c1 += 1 if a < lo1 else 0
+                c0 = _raw.add_if(c0, a < lo0)
+                c1 = _raw.add_if(c1, a < lo1)
                 flag[j] |= 1 if ((a >= lo0) & (a < hi0)) | ((a >= lo1) & (a < hi1)) else 0
         below[0] += c0
         below[1] += c1
@@ -108,6 +108,110 @@ def _kernels(jit: Any) -> Any:
             quota[0] = ql - (tl if all_lo else 0)
             quota[1] = qh - (th if all_hi else 0)
         return tl, th
+
+    @inline
+    def _in_band(a, lo, hi, all_lo, all_hi):  # pragma: no cover - compiled
+        # 1 where |x| = a is in the stop set and not in the start set, every tie at a cut
+        # taken where its quota has room for the chunk's (all_lo, all_hi), else 0
+        in_lo = (a < lo) | ((a == lo) & all_lo)
+        in_hi = (a < hi) | ((a == hi) & all_hi)
+        return np.float32(1.0) if (in_hi & ~in_lo) else np.float32(0.0)
+
+    @inline
+    def _bands3(d, b, k, res, w, cut, quota, counting, summing, lo2, hi2, flag, tally, by_count, zs, normalize,
+                positive_weights, total, lam):  # pragma: no cover - compiled
+        # Three models' bands (_band_chunk's rows, weighted) and their mix (_sum3 with ``summing``,
+        # else _consensus3) into res[:k], in one loop; every tie at a cut taken where its quota
+        # is positive (the caller checks that the chunk's ties fit: tally[i, 0] and tally[i, 1]
+        # count each model's entries at its start and stop cut). With ``counting`` (a literal at
+        # each call, as _band_chunk's), also tally[i, 2 + c] = #(|x_i| < lo2[i, c]) and
+        # flag[j] = whether any model's |x| is inside [lo2[i, c], hi2[i, c]) for either c.
+        m0 = d[0]
+        m1 = d[1]
+        m2 = d[2]
+        w0 = w[0]
+        w1 = w[1]
+        w2 = w[2]
+        lo0 = cut[0, 0]
+        hi0 = cut[0, 1]
+        lo1 = cut[1, 0]
+        hi1 = cut[1, 1]
+        lo2_ = cut[2, 0]
+        hi2_ = cut[2, 1]
+        al0 = quota[0, 0] > 0
+        ah0 = quota[0, 1] > 0
+        al1 = quota[1, 0] > 0
+        ah1 = quota[1, 1] > 0
+        al2 = quota[2, 0] > 0
+        ah2 = quota[2, 1] > 0
+        p00 = lo2[0, 0]
+        q00 = hi2[0, 0]
+        p01 = lo2[0, 1]
+        q01 = hi2[0, 1]
+        p10 = lo2[1, 0]
+        q10 = hi2[1, 0]
+        p11 = lo2[1, 1]
+        q11 = hi2[1, 1]
+        p20 = lo2[2, 0]
+        q20 = hi2[2, 0]
+        p21 = lo2[2, 1]
+        q21 = hi2[2, 1]
+        tl0 = np.int32(0)
+        th0 = np.int32(0)
+        tl1 = np.int32(0)
+        th1 = np.int32(0)
+        tl2 = np.int32(0)
+        th2 = np.int32(0)
+        c00 = np.int32(0)
+        c01 = np.int32(0)
+        c10 = np.int32(0)
+        c11 = np.int32(0)
+        c20 = np.int32(0)
+        c21 = np.int32(0)
+        for j in range(k):
+            bj = b[j]
+            y0 = m0[j] - bj
+            y1 = m1[j] - bj
+            y2 = m2[j] - bj
+            a0 = abs(y0)
+            a1 = abs(y1)
+            a2 = abs(y2)
+            tl0 = _raw.add_if(tl0, a0 == lo0)
+            th0 = _raw.add_if(th0, a0 == hi0)
+            tl1 = _raw.add_if(tl1, a1 == lo1)
+            th1 = _raw.add_if(th1, a1 == hi1)
+            tl2 = _raw.add_if(tl2, a2 == lo2_)
+            th2 = _raw.add_if(th2, a2 == hi2_)
+            x0 = (y0 * _in_band(a0, lo0, hi0, al0, ah0)) * w0
+            x1 = (y1 * _in_band(a1, lo1, hi1, al1, ah1)) * w1
+            x2 = (y2 * _in_band(a2, lo2_, hi2_, al2, ah2)) * w2
+            if counting:
+                c00 = _raw.add_if(c00, a0 < p00)
+                c01 = _raw.add_if(c01, a0 < p01)
+                c10 = _raw.add_if(c10, a1 < p10)
+                c11 = _raw.add_if(c11, a1 < p11)
+                c20 = _raw.add_if(c20, a2 < p20)
+                c21 = _raw.add_if(c21, a2 < p21)
+                inside = (((a0 >= p00) & (a0 < q00)) | ((a0 >= p01) & (a0 < q01))
+                          | ((a1 >= p10) & (a1 < q10)) | ((a1 >= p11) & (a1 < q11))
+                          | ((a2 >= p20) & (a2 < q20)) | ((a2 >= p21) & (a2 < q21)))
+                flag[j] = 1 if inside else 0
+            if summing:
+                res[j] = _sum3(x0, x1, x2, bj, normalize, total, lam)
+            else:
+                res[j] = _consensus3(x0, x1, x2, w0, w1, w2, bj, by_count, zs, normalize, positive_weights, lam)
+        tally[0, 0] = tl0
+        tally[0, 1] = th0
+        tally[1, 0] = tl1
+        tally[1, 1] = th1
+        tally[2, 0] = tl2
+        tally[2, 1] = th2
+        tally[0, 2] = c00
+        tally[0, 3] = c01
+        tally[1, 2] = c10
+        tally[1, 3] = c11
+        tally[2, 2] = c20
+        tally[2, 3] = c21
 
     @inline
     def _sign(x):  # pragma: no cover - compiled
@@ -255,10 +359,57 @@ def _kernels(jit: Any) -> Any:
                 if drawing and kinds[i] == 3:
                     scale3[i] = scales[i]
         divides = divisor[0] != one or divisor[1] != one or divisor[2] != one
+        # three breadcrumbs bands: their chunks go through one loop (_bands3), counting beside it
+        # with brackets, but the one where a cut's quota runs out (the general loops, not counting again)
+        banded = nm == 3 and len(kinds) == 3
+        for i in range(len(kinds)):
+            banded = banded and kinds[i] == 4
+        tally = np.zeros((3, 4), np.int64)
+        no_cut3 = np.zeros((3, 2), np.float32)
         for s in range(0, n, _CH):
             e = min(n, s + _CH)
             k = e - s
             _raw.load(b_all[s:e], b)
+            counted = False
+            if banded:
+                for i in range(3):
+                    _raw.load(ms[i][s:e], d[i])
+                if bracketed and mode == 2:
+                    _bands3(d, b, k, res, w, band, band_quota, True, True, br_lo, br_hi, flag, tally, by_count, zs,
+                            normalize, positive_weights, total, lam)
+                elif bracketed:
+                    _bands3(d, b, k, res, w, band, band_quota, True, False, br_lo, br_hi, flag, tally, by_count, zs,
+                            normalize, positive_weights, total, lam)
+                elif mode == 2:
+                    _bands3(d, b, k, res, w, band, band_quota, False, True, no_cut3, no_cut3, flag, tally, by_count,
+                            zs, normalize, positive_weights, total, lam)
+                else:
+                    _bands3(d, b, k, res, w, band, band_quota, False, False, no_cut3, no_cut3, flag, tally, by_count,
+                            zs, normalize, positive_weights, total, lam)
+                fits = True
+                for i in range(3):
+                    ql = band_quota[i, 0]
+                    qh = band_quota[i, 1]
+                    fits = fits and not ((ql > 0 and tally[i, 0] > ql) or (qh > 0 and tally[i, 1] > qh))
+                    if bracketed:
+                        br_below[i, 0] += tally[i, 2]
+                        br_below[i, 1] += tally[i, 3]
+                counted = bracketed
+                if fits:
+                    for i in range(3):
+                        if band_quota[i, 0] > 0:
+                            band_quota[i, 0] -= tally[i, 0]
+                        if band_quota[i, 1] > 0:
+                            band_quota[i, 1] -= tally[i, 1]
+                        if bracketed:  # as the general loop: a tie bracket's entries at its value, per chunk
+                            if br_tie[i, 0] != 0:
+                                br_inside[i, 0, s // _CH] = tally[i, 1]
+                            if br_tie[i, 1] != 0:
+                                br_inside[i, 1, s // _CH] = tally[i, 0]
+                    if bracketed:
+                        _list_flagged(s, words, b_all, ms, br_pos, br_b, br_m, br_count)
+                    _raw.store_checked(res[:k], out_all[s:e], chk)
+                    continue
             if fused and (drawing or (quota[0] <= 0 and quota[1] <= 0 and quota[2] <= 0)):
                 m0 = d[0]
                 m1 = d[1]
@@ -353,7 +504,7 @@ def _kernels(jit: Any) -> Any:
                         # an absent bracket is [0, 0): it counts and flags nothing. ``counting`` is a
                         # literal at each call, so the loop without brackets compiles without the counts
                         # (passing ``bracketed`` instead left them in: 2.7 -> 4.0 ns an entry)
-                        if bracketed:
+                        if bracketed and not counted:
                             tl, th = _band_chunk(m, b, k, row, band[i], band_quota[i], True, br_lo[i], br_hi[i],
                                                  flag, br_below[i])
                         else:
@@ -376,33 +527,33 @@ def _kernels(jit: Any) -> Any:
                 elif bracketed and br_hi[i, 0] > zero and br_tie[i, 0] == 0:  # keep above the bracket, count below it, flag inside
                     lo_i = br_lo[i, 0]
                     hi_i = br_hi[i, 0]
-                    cnt = 0
+                    cnt = np.int32(0)
                     for j in range(k):
                         x = m[j] - b[j]
                         a = abs(x)
                         row[j] = zero if a < hi_i else x  # a NaN stays, as in the trim
-                        cnt += 1 if a < lo_i else 0
+                        cnt = _raw.add_if(cnt, a < lo_i)
                         flag[j] |= 1 if (a >= lo_i) & (a < hi_i) else 0
                     br_below[i, 0] += cnt
                 else:
                     if bracketed and br_tie[i, 0] != 0:  # a tie bracket: counted here, trimmed below
                         lo_i = br_lo[i, 0]
-                        cnt = 0
-                        tied = 0
+                        cnt = np.int32(0)
+                        tied = np.int32(0)
                         for j in range(k):
                             a = abs(m[j] - b[j])
-                            cnt += 1 if a < lo_i else 0
-                            tied += 1 if a == lo_i else 0
+                            cnt = _raw.add_if(cnt, a < lo_i)
+                            tied = _raw.add_if(tied, a == lo_i)
                         br_below[i, 0] += cnt
                         br_inside[i, 0, s // _CH] = tied
                     t = strict[i]
                     q = quota[i]
                     if q > 0:
                         tt = with_ties[i]
-                        tied = 0
+                        tied = np.int32(0)
                         for j in range(k):
                             x = m[j] - b[j]
-                            tied += 1 if (x >= -t and x <= t) and not (x >= -tt and x <= tt) else 0
+                            tied = _raw.add_if(tied, (x >= -t and x <= t) and not (x >= -tt and x <= tt))
                         if tied <= q:  # every tied entry of the chunk is kept: the with-ties trim
                             for j in range(k):
                                 x = m[j] - b[j]
