@@ -335,6 +335,8 @@ def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
         x = torch.randn(5, 40, generator=g)
         x[1, 3], x[2, 7], x[3, 9] = float("inf"), float("-inf"), float("nan")
         return x
+    if kind == "bound_edges":  # enough entries that some uniforms' top halves equal a bound's (~2 in 65,536)
+        return torch.randn(96, 2048, generator=g)
     return torch.randn(6, 1, generator=g)  # rows of one entry: probability density
 
 
@@ -355,7 +357,7 @@ def _compiled_keep(base: torch.Tensor, model: torch.Tensor, draws, start: int,
 
 
 @pytest.mark.parametrize("kind", ["float32", "bf16_ties", "one_value", "tie_groups", "zeros_and_odd", "wide_range",
-                                  "non_finite", "width_one"])
+                                  "non_finite", "width_one", "bound_edges"])
 @pytest.mark.parametrize("start_row", [0, 3])
 @pytest.mark.parametrize("gathers", [False, True], ids=["walk", "gathers"])
 def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row: int, gathers: bool) -> None:
@@ -380,6 +382,12 @@ def test_della_compiled_keep_bits_equal_the_reference_mask(kind: str, start_row:
     draws = DellaDraws.of(5, "t", 0)
     start = start_row * n
     want = magprune_keep(d, density, eps, draws, start)
+    if kind == "bound_edges":  # the loop's second look (an entry's low half) has entries to decide
+        from surgeon.merge.kernels.della import keep_bounds
+
+        tops = {b >> 16 for b in keep_bounds(density, eps)}
+        coarse = draws.uniforms(start, d.numel()) >> 16
+        assert sum(int((coarse == t).sum()) for t in tops) >= 3
     got, sums = _compiled_keep(base, model, draws, start, density, eps, gathers)
     assert torch.equal(got, want)
     assert 0 < int(want.sum()) < want.numel()

@@ -122,15 +122,16 @@ def _kernels(jit: Any) -> Any:
                 _random.fill_words(ckey, g >> 2, hw[:(a + n + 3) >> 2])
                 ints = d.view(np.uint32)
                 edge = np.int32(0)
-                nb = 0
+                listed = np.int32(0)  # int32 counts: the loop keeps 16 lanes (_raw.add_if)
                 for i in range(n):
                     d[i] = d[i] - base[i]
                     mags[i] = ints[i] & mag
                     c = top[a + i]
                     keep[i] = np.uint8(c < lo16)
                     in_band[i] = np.uint8((c > lo16) & (c < hi16))
-                    edge += np.int32((c == lo16) | (c == hi16))
-                    nb += np.int64(in_band[i])
+                    edge = _raw.add_if(edge, (c == lo16) | (c == hi16))
+                    listed = _raw.add_if(listed, (c > lo16) & (c < hi16))
+                nb = np.int64(listed)
                 if edge != 0:  # an entry whose top half is a bound's: its low half decides
                     for i in range(n):
                         c = top[a + i]
