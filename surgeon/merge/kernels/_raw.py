@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._jit import OVERLOAD_OPTIONS
 from ._jit import numba_module as _numba
 
 #: entries per chunk: the scratch rows of a chunk stay in L1
@@ -88,7 +89,7 @@ def register() -> bool:
     from numba import types
     from numba.extending import intrinsic, overload
 
-    @overload(load, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
+    @overload(load, jit_options=OVERLOAD_OPTIONS, inline="always")
     def _load(src, dst):  # pragma: no cover - compiled
         if isinstance(src.dtype, types.Integer):  # bf16 bits
             def widen(src, dst):
@@ -102,7 +103,7 @@ def register() -> bool:
                 dst[j] = src[j]
         return copy
 
-    @overload(store, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
+    @overload(store, jit_options=OVERLOAD_OPTIONS, inline="always")
     def _store(src, dst):  # pragma: no cover - compiled
         if isinstance(dst.dtype, types.Integer):  # bf16 bits, rounded as torch's vectorised cast
             def narrow(src, dst):
@@ -119,7 +120,7 @@ def register() -> bool:
                 dst[j] = src[j]
         return copy
 
-    @overload(store_checked, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
+    @overload(store_checked, jit_options=OVERLOAD_OPTIONS, inline="always")
     def _store_checked(src, dst, chk):  # pragma: no cover - compiled
         def checked(src, dst, chk):
             for j in range(dst.shape[0]):
@@ -127,7 +128,7 @@ def register() -> bool:
             store(src, dst)
         return checked
 
-    @overload(all_finite, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
+    @overload(all_finite, jit_options=OVERLOAD_OPTIONS, inline="always")
     def _all_finite(chk):  # pragma: no cover - compiled
         def finite(chk):
             bad = np.float32(0.0)
@@ -136,7 +137,7 @@ def register() -> bool:
             return bad == np.float32(0.0)
         return finite
 
-    @overload(add_if, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"}, inline="always")
+    @overload(add_if, jit_options=OVERLOAD_OPTIONS, inline="always")
     def _add_if(count, cond):  # pragma: no cover - compiled
         def narrowed(count, cond):
             return np.int32(count + np.int32(cond))
@@ -148,7 +149,7 @@ def register() -> bool:
             return builder.fma(*args)
         return types.float32(types.float32, types.float32, types.float32), codegen
 
-    @overload(fma, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+    @overload(fma, jit_options=OVERLOAD_OPTIONS)
     def _fma(a, b, c):  # pragma: no cover - compiled
         def fused(a, b, c):
             return _fma32(a, b, c)

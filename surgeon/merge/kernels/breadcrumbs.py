@@ -4,8 +4,8 @@ The definition is :func:`surgeon.merge.methods.breadcrumbs.breadcrumbs`.
 With numba, the merge pass is the compiled TIES/DARE loop on whole pieces in
 their stored dtype (:mod:`surgeon.merge.kernels.ties_compiled`, ``kinds == 4``:
 each model's magnitude band, ties at either cut taken in flat order from the
-cuts' running quotas); the torch block path below is the fallback and the
-definition that loop follows.
+cuts' running quotas; three banded models in one loop a chunk, ``_bands3``); the
+torch block path below is the fallback and the definition that loop follows.
 """
 from __future__ import annotations
 

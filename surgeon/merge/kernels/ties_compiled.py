@@ -118,44 +118,44 @@ def _kernels(jit: Any) -> Any:
         return np.float32(1.0) if (in_hi & ~in_lo) else np.float32(0.0)
 
     @inline
-    def _bands3(d, b, k, res, w, cut, quota, counting, summing, lo2, hi2, flag, tally, by_count, zs, normalize,
+    def _bands3(d, b, k, res, w, cut, quota, counting, summing, br_lo, br_hi, flag, tally, by_count, zs, normalize,
                 positive_weights, total, lam):  # pragma: no cover - compiled
         # Three models' bands (_band_chunk's rows, weighted) and their mix (_sum3 with ``summing``,
         # else _consensus3) into res[:k], in one loop; every tie at a cut taken where its quota
         # is positive (the caller checks that the chunk's ties fit: tally[i, 0] and tally[i, 1]
         # count each model's entries at its start and stop cut). With ``counting`` (a literal at
-        # each call, as _band_chunk's), also tally[i, 2 + c] = #(|x_i| < lo2[i, c]) and
-        # flag[j] = whether any model's |x| is inside [lo2[i, c], hi2[i, c]) for either c.
+        # each call, as _band_chunk's), also tally[i, 2 + c] = #(|x_i| < br_lo[i, c]) and
+        # flag[j] = whether any model's |x| is inside [br_lo[i, c], br_hi[i, c]) for either c.
         m0 = d[0]
         m1 = d[1]
         m2 = d[2]
         w0 = w[0]
         w1 = w[1]
         w2 = w[2]
-        lo0 = cut[0, 0]
-        hi0 = cut[0, 1]
-        lo1 = cut[1, 0]
-        hi1 = cut[1, 1]
-        lo2_ = cut[2, 0]
-        hi2_ = cut[2, 1]
+        start0 = cut[0, 0]
+        stop0 = cut[0, 1]
+        start1 = cut[1, 0]
+        stop1 = cut[1, 1]
+        start2 = cut[2, 0]
+        stop2 = cut[2, 1]
         al0 = quota[0, 0] > 0
         ah0 = quota[0, 1] > 0
         al1 = quota[1, 0] > 0
         ah1 = quota[1, 1] > 0
         al2 = quota[2, 0] > 0
         ah2 = quota[2, 1] > 0
-        p00 = lo2[0, 0]
-        q00 = hi2[0, 0]
-        p01 = lo2[0, 1]
-        q01 = hi2[0, 1]
-        p10 = lo2[1, 0]
-        q10 = hi2[1, 0]
-        p11 = lo2[1, 1]
-        q11 = hi2[1, 1]
-        p20 = lo2[2, 0]
-        q20 = hi2[2, 0]
-        p21 = lo2[2, 1]
-        q21 = hi2[2, 1]
+        blo00 = br_lo[0, 0]
+        bhi00 = br_hi[0, 0]
+        blo01 = br_lo[0, 1]
+        bhi01 = br_hi[0, 1]
+        blo10 = br_lo[1, 0]
+        bhi10 = br_hi[1, 0]
+        blo11 = br_lo[1, 1]
+        bhi11 = br_hi[1, 1]
+        blo20 = br_lo[2, 0]
+        bhi20 = br_hi[2, 0]
+        blo21 = br_lo[2, 1]
+        bhi21 = br_hi[2, 1]
         tl0 = np.int32(0)
         th0 = np.int32(0)
         tl1 = np.int32(0)
@@ -176,25 +176,25 @@ def _kernels(jit: Any) -> Any:
             a0 = abs(y0)
             a1 = abs(y1)
             a2 = abs(y2)
-            tl0 = _raw.add_if(tl0, a0 == lo0)
-            th0 = _raw.add_if(th0, a0 == hi0)
-            tl1 = _raw.add_if(tl1, a1 == lo1)
-            th1 = _raw.add_if(th1, a1 == hi1)
-            tl2 = _raw.add_if(tl2, a2 == lo2_)
-            th2 = _raw.add_if(th2, a2 == hi2_)
-            x0 = (y0 * _in_band(a0, lo0, hi0, al0, ah0)) * w0
-            x1 = (y1 * _in_band(a1, lo1, hi1, al1, ah1)) * w1
-            x2 = (y2 * _in_band(a2, lo2_, hi2_, al2, ah2)) * w2
+            tl0 = _raw.add_if(tl0, a0 == start0)
+            th0 = _raw.add_if(th0, a0 == stop0)
+            tl1 = _raw.add_if(tl1, a1 == start1)
+            th1 = _raw.add_if(th1, a1 == stop1)
+            tl2 = _raw.add_if(tl2, a2 == start2)
+            th2 = _raw.add_if(th2, a2 == stop2)
+            x0 = (y0 * _in_band(a0, start0, stop0, al0, ah0)) * w0
+            x1 = (y1 * _in_band(a1, start1, stop1, al1, ah1)) * w1
+            x2 = (y2 * _in_band(a2, start2, stop2, al2, ah2)) * w2
             if counting:
-                c00 = _raw.add_if(c00, a0 < p00)
-                c01 = _raw.add_if(c01, a0 < p01)
-                c10 = _raw.add_if(c10, a1 < p10)
-                c11 = _raw.add_if(c11, a1 < p11)
-                c20 = _raw.add_if(c20, a2 < p20)
-                c21 = _raw.add_if(c21, a2 < p21)
-                inside = (((a0 >= p00) & (a0 < q00)) | ((a0 >= p01) & (a0 < q01))
-                          | ((a1 >= p10) & (a1 < q10)) | ((a1 >= p11) & (a1 < q11))
-                          | ((a2 >= p20) & (a2 < q20)) | ((a2 >= p21) & (a2 < q21)))
+                c00 = _raw.add_if(c00, a0 < blo00)
+                c01 = _raw.add_if(c01, a0 < blo01)
+                c10 = _raw.add_if(c10, a1 < blo10)
+                c11 = _raw.add_if(c11, a1 < blo11)
+                c20 = _raw.add_if(c20, a2 < blo20)
+                c21 = _raw.add_if(c21, a2 < blo21)
+                inside = (((a0 >= blo00) & (a0 < bhi00)) | ((a0 >= blo01) & (a0 < bhi01))
+                          | ((a1 >= blo10) & (a1 < bhi10)) | ((a1 >= blo11) & (a1 < bhi11))
+                          | ((a2 >= blo20) & (a2 < bhi20)) | ((a2 >= blo21) & (a2 < bhi21)))
                 flag[j] = 1 if inside else 0
             if summing:
                 res[j] = _sum3(x0, x1, x2, bj, normalize, total, lam)
