@@ -118,14 +118,14 @@ def _kernels(jit: Any) -> Any:
         return np.float32(1.0) if (in_hi & ~in_lo) else np.float32(0.0)
 
     @inline
-    def _bands3(d, b, k, res, w, cut, quota, counting, summing, br_lo, br_hi, flag, tally, by_count, zs, normalize,
+    def _bands3(d, b, k, res, w, cut, quota, summing, br_lo, br_hi, flag, tally, by_count, zs, normalize,
                 positive_weights, total, lam):  # pragma: no cover - compiled
         # Three models' bands (_band_chunk's rows, weighted) and their mix (_sum3 with ``summing``,
-        # else _consensus3) into res[:k], in one loop; every tie at a cut taken where its quota
-        # is positive (the caller checks that the chunk's ties fit: tally[i, 0] and tally[i, 1]
-        # count each model's entries at its start and stop cut). With ``counting`` (a literal at
-        # each call, as _band_chunk's), also tally[i, 2 + c] = #(|x_i| < br_lo[i, c]) and
-        # flag[j] = whether any model's |x| is inside [br_lo[i, c], br_hi[i, c]) for either c.
+        # a literal at each call, else _consensus3) into res[:k], in one loop; every tie at a cut
+        # taken where its quota is positive (the caller checks that the chunk's ties fit:
+        # tally[i, 0] and tally[i, 1] count each model's entries at its start and stop cut). Also
+        # tally[i, 2 + c] = #(|x_i| < br_lo[i, c]) and flag[j] = whether any model's |x| is inside
+        # [br_lo[i, c], br_hi[i, c]) for either c (brackets [0, 0): none).
         m0 = d[0]
         m1 = d[1]
         m2 = d[2]
@@ -185,17 +185,16 @@ def _kernels(jit: Any) -> Any:
             x0 = (y0 * _in_band(a0, start0, stop0, al0, ah0)) * w0
             x1 = (y1 * _in_band(a1, start1, stop1, al1, ah1)) * w1
             x2 = (y2 * _in_band(a2, start2, stop2, al2, ah2)) * w2
-            if counting:
-                c00 = _raw.add_if(c00, a0 < blo00)
-                c01 = _raw.add_if(c01, a0 < blo01)
-                c10 = _raw.add_if(c10, a1 < blo10)
-                c11 = _raw.add_if(c11, a1 < blo11)
-                c20 = _raw.add_if(c20, a2 < blo20)
-                c21 = _raw.add_if(c21, a2 < blo21)
-                inside = (((a0 >= blo00) & (a0 < bhi00)) | ((a0 >= blo01) & (a0 < bhi01))
-                          | ((a1 >= blo10) & (a1 < bhi10)) | ((a1 >= blo11) & (a1 < bhi11))
-                          | ((a2 >= blo20) & (a2 < bhi20)) | ((a2 >= blo21) & (a2 < bhi21)))
-                flag[j] = 1 if inside else 0
+            c00 = _raw.add_if(c00, a0 < blo00)
+            c01 = _raw.add_if(c01, a0 < blo01)
+            c10 = _raw.add_if(c10, a1 < blo10)
+            c11 = _raw.add_if(c11, a1 < blo11)
+            c20 = _raw.add_if(c20, a2 < blo20)
+            c21 = _raw.add_if(c21, a2 < blo21)
+            inside = (((a0 >= blo00) & (a0 < bhi00)) | ((a0 >= blo01) & (a0 < bhi01))
+                      | ((a1 >= blo10) & (a1 < bhi10)) | ((a1 >= blo11) & (a1 < bhi11))
+                      | ((a2 >= blo20) & (a2 < bhi20)) | ((a2 >= blo21) & (a2 < bhi21)))
+            flag[j] = 1 if inside else 0
             if summing:
                 res[j] = _sum3(x0, x1, x2, bj, normalize, total, lam)
             else:
@@ -374,18 +373,17 @@ def _kernels(jit: Any) -> Any:
             if banded:
                 for i in range(3):
                     _raw.load(ms[i][s:e], d[i])
-                if bracketed and mode == 2:
-                    _bands3(d, b, k, res, w, band, band_quota, True, True, br_lo, br_hi, flag, tally, by_count, zs,
-                            normalize, positive_weights, total, lam)
-                elif bracketed:
-                    _bands3(d, b, k, res, w, band, band_quota, True, False, br_lo, br_hi, flag, tally, by_count, zs,
-                            normalize, positive_weights, total, lam)
-                elif mode == 2:
-                    _bands3(d, b, k, res, w, band, band_quota, False, True, no_cut3, no_cut3, flag, tally, by_count,
-                            zs, normalize, positive_weights, total, lam)
+                # two copies of the loop, not four: without brackets it counts around empty ones
+                # ([0, 0): no count, no flag), ~0.4 ns an entry on the few such merges, and each
+                # copy added ~6 s to the loops' first compilation
+                blo = br_lo if bracketed else no_cut3
+                bhi = br_hi if bracketed else no_cut3
+                if mode == 2:
+                    _bands3(d, b, k, res, w, band, band_quota, True, blo, bhi, flag, tally, by_count, zs, normalize,
+                            positive_weights, total, lam)
                 else:
-                    _bands3(d, b, k, res, w, band, band_quota, False, False, no_cut3, no_cut3, flag, tally, by_count,
-                            zs, normalize, positive_weights, total, lam)
+                    _bands3(d, b, k, res, w, band, band_quota, False, blo, bhi, flag, tally, by_count, zs, normalize,
+                            positive_weights, total, lam)
                 fits = True
                 for i in range(3):
                     ql = band_quota[i, 0]
