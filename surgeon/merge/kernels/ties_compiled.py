@@ -374,7 +374,7 @@ def _kernels(jit: Any) -> Any:
                 for i in range(3):
                     _raw.load(ms[i][s:e], d[i])
                 # two copies of the loop, not four: without brackets it counts around empty ones
-                # ([0, 0): no count, no flag), ~0.4 ns an entry on the few such merges, and each
+                # ([0, 0): no count, no flag), ~0.15 ns an entry on the few such merges, and each
                 # copy added ~6 s to the loops' first compilation
                 blo = br_lo if bracketed else no_cut3
                 bhi = br_hi if bracketed else no_cut3
