@@ -118,8 +118,11 @@ class FakeHub:
         self.drop_weight_gets = 0  # the next N send half their body, then close the connection
         self.fail_weight_gets = 0  # the next N answer 503
         self.weight_delay_s = 0.0  # every one waits this long before answering
+        # every one sends its body at most this fast (0: no cap), like a CDN's per-connection limit
+        self.weight_bytes_per_s = 0.0
         self.faults_injected = 0
         self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0  # the most answered at once since reset_counters
         self._last_request = 0.0  # time.monotonic() when the latest request arrived
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -193,6 +196,7 @@ class FakeHub:
             self.served.clear()
             self.requests.clear()
             self.unhandled.clear()
+            self.max_in_flight = self.in_flight
 
     # -- server -----------------------------------------------------------------
     @property
@@ -236,15 +240,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ---------------------------------------------------------------
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json", head: bool = False) -> None:
+              content_type: str = "application/json", head: bool = False, bytes_per_s: float = 0.0) -> None:
+        """Answer with ``body``; ``bytes_per_s`` > 0 paces it (256 KiB at a time) to at most that rate."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if not head and body:
+        if head or not body:
+            return
+        if bytes_per_s <= 0:
             self.wfile.write(body)
+            return
+        view, t0, step = memoryview(body), time.monotonic(), 256 << 10
+        for at in range(0, len(body), step):
+            self.wfile.write(view[at:at + step])
+            ahead = t0 + min(len(body), at + step) / bytes_per_s - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None, head: bool = False) -> None:
         self._send(status, json.dumps(obj).encode(), headers, head=head)
@@ -296,6 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str) -> None:
         with self.hub._lock:
             self.hub.in_flight += 1
+            self.hub.max_in_flight = max(self.hub.max_in_flight, self.hub.in_flight)
             self.hub._last_request = time.monotonic()
         try:
             self._answer(method)
@@ -440,7 +455,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             with self.hub._lock:
                 self.hub.served.append(Served("GET", repo, sha, file, start, end, header_end))
-        self._send(status, body, headers, content_type="application/octet-stream", head=head)
+        self._send(status, body, headers, content_type="application/octet-stream", head=head,
+                   bytes_per_s=self.hub.weight_bytes_per_s if weights else 0.0)
 
     def whoami(self, query: dict, head: bool) -> None:
         if not self._token() or not self._authorized():

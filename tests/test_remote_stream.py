@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,6 +199,18 @@ def test_streamed_merge_survives_drops_503s_and_slow_answers(hub: FakeHub, hf: d
     assert sum(r["fetched_bytes"] for r in rep["remote"].values()) == _input_weight_bytes(hub)
 
 
+def test_streamed_merge_keeps_several_reads_in_flight(hub: FakeHub, hf: dict[str, str], tmp_path: Path,
+                                                     reference: dict[str, torch.Tensor]) -> None:
+    """Every weight answer waits 50 ms: a merge reading one or two tensors at a time would leave the
+    link idle (steps.STREAMED_READ_AHEAD)."""
+    hub.weight_delay_s = 0.05
+    api.run(str(_recipe(tmp_path)), output=str(tmp_path / "out"), quiet=True, remote_stream=True)
+    got = _weights(tmp_path / "out")
+    for n in got:
+        assert torch.equal(got[n], reference[n]), n
+    assert hub.max_in_flight >= 6, hub.max_in_flight
+
+
 def test_resolve_streams_only_when_asked_or_out_of_room(hub: FakeHub, hf: dict[str, str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     assert not isinstance(hubio.resolve("org/code", stream=False).checkpoint, StreamingCheckpoint)
@@ -273,5 +286,72 @@ def test_fetcher_cache_serves_parts_and_unions_of_cached_ranges() -> None:
     span = bytearray(5000)
     f.read_into("f", 0, memoryview(span))  # overlaps the cached range: only 0-99 and 4100-4999 are fetched
     assert span == bytearray(data[:5000])
-    assert t.calls[1:] == [(0, 99), (4100, 4999)]
+    assert sorted(t.calls[1:]) == [(0, 99), (4100, 4999)]  # the two gaps side by side: in either order
     assert f.fetched_bytes == 4000 + 100 + 900
+
+
+class _GatedTransport(_Transport):
+    """A transport whose calls all wait until ``width`` of them are in flight (or ``timeout`` passes)."""
+
+    def __init__(self, data: bytes, width: int, plan: list[tuple[int | None, type[Exception]]] | None = None):
+        super().__init__(data, plan)
+        self.gate = threading.Barrier(width, timeout=10)
+        self.entered = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, filename: str, start: int, end: int, sink) -> None:
+        with self.lock:
+            self.entered += 1
+            gated = self.entered <= self.gate.parties  # the first `width` calls meet; later ones pass through
+        if gated:
+            self.gate.wait()  # BrokenBarrierError (a failed test, not a hang) unless they run side by side
+        super().__call__(filename, start, end, sink)
+
+
+def test_fetcher_cuts_a_large_read_into_parts_fetched_side_by_side() -> None:
+    data = bytes(range(256)) * 400  # 102,400 bytes
+    t = _GatedTransport(data, width=4)
+    f = RangeFetcher(t, cache_bytes=0, connections=4, part_bytes=8192)
+    buf = bytearray(90_000)
+    f.read_into("f", 1000, memoryview(buf))
+    assert bytes(buf) == data[1000:91_000]
+    parts = sorted(t.calls)
+    assert len(parts) == 4 and parts[0][0] == 1000 and parts[-1][1] == 90_999
+    assert all(b + 1 == c for (_, b), (c, _) in zip(parts, parts[1:]))  # no gap, no overlap
+    assert all(c % 4096 == 0 for c, _ in parts[1:])  # cut on 4 KiB boundaries
+    assert f.fetched_bytes == 90_000 and f.requests == 4
+    small = bytearray(16_000)  # under two parts' worth: one request
+    f.read_into("f", 0, memoryview(small))
+    assert bytes(small) == data[:16_000] and len(t.calls) == 5
+
+
+def test_fetcher_retries_only_the_part_that_was_cut() -> None:
+    data = bytes(range(256)) * 400
+    # the first call of the four is cut after 100 bytes; whichever part it was, only its rest is fetched again
+    t = _Transport(data, [(100, TransientFetchError)])
+    f = RangeFetcher(t, cache_bytes=0, connections=4, part_bytes=8192, backoff=0.0, sleep=lambda s: None)
+    buf = bytearray(90_000)
+    f.read_into("f", 1000, memoryview(buf))
+    assert bytes(buf) == data[1000:91_000]
+    assert f.requests == 5 and f.retried == 1 and f.fetched_bytes == 90_000
+    first = t.calls[0]
+    assert (first[0] + 100, first[1]) in t.calls[1:]
+
+
+def test_fetcher_raises_a_part_that_keeps_failing_after_the_others_finish() -> None:
+    data = bytes(range(256)) * 400
+    finished: list[tuple[int, int]] = []
+
+    def transport(filename: str, start: int, end: int, sink) -> None:
+        if start < 20480:  # the first part (1000-20479): never more than 10 bytes a try
+            sink(data[start:start + 10])
+            raise TransientFetchError("injected")
+        time.sleep(0.05)  # the other parts are still writing when the first one gives up
+        sink(data[start:end + 1])
+        finished.append((start, end))
+
+    f = RangeFetcher(transport, cache_bytes=0, connections=4, part_bytes=8192, retries=2, backoff=0.0,
+                     sleep=lambda s: None, label="org/m")
+    with pytest.raises(CheckpointError, match=r"org/m: f: bytes 1030-20479 still missing after 3 tries"):
+        f.read_into("f", 1000, memoryview(bytearray(90_000)))
+    assert len(finished) == 3  # read_into returned only after the other parts had finished writing

@@ -46,6 +46,21 @@ def _merge_threads(ctx: StepContext) -> int:
     return ctx.options.threads or max(1, min(4, torch.get_num_threads()))
 
 
+#: reads a merge keeps in flight, and threads making them, when an input streams from the hub:
+#: each read waits a round trip and is paced by the server, so one or two at a time leave the link
+#: idle; the bytes read ahead stay bounded by MergeRuntime.prefetch_bytes (docs/hub.md, "Streaming")
+STREAMED_READ_AHEAD = 8
+
+
+def _read_ahead(ctx: StepContext, inputs: dict[str, Any]) -> tuple[int, int]:
+    """(reader threads, reads queued ahead) of a merge: --threads and the run's prefetch, or
+    STREAMED_READ_AHEAD of each when any input streams from the hub."""
+    threads, prefetch = _merge_threads(ctx), ctx.options.prefetch
+    if any(getattr(ck, "streaming", False) for ck in inputs.values()):
+        return max(threads, STREAMED_READ_AHEAD), max(prefetch, STREAMED_READ_AHEAD)
+    return threads, prefetch
+
+
 def _piece_bytes(ctx: StepContext) -> int:
     """--piece-size in bytes (0: whole tensors), default PIECE_BYTES."""
     size = ctx.options.piece_size
@@ -57,7 +72,7 @@ def _piece_bytes(ctx: StepContext) -> int:
 class MergeKind:
     def plan(self, step: Step, inputs: dict[str, Any], where: Callable[..., str], ctx: StepContext) -> StepPlan:
         mp = plan_merge(step.id, step.merge, inputs, where)  # type: ignore[arg-type]
-        peak = mp.peak_bytes(ctx.options.prefetch, piece_bytes=_piece_bytes(ctx), workers=_merge_threads(ctx))
+        peak = mp.peak_bytes(_read_ahead(ctx, inputs)[1], piece_bytes=_piece_bytes(ctx), workers=_merge_threads(ctx))
         return StepPlan(output_checkpoint(mp, inputs), mp.bytes_in, len(mp.tasks), peak, mp.notes, mp)
 
     def execute(self, step: Step, plan: StepPlan, inputs: dict[str, Any], dest: Path,
@@ -82,7 +97,8 @@ class MergeKind:
 
             advance(sum(t.spec.nbytes for t in done))
             count[0] -= 1
-            rt = MergeRuntime(ctx.device, ctx.seed, prefetch=ctx.options.prefetch, threads=threads,
+            readers, prefetch = _read_ahead(ctx, inputs)
+            rt = MergeRuntime(ctx.device, ctx.seed, prefetch=prefetch, threads=readers,
                               allow_nonfinite=ctx.allow_nonfinite, progress=advance,
                               coordinator=ctx.coordinator, piece_bytes=_piece_bytes(ctx),
                               compute_workers=settings.current().compute_workers or threads)

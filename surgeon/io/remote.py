@@ -65,6 +65,14 @@ RangeReader = Callable[[str, int, int], "tuple[bytes, int]"]
 RangeStream = Callable[[str, int, int, Callable[[bytes], None]], None]
 
 
+#: concurrent range requests one streamed input may have open (a read of at least twice
+#: FETCH_PART_BYTES is cut into parts fetched side by side): a CDN paces each connection, so one
+#: connection at a time leaves most of the link idle (docs/hub.md, "Streaming")
+FETCH_CONNECTIONS = 4
+#: the smallest part a read is cut into for concurrent fetching
+FETCH_PART_BYTES = 2 << 20
+
+
 class TransientFetchError(Exception):
     """A fetch that may succeed when tried again: a dropped connection, a timeout, 408/429/5xx."""
 
@@ -119,8 +127,12 @@ class RangeFetcher:
 
     def __init__(self, transport: RangeStream, *, label: str = "", retries: int = 8, backoff: float = 0.25,
                  max_backoff: float = 8.0, cache: RangeCache | None = None, cache_bytes: int = 512 << 20,
-                 on_progress: Callable[[int], None] | None = None, sleep: Callable[[float], None] = time.sleep):
+                 on_progress: Callable[[int], None] | None = None, sleep: Callable[[float], None] = time.sleep,
+                 connections: int = FETCH_CONNECTIONS, part_bytes: int = FETCH_PART_BYTES):
         self.transport = transport
+        self.connections = max(1, connections)
+        self.part_bytes = max(1, part_bytes)
+        self._pool: ThreadPoolExecutor | None = None  # the extra connections' threads, started on first use
         self.label = label
         self.retries = retries
         self.backoff = backoff
@@ -168,11 +180,49 @@ class RangeFetcher:
             with self._lock:
                 self.cache_hits += 1
                 self.cache_hit_bytes += hit
+        self._fetch_parts(filename, start, view, [p for a, b in gaps for p in self._split(a, b)])
         for a, b in gaps:
-            part = view[a - start:b - start]
-            self._fetch(filename, a, part)
             if b - a <= self.cache.budget // 4:  # a range the cache can hold with others
-                self.cache.put(id(self), filename, a, bytes(part))
+                self.cache.put(id(self), filename, a, bytes(view[a - start:b - start]))
+
+    def _split(self, a: int, b: int) -> list[tuple[int, int]]:
+        """``[a, b)`` in at most ``connections`` parts of about ``part_bytes`` or more, cut at file
+        offsets that are multiples of 4 KiB."""
+        k = min(self.connections, (b - a) // self.part_bytes)
+        if k <= 1:
+            return [(a, b)]
+        cuts = sorted({a, b, *((a + (b - a) * i // k) // 4096 * 4096 for i in range(1, k))})
+        return [(x, y) for x, y in zip(cuts, cuts[1:]) if x >= a and y <= b]
+
+    def _fetch_parts(self, filename: str, start: int, view: memoryview, parts: list[tuple[int, int]]) -> None:
+        """Fetch each ``[a, b)`` of ``parts`` into ``view`` (which starts at ``start``), concurrently.
+
+        The calling thread fetches the first part; the others go to the
+        fetcher's pool (``connections - 1`` threads shared by every caller).
+        Each part retries and resumes on its own; when one still fails, the
+        others are waited for and its error is raised.
+        """
+        if not parts:
+            return
+        if len(parts) > 1 and self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.connections - 1,
+                                                    thread_name_prefix="surgeon-fetch")
+        futures = [self._pool.submit(self._fetch, filename, a, view[a - start:b - start])  # type: ignore[union-attr]
+                   for a, b in parts[1:]]
+        error: BaseException | None = None
+        try:
+            a, b = parts[0]
+            self._fetch(filename, a, view[a - start:b - start])
+        except BaseException as exc:  # the other parts still write into view: wait for them first
+            error = exc
+        for fut in futures:
+            exc = fut.exception()
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
 
     def _fetch(self, filename: str, start: int, view: memoryview) -> None:
         n = len(view)
