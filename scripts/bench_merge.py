@@ -39,13 +39,15 @@ methods mergekit lacks (widen) show only surgeon.
 
     python scripts/bench_merge.py [--preset 1b|300m|tiny] [--methods all | ties linear ...]
                                   [--device cpu|cuda] [--processes N] [--no-mergekit] [--no-warmup]
-    python scripts/bench_merge.py --remote [--preset 300m]   # streamed from a local fake hub
+    python scripts/bench_merge.py --remote [--preset 300m] [--hub-mb-per-s R] [--hub-latency-ms L]
 
 ``--remote``: base + 2 fine-tunes are served by the local fake hub of the tests
 (tests/hub_server.py, over HTTP on 127.0.0.1) and one TIES merge runs twice in
 fresh hub caches — ``--remote-stream`` (range requests, nothing stored) and
 ``--no-remote-stream`` (download, then merge) — reporting wall and CPU time,
 weight bytes fetched over input weight bytes, and disk used (hub cache + output).
+``--hub-mb-per-s`` and ``--hub-latency-ms`` make the loopback hub behave more like
+a real one: each weight response is paced to that rate and waits that long first.
 
 Before timing, each surgeon method runs once on the tiny family so that numba's
 one-time kernel compilation is not timed (see warm_kernels).
@@ -264,17 +266,25 @@ def warm_kernels(root: Path, methods: list[str], device: str, env: dict[str, str
     pieces (the two paths the engine takes): the first run after installing
     compiles surgeon's numba kernels (seconds, and a higher peak RSS), a one-time
     cost that this bench leaves out as it leaves out a cold page cache."""
-    import subprocess
-
     fam = build_family(root / "tiny", *PRESETS["tiny"])
     for method in methods:
-        cfg = root / "tiny" / f"{method}.yml"
-        cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}))
-        out = root / "tiny" / f"out-warm-{method}"
-        for pieces in ([], ["--piece-size", "64KB"]):
-            subprocess.run([sys.executable, "-m", "surgeon", "run", str(cfg), str(out), "--overwrite", "-q",
-                            "--device", device, *pieces], env=env, check=False, stdout=subprocess.DEVNULL)
-            shutil.rmtree(out, ignore_errors=True)
+        warm_config(root, method, CONFIGS[method].format(**{k: str(v) for k, v in fam.items()}), device, env)
+
+
+def warm_config(root: Path, name: str, config: str, device: str, env: dict[str, str]) -> None:
+    """Run ``config`` (a recipe over the tiny family) untimed, whole and in small row pieces.
+
+    numba compiles a kernel once per signature, and the number of inputs is part
+    of it: a warm-up must merge as many models as the timed run."""
+    import subprocess
+
+    cfg = root / "tiny" / f"{name}.yml"
+    cfg.write_text(config)
+    out = root / "tiny" / f"out-warm-{name}"
+    for pieces in ([], ["--piece-size", "64KB"]):
+        subprocess.run([sys.executable, "-m", "surgeon", "run", str(cfg), str(out), "--overwrite", "-q",
+                        "--device", device, *pieces], env=env, check=False, stdout=subprocess.DEVNULL)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
@@ -285,6 +295,11 @@ def main() -> None:
                     help="methods to run ('all': every surgeon method with a config here)")
     ap.add_argument("--remote", action="store_true",
                     help="instead: one TIES merge of base + 2 fine-tunes from a local fake hub, streamed vs downloaded")
+    ap.add_argument("--hub-mb-per-s", type=float, default=0.0,
+                    help="--remote: the fake hub sends each weight response at most this fast (MB/s per "
+                         "connection, like a CDN; 0: as fast as loopback goes)")
+    ap.add_argument("--hub-latency-ms", type=float, default=0.0,
+                    help="--remote: the fake hub waits this long before answering each weight request")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--no-mergekit", action="store_true")
@@ -422,16 +437,24 @@ def bench_remote(a: argparse.Namespace) -> None:
     names = ["base", "ft1", "ft2"]
     cfg_text = ("merge_method: ties\nbase_model: {base}\nparameters: {{normalize: true}}\nmodels:\n" + "".join(
         f"  - model: {{{k}}}\n    parameters: {{{{weight: 1.0, density: 0.3}}}}\n" for k in names[1:]))
+    if not a.no_warmup:  # base + 2 is not the local bench's arity: its kernels may not be compiled yet
+        tiny = build_family(a.root / "tiny", *PRESETS["tiny"])
+        warm_config(a.root, "remote-ties", cfg_text.format(**{n: str(tiny[n]) for n in names}), "cpu",
+                    without_bytecode_switch(os.environ))
     rows = []
     with FakeHub() as hub:
         for n in names:
             hub.add_folder(f"bench/{n}", fam[n])
+        hub.weight_bytes_per_s = a.hub_mb_per_s * 1e6
+        hub.weight_delay_s = a.hub_latency_ms / 1e3
         weight_bytes = 0
         for n in names:
             for fname, data in hub.files(f"bench/{n}").items():
                 if fname.endswith(".safetensors"):
                     weight_bytes += len(data) - 8 - int.from_bytes(data[:8], "little")
-        print(f"fake hub at {hub.url}: {len(names)} models, {weight_bytes / 1e9:.2f} GB of tensor data")
+        network = (f"; each weight response waits {a.hub_latency_ms:g} ms" if a.hub_latency_ms else "") + \
+            (f", sends at most {a.hub_mb_per_s:g} MB/s" if a.hub_mb_per_s else "")
+        print(f"fake hub at {hub.url}: {len(names)} models, {weight_bytes / 1e9:.2f} GB of tensor data{network}")
         cfg = fam_root / "remote-ties.yml"
         cfg.write_text(cfg_text.format(**{n: f"bench/{n}" for n in names}))
         for mode in ("--remote-stream", "--no-remote-stream"):
@@ -470,7 +493,8 @@ def bench_remote(a: argparse.Namespace) -> None:
         print(f"| {r['mode']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gb']:.2f} | "
               f"{r['served_over_input']:.3f} | {(r['hub_cache_bytes'] + r['output_bytes']) / 1e9:.2f} |")
     if a.json:
-        a.json.write_text(json.dumps({"preset": a.preset, "host": host(), "remote": rows}, indent=2))
+        a.json.write_text(json.dumps({"preset": a.preset, "host": host(), "hub_mb_per_s": a.hub_mb_per_s,
+                                      "hub_latency_ms": a.hub_latency_ms, "remote": rows}, indent=2))
 
 
 if __name__ == "__main__":
