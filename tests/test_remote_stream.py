@@ -290,6 +290,18 @@ def test_fetcher_cache_serves_parts_and_unions_of_cached_ranges() -> None:
     assert f.fetched_bytes == 4000 + 100 + 900
 
 
+def test_fetcher_keeps_nothing_it_is_told_will_not_be_read_again() -> None:
+    data = bytes(range(256)) * 64
+    t = _Transport(data)
+    f = RangeFetcher(t, cache_bytes=1 << 20)
+    once = bytearray(1000)
+    f.read_into("f", 0, memoryview(once), keep=False)
+    assert once == bytearray(data[:1000]) and f.cache.held == 0
+    f.read_into("f", 0, memoryview(once))  # asked again after all: fetched again, kept this time
+    f.read_into("f", 0, memoryview(once), keep=False)  # ... and served from the cache
+    assert len(t.calls) == 2 and f.cache.held == 1000 and f.cache_hits == 1
+
+
 class _GatedTransport(_Transport):
     """A transport whose calls all wait until ``width`` of them are in flight (or ``timeout`` passes)."""
 

@@ -319,6 +319,8 @@ class _PieceLoader:
 
         cuda = self.device.type == "cuda"
         release: list[Callable[[], None]] = []
+        # read again later: a piece of a cut job before its last pass (a streamed input keeps it)
+        again = len(job.pieces) > 1 and job.kernel.stat_passes not in read.passes
 
         def get(mid: str) -> torch.Tensor:
             ck = self.inputs[mid]
@@ -332,11 +334,11 @@ class _PieceLoader:
                     buf = self.pool.take((r1 - r0) * job.row_elems * ck.info(name).dtype.itemsize)
                     if buf is not None:
                         release.append(lambda buf=buf: self.pool.give([buf]))  # type: ignore[union-attr]
-                    t = ck.get_rows(name, r0, r1, out=buf)
+                    t = ck.get_rows(name, r0, r1, out=buf, keep=again)
             else:
                 # page-locked buffers let the copy to the GPU run asynchronously (the
                 # caching host allocator keeps a buffer until its copy has finished)
-                t = ck.get_rows(name, r0, r1, pin=cuda)
+                t = ck.get_rows(name, r0, r1, pin=cuda, keep=again)
             t = t.reshape(-1)
             if not t.is_floating_point():
                 raise InvalidInputError(f"tensor {name!r} of model {mid!r} is {t.dtype}, not a float")

@@ -194,19 +194,21 @@ class Checkpoint:
         return cast_to(t, dtype, device)
 
     def get_rows(self, name: str, start: int, stop: int, pin: bool = False,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, keep: bool = True) -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor along its first dimension, in its
         stored dtype: one ``pread`` of that contiguous byte range (safetensors
         stores tensors row-major), so a merge can stream a tensor larger than
         it wants to hold. ``pin`` reads into page-locked memory, for an
         asynchronous copy to a GPU; ``out`` (a uint8 tensor at least that
-        large) is a buffer to read into instead of a fresh one."""
+        large) is a buffer to read into instead of a fresh one. ``keep=False``
+        tells a reader that caches what it fetches (hub streaming) that these
+        bytes will not be asked for again; a file needs no such hint."""
         info = self.info(name)
         offset, nbytes, shape = self._row_bytes(info, start, stop)
         if self._pickled is not None or type(self).get is not Checkpoint.get:
             t = self.get(name)
             return t[start:stop].clone() if info.shape else t.reshape(1)[start:stop].reshape(())
-        buf = self._read_bytes(info, offset, nbytes, pin=pin, out=out)
+        buf = self._read_bytes(info, offset, nbytes, pin=pin, out=out, keep=keep)
         return buf.view(info.dtype).reshape(shape)
 
     def _row_bytes(self, info: TensorInfo, start: int, stop: int) -> tuple[int, int, tuple[int, ...]]:
@@ -270,8 +272,9 @@ class Checkpoint:
         return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
 
     def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, pin: bool = False,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read a tensor's bytes straight into a fresh buffer with ``pread``.
+                    out: torch.Tensor | None = None, keep: bool = True) -> torch.Tensor:
+        """Read a tensor's bytes straight into a fresh buffer with ``pread``
+        (``keep``, :meth:`get_rows`' hint, is for readers that cache).
 
         A tensor read here is the caller's own memory, freed with the tensor.
         (The piece engine views its pieces through :meth:`map_rows` instead and

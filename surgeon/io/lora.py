@@ -202,8 +202,8 @@ class LoraCheckpoint(Checkpoint):
         return cast_to(t, dtype, device)
 
     def get_rows(self, name: str, start: int, stop: int, pin: bool = False,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        t = self.base.get_rows(name, start, stop, pin=pin, out=out)
+                 out: torch.Tensor | None = None, keep: bool = True) -> torch.Tensor:
+        t = self.base.get_rows(name, start, stop, pin=pin, out=out, keep=keep)
         if name not in self.adapter.updates:
             return t
         if not t.shape:
