@@ -211,6 +211,26 @@ def test_streamed_merge_keeps_several_reads_in_flight(hub: FakeHub, hf: dict[str
     assert hub.max_in_flight >= 6, hub.max_in_flight
 
 
+def test_streamed_merge_shows_every_fetched_byte_on_one_bar(hub: FakeHub, hf: dict[str, str], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fetch bar adds up the bytes of every fetching thread of every input (parts side by side)."""
+    import tqdm.auto
+
+    bars: dict[str, list[int]] = {}
+    real = tqdm.auto.tqdm
+
+    class Recording(real):  # type: ignore[misc,valid-type]
+        def update(self, n: float | None = 1) -> bool | None:
+            bars.setdefault(str(getattr(self, "desc", "")), []).append(int(n or 0))
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    rep = api.run(str(_recipe(tmp_path)), output=str(tmp_path / "out"), progress=True, remote_stream=True)
+    fetched = sum(r["fetched_bytes"] for r in rep["remote"].values())
+    assert fetched == _input_weight_bytes(hub)
+    assert sum(bars["fetched from the hub"]) == fetched
+
+
 def test_resolve_streams_only_when_asked_or_out_of_room(hub: FakeHub, hf: dict[str, str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     assert not isinstance(hubio.resolve("org/code", stream=False).checkpoint, StreamingCheckpoint)

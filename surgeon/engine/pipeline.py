@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -331,7 +332,14 @@ class Pipeline:
             from tqdm.auto import tqdm
 
             self._fetch_bar = tqdm(desc="fetched from the hub", unit="B", unit_scale=True, leave=False)
-        return self._fetch_bar.update
+            lock, bar = threading.Lock(), self._fetch_bar
+
+            def fetched(nbytes: int) -> None:  # called from every fetching thread of every streamed input
+                with lock:
+                    bar.update(nbytes)
+
+            self._fetch_update = fetched
+        return self._fetch_update
 
     def _range_cache(self) -> Any:
         """One cache of recently fetched ranges for all streamed inputs of the run, of

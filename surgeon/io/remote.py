@@ -21,14 +21,17 @@ length is capped before anything is allocated.
 
 Streaming (``surgeon run --remote-stream``): a :class:`StreamingCheckpoint`
 is a remote checkpoint that *can* read weights: every read the engine makes
-(a whole tensor, or a piece of rows of one) becomes one HTTP range request for
-exactly those bytes, through a :class:`RangeFetcher` that
+(a whole tensor, or a piece of rows of one) fetches exactly those bytes with
+HTTP range requests, through a :class:`RangeFetcher` that
 
+* cuts a read of ``2 * FETCH_PART_BYTES`` or more into up to
+  ``FETCH_CONNECTIONS`` parts fetched side by side (a server paces each
+  connection);
 * retries dropped connections, timeouts and 408/429/5xx answers with
   exponential backoff, resuming a cut body from the last byte received (the
   bytes already in hand are kept, not fetched again);
-* keeps a bounded cache of recent ranges (:class:`RangeCache`; the run shares
-  one of 512 MiB per streamed input),
+* keeps a bounded cache of recent ranges the caller will read again
+  (:class:`RangeCache`; the run shares one of 512 MiB per streamed input),
   so the engine's second read of a piece — TIES' or DARE's selection reads a
   tensor once to count and once to merge — is served from memory when the
   tensor's input pieces fit the cache; a tensor larger than the cache is
@@ -122,7 +125,10 @@ class RangeFetcher:
     the transport fails with :class:`TransientFetchError` (or an ``OSError``)
     after delivering part of the body, the next try asks only for the rest.
     ``retries`` tries after the first, waiting ``backoff * 2**i`` seconds
-    (capped at ``max_backoff``) before try ``i + 1``. Thread-safe.
+    (capped at ``max_backoff``) before try ``i + 1``. A read of at least
+    ``2 * part_bytes`` is fetched in up to ``connections`` parts at once, each
+    retried on its own. Thread-safe; ``on_progress`` is called from the
+    fetching threads.
     """
 
     def __init__(self, transport: RangeStream, *, label: str = "", retries: int = 8, backoff: float = 0.25,
