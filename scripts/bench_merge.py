@@ -452,8 +452,9 @@ def bench_remote(a: argparse.Namespace) -> None:
             for fname, data in hub.files(f"bench/{n}").items():
                 if fname.endswith(".safetensors"):
                     weight_bytes += len(data) - 8 - int.from_bytes(data[:8], "little")
-        network = (f"; each weight response waits {a.hub_latency_ms:g} ms" if a.hub_latency_ms else "") + \
-            (f", sends at most {a.hub_mb_per_s:g} MB/s" if a.hub_mb_per_s else "")
+        pacing = ([f"waits {a.hub_latency_ms:g} ms"] if a.hub_latency_ms else []) + \
+            ([f"sends at most {a.hub_mb_per_s:g} MB/s"] if a.hub_mb_per_s else [])
+        network = f"; each weight response {' and '.join(pacing)}" if pacing else ""
         print(f"fake hub at {hub.url}: {len(names)} models, {weight_bytes / 1e9:.2f} GB of tensor data{network}")
         cfg = fam_root / "remote-ties.yml"
         cfg.write_text(cfg_text.format(**{n: f"bench/{n}" for n in names}))
